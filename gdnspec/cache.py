@@ -1,0 +1,127 @@
+"""Per-sequence inference state of a GDN / hybrid model, with an explicit batch dimension (row = sequence).
+
+    GDNLayerState : recurrent (B, HV, K, V) float32 (float64 for float64 models), conv (B, conv_dim, W-1)
+    KVCache       : k, v (B, H_kv, capacity, head_dim), lengths (B,) long - row b holds lengths[b] valid positions
+    ModelState    : one of the above per layer; rows can be selected, assigned and cloned, so the engine can
+                    gather, scatter and commit the states of chosen sequences (slots).
+
+Model forwards advance the state they are given in place (buffers keep their identity where the shape allows,
+which CUDA graphs need); tree verification only reads it, and commit writes it explicitly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class GDNLayerState:
+    """State of one Gated DeltaNet layer: recurrent (B, HV, K, V) and conv window (B, conv_dim, W-1)."""
+
+    recurrent: torch.Tensor
+    conv: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.recurrent.shape[0]
+
+    def select(self, rows: torch.Tensor) -> "GDNLayerState":
+        return GDNLayerState(self.recurrent[rows].clone(), self.conv[rows].clone())
+
+    def assign_rows_(self, rows: torch.Tensor, other: "GDNLayerState") -> None:
+        self.recurrent[rows] = other.recurrent.to(self.recurrent.dtype)
+        self.conv[rows] = other.conv.to(self.conv.dtype)
+
+    def clone(self) -> "GDNLayerState":
+        return GDNLayerState(self.recurrent.clone(), self.conv.clone())
+
+
+@dataclass
+class KVCache:
+    """Key/value cache of one attention layer; positions [0, lengths[b]) of row b are valid, the rest is free."""
+
+    k: torch.Tensor  # (B, H_kv, capacity, D)
+    v: torch.Tensor  # (B, H_kv, capacity, D)
+    lengths: torch.Tensor  # (B,) long
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def reserve(self, needed: int) -> None:
+        """Grow the capacity (doubling) so that every row can hold `needed` positions."""
+        if needed <= self.capacity:
+            return
+        new_cap = max(needed, 2 * self.capacity, 16)
+        B, H, cap, D = self.k.shape
+        k = self.k.new_zeros(B, H, new_cap, D)
+        v = self.v.new_zeros(B, H, new_cap, D)
+        k[:, :, :cap] = self.k
+        v[:, :, :cap] = self.v
+        self.k, self.v = k, v
+
+    def write_(self, k_new: torch.Tensor, v_new: torch.Tensor, counts: torch.Tensor) -> None:
+        """Append the first counts[b] entries of k_new/v_new (B, H_kv, L, D) to row b, at lengths[b]."""
+        B, H, L, D = k_new.shape
+        if L == 0:
+            return
+        self.reserve(int((self.lengths + counts).max().item()))
+        offs = torch.arange(L, device=k_new.device)
+        keep = offs[None, :] < counts[:, None]  # (B, L)
+        rows = torch.arange(B, device=k_new.device)[:, None].expand(B, L)[keep]  # (M,)
+        pos = (self.lengths[:, None] + offs)[keep]  # (M,)
+        self.k[rows, :, pos] = k_new.transpose(1, 2)[keep].to(self.k.dtype)  # (M, H, D)
+        self.v[rows, :, pos] = v_new.transpose(1, 2)[keep].to(self.v.dtype)
+        self.lengths += counts
+
+    def select(self, rows: torch.Tensor) -> "KVCache":
+        return KVCache(self.k[rows].clone(), self.v[rows].clone(), self.lengths[rows].clone())
+
+    def assign_rows_(self, rows: torch.Tensor, other: "KVCache") -> None:
+        self.reserve(other.capacity)
+        cap = other.capacity
+        self.k[rows, :, :cap] = other.k.to(self.k.dtype)
+        self.v[rows, :, :cap] = other.v.to(self.v.dtype)
+        self.lengths[rows] = other.lengths
+
+    def clone(self) -> "KVCache":
+        return KVCache(self.k.clone(), self.v.clone(), self.lengths.clone())
+
+
+LayerState = GDNLayerState | KVCache
+
+
+@dataclass
+class ModelState:
+    """All layer states of a model for a batch of sequences (`layers[i]` belongs to decoder layer i)."""
+
+    layers: list
+
+    @property
+    def batch_size(self) -> int:
+        return self.layers[0].batch_size
+
+    def select(self, rows: torch.Tensor | list[int]) -> "ModelState":
+        """A copy holding only `rows` (in that order)."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self._device())
+        return ModelState([layer.select(rows) for layer in self.layers])
+
+    def assign_rows_(self, rows: torch.Tensor | list[int], other: "ModelState") -> None:
+        """Write the rows of `other` (in order) into rows `rows` of this state."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self._device())
+        if len(other.layers) != len(self.layers):
+            raise ValueError(f"other has {len(other.layers)} layers, this state has {len(self.layers)}")
+        for mine, theirs in zip(self.layers, other.layers):
+            mine.assign_rows_(rows, theirs)
+
+    def clone(self) -> "ModelState":
+        return ModelState([layer.clone() for layer in self.layers])
+
+    def _device(self) -> torch.device:
+        first = self.layers[0]
+        return first.recurrent.device if isinstance(first, GDNLayerState) else first.k.device

@@ -1,0 +1,260 @@
+"""The Gated DeltaNet token mixer of Qwen3-Next / Qwen3.5 (`Qwen3GatedDeltaNet`, the seed's name).
+
+    x (B, T, hidden) -> projections -> causal depthwise conv1d (SiLU) over concat(q, k, v) -> q, k L2-normalised
+    -> gated delta rule (g = -exp(A_log) * softplus(a + dt_bias), beta = sigmoid(b)) -> GatedRMSNorm(o, z) -> out_proj
+
+Layouts (config `layout`):
+    "qwen3_next": in_proj_qkvz and in_proj_ba, interleaved per key-head group: for each key head h the rows hold
+                  q_h (K), k_h (K), v of its r = HV/H value heads (r*V), z of those heads (r*V); ba holds b (r), a (r).
+    "qwen3_5":    separate in_proj_qkv (all q, all k, all v), in_proj_z, in_proj_b, in_proj_a.
+
+Seed call contract:
+    out, final_state = layer(hidden_states=x, mode="chunk", output_final_state=True)    # final_state (B, HV, K, V)
+    out, _ = layer(hidden_states=x, mode="recurrent", initial_state=past_state)
+A bare recurrent tensor loses the conv window (it is taken as zeros); pass a `GDNLayerState` as initial_state to
+carry both, and the returned final state is then a `GDNLayerState` too. The model uses `forward_state`, which
+advances a GDNLayerState in place, and `forward_tree` / `commit_tree` for speculative verification.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gdnspec.cache import GDNLayerState
+from gdnspec.layers.layout import TokenLayout
+from gdnspec.layers.norm import GatedRMSNorm
+from gdnspec.ops.conv1d import causal_conv1d, causal_conv1d_update, tree_causal_conv1d, tree_conv_commit_state
+from gdnspec.ops.gated_delta_rule import (
+    TreeGDRCache,
+    chunk_gated_delta_rule,
+    fused_recurrent_gated_delta_rule,
+    gated_delta_rule_decode_step,
+    tree_commit_state,
+    tree_gated_delta_rule,
+)
+from gdnspec.ops.gated_delta_rule.common import state_dtype_for
+
+MODES = ("auto", "chunk", "recurrent", "fused_decode")
+LAYOUTS = ("qwen3_next", "qwen3_5")
+
+
+def resolve_mode(mode: str, seq_len: int) -> str:
+    """The seed's rule for mode="auto": T == 1 -> fused_decode, T > 128 -> chunk, otherwise recurrent."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "auto":
+        return "fused_decode" if seq_len == 1 else ("chunk" if seq_len > 128 else "recurrent")
+    if mode == "fused_decode" and seq_len != 1:
+        raise ValueError(f"mode='fused_decode' takes exactly one token, got seq_len={seq_len}")
+    return mode
+
+
+@dataclass
+class GDNTreeCache:
+    """What `commit_tree` needs after `forward_tree`: the tree-WY terms and the conv inputs/window index."""
+
+    gdr: TreeGDRCache
+    conv_input: torch.Tensor  # (B, N, conv_dim)
+    conv_window_index: torch.Tensor  # (B, N, W)
+
+
+class Qwen3GatedDeltaNet(nn.Module):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_k_heads: int,
+        num_v_heads: int,
+        head_k_dim: int,
+        head_v_dim: int,
+        *,
+        conv_kernel_size: int = 4,
+        layout: str = "qwen3_next",
+        norm_eps: float = 1e-6,
+        dtype: torch.dtype | None = None,
+        device=None,
+    ):
+        super().__init__()
+        for name, val in (("hidden_size", hidden_size), ("num_k_heads", num_k_heads), ("num_v_heads", num_v_heads),
+                          ("head_k_dim", head_k_dim), ("head_v_dim", head_v_dim), ("conv_kernel_size", conv_kernel_size)):
+            if not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        if num_v_heads % num_k_heads != 0:
+            raise ValueError(f"num_v_heads ({num_v_heads}) must be a multiple of num_k_heads ({num_k_heads})")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        self.hidden_size = hidden_size
+        self.num_k_heads, self.num_v_heads = num_k_heads, num_v_heads
+        self.head_k_dim, self.head_v_dim = head_k_dim, head_v_dim
+        self.key_dim = num_k_heads * head_k_dim
+        self.value_dim = num_v_heads * head_v_dim
+        self.conv_dim = 2 * self.key_dim + self.value_dim
+        self.conv_kernel_size = conv_kernel_size
+        self.layout = layout
+        kw = dict(dtype=dtype, device=device)
+        if layout == "qwen3_next":
+            self.in_proj_qkvz = nn.Linear(hidden_size, 2 * self.key_dim + 2 * self.value_dim, bias=False, **kw)
+            self.in_proj_ba = nn.Linear(hidden_size, 2 * num_v_heads, bias=False, **kw)
+        else:
+            self.in_proj_qkv = nn.Linear(hidden_size, self.conv_dim, bias=False, **kw)
+            self.in_proj_z = nn.Linear(hidden_size, self.value_dim, bias=False, **kw)
+            self.in_proj_b = nn.Linear(hidden_size, num_v_heads, bias=False, **kw)
+            self.in_proj_a = nn.Linear(hidden_size, num_v_heads, bias=False, **kw)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, conv_kernel_size, groups=self.conv_dim,
+                                padding=conv_kernel_size - 1, bias=False, **kw)
+        self.dt_bias = nn.Parameter(torch.ones(num_v_heads, **kw))
+        self.A_log = nn.Parameter(torch.log(torch.empty(num_v_heads, **kw).uniform_(1, 16)))
+        self.norm = GatedRMSNorm(head_v_dim, eps=norm_eps, **kw)
+        self.out_proj = nn.Linear(self.value_dim, hidden_size, bias=False, **kw)
+
+    # ------------------------------------------------------------------ pieces shared by every mode
+    @property
+    def conv_weight(self) -> torch.Tensor:
+        return self.conv1d.weight.squeeze(1)  # (conv_dim, W)
+
+    def new_state(self, batch_size: int, *, dtype: torch.dtype | None = None, device=None) -> GDNLayerState:
+        """Zero state for `batch_size` sequences: recurrent (B, HV, K, V) float32/64, conv (B, conv_dim, W-1)."""
+        p = self.out_proj.weight
+        act_dtype = dtype or p.dtype
+        device = device or p.device
+        rec = torch.zeros(batch_size, self.num_v_heads, self.head_k_dim, self.head_v_dim,
+                          dtype=state_dtype_for(act_dtype), device=device)
+        conv = torch.zeros(batch_size, self.conv_dim, self.conv_kernel_size - 1, dtype=act_dtype, device=device)
+        return GDNLayerState(rec, conv)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            raise ValueError(f"hidden_states must be a tensor (B, T, hidden_size), got {getattr(x, 'shape', type(x))}")
+        if x.shape[-1] != self.hidden_size:
+            raise ValueError(f"hidden_states has hidden size {x.shape[-1]}, the layer expects {self.hidden_size}")
+
+    def _check_state(self, state: GDNLayerState, batch_size: int, dtype: torch.dtype) -> None:
+        want = (batch_size, self.num_v_heads, self.head_k_dim, self.head_v_dim)
+        if tuple(state.recurrent.shape) != want:
+            raise ValueError(f"recurrent state must have shape (B, HV, K, V) = {want}, got {tuple(state.recurrent.shape)}")
+        if state.recurrent.dtype != state_dtype_for(dtype):
+            raise ValueError(f"recurrent state must be {state_dtype_for(dtype)} for {dtype} activations, got {state.recurrent.dtype}")
+        want_conv = (batch_size, self.conv_dim, self.conv_kernel_size - 1)
+        if tuple(state.conv.shape) != want_conv:
+            raise ValueError(f"conv state must have shape (B, conv_dim, W-1) = {want_conv}, got {tuple(state.conv.shape)}")
+
+    def _project(self, x: torch.Tensor):
+        """x (B, T, hidden) -> mixed qkv (B, T, conv_dim), z (B, T, HV, V), b (B, T, HV), a (B, T, HV)."""
+        B, T, _ = x.shape
+        H, HV, K, V = self.num_k_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim
+        r = HV // H
+        if self.layout == "qwen3_next":
+            qkvz = self.in_proj_qkvz(x).view(B, T, H, 2 * K + 2 * r * V)
+            q, k, v, z = torch.split(qkvz, [K, K, r * V, r * V], dim=-1)
+            ba = self.in_proj_ba(x).view(B, T, H, 2 * r)
+            b, a = torch.split(ba, [r, r], dim=-1)
+            mixed = torch.cat([q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1)], dim=-1)
+            return mixed, z.reshape(B, T, HV, V), b.reshape(B, T, HV), a.reshape(B, T, HV)
+        mixed = self.in_proj_qkv(x)
+        z = self.in_proj_z(x).view(B, T, HV, V)
+        return mixed, z, self.in_proj_b(x), self.in_proj_a(x)
+
+    def _split_qkv(self, mixed: torch.Tensor):
+        """mixed (B, T, conv_dim) -> q, k (B, T, H, K), v (B, T, HV, V)."""
+        B, T, _ = mixed.shape
+        q, k, v = torch.split(mixed, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        return (q.reshape(B, T, self.num_k_heads, self.head_k_dim), k.reshape(B, T, self.num_k_heads, self.head_k_dim),
+                v.reshape(B, T, self.num_v_heads, self.head_v_dim))
+
+    def _gates(self, b: torch.Tensor, a: torch.Tensor):
+        """beta = sigmoid(b); g = -exp(A_log) * softplus(a + dt_bias), both float32 (float64 for float64 models)."""
+        cdt = state_dtype_for(a.dtype)
+        beta = torch.sigmoid(b.to(cdt))
+        g = -self.A_log.to(cdt).exp() * F.softplus(a.to(cdt) + self.dt_bias.to(cdt))
+        return g, beta
+
+    def _finish(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """o, z (B, T, HV, V) -> (B, T, hidden)."""
+        B, T = o.shape[:2]
+        y = self.norm(o.to(z.dtype), z)
+        return self.out_proj(y.reshape(B, T, self.value_dim))
+
+    # ------------------------------------------------------------------ causal forwards
+    def forward_state(self, hidden_states: torch.Tensor, state: GDNLayerState | None, *, mode: str = "auto",
+                      ) -> tuple[torch.Tensor, GDNLayerState]:
+        """Causal forward over T tokens from `state` (None = zeros). Advances `state` IN PLACE and returns it."""
+        x = hidden_states
+        self._check_input(x)
+        B, T, _ = x.shape
+        mode = resolve_mode(mode, T)
+        if state is None:
+            state = self.new_state(B, dtype=x.dtype, device=x.device)
+        self._check_state(state, B, x.dtype)
+        mixed, z, b, a = self._project(x)
+        g, beta = self._gates(b, a)
+        if mode == "fused_decode":
+            mixed_c = causal_conv1d_update(mixed[:, 0], weight=self.conv_weight, state=state.conv)[:, None]
+            q, k, v = self._split_qkv(mixed_c)
+            o = gated_delta_rule_decode_step(q[:, 0], k[:, 0], v[:, 0], g=g[:, 0], beta=beta[:, 0], state=state.recurrent,
+                                             use_qk_l2norm=True)[:, None]
+        else:
+            mixed_c, conv_final = causal_conv1d(mixed, weight=self.conv_weight, initial_state=state.conv, output_final_state=True)
+            q, k, v = self._split_qkv(mixed_c)
+            op = chunk_gated_delta_rule if mode == "chunk" else fused_recurrent_gated_delta_rule
+            o, final = op(q, k, v, g=g, beta=beta, initial_state=state.recurrent, output_final_state=True, use_qk_l2norm=True)
+            state.conv.copy_(conv_final)
+            state.recurrent.copy_(final)
+        return self._finish(o, z), state
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        mode: str = "auto",
+        initial_state: torch.Tensor | GDNLayerState | None = None,
+        output_final_state: bool = False,
+    ):
+        """Seed contract: returns (out (B, T, hidden), final state or None). Never modifies initial_state.
+
+        initial_state: None, a recurrent tensor (B, HV, K, V) (conv window taken as zeros) or a GDNLayerState.
+        The final state has the same kind as initial_state (a tensor when None was given).
+        """
+        self._check_input(hidden_states)
+        B = hidden_states.shape[0]
+        if isinstance(initial_state, GDNLayerState):
+            state = initial_state.clone()
+        else:
+            state = self.new_state(B, dtype=hidden_states.dtype, device=hidden_states.device)
+            if initial_state is not None:
+                if not isinstance(initial_state, torch.Tensor):
+                    raise TypeError(f"initial_state must be a tensor, a GDNLayerState or None, got {type(initial_state).__name__}")
+                if tuple(initial_state.shape) != tuple(state.recurrent.shape):
+                    raise ValueError(f"initial_state must have shape (B, HV, K, V) = {tuple(state.recurrent.shape)}, "
+                                     f"got {tuple(initial_state.shape)}")
+                if initial_state.dtype != state.recurrent.dtype:
+                    raise ValueError(f"initial_state must be {state.recurrent.dtype}, got {initial_state.dtype}")
+                state.recurrent.copy_(initial_state)
+        out, state = self.forward_state(hidden_states, state, mode=mode)
+        if not output_final_state:
+            return out, None
+        return out, (state if isinstance(initial_state, GDNLayerState) else state.recurrent)
+
+    # ------------------------------------------------------------------ tree verification
+    def forward_tree(self, hidden_states: torch.Tensor, state: GDNLayerState, layout: TokenLayout
+                     ) -> tuple[torch.Tensor, GDNTreeCache]:
+        """All N tree nodes in one pass; node i sees `state` and its ancestors only. `state` is only read."""
+        x = hidden_states
+        self._check_input(x)
+        B, N, _ = x.shape
+        self._check_state(state, B, x.dtype)
+        mixed, z, b, a = self._project(x)
+        g, beta = self._gates(b, a)
+        mixed_c, window_index = tree_causal_conv1d(mixed, weight=self.conv_weight, parents=layout.parents, state=state.conv)
+        q, k, v = self._split_qkv(mixed_c)
+        o, gdr = tree_gated_delta_rule(q, k, v, g=g, beta=beta, ancestor_mask=layout.ancestor_mask,
+                                       initial_state=state.recurrent, use_qk_l2norm=True)
+        return self._finish(o, z), GDNTreeCache(gdr=gdr, conv_input=mixed, conv_window_index=window_index)
+
+    @staticmethod
+    def commit_tree(state: GDNLayerState, cache: GDNTreeCache, node: torch.Tensor) -> None:
+        """Move `state` (in place) to the state after tree node `node` (B,) of each row."""
+        new_conv = tree_conv_commit_state(x=cache.conv_input, state=state.conv, window_index=cache.conv_window_index, node=node)
+        new_rec = tree_commit_state(initial_state=state.recurrent, cache=cache.gdr, node=node)
+        state.conv.copy_(new_conv)
+        state.recurrent.copy_(new_rec)

@@ -1,0 +1,47 @@
+"""How the T new tokens of a forward relate to each other: a causal chain (prefill, decode) or a draft tree.
+
+`TokenLayout` carries, per row, the parent of each new token (-1 for the first), the ancestor mask (token i sees
+token j iff mask[i, j]; includes i itself) and the depth (distance from the first token), from which attention
+positions are prefix length + depth. A chain is the tree whose parents are i - 1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class TokenLayout:
+    parents: torch.Tensor  # (B, T) long, -1 for roots, parent index < own index
+    ancestor_mask: torch.Tensor  # (B, T, T) bool, includes the diagonal
+    depth: torch.Tensor  # (B, T) long
+    is_chain: bool = False
+
+    @staticmethod
+    def chain(batch_size: int, num_tokens: int, device=None) -> "TokenLayout":
+        idx = torch.arange(num_tokens, device=device)
+        parents = (idx - 1).expand(batch_size, num_tokens)
+        mask = torch.ones(num_tokens, num_tokens, dtype=torch.bool, device=device).tril().expand(batch_size, num_tokens, num_tokens)
+        return TokenLayout(parents=parents, ancestor_mask=mask, depth=idx.expand(batch_size, num_tokens), is_chain=True)
+
+    @staticmethod
+    def from_parents(parents: torch.Tensor) -> "TokenLayout":
+        """Build the mask and depths of a tree given parents (B, N) in topological order (checked)."""
+        if parents.dim() != 2 or parents.dtype != torch.long:
+            raise ValueError(f"parents must be a long tensor (B, N), got {parents.dtype} {tuple(parents.shape)}")
+        B, N = parents.shape
+        idx = torch.arange(N, device=parents.device)
+        if bool(((parents >= idx) | (parents < -1)).any()):
+            raise ValueError("parents must be in topological order: -1 <= parents[b, i] < i for every node")
+        mask = torch.zeros(B, N, N, dtype=torch.bool, device=parents.device)
+        depth = torch.zeros(B, N, dtype=torch.long, device=parents.device)
+        rows = torch.arange(B, device=parents.device)
+        mask[:, idx, idx] = True
+        for i in range(1, N):  # parents precede children, so row parent(i) is final when i is reached
+            p = parents[:, i]
+            has = p >= 0
+            pc = p.clamp(min=0)
+            mask[:, i] |= mask[rows, pc] & has[:, None]
+            depth[:, i] = torch.where(has, depth[rows, pc] + 1, 0)
+        return TokenLayout(parents=parents, ancestor_mask=mask, depth=depth)

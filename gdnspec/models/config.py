@@ -1,0 +1,78 @@
+"""`GDNConfig`: the configuration of a hybrid Gated DeltaNet / gated-attention causal LM (Qwen3-Next style).
+
+Field names follow Hugging Face's Qwen3NextConfig where they exist, so configs map one to one. `layer_types` lists
+"linear_attention" (a Gated DeltaNet layer) or "full_attention" per layer; when it is None, every
+`full_attention_interval`-th layer is full attention (0 = none). `intermediate_size = 0` means no MLP.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+LAYER_TYPES = ("linear_attention", "full_attention")
+
+
+@dataclass
+class GDNConfig:
+    vocab_size: int = 1000
+    hidden_size: int = 128
+    num_hidden_layers: int = 2
+    layer_types: list[str] | None = None
+    full_attention_interval: int = 0
+    intermediate_size: int = 256
+    linear_num_key_heads: int = 2
+    linear_num_value_heads: int = 2
+    linear_key_head_dim: int = 32
+    linear_value_head_dim: int = 32
+    linear_conv_kernel_dim: int = 4
+    gdn_layout: str = "qwen3_next"
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 32
+    partial_rotary_factor: float = 0.25
+    rope_theta: float = 10000.0
+    attention_bias: bool = False
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    model_type: str = "gdnspec"
+
+    def __post_init__(self):
+        if self.layer_types is None:
+            n = self.full_attention_interval
+            self.layer_types = ["full_attention" if n and (i + 1) % n == 0 else "linear_attention"
+                                for i in range(self.num_hidden_layers)]
+        self.layer_types = list(self.layer_types)
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries, num_hidden_layers is {self.num_hidden_layers}")
+        bad = [t for t in self.layer_types if t not in LAYER_TYPES]
+        if bad:
+            raise ValueError(f"layer_types entries must be one of {LAYER_TYPES}, got {bad}")
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "linear_num_key_heads", "linear_num_value_heads",
+                     "linear_key_head_dim", "linear_value_head_dim", "linear_conv_kernel_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.linear_num_value_heads % self.linear_num_key_heads:
+            raise ValueError(f"linear_num_value_heads ({self.linear_num_value_heads}) must be a multiple of "
+                             f"linear_num_key_heads ({self.linear_num_key_heads})")
+        if self.intermediate_size < 0:
+            raise ValueError(f"intermediate_size must be >= 0 (0 = no MLP), got {self.intermediate_size}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GDNConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown GDNConfig fields: {unknown}")
+        return cls(**d)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "GDNConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))

@@ -1,0 +1,198 @@
+"""`GDNForCausalLM`: a hybrid Gated DeltaNet / gated-attention causal LM (Qwen3-Next style, dense SwiGLU MLP).
+
+    embed -> [RMSNorm -> mixer (GDN or attention) -> +residual -> RMSNorm -> MLP -> +residual] x L -> RMSNorm -> lm_head
+
+    out = model(input_ids, state=None)       # prefill or multi-token causal step; out.logits (B, T, vocab),
+                                              # out.hidden_states (B, T, hidden) BEFORE the final norm, out.state
+    tree = model.forward_tree(ids, state=state, layout=layout)   # verify a draft tree; reads state only
+    model.commit_tree(state, tree, path=path, counts=counts)    # move state to the end of the accepted path
+
+The given state is advanced in place by `forward` (a new one is made when None). Norms use (1 + weight).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gdnspec.cache import GDNLayerState, KVCache, ModelState
+from gdnspec.layers import GatedAttention, Qwen3GatedDeltaNet, RMSNorm, SwiGLUMLP, TokenLayout
+from gdnspec.models.config import GDNConfig
+from gdnspec.models.outputs import CausalLMOutput, TreeVerifyOutput
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: GDNConfig, layer_type: str, *, dtype=None, device=None):
+        super().__init__()
+        kw = dict(dtype=dtype, device=device)
+        self.layer_type = layer_type
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+        if layer_type == "linear_attention":
+            self.linear_attn = Qwen3GatedDeltaNet(
+                config.hidden_size, config.linear_num_key_heads, config.linear_num_value_heads,
+                config.linear_key_head_dim, config.linear_value_head_dim, conv_kernel_size=config.linear_conv_kernel_dim,
+                layout=config.gdn_layout, norm_eps=config.rms_norm_eps, **kw)
+        else:
+            self.self_attn = GatedAttention(
+                config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim,
+                partial_rotary_factor=config.partial_rotary_factor, rope_theta=config.rope_theta,
+                norm_eps=config.rms_norm_eps, attention_bias=config.attention_bias, **kw)
+        if config.intermediate_size > 0:
+            self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+            self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size, **kw)
+        else:
+            self.mlp = None
+
+    @property
+    def mixer(self) -> nn.Module:
+        return self.linear_attn if self.layer_type == "linear_attention" else self.self_attn
+
+    def _mlp(self, h: torch.Tensor) -> torch.Tensor:
+        return h if self.mlp is None else h + self.mlp(self.post_attention_layernorm(h))
+
+    def forward_state(self, h, state, layout: TokenLayout, mode: str):
+        x = self.input_layernorm(h)
+        if self.layer_type == "linear_attention":
+            y, _ = self.linear_attn.forward_state(x, state, mode=mode)
+        else:
+            y = self.self_attn.forward_state(x, state, layout)
+        return self._mlp(h + y)
+
+    def forward_tree(self, h, state, layout: TokenLayout):
+        x = self.input_layernorm(h)
+        mixer = self.linear_attn.forward_tree if self.layer_type == "linear_attention" else self.self_attn.forward_layout
+        y, cache = mixer(x, state, layout)
+        return self._mlp(h + y), cache
+
+
+class GDNForCausalLM(nn.Module):
+    def __init__(self, config: GDNConfig, *, dtype: torch.dtype | None = None, device=None):
+        super().__init__()
+        self.config = config
+        kw = dict(dtype=dtype, device=device)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, **kw)
+        self.layers = nn.ModuleList([DecoderLayer(config, t, **kw) for t in config.layer_types])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, **kw)
+        self._init_weights()
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def _init_weights(self) -> None:
+        std = self.config.initializer_range
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, (nn.Linear, nn.Embedding)):
+                    m.weight.normal_(0.0, std)
+                    if getattr(m, "bias", None) is not None:
+                        m.bias.zero_()
+
+    # ------------------------------------------------------------------ properties and state
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def new_state(self, batch_size: int, *, kv_capacity: int = 0) -> ModelState:
+        """Zero state for `batch_size` sequences (KV caches grow on demand; kv_capacity preallocates)."""
+        layers = []
+        for layer in self.layers:
+            if layer.layer_type == "linear_attention":
+                layers.append(layer.linear_attn.new_state(batch_size))
+            else:
+                layers.append(layer.self_attn.new_state(batch_size, capacity=kv_capacity))
+        return ModelState(layers)
+
+    def _check_ids(self, input_ids: torch.Tensor) -> None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be a LongTensor (B, T), got {getattr(input_ids, 'shape', type(input_ids))}")
+        if input_ids.dtype not in (torch.long, torch.int32, torch.int64):
+            raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.vocab_size):
+            raise ValueError(f"input_ids must lie in [0, vocab_size={self.vocab_size}), got values in "
+                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+
+    def _check_state(self, state: ModelState, batch_size: int) -> None:
+        if not isinstance(state, ModelState):
+            raise TypeError(f"state must be a ModelState (see model.new_state), got {type(state).__name__}")
+        if len(state.layers) != len(self.layers):
+            raise ValueError(f"state has {len(state.layers)} layers, the model has {len(self.layers)}")
+        for i, (layer, s) in enumerate(zip(self.layers, state.layers)):
+            want = GDNLayerState if layer.layer_type == "linear_attention" else KVCache
+            if not isinstance(s, want):
+                raise TypeError(f"state.layers[{i}] must be a {want.__name__} for a {layer.layer_type} layer, got {type(s).__name__}")
+        if state.batch_size != batch_size:
+            raise ValueError(f"state holds {state.batch_size} sequences, input_ids has batch size {batch_size}")
+
+    def _logits(self, h: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        return self.lm_head(self.norm(h))
+
+    # ------------------------------------------------------------------ forwards
+    def forward(self, input_ids: torch.Tensor, state: ModelState | None = None, *, mode: str = "auto",
+                logits_to_keep: int = 0) -> CausalLMOutput:
+        """Causal forward of T tokens per row after `state` (advanced in place; created when None).
+
+        mode picks the GDN algorithm ("auto", "chunk", "recurrent", "fused_decode"); logits_to_keep = k > 0
+        computes logits for the last k positions only.
+        """
+        self._check_ids(input_ids)
+        B, T = input_ids.shape
+        if state is None:
+            state = self.new_state(B)
+        self._check_state(state, B)
+        layout = TokenLayout.chain(B, T, device=input_ids.device)
+        h = self.embed_tokens(input_ids)
+        for layer, s in zip(self.layers, state.layers):
+            h = layer.forward_state(h, s, layout, mode)
+        return CausalLMOutput(logits=self._logits(h, logits_to_keep), hidden_states=h, state=state)
+
+    def forward_tree(self, input_ids: torch.Tensor, *, state: ModelState, layout: TokenLayout) -> TreeVerifyOutput:
+        """Verify N tree nodes per row in one pass; node i sees the committed state and its ancestors only.
+
+        input_ids (B, N); layout from the draft tree. `state` is only read; see `commit_tree`.
+        """
+        self._check_ids(input_ids)
+        B, N = input_ids.shape
+        self._check_state(state, B)
+        if tuple(layout.ancestor_mask.shape) != (B, N, N):
+            raise ValueError(f"layout is for {tuple(layout.ancestor_mask.shape[:2])} nodes, input_ids is {(B, N)}")
+        h = self.embed_tokens(input_ids)
+        caches = []
+        for layer, s in zip(self.layers, state.layers):
+            h, cache = layer.forward_tree(h, s, layout)
+            caches.append(cache)
+        return TreeVerifyOutput(logits=self._logits(h, 0), hidden_states=h, layer_caches=caches)
+
+    def commit_tree(self, state: ModelState, verify: TreeVerifyOutput, *, path: torch.Tensor, counts: torch.Tensor,
+                    rows: torch.Tensor | None = None) -> None:
+        """Advance `state` over the accepted nodes path[b, :counts[b]] (B, L) of each row (node 0 = the root first).
+
+        Rows with counts 0 are left unchanged. `rows` (optional) restricts the commit to those state rows, with
+        `verify`, `path` and `counts` given for those rows only.
+        """
+        if rows is not None:
+            sub = state.select(rows)
+            self.commit_tree(sub, verify, path=path, counts=counts)
+            state.assign_rows_(rows, sub)
+            return
+        last = path.gather(1, (counts - 1).clamp(min=0)[:, None]).squeeze(1)  # (B,) last accepted node
+        moved = counts > 0
+        for layer, s, cache in zip(self.layers, state.layers, verify.layer_caches):
+            if layer.layer_type == "linear_attention":
+                if bool(moved.all()):
+                    layer.linear_attn.commit_tree(s, cache, last)
+                else:
+                    old = s.clone()
+                    layer.linear_attn.commit_tree(s, cache, last)
+                    s.recurrent[~moved] = old.recurrent[~moved]
+                    s.conv[~moved] = old.conv[~moved]
+            else:
+                layer.self_attn.commit(s, cache, path, counts)

@@ -1,0 +1,22 @@
+"""Output containers of the models."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gdnspec.cache import ModelState
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor  # (B, T, vocab) (or the last `logits_to_keep` positions)
+    hidden_states: torch.Tensor  # (B, T, hidden): output of the last decoder layer, BEFORE the final norm
+    state: ModelState | None
+
+
+@dataclass
+class TreeVerifyOutput:
+    logits: torch.Tensor  # (B, N, vocab)
+    hidden_states: torch.Tensor  # (B, N, hidden), before the final norm
+    layer_caches: list  # per layer: GDNTreeCache or (k_new, v_new)
