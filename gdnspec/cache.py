@@ -36,6 +36,10 @@ class GDNLayerState:
     def clone(self) -> "GDNLayerState":
         return GDNLayerState(self.recurrent.clone(), self.conv.clone())
 
+    @staticmethod
+    def cat(states: list["GDNLayerState"]) -> "GDNLayerState":
+        return GDNLayerState(torch.cat([s.recurrent for s in states]), torch.cat([s.conv for s in states]))
+
 
 @dataclass
 class KVCache:
@@ -92,6 +96,14 @@ class KVCache:
     def clone(self) -> "KVCache":
         return KVCache(self.k.clone(), self.v.clone(), self.lengths.clone())
 
+    @staticmethod
+    def cat(caches: list["KVCache"]) -> "KVCache":
+        cap = max(c.capacity for c in caches)
+        for c in caches:
+            c.reserve(cap)
+        return KVCache(torch.cat([c.k[:, :, :cap] for c in caches]), torch.cat([c.v[:, :, :cap] for c in caches]),
+                       torch.cat([c.lengths for c in caches]))
+
 
 LayerState = GDNLayerState | KVCache
 
@@ -121,6 +133,11 @@ class ModelState:
 
     def clone(self) -> "ModelState":
         return ModelState([layer.clone() for layer in self.layers])
+
+    @staticmethod
+    def cat(states: list["ModelState"]) -> "ModelState":
+        """Rows of all `states`, in order (a new state)."""
+        return ModelState([type(layers[0]).cat(list(layers)) for layers in zip(*(s.layers for s in states))])
 
     def _device(self) -> torch.device:
         first = self.layers[0]

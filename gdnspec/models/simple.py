@@ -23,6 +23,8 @@ class SimpleLMWithGDN(GDNForCausalLM):
         dtype: torch.dtype = torch.bfloat16,
         device=None,
     ):
+        if isinstance(num_k_heads, int) and isinstance(num_v_heads, int) and num_k_heads > 0 and num_v_heads % num_k_heads:
+            raise ValueError(f"num_v_heads ({num_v_heads}) must be a multiple of num_k_heads ({num_k_heads})")
         config = GDNConfig(
             vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers, intermediate_size=0,
             linear_num_key_heads=num_k_heads, linear_num_value_heads=num_v_heads,

@@ -54,6 +54,7 @@ def chunk_gated_delta_rule(
             output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm,
         )
         return o, final
+    out_dtype = v.dtype  # v is recast to the compute dtype below
     cdt = state_dtype_for(v.dtype)
     q, k = q.to(cdt), k.to(cdt)
     if use_qk_l2norm:
@@ -93,4 +94,4 @@ def chunk_gated_delta_rule(
         outs.append(q_decay[:, :, c] @ S + intra[:, :, c] @ v_new)
         S = chunk_decay[:, :, c, None, None] * S + k_to_end[:, :, c].transpose(-1, -2) @ v_new
     o = torch.stack(outs, dim=2).permute(0, 2, 3, 1, 4).reshape(B, NC * C, HV, V)[:, :T]
-    return o.to(v.dtype), (S if output_final_state else None)
+    return o.to(out_dtype), (S if output_final_state else None)

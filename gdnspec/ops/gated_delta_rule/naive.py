@@ -29,6 +29,7 @@ def naive_recurrent_gated_delta_rule(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Returns (o (B, T, HV, V) in v's dtype, final state (B, HV, K, V) or None)."""
     B, T, H, HV, K, V = check_gdr_inputs(q, k, v, g, beta, initial_state)
+    out_dtype = v.dtype  # v is recast to the compute dtype below
     cdt = state_dtype_for(v.dtype)
     scale = K**-0.5 if scale is None else scale
     q, k = q.to(cdt), k.to(cdt)
@@ -47,4 +48,4 @@ def naive_recurrent_gated_delta_rule(
         outs.append(torch.einsum("bhkv,bhk->bhv", S, q[:, t]))
     o = torch.stack(outs, dim=1) if T > 0 else v.new_zeros(B, 0, HV, V)
     final = S.to(state_dtype_for(v.dtype)) if output_final_state else None
-    return o.to(v.dtype), final
+    return o.to(out_dtype), final

@@ -34,6 +34,7 @@ def fused_recurrent_gated_delta_rule(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Returns (o (B, T, HV, V) in v's dtype, final state (B, HV, K, V) or None). initial_state is not modified."""
     B, T, H, HV, K, V = check_gdr_inputs(q, k, v, g, beta, initial_state)
+    out_dtype = v.dtype  # v is recast to the compute dtype below
     cdt = state_dtype_for(v.dtype)
     scale = K**-0.5 if scale is None else scale
     q, k = q.to(cdt), k.to(cdt)
@@ -46,7 +47,7 @@ def fused_recurrent_gated_delta_rule(
     o = torch.empty(B, T, HV, V, dtype=cdt, device=v.device)
     for t in range(T):
         o[:, t] = _step_(S, q[:, t], k[:, t], v[:, t], alpha[:, t], beta[:, t])
-    return o.to(v.dtype), (S if output_final_state else None)
+    return o.to(out_dtype), (S if output_final_state else None)
 
 
 def gated_delta_rule_decode_step(

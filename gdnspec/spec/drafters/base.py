@@ -1,0 +1,40 @@
+"""The drafter interface: every draft source (small model, EAGLE head, MTP head, n-gram) fills the same DraftTree.
+
+A drafter is stateless configuration; its per-sequence state lives in a `DraftState` object that the engine owns:
+
+    dstate = drafter.begin(prompts, target_hidden=...)        # after the target's prefill of the same prompts
+    tree   = drafter.propose(dstate, root_tokens, config)       # root_tokens (B,) = verified ids; dstate only read
+    drafter.advance(dstate, tokens=acc, counts=n, target_hidden=h)   # the tokens the target committed this step
+    dstate = dstate.select(rows)                                # drop finished sequences (row order = engine's)
+    dstate = type(dstate).cat([a, b])                           # add sequences (rows of a, then of b)
+
+`tokens` (B, L) holds, per row, the committed tokens of this step in order (the root first, then the accepted draft
+tokens; counts[b] of them are real); `target_hidden` (B, L, hidden) is the target's hidden state (before its final
+norm) at those tokens. Drafters that need target features set `needs_target_hidden = True`.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from gdnspec.spec.tree import DraftTree, TreeConfig
+
+
+class DraftState(Protocol):
+    def select(self, rows: torch.Tensor | list[int]) -> "DraftState": ...
+
+    @staticmethod
+    def cat(states: list["DraftState"]) -> "DraftState": ...
+
+
+class Drafter(Protocol):
+    vocab_size: int | None
+    needs_target_hidden: bool
+
+    def begin(self, prompts: list[torch.Tensor], *, target_hidden: list[torch.Tensor] | None = None) -> DraftState: ...
+
+    def propose(self, state: DraftState, root_tokens: torch.Tensor, config: TreeConfig) -> DraftTree: ...
+
+    def advance(self, state: DraftState, *, tokens: torch.Tensor, counts: torch.Tensor,
+                target_hidden: torch.Tensor | None = None) -> None: ...

@@ -1,0 +1,98 @@
+"""A small GDN (or hybrid) language model as drafter: draft trees with one state per frontier node.
+
+The draft model has consumed exactly the tokens the target committed. To propose, it runs the root token from a
+copy of that state, takes the topk children, and at each further step gathers the state of each frontier node's
+parent (`ModelState.select`) and runs the frontier tokens as one batch of single-token steps. After verification
+`advance` runs the committed tokens of each row (different counts per row) from the committed state.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gdnspec.cache import ModelState
+from gdnspec.spec.tree import DraftTree, TreeConfig, build_tree
+
+
+@dataclass
+class ModelDraftState:
+    model_state: ModelState  # committed draft-model state, one row per sequence
+
+    def select(self, rows) -> "ModelDraftState":
+        return ModelDraftState(self.model_state.select(rows))
+
+    @staticmethod
+    def cat(states: list["ModelDraftState"]) -> "ModelDraftState":
+        return ModelDraftState(ModelState.cat([s.model_state for s in states]))
+
+
+def prefill_rows(model, prompts: list[torch.Tensor]) -> ModelState:
+    """State of `model` after each prompt (rows in order; prompts of different lengths run one by one)."""
+    device = model.device
+    if len({p.numel() for p in prompts}) == 1:
+        return model(torch.stack(prompts).to(device), logits_to_keep=1).state
+    state = model.new_state(len(prompts))
+    for i, p in enumerate(prompts):
+        state.assign_rows_([i], model(p.to(device)[None], logits_to_keep=1).state)
+    return state
+
+
+def advance_rows(model, state: ModelState, tokens: torch.Tensor, counts: torch.Tensor) -> None:
+    """Run tokens[b, :counts[b]] of each row through `model` from `state` (in place). Rows are grouped by count so
+    each group is one causal multi-token step."""
+    counts_list = counts.tolist()
+    if len(set(counts_list)) == 1:
+        if counts_list[0] > 0:
+            model(tokens[:, : counts_list[0]].to(model.device), state, logits_to_keep=1)
+        return
+    for c in sorted(set(counts_list)):
+        if c == 0:
+            continue
+        rows = [i for i, n in enumerate(counts_list) if n == c]
+        sub = state.select(rows)
+        model(tokens[rows, :c].to(model.device), sub, logits_to_keep=1)
+        state.assign_rows_(rows, sub)
+
+
+class ModelDrafter:
+    """Drafts with a small causal LM sharing the target's vocabulary."""
+
+    needs_target_hidden = False
+
+    def __init__(self, model):
+        self.model = model
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.vocab_size
+
+    @torch.inference_mode()
+    def begin(self, prompts: list[torch.Tensor], *, target_hidden=None) -> ModelDraftState:
+        return ModelDraftState(prefill_rows(self.model, prompts))
+
+    @torch.inference_mode()
+    def propose(self, state: ModelDraftState, root_tokens: torch.Tensor, config: TreeConfig) -> DraftTree:
+        return self.propose_with_index(state, root_tokens, config)[0]
+
+    @torch.inference_mode()
+    def propose_with_index(self, state: ModelDraftState, root_tokens: torch.Tensor, config: TreeConfig):
+        model = self.model
+        B = root_tokens.shape[0]
+        frontier_state = {"state": state.model_state.clone(), "width": 1}
+
+        def expand(frontier_tokens: torch.Tensor, parent_slot: torch.Tensor | None) -> torch.Tensor:
+            F = frontier_tokens.shape[1]
+            prev: ModelState = frontier_state["state"]
+            if parent_slot is not None:
+                rows = (torch.arange(B, device=parent_slot.device)[:, None] * frontier_state["width"] + parent_slot).reshape(-1)
+                prev = prev.select(rows)
+            out = model(frontier_tokens.reshape(B * F, 1).to(model.device), prev, logits_to_keep=1)
+            frontier_state["state"], frontier_state["width"] = out.state, F
+            return torch.log_softmax(out.logits[:, -1].float(), dim=-1).view(B, F, -1)
+
+        return build_tree(root_tokens.to(model.device), expand, config)
+
+    @torch.inference_mode()
+    def advance(self, state: ModelDraftState, *, tokens: torch.Tensor, counts: torch.Tensor, target_hidden=None) -> None:
+        advance_rows(self.model, state.model_state, tokens, counts)

@@ -1,0 +1,96 @@
+"""N-gram / prompt-lookup drafter (no model): continue the longest suffix of the sequence that occurred before.
+
+For the context (committed tokens + the root), look for earlier occurrences of its last n tokens, n from
+`max_ngram` down to `min_ngram`; every occurrence proposes the tokens that followed it (up to num_steps of them).
+Continuations are merged into a trie (most recent occurrence first, longer n first), at most `topk` children per
+node, until the tree holds num_draft_tokens nodes. Node scores: log of the share of occurrences behind the node.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from gdnspec.spec.tree import DraftTree, TreeConfig
+
+
+@dataclass
+class NGramDraftState:
+    history: list[list[int]]  # committed tokens per row
+
+    def select(self, rows) -> "NGramDraftState":
+        rows = rows.tolist() if isinstance(rows, torch.Tensor) else list(rows)
+        return NGramDraftState([list(self.history[r]) for r in rows])
+
+    @staticmethod
+    def cat(states: list["NGramDraftState"]) -> "NGramDraftState":
+        return NGramDraftState([list(h) for s in states for h in s.history])
+
+
+class NGramDrafter:
+    needs_target_hidden = False
+    vocab_size = None
+
+    def __init__(self, max_ngram: int = 4, min_ngram: int = 1, max_matches: int = 64):
+        if not (isinstance(min_ngram, int) and isinstance(max_ngram, int) and 1 <= min_ngram <= max_ngram):
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got min_ngram={min_ngram!r}, max_ngram={max_ngram!r}")
+        if max_matches < 1:
+            raise ValueError(f"max_matches must be >= 1, got {max_matches!r}")
+        self.max_ngram, self.min_ngram, self.max_matches = max_ngram, min_ngram, max_matches
+
+    def begin(self, prompts: list[torch.Tensor], *, target_hidden=None) -> NGramDraftState:
+        return NGramDraftState([p.tolist() for p in prompts])
+
+    def advance(self, state: NGramDraftState, *, tokens: torch.Tensor, counts: torch.Tensor, target_hidden=None) -> None:
+        for row, toks, c in zip(state.history, tokens.tolist(), counts.tolist()):
+            row.extend(toks[:c])
+
+    def _continuations(self, seq: np.ndarray, depth: int) -> list[list[int]]:
+        """Continuations after earlier occurrences of the suffix, preferred first."""
+        L = len(seq)
+        found: list[list[int]] = []
+        for n in range(min(self.max_ngram, L - 1), self.min_ngram - 1, -1):
+            suffix = seq[L - n:]
+            # windows seq[i:i+n] for i + n < L (an occurrence must be followed by at least one token)
+            windows = np.lib.stride_tricks.sliding_window_view(seq[: L - 1], n)
+            hits = np.nonzero((windows == suffix).all(axis=1))[0]
+            for i in hits[::-1][: self.max_matches]:  # most recent first
+                found.append(seq[i + n: i + n + depth].tolist())
+            if len(found) >= self.max_matches:
+                break
+        return found
+
+    def propose(self, state: NGramDraftState, root_tokens: torch.Tensor, config: TreeConfig) -> DraftTree:
+        budget = config.num_draft_tokens - 1
+        rows_nodes = []
+        for history, root in zip(state.history, root_tokens.tolist()):
+            seq = np.asarray(history + [root], dtype=np.int64)
+            conts = self._continuations(seq, config.num_steps)
+            nodes: list[tuple[int, int, float]] = []  # (token, parent, score)
+            child_of: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
+            support: list[int] = [0]  # occurrences through each node (root = 0)
+            n_children = [0]
+            for cont in conts:
+                parent = 0
+                for tok in cont:
+                    key = (parent, tok)
+                    if key in child_of:
+                        parent = child_of[key]
+                        support[parent] += 1
+                        continue
+                    if len(nodes) >= budget or n_children[parent] >= config.topk:
+                        break
+                    nodes.append((tok, parent, 0.0))
+                    node = len(nodes)
+                    child_of[key] = node
+                    support.append(1)
+                    n_children.append(0)
+                    n_children[parent] += 1
+                    parent = node
+            total = max(len(conts), 1)
+            nodes = [(t, p, math.log(support[i + 1] / total)) for i, (t, p, _) in enumerate(nodes)]
+            rows_nodes.append(nodes)
+        return DraftTree.from_lists(root_tokens.tolist(), rows_nodes, num_nodes=config.num_draft_tokens,
+                                    device=root_tokens.device)

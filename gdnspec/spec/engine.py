@@ -1,0 +1,212 @@
+"""The speculative decoding loop: draft -> verify -> accept -> commit, for a batch of sequences.
+
+    engine = SpeculativeEngine(target, drafter, TreeConfig(topk=4, num_steps=4, num_draft_tokens=16))
+    out = engine.generate(prompts, max_new_tokens=128)            # same forms as generate_autoregressive
+
+    session = engine.session()                                    # slot pool: add / step / drop between steps
+    ids = session.add(prompts, max_new_tokens=64, eos_token_id=2)
+    while session.active: session.step()
+
+One step for the active rows:
+    tree = drafter.propose(draft_state, verified_ids, config)     # node 0 = root = verified id
+    ver  = target.forward_tree(tree.tokens, state, layout)        # ONE target pass; the state is only read
+    acc  = accept_greedy / accept_sampling                         # path + bonus token per row
+    target.commit_tree(state, ver, path, counts)                  # recurrent + conv state, KV compaction
+    drafter.advance(draft_state, path tokens, counts, hidden)     # draft catch-up
+Finished rows (eos or max_new_tokens) are dropped from every state so they stop costing work.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from gdnspec.generate import check_generation_args, normalize_prompts, pack_outputs
+from gdnspec.sampling import check_sampling_args, sample_next
+from gdnspec.spec.accept import Acceptance, accept_greedy, accept_sampling
+from gdnspec.spec.stats import SpecStats
+from gdnspec.spec.tree import DraftTree, TreeConfig
+
+
+@dataclass
+class _Sequence:
+    prompt: torch.Tensor
+    max_new_tokens: int
+    eos_token_id: int | None
+    new_tokens: list[int] = field(default_factory=list)
+    done: bool = False
+
+    def emit(self, tokens: list[int]) -> list[int]:
+        """Append tokens up to eos / the budget; returns what was appended."""
+        out = []
+        for t in tokens:
+            if self.done:
+                break
+            self.new_tokens.append(t)
+            out.append(t)
+            if len(self.new_tokens) >= self.max_new_tokens or (self.eos_token_id is not None and t == self.eos_token_id):
+                self.done = True
+        return out
+
+
+def trim_tree(tree: DraftTree) -> DraftTree:
+    """Drop trailing node columns that are padding in every row (saves verify work on CPU)."""
+    used = tree.valid.any(0).nonzero()
+    n = int(used.max()) + 1 if used.numel() else 1
+    if n == tree.num_nodes:
+        return tree
+    return DraftTree(tree.tokens[:, :n], tree.parents[:, :n], tree.scores[:, :n], tree.valid[:, :n])
+
+
+class SpeculativeEngine:
+    def __init__(self, target, drafter, config: TreeConfig, *, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, generator: torch.Generator | None = None, trim_trees: bool = True):
+        check_sampling_args(temperature, top_k, top_p)
+        dv = getattr(drafter, "vocab_size", None)
+        if dv is not None and dv != target.vocab_size:
+            raise ValueError(f"draft vocab_size ({dv}) differs from the target's ({target.vocab_size}): they must share a tokenizer")
+        self.target, self.drafter, self.config = target, drafter, config
+        self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
+        self.trim_trees = trim_trees
+        self.stats = SpecStats()
+
+    def session(self) -> "SpecSession":
+        return SpecSession(self)
+
+    def generate(self, input_ids, max_new_tokens: int, eos_token_id: int | None = None):
+        check_generation_args(max_new_tokens, eos_token_id)
+        prompts, as_tensor = normalize_prompts(input_ids, vocab_size=self.target.vocab_size)
+        session = self.session()
+        ids = session.add(prompts, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
+        while session.active:
+            session.step()
+        return pack_outputs([session.sequence(i) for i in ids], as_tensor, eos_token_id)
+
+    # ------------------------------------------------------------------ the stages of one step
+    def accept(self, tree: DraftTree, logits: torch.Tensor, layout) -> Acceptance:
+        if self.temperature == 0:
+            return accept_greedy(tree, logits, layout)
+        return accept_sampling(tree, logits, layout, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                               generator=self.generator)
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        return sample_next(logits, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, generator=self.generator)
+
+
+class SpecSession:
+    """Active sequences of one engine: row r of every state belongs to sequence `rows[r]`."""
+
+    def __init__(self, engine: SpeculativeEngine):
+        self.engine = engine
+        self.sequences: dict[int, _Sequence] = {}
+        self.rows: list[int] = []
+        self.target_state = None
+        self.draft_state = None
+        self.verified: torch.Tensor | None = None  # (rows,) next root token per row
+        self._next_id = 0
+
+    @property
+    def active(self) -> list[int]:
+        return list(self.rows)
+
+    def sequence(self, seq_id: int) -> torch.Tensor:
+        s = self.sequences[seq_id]
+        return torch.cat([s.prompt, torch.tensor(s.new_tokens, dtype=torch.long)]).to(self.engine.target.device)
+
+    @torch.inference_mode()
+    def add(self, prompts: list[torch.Tensor], *, max_new_tokens: int, eos_token_id: int | None = None) -> list[int]:
+        """Prefill target and drafter on new prompts, emit their first token, and add them to the pool."""
+        eng = self.engine
+        target = eng.target
+        prompts = [p.to(target.device).long() for p in prompts]
+        ids = []
+        for p in prompts:
+            self.sequences[self._next_id] = _Sequence(p.cpu(), max_new_tokens, eos_token_id)
+            ids.append(self._next_id)
+            self._next_id += 1
+        if max_new_tokens == 0:
+            for i in ids:
+                self.sequences[i].done = True
+            return ids
+        need_hidden = getattr(eng.drafter, "needs_target_hidden", False)
+        states, logits, hiddens = [], [], []
+        same_len = len({p.numel() for p in prompts}) == 1
+        groups = [prompts] if same_len else [[p] for p in prompts]
+        for group in groups:
+            out = target(torch.stack(group), logits_to_keep=0 if need_hidden else 1)
+            states.append(out.state)
+            logits.append(out.logits[:, -1])
+            hiddens.extend(list(out.hidden_states) if need_hidden else [])
+        from gdnspec.cache import ModelState
+        t_state = ModelState.cat(states) if len(states) > 1 else states[0]
+        first = eng.sample(torch.cat(logits))
+        d_state = eng.drafter.begin(prompts, target_hidden=hiddens if need_hidden else None)
+        keep = []
+        for r, (i, tok) in enumerate(zip(ids, first.tolist())):
+            self.sequences[i].emit([tok])
+            if not self.sequences[i].done:
+                keep.append(r)
+        if len(keep) != len(ids):
+            t_state, d_state, first = t_state.select(keep), d_state.select(keep), first[keep]
+        new_rows = [ids[r] for r in keep]
+        if not new_rows:
+            return ids
+        if self.rows:
+            self.target_state = ModelState.cat([self.target_state, t_state])
+            self.draft_state = type(d_state).cat([self.draft_state, d_state])
+            self.verified = torch.cat([self.verified, first])
+        else:
+            self.target_state, self.draft_state, self.verified = t_state, d_state, first
+        self.rows.extend(new_rows)
+        return ids
+
+    def drop(self, seq_ids: list[int]) -> None:
+        """Stop sequences (they keep the tokens they have)."""
+        for i in seq_ids:
+            self.sequences[i].done = True
+        self._compact()
+
+    def _compact(self) -> None:
+        keep = [r for r, i in enumerate(self.rows) if not self.sequences[i].done]
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[r] for r in keep]
+        if not keep:
+            self.target_state = self.draft_state = self.verified = None
+            return
+        self.target_state = self.target_state.select(keep)
+        self.draft_state = self.draft_state.select(keep)
+        self.verified = self.verified[keep]
+
+    @torch.inference_mode()
+    def step(self) -> dict[int, list[int]]:
+        """One draft -> verify -> accept -> commit step for every active sequence; returns the new tokens per sequence."""
+        if not self.rows:
+            return {}
+        eng = self.engine
+        target, drafter = eng.target, eng.drafter
+        tree = drafter.propose(self.draft_state, self.verified, eng.config)
+        tree.validate()
+        if eng.trim_trees:
+            tree = trim_tree(tree)
+        layout = tree.layout()
+        ver = target.forward_tree(tree.tokens, state=self.target_state, layout=layout)
+        acc = eng.accept(tree, ver.logits, layout)
+        target.commit_tree(self.target_state, ver, path=acc.path, counts=acc.counts)
+        path_tokens = acc.path_tokens(tree)
+        hidden = None
+        if getattr(drafter, "needs_target_hidden", False):
+            H = ver.hidden_states.shape[-1]
+            hidden = ver.hidden_states.gather(1, acc.path[..., None].expand(*acc.path.shape, H))
+        drafter.advance(self.draft_state, tokens=path_tokens, counts=acc.counts, target_hidden=hidden)
+        new = {}
+        drafted = tree.num_drafted().tolist()
+        accepted = (acc.counts - 1).tolist()
+        emitted_counts = []
+        for seq_id, toks in zip(self.rows, acc.emitted(tree)):
+            new[seq_id] = self.sequences[seq_id].emit(toks)
+            emitted_counts.append(len(new[seq_id]))  # after eos / budget truncation
+        eng.stats.record(drafted=drafted, accepted=accepted, emitted=emitted_counts)
+        self.verified = acc.bonus
+        self._compact()
+        return new

@@ -1,0 +1,236 @@
+"""`DraftTree`: the one draft-tree structure every drafter fills, plus the tree builders.
+
+    tokens  (B, N) long   node 0 = root = verified_id (the last accepted token, not yet consumed by the target)
+    parents (B, N) long   root -1; parents[b, i] < i (topological order)
+    scores  (B, N) float  cumulative draft log-prob along the path (root 0); -inf for padding
+    valid   (B, N) bool   False for padding nodes (rows that drafted fewer than N - 1 tokens); never accepted
+
+Derived for verification: `layout()` (ancestor mask, depth; positions = prefix length + depth) and `paths()`.
+
+Builders (all return N = num_draft_tokens nodes; `expand` gives draft log-probs for the current frontier):
+    "eagle2": EAGLE-2 dynamic tree - each step expands the topk best nodes of the newest layer into topk children
+              each, scores = cumulative log-prob; finally the best num_draft_tokens - 1 nodes of all steps are kept.
+    "seed":   the seed's simplified tree - each step adds the topk children of the best node of the previous step
+              (topk * num_steps drafted tokens).
+    "chain":  topk = 1, num_steps tokens.
+Optional: confidence-based dynamic topk (a node keeps children only while their cumulative draft probability
+mass stays under `dynamic_topk_mass`) and adaptive num_steps (stop expanding a row when the best frontier's
+cumulative draft probability drops below `min_frontier_prob`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from gdnspec.layers.layout import TokenLayout
+
+BUILDERS = ("eagle2", "seed", "chain")
+
+
+@dataclass
+class TreeConfig:
+    """Shape of the draft trees. num_draft_tokens counts the root (None = the largest tree the builder can make,
+    capped at 64)."""
+
+    topk: int = 4
+    num_steps: int = 2
+    num_draft_tokens: int | None = None
+    builder: str = "eagle2"
+    dynamic_topk_mass: float | None = None
+    min_frontier_prob: float | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.topk, int) or self.topk < 1:
+            raise ValueError(f"topk must be an int >= 1, got {self.topk!r}")
+        if not isinstance(self.num_steps, int) or self.num_steps < 1:
+            raise ValueError(f"num_steps must be an int >= 1, got {self.num_steps!r}")
+        if self.builder not in BUILDERS:
+            raise ValueError(f"builder must be one of {BUILDERS}, got {self.builder!r}")
+        if self.builder == "chain":
+            self.topk = 1
+        cap = self.max_nodes()
+        if self.num_draft_tokens is None:
+            self.num_draft_tokens = min(cap, 64) if self.builder != "seed" else cap
+        if not isinstance(self.num_draft_tokens, int) or self.num_draft_tokens < 2:
+            raise ValueError(f"num_draft_tokens must be an int >= 2 (root + at least one draft), got {self.num_draft_tokens!r}")
+        if self.num_draft_tokens > cap:
+            raise ValueError(f"num_draft_tokens={self.num_draft_tokens} is larger than the tree can hold: builder "
+                             f"{self.builder!r} with topk={self.topk}, num_steps={self.num_steps} makes at most {cap} nodes (root included)")
+        if self.dynamic_topk_mass is not None and not (0 < self.dynamic_topk_mass <= 1):
+            raise ValueError(f"dynamic_topk_mass must be in (0, 1], got {self.dynamic_topk_mass!r}")
+        if self.min_frontier_prob is not None and not (0 <= self.min_frontier_prob < 1):
+            raise ValueError(f"min_frontier_prob must be in [0, 1), got {self.min_frontier_prob!r}")
+
+    def max_nodes(self) -> int:
+        """Nodes (root included) the builder can produce."""
+        if self.builder == "chain":
+            return 1 + self.num_steps
+        if self.builder == "seed":
+            return 1 + self.topk * self.num_steps
+        return 1 + self.topk + (self.num_steps - 1) * self.topk * self.topk
+
+
+@dataclass
+class DraftTree:
+    tokens: torch.Tensor
+    parents: torch.Tensor
+    scores: torch.Tensor
+    valid: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def num_nodes(self) -> int:
+        return self.tokens.shape[1]
+
+    def layout(self) -> TokenLayout:
+        return TokenLayout.from_parents(self.parents)
+
+    def num_drafted(self) -> torch.Tensor:
+        """(B,) number of real drafted nodes (root excluded)."""
+        return self.valid[:, 1:].sum(-1)
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        B, N = self.tokens.shape
+        for name in ("parents", "scores", "valid"):
+            if tuple(getattr(self, name).shape) != (B, N):
+                raise ValueError(f"DraftTree.{name} must have shape {(B, N)}, got {tuple(getattr(self, name).shape)}")
+        if N < 1 or bool((self.parents[:, 0] != -1).any()):
+            raise ValueError("DraftTree: node 0 must be the root (parent -1)")
+        idx = torch.arange(N, device=self.parents.device)
+        if N > 1 and bool(((self.parents[:, 1:] < 0) | (self.parents[:, 1:] >= idx[1:])).any()):
+            raise ValueError("DraftTree.parents must be in topological order: 0 <= parents[b, i] < i for i >= 1")
+        if vocab_size is not None and (int(self.tokens.min()) < 0 or int(self.tokens.max()) >= vocab_size):
+            raise ValueError(f"DraftTree.tokens must lie in [0, {vocab_size})")
+
+    def select(self, rows) -> "DraftTree":
+        return DraftTree(self.tokens[rows], self.parents[rows], self.scores[rows], self.valid[rows])
+
+    @staticmethod
+    def from_lists(roots: list[int], nodes: list[list[tuple[int, int, float]]], *, num_nodes: int | None = None,
+                   device=None) -> "DraftTree":
+        """Build from per-row lists of (token, parent, score) for the drafted nodes (parents index the full node list,
+        0 = root), padding rows to the same node count with invalid nodes."""
+        B = len(roots)
+        N = num_nodes or 1 + max((len(n) for n in nodes), default=0)
+        tokens = torch.zeros(B, N, dtype=torch.long)
+        parents = torch.zeros(B, N, dtype=torch.long)
+        scores = torch.full((B, N), float("-inf"))
+        valid = torch.zeros(B, N, dtype=torch.bool)
+        for b, (root, row) in enumerate(zip(roots, nodes)):
+            if len(row) > N - 1:
+                raise ValueError(f"row {b} has {len(row)} drafted nodes, the tree holds {N - 1}")
+            tokens[b, 0], parents[b, 0], scores[b, 0], valid[b, 0] = root, -1, 0.0, True
+            for i, (tok, par, sc) in enumerate(row, start=1):
+                tokens[b, i], parents[b, i], scores[b, i], valid[b, i] = tok, par, sc, True
+        tree = DraftTree(tokens.to(device), parents.to(device), scores.to(device), valid.to(device))
+        return tree
+
+
+ExpandFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def build_tree(root_tokens: torch.Tensor, expand: ExpandFn, config: TreeConfig) -> tuple[DraftTree, torch.Tensor]:
+    """Grow a draft tree from root_tokens (B,) with a draft model.
+
+    expand(frontier_tokens (B, F), parent_slot (B, F) or None) -> draft log-probs (B, F, vocab) for the children of the
+    frontier nodes; parent_slot[b, f] is the index, in the previous call's frontier, of node f's parent (None on the
+    first call, whose frontier is the root). The drafter keeps whatever per-node state it needs and gathers it by
+    parent_slot. Returns (tree, selected pool indices (B, N-1) of the kept nodes, for the seed's top_scores_index).
+    """
+    B = root_tokens.shape[0]
+    device = root_tokens.device
+    k, N = config.topk, config.num_draft_tokens
+    pool_tokens = [root_tokens[:, None]]
+    pool_parents = [torch.full((B, 1), -1, dtype=torch.long, device=device)]
+    pool_scores = [torch.zeros(B, 1, device=device)]
+    frontier_tokens = root_tokens[:, None]  # (B, F)
+    frontier_pool = torch.zeros(B, 1, dtype=torch.long, device=device)  # pool index of each frontier node
+    frontier_scores = torch.zeros(B, 1, device=device)
+    parent_slot = None
+    pool_size = 1
+    for step in range(config.num_steps):
+        logp = expand(frontier_tokens, parent_slot).float()  # (B, F, vocab)
+        F = logp.shape[1]
+        top_lp, top_tok = logp.topk(k, dim=-1)  # (B, F, k)
+        cand_scores = frontier_scores[..., None] + top_lp  # (B, F, k)
+        if config.dynamic_topk_mass is not None:  # keep a child while the mass of its better siblings is below the bar
+            mass_before = top_lp.exp().cumsum(-1) - top_lp.exp()
+            cand_scores = cand_scores.masked_fill(mass_before >= config.dynamic_topk_mass, float("-inf"))
+        if config.builder == "seed" and step > 0:  # only the best node of the previous step has children
+            best = frontier_scores.argmax(-1, keepdim=True)  # (B, 1)
+            keep_slot = torch.zeros_like(frontier_scores, dtype=torch.bool).scatter(1, best, True)
+            cand_scores = cand_scores.masked_fill(~keep_slot[..., None], float("-inf"))
+        cand_parent_pool = frontier_pool[..., None].expand(B, F, k)
+        cand_slot = torch.arange(F, device=device)[None, :, None].expand(B, F, k)
+        pool_tokens.append(top_tok.reshape(B, F * k))
+        pool_parents.append(cand_parent_pool.reshape(B, F * k))
+        pool_scores.append(cand_scores.reshape(B, F * k))
+        layer_base = pool_size
+        pool_size += F * k
+        if step == config.num_steps - 1:
+            break
+        # next frontier: the best nodes of this layer (k for eagle2 / seed; 1 for chain)
+        width = 1 if config.builder == "chain" else k
+        flat = cand_scores.reshape(B, F * k)
+        sel_scores, sel = flat.topk(min(width, F * k), dim=-1)  # (B, F')
+        if config.min_frontier_prob is not None:  # adaptive depth: stop rows whose best path got unlikely
+            alive = sel_scores[:, :1] >= math.log(max(config.min_frontier_prob, 1e-30))
+            sel_scores = sel_scores.masked_fill(~alive, float("-inf"))
+        frontier_tokens = top_tok.reshape(B, F * k).gather(1, sel)
+        parent_slot = cand_slot.reshape(B, F * k).gather(1, sel)
+        frontier_pool = sel + layer_base
+        frontier_scores = sel_scores
+        if bool(torch.isinf(frontier_scores).all()):
+            break
+    tokens = torch.cat(pool_tokens, 1)
+    parents = torch.cat(pool_parents, 1)
+    scores = torch.cat(pool_scores, 1)  # (B, P)
+    return _select_best(tokens, parents, scores, N)
+
+
+def _select_best(tokens, parents, scores, N) -> tuple[DraftTree, torch.Tensor]:
+    """Keep the root and the N-1 best-scored pool nodes, in topological (pool) order, remapping parents.
+
+    Scores never increase along a path and ties are broken by pool order (parents first), so the kept set is closed
+    under taking parents."""
+    B, P = tokens.shape
+    device = tokens.device
+    n_keep = min(N - 1, P - 1)
+    cand = scores[:, 1:]
+    # stable "best first" ordering: sort by score descending, ties by pool index ascending
+    order = torch.sort(cand, dim=-1, descending=True, stable=True).indices[:, :n_keep] + 1  # (B, n_keep) pool idx
+    kept_scores = scores.gather(1, order)
+    order, perm = torch.sort(order, dim=-1)  # topological order
+    kept_scores = kept_scores.gather(1, perm)
+    valid = torch.isfinite(kept_scores)
+    # map pool index -> node index
+    node_of_pool = torch.full((B, P), -1, dtype=torch.long, device=device)
+    node_of_pool[:, 0] = 0
+    node_of_pool.scatter_(1, order, torch.arange(1, n_keep + 1, device=device).expand(B, n_keep))
+    kept_parents = node_of_pool.gather(1, parents.gather(1, order))
+    # padding nodes (invalid) hang off the root
+    kept_parents = torch.where(valid, kept_parents, torch.zeros_like(kept_parents))
+    if bool((kept_parents < 0).any()):
+        raise RuntimeError("internal error: a kept draft node lost its parent")
+    kept_tokens = torch.where(valid, tokens.gather(1, order), torch.zeros_like(order))
+    tree = DraftTree(
+        tokens=torch.cat([tokens[:, :1], kept_tokens], 1),
+        parents=torch.cat([torch.full((B, 1), -1, dtype=torch.long, device=device), kept_parents], 1),
+        scores=torch.cat([torch.zeros(B, 1, device=device), kept_scores.masked_fill(~valid, float("-inf"))], 1),
+        valid=torch.cat([torch.ones(B, 1, dtype=torch.bool, device=device), valid], 1),
+    )
+    if tree.num_nodes < N:  # the pool was smaller than asked: pad
+        pad = N - tree.num_nodes
+        tree = DraftTree(
+            torch.cat([tree.tokens, torch.zeros(B, pad, dtype=torch.long, device=device)], 1),
+            torch.cat([tree.parents, torch.zeros(B, pad, dtype=torch.long, device=device)], 1),
+            torch.cat([tree.scores, torch.full((B, pad), float("-inf"), device=device)], 1),
+            torch.cat([tree.valid, torch.zeros(B, pad, dtype=torch.bool, device=device)], 1),
+        )
+    return tree, order

@@ -1,0 +1,40 @@
+"""Small models shared by the speculative-decoding tests (float64 on CPU, random weights)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from gdnspec import GDNConfig, GDNForCausalLM
+
+
+def tiny_config(*, vocab_size=48, hybrid=False, num_layers=2, hidden=32, ratio=1, **kw) -> GDNConfig:
+    return GDNConfig(
+        vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=num_layers,
+        full_attention_interval=2 if hybrid else 0, intermediate_size=48,
+        linear_num_key_heads=2, linear_num_value_heads=2 * ratio, linear_key_head_dim=8, linear_value_head_dim=8,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, partial_rotary_factor=0.5, **kw)
+
+
+def tiny_model(seed=0, *, dtype=torch.float64, init_scale=1.0, **kw) -> GDNForCausalLM:
+    torch.manual_seed(seed)
+    model = GDNForCausalLM(tiny_config(**kw), dtype=dtype).eval()
+    if init_scale != 1.0:  # sharper distributions -> longer agreement between near-copies
+        with torch.no_grad():
+            model.lm_head.weight.mul_(init_scale)
+    return model
+
+
+def noisy_copy(model, *, noise=0.02, seed=1):
+    """A draft that mostly agrees with `model`: the same weights plus noise."""
+    draft = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(noise * torch.randn(p.shape, generator=g, dtype=p.dtype) * (p.std() if p.numel() > 1 else 1.0))
+    return draft
+
+
+def prompts_of(lengths, vocab_size, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab_size, (n,), generator=g) for n in lengths]
