@@ -38,6 +38,24 @@ from gdnspec.ops.gated_delta_rule import (
 from gdnspec.ops.gated_delta_rule.common import state_dtype_for
 
 MODES = ("auto", "chunk", "recurrent", "fused_decode")
+BACKENDS = ("torch", "triton", "auto")
+
+
+def _use_triton(backend: str, tensor: torch.Tensor) -> bool:
+    """backend="torch" (default): the torch ops; "triton": the Triton kernels (error if they cannot run here);
+    "auto": Triton when importable and the tensor is on CUDA (or TRITON_INTERPRET=1), else torch."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return False
+    from gdnspec.ops.gated_delta_rule import triton_tree
+
+    ok = triton_tree.available(tensor)
+    if backend == "triton" and not ok:
+        raise RuntimeError("backend='triton' needs triton and a CUDA tensor (or TRITON_INTERPRET=1)")
+    return ok
+
+
 LAYOUTS = ("qwen3_next", "qwen3_5")
 
 
@@ -139,6 +157,8 @@ class Qwen3GatedDeltaNet(nn.Module):
         want_conv = (batch_size, self.conv_dim, self.conv_kernel_size - 1)
         if tuple(state.conv.shape) != want_conv:
             raise ValueError(f"conv state must have shape (B, conv_dim, W-1) = {want_conv}, got {tuple(state.conv.shape)}")
+        if state.conv.dtype != dtype:
+            raise ValueError(f"conv state must be {dtype} (the activation dtype), got {state.conv.dtype}")
 
     def _project(self, x: torch.Tensor):
         """x (B, T, hidden) -> mixed qkv (B, T, conv_dim), z (B, T, HV, V), b (B, T, HV), a (B, T, HV)."""
@@ -178,8 +198,10 @@ class Qwen3GatedDeltaNet(nn.Module):
 
     # ------------------------------------------------------------------ causal forwards
     def forward_state(self, hidden_states: torch.Tensor, state: GDNLayerState | None, *, mode: str = "auto",
-                      ) -> tuple[torch.Tensor, GDNLayerState]:
-        """Causal forward over T tokens from `state` (None = zeros). Advances `state` IN PLACE and returns it."""
+                      backend: str = "torch") -> tuple[torch.Tensor, GDNLayerState]:
+        """Causal forward over T tokens from `state` (None = zeros). Advances `state` IN PLACE and returns it.
+
+        backend ("torch" | "triton" | "auto") picks the fused Triton decode step for mode="fused_decode" only."""
         x = hidden_states
         self._check_input(x)
         B, T, _ = x.shape
@@ -188,6 +210,14 @@ class Qwen3GatedDeltaNet(nn.Module):
             state = self.new_state(B, dtype=x.dtype, device=x.device)
         self._check_state(state, B, x.dtype)
         mixed, z, b, a = self._project(x)
+        if mode == "fused_decode" and _use_triton(backend, x) and state.recurrent.dtype == torch.float32:
+            from gdnspec.ops.gated_delta_rule.triton_decode import triton_gdn_decode_step
+
+            y = triton_gdn_decode_step(mixed[:, 0], z[:, 0], b[:, 0], a[:, 0], conv_weight=self.conv_weight,
+                                       conv_state=state.conv, recurrent_state=state.recurrent, A_log=self.A_log,
+                                       dt_bias=self.dt_bias, norm_weight=self.norm.weight, num_k_heads=self.num_k_heads,
+                                       head_k_dim=self.head_k_dim, norm_eps=self.norm.eps)  # (B, HV, V)
+            return self.out_proj(y.reshape(B, 1, self.value_dim)), state
         g, beta = self._gates(b, a)
         if mode == "fused_decode":
             mixed_c = causal_conv1d_update(mixed[:, 0], weight=self.conv_weight, state=state.conv)[:, None]
@@ -236,9 +266,12 @@ class Qwen3GatedDeltaNet(nn.Module):
         return out, (state if isinstance(initial_state, GDNLayerState) else state.recurrent)
 
     # ------------------------------------------------------------------ tree verification
-    def forward_tree(self, hidden_states: torch.Tensor, state: GDNLayerState, layout: TokenLayout
-                     ) -> tuple[torch.Tensor, GDNTreeCache]:
-        """All N tree nodes in one pass; node i sees `state` and its ancestors only. `state` is only read."""
+    def forward_tree(self, hidden_states: torch.Tensor, state: GDNLayerState, layout: TokenLayout, *,
+                     backend: str = "torch") -> tuple[torch.Tensor, GDNTreeCache]:
+        """All N tree nodes in one pass; node i sees `state` and its ancestors only. `state` is only read.
+
+        backend ("torch" | "triton" | "auto"): "triton" runs the tree-WY kernel (N <= 64, float32 state); its
+        cache.gdr is then a TritonTreeCache, which `commit_tree` recognises."""
         x = hidden_states
         self._check_input(x)
         B, N, _ = x.shape
@@ -247,13 +280,40 @@ class Qwen3GatedDeltaNet(nn.Module):
         g, beta = self._gates(b, a)
         mixed_c, window_index = tree_causal_conv1d(mixed, weight=self.conv_weight, parents=layout.parents, state=state.conv)
         q, k, v = self._split_qkv(mixed_c)
-        o, gdr = tree_gated_delta_rule(q, k, v, g=g, beta=beta, ancestor_mask=layout.ancestor_mask,
-                                       initial_state=state.recurrent, use_qk_l2norm=True)
+        if _use_triton(backend, x) and state.recurrent.dtype == torch.float32 and N <= 64:
+            from gdnspec.ops.gated_delta_rule.triton_tree import triton_tree_gated_delta_rule
+
+            o, gdr = triton_tree_gated_delta_rule(q, k, v, g=g, beta=beta, ancestor_mask=layout.ancestor_mask,
+                                                  initial_state=state.recurrent, use_qk_l2norm=True)
+        else:
+            o, gdr = tree_gated_delta_rule(q, k, v, g=g, beta=beta, ancestor_mask=layout.ancestor_mask,
+                                           initial_state=state.recurrent, use_qk_l2norm=True)
         return self._finish(o, z), GDNTreeCache(gdr=gdr, conv_input=mixed, conv_window_index=window_index)
 
     @staticmethod
-    def commit_tree(state: GDNLayerState, cache: GDNTreeCache, node: torch.Tensor) -> None:
-        """Move `state` (in place) to the state after tree node `node` (B,) of each row."""
+    def commit_tree(state: GDNLayerState, cache: GDNTreeCache, node: torch.Tensor, *, backend: str = "torch") -> None:
+        """Move `state` (in place) to the state after tree node `node` (B,) of each row.
+
+        A TritonTreeCache (from forward_tree(backend="triton"/"auto")) is committed by the Triton kernels when they
+        can run here, otherwise converted to the torch layout; backend="triton"/"auto" also commits a torch cache's
+        state with the Triton kernels."""
+        from gdnspec.ops.gated_delta_rule.triton_tree import TritonTreeCache
+
+        gdr = cache.gdr
+        is_triton_cache = isinstance(gdr, TritonTreeCache)
+        use = _use_triton(backend if backend != "torch" or not is_triton_cache else "auto", state.recurrent)
+        if use and state.recurrent.dtype == torch.float32 and state.recurrent.is_contiguous() and state.conv.is_contiguous():
+            from gdnspec.ops.gated_delta_rule.triton_commit import triton_tree_commit_state, triton_tree_conv_commit_state
+
+            if not is_triton_cache:
+                gdr = TritonTreeCache.from_reference(gdr, gdr.k.shape[1])  # keys kept per value head
+            triton_tree_conv_commit_state(x=cache.conv_input, state=state.conv, window_index=cache.conv_window_index,
+                                          node=node)
+            triton_tree_commit_state(state=state.recurrent, cache=gdr, node=node)
+            return
+        if is_triton_cache:
+            cache = GDNTreeCache(gdr=gdr.to_reference(), conv_input=cache.conv_input,
+                                 conv_window_index=cache.conv_window_index)
         new_conv = tree_conv_commit_state(x=cache.conv_input, state=state.conv, window_index=cache.conv_window_index, node=node)
         new_rec = tree_commit_state(initial_state=state.recurrent, cache=cache.gdr, node=node)
         state.conv.copy_(new_conv)

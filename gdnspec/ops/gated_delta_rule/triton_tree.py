@@ -1,0 +1,223 @@
+"""Triton tree verification for the gated delta rule (tree-WY, DESIGN.md section 3), one read of the committed state.
+
+One program per (V-tile, batch row, value head): it loads the N x K keys/queries of its key head, builds the
+N x N ancestor-masked matrices in registers, inverts the unit-lower-triangular (I + L) by forward substitution
+over the N x N matrix, then touches the committed state tile S0 (K x BV) exactly once:
+
+    R     = beta * (V - exp(gamma) * (K S0))          (N, BV)
+    v_new = (I + L)^-1 R                              (N, BV)   (= U - W S0 of the reference)
+    O     = exp(gamma) * (Q S0) + ((Q K^T) * Gamma) v_new
+
+No per-node state is written. The terms the commit needs are written in a compact layout (`TritonTreeCache`):
+k (B, N, H, K) float32 (per KEY head, normalised), v_new (B, N, HV, V) float32, gamma (B, N, HV) float32;
+`TritonTreeCache.to_reference()` turns it into the torch `TreeGDRCache`.
+
+Reference / CPU path: `gdnspec.ops.gated_delta_rule.tree.tree_gated_delta_rule`. Tests run this kernel on the CPU
+with TRITON_INTERPRET=1 (tests/test_triton_kernels.py).
+
+    o, cache = triton_tree_gated_delta_rule(q, k, v, g=g, beta=beta, ancestor_mask=mask, initial_state=S0,
+                                            use_qk_l2norm=True)
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from gdnspec.ops.gated_delta_rule.common import check_gdr_inputs
+from gdnspec.ops.gated_delta_rule.tree import TreeGDRCache, _check_tree
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+MAX_NODES = 64
+
+
+def available(tensor: torch.Tensor) -> bool:
+    """True when the Triton kernels can run on `tensor`: triton importable and (CUDA tensor or TRITON_INTERPRET=1)."""
+    if not HAS_TRITON:
+        return False
+    return bool(tensor.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+def default_precision(tensor: torch.Tensor) -> str:
+    """tl.dot precision for float32 operands: 'tf32x3' (about float32 accuracy on tensor cores) on CUDA, 'ieee' else;
+    the environment variable GDNSPEC_TRITON_PRECISION overrides it."""
+    return os.environ.get("GDNSPEC_TRITON_PRECISION") or ("tf32x3" if tensor.is_cuda else "ieee")
+
+
+@dataclass
+class TritonTreeCache:
+    """What `triton_tree_commit_state` needs. k (B, N, H, K) float32 normalised keys per key head; v_new
+    (B, N, HV, V) float32; gamma (B, N, HV) float32; ancestor_mask (B, N, N) bool."""
+
+    k: torch.Tensor
+    v_new: torch.Tensor
+    gamma: torch.Tensor
+    ancestor_mask: torch.Tensor
+
+    def to_reference(self) -> TreeGDRCache:
+        """The torch TreeGDRCache layout: k (B, HV, N, K), v_new (B, HV, N, V), gamma (B, HV, N)."""
+        HV, H = self.v_new.shape[2], self.k.shape[2]
+        k = self.k.repeat_interleave(HV // H, dim=2) if HV != H else self.k
+        return TreeGDRCache(k=k.transpose(1, 2), v_new=self.v_new.transpose(1, 2), gamma=self.gamma.transpose(1, 2),
+                            ancestor_mask=self.ancestor_mask)
+
+    @staticmethod
+    def from_reference(cache: TreeGDRCache, num_key_heads: int) -> "TritonTreeCache":
+        """Inverse of to_reference (keeps one key row per key head)."""
+        B, HV, N, K = cache.k.shape
+        r = HV // num_key_heads
+        k = cache.k[:, ::r].transpose(1, 2).contiguous().float()  # (B, N, H, K)
+        return TritonTreeCache(k=k, v_new=cache.v_new.transpose(1, 2).contiguous().float(),
+                               gamma=cache.gamma.transpose(1, 2).contiguous().float(), ancestor_mask=cache.ancestor_mask)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _tree_verify_kernel(
+        q, k, v, g, beta, amask, s0, o, k_out, vnew_out, gamma_out,
+        N, scale, eps,
+        H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+        BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+        L2NORM: tl.constexpr, PREC: tl.constexpr,
+    ):
+        i_v = tl.program_id(0)
+        i_bh = tl.program_id(1)
+        i_b = i_bh // HV
+        i_hv = i_bh % HV
+        i_h = i_hv // (HV // H)
+        rn = tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        rv = i_v * BV + tl.arange(0, BV)
+        mn = rn < N
+        mk = rk < K
+        mv = rv < V
+
+        qk_off = ((i_b * N + rn[:, None]) * H + i_h) * K + rk[None, :]  # (BN, BK) into (B, N, H, K)
+        m_nk = mn[:, None] & mk[None, :]
+        b_q = tl.load(q + qk_off, mask=m_nk, other=0.0).to(tl.float32)
+        b_k = tl.load(k + qk_off, mask=m_nk, other=0.0).to(tl.float32)
+        if L2NORM:
+            b_q = b_q * tl.rsqrt(tl.sum(b_q * b_q, 1) + eps)[:, None]
+            b_k = b_k * tl.rsqrt(tl.sum(b_k * b_k, 1) + eps)[:, None]
+        b_q = b_q * scale
+
+        gb_off = (i_b * N + rn) * HV + i_hv  # (BN,) into (B, N, HV)
+        b_g = tl.load(g + gb_off, mask=mn, other=0.0).to(tl.float32)
+        b_beta = tl.load(beta + gb_off, mask=mn, other=0.0).to(tl.float32)
+        m_nn = mn[:, None] & mn[None, :]
+        b_A = tl.load(amask + (i_b * N + rn[:, None]) * N + rn[None, :], mask=m_nn, other=0) != 0  # (BN, BN)
+
+        b_gamma = tl.sum(tl.where(b_A, b_g[None, :], 0.0), 1)  # (BN,) cumulative g along the path
+        b_Gam = tl.where(b_A, tl.exp(b_gamma[:, None] - b_gamma[None, :]), 0.0)  # (BN, BN)
+        b_kk = tl.dot(b_k, tl.trans(b_k), input_precision=PREC)  # (BN, BN)
+        b_L = tl.where(rn[:, None] > rn[None, :], b_beta[:, None] * b_kk * b_Gam, 0.0)  # strictly lower, ancestors only
+
+        # T = (I + L)^-1 by forward substitution over rows: T_i = e_i - sum_{j<i} L_ij T_j
+        b_T = tl.where(rn[:, None] == rn[None, :], 1.0, 0.0)
+        for i in range(1, N):
+            l_i = tl.sum(tl.where(rn[:, None] == i, b_L, 0.0), 0)  # (BN,) row i of L (over j)
+            t_i = tl.sum(l_i[:, None] * b_T, 0)  # (BN,)
+            b_T = tl.where(rn[:, None] == i, b_T - t_i[None, :], b_T)
+
+        s_off = ((i_b * HV + i_hv) * K + rk[:, None]) * V + rv[None, :]  # (BK, BV) into (B, HV, K, V)
+        b_S = tl.load(s0 + s_off, mask=mk[:, None] & mv[None, :], other=0.0).to(tl.float32)
+        v_off = ((i_b * N + rn[:, None]) * HV + i_hv) * V + rv[None, :]  # (BN, BV) into (B, N, HV, V)
+        m_nv = mn[:, None] & mv[None, :]
+        b_v = tl.load(v + v_off, mask=m_nv, other=0.0).to(tl.float32)
+
+        b_eg = tl.exp(b_gamma)
+        b_kS = tl.dot(b_k, b_S, input_precision=PREC)  # (BN, BV)
+        b_R = b_beta[:, None] * (b_v - b_eg[:, None] * b_kS)
+        b_vnew = tl.dot(b_T, b_R, input_precision=PREC)  # (BN, BV)
+        b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * b_Gam  # (BN, BN)
+        b_o = b_eg[:, None] * tl.dot(b_q, b_S, input_precision=PREC) + tl.dot(b_qk, b_vnew, input_precision=PREC)
+
+        tl.store(o + v_off, b_o.to(o.dtype.element_ty), mask=m_nv)
+        tl.store(vnew_out + v_off, b_vnew, mask=m_nv)
+        if i_v == 0:
+            tl.store(gamma_out + gb_off, b_gamma, mask=mn)
+            if i_hv % (HV // H) == 0:
+                tl.store(k_out + qk_off, b_k, mask=m_nk)
+
+
+def _pick_config(BN: int, programs: int, device: torch.device) -> tuple[int, int]:
+    """(block_v, num_warps) from the H100 sweep in benchmarks/results/ops_sweep_verify.json (tf32x3)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    many = programs >= 4 * sms
+    if BN <= 16:
+        return (128, 4) if many else (32, 4)
+    if BN <= 32:
+        return 64, 8
+    return (64, 4) if many else (32, 8)
+
+
+def _pow2(x: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(x))
+
+
+def triton_tree_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    ancestor_mask: torch.Tensor,
+    initial_state: torch.Tensor,
+    scale: float | None = None,
+    use_qk_l2norm: bool = False,
+    eps: float = 1e-6,
+    precision: str | None = None,
+    block_v: int | None = None,
+    num_warps: int | None = None,
+) -> tuple[torch.Tensor, TritonTreeCache]:
+    """Same contract as `tree_gated_delta_rule` (q, k (B, N, H, K); v (B, N, HV, V); g, beta (B, N, HV);
+    ancestor_mask (B, N, N) bool; initial_state (B, HV, K, V) float32, only read). N <= 64.
+
+    Returns (o (B, N, HV, V) in v's dtype, TritonTreeCache). precision: tl.dot input_precision for the float32
+    products ('tf32x3' on CUDA by default, 'ieee' in the interpreter; 'tf32' is faster and less exact).
+    """
+    if not HAS_TRITON:
+        raise RuntimeError("triton is not installed; use gdnspec.ops.gated_delta_rule.tree.tree_gated_delta_rule")
+    B, N, H, HV, K, V = check_gdr_inputs(q, k, v, g, beta, initial_state)
+    if initial_state is None:
+        raise ValueError("initial_state (the committed state S0, (B, HV, K, V)) is required for tree verification")
+    if initial_state.dtype != torch.float32:
+        raise ValueError(f"initial_state must be float32 for the Triton kernel, got {initial_state.dtype}")
+    if not 1 <= N <= MAX_NODES:
+        raise ValueError(f"the Triton tree kernel takes 1..{MAX_NODES} nodes, got N={N}")
+    _check_tree(ancestor_mask, B, N)
+    scale = K**-0.5 if scale is None else float(scale)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    g, beta = g.float().contiguous(), beta.float().contiguous()
+    s0 = initial_state.contiguous()
+    amask = ancestor_mask.contiguous().view(torch.uint8)
+    dev = v.device
+    o = torch.empty(B, N, HV, V, dtype=v.dtype, device=dev)
+    k_out = torch.empty(B, N, H, K, dtype=torch.float32, device=dev)
+    vnew = torch.empty(B, N, HV, V, dtype=torch.float32, device=dev)
+    gamma = torch.empty(B, N, HV, dtype=torch.float32, device=dev)
+    BN, BK = _pow2(N), _pow2(K)
+    bv, warps = _pick_config(BN, B * HV, dev)
+    BV = block_v or min(_pow2(V), bv)
+    warps = num_warps or warps
+    grid = (triton.cdiv(V, BV), B * HV)
+    _tree_verify_kernel[grid](
+        q, k, v, g, beta, amask, s0, o, k_out, vnew, gamma,
+        N, scale, eps,
+        H=H, HV=HV, K=K, V=V, BN=BN, BK=BK, BV=BV,
+        L2NORM=bool(use_qk_l2norm), PREC=precision or default_precision(v),
+        num_warps=warps,
+    )
+    return o, TritonTreeCache(k=k_out, v_new=vnew, gamma=gamma, ancestor_mask=ancestor_mask)

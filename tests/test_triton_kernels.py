@@ -1,0 +1,218 @@
+"""The Triton kernels (tree verify, commit, conv commit, fused decode) against their torch references, on the CPU
+through the Triton interpreter (TRITON_INTERPRET=1), at small awkward shapes. Outputs AND states are compared.
+
+Run: python -m pytest -q tests/test_triton_kernels.py   (skipped when triton is not installed)
+
+The interpreter is chosen when a kernel is decorated, so this module sets TRITON_INTERPRET=1 before importing the
+gdnspec Triton modules and reloads them if another test module imported them first; the variable is restored when
+the module's tests end.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+
+_OLD_INTERPRET = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+import torch  # noqa: E402
+
+from conftest import gdr_inputs, random_parents  # noqa: E402
+from gdnspec.layers.gated_deltanet import Qwen3GatedDeltaNet  # noqa: E402
+from gdnspec.layers.layout import TokenLayout  # noqa: E402
+from gdnspec.ops.conv1d.tree import tree_causal_conv1d, tree_conv_commit_state  # noqa: E402
+from gdnspec.ops.gated_delta_rule.recurrent import gated_delta_rule_decode_step  # noqa: E402
+from gdnspec.ops.gated_delta_rule.tree import (  # noqa: E402
+    naive_tree_gated_delta_rule,
+    tree_commit_state,
+    tree_gated_delta_rule,
+)
+
+_MODS = ["gdnspec.ops.gated_delta_rule.triton_tree", "gdnspec.ops.gated_delta_rule.triton_commit",
+         "gdnspec.ops.gated_delta_rule.triton_decode"]
+for _m in _MODS:  # kernels decorated before TRITON_INTERPRET was set would target a GPU
+    if _m in sys.modules:
+        importlib.reload(sys.modules[_m])
+tt = importlib.import_module(_MODS[0])
+tc = importlib.import_module(_MODS[1])
+td = importlib.import_module(_MODS[2])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_interpret_env():
+    yield
+    if _OLD_INTERPRET is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _OLD_INTERPRET
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all(), "non-finite values"
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+# (B, N, H, HV, K, V, dtype, tree kind)
+TREE_CASES = [
+    (1, 1, 2, 2, 16, 32, torch.float32, "chain"),
+    (3, 5, 2, 4, 16, 32, torch.float32, "random"),
+    (1, 5, 1, 2, 32, 16, torch.bfloat16, "star"),
+    (3, 16, 2, 2, 32, 16, torch.float32, "random"),
+    (3, 16, 1, 2, 16, 32, torch.bfloat16, "random"),
+    (1, 16, 2, 4, 16, 16, torch.float32, "chain"),
+    (3, 1, 1, 1, 32, 32, torch.bfloat16, "chain"),
+]
+
+
+@pytest.mark.parametrize("B,N,H,HV,K,V,dtype,kind", TREE_CASES)
+def test_tree_verify_and_commit_match_reference(B, N, H, HV, K, V, dtype, kind):
+    q, k, v, g, beta, S0 = gdr_inputs(B, N, H, HV, K, V, dtype=dtype, seed=N + B)
+    parents = random_parents(B, N, kind, seed=N)
+    layout = TokenLayout.from_parents(parents)
+    o_ref, c_ref = tree_gated_delta_rule(q, k, v, g=g, beta=beta, ancestor_mask=layout.ancestor_mask,
+                                         initial_state=S0, use_qk_l2norm=True)
+    _, states = naive_tree_gated_delta_rule(q, k, v, g=g, beta=beta, parents=parents, initial_state=S0,
+                                            use_qk_l2norm=True)
+    S0_copy = S0.clone()
+    o, cache = tt.triton_tree_gated_delta_rule(q, k, v, g=g, beta=beta, ancestor_mask=layout.ancestor_mask,
+                                               initial_state=S0, use_qk_l2norm=True)
+    assert torch.equal(S0, S0_copy), "tree verify must not write the committed state"
+    assert o.dtype == dtype and o.shape == o_ref.shape
+    out_tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel(o, o_ref) < out_tol
+    ref = cache.to_reference()
+    assert rel(ref.k, c_ref.k) < 1e-5 and rel(ref.v_new, c_ref.v_new) < 1e-5 and rel(ref.gamma, c_ref.gamma) < 1e-5
+
+    # commit: different accepted nodes per row; node -1 keeps the row's state
+    node = torch.randint(0, N, (B,))
+    if B > 1:
+        node[-1] = -1
+    S = S0.clone()
+    out = tc.triton_tree_commit_state(state=S, cache=cache, node=node)
+    assert out.data_ptr() == S.data_ptr()
+    for b in range(B):
+        want = S0[b] if node[b] < 0 else states[b, int(node[b])]
+        assert rel(S[b], want) < 1e-5, f"row {b} node {int(node[b])}"
+    keep = node.clamp(min=0)
+    want = tree_commit_state(initial_state=S0, cache=c_ref, node=keep)
+    fresh = tc.triton_tree_commit_state(state=S0, cache=cache, node=keep, out=torch.empty_like(S0))
+    assert rel(fresh, want) < 1e-5 and torch.equal(S0, S0_copy)
+
+
+def test_commit_accepts_reference_cache_and_no_l2norm():
+    B, N, H, HV, K, V = 2, 5, 1, 2, 16, 16
+    q, k, v, g, beta, S0 = gdr_inputs(B, N, H, HV, K, V, l2norm_in_op=False, seed=3)
+    layout = TokenLayout.from_parents(random_parents(B, N, "random", seed=3))
+    o_ref, c_ref = tree_gated_delta_rule(q, k, v, g=g, beta=beta, ancestor_mask=layout.ancestor_mask, initial_state=S0)
+    o, _ = tt.triton_tree_gated_delta_rule(q, k, v, g=g, beta=beta, ancestor_mask=layout.ancestor_mask, initial_state=S0)
+    assert rel(o, o_ref) < 1e-5
+    node = torch.tensor([4, 2])
+    got = tc.triton_tree_commit_state(state=S0.clone(), cache=tt.TritonTreeCache.from_reference(c_ref, HV), node=node)
+    assert rel(got, tree_commit_state(initial_state=S0, cache=c_ref, node=node)) < 1e-5
+
+
+@pytest.mark.parametrize("W,dtype", [(4, torch.float32), (3, torch.bfloat16)])
+def test_conv_commit_matches_reference(W, dtype):
+    B, N, D = 3, 6, 40
+    x = torch.randn(B, N, D).to(dtype)
+    state = torch.randn(B, D, W - 1).to(dtype)
+    parents = random_parents(B, N, "random", seed=W)
+    _, widx = tree_causal_conv1d(x, weight=torch.randn(D, W).to(dtype), parents=parents, state=state)
+    node = torch.tensor([5, 0, -1])
+    want = tree_conv_commit_state(x=x, state=state, window_index=widx, node=node.clamp(min=0))
+    want[2] = state[2]
+    got = state.clone()
+    tc.triton_tree_conv_commit_state(x=x, state=got, window_index=widx, node=node)
+    assert torch.equal(got, want)
+
+
+def _layer(H, HV, K, V, dtype, seed=0):
+    torch.manual_seed(seed)
+    layer = Qwen3GatedDeltaNet(48, H, HV, K, V, conv_kernel_size=4, dtype=dtype)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.3)
+        layer.norm.weight.uniform_(0.5, 1.5)
+        layer.A_log.uniform_(-1, 1)
+    return layer
+
+
+@pytest.mark.parametrize("B,H,HV,K,V,dtype,block_v", [
+    (1, 2, 2, 16, 32, torch.float32, None),
+    (3, 1, 2, 32, 16, torch.float32, 16),
+    (3, 2, 4, 16, 32, torch.bfloat16, 16),
+    (1, 1, 2, 32, 32, torch.bfloat16, 32),
+])
+def test_fused_decode_step_matches_layer(B, H, HV, K, V, dtype, block_v):
+    layer = _layer(H, HV, K, V, dtype)
+    st_ref = layer.new_state(B)
+    st_ref.recurrent.normal_()
+    st_ref.conv.normal_()
+    st = st_ref.clone()
+    with torch.no_grad():
+        for _ in range(2):  # two steps: the rolled conv window and the state are reused
+            x = torch.randn(B, 1, 48, dtype=dtype)
+            out_ref, _ = layer.forward_state(x, st_ref, mode="fused_decode")
+            mixed, z, b, a = layer._project(x)
+            y = td.triton_gdn_decode_step(mixed[:, 0], z[:, 0], b[:, 0], a[:, 0], conv_weight=layer.conv_weight,
+                                          conv_state=st.conv, recurrent_state=st.recurrent, A_log=layer.A_log,
+                                          dt_bias=layer.dt_bias, norm_weight=layer.norm.weight, num_k_heads=H,
+                                          head_k_dim=K, norm_eps=layer.norm.eps, block_v=block_v)
+            out = layer.out_proj(y.reshape(B, 1, -1))
+    # bf16: the reference rounds each conv product to bf16, the kernel sums in float32 (~1 bf16 ulp on q, k, v)
+    tol_ = 1e-5 if dtype == torch.float32 else 3e-2
+    assert rel(out, out_ref) < tol_
+    assert rel(st.recurrent, st_ref.recurrent) < tol_
+    assert torch.equal(st.conv, st_ref.conv)
+
+
+def test_recurrence_only_decode_step():
+    B, H, HV, K, V = 3, 2, 4, 16, 32
+    q, k, v, g, beta, S = gdr_inputs(B, 1, H, HV, K, V, seed=7)
+    S2 = S.clone()
+    o_ref = gated_delta_rule_decode_step(q[:, 0], k[:, 0], v[:, 0], g=g[:, 0], beta=beta[:, 0], state=S, use_qk_l2norm=True)
+    o = td.triton_gated_delta_rule_decode_step(q[:, 0], k[:, 0], v[:, 0], g=g[:, 0], beta=beta[:, 0], state=S2, block_v=16)
+    assert rel(o, o_ref) < 1e-5 and rel(S2, S) < 1e-5
+
+
+def test_layer_backend_triton_matches_torch():
+    B, N, H, HV, K, V = 2, 5, 1, 2, 16, 16
+    layer = _layer(H, HV, K, V, torch.float32, seed=1)
+    st = layer.new_state(B)
+    st.recurrent.normal_()
+    st.conv.normal_()
+    layout = TokenLayout.from_parents(random_parents(B, N, "random", seed=5))
+    x = torch.randn(B, N, 48)
+    node = torch.tensor([3, 4])
+    with torch.no_grad():
+        out_t, cache_t = layer.forward_tree(x, st, layout)
+        out_k, cache_k = layer.forward_tree(x, st, layout, backend="triton")
+        assert isinstance(cache_k.gdr, tt.TritonTreeCache)
+        assert rel(out_k, out_t) < 1e-5
+        s_t, s_k = st.clone(), st.clone()
+        layer.commit_tree(s_t, cache_t, node)
+        layer.commit_tree(s_k, cache_k, node)  # a TritonTreeCache is committed by the kernels
+        assert rel(s_k.recurrent, s_t.recurrent) < 1e-5 and torch.equal(s_k.conv, s_t.conv)
+        xd = torch.randn(B, 1, 48)
+        o_t, _ = layer.forward_state(xd, s_t, mode="fused_decode")
+        o_k, _ = layer.forward_state(xd, s_k, mode="fused_decode", backend="auto")
+        assert rel(o_k, o_t) < 1e-5 and rel(s_k.recurrent, s_t.recurrent) < 1e-5
+    with pytest.raises(ValueError, match="backend"):
+        layer.forward_tree(x, st, layout, backend="cuda")
+
+
+def test_available_and_argument_errors():
+    t = torch.zeros(1)
+    assert tt.available(t) and tc.available(t) and td.available(t)  # interpreter on in this module
+    q, k, v, g, beta, S0 = gdr_inputs(1, 65, 1, 1, 16, 16)
+    mask = torch.ones(65, 65, dtype=torch.bool).tril()[None]
+    with pytest.raises(ValueError, match="1..64"):
+        tt.triton_tree_gated_delta_rule(q, k, v, g=g, beta=beta, ancestor_mask=mask, initial_state=S0)
+    with pytest.raises(ValueError, match="float32"):
+        tt.triton_tree_gated_delta_rule(q[:, :4], k[:, :4], v[:, :4], g=g[:, :4], beta=beta[:, :4],
+                                        ancestor_mask=mask[:, :4, :4], initial_state=S0.double())
