@@ -3,11 +3,17 @@
 Field names follow Hugging Face's Qwen3NextConfig where they exist, so configs map one to one. `layer_types` lists
 "linear_attention" (a Gated DeltaNet layer) or "full_attention" per layer; when it is None, every
 `full_attention_interval`-th layer is full attention (0 = none). `intermediate_size = 0` means no MLP.
+
+Sparse MoE (Qwen3-Next / Qwen3.5-MoE): with `num_experts > 0`, layer i uses a `SparseMoeBlock` (router over
+num_experts experts of width moe_intermediate_size, top num_experts_per_tok, plus a sigmoid-gated shared expert of
+width shared_expert_intermediate_size, 0 = none) iff i is not in `mlp_only_layers` and (i + 1) % decoder_sparse_step
+== 0; other layers keep the dense MLP of width intermediate_size. `rms_norm_offset` picks the decoder/final norms'
+form: True = x_hat * (1 + w) (Qwen), False = x_hat * w (flash-linear-attention models).
 """
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 LAYER_TYPES = ("linear_attention", "full_attention")
@@ -37,6 +43,14 @@ class GDNConfig:
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
     model_type: str = "gdnspec"
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
+    rms_norm_offset: bool = True
 
     def __post_init__(self):
         if self.layer_types is None:
@@ -58,6 +72,22 @@ class GDNConfig:
                              f"linear_num_key_heads ({self.linear_num_key_heads})")
         if self.intermediate_size < 0:
             raise ValueError(f"intermediate_size must be >= 0 (0 = no MLP), got {self.intermediate_size}")
+        self.mlp_only_layers = [int(i) for i in (self.mlp_only_layers or [])]
+        if self.num_experts < 0 or self.shared_expert_intermediate_size < 0:
+            raise ValueError(f"num_experts and shared_expert_intermediate_size must be >= 0, got {self.num_experts}, "
+                             f"{self.shared_expert_intermediate_size}")
+        if self.num_experts > 0:
+            if not 1 <= self.num_experts_per_tok <= self.num_experts:
+                raise ValueError(f"num_experts_per_tok must be in [1, num_experts={self.num_experts}], got {self.num_experts_per_tok}")
+            if self.moe_intermediate_size < 1:
+                raise ValueError(f"moe_intermediate_size must be >= 1 when num_experts > 0, got {self.moe_intermediate_size}")
+            if self.decoder_sparse_step < 1:
+                raise ValueError(f"decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}")
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Whether decoder layer `layer_idx` uses the sparse MoE block (Hugging Face Qwen3-Next's rule)."""
+        return (self.num_experts > 0 and layer_idx not in self.mlp_only_layers
+                and (layer_idx + 1) % self.decoder_sparse_step == 0)
 
     def to_dict(self) -> dict:
         return asdict(self)
