@@ -1,0 +1,107 @@
+"""EAGLE-style draft head for a GDN target: one GDN decoder layer over [target feature, next-token embedding].
+
+    head = EagleHead(config)          # config.hidden_size = target hidden, one "linear_attention" layer, target vocab
+    state = head.new_state(B)
+    out, state = head(hidden, token_embeds, state)          # hidden, token_embeds, out: (B, T, H); state advanced
+    logits = head.draft_logits(target, out)                 # = target.lm_head(target.norm(out))
+
+At position t the input is (f_t = the target's last-layer hidden state of token x_t, before the final norm;
+e_{t+1} = target.embed_tokens(x_{t+1})) and the output predicts f_{t+1}, whose logits give x_{t+2}. The input
+is fc(concat(norm_e(e), norm_h(f))) (EAGLE-3 style norms); the head holds no embedding or lm_head: it reuses the
+target's, so its checkpoint (model_type "gdnspec_eagle") needs the target to draft. Because the mixer is a GDN
+layer, a drafting step costs the same at any context length. Training: gdnspec/train/distill.py.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gdnspec.cache import ModelState
+from gdnspec.layers import RMSNorm
+from gdnspec.models.config import GDNConfig
+from gdnspec.models.lm import DecoderLayer
+
+
+class EagleHead(nn.Module):
+    def __init__(self, config: GDNConfig, *, dtype=None, device=None):
+        super().__init__()
+        if config.num_hidden_layers != 1 or list(config.layer_types) != ["linear_attention"]:
+            raise ValueError(f"EagleHead needs num_hidden_layers=1 and layer_types=['linear_attention'], got "
+                             f"{config.num_hidden_layers} and {config.layer_types}")
+        config.model_type = "gdnspec_eagle"
+        self.config = config
+        H = config.hidden_size
+        kw = dict(dtype=dtype, device=device)
+        self.norm_e = RMSNorm(H, config.rms_norm_eps, **kw)
+        self.norm_h = RMSNorm(H, config.rms_norm_eps, **kw)
+        self.fc = nn.Linear(2 * H, H, bias=False, **kw)
+        self.layer = DecoderLayer(config, "linear_attention", **kw)
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, nn.Linear):
+                    m.weight.normal_(0.0, config.initializer_range)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.fc.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.fc.weight.device
+
+    def new_state(self, batch_size: int) -> ModelState:
+        """Zero state: ModelState([GDNLayerState]) for the one layer."""
+        return ModelState([self.layer.linear_attn.new_state(batch_size)])
+
+    def _check(self, hidden: torch.Tensor, token_embeds: torch.Tensor) -> None:
+        for name, t in (("hidden", hidden), ("token_embeds", token_embeds)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 3 or t.shape[-1] != self.hidden_size:
+                raise ValueError(f"{name} must be a tensor (B, T, {self.hidden_size}), got {getattr(t, 'shape', type(t))}")
+        if hidden.shape[:2] != token_embeds.shape[:2]:
+            raise ValueError(f"hidden {tuple(hidden.shape)} and token_embeds {tuple(token_embeds.shape)} must share (B, T)")
+
+    def fuse(self, hidden: torch.Tensor, token_embeds: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) x 2 -> fc(concat(norm_e(e), norm_h(f))) (B, T, H)."""
+        x = torch.cat([self.norm_e(token_embeds.to(self.dtype)), self.norm_h(hidden.to(self.dtype))], dim=-1)
+        return self.fc(x)
+
+    def forward(self, hidden: torch.Tensor, token_embeds: torch.Tensor, state: ModelState | None = None, *,
+                mode: str = "auto") -> tuple[torch.Tensor, ModelState]:
+        """Predicted next features (B, T, H) (pre-norm, like the target's hidden states); `state` advanced in place."""
+        self._check(hidden, token_embeds)
+        B = hidden.shape[0]
+        if state is None:
+            state = self.new_state(B)
+        if not isinstance(state, ModelState) or len(state.layers) != 1:
+            raise TypeError(f"state must be a one-layer ModelState (see EagleHead.new_state), got {type(state).__name__}")
+        if state.batch_size != B:
+            raise ValueError(f"state holds {state.batch_size} sequences, hidden has batch size {B}")
+        out = self.layer.forward_state(self.fuse(hidden, token_embeds), state.layers[0], None, mode)
+        return out, state
+
+    def forward_train(self, hidden: torch.Tensor, token_embeds: torch.Tensor) -> torch.Tensor:
+        """Differentiable forward from a zero state (training): same values as forward(..., state=None)."""
+        from gdnspec.train.train import decoder_layer_train
+
+        self._check(hidden, token_embeds)
+        return decoder_layer_train(self.layer, self.fuse(hidden, token_embeds))
+
+    @staticmethod
+    def draft_logits(target: nn.Module, out: torch.Tensor) -> torch.Tensor:
+        """Draft logits from predicted features with the target's final norm and lm_head: (B, T, vocab)."""
+        return target.lm_head(target.norm(out.to(target.dtype)))
+
+
+def eagle_config_for(target_config: GDNConfig, *, intermediate_size: int | None = None, **overrides) -> GDNConfig:
+    """An EagleHead config matching a target: same hidden, vocab, GDN head shapes; one linear_attention layer."""
+    d = target_config.to_dict()
+    d.update(num_hidden_layers=1, layer_types=["linear_attention"], full_attention_interval=0,
+             model_type="gdnspec_eagle", tie_word_embeddings=False)
+    if intermediate_size is not None:
+        d["intermediate_size"] = intermediate_size
+    d.update(overrides)
+    return GDNConfig.from_dict(d)
