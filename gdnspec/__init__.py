@@ -6,6 +6,7 @@ Public API (see README.md):
     decoding generate_autoregressive (plain), GDNSpeculativeWorker / SpeculativeEngine (speculative)
     drafting GDNDraftWorker, ModelDrafter, NGramDrafter, DraftTree, TreeConfig; verification GDNVerifyWorker
 """
+from gdnspec.bundle import Bundle, load
 from gdnspec.cache import GDNLayerState, KVCache, ModelState
 from gdnspec.generate import generate_autoregressive
 from gdnspec.layers import GatedAttention, Qwen3GatedDeltaNet, TokenLayout
@@ -24,6 +25,8 @@ from gdnspec.spec import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Bundle",
+    "load",
     "DraftTree",
     "GDNDraftWorker",
     "GDNSpeculativeWorker",

@@ -69,28 +69,32 @@ class KVCache:
         v[:, :, :cap] = self.v
         self.k, self.v = k, v
 
-    def write_(self, k_new: torch.Tensor, v_new: torch.Tensor, counts: torch.Tensor) -> None:
-        """Append the first counts[b] entries of k_new/v_new (B, H_kv, L, D) to row b, at lengths[b]."""
+    def write_(self, k_new: torch.Tensor, v_new: torch.Tensor, counts: torch.Tensor, *, reserve: bool = True) -> None:
+        """Append the first counts[b] entries of k_new/v_new (B, H_kv, L, D) to row b, at lengths[b].
+
+        All L entries are written (positions lengths[b] .. lengths[b] + L - 1); those past counts[b] lie beyond the
+        new length and are never read. No host sync with reserve=False (CUDA graphs): the caller guarantees
+        lengths + L <= capacity.
+        """
         B, H, L, D = k_new.shape
         if L == 0:
             return
-        self.reserve(int((self.lengths + counts).max().item()))
-        offs = torch.arange(L, device=k_new.device)
-        keep = offs[None, :] < counts[:, None]  # (B, L)
-        rows = torch.arange(B, device=k_new.device)[:, None].expand(B, L)[keep]  # (M,)
-        pos = (self.lengths[:, None] + offs)[keep]  # (M,)
-        self.k[rows, :, pos] = k_new.transpose(1, 2)[keep].to(self.k.dtype)  # (M, H, D)
-        self.v[rows, :, pos] = v_new.transpose(1, 2)[keep].to(self.v.dtype)
+        if reserve:
+            self.reserve(int(self.lengths.max().item()) + L)
+        pos = (self.lengths[:, None] + torch.arange(L, device=k_new.device)).clamp(max=self.capacity - 1)  # (B, L)
+        idx = pos[:, None, :, None].expand(B, H, L, D)
+        self.k.scatter_(2, idx, k_new.to(self.k.dtype))
+        self.v.scatter_(2, idx, v_new.to(self.v.dtype))
         self.lengths += counts
 
     def select(self, rows: torch.Tensor) -> "KVCache":
         return KVCache(self.k[rows].clone(), self.v[rows].clone(), self.lengths[rows].clone())
 
     def assign_rows_(self, rows: torch.Tensor, other: "KVCache") -> None:
-        self.reserve(other.capacity)
-        cap = other.capacity
-        self.k[rows, :, :cap] = other.k.to(self.k.dtype)
-        self.v[rows, :, :cap] = other.v.to(self.v.dtype)
+        n = int(other.lengths.max()) if other.lengths.numel() else 0  # only the valid prefix moves
+        self.reserve(n)
+        self.k[rows, :, :n] = other.k[:, :, :n].to(self.k.dtype)
+        self.v[rows, :, :n] = other.v[:, :, :n].to(self.v.dtype)
         self.lengths[rows] = other.lengths
 
     def clone(self) -> "KVCache":
@@ -133,6 +137,18 @@ class ModelState:
 
     def clone(self) -> "ModelState":
         return ModelState([layer.clone() for layer in self.layers])
+
+    def copy_(self, other: "ModelState") -> None:
+        """Overwrite every row with `other` (same batch size), keeping this state's buffers (CUDA graphs)."""
+        if other.batch_size != self.batch_size:
+            raise ValueError(f"other holds {other.batch_size} rows, this state {self.batch_size}")
+        self.assign_rows_(torch.arange(self.batch_size, device=self._device()), other)
+
+    def reserve_kv(self, needed: int) -> None:
+        """Make every KV cache able to hold `needed` positions per row."""
+        for layer in self.layers:
+            if isinstance(layer, KVCache):
+                layer.reserve(needed)
 
     @staticmethod
     def cat(states: list["ModelState"]) -> "ModelState":

@@ -73,17 +73,80 @@ def prefill(model, prompts: list[torch.Tensor]):
     return state, torch.stack(logits), torch.stack(hidden)
 
 
+_DECODERS: "weakref.WeakKeyDictionary" = None  # model -> {(bucket, max_len): StaticDecoder}
+
+
+def _static_decoder(model, batch_size: int, max_len: int):
+    global _DECODERS
+    import weakref
+
+    from gdnspec.runtime import StaticDecoder
+
+    if _DECODERS is None:
+        _DECODERS = weakref.WeakKeyDictionary()
+    per_model = _DECODERS.setdefault(model, {})
+    key = (batch_size, max_len)
+    if key not in per_model:
+        per_model[key] = StaticDecoder(model, batch_size=batch_size, max_len=max_len)
+    return per_model[key]
+
+
+def _decode_static(model, prompts, new_tokens, max_new_tokens, eos_token_id, sample) -> None:
+    """Plain decoding with a fixed-shape decode step (a CUDA graph on the GPU). All live rows emit one token per
+    step, so the budget ends them together; eos (checked with one small sync per token, only when eos_token_id is
+    set) moves the remaining rows into the smallest batch bucket that holds them."""
+    from gdnspec.runtime import batch_bucket
+
+    state, logits, _ = prefill(model, prompts)
+    nxt = sample(logits)  # (n,) emitted, not yet consumed by the model
+    active = list(range(len(prompts)))
+    max_len = -(-(max(p.numel() for p in prompts) + max_new_tokens + 1) // 256) * 256
+    produced = 1  # tokens emitted so far by every live row (nxt included)
+    pending = [nxt]  # emitted tokens not yet written to new_tokens, each (n,)
+
+    def finished_now(tok: torch.Tensor) -> bool:
+        return produced >= max_new_tokens or (eos_token_id is not None and bool((tok == eos_token_id).any()))
+
+    while True:
+        n = len(active)
+        dec = _static_decoder(model, batch_bucket(n), max_len)
+        dec.load(state)
+        while not finished_now(nxt):
+            logits = dec.step(torch.nn.functional.pad(nxt, (0, dec.batch_size - n)))[:n]
+            nxt = sample(logits)
+            pending.append(nxt)
+            produced += 1
+        keep = []
+        for r, (seq, row) in enumerate(zip(active, torch.stack(pending, 1).tolist())):
+            new_tokens[seq].extend(row)
+            if produced < max_new_tokens and not (eos_token_id is not None and row[-1] == eos_token_id):
+                keep.append(r)
+        if not keep:
+            return
+        state, nxt, active = dec.state.select(keep), nxt[keep], [active[r] for r in keep]
+        pending = []
+
+
 @torch.inference_mode()
 def generate_autoregressive(model, input_ids, max_new_tokens: int, temperature: float = 0.0,
                             eos_token_id: int | None = None, top_k: int | None = None, top_p: float | None = None,
-                            generator: torch.Generator | None = None):
-    """Plain decoding, one target forward per new token. See the module docstring."""
+                            generator: torch.Generator | None = None, static: bool | None = None):
+    """Plain decoding, one target forward per new token. See the module docstring.
+
+    static=None: on CUDA the decode step is a fixed-shape step replayed from a CUDA graph (gdnspec.runtime).
+    """
     check_generation_args(max_new_tokens, eos_token_id)
     check_sampling_args(temperature, top_k, top_p)
     prompts, as_tensor = normalize_prompts(input_ids, vocab_size=model.vocab_size)
     device = model.device
     new_tokens: list[list[int]] = [[] for _ in prompts]
-    if max_new_tokens > 0:
+    static = model.device.type == "cuda" if static is None else static
+    if static and max_new_tokens > 0:
+        def sample(lg):
+            return sample_next(lg, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+
+        _decode_static(model, prompts, new_tokens, max_new_tokens, eos_token_id, sample)
+    elif max_new_tokens > 0:
         state, logits, _ = prefill(model, prompts)
         active = list(range(len(prompts)))  # sequence index of each state row
         while active:

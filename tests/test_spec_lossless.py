@@ -100,3 +100,96 @@ def test_session_add_and_drop_between_steps(models):
     assert torch.equal(session.sequence(b[0]), ref[2])
     dropped = session.sequence(a[0])
     assert torch.equal(dropped, ref[0][: dropped.numel()])  # a prefix of its greedy output
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+@pytest.mark.parametrize("drafter_kind", ["model", "ngram"])
+def test_static_runner_matches_plain_greedy(models, hybrid, drafter_kind):
+    """The sync-free static step (what CUDA graphs replay on the GPU), run eagerly on the CPU, is lossless too,
+    including rows finishing at different times (eos) and the move to a smaller batch bucket."""
+    from gdnspec import ModelDrafter
+
+    target, draft = models[hybrid]
+    prompts = prompts_of([4, 9, 6], target.vocab_size, seed=31)
+    free = generate_autoregressive(target, prompts, 18)
+    eos = int(free[0][4 + 3])
+    ref = generate_autoregressive(target, prompts, 18, eos_token_id=eos)
+    drafter = ModelDrafter(draft) if drafter_kind == "model" else NGramDrafter(max_ngram=2)
+    eng = SpeculativeEngine(target, drafter, TreeConfig(topk=3, num_steps=3, num_draft_tokens=9), static=True)
+    out = eng.generate(prompts, 18, eos_token_id=eos)
+    for a, b in zip(out, ref):
+        assert torch.equal(a, b)
+    assert len(eng._runners) >= 2  # started in a bucket of 4, moved to a smaller one when row 0 stopped
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_static_plain_decoding_matches_eager(models, hybrid):
+    target, _ = models[hybrid]
+    prompts = prompts_of([4, 9, 6], target.vocab_size, seed=41)
+    free = generate_autoregressive(target, prompts, 14, static=False)
+    eos = int(free[2][6 + 5])
+    for eos_id in (None, eos):
+        ref = generate_autoregressive(target, prompts, 14, eos_token_id=eos_id, static=False)
+        out = generate_autoregressive(target, prompts, 14, eos_token_id=eos_id, static=True)
+        assert all(torch.equal(a, b) for a, b in zip(out, ref))
+
+
+@pytest.mark.parametrize("error_rate", [0.0, 0.3])
+def test_oracle_drafter(models, error_rate):
+    from gdnspec.spec.drafters import OracleDrafter
+
+    target, _ = models[True]
+    prompts = prompts_of([5, 8], target.vocab_size, seed=51)
+    ref = generate_autoregressive(target, prompts, 20)
+    eng = SpeculativeEngine(target, OracleDrafter(ref, error_rate=error_rate, vocab_size=target.vocab_size),
+                            TreeConfig(builder="chain", num_steps=4))
+    out = eng.generate(prompts, 20)
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))
+    mean = eng.stats.as_dict()["mean_accept_length"]
+    if error_rate == 0:
+        assert mean > 4.0  # every step accepts the whole chain (the last step may be cut by the budget)
+    else:
+        assert 1.0 < mean < 4.5
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+@pytest.mark.parametrize("static", [False, True])
+def test_eagle_drafter_lossless(models, hybrid, static):
+    from gdnspec.models.eagle import EagleHead, eagle_config_for
+    from gdnspec.spec.drafters import EagleDrafter
+
+    target, _ = models[hybrid]
+    torch.manual_seed(5)
+    head = EagleHead(eagle_config_for(target.config, intermediate_size=32), dtype=torch.float64).eval()
+    prompts = prompts_of([6, 3, 9], target.vocab_size, seed=61)
+    ref = generate_autoregressive(target, prompts, 16)
+    eng = SpeculativeEngine(target, EagleDrafter(head, target), TreeConfig(topk=3, num_steps=3, num_draft_tokens=10),
+                            static=static)
+    out = eng.generate(prompts, 16)
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))
+
+
+def test_eagle_drafter_state_follows_target_features(models):
+    """After prefill + steps, the head state equals running the head over all (feature, next token) pairs at once."""
+    from gdnspec.models.eagle import EagleHead, eagle_config_for
+    from gdnspec.spec.drafters import EagleDrafter
+
+    target, draft = models[False]
+    torch.manual_seed(6)
+    head = EagleHead(eagle_config_for(target.config, intermediate_size=32), dtype=torch.float64).eval()
+    drafter = EagleDrafter(head, target)
+    prompt = prompts_of([7], target.vocab_size, seed=71)[0]
+    eng = SpeculativeEngine(target, drafter, TreeConfig(topk=2, num_steps=3))
+    session = eng.session()
+    (sid,) = session.add([prompt], max_new_tokens=40)
+    for _ in range(4):
+        session.step()
+    seq = session.sequence(sid)
+    committed = seq[:-1]  # the last token (the next root) is not consumed yet
+    feats = target(committed[None]).hidden_states  # (1, T, H)
+    ref_state = head.new_state(1)
+    head(feats[:, :-1], target.embed_tokens(committed[None, 1:]), ref_state)
+    got = session.draft_state
+    torch.testing.assert_close(got.head_state.layers[0].recurrent, ref_state.layers[0].recurrent, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(got.head_state.layers[0].conv, ref_state.layers[0].conv, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(got.last_feature, feats[:, -1], rtol=1e-9, atol=1e-10)

@@ -104,17 +104,20 @@ class GatedAttention(nn.Module):
         attn = attn.transpose(1, 2).reshape(B, T, H * D)
         return self.o_proj(attn * torch.sigmoid(gate)), (k, v)
 
-    def forward_state(self, hidden_states: torch.Tensor, cache: KVCache, layout: TokenLayout) -> torch.Tensor:
-        """Causal step: attend, then append all T new keys/values to the cache (in place)."""
+    def forward_state(self, hidden_states: torch.Tensor, cache: KVCache, layout: TokenLayout, *, reserve: bool = True
+                      ) -> torch.Tensor:
+        """Causal step: attend, then append all T new keys/values to the cache (in place). reserve=False: no host
+        sync; the cache must have room (CUDA graphs)."""
         out, (k, v) = self.forward_layout(hidden_states, cache, layout)
         T = hidden_states.shape[1]
-        cache.write_(k, v, torch.full_like(cache.lengths, T))
+        cache.write_(k, v, torch.full_like(cache.lengths, T), reserve=reserve)
         return out
 
     @staticmethod
-    def commit(cache: KVCache, kv_new: tuple[torch.Tensor, torch.Tensor], path: torch.Tensor, counts: torch.Tensor) -> None:
+    def commit(cache: KVCache, kv_new: tuple[torch.Tensor, torch.Tensor], path: torch.Tensor, counts: torch.Tensor, *,
+               reserve: bool = True) -> None:
         """Append the keys/values of tree nodes path[b, :counts[b]] (B, L) long to row b, consecutive positions."""
         k, v = kv_new
         B, Hkv, _, D = k.shape
         idx = path.clamp(min=0)[:, None, :, None].expand(B, Hkv, path.shape[1], D)
-        cache.write_(k.gather(2, idx), v.gather(2, idx), counts)
+        cache.write_(k.gather(2, idx), v.gather(2, idx), counts, reserve=reserve)

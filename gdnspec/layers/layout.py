@@ -26,18 +26,19 @@ class TokenLayout:
         return TokenLayout(parents=parents, ancestor_mask=mask, depth=idx.expand(batch_size, num_tokens), is_chain=True)
 
     @staticmethod
-    def from_parents(parents: torch.Tensor) -> "TokenLayout":
-        """Build the mask and depths of a tree given parents (B, N) in topological order (checked)."""
+    def from_parents(parents: torch.Tensor, *, validate: bool = True) -> "TokenLayout":
+        """Build the mask and depths of a tree given parents (B, N) in topological order (checked unless
+        validate=False, which makes the call free of host syncs for CUDA graphs)."""
         if parents.dim() != 2 or parents.dtype != torch.long:
             raise ValueError(f"parents must be a long tensor (B, N), got {parents.dtype} {tuple(parents.shape)}")
         B, N = parents.shape
         idx = torch.arange(N, device=parents.device)
-        if bool(((parents >= idx) | (parents < -1)).any()):
+        if validate and bool(((parents >= idx) | (parents < -1)).any()):
             raise ValueError("parents must be in topological order: -1 <= parents[b, i] < i for every node")
         mask = torch.zeros(B, N, N, dtype=torch.bool, device=parents.device)
         depth = torch.zeros(B, N, dtype=torch.long, device=parents.device)
         rows = torch.arange(B, device=parents.device)
-        mask[:, idx, idx] = True
+        mask.diagonal(dim1=1, dim2=2).fill_(True)  # (no host tensor: CUDA-graph safe)
         for i in range(1, N):  # parents precede children, so row parent(i) is final when i is reached
             p = parents[:, i]
             has = p >= 0

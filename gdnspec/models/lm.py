@@ -7,7 +7,8 @@
     tree = model.forward_tree(ids, state=state, layout=layout)   # verify a draft tree; reads state only
     model.commit_tree(state, tree, path=path, counts=counts)    # move state to the end of the accepted path
 
-The given state is advanced in place by `forward` (a new one is made when None). Norms use (1 + weight).
+The given state is advanced in place by `forward` (a new one is made when None). Norms use (1 + weight) (plain
+weight when config.rms_norm_offset is False). Layers marked by the config use the sparse MoE block (models/moe.py).
 """
 from __future__ import annotations
 
@@ -17,15 +18,23 @@ from torch import nn
 from gdnspec.cache import GDNLayerState, KVCache, ModelState
 from gdnspec.layers import GatedAttention, Qwen3GatedDeltaNet, RMSNorm, SwiGLUMLP, TokenLayout
 from gdnspec.models.config import GDNConfig
+from gdnspec.models.moe import SparseMoeBlock
 from gdnspec.models.outputs import CausalLMOutput, TreeVerifyOutput
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: GDNConfig, layer_type: str, *, dtype=None, device=None):
+    """One pre-norm block. The MLP is the sparse MoE block when `moe` is True (None: config.is_moe_layer(layer_idx),
+    dense when layer_idx is None too), else the dense SwiGLU MLP (none when intermediate_size is 0)."""
+
+    def __init__(self, config: GDNConfig, layer_type: str, *, layer_idx: int | None = None, moe: bool | None = None,
+                 dtype=None, device=None):
         super().__init__()
         kw = dict(dtype=dtype, device=device)
         self.layer_type = layer_type
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+        if moe is None:
+            moe = layer_idx is not None and config.is_moe_layer(layer_idx)
+        offset = config.rms_norm_offset
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, offset=offset, **kw)
         if layer_type == "linear_attention":
             self.linear_attn = Qwen3GatedDeltaNet(
                 config.hidden_size, config.linear_num_key_heads, config.linear_num_value_heads,
@@ -36,8 +45,14 @@ class DecoderLayer(nn.Module):
                 config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim,
                 partial_rotary_factor=config.partial_rotary_factor, rope_theta=config.rope_theta,
                 norm_eps=config.rms_norm_eps, attention_bias=config.attention_bias, **kw)
-        if config.intermediate_size > 0:
-            self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+        if moe:
+            self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, offset=offset, **kw)
+            self.mlp = SparseMoeBlock(config.hidden_size, config.num_experts, config.num_experts_per_tok,
+                                      config.moe_intermediate_size,
+                                      shared_expert_intermediate_size=config.shared_expert_intermediate_size,
+                                      norm_topk_prob=config.norm_topk_prob, **kw)
+        elif config.intermediate_size > 0:
+            self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, offset=offset, **kw)
             self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size, **kw)
         else:
             self.mlp = None
@@ -49,18 +64,20 @@ class DecoderLayer(nn.Module):
     def _mlp(self, h: torch.Tensor) -> torch.Tensor:
         return h if self.mlp is None else h + self.mlp(self.post_attention_layernorm(h))
 
-    def forward_state(self, h, state, layout: TokenLayout, mode: str):
+    def forward_state(self, h, state, layout: TokenLayout, mode: str, reserve_kv: bool = True, backend: str = "torch"):
         x = self.input_layernorm(h)
         if self.layer_type == "linear_attention":
-            y, _ = self.linear_attn.forward_state(x, state, mode=mode)
+            y, _ = self.linear_attn.forward_state(x, state, mode=mode, backend=backend)
         else:
-            y = self.self_attn.forward_state(x, state, layout)
+            y = self.self_attn.forward_state(x, state, layout, reserve=reserve_kv)
         return self._mlp(h + y)
 
-    def forward_tree(self, h, state, layout: TokenLayout):
+    def forward_tree(self, h, state, layout: TokenLayout, backend: str = "torch"):
         x = self.input_layernorm(h)
-        mixer = self.linear_attn.forward_tree if self.layer_type == "linear_attention" else self.self_attn.forward_layout
-        y, cache = mixer(x, state, layout)
+        if self.layer_type == "linear_attention":
+            y, cache = self.linear_attn.forward_tree(x, state, layout, backend=backend)
+        else:
+            y, cache = self.self_attn.forward_layout(x, state, layout)
         return self._mlp(h + y), cache
 
 
@@ -70,12 +87,22 @@ class GDNForCausalLM(nn.Module):
         self.config = config
         kw = dict(dtype=dtype, device=device)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, **kw)
-        self.layers = nn.ModuleList([DecoderLayer(config, t, **kw) for t in config.layer_types])
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+        self.layers = nn.ModuleList([DecoderLayer(config, t, layer_idx=i, **kw) for i, t in enumerate(config.layer_types)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, offset=config.rms_norm_offset, **kw)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, **kw)
         self._init_weights()
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        # GDN kernels: "auto" = the Triton kernels on CUDA tensors (fused decode step, tree verify, commit), torch
+        # elsewhere; "torch" or "triton" force one (gdnspec.layers.gated_deltanet.BACKENDS).
+        self.gdn_backend = "auto"
+
+    def _backend(self, tensor: torch.Tensor) -> str:
+        if self.gdn_backend == "auto":
+            from gdnspec.ops.gated_delta_rule.triton_tree import HAS_TRITON
+
+            return "triton" if tensor.is_cuda and HAS_TRITON else "torch"
+        return self.gdn_backend
 
     def _init_weights(self) -> None:
         std = self.config.initializer_range
@@ -137,46 +164,55 @@ class GDNForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------ forwards
     def forward(self, input_ids: torch.Tensor, state: ModelState | None = None, *, mode: str = "auto",
-                logits_to_keep: int = 0) -> CausalLMOutput:
+                logits_to_keep: int = 0, validate: bool = True, reserve_kv: bool = True) -> CausalLMOutput:
         """Causal forward of T tokens per row after `state` (advanced in place; created when None).
 
         mode picks the GDN algorithm ("auto", "chunk", "recurrent", "fused_decode"); logits_to_keep = k > 0
-        computes logits for the last k positions only.
+        computes logits for the last k positions only. validate=False skips the input checks and reserve_kv=False
+        the KV capacity check (both sync with the device; CUDA graph capture needs them off).
         """
-        self._check_ids(input_ids)
+        if validate:
+            self._check_ids(input_ids)  # before unpacking the shape, so a 1-D input gets the clear error
         B, T = input_ids.shape
         if state is None:
             state = self.new_state(B)
-        self._check_state(state, B)
+        if validate:
+            self._check_state(state, B)
         layout = TokenLayout.chain(B, T, device=input_ids.device)
         h = self.embed_tokens(input_ids)
+        backend = self._backend(h)
         for layer, s in zip(self.layers, state.layers):
-            h = layer.forward_state(h, s, layout, mode)
+            h = layer.forward_state(h, s, layout, mode, reserve_kv, backend)
         return CausalLMOutput(logits=self._logits(h, logits_to_keep), hidden_states=h, state=state)
 
-    def forward_tree(self, input_ids: torch.Tensor, *, state: ModelState, layout: TokenLayout) -> TreeVerifyOutput:
+    def forward_tree(self, input_ids: torch.Tensor, *, state: ModelState, layout: TokenLayout, validate: bool = True
+                     ) -> TreeVerifyOutput:
         """Verify N tree nodes per row in one pass; node i sees the committed state and its ancestors only.
 
         input_ids (B, N); layout from the draft tree. `state` is only read; see `commit_tree`.
         """
-        self._check_ids(input_ids)
+        if validate:
+            self._check_ids(input_ids)  # before unpacking the shape, so a 1-D input gets the clear error
         B, N = input_ids.shape
-        self._check_state(state, B)
+        if validate:
+            self._check_state(state, B)
         if tuple(layout.ancestor_mask.shape) != (B, N, N):
             raise ValueError(f"layout is for {tuple(layout.ancestor_mask.shape[:2])} nodes, input_ids is {(B, N)}")
         h = self.embed_tokens(input_ids)
         caches = []
+        backend = self._backend(h)
         for layer, s in zip(self.layers, state.layers):
-            h, cache = layer.forward_tree(h, s, layout)
+            h, cache = layer.forward_tree(h, s, layout, backend)
             caches.append(cache)
         return TreeVerifyOutput(logits=self._logits(h, 0), hidden_states=h, layer_caches=caches)
 
     def commit_tree(self, state: ModelState, verify: TreeVerifyOutput, *, path: torch.Tensor, counts: torch.Tensor,
-                    rows: torch.Tensor | None = None) -> None:
+                    rows: torch.Tensor | None = None, reserve: bool = True) -> None:
         """Advance `state` over the accepted nodes path[b, :counts[b]] (B, L) of each row (node 0 = the root first).
 
         Rows with counts 0 are left unchanged. `rows` (optional) restricts the commit to those state rows, with
-        `verify`, `path` and `counts` given for those rows only.
+        `verify`, `path` and `counts` given for those rows only. reserve=False: no host sync (CUDA graphs); the KV
+        caches must already have room for path.shape[1] more positions.
         """
         if rows is not None:
             sub = state.select(rows)
@@ -187,12 +223,9 @@ class GDNForCausalLM(nn.Module):
         moved = counts > 0
         for layer, s, cache in zip(self.layers, state.layers, verify.layer_caches):
             if layer.layer_type == "linear_attention":
-                if bool(moved.all()):
-                    layer.linear_attn.commit_tree(s, cache, last)
-                else:
-                    old = s.clone()
-                    layer.linear_attn.commit_tree(s, cache, last)
-                    s.recurrent[~moved] = old.recurrent[~moved]
-                    s.conv[~moved] = old.conv[~moved]
+                old = s.clone()  # rows with nothing accepted keep their state (no host sync to find them)
+                layer.linear_attn.commit_tree(s, cache, last, backend=self._backend(s.recurrent))
+                s.recurrent.copy_(torch.where(moved[:, None, None, None], s.recurrent, old.recurrent))
+                s.conv.copy_(torch.where(moved[:, None, None], s.conv, old.conv))
             else:
-                layer.self_attn.commit(s, cache, path, counts)
+                layer.self_attn.commit(s, cache, path, counts, reserve=reserve)

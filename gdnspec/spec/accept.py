@@ -43,13 +43,15 @@ class Acceptance:
         return [row[1:c] + [b] for row, c, b in zip(toks, counts, bonus)]
 
 
-def path_to_node(layout: TokenLayout, node: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ancestors of `node` (B,) ordered root first: (path (B, L) padded with the node itself, counts (B,))."""
+def path_to_node(layout: TokenLayout, node: torch.Tensor, *, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ancestors of `node` (B,) ordered root first: (path (B, L) padded with the node itself, counts (B,)).
+
+    L = the longest path, or `width` when given (no host sync: CUDA graphs)."""
     B, N, _ = layout.ancestor_mask.shape
     rows = torch.arange(B, device=node.device)
     on_path = layout.ancestor_mask[rows, node]  # (B, N)
     counts = on_path.sum(-1)
-    L = int(counts.max())
+    L = int(counts.max()) if width is None else width
     idx = torch.arange(N, device=node.device).expand(B, N)
     keyed = torch.where(on_path, idx, N + idx)  # path nodes first, in topological (= depth) order
     path = keyed.sort(dim=-1).values[:, :L]
@@ -57,8 +59,8 @@ def path_to_node(layout: TokenLayout, node: torch.Tensor) -> tuple[torch.Tensor,
     return path, counts
 
 
-def accept_greedy(tree: DraftTree, logits: torch.Tensor, layout: TokenLayout) -> Acceptance:
-    """logits (B, N, vocab) of the target at every node."""
+def accept_greedy(tree: DraftTree, logits: torch.Tensor, layout: TokenLayout, *, width: int | None = None) -> Acceptance:
+    """logits (B, N, vocab) of the target at every node. width: fixed path width (see path_to_node)."""
     B, N = tree.tokens.shape
     target = logits.argmax(-1)  # (B, N)
     parent = tree.parents.clamp(min=0)
@@ -67,7 +69,7 @@ def accept_greedy(tree: DraftTree, logits: torch.Tensor, layout: TokenLayout) ->
     mismatch_on_path = (layout.ancestor_mask & ~match[:, None, :]).any(-1)  # (B, N)
     accepted = ~mismatch_on_path
     deepest = torch.where(accepted, layout.depth, -1).argmax(-1)  # (B,)
-    path, counts = path_to_node(layout, deepest)
+    path, counts = path_to_node(layout, deepest, width=width)
     bonus = target.gather(1, deepest[:, None]).squeeze(1)
     return Acceptance(path=path, counts=counts, bonus=bonus)
 

@@ -60,7 +60,8 @@ def trim_tree(tree: DraftTree) -> DraftTree:
 
 class SpeculativeEngine:
     def __init__(self, target, drafter, config: TreeConfig, *, temperature: float = 0.0, top_k: int | None = None,
-                 top_p: float | None = None, generator: torch.Generator | None = None, trim_trees: bool = True):
+                 top_p: float | None = None, generator: torch.Generator | None = None, trim_trees: bool = True,
+                 static: bool | None = None):
         check_sampling_args(temperature, top_k, top_p)
         dv = getattr(drafter, "vocab_size", None)
         if dv is not None and dv != target.vocab_size:
@@ -69,6 +70,11 @@ class SpeculativeEngine:
         self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
         self.trim_trees = trim_trees
         self.stats = SpecStats()
+        # static=None: fixed-shape steps replayed from CUDA graphs (gdnspec.runtime) on CUDA for greedy decoding
+        self.static = (target.device.type == "cuda" and temperature == 0) if static is None else static
+        if self.static and temperature != 0:
+            raise ValueError("static (CUDA graph) speculative steps support greedy decoding only (temperature=0)")
+        self._runners: dict = {}
 
     def session(self) -> "SpecSession":
         return SpecSession(self)
@@ -78,9 +84,21 @@ class SpeculativeEngine:
         prompts, as_tensor = normalize_prompts(input_ids, vocab_size=self.target.vocab_size)
         session = self.session()
         ids = session.add(prompts, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
+        if self.static:
+            longest = max(p.numel() for p in prompts)
+            session.run_static(max_len=-(-(longest + max_new_tokens + 1) // 256) * 256)
         while session.active:
             session.step()
         return pack_outputs([session.sequence(i) for i in ids], as_tensor, eos_token_id)
+
+    def runner(self, batch_size: int, max_len: int):
+        """The cached static runner for (batch bucket, max_len) (captured in a CUDA graph on first use on CUDA)."""
+        from gdnspec.runtime import StaticSpecRunner
+
+        key = (batch_size, max_len)
+        if key not in self._runners:
+            self._runners[key] = StaticSpecRunner(self.target, self.drafter, self.config, batch_size=batch_size, max_len=max_len)
+        return self._runners[key]
 
     # ------------------------------------------------------------------ the stages of one step
     def accept(self, tree: DraftTree, logits: torch.Tensor, layout) -> Acceptance:
@@ -178,6 +196,48 @@ class SpecSession:
         self.draft_state = self.draft_state.select(keep)
         self.verified = self.verified[keep]
 
+    def _emit(self, rows_tokens: list[list[int]], drafted: list[int], accepted: list[int]) -> dict[int, list[int]]:
+        new, emitted_counts = {}, []
+        for seq_id, toks in zip(self.rows, rows_tokens):
+            new[seq_id] = self.sequences[seq_id].emit(toks)
+            emitted_counts.append(len(new[seq_id]))  # after eos / budget truncation
+        self.engine.stats.record(drafted=drafted, accepted=accepted, emitted=emitted_counts)
+        return new
+
+    @torch.inference_mode()
+    def run_static(self, *, max_len: int) -> None:
+        """Decode every active sequence to the end with static, graph-replayed steps (greedy). Rows that finish are
+        moved out, and the rest continue in the smallest batch bucket that holds them."""
+        from gdnspec.runtime import batch_bucket
+
+        eng = self.engine
+        while self.rows:
+            n = len(self.rows)
+            runner = eng.runner(batch_bucket(n), max_len)
+            runner.load(self.target_state, self.draft_state, self.verified)
+            while True:
+                tree = None
+                if not runner.in_graph_drafter:
+                    tree = eng.drafter.propose(self.draft_state, self.verified, eng.config)
+                path_tokens, counts, bonus, hidden, drafted = runner.step(tree)
+                pt, cn, bo, dr = (t[:n].cpu() for t in (path_tokens, counts, bonus, drafted))  # the one sync per step
+                rows_tokens = [row[1:c] + [b] for row, c, b in zip(pt.tolist(), cn.tolist(), bo.tolist())]
+                self.verified = bonus[:n].clone()
+                if not runner.in_graph_drafter:
+                    eng.drafter.advance(self.draft_state, tokens=path_tokens[:n], counts=counts[:n],
+                                        target_hidden=None if hidden is None else hidden[:n])
+                self._emit(rows_tokens, dr.tolist(), (cn - 1).tolist())
+                keep = [r for r, i in enumerate(self.rows) if not self.sequences[i].done]
+                if len(keep) < n:
+                    break
+            self.rows = [self.rows[r] for r in keep]
+            if not keep:
+                self.target_state = self.draft_state = self.verified = None
+                return
+            self.target_state = runner.target_state.select(keep)
+            self.draft_state = runner.draft_state.select(keep) if runner.in_graph_drafter else self.draft_state.select(keep)
+            self.verified = self.verified[keep]
+
     @torch.inference_mode()
     def step(self) -> dict[int, list[int]]:
         """One draft -> verify -> accept -> commit step for every active sequence; returns the new tokens per sequence."""
@@ -199,14 +259,7 @@ class SpecSession:
             H = ver.hidden_states.shape[-1]
             hidden = ver.hidden_states.gather(1, acc.path[..., None].expand(*acc.path.shape, H))
         drafter.advance(self.draft_state, tokens=path_tokens, counts=acc.counts, target_hidden=hidden)
-        new = {}
-        drafted = tree.num_drafted().tolist()
-        accepted = (acc.counts - 1).tolist()
-        emitted_counts = []
-        for seq_id, toks in zip(self.rows, acc.emitted(tree)):
-            new[seq_id] = self.sequences[seq_id].emit(toks)
-            emitted_counts.append(len(new[seq_id]))  # after eos / budget truncation
-        eng.stats.record(drafted=drafted, accepted=accepted, emitted=emitted_counts)
+        new = self._emit(acc.emitted(tree), tree.num_drafted().tolist(), (acc.counts - 1).tolist())
         self.verified = acc.bonus
         self._compact()
         return new

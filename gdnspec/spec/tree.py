@@ -135,13 +135,14 @@ class DraftTree:
 ExpandFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
-def build_tree(root_tokens: torch.Tensor, expand: ExpandFn, config: TreeConfig) -> tuple[DraftTree, torch.Tensor]:
+def build_tree(root_tokens: torch.Tensor, expand: ExpandFn, config: TreeConfig, *, sync_free: bool = False
+               ) -> tuple[DraftTree, torch.Tensor]:
     """Grow a draft tree from root_tokens (B,) with a draft model.
 
     expand(frontier_tokens (B, F), parent_slot (B, F) or None) -> draft log-probs (B, F, vocab) for the children of the
     frontier nodes; parent_slot[b, f] is the index, in the previous call's frontier, of node f's parent (None on the
     first call, whose frontier is the root). The drafter keeps whatever per-node state it needs and gathers it by
-    parent_slot. Returns (tree, selected pool indices (B, N-1) of the kept nodes, for the seed's top_scores_index).
+    parent_slot. sync_free=True never reads device values on the host (no early stop): CUDA graphs. Returns (tree, selected pool indices (B, N-1) of the kept nodes, for the seed's top_scores_index).
     """
     B = root_tokens.shape[0]
     device = root_tokens.device
@@ -186,7 +187,7 @@ def build_tree(root_tokens: torch.Tensor, expand: ExpandFn, config: TreeConfig) 
         parent_slot = cand_slot.reshape(B, F * k).gather(1, sel)
         frontier_pool = sel + layer_base
         frontier_scores = sel_scores
-        if bool(torch.isinf(frontier_scores).all()):
+        if not sync_free and bool(torch.isinf(frontier_scores).all()):
             break
     tokens = torch.cat(pool_tokens, 1)
     parents = torch.cat(pool_parents, 1)
@@ -214,10 +215,8 @@ def _select_best(tokens, parents, scores, N) -> tuple[DraftTree, torch.Tensor]:
     node_of_pool[:, 0] = 0
     node_of_pool.scatter_(1, order, torch.arange(1, n_keep + 1, device=device).expand(B, n_keep))
     kept_parents = node_of_pool.gather(1, parents.gather(1, order))
-    # padding nodes (invalid) hang off the root
+    # padding nodes (invalid) hang off the root; a valid node's parent is always kept (see docstring)
     kept_parents = torch.where(valid, kept_parents, torch.zeros_like(kept_parents))
-    if bool((kept_parents < 0).any()):
-        raise RuntimeError("internal error: a kept draft node lost its parent")
     kept_tokens = torch.where(valid, tokens.gather(1, order), torch.zeros_like(order))
     tree = DraftTree(
         tokens=torch.cat([tokens[:, :1], kept_tokens], 1),

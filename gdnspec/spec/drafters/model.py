@@ -26,6 +26,12 @@ class ModelDraftState:
     def cat(states: list["ModelDraftState"]) -> "ModelDraftState":
         return ModelDraftState(ModelState.cat([s.model_state for s in states]))
 
+    def clone(self) -> "ModelDraftState":
+        return ModelDraftState(self.model_state.clone())
+
+    def copy_(self, other: "ModelDraftState") -> None:
+        self.model_state.copy_(other.model_state)
+
 
 def prefill_rows(model, prompts: list[torch.Tensor]) -> ModelState:
     """State of `model` after each prompt (rows in order; prompts of different lengths run one by one)."""
@@ -38,27 +44,26 @@ def prefill_rows(model, prompts: list[torch.Tensor]) -> ModelState:
     return state
 
 
-def advance_rows(model, state: ModelState, tokens: torch.Tensor, counts: torch.Tensor) -> None:
-    """Run tokens[b, :counts[b]] of each row through `model` from `state` (in place). Rows are grouped by count so
-    each group is one causal multi-token step."""
-    counts_list = counts.tolist()
-    if len(set(counts_list)) == 1:
-        if counts_list[0] > 0:
-            model(tokens[:, : counts_list[0]].to(model.device), state, logits_to_keep=1)
-        return
-    for c in sorted(set(counts_list)):
-        if c == 0:
-            continue
-        rows = [i for i, n in enumerate(counts_list) if n == c]
-        sub = state.select(rows)
-        model(tokens[rows, :c].to(model.device), sub, logits_to_keep=1)
-        state.assign_rows_(rows, sub)
+def advance_rows(model, state: ModelState, tokens: torch.Tensor, counts: torch.Tensor, *, sync_free: bool = False) -> None:
+    """Run tokens[b, :counts[b]] (B, L) of each row through `model` from `state` (in place), all rows in one pass:
+    the L tokens form a chain, verified like a draft tree, and each row commits the state after its counts[b]-th
+    token. sync_free=True: no host syncs (KV room must exist; CUDA graphs)."""
+    B, L = tokens.shape
+    device = model.device
+    from gdnspec.layers.layout import TokenLayout
+
+    layout = TokenLayout.chain(B, L, device=device)
+    ver = model.forward_tree(tokens.to(device), state=state, layout=layout, validate=not sync_free)
+    path = torch.arange(L, device=device).expand(B, L)
+    model.commit_tree(state, ver, path=path, counts=counts.to(device), reserve=not sync_free)
 
 
 class ModelDrafter:
     """Drafts with a small causal LM sharing the target's vocabulary."""
 
     needs_target_hidden = False
+
+    supports_cuda_graph = True
 
     def __init__(self, model):
         self.model = model
@@ -71,12 +76,21 @@ class ModelDrafter:
     def begin(self, prompts: list[torch.Tensor], *, target_hidden=None) -> ModelDraftState:
         return ModelDraftState(prefill_rows(self.model, prompts))
 
-    @torch.inference_mode()
-    def propose(self, state: ModelDraftState, root_tokens: torch.Tensor, config: TreeConfig) -> DraftTree:
-        return self.propose_with_index(state, root_tokens, config)[0]
+    def new_static_state(self, batch_size: int, *, kv_capacity: int) -> ModelDraftState:
+        """Preallocated state for static runners (gdnspec.runtime)."""
+        return ModelDraftState(self.model.new_state(batch_size, kv_capacity=kv_capacity))
+
+    def load_static_rows_(self, static: ModelDraftState, rows: list[int], state: ModelDraftState) -> None:
+        static.model_state.assign_rows_(rows, state.model_state)
 
     @torch.inference_mode()
-    def propose_with_index(self, state: ModelDraftState, root_tokens: torch.Tensor, config: TreeConfig):
+    def propose(self, state: ModelDraftState, root_tokens: torch.Tensor, config: TreeConfig, *, sync_free: bool = False
+                ) -> DraftTree:
+        return self.propose_with_index(state, root_tokens, config, sync_free=sync_free)[0]
+
+    @torch.inference_mode()
+    def propose_with_index(self, state: ModelDraftState, root_tokens: torch.Tensor, config: TreeConfig, *,
+                           sync_free: bool = False):
         model = self.model
         B = root_tokens.shape[0]
         frontier_state = {"state": state.model_state.clone(), "width": 1}
@@ -87,12 +101,14 @@ class ModelDrafter:
             if parent_slot is not None:
                 rows = (torch.arange(B, device=parent_slot.device)[:, None] * frontier_state["width"] + parent_slot).reshape(-1)
                 prev = prev.select(rows)
-            out = model(frontier_tokens.reshape(B * F, 1).to(model.device), prev, logits_to_keep=1)
+            out = model(frontier_tokens.reshape(B * F, 1).to(model.device), prev, logits_to_keep=1,
+                        validate=not sync_free, reserve_kv=not sync_free)
             frontier_state["state"], frontier_state["width"] = out.state, F
             return torch.log_softmax(out.logits[:, -1].float(), dim=-1).view(B, F, -1)
 
-        return build_tree(root_tokens.to(model.device), expand, config)
+        return build_tree(root_tokens.to(model.device), expand, config, sync_free=sync_free)
 
     @torch.inference_mode()
-    def advance(self, state: ModelDraftState, *, tokens: torch.Tensor, counts: torch.Tensor, target_hidden=None) -> None:
-        advance_rows(self.model, state.model_state, tokens, counts)
+    def advance(self, state: ModelDraftState, *, tokens: torch.Tensor, counts: torch.Tensor, target_hidden=None,
+                sync_free: bool = False) -> None:
+        advance_rows(self.model, state.model_state, tokens, counts, sync_free=sync_free)

@@ -1,0 +1,90 @@
+"""Shared pieces of the benchmarks: environment record, CUDA-event timing, table printing, JSON output."""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+
+def environment() -> dict:
+    env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception:  # noqa: BLE001 - optional
+        env["triton"] = None
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+    else:
+        env["gpu"] = None
+        env["cpu_threads"] = torch.get_num_threads()
+    return env
+
+
+def time_cuda(fn, *, warmup: int = 3, iters: int = 20) -> float:
+    """Median milliseconds of fn() over iters runs, timed with CUDA events (host clock on CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
+    """Measured device-to-device copy bandwidth (bytes read + written per second), GB/s."""
+    src = torch.empty(nbytes // 2, dtype=torch.float16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    ms = time_cuda(lambda: dst.copy_(src), warmup=3, iters=20)
+    return 2 * src.numel() * 2 / (ms * 1e-3) / 1e9
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    print(" | ".join(c.ljust(widths[c]) for c in columns))
+    print("-+-".join("-" * widths[c] for c in columns))
+    for r in rows:
+        print(" | ".join(_fmt(r.get(c)).ljust(widths[c]) for c in columns))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return "-" if v is None else str(v)
+
+
+def write_json(path: str, payload: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2, default=str)
+
+
+@torch.inference_mode()
+def greedy_consistent(model, outputs: torch.Tensor, prompt_len: int, *, rel_tol: float = 0.02) -> tuple[bool, float]:
+    """Is every generated token a greedy choice of `model` up to low-precision rounding?
+
+    Teacher-forces `outputs` (B, T) through the model and checks, at each generated position, that the chosen token's
+    logit is within rel_tol * max(|max logit|, 1) of the maximum. In float32/float64 plain and speculative greedy
+    outputs are identical; in bf16 the verify pass and the decode step round differently, and a near-tie can flip
+    (every engine has this). Returns (ok, worst margin / tolerance scale).
+    """
+    logits = model(outputs).logits[:, prompt_len - 1: -1].float()  # (B, new, vocab)
+    chosen = logits.gather(-1, outputs[:, prompt_len:, None]).squeeze(-1)
+    top = logits.max(-1).values
+    scale = top.abs().clamp(min=1.0)
+    worst = float(((top - chosen) / scale).max())
+    return worst <= rel_tol, worst

@@ -1,0 +1,134 @@
+"""Evaluation of drafters and tree shapes on held-out text: tokens per target forward, acceptance by depth, and
+wall-clock speedup against plain decoding (`generate_autoregressive`) of the same target on the same prompts.
+
+    from gdnspec.evaluate import heldout_prompts, evaluate, SHAPES
+    rows = evaluate(bundle, heldout_prompts(bundle.tokenizer), drafters=["ngram", "model", "eagle"])
+
+Greedy rows are checked token for token against plain decoding; a row whose output differs reports no speedup.
+Sampling rows (temperature > 0) compare against plain sampling at the same temperature; their exactness is a
+distribution property, tested in tests/test_spec_sampling.py. Run from the CLI: `gdnspec eval`.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from gdnspec.generate import generate_autoregressive
+from gdnspec.spec import SpeculativeEngine, TreeConfig
+
+# name -> tree shape (num_draft_tokens counts the root)
+SHAPES = {
+    "chain-4": TreeConfig(builder="chain", num_steps=4),
+    "chain-6": TreeConfig(builder="chain", num_steps=6),
+    "tree-2x5": TreeConfig(topk=2, num_steps=5, num_draft_tokens=10),
+    "tree-4x5": TreeConfig(topk=4, num_steps=5, num_draft_tokens=16),
+    "tree-8x6": TreeConfig(topk=8, num_steps=6, num_draft_tokens=32),
+}
+
+
+def heldout_prompts(tokenizer, *, num_prompts: int = 6, prompt_tokens: int = 128, heldout_fraction: float = 0.05,
+                    extra_paths=(), include_stdlib: bool = True, min_tokens: int = 512) -> list[torch.Tensor]:
+    """The first prompt_tokens tokens of held-out files (the same by-file split the training used), deterministic."""
+    from gdnspec.train.data import collect_documents, split_documents
+
+    _, heldout = split_documents(collect_documents(include_stdlib=include_stdlib, extra_paths=extra_paths), heldout_fraction)
+    prompts = []
+    for doc in heldout:
+        ids = tokenizer.encode(doc.text).ids
+        if len(ids) >= min_tokens:
+            prompts.append(torch.tensor(ids[:prompt_tokens], dtype=torch.long))
+        if len(prompts) == num_prompts:
+            break
+    if not prompts:
+        raise ValueError("no held-out document is long enough for a prompt")
+    return prompts
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device):
+    _sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return out, time.perf_counter() - t0
+
+
+@torch.inference_mode()
+def evaluate(bundle, prompts: list[torch.Tensor], *, drafters=("ngram", "model", "eagle"), shapes: dict | None = None,
+             max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0, progress=print) -> dict:
+    """Returns {"baseline": {...}, "rows": [...]} (batch 1, prompts one after another, as a user would run them)."""
+    model = bundle.model
+    device = model.device
+    shapes = SHAPES if shapes is None else shapes
+    prompts = [p.to(device) for p in prompts]
+
+    def plain():
+        g = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
+        return [generate_autoregressive(model, p[None], max_new_tokens, temperature=temperature, generator=g)[0] for p in prompts]
+
+    plain()  # warm-up (CUDA graphs are captured here)
+    ref, plain_s = _timed(plain, device)
+    n_new = sum(r.numel() - p.numel() for r, p in zip(ref, prompts))
+    baseline = {"seconds": plain_s, "tokens": n_new, "tokens_per_s": n_new / plain_s}
+    progress(f"plain decoding: {baseline['tokens_per_s']:.1f} tokens/s")
+    rows = []
+    for name in drafters:
+        if name not in bundle.drafters:
+            raise ValueError(f"drafter {name!r} is not in this bundle (it has {sorted(bundle.drafters)})")
+        for shape_name, config in shapes.items():
+            eng = SpeculativeEngine(model, bundle.drafters[name], config, temperature=temperature)
+
+            def spec():
+                eng.generator = torch.Generator(device="cpu").manual_seed(seed) if temperature > 0 else None
+                return [eng.generate(p[None], max_new_tokens)[0] for p in prompts]
+
+            spec()  # warm-up
+            eng.stats = type(eng.stats)()
+            out, spec_s = _timed(spec, device)
+            identical = all(torch.equal(a, b) for a, b in zip(out, ref))
+            ok = identical or temperature > 0
+            st = eng.stats.as_dict()
+            row = {"drafter": name, "shape": shape_name, "topk": config.topk, "num_steps": config.num_steps,
+                   "num_draft_tokens": config.num_draft_tokens, "temperature": temperature,
+                   "identical_to_plain": identical if temperature == 0 else None,
+                   "tokens_per_forward": st["mean_accept_length"], "acceptance_rate": st["mean_acceptance_rate"],
+                   "acceptance_by_depth": st["acceptance_by_depth"], "seconds": spec_s,
+                   "tokens_per_s": n_new / spec_s if ok else None, "speedup": plain_s / spec_s if ok else None}
+            rows.append(row)
+            sp = f"{row['speedup']:.2f}x" if ok else "MISMATCH (no speedup reported)"
+            progress(f"{name:6s} {shape_name:9s} tokens/forward {row['tokens_per_forward']:.2f}  speedup {sp}")
+    return {"baseline": baseline, "rows": rows, "max_new_tokens": max_new_tokens, "num_prompts": len(prompts),
+            "prompt_tokens": statistics.mean(p.numel() for p in prompts)}
+
+
+def plot(results: dict, path: str) -> bool:
+    """Speedup and tokens per forward per drafter/shape as a PNG; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [r for r in results["rows"] if r["speedup"] is not None]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name in sorted({r["drafter"] for r in rows}):
+        sub = [r for r in rows if r["drafter"] == name]
+        axes[0].plot([r["shape"] for r in sub], [r["tokens_per_forward"] for r in sub], marker="o", label=name)
+        axes[1].plot([r["shape"] for r in sub], [r["speedup"] for r in sub], marker="o", label=name)
+    axes[0].set_ylabel("tokens per target forward")
+    axes[1].set_ylabel("wall-clock speedup vs plain decoding")
+    axes[1].axhline(1.0, color="grey", lw=0.8)
+    for ax in axes:
+        ax.legend()
+        ax.tick_params(axis="x", rotation=30)
+    fig.suptitle(results.get("title", "gdnspec eval"))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True

@@ -1,0 +1,169 @@
+"""Static-shape decode and speculative steps, free of host syncs, replayed from CUDA graphs on the GPU.
+
+The eager engine (spec/engine.py) reshapes its batch every step; on a GPU its hundreds of small kernels per step
+cost more in launch overhead than in work (fla's own decode call alone costs ~180 us of Python per call). Here
+every buffer has a fixed shape per (batch bucket, tree size, KV capacity): the state, the root tokens, the tree,
+the outputs. One step is a function of those buffers with no host sync, so it is captured once in a CUDA graph
+and replayed; the host reads the small outputs (path tokens, counts, bonus) once per step.
+
+    dec = StaticDecoder(model, batch_size=8, max_len=1024)         # plain decode (generate_autoregressive on CUDA)
+    dec.load(state); logits = dec.step(next_ids)
+
+    run = StaticSpecRunner(target, drafter, TreeConfig(...), batch_size=8, max_len=1024)
+    run.load(target_state, draft_state, verified_ids); out = run.step(tree=None)   # greedy only
+
+On the CPU the same functions run eagerly (use_graph=False), which is how the tests check them against the eager
+engine. Padding rows of a bucket compute garbage that is never read.
+"""
+from __future__ import annotations
+
+import torch
+
+from gdnspec.cache import ModelState
+from gdnspec.layers.layout import TokenLayout
+from gdnspec.spec.accept import accept_greedy
+from gdnspec.spec.tree import DraftTree, TreeConfig
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def batch_bucket(n: int) -> int:
+    """The smallest bucket holding n rows."""
+    for b in BUCKETS:
+        if n <= b:
+            return b
+    return n
+
+
+def _capture(fn, use_graph: bool, restore: list):
+    """Warm up `fn` twice on a side stream, restore the states it advanced, capture it. Returns (graph or None, outputs)."""
+    if not use_graph:
+        return None, None
+    saved = [s.clone() for s in restore]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    for s, snap in zip(restore, saved):
+        s.copy_(snap)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = fn()
+    for s, snap in zip(restore, saved):  # capture records only, but keep the contract explicit
+        s.copy_(snap)
+    return graph, outputs
+
+
+class StaticDecoder:
+    """One plain decode step (T = 1) for `batch_size` rows with KV room for `max_len` positions."""
+
+    def __init__(self, model, *, batch_size: int, max_len: int, use_graph: bool | None = None):
+        self.model = model
+        self.batch_size, self.max_len = batch_size, max_len
+        self.state = model.new_state(batch_size, kv_capacity=max_len)
+        self.ids = torch.zeros(batch_size, 1, dtype=torch.long, device=model.device)
+        use_graph = model.device.type == "cuda" if use_graph is None else use_graph
+        self.graph, self.logits = _capture(self._run, use_graph, [self.state])
+
+    def _run(self) -> torch.Tensor:
+        out = self.model(self.ids, self.state, mode="fused_decode", logits_to_keep=1, validate=False, reserve_kv=False)
+        return out.logits[:, -1]
+
+    def load(self, state: ModelState, rows: list[int] | None = None) -> None:
+        """Copy `state` (its rows in order) into rows `rows` (default: the first ones) of the static state."""
+        rows = list(range(state.batch_size)) if rows is None else rows
+        self.state.assign_rows_(rows, state)
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (batch_size,) -> logits (batch_size, vocab) (a static buffer when graphed: copy what you keep)."""
+        self.ids.copy_(ids.view(-1, 1))
+        if self.graph is None:
+            return self._run()
+        self.graph.replay()
+        return self.logits
+
+
+class StaticSpecRunner:
+    """Greedy speculative step (propose -> verify -> accept -> commit -> draft advance) on static buffers.
+
+    Drafters with `supports_cuda_graph` (the model drafters) run inside the step; others (n-gram, oracle) propose on
+    the host and the runner takes their tree through `step(tree=...)`.
+    """
+
+    def __init__(self, target, drafter, config: TreeConfig, *, batch_size: int, max_len: int, use_graph: bool | None = None):
+        self.target, self.drafter, self.config = target, drafter, config
+        B, N = batch_size, config.num_draft_tokens
+        self.batch_size, self.num_nodes, self.max_len = B, N, max_len
+        self.path_width = min(N, config.num_steps + 1)  # no drafter makes trees deeper than num_steps
+        dev = target.device
+        self.in_graph_drafter = bool(getattr(drafter, "supports_cuda_graph", False))
+        capacity = max_len + N + 1
+        self.target_state = target.new_state(B, kv_capacity=capacity)
+        self.draft_state = drafter.new_static_state(B, kv_capacity=capacity + config.num_steps + 1) if self.in_graph_drafter else None
+        self.verified = torch.zeros(B, dtype=torch.long, device=dev)
+        self.tree = DraftTree(torch.zeros(B, N, dtype=torch.long, device=dev), torch.zeros(B, N, dtype=torch.long, device=dev),
+                              torch.zeros(B, N, device=dev), torch.ones(B, N, dtype=torch.bool, device=dev))
+        self.tree.parents[:, 0] = -1
+        self.needs_hidden = bool(getattr(drafter, "needs_target_hidden", False))
+        use_graph = dev.type == "cuda" if use_graph is None else use_graph
+        restore = [self.target_state] + ([self.draft_state] if self.draft_state is not None else [])
+        self.graph, self.outputs = _capture(self._run, use_graph, restore)
+
+    def _run(self):
+        tree = self.tree
+        if self.in_graph_drafter:
+            new = self.drafter.propose(self.draft_state, self.verified, self.config, sync_free=True)
+            tree.tokens.copy_(new.tokens)
+            tree.parents.copy_(new.parents)
+            tree.valid.copy_(new.valid)
+        layout = TokenLayout.from_parents(tree.parents, validate=False)
+        ver = self.target.forward_tree(tree.tokens, state=self.target_state, layout=layout, validate=False)
+        acc = accept_greedy(tree, ver.logits, layout, width=self.path_width)
+        self.target.commit_tree(self.target_state, ver, path=acc.path, counts=acc.counts, reserve=False)
+        path_tokens = tree.tokens.gather(1, acc.path)
+        hidden = None
+        if self.needs_hidden:
+            H = ver.hidden_states.shape[-1]
+            hidden = ver.hidden_states.gather(1, acc.path[..., None].expand(*acc.path.shape, H))
+        if self.in_graph_drafter:
+            self.drafter.advance(self.draft_state, tokens=path_tokens, counts=acc.counts, target_hidden=hidden, sync_free=True)
+        self.verified.copy_(acc.bonus)
+        return path_tokens, acc.counts, acc.bonus, hidden, tree.valid[:, 1:].sum(-1)
+
+    def load(self, target_state: ModelState, draft_state=None, verified: torch.Tensor | None = None) -> None:
+        """Copy the rows of live states into the first rows of the static ones."""
+        n = target_state.batch_size
+        self.target_state.assign_rows_(list(range(n)), target_state)
+        if self.in_graph_drafter and draft_state is not None:
+            self.drafter.load_static_rows_(self.draft_state, list(range(n)), draft_state)
+        if verified is not None:
+            self.verified[:n] = verified
+
+    def set_tree(self, tree: DraftTree) -> None:
+        """Host-drafted tree for the first rows; other rows and missing nodes become padding."""
+        n, m = tree.tokens.shape
+        if m > self.num_nodes:
+            raise ValueError(f"the tree has {m} nodes, this runner was built for {self.num_nodes}")
+        t = self.tree
+        t.tokens.zero_()
+        t.parents.zero_()
+        t.parents[:, 0] = -1
+        t.valid.zero_()
+        t.valid[:, 0] = True
+        t.tokens[:n, :m] = tree.tokens
+        t.parents[:n, :m] = tree.parents
+        t.valid[:n, :m] = tree.valid
+
+    def step(self, tree: DraftTree | None = None):
+        """Run one step; returns (path_tokens (B, path_width), counts (B,), bonus (B,), hidden or None, drafted (B,)) as static buffers."""
+        if tree is not None:
+            self.set_tree(tree)
+            self.tree.tokens[:, 0] = self.verified
+        elif not self.in_graph_drafter:
+            raise ValueError(f"{type(self.drafter).__name__} drafts on the host: pass its tree to step(tree=...)")
+        if self.graph is None:
+            return self._run()
+        self.graph.replay()
+        return self.outputs

@@ -1,0 +1,122 @@
+"""EAGLE-style drafter: a one-layer GDN head that reads the target's features (gdnspec.models.eagle.EagleHead).
+
+At each draft node the head takes (feature of the parent, embedding of the node's token) and predicts the node's
+feature, whose logits (the target's norm + lm_head) propose the node's children. The root's parent feature is the
+target's own hidden state of the last committed token. Per frontier node the drafter keeps the head's (small,
+fixed-size) GDN state and predicted feature, gathered by parent at each expansion, like the model drafter.
+
+After verification, `advance` feeds the head the TRUE target features of the committed tokens:
+pairs (f_last, x_root), (f_root, x_1), ..., (f_{c-2}, x_{c-1}) in one chain pass, each row committing its own count.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gdnspec.cache import ModelState
+from gdnspec.layers.layout import TokenLayout
+from gdnspec.spec.tree import DraftTree, TreeConfig, build_tree
+
+
+@dataclass
+class EagleDraftState:
+    head_state: ModelState  # the head's one GDN layer, one row per sequence
+    last_feature: torch.Tensor  # (B, H) target hidden state of the last committed token
+
+    def select(self, rows) -> "EagleDraftState":
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.last_feature.device)
+        return EagleDraftState(self.head_state.select(rows), self.last_feature[rows].clone())
+
+    @staticmethod
+    def cat(states: list["EagleDraftState"]) -> "EagleDraftState":
+        return EagleDraftState(ModelState.cat([s.head_state for s in states]), torch.cat([s.last_feature for s in states]))
+
+    def clone(self) -> "EagleDraftState":
+        return EagleDraftState(self.head_state.clone(), self.last_feature.clone())
+
+    def copy_(self, other: "EagleDraftState") -> None:
+        self.head_state.copy_(other.head_state)
+        self.last_feature.copy_(other.last_feature)
+
+
+class EagleDrafter:
+    needs_target_hidden = True
+    supports_cuda_graph = True
+
+    def __init__(self, head, target):
+        if head.hidden_size != target.config.hidden_size:
+            raise ValueError(f"EAGLE head hidden size {head.hidden_size} != target hidden size {target.config.hidden_size}")
+        self.head, self.target = head, target
+
+    @property
+    def vocab_size(self) -> int:
+        return self.target.vocab_size
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.target.embed_tokens(tokens.to(self.target.device))
+
+    def _run_chain(self, state: ModelState, features: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor) -> None:
+        """Advance the head state over pairs (features[:, i], tokens[:, i]), i < counts[b], all rows in one pass."""
+        B, L = tokens.shape
+        x = self.head.fuse(features, self._embed(tokens))
+        layout = TokenLayout.chain(B, L, device=x.device)
+        _, cache = self.head.layer.forward_tree(x, state.layers[0], layout)
+        last = (counts.to(x.device) - 1).clamp(min=0)
+        self.head.layer.linear_attn.commit_tree(state.layers[0], cache, last)
+
+    @torch.inference_mode()
+    def begin(self, prompts: list[torch.Tensor], *, target_hidden: list[torch.Tensor] | None = None) -> EagleDraftState:
+        if target_hidden is None:
+            raise ValueError("the EAGLE drafter needs the target's hidden states of the prompts (target_hidden)")
+        B = len(prompts)
+        state = self.head.new_state(B)
+        last = torch.stack([h[-1] for h in target_hidden]).to(self.head.dtype)
+        for i, (p, h) in enumerate(zip(prompts, target_hidden)):
+            if p.numel() < 2:
+                continue
+            sub = self.head.new_state(1)
+            self.head(h[None, :-1].to(self.head.dtype), self._embed(p[None, 1:]), sub)  # pairs (f_t, x_{t+1})
+            state.assign_rows_([i], sub)
+        return EagleDraftState(state, last)
+
+    def new_static_state(self, batch_size: int, *, kv_capacity: int) -> EagleDraftState:
+        return EagleDraftState(self.head.new_state(batch_size),
+                               torch.zeros(batch_size, self.head.hidden_size, dtype=self.head.dtype, device=self.head.device))
+
+    def load_static_rows_(self, static: EagleDraftState, rows: list[int], state: EagleDraftState) -> None:
+        static.head_state.assign_rows_(rows, state.head_state)
+        static.last_feature[rows] = state.last_feature
+
+    @torch.inference_mode()
+    def propose(self, state: EagleDraftState, root_tokens: torch.Tensor, config: TreeConfig, *, sync_free: bool = False
+                ) -> DraftTree:
+        head = self.head
+        B = root_tokens.shape[0]
+        cur = {"state": state.head_state.clone(), "feat": state.last_feature[:, None], "width": 1}
+
+        def expand(frontier_tokens: torch.Tensor, parent_slot: torch.Tensor | None) -> torch.Tensor:
+            F = frontier_tokens.shape[1]
+            prev_state, prev_feat = cur["state"], cur["feat"]  # (B * width rows), (B, width, H)
+            if parent_slot is not None:
+                rows = (torch.arange(B, device=parent_slot.device)[:, None] * cur["width"] + parent_slot).reshape(-1)
+                prev_state = prev_state.select(rows)
+                prev_feat = prev_feat.gather(1, parent_slot[..., None].expand(B, F, prev_feat.shape[-1]))
+            feats = prev_feat.reshape(B * F, 1, -1)
+            out, new_state = head(feats, self._embed(frontier_tokens.reshape(B * F, 1)), prev_state, mode="fused_decode")
+            cur["state"], cur["feat"], cur["width"] = new_state, out.view(B, F, -1), F
+            logits = head.draft_logits(self.target, out[:, -1])
+            return torch.log_softmax(logits.float(), dim=-1).view(B, F, -1)
+
+        return build_tree(root_tokens.to(head.device), expand, config, sync_free=sync_free)[0]
+
+    @torch.inference_mode()
+    def advance(self, state: EagleDraftState, *, tokens: torch.Tensor, counts: torch.Tensor,
+                target_hidden: torch.Tensor | None = None, sync_free: bool = False) -> None:
+        if target_hidden is None:
+            raise ValueError("the EAGLE drafter needs the target's hidden states of the committed tokens")
+        h = target_hidden.to(self.head.dtype)  # (B, L, H)
+        features = torch.cat([state.last_feature[:, None], h[:, :-1]], dim=1)  # the feature before each token
+        self._run_chain(state.head_state, features, tokens, counts)
+        last = (counts.to(h.device) - 1).clamp(min=0)
+        state.last_feature.copy_(h.gather(1, last[:, None, None].expand(-1, 1, h.shape[-1])).squeeze(1))
