@@ -69,6 +69,18 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def timed_median(fn, repeats: int = 3):
+    """(last result, median wall seconds over `repeats` runs)."""
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        out = fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return out, sorted(times)[len(times) // 2]
+
+
 def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -92,6 +104,7 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke test of this script)")
+    ap.add_argument("--parts", default="decode,verify,speedup", help="which parts to run (comma list)")
     ap.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"], help="GDN kernels (model.gdn_backend)")
     args = ap.parse_args(argv)
     dev = args.device
@@ -108,7 +121,10 @@ def main(argv=None) -> int:
     batches = [int(b) for b in args.batches.split(",")]
     nodes = [int(n) for n in args.nodes.split(",")]
     max_len = 1024
-    results = {"env": env, "backend": args.backend, "size": args.size, "params": n_params, "weight_bytes": wbytes, "copy_bandwidth_gbs": bw, "decode": [], "verify": [],
+    parts = set(args.parts.split(","))
+    from gdnspec.runtime.static import compile_enabled
+
+    results = {"env": env, "backend": args.backend, "compiled": compile_enabled(), "size": args.size, "params": n_params, "weight_bytes": wbytes, "copy_bandwidth_gbs": bw, "decode": [], "verify": [],
                "speedup": []}
 
     # 1. plain decode step
@@ -137,7 +153,7 @@ def main(argv=None) -> int:
 
     # 2. verify step vs N
     g = torch.Generator().manual_seed(0)
-    for B in batches:
+    for B in batches if "verify" in parts else []:
         for N in nodes:
             run = StaticSpecRunner(model, FixedTreeDrafter(N), _cfg_for(N), batch_size=B, max_len=max_len)
             parents = torch.tensor([-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, N)])
@@ -160,28 +176,20 @@ def main(argv=None) -> int:
     print_table(results["verify"], ["batch", "N", "verify_ms", "x_decode_step"])
 
     # 3. speedup at controlled acceptance (batch 1 and 8)
-    for B in [b for b in batches if b <= 8]:
+    for B in [b for b in batches if b <= 8 and "speedup" in parts]:
         prompts = torch.randint(0, model.vocab_size, (B, args.prompt_len), device=dev)
-        generate_autoregressive(model, prompts, 8, static=True)  # capture
-        sync()
-        t0 = time.perf_counter()
-        ref = generate_autoregressive(model, prompts, args.new_tokens, static=True)
-        sync()
-        plain_s = time.perf_counter() - t0
+        generate_autoregressive(model, prompts, args.new_tokens, static=True)  # capture (same KV capacity bucket as timed)
+        ref, plain_s = timed_median(lambda: generate_autoregressive(model, prompts, args.new_tokens, static=True))
         ref_ok, _ = greedy_consistent(model, ref, args.prompt_len)
         results.setdefault("plain_greedy_consistent", {})[B] = ref_ok
         for steps in (3, 5, 7):
             eng = SpeculativeEngine(model, OracleDrafter(ref, vocab_size=model.vocab_size), TreeConfig(builder="chain", num_steps=steps),
                                     static=True)
-            eng.generate(prompts, 8)  # capture once per (batch, chain); the oracle only changes its error rate below
+            eng.generate(prompts, args.new_tokens)  # capture once per (batch, chain), same KV capacity bucket as timed
             for err in (0.0, 0.1, 0.25, 0.5):
                 eng.drafter = OracleDrafter(ref, error_rate=err, vocab_size=model.vocab_size, seed=steps)
                 eng.stats = type(eng.stats)()
-                sync()
-                t0 = time.perf_counter()
-                out = eng.generate(prompts, args.new_tokens)
-                sync()
-                spec_s = time.perf_counter() - t0
+                out, spec_s = timed_median(lambda: eng.generate(prompts, args.new_tokens))
                 exact = torch.equal(out, ref)
                 ok, worst = (True, 0.0) if exact else greedy_consistent(model, out, args.prompt_len)
                 st = eng.stats.as_dict()

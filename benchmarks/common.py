@@ -55,6 +55,9 @@ def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:
+    if not rows:
+        print("(not run)")
+        return
     widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
     print(" | ".join(c.ljust(widths[c]) for c in columns))
     print("-+-".join("-" * widths[c] for c in columns))

@@ -15,6 +15,13 @@ from dataclasses import dataclass
 import torch
 
 
+def _take_rows(t: torch.Tensor, rows) -> torch.Tensor:
+    """A new tensor holding rows `rows` of t: index_select already copies (no extra clone) for long index tensors."""
+    if isinstance(rows, torch.Tensor) and rows.dtype == torch.long and rows.dim() == 1 and rows.device == t.device:
+        return t.index_select(0, rows)
+    return t[rows].clone()
+
+
 @dataclass
 class GDNLayerState:
     """State of one Gated DeltaNet layer: recurrent (B, HV, K, V) and conv window (B, conv_dim, W-1)."""
@@ -27,7 +34,7 @@ class GDNLayerState:
         return self.recurrent.shape[0]
 
     def select(self, rows: torch.Tensor) -> "GDNLayerState":
-        return GDNLayerState(self.recurrent[rows].clone(), self.conv[rows].clone())
+        return GDNLayerState(_take_rows(self.recurrent, rows), _take_rows(self.conv, rows))
 
     def assign_rows_(self, rows: torch.Tensor, other: "GDNLayerState") -> None:
         self.recurrent[rows] = other.recurrent.to(self.recurrent.dtype)
@@ -83,12 +90,12 @@ class KVCache:
             self.reserve(int(self.lengths.max().item()) + L)
         pos = (self.lengths[:, None] + torch.arange(L, device=k_new.device)).clamp(max=self.capacity - 1)  # (B, L)
         idx = pos[:, None, :, None].expand(B, H, L, D)
-        self.k.scatter_(2, idx, k_new.to(self.k.dtype))
-        self.v.scatter_(2, idx, v_new.to(self.v.dtype))
+        self.k.scatter_(2, idx, k_new if k_new.dtype == self.k.dtype else k_new.to(self.k.dtype))
+        self.v.scatter_(2, idx, v_new if v_new.dtype == self.v.dtype else v_new.to(self.v.dtype))
         self.lengths += counts
 
     def select(self, rows: torch.Tensor) -> "KVCache":
-        return KVCache(self.k[rows].clone(), self.v[rows].clone(), self.lengths[rows].clone())
+        return KVCache(_take_rows(self.k, rows), _take_rows(self.v, rows), _take_rows(self.lengths, rows))
 
     def assign_rows_(self, rows: torch.Tensor, other: "KVCache") -> None:
         n = int(other.lengths.max()) if other.lengths.numel() else 0  # only the valid prefix moves

@@ -288,3 +288,16 @@ def test_model_bad_inputs_raise_clear_errors():
         model.forward_tree(torch.tensor([[1, 99]]), state=model.new_state(1), layout=TokenLayout.chain(1, 2))
     with pytest.raises(ValueError, match="layout"):
         model.forward_tree(ids, state=model.new_state(2), layout=TokenLayout.chain(2, 4))
+
+
+def test_model_built_and_run_under_inference_mode():
+    """Parameters created under inference_mode are inference tensors (no version counter): every path must work."""
+    from gdnspec import GDNConfig, GDNForCausalLM, generate_autoregressive
+
+    with torch.inference_mode():
+        model = GDNForCausalLM(GDNConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, full_attention_interval=2,
+                                         intermediate_size=32, linear_key_head_dim=8, linear_value_head_dim=8,
+                                         num_attention_heads=2, num_key_value_heads=1, head_dim=16))
+        ids = torch.randint(0, 40, (2, 6))
+        out = generate_autoregressive(model, ids, 4)
+        assert out.shape == (2, 10)

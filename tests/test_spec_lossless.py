@@ -193,3 +193,18 @@ def test_eagle_drafter_state_follows_target_features(models):
     torch.testing.assert_close(got.head_state.layers[0].recurrent, ref_state.layers[0].recurrent, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(got.head_state.layers[0].conv, ref_state.layers[0].conv, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(got.last_feature, feats[:, -1], rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_per_sequence_budgets_and_eos(models, static):
+    from gdnspec import ModelDrafter
+
+    target, draft = models[True]
+    prompts = prompts_of([5, 7, 4], target.vocab_size, seed=81)
+    free = generate_autoregressive(target, prompts, 20)
+    eos = [None, int(free[1][7 + 3]), None]
+    budgets = [6, 20, 0]
+    eng = SpeculativeEngine(target, ModelDrafter(draft), TreeConfig(topk=2, num_steps=3), static=static)
+    out = eng.generate(prompts, budgets, eos_token_id=eos)
+    for p, o, m, e in zip(prompts, out, budgets, eos):
+        assert torch.equal(o, generate_autoregressive(target, [p], m, eos_token_id=e)[0])

@@ -18,6 +18,9 @@ from gdnspec.cache import KVCache
 from gdnspec.layers.layout import TokenLayout
 from gdnspec.layers.norm import RMSNorm
 
+# scaled_dot_product_attention(enable_gqa=...) (torch >= 2.5): grouped heads without repeat_interleave
+_HAS_ENABLE_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
 
 class RotaryEmbedding(nn.Module):
     """Rotate-half RoPE on the first `rotary_dim` channels of each head."""
@@ -30,8 +33,31 @@ class RotaryEmbedding(nn.Module):
         inv_freq = 1.0 / (theta ** (torch.arange(0, self.rotary_dim, 2, dtype=torch.float64, device=device) / self.rotary_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x (B, heads, T, D); positions (B, T) long."""
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, *, max_position: int | None = None) -> torch.Tensor:
+        """x (B, heads, T, D); positions (B, T) long. max_position (optional): a host-known bound > every position,
+        which spares a device read when the cached cos/sin table must be sized."""
+        rd = self.rotary_dim
+        if rd == 0:
+            return x
+        cs = self.cos_sin(x, positions, max_position=max_position)
+        return self.reference(x, positions) if cs is None else self.rotate(x, cs)
+
+    def cos_sin(self, x: torch.Tensor, positions: torch.Tensor, *, max_position: int | None = None):
+        """(cos_sin (2, B, 1, T, D), perm (D,)) for tensors shaped like x, or None when the cache cannot be used."""
+        entry = self._table(x, positions, max_position)
+        if entry is None:
+            return None
+        table, perm = entry
+        return table[:, positions][:, :, None], perm
+
+    @staticmethod
+    def rotate(x: torch.Tensor, cs) -> torch.Tensor:
+        """x * cos + rotate_half(x) * sin with the signed sin of the table; pass-through dims: cos 1, sin 0 (exact)."""
+        cos_sin, perm = cs
+        return x * cos_sin[0] + x.index_select(-1, perm) * cos_sin[1]
+
+    def reference(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The uncached formula (float64 angles, rotate-half with cat); `forward` matches it exactly."""
         rd = self.rotary_dim
         if rd == 0:
             return x
@@ -42,6 +68,40 @@ class RotaryEmbedding(nn.Module):
         half = rd // 2
         rotated = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
         return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
+
+    def _table(self, x: torch.Tensor, positions: torch.Tensor, max_position: int | None):
+        """Cached ((2, P, D) table, perm (D,)): the table in x's dtype: [cos | 1] and [-sin, sin | 0] of positions 0 .. P-1, the angles
+        computed in float64 exactly like `reference`; grown (doubling) on demand, rebuilt when inv_freq moves."""
+        D = x.shape[-1]
+        inv = self.inv_freq
+        key = (x.dtype, x.device, D, inv.dtype, inv.device, inv.data_ptr())  # inv_freq is never changed in place
+        cache = self.__dict__.setdefault("_tables", {})
+        entry = cache.get(key)
+        size = 0 if entry is None else entry[0].shape[1]
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        if max_position is None:
+            if capturing:
+                return None
+            max_position = int(positions.max()) + 1 if positions.numel() else 1
+        if max_position <= size:
+            return entry
+        if capturing:  # computing a table inside a graph capture would leave it unfilled for eager use
+            return None
+        n = max(max_position, 2 * size, 256)
+        rd, half = self.rotary_dim, self.rotary_dim // 2
+        freqs = torch.arange(n, dtype=torch.float64, device=self.inv_freq.device)[:, None] * self.inv_freq  # (n, rd/2)
+        cos, sin = freqs.cos().to(x.dtype).to(x.device), freqs.sin().to(x.dtype).to(x.device)
+        table = torch.zeros(2, n, D, dtype=x.dtype, device=x.device)
+        table[0, :, rd:] = 1
+        table[0, :, :half], table[0, :, half:rd] = cos, cos
+        table[1, :, :half], table[1, :, half:rd] = -sin, sin
+        perm = torch.cat([torch.arange(rd).roll(half), torch.arange(rd, D)]).to(x.device)  # rotate_half, unsigned
+        for old_key in [k for k in cache if k[:3] == key[:3]]:  # superseded tables of this dtype/device/width
+            old = cache.pop(old_key)
+            if old[0].is_cuda:  # keep it alive: a captured CUDA graph may still read it
+                self.__dict__.setdefault("_retired_tables", []).append(old)
+        cache[key] = table, perm
+        return table, perm
 
 
 class GatedAttention(nn.Module):
@@ -79,9 +139,12 @@ class GatedAttention(nn.Module):
         return KVCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
                        torch.zeros(batch_size, dtype=torch.long, device=device))
 
-    def forward_layout(self, hidden_states: torch.Tensor, cache: KVCache, layout: TokenLayout
+    def forward_layout(self, hidden_states: torch.Tensor, cache: KVCache, layout: TokenLayout, *, static: bool = False
                        ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """x (B, T, hidden) -> (out (B, T, hidden), (k_new, v_new) (B, H_kv, T, D)). The cache is only read."""
+        """x (B, T, hidden) -> (out (B, T, hidden), (k_new, v_new) (B, H_kv, T, D)). The cache is only read.
+
+        static=True keeps every shape independent of device values (no host sync; CUDA graphs): the whole cache
+        capacity is attended (masked). Otherwise only the valid prefix (max(lengths) positions) is read."""
         x = hidden_states
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
@@ -90,25 +153,50 @@ class GatedAttention(nn.Module):
         q = self.q_norm(q).transpose(1, 2)  # (B, H, T, D)
         k = self.k_norm(self.k_proj(x).view(B, T, Hkv, D)).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)
-        positions = cache.lengths[:, None] + layout.depth  # (B, T)
-        q, k = self.rotary(q, positions), self.rotary(k, positions)
         cap = cache.capacity
-        keys = torch.cat([cache.k.to(k.dtype), k], dim=2)  # (B, Hkv, cap + T, D)
-        values = torch.cat([cache.v.to(v.dtype), v], dim=2)
-        prefix_ok = torch.arange(cap, device=x.device)[None, :] < cache.lengths[:, None]  # (B, cap)
-        mask = torch.cat([prefix_ok[:, None, :].expand(B, T, cap), layout.ancestor_mask], dim=-1)[:, None]  # (B, 1, T, cap+T)
-        if Hkv != H:
-            keys = keys.repeat_interleave(H // Hkv, dim=1)
-            values = values.repeat_interleave(H // Hkv, dim=1)
-        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=D**-0.5)  # (B, H, T, D)
+        static = static or (x.is_cuda and torch.cuda.is_current_stream_capturing())
+        if static:
+            n, uniform = cap, False
+        else:  # one host read: the longest valid prefix, and whether every row has it
+            lens = cache.lengths.tolist()
+            n = max(lens, default=0)
+            uniform = min(lens, default=0) == n
+        positions = cache.lengths[:, None] + layout.depth  # (B, T)
+        cs = self.rotary.cos_sin(q, positions, max_position=cap + T)  # lengths <= capacity, depth < T
+        if cs is None:
+            q, k = self.rotary(q, positions), self.rotary(k, positions)
+        elif self.rotary.rotary_dim:
+            q, k = self.rotary.rotate(q, cs), self.rotary.rotate(k, cs)
+        ck = cache.k[:, :, :n] if n < cap else cache.k
+        cv = cache.v[:, :, :n] if n < cap else cache.v
+        keys = torch.cat([ck if ck.dtype == k.dtype else ck.to(k.dtype), k], dim=2)  # (B, Hkv, n + T, D)
+        values = torch.cat([cv if cv.dtype == v.dtype else cv.to(v.dtype), v], dim=2)
+        if uniform and T == 1:  # every row sees its whole prefix and itself: no mask
+            mask = None
+        elif uniform:
+            mask = torch.cat([layout.ancestor_mask.new_ones(()).expand(B, T, n), layout.ancestor_mask], dim=-1)[:, None]
+        else:
+            prefix_ok = torch.arange(n, device=x.device)[None, :] < cache.lengths[:, None]  # (B, n)
+            mask = torch.cat([prefix_ok[:, None, :].expand(B, T, n), layout.ancestor_mask], dim=-1)[:, None]  # (B, 1, T, n+T)
+        attn = self._sdpa(q, keys, values, mask)  # (B, H, T, D)
         attn = attn.transpose(1, 2).reshape(B, T, H * D)
         return self.o_proj(attn * torch.sigmoid(gate)), (k, v)
+
+    def _sdpa(self, q, keys, values, mask):
+        H, Hkv = self.num_heads, self.num_kv_heads
+        if Hkv != H:
+            if _HAS_ENABLE_GQA:
+                return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.head_dim**-0.5,
+                                                      enable_gqa=True)
+            keys = keys.repeat_interleave(H // Hkv, dim=1)
+            values = values.repeat_interleave(H // Hkv, dim=1)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.head_dim**-0.5)
 
     def forward_state(self, hidden_states: torch.Tensor, cache: KVCache, layout: TokenLayout, *, reserve: bool = True
                       ) -> torch.Tensor:
         """Causal step: attend, then append all T new keys/values to the cache (in place). reserve=False: no host
         sync; the cache must have room (CUDA graphs)."""
-        out, (k, v) = self.forward_layout(hidden_states, cache, layout)
+        out, (k, v) = self.forward_layout(hidden_states, cache, layout, static=not reserve)
         T = hidden_states.shape[1]
         cache.write_(k, v, torch.full_like(cache.lengths, T), reserve=reserve)
         return out

@@ -35,7 +35,12 @@ from gdnspec.ops.gated_delta_rule import (
     tree_commit_state,
     tree_gated_delta_rule,
 )
-from gdnspec.ops.gated_delta_rule.common import state_dtype_for
+from gdnspec.ops.gated_delta_rule.common import l2norm, state_dtype_for
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in `dtype`, without dispatching a no-op cast."""
+    return x if x.dtype == dtype else x.to(dtype)
+
 
 MODES = ("auto", "chunk", "recurrent", "fused_decode")
 BACKENDS = ("torch", "triton", "auto")
@@ -186,9 +191,19 @@ class Qwen3GatedDeltaNet(nn.Module):
     def _gates(self, b: torch.Tensor, a: torch.Tensor):
         """beta = sigmoid(b); g = -exp(A_log) * softplus(a + dt_bias), both float32 (float64 for float64 models)."""
         cdt = state_dtype_for(a.dtype)
-        beta = torch.sigmoid(b.to(cdt))
-        g = -self.A_log.to(cdt).exp() * F.softplus(a.to(cdt) + self.dt_bias.to(cdt))
+        beta = torch.sigmoid(_as(b, cdt))
+        g = F.softplus(_as(a, cdt) + _as(self.dt_bias, cdt)) * -_as(self.A_log, cdt).exp()
         return g, beta
+
+    def _split_qkv_normed(self, mixed: torch.Tensor):
+        """mixed (B, T, conv_dim) -> q, k (B, T, H, K) L2-normalised per head, v (B, T, HV, V), all in the state dtype:
+        one l2norm over q and k together (what the ops do per tensor with use_qk_l2norm=True)."""
+        B, T, _ = mixed.shape
+        H, kd = self.num_k_heads, self.key_dim
+        mixed = _as(mixed, state_dtype_for(mixed.dtype))
+        qk = l2norm(mixed[..., : 2 * kd].reshape(B, T, 2 * H, self.head_k_dim))  # (B, T, 2H, K)
+        v = mixed[..., 2 * kd:].reshape(B, T, self.num_v_heads, self.head_v_dim)
+        return qk[:, :, :H], qk[:, :, H:], v
 
     def _finish(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """o, z (B, T, HV, V) -> (B, T, hidden)."""
@@ -220,10 +235,10 @@ class Qwen3GatedDeltaNet(nn.Module):
             return self.out_proj(y.reshape(B, 1, self.value_dim)), state
         g, beta = self._gates(b, a)
         if mode == "fused_decode":
-            mixed_c = causal_conv1d_update(mixed[:, 0], weight=self.conv_weight, state=state.conv)[:, None]
-            q, k, v = self._split_qkv(mixed_c)
+            mixed_c = causal_conv1d_update(mixed[:, 0], weight=self.conv_weight, state=state.conv)  # (B, conv_dim)
+            q, k, v = self._split_qkv_normed(mixed_c[:, None])
             o = gated_delta_rule_decode_step(q[:, 0], k[:, 0], v[:, 0], g=g[:, 0], beta=beta[:, 0], state=state.recurrent,
-                                             use_qk_l2norm=True)[:, None]
+                                             use_qk_l2norm=False)[:, None]
         else:
             mixed_c, conv_final = causal_conv1d(mixed, weight=self.conv_weight, initial_state=state.conv, output_final_state=True)
             q, k, v = self._split_qkv(mixed_c)
@@ -279,15 +294,16 @@ class Qwen3GatedDeltaNet(nn.Module):
         mixed, z, b, a = self._project(x)
         g, beta = self._gates(b, a)
         mixed_c, window_index = tree_causal_conv1d(mixed, weight=self.conv_weight, parents=layout.parents, state=state.conv)
-        q, k, v = self._split_qkv(mixed_c)
         if _use_triton(backend, x) and state.recurrent.dtype == torch.float32 and N <= 64:
             from gdnspec.ops.gated_delta_rule.triton_tree import triton_tree_gated_delta_rule
 
+            q, k, v = self._split_qkv(mixed_c)  # the kernel normalises q, k itself
             o, gdr = triton_tree_gated_delta_rule(q, k, v, g=g, beta=beta, ancestor_mask=layout.ancestor_mask,
                                                   initial_state=state.recurrent, use_qk_l2norm=True)
         else:
+            q, k, v = self._split_qkv_normed(mixed_c)  # one l2norm for q and k: the op skips its own
             o, gdr = tree_gated_delta_rule(q, k, v, g=g, beta=beta, ancestor_mask=layout.ancestor_mask,
-                                           initial_state=state.recurrent, use_qk_l2norm=True)
+                                           initial_state=state.recurrent, use_qk_l2norm=False)
         return self._finish(o, z), GDNTreeCache(gdr=gdr, conv_input=mixed, conv_window_index=window_index)
 
     @staticmethod

@@ -35,10 +35,24 @@ class TokenLayout:
         idx = torch.arange(N, device=parents.device)
         if validate and bool(((parents >= idx) | (parents < -1)).any()):
             raise ValueError("parents must be in topological order: -1 <= parents[b, i] < i for every node")
+        # ancestor-or-self closure by repeated squaring of A0 = I + (edge to the parent): after s squarings A holds
+        # every ancestor within 2^s steps, so ceil(log2(N)) squarings (no host sync) reach the whole path
+        A = (parents[:, :, None] == idx).to(torch.float32)  # (B, N, N): A[b, i, parent(i)] = 1 (none for roots)
+        A.diagonal(dim1=1, dim2=2).fill_(1.0)
+        for _ in range(max(N - 1, 1).bit_length()):
+            A = torch.bmm(A, A).clamp_(max=1.0)  # entries stay 0/1, exact in float32
+        mask = A > 0.5
+        depth = mask.sum(-1) - 1  # strict ancestors = distance from the root
+        return TokenLayout(parents=parents, ancestor_mask=mask, depth=depth)
+
+    @staticmethod
+    def from_parents_reference(parents: torch.Tensor) -> "TokenLayout":
+        """One node at a time (the definition); `from_parents` must agree with it."""
+        B, N = parents.shape
         mask = torch.zeros(B, N, N, dtype=torch.bool, device=parents.device)
         depth = torch.zeros(B, N, dtype=torch.long, device=parents.device)
         rows = torch.arange(B, device=parents.device)
-        mask.diagonal(dim1=1, dim2=2).fill_(True)  # (no host tensor: CUDA-graph safe)
+        mask.diagonal(dim1=1, dim2=2).fill_(True)
         for i in range(1, N):  # parents precede children, so row parent(i) is final when i is reached
             p = parents[:, i]
             has = p >= 0

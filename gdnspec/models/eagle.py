@@ -66,7 +66,9 @@ class EagleHead(nn.Module):
 
     def fuse(self, hidden: torch.Tensor, token_embeds: torch.Tensor) -> torch.Tensor:
         """(B, T, H) x 2 -> fc(concat(norm_e(e), norm_h(f))) (B, T, H)."""
-        x = torch.cat([self.norm_e(token_embeds.to(self.dtype)), self.norm_h(hidden.to(self.dtype))], dim=-1)
+        dt = self.dtype
+        e = token_embeds if token_embeds.dtype == dt else token_embeds.to(dt)
+        x = torch.cat([self.norm_e(e), self.norm_h(hidden if hidden.dtype == dt else hidden.to(dt))], dim=-1)
         return self.fc(x)
 
     def forward(self, hidden: torch.Tensor, token_embeds: torch.Tensor, state: ModelState | None = None, *,
@@ -93,7 +95,7 @@ class EagleHead(nn.Module):
     @staticmethod
     def draft_logits(target: nn.Module, out: torch.Tensor) -> torch.Tensor:
         """Draft logits from predicted features with the target's final norm and lm_head: (B, T, vocab)."""
-        return target.lm_head(target.norm(out.to(target.dtype)))
+        return target.lm_head(target.norm(out if out.dtype == target.dtype else out.to(target.dtype)))
 
 
 def eagle_config_for(target_config: GDNConfig, *, intermediate_size: int | None = None, **overrides) -> GDNConfig:

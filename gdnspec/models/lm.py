@@ -72,12 +72,12 @@ class DecoderLayer(nn.Module):
             y = self.self_attn.forward_state(x, state, layout, reserve=reserve_kv)
         return self._mlp(h + y)
 
-    def forward_tree(self, h, state, layout: TokenLayout, backend: str = "torch"):
+    def forward_tree(self, h, state, layout: TokenLayout, backend: str = "torch", static: bool = False):
         x = self.input_layernorm(h)
         if self.layer_type == "linear_attention":
             y, cache = self.linear_attn.forward_tree(x, state, layout, backend=backend)
         else:
-            y, cache = self.self_attn.forward_layout(x, state, layout)
+            y, cache = self.self_attn.forward_layout(x, state, layout, static=static)
         return self._mlp(h + y), cache
 
 
@@ -189,7 +189,8 @@ class GDNForCausalLM(nn.Module):
                      ) -> TreeVerifyOutput:
         """Verify N tree nodes per row in one pass; node i sees the committed state and its ancestors only.
 
-        input_ids (B, N); layout from the draft tree. `state` is only read; see `commit_tree`.
+        input_ids (B, N); layout from the draft tree. `state` is only read; see `commit_tree`. validate=False also
+        keeps every shape independent of device values (no host sync: attention reads the whole KV capacity).
         """
         if validate:
             self._check_ids(input_ids)  # before unpacking the shape, so a 1-D input gets the clear error
@@ -202,27 +203,31 @@ class GDNForCausalLM(nn.Module):
         caches = []
         backend = self._backend(h)
         for layer, s in zip(self.layers, state.layers):
-            h, cache = layer.forward_tree(h, s, layout, backend)
+            h, cache = layer.forward_tree(h, s, layout, backend, not validate)
             caches.append(cache)
         return TreeVerifyOutput(logits=self._logits(h, 0), hidden_states=h, layer_caches=caches)
 
     def commit_tree(self, state: ModelState, verify: TreeVerifyOutput, *, path: torch.Tensor, counts: torch.Tensor,
-                    rows: torch.Tensor | None = None, reserve: bool = True) -> None:
+                    rows: torch.Tensor | None = None, reserve: bool = True, all_rows_accept: bool = False) -> None:
         """Advance `state` over the accepted nodes path[b, :counts[b]] (B, L) of each row (node 0 = the root first).
 
         Rows with counts 0 are left unchanged. `rows` (optional) restricts the commit to those state rows, with
         `verify`, `path` and `counts` given for those rows only. reserve=False: no host sync (CUDA graphs); the KV
-        caches must already have room for path.shape[1] more positions.
+        caches must already have room for path.shape[1] more positions. all_rows_accept=True: the caller guarantees
+        counts >= 1 in every row (the engines: the root is always accepted), which spares saving the GDN states.
         """
         if rows is not None:
             sub = state.select(rows)
-            self.commit_tree(sub, verify, path=path, counts=counts)
+            self.commit_tree(sub, verify, path=path, counts=counts, all_rows_accept=all_rows_accept)
             state.assign_rows_(rows, sub)
             return
         last = path.gather(1, (counts - 1).clamp(min=0)[:, None]).squeeze(1)  # (B,) last accepted node
         moved = counts > 0
         for layer, s, cache in zip(self.layers, state.layers, verify.layer_caches):
             if layer.layer_type == "linear_attention":
+                if all_rows_accept:
+                    layer.linear_attn.commit_tree(s, cache, last, backend=self._backend(s.recurrent))
+                    continue
                 old = s.clone()  # rows with nothing accepted keep their state (no host sync to find them)
                 layer.linear_attn.commit_tree(s, cache, last, backend=self._backend(s.recurrent))
                 s.recurrent.copy_(torch.where(moved[:, None, None, None], s.recurrent, old.recurrent))

@@ -17,6 +17,9 @@ engine. Padding rows of a bucket compute garbage that is never read.
 """
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 
 from gdnspec.cache import ModelState
@@ -35,10 +38,35 @@ def batch_bucket(n: int) -> int:
     return n
 
 
+def compile_enabled() -> bool:
+    """GDNSPEC_COMPILE=1 compiles the static step functions with torch.compile (inductor fuses the many small ops
+    of a step into few kernels) before they are captured in a CUDA graph. Off by default: compiling takes a while."""
+    return os.environ.get("GDNSPEC_COMPILE", "0") == "1"
+
+
+def _maybe_compile(fn):
+    if not compile_enabled():
+        return fn
+    return torch.compile(fn, dynamic=False, fullgraph=False)
+
+
 def _capture(fn, use_graph: bool, restore: list):
-    """Warm up `fn` twice on a side stream, restore the states it advanced, capture it. Returns (graph or None, outputs)."""
+    """Warm up `fn` twice on a side stream, restore the states it advanced, capture it. Returns (graph or None, outputs).
+
+    With GDNSPEC_COMPILE=1 the function is compiled first; if compiling or capturing the compiled function fails, the
+    eager function is captured instead (with a warning)."""
     if not use_graph:
         return None, None
+    compiled = _maybe_compile(fn)
+    if compiled is not fn:
+        try:
+            return _capture_eager(compiled, restore)
+        except Exception as err:  # noqa: BLE001 - any compiler failure falls back to the eager step
+            warnings.warn(f"torch.compile of the static step failed ({type(err).__name__}: {err}); capturing it uncompiled")
+    return _capture_eager(fn, restore)
+
+
+def _capture_eager(fn, restore: list):
     saved = [s.clone() for s in restore]
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -121,7 +149,8 @@ class StaticSpecRunner:
         layout = TokenLayout.from_parents(tree.parents, validate=False)
         ver = self.target.forward_tree(tree.tokens, state=self.target_state, layout=layout, validate=False)
         acc = accept_greedy(tree, ver.logits, layout, width=self.path_width)
-        self.target.commit_tree(self.target_state, ver, path=acc.path, counts=acc.counts, reserve=False)
+        self.target.commit_tree(self.target_state, ver, path=acc.path, counts=acc.counts, reserve=False,
+                                all_rows_accept=True)  # accept: counts >= 1
         path_tokens = tree.tokens.gather(1, acc.path)
         hidden = None
         if self.needs_hidden:

@@ -49,6 +49,15 @@ class _Sequence:
         return out
 
 
+def per_sequence(value, n: int, name: str) -> list:
+    """An int/None for every sequence, or a list with one entry per sequence."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{name} has {len(value)} entries for {n} sequences")
+        return list(value)
+    return [value] * n
+
+
 def trim_tree(tree: DraftTree) -> DraftTree:
     """Drop trailing node columns that are padding in every row (saves verify work on CPU)."""
     used = tree.valid.any(0).nonzero()
@@ -79,17 +88,22 @@ class SpeculativeEngine:
     def session(self) -> "SpecSession":
         return SpecSession(self)
 
-    def generate(self, input_ids, max_new_tokens: int, eos_token_id: int | None = None):
-        check_generation_args(max_new_tokens, eos_token_id)
+    def generate(self, input_ids, max_new_tokens, eos_token_id=None):
+        """Same forms as generate_autoregressive; max_new_tokens and eos_token_id may also be per-sequence lists."""
         prompts, as_tensor = normalize_prompts(input_ids, vocab_size=self.target.vocab_size)
+        budgets = per_sequence(max_new_tokens, len(prompts), "max_new_tokens")
+        eos_ids = per_sequence(eos_token_id, len(prompts), "eos_token_id")
+        for m, e in zip(budgets, eos_ids):
+            check_generation_args(m, e)
         session = self.session()
-        ids = session.add(prompts, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
-        if self.static:
-            longest = max(p.numel() for p in prompts)
-            session.run_static(max_len=-(-(longest + max_new_tokens + 1) // 256) * 256)
+        ids = session.add(prompts, max_new_tokens=budgets, eos_token_id=eos_ids)
+        if self.static and session.active:
+            longest = max(p.numel() + m for p, m in zip(prompts, budgets))
+            session.run_static(max_len=-(-(longest + 1) // 256) * 256)
         while session.active:
             session.step()
-        return pack_outputs([session.sequence(i) for i in ids], as_tensor, eos_token_id)
+        pad = next((e for e in eos_ids if e is not None), None)
+        return pack_outputs([session.sequence(i) for i in ids], as_tensor, pad)
 
     def runner(self, batch_size: int, max_len: int):
         """The cached static runner for (batch bucket, max_len) (captured in a CUDA graph on first use on CUDA)."""
@@ -132,20 +146,25 @@ class SpecSession:
         return torch.cat([s.prompt, torch.tensor(s.new_tokens, dtype=torch.long)]).to(self.engine.target.device)
 
     @torch.inference_mode()
-    def add(self, prompts: list[torch.Tensor], *, max_new_tokens: int, eos_token_id: int | None = None) -> list[int]:
-        """Prefill target and drafter on new prompts, emit their first token, and add them to the pool."""
+    def add(self, prompts: list[torch.Tensor], *, max_new_tokens, eos_token_id=None) -> list[int]:
+        """Prefill target and drafter on new prompts, emit their first token, and add them to the pool.
+
+        max_new_tokens / eos_token_id: one value for all, or a list with one entry per prompt. Returns sequence ids."""
         eng = self.engine
         target = eng.target
-        prompts = [p.to(target.device).long() for p in prompts]
-        ids = []
-        for p in prompts:
-            self.sequences[self._next_id] = _Sequence(p.cpu(), max_new_tokens, eos_token_id)
-            ids.append(self._next_id)
+        budgets = per_sequence(max_new_tokens, len(prompts), "max_new_tokens")
+        eos_ids = per_sequence(eos_token_id, len(prompts), "eos_token_id")
+        all_ids = []
+        for p, m, e in zip(prompts, budgets, eos_ids):
+            check_generation_args(m, e)
+            self.sequences[self._next_id] = _Sequence(p.cpu().long(), m, e, done=m == 0)
+            all_ids.append(self._next_id)
             self._next_id += 1
-        if max_new_tokens == 0:
-            for i in ids:
-                self.sequences[i].done = True
-            return ids
+        live = [r for r, m in enumerate(budgets) if m > 0]
+        if not live:
+            return all_ids
+        prompts = [prompts[r].to(target.device).long() for r in live]
+        ids = [all_ids[r] for r in live]
         need_hidden = getattr(eng.drafter, "needs_target_hidden", False)
         states, logits, hiddens = [], [], []
         same_len = len({p.numel() for p in prompts}) == 1
@@ -168,7 +187,7 @@ class SpecSession:
             t_state, d_state, first = t_state.select(keep), d_state.select(keep), first[keep]
         new_rows = [ids[r] for r in keep]
         if not new_rows:
-            return ids
+            return all_ids
         if self.rows:
             self.target_state = ModelState.cat([self.target_state, t_state])
             self.draft_state = type(d_state).cat([self.draft_state, d_state])
@@ -176,7 +195,7 @@ class SpecSession:
         else:
             self.target_state, self.draft_state, self.verified = t_state, d_state, first
         self.rows.extend(new_rows)
-        return ids
+        return all_ids
 
     def drop(self, seq_ids: list[int]) -> None:
         """Stop sequences (they keep the tokens they have)."""
@@ -252,7 +271,7 @@ class SpecSession:
         layout = tree.layout()
         ver = target.forward_tree(tree.tokens, state=self.target_state, layout=layout)
         acc = eng.accept(tree, ver.logits, layout)
-        target.commit_tree(self.target_state, ver, path=acc.path, counts=acc.counts)
+        target.commit_tree(self.target_state, ver, path=acc.path, counts=acc.counts, all_rows_accept=True)  # counts >= 1
         path_tokens = acc.path_tokens(tree)
         hidden = None
         if getattr(drafter, "needs_target_hidden", False):

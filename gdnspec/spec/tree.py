@@ -156,7 +156,8 @@ def build_tree(root_tokens: torch.Tensor, expand: ExpandFn, config: TreeConfig, 
     parent_slot = None
     pool_size = 1
     for step in range(config.num_steps):
-        logp = expand(frontier_tokens, parent_slot).float()  # (B, F, vocab)
+        logp = expand(frontier_tokens, parent_slot)  # (B, F, vocab)
+        logp = logp if logp.dtype == torch.float32 else logp.float()
         F = logp.shape[1]
         top_lp, top_tok = logp.topk(k, dim=-1)  # (B, F, k)
         cand_scores = frontier_scores[..., None] + top_lp  # (B, F, k)

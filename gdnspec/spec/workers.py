@@ -117,7 +117,7 @@ class GDNVerifyWorker:
         else:
             acc = accept_sampling(tree, ver.logits, layout, temperature=temperature, top_k=top_k, top_p=top_p)
         if commit:
-            self.target.commit_tree(state, ver, path=acc.path, counts=acc.counts)
+            self.target.commit_tree(state, ver, path=acc.path, counts=acc.counts, all_rows_accept=True)
         return _pad_rows(acc.emitted(tree), dev), acc.counts
 
 

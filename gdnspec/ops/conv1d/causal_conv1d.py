@@ -39,6 +39,10 @@ def causal_conv1d(
     return y.transpose(1, 2), final
 
 
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def causal_conv1d_update(
     x: torch.Tensor,
     *,
@@ -49,9 +53,9 @@ def causal_conv1d_update(
 ) -> torch.Tensor:
     """One token: x (B, D) -> y (B, D); state (B, D, W-1) is shifted left by one and gets x, IN PLACE."""
     B, D, W = check_conv_inputs(x, weight, bias, state, activation, time_dim=False)
-    full = torch.cat([state, x.to(state.dtype).unsqueeze(-1)], dim=-1)  # (B, D, W)
-    y = (full.to(x.dtype) * weight.to(x.dtype)).sum(-1)
+    full = torch.cat([state, _as(x, state.dtype).unsqueeze(-1)], dim=-1)  # (B, D, W)
+    y = (_as(full, x.dtype) * _as(weight, x.dtype)).sum(-1)
     if bias is not None:
-        y = y + bias.to(x.dtype)
+        y = y + _as(bias, x.dtype)
     state.copy_(full[:, :, 1:])
     return F.silu(y) if activation == "silu" else y

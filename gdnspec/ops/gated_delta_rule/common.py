@@ -17,6 +17,11 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
 
 
+def as_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in `dtype`, without dispatching a no-op cast (per-op overhead dominates small decode steps)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def state_dtype_for(dtype: torch.dtype) -> torch.dtype:
     """Recurrent state dtype for activations of `dtype`: float64 stays float64, everything else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from gdnspec.ops.gated_delta_rule.common import check_gdr_inputs, expand_key_heads, l2norm, state_dtype_for
+from gdnspec.ops.gated_delta_rule.common import as_dtype, check_gdr_inputs, expand_key_heads, l2norm, state_dtype_for
 
 
 def _step_(S: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -16,7 +16,7 @@ def _step_(S: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a
     S.mul_(alpha[..., None, None])
     pred = torch.matmul(k.unsqueeze(-2), S).squeeze(-2)  # (B, HV, V) = S^T k
     u = (v - pred) * beta[..., None]  # (B, HV, V)
-    S.add_(k.unsqueeze(-1) * u.unsqueeze(-2))
+    S.addcmul_(k.unsqueeze(-1), u.unsqueeze(-2))  # S += k u^T
     return torch.matmul(q.unsqueeze(-2), S).squeeze(-2)  # (B, HV, V) = S^T q
 
 
@@ -70,10 +70,10 @@ def gated_delta_rule_decode_step(
         raise ValueError(f"state must be {state_dtype_for(v.dtype)} for {v.dtype} activations, got {state.dtype}")
     cdt = state.dtype
     scale = K**-0.5 if scale is None else scale
-    q, k = q.to(cdt), k.to(cdt)
+    q, k = as_dtype(q, cdt), as_dtype(k, cdt)
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)
     q = expand_key_heads(q * scale, HV)
     k = expand_key_heads(k, HV)
-    o = _step_(state, q, k, v.to(cdt), g.to(cdt).exp(), beta.to(cdt))
-    return o.to(v.dtype)
+    o = _step_(state, q, k, as_dtype(v, cdt), as_dtype(g, cdt).exp(), as_dtype(beta, cdt))
+    return as_dtype(o, v.dtype)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gdnspec.ops.gated_delta_rule.common import check_gdr_inputs, expand_key_heads, l2norm, state_dtype_for
+from gdnspec.ops.gated_delta_rule.common import as_dtype, check_gdr_inputs, expand_key_heads, l2norm, state_dtype_for
 
 
 @dataclass
@@ -46,12 +46,13 @@ def _prepare(q, k, v, g, beta, initial_state, scale, use_qk_l2norm):
         raise ValueError("initial_state (the committed state S0, (B, HV, K, V)) is required for tree verification")
     cdt = state_dtype_for(v.dtype)
     scale = K**-0.5 if scale is None else scale
-    q, k = q.to(cdt), k.to(cdt)
+    q, k = as_dtype(q, cdt), as_dtype(k, cdt)
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)
     q = expand_key_heads(q * scale, HV)
     k = expand_key_heads(k, HV)
-    return (B, N, HV, K, V, cdt), q, k, v.to(cdt), g.to(cdt), beta.to(cdt), initial_state.to(cdt)
+    return ((B, N, HV, K, V, cdt), q, k, as_dtype(v, cdt), as_dtype(g, cdt), as_dtype(beta, cdt),
+            as_dtype(initial_state, cdt))
 
 
 def tree_gated_delta_rule(
@@ -76,16 +77,18 @@ def tree_gated_delta_rule(
     A = ancestor_mask.to(cdt)[:, None]  # (B, 1, N, N)
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (B, HV, N, dim)
     g, beta = g.transpose(1, 2), beta.transpose(1, 2)  # (B, HV, N)
-    gamma = (A @ g.unsqueeze(-1)).squeeze(-1)  # (B, HV, N): sum of g along the path
-    diff = (gamma[..., :, None] - gamma[..., None, :]).masked_fill(~ancestor_mask[:, None], float("-inf"))
+    gamma = A @ g.unsqueeze(-1)  # (B, HV, N, 1): sum of g along the path
+    diff = (gamma - gamma.transpose(-1, -2)).masked_fill(~ancestor_mask[:, None], float("-inf"))
     Gamma = diff.exp()  # (B, HV, N, N)
-    eye = torch.eye(N, dtype=cdt, device=v.device)
-    M = ((beta[..., None] * k) @ k.transpose(-1, -2)) * Gamma * (1 - eye)
-    rhs = torch.cat([beta[..., None] * v, beta[..., None] * k * gamma.exp()[..., None]], dim=-1)
-    UW = torch.linalg.solve_triangular(M + eye, rhs, upper=False, unitriangular=True)
+    # strictly lower part only: the unit diagonal is implied (unitriangular=True), upper entries are masked (-inf)
+    M = ((beta[..., None] * k) @ k.transpose(-1, -2)) * Gamma
+    e_gamma = gamma.exp()  # (B, HV, N, 1)
+    bv_bk = beta[..., None] * torch.cat([v, k * e_gamma], dim=-1)  # (B, HV, N, V + K)
+    UW = torch.linalg.solve_triangular(M, bv_bk, upper=False, unitriangular=True)
     v_new = UW[..., :V] - UW[..., V:] @ S0  # (B, HV, N, V)
-    o = (q * gamma.exp()[..., None]) @ S0 + ((q @ k.transpose(-1, -2)) * Gamma) @ v_new  # (B, HV, N, V)
-    return o.transpose(1, 2).to(out_dtype), TreeGDRCache(k=k, v_new=v_new, gamma=gamma, ancestor_mask=ancestor_mask)
+    o = (q * e_gamma) @ S0 + ((q @ k.transpose(-1, -2)) * Gamma) @ v_new  # (B, HV, N, V)
+    return as_dtype(o.transpose(1, 2), out_dtype), TreeGDRCache(k=k, v_new=v_new, gamma=gamma.squeeze(-1),
+                                                                ancestor_mask=ancestor_mask)
 
 
 def tree_commit_state(*, initial_state: torch.Tensor, cache: TreeGDRCache, node: torch.Tensor) -> torch.Tensor:

@@ -54,7 +54,8 @@ class EagleDrafter:
         return self.target.vocab_size
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.target.embed_tokens(tokens.to(self.target.device))
+        dev = self.target.device
+        return self.target.embed_tokens(tokens if tokens.device == dev else tokens.to(dev))
 
     def _run_chain(self, state: ModelState, features: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor) -> None:
         """Advance the head state over pairs (features[:, i], tokens[:, i]), i < counts[b], all rows in one pass."""
@@ -106,9 +107,10 @@ class EagleDrafter:
             out, new_state = head(feats, self._embed(frontier_tokens.reshape(B * F, 1)), prev_state, mode="fused_decode")
             cur["state"], cur["feat"], cur["width"] = new_state, out.view(B, F, -1), F
             logits = head.draft_logits(self.target, out[:, -1])
-            return torch.log_softmax(logits.float(), dim=-1).view(B, F, -1)
+            return torch.log_softmax(logits if logits.dtype == torch.float32 else logits.float(), dim=-1).view(B, F, -1)
 
-        return build_tree(root_tokens.to(head.device), expand, config, sync_free=sync_free)[0]
+        roots = root_tokens if root_tokens.device == head.device else root_tokens.to(head.device)
+        return build_tree(roots, expand, config, sync_free=sync_free)[0]
 
     @torch.inference_mode()
     def advance(self, state: EagleDraftState, *, tokens: torch.Tensor, counts: torch.Tensor,

@@ -101,10 +101,12 @@ class ModelDrafter:
             if parent_slot is not None:
                 rows = (torch.arange(B, device=parent_slot.device)[:, None] * frontier_state["width"] + parent_slot).reshape(-1)
                 prev = prev.select(rows)
-            out = model(frontier_tokens.reshape(B * F, 1).to(model.device), prev, logits_to_keep=1,
+            ids = frontier_tokens.reshape(B * F, 1)
+            out = model(ids if ids.device == model.device else ids.to(model.device), prev, logits_to_keep=1,
                         validate=not sync_free, reserve_kv=not sync_free)
             frontier_state["state"], frontier_state["width"] = out.state, F
-            return torch.log_softmax(out.logits[:, -1].float(), dim=-1).view(B, F, -1)
+            logits = out.logits[:, -1]
+            return torch.log_softmax(logits if logits.dtype == torch.float32 else logits.float(), dim=-1).view(B, F, -1)
 
         return build_tree(root_tokens.to(model.device), expand, config, sync_free=sync_free)
 
