@@ -200,7 +200,9 @@ def add_generate_parser(subparsers) -> None:
     p = subparsers.add_parser("generate", help="stream text with speculative decoding")
     p.add_argument("--prompt", required=True)
     _add_model_options(p)
-    p.add_argument("--drafter", default="eagle", help="eagle, model, ngram, mtp (HF checkpoints) or none (plain decoding)")
+    p.add_argument("--drafter", default="ngram",
+                   help="ngram (default: the fastest on the shipped model, see the README's eval tables), eagle, model, "
+                        "mtp (HF checkpoints with MTP weights) or none (plain decoding)")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=None)

@@ -175,3 +175,25 @@ def test_rms_norm_scale_cache_follows_weight_updates():
     assert not torch.equal(y0, norm(x).detach())
     norm(x).sum().backward()  # outside inference mode the weight still gets a gradient
     assert norm.weight.grad is not None
+
+
+def test_vocab_projection_matches_linear():
+    """The CPU inference path of the LM head computes the same product as F.linear (1 and several rows), and its
+    cached transposed weight follows in-place weight updates."""
+    from gdnspec.layers.linear import VocabProjection
+
+    torch.manual_seed(0)
+    head = VocabProjection(48, 300, bias=False)
+    for rows in (1, 3, 16):
+        x = torch.randn(2, rows, 48)
+        with torch.inference_mode():
+            got = head(x)
+        torch.testing.assert_close(got, torch.nn.functional.linear(x, head.weight), rtol=1e-5, atol=1e-5)
+    x = torch.randn(1, 1, 48)
+    with torch.no_grad():
+        head(x)
+        head.weight.mul_(2.0)  # in place: the cached W^T must be rebuilt
+        torch.testing.assert_close(head(x), torch.nn.functional.linear(x, head.weight), rtol=1e-5, atol=1e-5)
+    y = head(torch.randn(1, 4, 48, requires_grad=True))  # autograd path
+    y.sum().backward()
+    assert head.weight.grad is not None

@@ -17,6 +17,7 @@ from torch import nn
 
 from gdnspec.cache import GDNLayerState, KVCache, ModelState
 from gdnspec.layers import GatedAttention, Qwen3GatedDeltaNet, RMSNorm, SwiGLUMLP, TokenLayout
+from gdnspec.layers.linear import VocabProjection
 from gdnspec.models.config import GDNConfig
 from gdnspec.models.moe import SparseMoeBlock
 from gdnspec.models.outputs import CausalLMOutput, TreeVerifyOutput
@@ -89,7 +90,7 @@ class GDNForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, **kw)
         self.layers = nn.ModuleList([DecoderLayer(config, t, layer_idx=i, **kw) for i, t in enumerate(config.layer_types)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, offset=config.rms_norm_offset, **kw)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, **kw)
+        self.lm_head = VocabProjection(config.hidden_size, config.vocab_size, bias=False, **kw)
         self._init_weights()
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
