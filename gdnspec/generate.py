@@ -73,7 +73,7 @@ def prefill(model, prompts: list[torch.Tensor]):
     return state, torch.stack(logits), torch.stack(hidden)
 
 
-_DECODERS: "weakref.WeakKeyDictionary" = None  # model -> {(bucket, max_len): StaticDecoder}
+_DECODERS = None  # weakref.WeakKeyDictionary: model -> {(bucket, max_len): StaticDecoder}
 
 
 def _static_decoder(model, batch_size: int, max_len: int):

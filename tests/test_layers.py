@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import gdnspec.layers.gated_deltanet as gdn_module
 from conftest import path_to, random_parents, randomize_, tol

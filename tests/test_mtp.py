@@ -85,7 +85,7 @@ def rms(x, w, eps):
 
 def ref_mtp(W, cfg, target, tokens, hidden_normed):
     """From-scratch MTP over one sequence of T pairs: tokens (T,), hidden_normed (T, H) -> (out (T, H), logp (T, V))."""
-    eps, H = cfg.rms_norm_eps, cfg.hidden_size
+    eps = cfg.rms_norm_eps
     na, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     rd = int(hd * cfg.rope_parameters["partial_rotary_factor"])
     theta = cfg.rope_parameters["rope_theta"]

@@ -359,7 +359,7 @@ def _fla_state(src, expected: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
 
 def _load_fla(src, expected):
     """fla state with fused q|k|v projections and short convs; missing parts are named."""
-    names, fused = {}, {}
+    fused = {}
     missing = []
     for k in src.keys():
         m = re.match(r"^model\.layers\.(\d+)\.attn\.(q_proj|k_proj|v_proj|q_conv1d|k_conv1d|v_conv1d)\.(weight|bias)$", k)

@@ -79,11 +79,16 @@ def accept_sampling(tree: DraftTree, logits: torch.Tensor, layout: TokenLayout, 
                     ) -> Acceptance:
     """Tree rejection sampling (see module docstring). temperature > 0."""
     B, N = tree.tokens.shape
-    probs = logits_to_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p).cpu()  # (B, N, vocab)
+    probs = logits_to_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)  # (B, N, vocab)
+    # p(token of node i) under its parent's distribution, for every node at once; the walk below needs only these
+    # scalars: after rejecting siblings with total mass r, the residual gives x the probability p(x) / (1 - r)
+    parent = tree.parents.clamp(min=0)
+    child_p = probs[torch.arange(B, device=probs.device)[:, None], parent, tree.tokens]  # (B, N)
+    child_p = child_p.cpu().tolist()
     tokens = tree.tokens.cpu().tolist()
     parents = tree.parents.cpu().tolist()
     valid = tree.valid.cpu().tolist()
-    uniforms = torch.rand(B, N + 1, generator=generator, dtype=probs.dtype)  # at most one draw per node + bonus
+    uniforms = torch.rand(B, N, generator=generator, dtype=torch.float64).tolist()  # at most one draw per node
     last_nodes, bonus = [], []
     for b in range(B):
         children = [[] for _ in range(N)]
@@ -91,27 +96,33 @@ def accept_sampling(tree: DraftTree, logits: torch.Tensor, layout: TokenLayout, 
             if valid[b][i]:
                 children[parents[b][i]].append(i)
         cur, draw = 0, 0
-        p = probs[b, 0].clone()
         while True:
+            rejected_mass, rejected = 0.0, set()
             moved = False
             for c in children[cur]:
                 tok = tokens[b][c]
-                u = float(uniforms[b, draw])
+                if tok in rejected:  # a duplicate sibling has no residual mass left
+                    continue
+                left = 1.0 - rejected_mass
+                if left <= 1e-12:  # all mass already rejected: cannot happen with exact arithmetic
+                    break
+                u = uniforms[b][draw]
                 draw += 1
-                if u < float(p[tok]):
+                if u * left < child_p[b][c]:  # accept with probability p(x) / (1 - r)
                     cur, moved = c, True
                     break
-                p[tok] = 0.0
-                total = p.sum()
-                if total <= 0:  # every token left had zero mass: cannot happen with exact arithmetic
-                    p = probs[b, cur].clone()
-                    break
-                p = p / total
+                rejected_mass += child_p[b][c]
+                rejected.add(tok)
             if not moved:
                 break
-            p = probs[b, cur].clone()
+        residual = probs[b, cur]
+        if rejected:
+            residual = residual.clone()
+            residual[list(rejected)] = 0.0
+            if float(residual.sum()) <= 0:
+                residual = probs[b, cur]
         last_nodes.append(cur)
-        bonus.append(int(torch.multinomial(p, 1, generator=generator)))
+        bonus.append(int(torch.multinomial(residual, 1, generator=generator)))
     node = torch.tensor(last_nodes, device=tree.tokens.device)
     path, counts = path_to_node(layout, node)
     return Acceptance(path=path, counts=counts, bonus=torch.tensor(bonus, device=tree.tokens.device))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from gdnspec.ops.gated_delta_rule.common import check_gdr_inputs, expand_key_heads, l2norm, state_dtype_for
+from gdnspec.ops.gated_delta_rule.common import check_gdr_inputs, expand_key_heads, prepare_inputs, state_dtype_for
 
 try:  # optional GPU fast path
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule as _fla_chunk_gated_delta_rule
@@ -56,12 +56,8 @@ def chunk_gated_delta_rule(
         return o, final
     out_dtype = v.dtype  # v is recast to the compute dtype below
     cdt = state_dtype_for(v.dtype)
-    q, k = q.to(cdt), k.to(cdt)
-    if use_qk_l2norm:
-        q, k = l2norm(q), l2norm(k)
-    q = expand_key_heads(q * scale, HV)  # (B, T, HV, K)
-    k = expand_key_heads(k, HV)
-    v, g, beta = v.to(cdt), g.to(cdt), beta.to(cdt)
+    q, k, v, g, beta = prepare_inputs(q, k, v, g, beta, num_value_heads=HV, scale=scale, use_qk_l2norm=use_qk_l2norm,
+                                      dtype=cdt)  # q, k (B, T, HV, K)
 
     C = chunk_size
     pad = (-T) % C

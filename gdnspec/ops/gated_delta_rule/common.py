@@ -76,3 +76,15 @@ def expand_key_heads(x: torch.Tensor, num_value_heads: int, head_dim: int = -2) 
     if H == num_value_heads:
         return x
     return x.repeat_interleave(num_value_heads // H, dim=head_dim)
+
+
+def prepare_inputs(q, k, v, g, beta, *, num_value_heads: int, scale: float, use_qk_l2norm: bool, dtype: torch.dtype):
+    """The shared preamble of the fast ops: cast to the compute dtype, L2-normalise q and k (optional), scale q,
+    repeat key heads onto value heads. Returns (q, k, v, g, beta); q, k (..., HV, K). naive.py keeps its own copy on
+    purpose: the reference reads top to bottom."""
+    q, k = as_dtype(q, dtype), as_dtype(k, dtype)
+    if use_qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
+    q = expand_key_heads(q * scale, num_value_heads)
+    k = expand_key_heads(k, num_value_heads)
+    return q, k, as_dtype(v, dtype), as_dtype(g, dtype), as_dtype(beta, dtype)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from gdnspec.ops.gated_delta_rule.common import as_dtype, check_gdr_inputs, expand_key_heads, l2norm, state_dtype_for
+from gdnspec.ops.gated_delta_rule.common import as_dtype, check_gdr_inputs, prepare_inputs, state_dtype_for
 
 
 def _step_(S: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -37,12 +37,9 @@ def fused_recurrent_gated_delta_rule(
     out_dtype = v.dtype  # v is recast to the compute dtype below
     cdt = state_dtype_for(v.dtype)
     scale = K**-0.5 if scale is None else scale
-    q, k = q.to(cdt), k.to(cdt)
-    if use_qk_l2norm:
-        q, k = l2norm(q), l2norm(k)
-    q = expand_key_heads(q * scale, HV)  # (B, T, HV, K)
-    k = expand_key_heads(k, HV)
-    v, alpha, beta = v.to(cdt), g.to(cdt).exp(), beta.to(cdt)
+    q, k, v, g, beta = prepare_inputs(q, k, v, g, beta, num_value_heads=HV, scale=scale, use_qk_l2norm=use_qk_l2norm,
+                                      dtype=cdt)  # q, k (B, T, HV, K)
+    alpha = g.exp()
     S = torch.zeros(B, HV, K, V, dtype=cdt, device=v.device) if initial_state is None else initial_state.to(cdt).clone()
     o = torch.empty(B, T, HV, V, dtype=cdt, device=v.device)
     for t in range(T):
@@ -70,10 +67,7 @@ def gated_delta_rule_decode_step(
         raise ValueError(f"state must be {state_dtype_for(v.dtype)} for {v.dtype} activations, got {state.dtype}")
     cdt = state.dtype
     scale = K**-0.5 if scale is None else scale
-    q, k = as_dtype(q, cdt), as_dtype(k, cdt)
-    if use_qk_l2norm:
-        q, k = l2norm(q), l2norm(k)
-    q = expand_key_heads(q * scale, HV)
-    k = expand_key_heads(k, HV)
-    o = _step_(state, q, k, as_dtype(v, cdt), as_dtype(g, cdt).exp(), as_dtype(beta, cdt))
+    q, k, v_c, g, beta = prepare_inputs(q, k, v, g, beta, num_value_heads=HV, scale=scale, use_qk_l2norm=use_qk_l2norm,
+                                        dtype=cdt)  # q, k (B, HV, K)
+    o = _step_(state, q, k, v_c, g.exp(), beta)
     return as_dtype(o, v.dtype)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gdnspec.ops.gated_delta_rule.common import as_dtype, check_gdr_inputs, expand_key_heads, l2norm, state_dtype_for
+from gdnspec.ops.gated_delta_rule.common import as_dtype, check_gdr_inputs, prepare_inputs, state_dtype_for
 
 
 @dataclass
@@ -46,13 +46,9 @@ def _prepare(q, k, v, g, beta, initial_state, scale, use_qk_l2norm):
         raise ValueError("initial_state (the committed state S0, (B, HV, K, V)) is required for tree verification")
     cdt = state_dtype_for(v.dtype)
     scale = K**-0.5 if scale is None else scale
-    q, k = as_dtype(q, cdt), as_dtype(k, cdt)
-    if use_qk_l2norm:
-        q, k = l2norm(q), l2norm(k)
-    q = expand_key_heads(q * scale, HV)
-    k = expand_key_heads(k, HV)
-    return ((B, N, HV, K, V, cdt), q, k, as_dtype(v, cdt), as_dtype(g, cdt), as_dtype(beta, cdt),
-            as_dtype(initial_state, cdt))
+    q, k, v, g, beta = prepare_inputs(q, k, v, g, beta, num_value_heads=HV, scale=scale, use_qk_l2norm=use_qk_l2norm,
+                                      dtype=cdt)
+    return (B, N, HV, K, V, cdt), q, k, v, g, beta, as_dtype(initial_state, cdt)
 
 
 def tree_gated_delta_rule(
