@@ -180,11 +180,12 @@ def cmd_distill(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- generate / eval
-def _add_model_options(p: argparse.ArgumentParser) -> None:
+def _add_model_options(p: argparse.ArgumentParser, *, cuda_dtype: str = "bfloat16") -> None:
     p.add_argument("--model", default=None, help="model folder (default: the embedded default model)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", default=None, choices=[None, "float32", "float16", "bfloat16"],
-                   help="default: float32 on the CPU, bfloat16 on CUDA")
+                   help=f"default: float32 on the CPU, {cuda_dtype} on CUDA")
+    p.set_defaults(cuda_dtype=cuda_dtype)
 
 
 def _load_bundle(args):
@@ -192,7 +193,7 @@ def _load_bundle(args):
 
     import gdnspec
 
-    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    dtype = args.dtype or (args.cuda_dtype if args.device.startswith("cuda") else "float32")
     return gdnspec.load(args.model, dtype=getattr(torch, dtype), device=args.device)
 
 
@@ -278,7 +279,7 @@ def cmd_generate(args) -> int:
 
 def add_eval_parser(subparsers) -> None:
     p = subparsers.add_parser("eval", help="drafters x tree shapes on held-out files: tokens/forward and speedup")
-    _add_model_options(p)
+    _add_model_options(p, cuda_dtype="float32")  # outputs are compared token for token: bf16 near-ties can flip
     p.add_argument("--drafters", default="ngram,model,eagle")
     p.add_argument("--shapes", default=None, help="comma list of gdnspec.evaluate.SHAPES names (default: all)")
     p.add_argument("--num-prompts", type=int, default=6)
