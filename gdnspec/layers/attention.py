@@ -161,8 +161,10 @@ class GatedAttention(nn.Module):
             lens = cache.lengths.tolist()
             n = max(lens, default=0)
             uniform = min(lens, default=0) == n
-        positions = cache.lengths[:, None] + layout.depth  # (B, T)
-        cs = self.rotary.cos_sin(q, positions, max_position=cap + T)  # lengths <= capacity, depth < T
+        # live rows always have lengths <= capacity; padding rows of a static batch bucket may count past it, and
+        # the clamp keeps their (never read) positions inside the RoPE table without a host sync
+        positions = cache.lengths.clamp(max=cap)[:, None] + layout.depth  # (B, T)
+        cs = self.rotary.cos_sin(q, positions, max_position=cap + T)  # depth < T
         if cs is None:
             q, k = self.rotary(q, positions), self.rotary(k, positions)
         elif self.rotary.rotary_dim:

@@ -50,6 +50,13 @@ def _maybe_compile(fn):
     return torch.compile(fn, dynamic=False, fullgraph=False)
 
 
+def _reset_padding_rows(state: ModelState, n: int) -> None:
+    """Empty the KV caches of rows n.. (padding rows), so their lengths restart from 0 whenever a runner is reloaded."""
+    for layer in state.layers:
+        if hasattr(layer, "lengths"):
+            layer.lengths[n:] = 0
+
+
 def _capture(fn, use_graph: bool, restore: list):
     """Warm up `fn` twice on a side stream, restore the states it advanced, capture it. Returns (graph or None, outputs).
 
@@ -103,6 +110,8 @@ class StaticDecoder:
         """Copy `state` (its rows in order) into rows `rows` (default: the first ones) of the static state."""
         rows = list(range(state.batch_size)) if rows is None else rows
         self.state.assign_rows_(rows, state)
+        if rows == list(range(len(rows))):
+            _reset_padding_rows(self.state, len(rows))
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (batch_size,) -> logits (batch_size, vocab) (a static buffer when graphed: copy what you keep)."""
@@ -165,6 +174,7 @@ class StaticSpecRunner:
         """Copy the rows of live states into the first rows of the static ones."""
         n = target_state.batch_size
         self.target_state.assign_rows_(list(range(n)), target_state)
+        _reset_padding_rows(self.target_state, n)
         if self.in_graph_drafter and draft_state is not None:
             self.drafter.load_static_rows_(self.draft_state, list(range(n)), draft_state)
         if verified is not None:
