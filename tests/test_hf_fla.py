@@ -16,10 +16,12 @@ import textwrap
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from gdnspec import GDNConfig, GDNForCausalLM, generate_autoregressive
 from gdnspec.models.hf import CheckpointError, export_fla_checkpoint, load_hf
+
+from test_hf_qwen3_next import write_variant
 
 
 def gdn_model(layout="qwen3_5", ratio=2, tie=False, seed=0):
@@ -70,11 +72,7 @@ def test_unsupported_options_and_tensors(tmp_path):
     sd = load_file(folder / "model.safetensors")
 
     def variant(name, config=None, tensors=None):
-        d = tmp_path / name
-        d.mkdir()
-        (d / "config.json").write_text(json.dumps(config or cfg))
-        save_file(tensors if tensors is not None else sd, d / "model.safetensors")
-        return d
+        return write_variant(tmp_path / name, config or cfg, tensors if tensors is not None else sd)
 
     with pytest.raises(CheckpointError, match=r"use_gate=False.*allow_neg_eigval=True.*hybrid softmax-attention"):
         load_hf(variant("opts", dict(cfg, use_gate=False, allow_neg_eigval=True,

@@ -20,9 +20,9 @@ The helpers below (not tests) are shared with test_hf_qwen3_5.py, test_hf_fla.py
 """
 from __future__ import annotations
 
-import copy
 import json
 import sys
+from pathlib import Path
 
 # transformers picks fla's Triton kernels at import time whenever `import fla` works, and they fail on CPU: block it.
 for _name in ("fla", "causal_conv1d"):
@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from gdnspec import generate_autoregressive  # noqa: E402
 from gdnspec.models.hf import CheckpointError, is_hf_folder, load_hf  # noqa: E402
+from spec_helpers import noisy_copy  # noqa: E402
 from gdnspec.spec import GDNSpeculativeWorker, NGramDrafter  # noqa: E402
 
 ATOL = 1e-4
@@ -126,13 +127,12 @@ def check_cached_steps(hf, ours, P=9, steps=6, B=2, seed=1):
     return worst
 
 
-def noisy_draft(model, noise=0.05, seed=7):
-    draft = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in draft.parameters():
-            p.add_(noise * torch.randn(p.shape, generator=g, dtype=p.dtype) * (p.std() if p.numel() > 1 else 1.0))
-    return draft
+def write_variant(folder: Path, config: dict, tensors: dict) -> Path:
+    """A checkpoint folder with the given config.json and safetensors (for error-path tests)."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file(tensors, folder / "model.safetensors")
+    return folder
 
 
 def check_greedy(hf, ours, new_tokens=20, seed=2):
@@ -147,7 +147,7 @@ def check_greedy(hf, ours, new_tokens=20, seed=2):
     assert torch.equal(plain, ref), "gdnspec plain decoding differs from transformers generate"
     ngram = GDNSpeculativeWorker(target_model=ours, drafter=NGramDrafter(), topk=2, num_steps=3)
     assert torch.equal(ngram.generate(ids, new_tokens), ref), "speculative decoding (n-gram) differs"
-    spec = GDNSpeculativeWorker(draft_model=noisy_draft(ours), target_model=ours, topk=2, num_steps=3)
+    spec = GDNSpeculativeWorker(draft_model=noisy_copy(ours, noise=0.05, seed=7), target_model=ours, topk=2, num_steps=3)
     assert torch.equal(spec.generate(ids, new_tokens), ref), "speculative decoding (draft model) differs"
     assert spec.get_statistics()["total_accepted_tokens"] > 0  # the acceptance path ran
     return ref
@@ -268,11 +268,7 @@ def test_dtype_and_errors(checkpoints, tmp_path):
     sd = load_file(folder / "model.safetensors")
 
     def variant(name, config=None, tensors=None):
-        d = tmp_path / name
-        d.mkdir()
-        (d / "config.json").write_text(json.dumps(config or cfg))
-        save_file(tensors if tensors is not None else sd, d / "model.safetensors")
-        return d
+        return write_variant(tmp_path / name, config or cfg, tensors if tensors is not None else sd)
 
     with pytest.raises(CheckpointError, match="unsupported model_type 'llama'"):
         load_hf(variant("llama", dict(cfg, model_type="llama")))
