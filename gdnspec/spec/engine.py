@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gdnspec.cache import ModelState
 from gdnspec.generate import check_generation_args, normalize_prompts, pack_outputs
 from gdnspec.sampling import check_sampling_args, sample_next
 from gdnspec.spec.accept import Acceptance, accept_greedy, accept_sampling
@@ -174,7 +175,6 @@ class SpecSession:
             states.append(out.state)
             logits.append(out.logits[:, -1])
             hiddens.extend(list(out.hidden_states) if need_hidden else [])
-        from gdnspec.cache import ModelState
         t_state = ModelState.cat(states) if len(states) > 1 else states[0]
         first = eng.sample(torch.cat(logits))
         d_state = eng.drafter.begin(prompts, target_hidden=hiddens if need_hidden else None)
