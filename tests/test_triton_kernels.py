@@ -44,6 +44,7 @@ td = importlib.import_module(_MODS[2])
 
 @pytest.fixture(scope="module", autouse=True)
 def _restore_interpret_env():
+    os.environ["TRITON_INTERPRET"] = "1"  # another kernel test module may have restored it after its own tests
     yield
     if _OLD_INTERPRET is None:
         os.environ.pop("TRITON_INTERPRET", None)

@@ -184,6 +184,48 @@ class GatedAttention(nn.Module):
         attn = attn.transpose(1, 2).reshape(B, T, H * D)
         return self.o_proj(attn * torch.sigmoid(gate)), (k, v)
 
+    def fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """q_proj | k_proj | v_proj as one (2*H*D + 2*Hkv*D, hidden) weight (and bias), see layers/fusion.py."""
+        from gdnspec.layers.fusion import fused_linear
+
+        return fused_linear(self, ["q_proj", "k_proj", "v_proj"])
+
+    def forward_fused(self, x: torch.Tensor, cache: KVCache, layout: TokenLayout | None, *, write_lengths: bool,
+                      reserve: bool = True) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """T tokens per row, x (B, T, hidden) already normed, in 4 kernels + o_proj: fused qkv GEMM, `attention_prep`
+        (q/k norm + RoPE + K/V written at slots lengths + t), `tree_attention` (split-K with the ancestor mask of
+        `layout`, None = causal chain, and the sigmoid gate). write_lengths=True (a causal step) then advances the
+        lengths by T; otherwise (tree verify) the slots past the valid prefix are scratch and `commit` writes the
+        accepted path. reserve=False: no host sync; the cache must have room for T more slots (CUDA graphs).
+        Returns (out (B, T, hidden), (k_new, v_new) (B, Hkv, T, D) views of the written slots' values)."""
+        from gdnspec.ops.fused.attention import attention_prep, tree_attention
+
+        B, T, _ = x.shape
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        if reserve and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            cache.reserve(int(cache.lengths.max()) + T if cache.lengths.numel() else T)
+        cap = cache.capacity
+        w, b = self.fused_qkv()
+        qkv = torch.nn.functional.linear(x, w, b)  # (B, T, P)
+        depth = layout.depth if layout is not None else torch.arange(T, device=x.device).expand(B, T)
+        lengths = cache.lengths.clamp(max=cap - T)
+        positions = cache.lengths.clamp(max=cap)[:, None] + depth  # as forward_layout: prefix length + depth
+        slots = lengths[:, None] + torch.arange(T, device=x.device)
+        entry = self.rotary._table(qkv[..., :D], positions, cap + T)
+        if entry is None:
+            raise RuntimeError("the RoPE table must be built before CUDA graph capture (run one eager step first)")
+        table, perm = entry
+        q = attention_prep(qkv, num_heads=H, num_kv_heads=Hkv, head_dim=D, q_norm_weight=self.q_norm.weight,
+                           k_norm_weight=self.k_norm.weight, eps=self.q_norm.eps, table=table, perm=perm,
+                           positions=positions, slots=slots, cache_k=cache.k, cache_v=cache.v)
+        mask = None if layout is None or layout.is_chain else layout.ancestor_mask
+        attn = tree_attention(q, cache.k, cache.v, cache.lengths, mask, gate=qkv, scale=D**-0.5)
+        idx = slots[:, None, :, None].expand(B, Hkv, T, D)
+        kv = (cache.k.gather(2, idx), cache.v.gather(2, idx)) if not write_lengths else (None, None)
+        if write_lengths:
+            cache.lengths += T
+        return self.o_proj(attn), kv
+
     def _sdpa(self, q, keys, values, mask):
         H, Hkv = self.num_heads, self.num_kv_heads
         if Hkv != H:

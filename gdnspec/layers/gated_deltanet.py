@@ -211,6 +211,34 @@ class Qwen3GatedDeltaNet(nn.Module):
         y = self.norm(o.to(z.dtype), z)
         return self.out_proj(y.reshape(B, T, self.value_dim))
 
+    # ------------------------------------------------------------------ fused decode step (issue 9)
+    def proj_layout(self):
+        """Where q, k, v, z, b, a of each key head sit in the fused in-projection row (`fused_in_proj`)."""
+        from gdnspec.ops.fused.gdn_decode import ProjLayout
+
+        make = ProjLayout.qwen3_next if self.layout == "qwen3_next" else ProjLayout.qwen3_5
+        return make(self.num_k_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim)
+
+    def fused_in_proj(self) -> torch.Tensor:
+        """The in-projection weights as one (P, hidden) matrix (row blocks in checkpoint order; see layers/fusion.py)."""
+        from gdnspec.layers.fusion import fused_linear
+
+        names = ["in_proj_qkvz", "in_proj_ba"] if self.layout == "qwen3_next" else \
+            ["in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"]
+        return fused_linear(self, names)[0]
+
+    def decode_fused(self, x: torch.Tensor, state: GDNLayerState) -> torch.Tensor:
+        """One token per row, x (B, hidden) already normed -> out_proj input's result (B, hidden); `state` advanced IN
+        PLACE. Three kernels: the fused in-projection GEMV, `gdn_decode_fused` (conv + gates + L2 norm + recurrence +
+        gated RMSNorm), out_proj. Same numbers as forward_state(mode="fused_decode") up to float rounding."""
+        from gdnspec.ops.fused.gdn_decode import gdn_decode_fused
+
+        proj = F.linear(x, self.fused_in_proj())  # (B, P)
+        y = gdn_decode_fused(proj, layout=self.proj_layout(), conv_weight=self.conv_weight, conv_state=state.conv,
+                             recurrent_state=state.recurrent, A_log=self.A_log, dt_bias=self.dt_bias,
+                             norm_weight=self.norm.weight, norm_eps=self.norm.eps)  # (B, HV*V)
+        return self.out_proj(y)
+
     # ------------------------------------------------------------------ causal forwards
     def forward_state(self, hidden_states: torch.Tensor, state: GDNLayerState | None, *, mode: str = "auto",
                       backend: str = "torch") -> tuple[torch.Tensor, GDNLayerState]:

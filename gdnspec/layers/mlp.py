@@ -16,3 +16,11 @@ class SwiGLUMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """Same result in three kernels: one GEMM over [gate | up] (layers/fusion.py), `silu_mul`, down_proj."""
+        from gdnspec.layers.fusion import fused_linear
+        from gdnspec.ops.fused.elementwise import silu_mul
+
+        w, _ = fused_linear(self, ["gate_proj", "up_proj"])
+        return self.down_proj(silu_mul(F.linear(x, w)))

@@ -18,6 +18,7 @@ from torch import nn
 from gdnspec.cache import GDNLayerState, KVCache, ModelState
 from gdnspec.layers import GatedAttention, Qwen3GatedDeltaNet, RMSNorm, SwiGLUMLP, TokenLayout
 from gdnspec.layers.linear import VocabProjection
+from gdnspec.ops.fused.elementwise import add_rms_norm
 from gdnspec.models.config import GDNConfig
 from gdnspec.models.moe import SparseMoeBlock
 from gdnspec.models.outputs import CausalLMOutput, TreeVerifyOutput
@@ -73,6 +74,39 @@ class DecoderLayer(nn.Module):
             y = self.self_attn.forward_state(x, state, layout, reserve=reserve_kv)
         return self._mlp(h + y)
 
+    # ---------------------------------------------------------------- fused steps (issue 9): the residual stream is
+    # carried beside the layer output so that each "h + y; norm(h)" is one add_rms_norm kernel
+    def _norm_add(self, norm: RMSNorm, y: torch.Tensor, resid: torch.Tensor | None):
+        return add_rms_norm(y, residual=resid, weight=norm.weight, eps=norm.eps, offset=norm.offset)
+
+    def _mlp_fused(self, y: torch.Tensor, resid: torch.Tensor):
+        if self.mlp is None:
+            return y, resid
+        x, resid = self._norm_add(self.post_attention_layernorm, y, resid)
+        m = self.mlp.forward_fused(x) if isinstance(self.mlp, SwiGLUMLP) else self.mlp(x)
+        return m, resid
+
+    def decode_fused(self, y: torch.Tensor, resid: torch.Tensor | None, state, *, reserve_kv: bool):
+        """One token per row: y (B, 1, hidden) the previous layer's output (the embedding when resid is None), resid
+        the residual stream before it. Returns (this layer's output, residual stream), both (B, 1, hidden)."""
+        x, resid = self._norm_add(self.input_layernorm, y, resid)
+        if self.layer_type == "linear_attention":
+            y = self.linear_attn.decode_fused(x[:, 0], state)[:, None]
+        else:
+            y = self.self_attn.forward_fused(x, state, None, write_lengths=True, reserve=reserve_kv)[0]
+        return self._mlp_fused(y, resid)
+
+    def tree_fused(self, y: torch.Tensor, resid: torch.Tensor | None, state, layout: TokenLayout, *, backend: str,
+                   static: bool):
+        """forward_tree on the residual stream: (output, residual stream, layer cache for commit_tree)."""
+        x, resid = self._norm_add(self.input_layernorm, y, resid)
+        if self.layer_type == "linear_attention":
+            y, cache = self.linear_attn.forward_tree(x, state, layout, backend=backend)
+        else:
+            y, cache = self.self_attn.forward_fused(x, state, layout, write_lengths=False, reserve=not static)
+        y, resid = self._mlp_fused(y, resid)
+        return y, resid, cache
+
     def forward_tree(self, h, state, layout: TokenLayout, backend: str = "torch", static: bool = False):
         x = self.input_layernorm(h)
         if self.layer_type == "linear_attention":
@@ -97,6 +131,9 @@ class GDNForCausalLM(nn.Module):
         # GDN kernels: "auto" = the Triton kernels on CUDA tensors (fused decode step, tree verify, commit), torch
         # elsewhere; "torch" or "triton" force one (gdnspec.layers.gated_deltanet.BACKENDS).
         self.gdn_backend = "auto"
+        # fused decode / verify steps (gdnspec/ops/fused): used when the GDN backend is Triton and no gradient is
+        # needed; False keeps the module-by-module path (the reference the fused steps are tested against)
+        self.fused_steps = True
 
     def _backend(self, tensor: torch.Tensor) -> str:
         if self.gdn_backend == "auto":
@@ -104,6 +141,13 @@ class GDNForCausalLM(nn.Module):
 
             return "triton" if tensor.is_cuda and HAS_TRITON else "torch"
         return self.gdn_backend
+
+    def _use_fused(self, backend: str, h: torch.Tensor) -> bool:
+        """The fused decode / verify steps run with the Triton backend, float32 or bf16/fp16 activations (float32
+        GDN states) and no autograd."""
+        if not self.fused_steps or backend != "triton" or h.dtype == torch.float64:
+            return False
+        return not (torch.is_grad_enabled() and self.embed_tokens.weight.requires_grad)
 
     def _init_weights(self) -> None:
         std = self.config.initializer_range
@@ -179,9 +223,15 @@ class GDNForCausalLM(nn.Module):
             state = self.new_state(B)
         if validate:
             self._check_state(state, B)
-        layout = TokenLayout.chain(B, T, device=input_ids.device)
         h = self.embed_tokens(input_ids)
         backend = self._backend(h)
+        if T == 1 and mode in ("auto", "fused_decode") and self._use_fused(backend, h):
+            y, resid = h, None
+            for layer, s in zip(self.layers, state.layers):
+                y, resid = layer.decode_fused(y, resid, s, reserve_kv=reserve_kv)
+            x, h = add_rms_norm(y, residual=resid, weight=self.norm.weight, eps=self.norm.eps, offset=self.norm.offset)
+            return CausalLMOutput(logits=self.lm_head(x), hidden_states=h, state=state)
+        layout = TokenLayout.chain(B, T, device=input_ids.device)
         for layer, s in zip(self.layers, state.layers):
             h = layer.forward_state(h, s, layout, mode, reserve_kv, backend)
         return CausalLMOutput(logits=self._logits(h, logits_to_keep), hidden_states=h, state=state)
@@ -203,6 +253,13 @@ class GDNForCausalLM(nn.Module):
         h = self.embed_tokens(input_ids)
         caches = []
         backend = self._backend(h)
+        if self._use_fused(backend, h):
+            y, resid = h, None
+            for layer, s in zip(self.layers, state.layers):
+                y, resid, cache = layer.tree_fused(y, resid, s, layout, backend=backend, static=not validate)
+                caches.append(cache)
+            x, h = add_rms_norm(y, residual=resid, weight=self.norm.weight, eps=self.norm.eps, offset=self.norm.offset)
+            return TreeVerifyOutput(logits=self.lm_head(x), hidden_states=h, layer_caches=caches)
         for layer, s in zip(self.layers, state.layers):
             h, cache = layer.forward_tree(h, s, layout, backend, not validate)
             caches.append(cache)

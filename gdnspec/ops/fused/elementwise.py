@@ -1,0 +1,121 @@
+"""Residual add + RMSNorm and the SwiGLU activation as single Triton kernels (decode / verify steps).
+
+    y, h = add_rms_norm(x, residual=r, weight=w, eps=1e-6, offset=True)   # h = x + r (rounded to x's dtype),
+                                                                          # y = rmsnorm(h) * (1 + w)
+    a = silu_mul(gu)                                                      # gu (M, 2I) = [gate | up] -> silu(gate) * up
+
+Rounding follows the torch modules exactly where it is observable: the residual sum is rounded to the activation
+dtype before it is normalised (as `h = h + y` then `RMSNorm(h)` does), the norm is computed in float32 and rounded
+once. References: `add_rms_norm_reference`, `silu_mul_reference` (plain torch, used on every non-Triton device).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from gdnspec.ops.gated_delta_rule.triton_tree import HAS_TRITON, available
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+__all__ = ["add_rms_norm", "add_rms_norm_reference", "silu_mul", "silu_mul_reference"]
+
+
+def add_rms_norm_reference(x: torch.Tensor, *, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                           offset: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, residual (..., D) -> (rmsnorm(x + residual) * (1 + w or w) in x's dtype, x + residual in x's dtype)."""
+    h = x if residual is None else x + residual
+    cdt = torch.float64 if h.dtype == torch.float64 else torch.float32
+    w = weight.to(cdt)
+    w = 1.0 + w if offset else w
+    y = F.rms_norm(h.to(cdt), (h.shape[-1],), w, eps).to(h.dtype)
+    return y, h
+
+
+def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up (..., 2I) -> silu(gate) * up (..., I) in the input dtype (rounded after silu, like F.silu(g) * u)."""
+    g, u = gate_up.chunk(2, dim=-1)
+    return F.silu(g) * u
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _add_rms_norm_kernel(x, sx, r, sr, w, y, sy, h, sh, D, eps,
+                             HAS_RES: tl.constexpr, OFFSET: tl.constexpr, BD: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BD)
+        m = cols < D
+        xv = tl.load(x + row * sx + cols, mask=m, other=0.0)
+        if HAS_RES:
+            s = xv.to(tl.float32) + tl.load(r + row * sr + cols, mask=m, other=0.0).to(tl.float32)
+            s_act = s.to(xv.dtype)
+            tl.store(h + row * sh + cols, s_act, mask=m)
+            s = s_act.to(tl.float32)
+        else:
+            s = xv.to(tl.float32)
+        s = tl.where(m, s, 0.0)
+        rstd = tl.rsqrt(tl.sum(s * s, 0) / D + eps)
+        wv = tl.load(w + cols, mask=m, other=0.0).to(tl.float32)
+        if OFFSET:
+            wv = wv + 1.0
+        tl.store(y + row * sy + cols, (s * rstd * wv).to(y.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _silu_mul_kernel(gu, sg, out, so, I, BI: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.program_id(1) * BI + tl.arange(0, BI)
+        m = cols < I
+        g = tl.load(gu + row * sg + cols, mask=m, other=0.0)
+        u = tl.load(gu + row * sg + I + cols, mask=m, other=0.0).to(tl.float32)
+        gf = g.to(tl.float32)
+        act = (gf * tl.sigmoid(gf)).to(g.dtype).to(tl.float32)  # F.silu rounds to the input dtype
+        tl.store(out + row * so + cols, (act * u).to(out.dtype.element_ty), mask=m)
+
+
+def _rows(t: torch.Tensor, name: str) -> torch.Tensor:
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name} must have a contiguous last dim, got strides {t.stride()}")
+    return t.reshape(-1, t.shape[-1])
+
+
+def add_rms_norm(x: torch.Tensor, *, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 offset: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused `add_rms_norm_reference`: x, residual (..., D) same dtype; weight (D,). Returns (y, h) in x's dtype
+    (h is x itself when residual is None). One kernel on CUDA / under TRITON_INTERPRET, the reference elsewhere."""
+    if not available(x) or x.dtype == torch.float64:
+        return add_rms_norm_reference(x, residual=residual, weight=weight, eps=eps, offset=offset)
+    D = x.shape[-1]
+    if weight.shape != (D,):
+        raise ValueError(f"weight must have shape ({D},), got {tuple(weight.shape)}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"residual must match x {tuple(x.shape)} {x.dtype}, got {tuple(residual.shape)} {residual.dtype}")
+    BD = triton.next_power_of_2(D)
+    if BD > 65536:
+        raise ValueError(f"add_rms_norm supports rows of at most 65536 elements, got D={D}")
+    x2 = _rows(x.contiguous() if x.stride(-1) != 1 else x, "x")
+    y = torch.empty_like(x2)
+    h = torch.empty_like(x2) if residual is not None else x2
+    r2 = _rows(residual.contiguous(), "residual") if residual is not None else x2
+    if x2.shape[0]:
+        _add_rms_norm_kernel[(x2.shape[0],)](x2, x2.stride(0), r2, r2.stride(0), weight, y, y.stride(0), h, h.stride(0),
+                                             D, float(eps), HAS_RES=residual is not None, OFFSET=bool(offset), BD=BD,
+                                             num_warps=4 if BD <= 4096 else 8)
+    return y.view(x.shape), (h.view(x.shape) if residual is not None else x)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """Fused `silu_mul_reference`: gate_up (..., 2I) -> (..., I), one kernel on CUDA / under TRITON_INTERPRET."""
+    if not available(gate_up) or gate_up.dtype == torch.float64:
+        return silu_mul_reference(gate_up)
+    two_i = gate_up.shape[-1]
+    if two_i % 2:
+        raise ValueError(f"gate_up must have an even last dim [gate | up], got {two_i}")
+    I = two_i // 2
+    gu = _rows(gate_up.contiguous() if gate_up.stride(-1) != 1 else gate_up, "gate_up")
+    out = torch.empty(gu.shape[0], I, dtype=gate_up.dtype, device=gate_up.device)
+    BI = min(triton.next_power_of_2(I), 1024)
+    if gu.shape[0]:
+        _silu_mul_kernel[(gu.shape[0], triton.cdiv(I, BI))](gu, gu.stride(0), out, out.stride(0), I, BI=BI, num_warps=4)
+    return out.view(*gate_up.shape[:-1], I)

@@ -1,0 +1,226 @@
+"""The GDN token mixer of one decode token in ONE Triton kernel, read straight from the fused projection row.
+
+    y = gdn_decode_fused(proj, layout=ProjLayout.qwen3_next(H, HV, K, V), conv_weight=w, conv_state=cs,
+                         recurrent_state=S, A_log=A_log, dt_bias=dt_bias, norm_weight=nw, norm_eps=1e-6)
+    # proj (B, P): one row of the layer's fused in-projection (qkvz|ba or qkv|z|b|a), any dtype of the layer
+    # y (B, HV*V) in proj's dtype = GatedRMSNorm(o, z), ready for out_proj; cs (B, conv_dim, W-1) and
+    # S (B, HV, K, V) float32 are advanced IN PLACE
+
+One program per (batch row, key head h) owns every channel the head touches: the conv windows of q_h, k_h and of the
+r = HV/H value heads of h, so it can roll those windows in place without racing another program (the reason the
+older kernel needed a separate conv launch). In the program: causal conv1d update + SiLU for those channels
+(rounded to the activation dtype like the torch path), q/k L2 norm, q * K^-0.5; then per value head:
+g = -exp(A_log) softplus(a + dt_bias), beta = sigmoid(b), S = e^g S, S += k (beta (v - S^T k))^T, o = S^T q, and the
+gated RMSNorm rmsnorm(o) * w * silu(z).
+
+`ProjLayout` says where q, k, v, z, b, a of key head h sit in the projection row (base + h * head_stride), which
+covers both checkpoint layouts without split or cat copies. Reference: `gdn_decode_reference` (the torch ops of
+`Qwen3GatedDeltaNet.forward_state(mode="fused_decode")`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from gdnspec.ops.conv1d.causal_conv1d import causal_conv1d_update
+from gdnspec.ops.gated_delta_rule.common import l2norm
+from gdnspec.ops.gated_delta_rule.triton_tree import HAS_TRITON, available
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+__all__ = ["ProjLayout", "gdn_decode_fused", "gdn_decode_reference"]
+
+
+@dataclass(frozen=True)
+class ProjLayout:
+    """Where each piece of key head h lies in the projection row: piece(h) starts at base + h * head_stride.
+    v and z hold the r value heads of h one after the other (V each); b and a hold r scalars each."""
+
+    H: int
+    HV: int
+    K: int
+    V: int
+    q: tuple[int, int]
+    k: tuple[int, int]
+    v: tuple[int, int]
+    z: tuple[int, int]
+    b: tuple[int, int]
+    a: tuple[int, int]
+    width: int  # P, the projection row length
+
+    @staticmethod
+    def qwen3_next(H: int, HV: int, K: int, V: int) -> "ProjLayout":
+        """in_proj_qkvz rows then in_proj_ba rows, both interleaved per key head."""
+        r = HV // H
+        g = 2 * K + 2 * r * V
+        base_ba = H * g
+        return ProjLayout(H, HV, K, V, q=(0, g), k=(K, g), v=(2 * K, g), z=(2 * K + r * V, g),
+                          b=(base_ba, 2 * r), a=(base_ba + r, 2 * r), width=base_ba + 2 * HV)
+
+    @staticmethod
+    def qwen3_5(H: int, HV: int, K: int, V: int) -> "ProjLayout":
+        """in_proj_qkv (all q | all k | all v), then in_proj_z, in_proj_b, in_proj_a rows."""
+        r = HV // H
+        conv = 2 * H * K + HV * V
+        return ProjLayout(H, HV, K, V, q=(0, K), k=(H * K, K), v=(2 * H * K, r * V), z=(conv, r * V),
+                          b=(conv + HV * V, r), a=(conv + HV * V + HV, r), width=conv + HV * V + 2 * HV)
+
+    def gather_index(self, piece: str, device=None) -> torch.Tensor:
+        """Column indices of `piece` for all heads in the layer's natural order: q, k (H*K), v, z (HV*V), b, a (HV)."""
+        base, hs = getattr(self, piece)
+        r = self.HV // self.H
+        n = {"q": self.K, "k": self.K, "v": r * self.V, "z": r * self.V, "b": r, "a": r}[piece]
+        h = torch.arange(self.H, device=device)[:, None]
+        return (base + h * hs + torch.arange(n, device=device)[None, :]).reshape(-1)
+
+
+def gdn_decode_reference(proj: torch.Tensor, *, layout: ProjLayout, conv_weight: torch.Tensor, conv_state: torch.Tensor,
+                         recurrent_state: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor,
+                         norm_weight: torch.Tensor, norm_eps: float) -> torch.Tensor:
+    """The torch ops of the layer's fused_decode mode on a projection row; states advanced IN PLACE. -> (B, HV*V)."""
+    L = layout
+    B = proj.shape[0]
+    pieces = {p: proj[:, L.gather_index(p, proj.device)] for p in ("q", "k", "v", "z", "b", "a")}
+    mixed = torch.cat([pieces["q"], pieces["k"], pieces["v"]], dim=-1)
+    mc = causal_conv1d_update(mixed, weight=conv_weight, state=conv_state)  # (B, conv_dim) in proj's dtype
+    cdt = recurrent_state.dtype
+    HK = L.H * L.K
+    qk = l2norm(mc[:, : 2 * HK].to(cdt).reshape(B, 2 * L.H, L.K))
+    r = L.HV // L.H
+    q = qk[:, : L.H].repeat_interleave(r, dim=1) * L.K**-0.5  # (B, HV, K)
+    k = qk[:, L.H:].repeat_interleave(r, dim=1)
+    v = mc[:, 2 * HK:].to(cdt).reshape(B, L.HV, L.V)
+    beta = torch.sigmoid(pieces["b"].to(cdt))
+    g = F.softplus(pieces["a"].to(cdt) + dt_bias.to(cdt)) * -A_log.to(cdt).exp()
+    S = recurrent_state * g.exp()[..., None, None]
+    u = (v - torch.einsum("bhkv,bhk->bhv", S, k)) * beta[..., None]
+    S = S + k[..., :, None] * u[..., None, :]
+    recurrent_state.copy_(S)
+    o = torch.einsum("bhkv,bhk->bhv", S, q).to(proj.dtype)  # (B, HV, V), rounded like the torch path
+    of = o.to(torch.float32 if proj.dtype != torch.float64 else torch.float64)
+    yn = F.rms_norm(of, (L.V,), None, norm_eps).to(proj.dtype) * norm_weight.to(proj.dtype)
+    z = pieces["z"].reshape(B, L.HV, L.V)
+    zf = z.to(of.dtype)
+    return (yn.to(of.dtype) * F.silu(zf)).to(proj.dtype).reshape(B, L.HV * L.V)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _conv_piece(proj_row, col, chan, m, wgt, cstate, W: tl.constexpr, BW: tl.constexpr):
+        """Conv update + SiLU of channels `chan` (input at proj_row + col); returns the output in float32 rounded to the
+        activation dtype, and the rolled window (to store after a barrier)."""
+        rw = tl.arange(0, BW)
+        xv = tl.load(proj_row + col, mask=m, other=0.0)
+        ms = m[:, None] & (rw[None, :] < W - 1)
+        st_off = chan[:, None] * (W - 1) + rw[None, :]
+        win = tl.load(cstate + st_off, mask=ms, other=0.0)
+        full = tl.where(rw[None, :] == W - 1, xv.to(tl.float32)[:, None], win.to(tl.float32))
+        full = full.to(xv.dtype).to(tl.float32)
+        wv = tl.load(wgt + chan[:, None] * W + rw[None, :], mask=m[:, None] & (rw[None, :] < W), other=0.0)
+        acc = tl.sum(full * wv.to(xv.dtype).to(tl.float32), 1)
+        acc = acc * tl.sigmoid(acc)
+        # rolled window: new[w] = full[w + 1], taken from the loaded window (no re-read after the store)
+        nxt = tl.load(cstate + st_off + 1, mask=m[:, None] & (rw[None, :] < W - 2), other=0.0)
+        nxt = tl.where(rw[None, :] == W - 2, xv[:, None].to(nxt.dtype), nxt)
+        return acc.to(xv.dtype).to(tl.float32), nxt, st_off, ms
+
+    @triton.jit
+    def _gdn_decode_kernel(
+        proj, sp, wgt, cstate, A_log, dt_bias, nw, S, y, sy,
+        q_base, q_hs, k_base, k_hs, v_base, v_hs, z_base, z_hs, b_base, b_hs, a_base, a_hs,
+        scale, norm_eps,
+        H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
+        BK: tl.constexpr, BV: tl.constexpr, BW: tl.constexpr,
+    ):
+        i_bh = tl.program_id(0)
+        i_b = i_bh // H
+        i_h = i_bh % H
+        R: tl.constexpr = HV // H
+        CD: tl.constexpr = 2 * H * K + HV * V
+        row = proj + i_b * sp
+        cs = cstate + i_b * CD * (W - 1)
+        rk = tl.arange(0, BK)
+        rv = tl.arange(0, BV)
+        mk = rk < K
+        mv = rv < V
+        b_q, nq, offq, msq = _conv_piece(row, q_base + i_h * q_hs + rk, i_h * K + rk, mk, wgt, cs, W, BW)
+        b_k, nk, offk, msk = _conv_piece(row, k_base + i_h * k_hs + rk, H * K + i_h * K + rk, mk, wgt, cs, W, BW)
+        b_q = tl.where(mk, b_q, 0.0)
+        b_k = tl.where(mk, b_k, 0.0)
+        b_q = b_q * tl.rsqrt(tl.sum(b_q * b_q, 0) + 1e-6) * scale
+        b_k = b_k * tl.rsqrt(tl.sum(b_k * b_k, 0) + 1e-6)
+        tl.debug_barrier()  # every read of the q/k windows happens before they are rolled
+        tl.store(cs + offq, nq, mask=msq)
+        tl.store(cs + offk, nk, mask=msk)
+        wn = tl.load(nw + rv, mask=mv, other=0.0)
+        for l in range(R):
+            i_hv = i_h * R + l
+            b_v, nv, offv, msv = _conv_piece(row, v_base + i_h * v_hs + l * V + rv, 2 * H * K + i_hv * V + rv, mv,
+                                             wgt, cs, W, BW)
+            tl.debug_barrier()
+            tl.store(cs + offv, nv, mask=msv)
+            b_b = tl.load(row + b_base + i_h * b_hs + l).to(tl.float32)
+            b_a = tl.load(row + a_base + i_h * a_hs + l).to(tl.float32) + tl.load(dt_bias + i_hv).to(tl.float32)
+            sp_a = tl.where(b_a > 20.0, b_a, tl.log(1.0 + tl.exp(tl.minimum(b_a, 20.0))))
+            b_g = -tl.exp(tl.load(A_log + i_hv).to(tl.float32)) * sp_a
+            b_beta = tl.sigmoid(b_b)
+            s_off = ((i_b * HV + i_hv) * K + rk[:, None]) * V + rv[None, :]
+            m_kv = mk[:, None] & mv[None, :]
+            b_S = tl.load(S + s_off, mask=m_kv, other=0.0) * tl.exp(b_g)
+            pred = tl.sum(b_S * b_k[:, None], 0)
+            u = (b_v - pred) * b_beta
+            b_S = b_S + b_k[:, None] * u[None, :]
+            tl.store(S + s_off, b_S, mask=m_kv)
+            b_o = tl.sum(b_S * b_q[:, None], 0)  # (BV,)
+            # gated RMSNorm with the torch module's rounding points (activation dtype after o, norm and weight)
+            xf = tl.where(mv, b_o.to(nv.dtype).to(tl.float32), 0.0)
+            rstd = tl.rsqrt(tl.sum(xf * xf, 0) / V + norm_eps)
+            yv = (xf * rstd).to(nv.dtype).to(tl.float32) * wn.to(nv.dtype).to(tl.float32)
+            gz = tl.load(row + z_base + i_h * z_hs + l * V + rv, mask=mv, other=0.0).to(tl.float32)
+            yv = yv.to(nv.dtype).to(tl.float32) * (gz * tl.sigmoid(gz))
+            tl.store(y + i_b * sy + i_hv * V + rv, yv.to(y.dtype.element_ty), mask=mv)
+
+
+def gdn_decode_fused(proj: torch.Tensor, *, layout: ProjLayout, conv_weight: torch.Tensor, conv_state: torch.Tensor,
+                     recurrent_state: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor,
+                     norm_weight: torch.Tensor, norm_eps: float, num_warps: int | None = None) -> torch.Tensor:
+    """See the module docstring. proj (B, P) with a contiguous last dim; conv_weight (conv_dim, W); conv_state
+    (B, conv_dim, W-1) contiguous in proj's dtype; recurrent_state (B, HV, K, V) float32 contiguous.
+    Falls back to `gdn_decode_reference` where Triton cannot run (CPU without TRITON_INTERPRET, float64)."""
+    L = layout
+    B, P = proj.shape
+    CD = 2 * L.H * L.K + L.HV * L.V
+    W = conv_weight.shape[-1]
+    if P != L.width:
+        raise ValueError(f"proj has {P} columns, the layout expects {L.width}")
+    if tuple(conv_state.shape) != (B, CD, W - 1):
+        raise ValueError(f"conv_state must have shape (B, conv_dim, W-1) = {(B, CD, W - 1)}, got {tuple(conv_state.shape)}")
+    if tuple(recurrent_state.shape) != (B, L.HV, L.K, L.V):
+        raise ValueError(f"recurrent_state must have shape (B, HV, K, V) = {(B, L.HV, L.K, L.V)}, "
+                         f"got {tuple(recurrent_state.shape)}")
+    kw = dict(layout=L, conv_weight=conv_weight, conv_state=conv_state, recurrent_state=recurrent_state, A_log=A_log,
+              dt_bias=dt_bias, norm_weight=norm_weight, norm_eps=norm_eps)
+    if not available(proj) or recurrent_state.dtype != torch.float32 or proj.dtype == torch.float64:
+        return gdn_decode_reference(proj, **kw)
+    if not (conv_state.is_contiguous() and recurrent_state.is_contiguous()) or conv_state.dtype != proj.dtype:
+        raise ValueError("conv_state (in proj's dtype) and recurrent_state must be contiguous")
+    BK, BV = triton.next_power_of_2(L.K), triton.next_power_of_2(L.V)
+    if BK * BV > 256 * 256:
+        raise ValueError(f"gdn_decode_fused supports K * V <= 65536 (head dims K={L.K}, V={L.V})")
+    if proj.stride(-1) != 1:
+        proj = proj.contiguous()
+    y = torch.empty(B, L.HV * L.V, dtype=proj.dtype, device=proj.device)
+    if num_warps is None:
+        num_warps = 8 if BK * BV >= 128 * 128 else 4
+    if B:
+        _gdn_decode_kernel[(B * L.H,)](
+            proj, proj.stride(0), conv_weight.contiguous(), conv_state, A_log, dt_bias, norm_weight, recurrent_state,
+            y, y.stride(0), *L.q, *L.k, *L.v, *L.z, *L.b, *L.a, L.K**-0.5, float(norm_eps),
+            H=L.H, HV=L.HV, K=L.K, V=L.V, W=W, BK=BK, BV=BV, BW=triton.next_power_of_2(W), num_warps=num_warps,
+        )
+    return y

@@ -1,0 +1,232 @@
+"""The fused decode / verify kernels (gdnspec/ops/fused) against their torch references on the CPU through the Triton
+interpreter (TRITON_INTERPRET=1), at awkward shapes (odd head dims, HV = 2H, GQA, B not a power of two, chains, stars,
+random trees, N = 1, 2, 17), outputs AND states; then whole fused model steps against the module-by-module path.
+
+Run: python -m pytest -q tests/test_fused_steps.py   (skipped when triton is not installed)
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+
+_OLD_INTERPRET = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+import torch  # noqa: E402
+
+from conftest import random_parents, randomize_, tiny_config  # noqa: E402
+from gdnspec.layers.layout import TokenLayout  # noqa: E402
+
+_MODS = ["gdnspec.ops.gated_delta_rule.triton_tree", "gdnspec.ops.gated_delta_rule.triton_commit",
+         "gdnspec.ops.gated_delta_rule.triton_decode", "gdnspec.ops.fused.elementwise",
+         "gdnspec.ops.fused.gdn_decode", "gdnspec.ops.fused.attention"]
+for _m in _MODS:  # kernels decorated before TRITON_INTERPRET was set would target a GPU
+    if _m in sys.modules:
+        importlib.reload(sys.modules[_m])
+    else:
+        importlib.import_module(_m)
+ew = sys.modules["gdnspec.ops.fused.elementwise"]
+gd = sys.modules["gdnspec.ops.fused.gdn_decode"]
+at = sys.modules["gdnspec.ops.fused.attention"]
+import gdnspec.models.lm as _lm  # noqa: E402
+
+importlib.reload(_lm)  # binds the reloaded add_rms_norm
+from gdnspec.models.lm import GDNForCausalLM  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_interpret_env():
+    os.environ["TRITON_INTERPRET"] = "1"  # another kernel test module may have restored it after its own tests
+    yield
+    if _OLD_INTERPRET is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _OLD_INTERPRET
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all(), "non-finite values"
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def bound(dtype) -> float:
+    return 2e-6 if dtype == torch.float32 else 2e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_res,offset", [(True, True), (False, False), (True, False)])
+def test_add_rms_norm_and_silu_mul(dtype, with_res, offset):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 1, 37, generator=g).to(dtype)
+    r = torch.randn(3, 1, 37, generator=g).to(dtype) if with_res else None
+    w = (torch.randn(37, generator=g) * 0.3).to(dtype)
+    y, h = ew.add_rms_norm(x, residual=r, weight=w, eps=1e-6, offset=offset)
+    y_ref, h_ref = ew.add_rms_norm_reference(x, residual=r, weight=w, eps=1e-6, offset=offset)
+    # the residual sum is rounded like x + r (exact in float32; the interpreter truncates float32 -> bf16 casts,
+    # where the GPU rounds to nearest, so bf16 is compared to rounding)
+    assert torch.equal(h, h_ref) if dtype == torch.float32 else rel(h, h_ref) < 1e-2
+    assert rel(y, y_ref) < bound(dtype)
+    gu = torch.randn(5, 2, 2 * 19, generator=g).to(dtype)
+    assert rel(ew.silu_mul(gu), ew.silu_mul_reference(gu)) < bound(dtype)
+
+
+GDN_CASES = [  # (B, H, HV, K, V, W, layout, dtype)
+    (3, 2, 4, 12, 20, 4, "qwen3_next", torch.float32),
+    (1, 1, 1, 16, 16, 4, "qwen3_5", torch.float32),
+    (3, 2, 4, 12, 20, 3, "qwen3_5", torch.bfloat16),
+    (2, 3, 3, 8, 24, 4, "qwen3_next", torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("B,H,HV,K,V,W,layout,dtype", GDN_CASES)
+def test_gdn_decode_fused_matches_reference(B, H, HV, K, V, W, layout, dtype):
+    g = torch.Generator().manual_seed(B + H + K)
+    L = (gd.ProjLayout.qwen3_next if layout == "qwen3_next" else gd.ProjLayout.qwen3_5)(H, HV, K, V)
+    CD = 2 * H * K + HV * V
+    conv_w = (torch.randn(CD, W, generator=g) * 0.5).to(dtype)
+    A_log = torch.rand(HV, generator=g).log()
+    dt_bias = torch.randn(HV, generator=g) * 0.5
+    nw = (1 + 0.2 * torch.randn(V, generator=g)).to(dtype)
+    cs0 = torch.randn(B, CD, W - 1, generator=g).to(dtype)
+    S0 = torch.randn(B, HV, K, V, generator=g) * 0.3
+    cs_ref, S_ref = cs0.clone(), S0.clone()
+    cs, S = cs0.clone(), S0.clone()
+    for step in range(3):  # several steps: the rolled windows and states feed the next step
+        proj = torch.randn(B, L.width, generator=g).to(dtype)
+        y_ref = gd.gdn_decode_reference(proj, layout=L, conv_weight=conv_w, conv_state=cs_ref, recurrent_state=S_ref,
+                                        A_log=A_log, dt_bias=dt_bias, norm_weight=nw, norm_eps=1e-6)
+        y = gd.gdn_decode_fused(proj, layout=L, conv_weight=conv_w, conv_state=cs, recurrent_state=S, A_log=A_log,
+                                dt_bias=dt_bias, norm_weight=nw, norm_eps=1e-6)
+        assert rel(y, y_ref) < bound(dtype), step
+        assert torch.equal(cs, cs_ref), step  # the window is a copy: exact
+        assert rel(S, S_ref) < (2e-6 if dtype == torch.float32 else 1e-2), step
+
+
+def test_gdn_decode_fused_refuses_bad_shapes():
+    L = gd.ProjLayout.qwen3_5(2, 4, 8, 8)
+    proj = torch.zeros(2, L.width + 1)
+    with pytest.raises(ValueError, match="columns"):
+        gd.gdn_decode_fused(proj, layout=L, conv_weight=torch.zeros(64, 4), conv_state=torch.zeros(2, 64, 3),
+                            recurrent_state=torch.zeros(2, 4, 8, 8), A_log=torch.zeros(4), dt_bias=torch.zeros(4),
+                            norm_weight=torch.ones(8), norm_eps=1e-6)
+
+
+ATT_CASES = [  # (B, T, H, Hkv, D, rotary_fraction, kind, dtype)
+    (3, 1, 4, 2, 24, 0.5, "decode", torch.float32),
+    (3, 5, 4, 2, 24, 0.5, "random", torch.float32),
+    (2, 17, 2, 2, 16, 1.0, "random", torch.float32),
+    (3, 2, 6, 2, 16, 0.25, "chain", torch.bfloat16),
+    (1, 6, 4, 1, 32, 0.5, "star", torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("B,T,H,Hkv,D,frac,kind,dtype", ATT_CASES)
+def test_attention_prep_and_tree_attention_match_reference(B, T, H, Hkv, D, frac, kind, dtype):
+    from gdnspec.layers.attention import RotaryEmbedding
+
+    g = torch.Generator().manual_seed(T * 7 + D)
+    cap = 40
+    P = 2 * H * D + 2 * Hkv * D
+    qkv = torch.randn(B, T, P, generator=g).to(dtype)
+    lengths = torch.tensor([0, 7, cap - T + 3][:B])  # empty, middle, and a padding row past capacity - T
+    rot = RotaryEmbedding(D, partial_rotary_factor=frac)
+    table, perm = rot._table(qkv[..., :D], None, cap + T)
+    qn, kn = (0.2 * torch.randn(D, generator=g)).to(dtype), (0.2 * torch.randn(D, generator=g)).to(dtype)
+    if kind == "decode":
+        mask, depth = None, torch.zeros(B, 1, dtype=torch.long)
+    else:
+        lay = TokenLayout.from_parents(random_parents(B, T, kind, seed=T))
+        mask, depth = lay.ancestor_mask, lay.depth
+    positions = lengths.clamp(max=cap)[:, None] + depth
+    slots = lengths.clamp(max=cap - T)[:, None] + torch.arange(T)
+    ck0 = torch.randn(B, Hkv, cap, D, generator=g).to(dtype)
+    cv0 = torch.randn(B, Hkv, cap, D, generator=g).to(dtype)
+    kw = dict(num_heads=H, num_kv_heads=Hkv, head_dim=D, q_norm_weight=qn, k_norm_weight=kn, eps=1e-6, table=table,
+              perm=perm, positions=positions, slots=slots)
+    ck_r, cv_r, ck, cv = ck0.clone(), cv0.clone(), ck0.clone(), cv0.clone()
+    q_ref = at.attention_prep_reference(qkv, cache_k=ck_r, cache_v=cv_r, **kw)
+    q = at.attention_prep(qkv, cache_k=ck, cache_v=cv, **kw)
+    assert rel(q, q_ref) < bound(dtype)
+    assert rel(ck, ck_r) < bound(dtype) and torch.equal(cv, cv_r)
+    gate = qkv[..., : 2 * H * D].reshape(B, T, H, 2 * D)[..., D:].reshape(B, T, H * D)
+    out_ref = at.tree_attention_reference(q_ref, ck_r, cv_r, lengths.clamp(max=cap - T), mask, gate=gate, scale=D**-0.5)
+    for splits in (1, 3):
+        out = at.tree_attention(q, ck, cv, lengths, mask, gate=qkv, scale=D**-0.5, num_splits=splits)
+        assert rel(out, out_ref) < (1e-5 if dtype == torch.float32 else 2e-2), splits
+
+
+def _hybrid(dtype, layout="qwen3_next"):
+    cfg = tiny_config(num_hidden_layers=4, full_attention_interval=2, gdn_layout=layout)
+    model = randomize_(GDNForCausalLM(cfg, dtype=torch.float32)).to(dtype).eval()
+    model.gdn_backend = "triton"
+    return model
+
+
+def _states_close(a, b, tol_):
+    for la, lb in zip(a.layers, b.layers):
+        for name, ta in vars(la).items():
+            tb = getattr(lb, name)
+            if name == "lengths":
+                assert torch.equal(ta, tb)
+            elif name in ("k", "v"):
+                n = int(la.lengths.max())
+                assert rel(ta[:, :, :n], tb[:, :, :n]) < tol_, name
+            else:
+                assert rel(ta, tb) < tol_, name
+
+
+@pytest.mark.parametrize("layout", ["qwen3_next", "qwen3_5"])
+@torch.inference_mode()
+def test_fused_decode_and_verify_steps_match_module_path(layout):
+    model = _hybrid(torch.float32, layout)
+    g = torch.Generator().manual_seed(3)
+    B = 3
+    prompt = torch.randint(0, model.vocab_size, (B, 6), generator=g)
+    model.fused_steps = False
+    s_ref = model(prompt).state
+    s = s_ref.clone()
+    for _ in range(3):
+        ids = torch.randint(0, model.vocab_size, (B, 1), generator=g)
+        model.fused_steps = False
+        ref = model(ids, s_ref, mode="fused_decode")
+        model.fused_steps = True
+        out = model(ids, s, mode="fused_decode")
+        assert rel(out.logits, ref.logits) < 1e-5 and rel(out.hidden_states, ref.hidden_states) < 1e-5
+        _states_close(s, s_ref, 1e-5)
+    for kind, N in (("random", 5), ("chain", 2), ("star", 4), ("random", 1)):
+        parents = random_parents(B, N, kind, seed=N)
+        lay = TokenLayout.from_parents(parents)
+        ids = torch.randint(0, model.vocab_size, (B, N), generator=g)
+        model.fused_steps = False
+        ref = model.forward_tree(ids, state=s_ref, layout=lay)
+        model.fused_steps = True
+        out = model.forward_tree(ids, state=s, layout=lay)
+        assert rel(out.logits, ref.logits) < 1e-5, kind
+        path = torch.stack([torch.tensor([0, *([1] if N > 1 else [0])]) for _ in range(B)])
+        counts = torch.tensor([2 if N > 1 and parents[b, 1] == 0 else 1 for b in range(B)])
+        model.commit_tree(s_ref, ref, path=path, counts=counts)
+        model.commit_tree(s, out, path=path, counts=counts)
+        _states_close(s, s_ref, 1e-5)
+
+
+@torch.inference_mode()
+def test_fused_greedy_generation_equals_module_path():
+    from gdnspec import generate_autoregressive
+    from gdnspec.spec import SpeculativeEngine, TreeConfig
+    from gdnspec.spec.drafters import NGramDrafter
+
+    model = _hybrid(torch.float32)
+    prompt = [torch.tensor([1, 2, 3, 4, 1, 2, 3]), torch.tensor([5, 6, 7])]
+    model.fused_steps = False
+    ref = generate_autoregressive(model, prompt, 12)
+    model.fused_steps = True
+    out = generate_autoregressive(model, prompt, 12, static=True)
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))
+    eng = SpeculativeEngine(model, NGramDrafter(), TreeConfig(topk=2, num_steps=3, num_draft_tokens=6))
+    spec = eng.generate(prompt, 12)
+    assert all(torch.equal(a, b) for a, b in zip(spec, ref))
