@@ -81,6 +81,18 @@ def timed_median(fn, repeats: int = 3):
     return out, sorted(times)[len(times) // 2]
 
 
+def count_kernels(fn) -> int:
+    """CUDA kernels (and device memcpy/memset) launched by one call of fn, counted with the torch profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
 def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -101,10 +113,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/results/e2e.json")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--nodes", default="4,8,16,32,64")
-    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke test of this script)")
-    ap.add_argument("--parts", default="decode,verify,speedup", help="which parts to run (comma list)")
+    ap.add_argument("--parts", default="decode,unfused,prefill,verify,speedup", help="which parts to run (comma list)")
+    ap.add_argument("--prefill", default="16,128,512,4096,32768", help="prefill lengths (batch 1)")
+    ap.add_argument("--chains", default="1,2,3,5", help="oracle chain lengths (accept length = chain + 1 without errors)")
+    ap.add_argument("--errors", default="0.0", help="oracle error rates")
     ap.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"], help="GDN kernels (model.gdn_backend)")
     args = ap.parse_args(argv)
     dev = args.device
@@ -125,31 +140,55 @@ def main(argv=None) -> int:
     from gdnspec.runtime.static import compile_enabled
 
     results = {"env": env, "backend": args.backend, "compiled": compile_enabled(), "size": args.size, "params": n_params, "weight_bytes": wbytes, "copy_bandwidth_gbs": bw, "decode": [], "verify": [],
-               "speedup": []}
+               "speedup": [], "prefill": []}
 
-    # 1. plain decode step
+    # 1. plain decode step: fused (default) and module-by-module, graph-replayed; kernels counted on the eager step
     decode_ms = {}
+    variants = ["fused", "unfused"] if "unfused" in parts else ["fused"]
     for B in batches:
-        dec = StaticDecoder(model, batch_size=B, max_len=max_len)
-        ids = torch.randint(0, model.vocab_size, (B,), device=dev)
-        dec.state.reserve_kv(max_len)
-        for layer in dec.state.layers:  # a realistic context: 512 cached positions per row
-            if hasattr(layer, "lengths"):
-                layer.lengths.fill_(512)
-        ms = time_cuda(lambda: dec.step(ids), warmup=5, iters=50)
-        for layer in dec.state.layers:
-            if hasattr(layer, "lengths"):
-                layer.lengths.fill_(512)
-        decode_ms[B] = ms
-        sbytes = state_bytes(dec.state)
-        row = {"batch": B, "step_ms": ms, "tokens_per_s": B / ms * 1e3,
-               "weights_GBps": wbytes / (ms * 1e-3) / 1e9, "weights+state_GBps": (wbytes + sbytes) / (ms * 1e-3) / 1e9,
-               "frac_of_copy_bw": (wbytes + sbytes) / (ms * 1e-3) / 1e9 / bw}
-        results["decode"].append(row)
-        del dec
+        for variant in variants:
+            model.fused_steps = variant == "fused"
+            dec = StaticDecoder(model, batch_size=B, max_len=max_len)
+            ids = torch.randint(0, model.vocab_size, (B,), device=dev)
+            dec.state.reserve_kv(max_len)
+
+            def fill():
+                for layer in dec.state.layers:  # a realistic context: 512 cached positions per row
+                    if hasattr(layer, "lengths"):
+                        layer.lengths.fill_(512)
+
+            fill()
+            ms = time_cuda(lambda: dec.step(ids), warmup=5, iters=50)
+            fill()
+            kernels = count_kernels(lambda: dec._run()) if dev == "cuda" else None
+            fill()
+            if variant == "fused":
+                decode_ms[B] = ms
+            sbytes = state_bytes(dec.state)
+            floor_ms = (wbytes + sbytes) / (bw * 1e9) * 1e3
+            row = {"batch": B, "variant": variant, "step_ms": ms, "floor_ms": floor_ms, "tokens_per_s": B / ms * 1e3,
+                   "kernels": kernels, "weights+state_GBps": (wbytes + sbytes) / (ms * 1e-3) / 1e9,
+                   "frac_of_copy_bw": floor_ms / ms}
+            results["decode"].append(row)
+            del dec
+            torch.cuda.empty_cache()
+    model.fused_steps = True
+    b1 = decode_ms.get(1)
+    for row in results["decode"]:
+        row["x_B1_step"] = row["step_ms"] / b1 if b1 and row["variant"] == "fused" else None
+    print("\n## plain decode step (CUDA graph replay; kernels = CUDA kernels of one eager step, torch profiler)")
+    print_table(results["decode"], ["batch", "variant", "step_ms", "floor_ms", "frac_of_copy_bw", "kernels", "tokens_per_s",
+                                    "x_B1_step"])
+
+    # 1b. prefill (batch 1): chunked kernels for every T >= 2 on CUDA, long prompts in chunks
+    for T in ([int(t) for t in args.prefill.split(",")] if "prefill" in parts else []):
+        ids = torch.randint(0, model.vocab_size, (1, T), device=dev)
+        ms = time_cuda(lambda: model(ids, logits_to_keep=1), warmup=2, iters=5 if T < 8192 else 2)
+        results["prefill"].append({"T": T, "prefill_ms": ms, "tokens_per_s": T / ms * 1e3})
         torch.cuda.empty_cache()
-    print("\n## plain decode step (CUDA graph)")
-    print_table(results["decode"], ["batch", "step_ms", "tokens_per_s", "weights_GBps", "weights+state_GBps", "frac_of_copy_bw"])
+    if results["prefill"]:
+        print("\n## prefill, batch 1 (logits of the last position)")
+        print_table(results["prefill"], ["T", "prefill_ms", "tokens_per_s"])
 
     # 2. verify step vs N
     g = torch.Generator().manual_seed(0)
@@ -175,18 +214,19 @@ def main(argv=None) -> int:
     print("\n## verify step (tree verify + accept + commit, CUDA graph) relative to one decode step")
     print_table(results["verify"], ["batch", "N", "verify_ms", "x_decode_step"])
 
-    # 3. speedup at controlled acceptance (batch 1 and 8)
-    for B in [b for b in batches if b <= 8 and "speedup" in parts]:
+    # 3. speedup at controlled acceptance, prefill included and decode phase alone
+    for B in [b for b in batches if "speedup" in parts]:
         prompts = torch.randint(0, model.vocab_size, (B, args.prompt_len), device=dev)
         generate_autoregressive(model, prompts, args.new_tokens, static=True)  # capture (same KV capacity bucket as timed)
         ref, plain_s = timed_median(lambda: generate_autoregressive(model, prompts, args.new_tokens, static=True))
+        _, prefill_s = timed_median(lambda: model(prompts, logits_to_keep=1))
         ref_ok, _ = greedy_consistent(model, ref, args.prompt_len)
         results.setdefault("plain_greedy_consistent", {})[B] = ref_ok
-        for steps in (3, 5, 7):
+        for steps in [int(c) for c in args.chains.split(",")]:
             eng = SpeculativeEngine(model, OracleDrafter(ref, vocab_size=model.vocab_size), TreeConfig(builder="chain", num_steps=steps),
                                     static=True)
             eng.generate(prompts, args.new_tokens)  # capture once per (batch, chain), same KV capacity bucket as timed
-            for err in (0.0, 0.1, 0.25, 0.5):
+            for err in [float(e) for e in args.errors.split(",")]:
                 eng.drafter = OracleDrafter(ref, error_rate=err, vocab_size=model.vocab_size, seed=steps)
                 eng.stats = type(eng.stats)()
                 out, spec_s = timed_median(lambda: eng.generate(prompts, args.new_tokens))
@@ -198,10 +238,12 @@ def main(argv=None) -> int:
                                            "tokens_per_forward": st["mean_accept_length"],
                                            "plain_tok_s": B * args.new_tokens / plain_s,
                                            "spec_tok_s": B * args.new_tokens / spec_s if ok else None,
-                                           "speedup": plain_s / spec_s if ok else None})
+                                           "prefill_ms": prefill_s * 1e3,
+                                           "speedup": plain_s / spec_s if ok else None,
+                                           "decode_phase_speedup": (plain_s - prefill_s) / (spec_s - prefill_s) if ok else None})
     print("\n## speedup at controlled acceptance (oracle chain drafter; both paths CUDA-graph replayed)")
     print_table(results["speedup"], ["batch", "chain", "error_rate", "correct", "identical_to_plain", "tokens_per_forward",
-                                     "plain_tok_s", "spec_tok_s", "speedup"])
+                                     "plain_tok_s", "spec_tok_s", "prefill_ms", "speedup", "decode_phase_speedup"])
     print("correct = every token is the target's greedy choice up to bf16 rounding (see common.greedy_consistent); "
           "identical_to_plain = token-for-token equal to generate_autoregressive")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -301,3 +301,30 @@ def test_model_built_and_run_under_inference_mode():
         ids = torch.randint(0, 40, (2, 6))
         out = generate_autoregressive(model, ids, 4)
         assert out.shape == (2, 10)
+
+
+@torch.inference_mode()
+def test_chunked_prefill_equals_one_pass_and_cuda_auto_mode_is_chunk():
+    """Long prompts are prefilled in chunks (model.prefill_chunk_size): logits, hidden states and every state
+    (GDN recurrent + conv window, KV cache) equal one pass; on CUDA mode="auto" never takes the token loop."""
+    from gdnspec.layers import resolve_mode
+
+    cfg = tiny_config(num_hidden_layers=4, full_attention_interval=2)
+    model = randomize_(GDNForCausalLM(cfg, dtype=torch.float64)).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 23), generator=torch.Generator().manual_seed(0))
+    ref = model(ids)
+    model.prefill_chunk_size = 5
+    out = model(ids)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out.hidden_states, ref.hidden_states, rtol=1e-10, atol=1e-10)
+    for a, b in zip(out.state.layers, ref.state.layers):
+        for name, t in vars(a).items():
+            u = getattr(b, name)
+            if name in ("k", "v"):
+                t, u = t[:, :, :23], u[:, :, :23]
+            torch.testing.assert_close(t, u, rtol=1e-10, atol=1e-10)
+    last = model(ids, logits_to_keep=3)
+    torch.testing.assert_close(last.logits, ref.logits[:, -3:], rtol=1e-10, atol=1e-10)
+    assert resolve_mode("auto", 2, "cuda") == "chunk" and resolve_mode("auto", 128, "cuda") == "chunk"
+    assert resolve_mode("auto", 2, "cpu") == "recurrent" and resolve_mode("auto", 129, "cpu") == "chunk"
+    assert resolve_mode("auto", 1, "cuda") == "fused_decode"

@@ -175,6 +175,10 @@ class GatedAttention(nn.Module):
         values = torch.cat([cv if cv.dtype == v.dtype else cv.to(v.dtype), v], dim=2)
         if uniform and T == 1:  # every row sees its whole prefix and itself: no mask
             mask = None
+        elif uniform and layout.is_chain and not static:  # causal prefill / chunk: flash attention, no dense mask
+            attn = self._sdpa_causal(q, keys, values, n)
+            attn = attn.transpose(1, 2).reshape(B, T, H * D)
+            return self.o_proj(attn * torch.sigmoid(gate)), (k, v)
         elif uniform:
             mask = torch.cat([layout.ancestor_mask.new_ones(()).expand(B, T, n), layout.ancestor_mask], dim=-1)[:, None]
         else:
@@ -225,6 +229,20 @@ class GatedAttention(nn.Module):
         if write_lengths:
             cache.lengths += T
         return self.o_proj(attn), kv
+
+    def _sdpa_causal(self, q, keys, values, prefix: int):
+        """Causal attention of T queries after `prefix` cached positions (every row the same prefix): SDPA's causal
+        kernels (flash / memory-efficient on CUDA), the causal diagonal aligned to the bottom right when prefix > 0."""
+        H, Hkv = self.num_heads, self.num_kv_heads
+        if Hkv != H:  # the causal flash kernels take equal head counts: expand the grouped keys (a view, then a copy)
+            keys = keys.repeat_interleave(H // Hkv, dim=1)
+            values = values.repeat_interleave(H // Hkv, dim=1)
+        if prefix == 0:
+            return F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.head_dim**-0.5)
+        from torch.nn.attention.bias import causal_lower_right
+
+        bias = causal_lower_right(q.shape[2], keys.shape[2])
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=self.head_dim**-0.5)
 
     def _sdpa(self, q, keys, values, mask):
         H, Hkv = self.num_heads, self.num_kv_heads

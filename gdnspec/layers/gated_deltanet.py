@@ -64,12 +64,18 @@ def _use_triton(backend: str, tensor: torch.Tensor) -> bool:
 LAYOUTS = ("qwen3_next", "qwen3_5")
 
 
-def resolve_mode(mode: str, seq_len: int) -> str:
-    """The seed's rule for mode="auto": T == 1 -> fused_decode, T > 128 -> chunk, otherwise recurrent."""
+def resolve_mode(mode: str, seq_len: int, device: torch.device | str | None = None) -> str:
+    """mode="auto": T == 1 -> fused_decode everywhere. T >= 2: on CUDA always "chunk" (fla's chunked kernel, no Python
+    loop over tokens); elsewhere the seed's rule, T > 128 -> chunk, otherwise recurrent (on the CPU the token loop is
+    cheaper than the chunk form's 64 x 64 blocks for short inputs)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "auto":
-        return "fused_decode" if seq_len == 1 else ("chunk" if seq_len > 128 else "recurrent")
+        if seq_len == 1:
+            return "fused_decode"
+        if device is not None and torch.device(device).type == "cuda":
+            return "chunk"
+        return "chunk" if seq_len > 128 else "recurrent"
     if mode == "fused_decode" and seq_len != 1:
         raise ValueError(f"mode='fused_decode' takes exactly one token, got seq_len={seq_len}")
     return mode
@@ -248,7 +254,7 @@ class Qwen3GatedDeltaNet(nn.Module):
         x = hidden_states
         self._check_input(x)
         B, T, _ = x.shape
-        mode = resolve_mode(mode, T)
+        mode = resolve_mode(mode, T, x.device)
         if state is None:
             state = self.new_state(B, dtype=x.dtype, device=x.device)
         self._check_state(state, B, x.dtype)

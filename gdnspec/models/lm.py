@@ -134,6 +134,9 @@ class GDNForCausalLM(nn.Module):
         # fused decode / verify steps (gdnspec/ops/fused): used when the GDN backend is Triton and no gradient is
         # needed; False keeps the module-by-module path (the reference the fused steps are tested against)
         self.fused_steps = True
+        # prompts longer than this are prefilled in chunks of this many tokens (bounded memory; same result up to
+        # float rounding: GDN state, conv window and KV cache carry across chunks)
+        self.prefill_chunk_size = 8192
 
     def _backend(self, tensor: torch.Tensor) -> str:
         if self.gdn_backend == "auto":
@@ -231,10 +234,21 @@ class GDNForCausalLM(nn.Module):
                 y, resid = layer.decode_fused(y, resid, s, reserve_kv=reserve_kv)
             x, h = add_rms_norm(y, residual=resid, weight=self.norm.weight, eps=self.norm.eps, offset=self.norm.offset)
             return CausalLMOutput(logits=self.lm_head(x), hidden_states=h, state=state)
-        layout = TokenLayout.chain(B, T, device=input_ids.device)
+        chunk = self.prefill_chunk_size
+        capturing = h.is_cuda and torch.cuda.is_current_stream_capturing()
+        if T > chunk and not capturing:  # long prompt: bounded activations and masks, same result
+            hs = [self._forward_chain(h[:, s0: s0 + chunk], state, mode, reserve_kv, backend) for s0 in range(0, T, chunk)]
+            h = torch.cat(hs, dim=1)
+        else:
+            h = self._forward_chain(h, state, mode, reserve_kv, backend)
+        return CausalLMOutput(logits=self._logits(h, logits_to_keep), hidden_states=h, state=state)
+
+    def _forward_chain(self, h: torch.Tensor, state: ModelState, mode: str, reserve_kv: bool, backend: str) -> torch.Tensor:
+        B, T = h.shape[:2]
+        layout = TokenLayout.chain(B, T, device=h.device)
         for layer, s in zip(self.layers, state.layers):
             h = layer.forward_state(h, s, layout, mode, reserve_kv, backend)
-        return CausalLMOutput(logits=self._logits(h, logits_to_keep), hidden_states=h, state=state)
+        return h
 
     def forward_tree(self, input_ids: torch.Tensor, *, state: ModelState, layout: TokenLayout, validate: bool = True
                      ) -> TreeVerifyOutput:
