@@ -133,6 +133,21 @@ def _layer_types(c: dict, n: int) -> list[str]:
     return list(lt)
 
 
+# Fields that both levels of a Qwen3.5 VLM config.json (Qwen3_5Config / Qwen3_5MoeConfig and their text_config) can
+# hold, and which level transformers 5 takes for the text model: the text model is built from text_config alone (a
+# text field written at the top level is an unused extra attribute), except
+#   tie_word_embeddings  the top level's (default False): lm_head belongs to the top-level ForConditionalGeneration
+#                        model, and PreTrainedModel ties by its own config; text_config's value is ignored.
+#   dtype / torch_dtype  the top level's (from_pretrained(dtype="auto") reads config.dtype, else the weights' dtype).
+#   bos / eos / pad ids  generation_config.json, else the top level's, else text_config's (see hf_generation_info).
+VLM_TOP_LEVEL_DEFAULTS = {"tie_word_embeddings": False}
+
+
+def _vlm_top_level(raw: dict) -> dict:
+    """The text-model fields that transformers takes from the top level of a VLM config.json (with its defaults)."""
+    return {k: raw.get(k, default) for k, default in VLM_TOP_LEVEL_DEFAULTS.items()}
+
+
 def _qwen_config(raw: dict) -> tuple[GDNConfig, str]:
     """GDNConfig and the text model_type for a Qwen3-Next / Qwen3.5 config.json."""
     mt = raw["model_type"]
@@ -140,9 +155,7 @@ def _qwen_config(raw: dict) -> tuple[GDNConfig, str]:
     if mt in ("qwen3_5", "qwen3_5_moe"):
         if not isinstance(raw.get("text_config"), dict):
             raise CheckpointError(f"config.json of model_type {mt!r} has no text_config")
-        c = dict(raw["text_config"])
-        if "tie_word_embeddings" in raw:
-            c.setdefault("tie_word_embeddings", raw["tie_word_embeddings"])
+        c = dict(raw["text_config"], **_vlm_top_level(raw))
         c.setdefault("model_type", mt + "_text")
         mt = mt + "_text"
     act = c.get("hidden_act", "silu")
@@ -427,11 +440,21 @@ def _materialize(module: torch.nn.Module, state: dict[str, torch.Tensor], dtype,
         raise CheckpointError(f"{where}: tensors not loaded: {left}")
 
 
+def _differing_lm_head(src: SafetensorsFolder, embed: str) -> bool:
+    """Whether the checkpoint stores lm_head.weight next to the embedding `embed` with different values (then
+    transformers does not tie them although the config says so, and uses both as stored)."""
+    if "lm_head.weight" not in src or embed not in src:
+        return False
+    head, emb = src.get("lm_head.weight"), src.get(embed)
+    return head.shape != emb.shape or not torch.equal(head, emb)
+
+
 def _default_dtype(raw: dict, src: SafetensorsFolder, probe: str) -> torch.dtype:
-    for c in (raw, raw.get("text_config") or {}):
-        for key in ("dtype", "torch_dtype"):
-            if isinstance(c.get(key), str) and c[key] in _DTYPES:
-                return _DTYPES[c[key]]
+    """The top level's dtype / torch_dtype (as transformers: a VLM's text_config dtype is not read), else the
+    stored dtype of tensor `probe`."""
+    for key in ("dtype", "torch_dtype"):
+        if isinstance(raw.get(key), str) and raw[key] in _DTYPES:
+            return _DTYPES[raw[key]]
     return src.get(probe).dtype if probe in src else torch.float32
 
 
@@ -459,6 +482,10 @@ def load_hf(path, *, dtype: torch.dtype | None = None, device=None):
         dtype = dtype or _default_dtype(raw, src, probe)
         with torch.device("meta"):
             model = GDNForCausalLM(config, dtype=dtype)
+        if config.tie_word_embeddings and _differing_lm_head(src, probe):
+            config.tie_word_embeddings = False  # as transformers: both stored and different -> not tied
+            with torch.device("meta"):
+                model = GDNForCausalLM(config, dtype=dtype)
         expected = {k: v.shape for k, v in model.state_dict().items()}
         tied = config.tie_word_embeddings
         if tied:
