@@ -4,7 +4,7 @@
     out = engine.generate(prompts, max_new_tokens=128)            # same forms as generate_autoregressive
 
     session = engine.session()                                    # slot pool: add / step / drop between steps
-    ids = session.add(prompts, max_new_tokens=64, eos_token_id=2)
+    ids = session.add(prompts, max_new_tokens=64, eos_token_id=[2, 7])   # stop ids: for all, or one entry per prompt
     while session.active: session.step()
 
 One step for the active rows:
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gdnspec.cache import ModelState
-from gdnspec.generate import check_generation_args, normalize_prompts, pack_outputs
+from gdnspec.generate import check_finite, check_generation_args, normalize_prompts, pack_outputs, stop_ids
 from gdnspec.sampling import check_sampling_args, sample_next
 from gdnspec.spec.accept import Acceptance, accept_greedy, accept_sampling
 from gdnspec.spec.stats import SpecStats
@@ -33,7 +33,7 @@ from gdnspec.spec.tree import DraftTree, TreeConfig
 class _Sequence:
     prompt: torch.Tensor
     max_new_tokens: int
-    eos_token_id: int | None
+    stop_ids: tuple[int, ...]  # ends at the first of them
     new_tokens: list[int] = field(default_factory=list)
     done: bool = False
 
@@ -45,7 +45,7 @@ class _Sequence:
                 break
             self.new_tokens.append(t)
             out.append(t)
-            if len(self.new_tokens) >= self.max_new_tokens or (self.eos_token_id is not None and t == self.eos_token_id):
+            if len(self.new_tokens) >= self.max_new_tokens or t in self.stop_ids:
                 self.done = True
         return out
 
@@ -57,6 +57,17 @@ def per_sequence(value, n: int, name: str) -> list:
             raise ValueError(f"{name} has {len(value)} entries for {n} sequences")
         return list(value)
     return [value] * n
+
+
+def per_sequence_stops(value, n: int) -> list[tuple[int, ...]]:
+    """Stop ids for each of n sequences. `value`: None, one id, or a list of ids (the same stops for every sequence,
+    the Hugging Face meaning of a list), or a list with one entry per sequence (None / an id / a list of ids) holding
+    at least one None or list entry (so [[2], [5]] gives sequence 0 stop id 2 and sequence 1 stop id 5)."""
+    if isinstance(value, (list, tuple)) and any(v is None or isinstance(v, (list, tuple)) for v in value):
+        if len(value) != n:
+            raise ValueError(f"eos_token_id has {len(value)} per-sequence entries for {n} sequences")
+        return [stop_ids(v, name=f"eos_token_id[{i}]") for i, v in enumerate(value)]
+    return [stop_ids(value)] * n
 
 
 def trim_tree(tree: DraftTree) -> DraftTree:
@@ -90,20 +101,21 @@ class SpeculativeEngine:
         return SpecSession(self)
 
     def generate(self, input_ids, max_new_tokens, eos_token_id=None):
-        """Same forms as generate_autoregressive; max_new_tokens and eos_token_id may also be per-sequence lists."""
+        """Same forms as generate_autoregressive; max_new_tokens may also be a per-sequence list, and eos_token_id
+        per-sequence entries (see per_sequence_stops)."""
         prompts, as_tensor = normalize_prompts(input_ids, vocab_size=self.target.vocab_size)
         budgets = per_sequence(max_new_tokens, len(prompts), "max_new_tokens")
-        eos_ids = per_sequence(eos_token_id, len(prompts), "eos_token_id")
-        for m, e in zip(budgets, eos_ids):
-            check_generation_args(m, e)
+        stops = per_sequence_stops(eos_token_id, len(prompts))
+        for m in budgets:
+            check_generation_args(m, None)
         session = self.session()
-        ids = session.add(prompts, max_new_tokens=budgets, eos_token_id=eos_ids)
+        ids = session.add(prompts, max_new_tokens=budgets, eos_token_id=[list(s) for s in stops])
         if self.static and session.active:
             longest = max(p.numel() + m for p, m in zip(prompts, budgets))
             session.run_static(max_len=-(-(longest + 1) // 256) * 256)
         while session.active:
             session.step()
-        pad = next((e for e in eos_ids if e is not None), None)
+        pad = next((s[0] for s in stops if s), None)
         return pack_outputs([session.sequence(i) for i in ids], as_tensor, pad)
 
     def runner(self, batch_size: int, max_len: int):
@@ -150,14 +162,18 @@ class SpecSession:
     def add(self, prompts: list[torch.Tensor], *, max_new_tokens, eos_token_id=None) -> list[int]:
         """Prefill target and drafter on new prompts, emit their first token, and add them to the pool.
 
-        max_new_tokens / eos_token_id: one value for all, or a list with one entry per prompt. Returns sequence ids."""
+        max_new_tokens: one value for all, or a list with one entry per prompt. eos_token_id: stop ids, one id or a
+        list for all, or per-sequence entries (see per_sequence_stops). Returns sequence ids."""
         eng = self.engine
         target = eng.target
+        prompts, _ = normalize_prompts(list(prompts) if isinstance(prompts, (list, tuple)) else prompts,
+                                       vocab_size=target.vocab_size)
         budgets = per_sequence(max_new_tokens, len(prompts), "max_new_tokens")
-        eos_ids = per_sequence(eos_token_id, len(prompts), "eos_token_id")
+        stops = per_sequence_stops(eos_token_id, len(prompts))
+        for m in budgets:
+            check_generation_args(m, None)
         all_ids = []
-        for p, m, e in zip(prompts, budgets, eos_ids):
-            check_generation_args(m, e)
+        for p, m, e in zip(prompts, budgets, stops):
             self.sequences[self._next_id] = _Sequence(p.cpu().long(), m, e, done=m == 0)
             all_ids.append(self._next_id)
             self._next_id += 1
@@ -176,6 +192,7 @@ class SpecSession:
             logits.append(out.logits[:, -1])
             hiddens.extend(list(out.hidden_states) if need_hidden else [])
         t_state = ModelState.cat(states) if len(states) > 1 else states[0]
+        check_finite(torch.cat(logits))
         first = eng.sample(torch.cat(logits))
         d_state = eng.drafter.begin(prompts, target_hidden=hiddens if need_hidden else None)
         keep = []

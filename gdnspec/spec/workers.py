@@ -161,9 +161,10 @@ class GDNSpeculativeWorker:
         rows = [new[i] for i in ids]
         return _pad_rows(rows, self.target.device), torch.tensor([len(r) for r in rows], device=self.target.device)
 
-    def generate(self, input_ids, max_new_tokens: int, temperature: float = 0.0, eos_token_id: int | None = None,
-                 top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None):
-        """Same inputs and outputs as gdnspec.generate_autoregressive; greedy output is identical to it."""
+    def generate(self, input_ids, max_new_tokens: int, temperature: float = 0.0,
+                 eos_token_id: int | list[int] | None = None, top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None):
+        """Same inputs and outputs as gdnspec.generate_autoregressive (eos_token_id: one id or a list of stop ids);
+        greedy output is identical to it."""
         return self._engine_for(temperature, top_k, top_p, generator).generate(input_ids, max_new_tokens, eos_token_id)
 
     def get_statistics(self) -> dict:
