@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from gdnspec.concurrency import static_lock
 from gdnspec.sampling import check_sampling_args, sample_next
 
 
@@ -160,6 +161,7 @@ def generate_autoregressive(model, input_ids, max_new_tokens: int, temperature: 
     """Plain decoding, one target forward per new token. See the module docstring.
 
     static=None: on CUDA the decode step is a fixed-shape step replayed from a CUDA graph (gdnspec.runtime).
+    Safe to call from several threads on one model (static decoding of one model runs one call at a time).
     """
     check_generation_args(max_new_tokens, eos_token_id)
     stops = stop_ids(eos_token_id)
@@ -172,7 +174,8 @@ def generate_autoregressive(model, input_ids, max_new_tokens: int, temperature: 
         def sample(lg):
             return sample_next(lg, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
 
-        _decode_static(model, prompts, new_tokens, max_new_tokens, stops, sample)
+        with static_lock(model):  # the cached static decoders are shared by every caller of this model
+            _decode_static(model, prompts, new_tokens, max_new_tokens, stops, sample)
     elif max_new_tokens > 0:
         state, logits, _ = prefill(model, prompts)
         check_finite(logits)

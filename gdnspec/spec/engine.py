@@ -17,11 +17,13 @@ Finished rows (eos or max_new_tokens) are dropped from every state so they stop 
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import torch
 
 from gdnspec.cache import ModelState
+from gdnspec.concurrency import exclusive, static_lock
 from gdnspec.generate import check_finite, check_generation_args, normalize_prompts, pack_outputs, stop_ids
 from gdnspec.sampling import check_sampling_args, sample_next
 from gdnspec.spec.accept import Acceptance, accept_greedy, accept_sampling
@@ -139,9 +141,13 @@ class SpeculativeEngine:
 
 
 class SpecSession:
-    """Active sequences of one engine: row r of every state belongs to sequence `rows[r]`."""
+    """Active sequences of one engine: row r of every state belongs to sequence `rows[r]`.
+
+    A session belongs to one thread at a time (a concurrent add / step / drop / run_static from another thread raises
+    RuntimeError); an engine may serve many sessions, in as many threads."""
 
     def __init__(self, engine: SpeculativeEngine):
+        self._busy, self._owner = threading.Lock(), None
         self.engine = engine
         self.sequences: dict[int, _Sequence] = {}
         self.rows: list[int] = []
@@ -158,6 +164,7 @@ class SpecSession:
         s = self.sequences[seq_id]
         return torch.cat([s.prompt, torch.tensor(s.new_tokens, dtype=torch.long)]).to(self.engine.target.device)
 
+    @exclusive
     @torch.inference_mode()
     def add(self, prompts: list[torch.Tensor], *, max_new_tokens, eos_token_id=None) -> list[int]:
         """Prefill target and drafter on new prompts, emit their first token, and add them to the pool.
@@ -214,6 +221,7 @@ class SpecSession:
         self.rows.extend(new_rows)
         return all_ids
 
+    @exclusive
     def drop(self, seq_ids: list[int]) -> None:
         """Stop sequences (they keep the tokens they have)."""
         for i in seq_ids:
@@ -240,10 +248,15 @@ class SpecSession:
         self.engine.stats.record(drafted=drafted, accepted=accepted, emitted=emitted_counts)
         return new
 
+    @exclusive
     @torch.inference_mode()
     def run_static(self, *, max_len: int) -> None:
         """Decode every active sequence to the end with static, graph-replayed steps (greedy). Rows that finish are
         moved out, and the rest continue in the smallest batch bucket that holds them."""
+        with static_lock(self.engine.target):  # cached runners (and CUDA graph capture) serve one caller at a time
+            self._run_static(max_len)
+
+    def _run_static(self, max_len: int) -> None:
         from gdnspec.runtime import batch_bucket
 
         eng = self.engine
@@ -274,6 +287,7 @@ class SpecSession:
             self.draft_state = runner.draft_state.select(keep) if runner.in_graph_drafter else self.draft_state.select(keep)
             self.verified = self.verified[keep]
 
+    @exclusive
     @torch.inference_mode()
     def step(self) -> dict[int, list[int]]:
         """One draft -> verify -> accept -> commit step for every active sequence; returns the new tokens per sequence."""
