@@ -17,6 +17,7 @@ and the sampling defaults of `bundle.sampling_args()`:
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,29 +113,92 @@ def _gdnspec_folders(path: Path) -> tuple[Path, Path | None, Path | None]:
     return target, found.get("draft"), found.get("eagle")
 
 
-def _model_type(folder: Path) -> str | None:
+def _model_type(folder: Path) -> str:
+    """config.json's model_type; errors name the file (missing, malformed, or without a model_type)."""
+    from gdnspec.models.checkpoint import read_config_json
+    from gdnspec.models.hf import CheckpointError
+
     cfg = folder / "config.json"
-    return json.loads(cfg.read_text()).get("model_type") if cfg.exists() else None
+    if not cfg.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: not a model folder")
+    mt = read_config_json(cfg).get("model_type")
+    if not isinstance(mt, str) or not mt:
+        raise CheckpointError(f"{cfg} has no model_type (expected 'gdnspec' or a Hugging Face model type such as "
+                              f"'qwen3_next'), got {mt!r}")
+    return mt
 
 
-def load(path: str | Path | None = None, *, dtype: torch.dtype | None = None, device=None) -> Bundle:
-    """Load a bundle (see the module docstring). dtype None: float32 for gdnspec folders, the checkpoint's own for HF."""
+_DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+                "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64, "fp64": torch.float64,
+                "double": torch.float64}
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    """None, a floating torch dtype, or its name ("float16", "torch.bfloat16", "bf16", ...) -> torch.dtype or None."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        key = dtype.strip().lower().removeprefix("torch.")
+        if key in _DTYPE_NAMES:
+            return _DTYPE_NAMES[key]
+    elif isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    raise ValueError(f"dtype must be None or a floating-point dtype (torch.float32, torch.float16, torch.bfloat16, "
+                     f"torch.float64, or its name such as 'float16'), got {dtype!r}")
+
+
+def parse_device(device) -> torch.device | None:
+    """None or a device spec ('cpu', 'cuda', 'cuda:1', torch.device) that exists on this machine -> torch.device."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device must be None or a torch device such as 'cpu', 'cuda' or 'cuda:0', "
+                         f"got {device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available on this machine (use 'cpu')")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def _load_drafter_model(folder: Path, role: str, dtype, device):
+    """load_checkpoint for a drafter folder; its errors say which drafter (and folder) failed."""
+    from gdnspec.models.checkpoint import load_checkpoint
+    from gdnspec.models.hf import CheckpointError
+
+    try:
+        return load_checkpoint(folder, dtype=dtype, device=device)[0]
+    except (CheckpointError, ValueError, TypeError, OSError) as e:
+        raise CheckpointError(f"the {role} checkpoint in {folder} could not be loaded: {e}") from e
+
+
+def load(path: str | Path | None = None, *, dtype: torch.dtype | str | None = None, device=None) -> Bundle:
+    """Load a bundle (see the module docstring). dtype None: float32 for gdnspec folders, the checkpoint's own for HF
+    (a torch dtype or its name, e.g. "bfloat16"). device: "cpu", "cuda", "cuda:1", ... (default CPU)."""
     from gdnspec.models.checkpoint import DEFAULT_DIR, load_checkpoint
 
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a folder path (str or pathlib.Path), or None for the embedded default model; "
+                        f"got {type(path).__name__}")
+    dtype, device = parse_dtype(dtype), parse_device(device)
     folder = Path(path) if path is not None else DEFAULT_DIR
     if not folder.exists():
         raise FileNotFoundError(f"model folder {folder} does not exist")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is a file: path must be a model folder (with config.json)")
     target_dir, draft_dir, eagle_dir = _gdnspec_folders(folder)
     mt = _model_type(target_dir)
-    if mt is None:
-        raise FileNotFoundError(f"{target_dir} has no config.json: not a model folder")
     if mt == "gdnspec":
         model, tok = load_checkpoint(target_dir, dtype=dtype, device=device)
         drafters = {"ngram": NGramDrafter()}
         if draft_dir is not None:
-            drafters["model"] = ModelDrafter(load_checkpoint(draft_dir, dtype=dtype, device=device)[0])
+            drafters["model"] = ModelDrafter(_load_drafter_model(draft_dir, "draft model", dtype, device))
         if eagle_dir is not None:
-            drafters["eagle"] = EagleDrafter(load_checkpoint(eagle_dir, dtype=dtype, device=device)[0], model)
+            drafters["eagle"] = EagleDrafter(_load_drafter_model(eagle_dir, "EAGLE head", dtype, device), model)
         return Bundle(model, tok, drafters, target_dir, read_generation_config(target_dir))
     from gdnspec.models.hf import load_hf
 

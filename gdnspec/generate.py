@@ -16,6 +16,28 @@ from gdnspec.concurrency import static_lock
 from gdnspec.sampling import check_sampling_args, sample_next
 
 
+_MODEL_API = ("vocab_size", "device", "new_state", "forward_tree", "commit_tree")
+
+
+def check_model(model, name: str = "model") -> None:
+    """Raise TypeError naming `name` unless `model` is a gdnspec causal LM (GDNForCausalLM or the like: vocab_size,
+    device, new_state, forward_tree, commit_tree)."""
+    if not isinstance(model, torch.nn.Module) or not all(hasattr(model, a) for a in _MODEL_API):
+        raise TypeError(f"{name} must be a gdnspec language model (a GDNForCausalLM, e.g. gdnspec.load(...).model), "
+                        f"got {type(model).__name__}")
+
+
+def _as_prompt(p, i: int) -> torch.Tensor:
+    if isinstance(p, torch.Tensor):
+        return p
+    if p is None or isinstance(p, (str, bytes, dict)):
+        raise ValueError(f"prompt {i} must be a 1-D tensor or list of token ids, got {type(p).__name__}")
+    try:
+        return torch.as_tensor(p)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"prompt {i} must be a 1-D tensor or list of token ids, got {p!r:.80} ({e})") from None
+
+
 def normalize_prompts(input_ids, *, vocab_size: int | None = None) -> tuple[list[torch.Tensor], bool]:
     """-> (list of 1-D long prompts, whether the input was a (B, T) tensor). Raises on empty or malformed prompts."""
     if isinstance(input_ids, torch.Tensor):
@@ -23,7 +45,7 @@ def normalize_prompts(input_ids, *, vocab_size: int | None = None) -> tuple[list
             raise ValueError(f"input_ids must be a LongTensor (B, T) or a list of 1-D LongTensors, got shape {tuple(input_ids.shape)}")
         prompts, as_tensor = list(input_ids), True
     elif isinstance(input_ids, (list, tuple)):
-        prompts, as_tensor = [torch.as_tensor(p) for p in input_ids], False
+        prompts, as_tensor = [_as_prompt(p, i) for i, p in enumerate(input_ids)], False
     else:
         raise TypeError(f"input_ids must be a LongTensor (B, T) or a list of 1-D LongTensors, got {type(input_ids).__name__}")
     if not prompts:
@@ -163,6 +185,7 @@ def generate_autoregressive(model, input_ids, max_new_tokens: int, temperature: 
     static=None: on CUDA the decode step is a fixed-shape step replayed from a CUDA graph (gdnspec.runtime).
     Safe to call from several threads on one model (static decoding of one model runs one call at a time).
     """
+    check_model(model)
     check_generation_args(max_new_tokens, eos_token_id)
     stops = stop_ids(eos_token_id)
     check_sampling_args(temperature, top_k, top_p)

@@ -42,10 +42,17 @@ class CheckpointError(ValueError):
 
 # ---------------------------------------------------------------------------------------------------- files
 def _read_json(path: Path) -> dict:
+    """A JSON object file as a dict; CheckpointError naming the path when unreadable, not JSON or not an object."""
     try:
-        return json.loads(path.read_text())
+        text = path.read_text()
+        data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+        raise CheckpointError(f"{path} is not valid JSON ({e})" if text.strip() else f"{path} is empty") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} cannot be read: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(data).__name__}: {text[:60]!r}")
+    return data
 
 
 def is_hf_folder(path) -> bool:
@@ -82,12 +89,9 @@ class SafetensorsFolder:
             if missing:
                 raise CheckpointError(f"{index} lists shard files that are missing: {missing}")
         elif single.is_file():
-            with safe_open(str(single), framework="pt") as f:
-                self.file_of = {k: single for k in f.keys()}
+            self.file_of = {k: single for k in self._handle(single).keys()}
         else:
             raise CheckpointError(f"{folder} has neither model.safetensors nor model.safetensors.index.json")
-        self._handles: dict[Path, object] = {}
-
     def keys(self) -> list[str]:
         return list(self.file_of)
 
@@ -98,17 +102,28 @@ class SafetensorsFolder:
         return tuple(self._handle(self.file_of[name]).get_slice(name).get_shape())
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handle(self.file_of[name]).get_tensor(name)
+        path = self.file_of[name]
+        try:
+            return self._handle(path).get_tensor(name)
+        except Exception as e:  # noqa: BLE001 - SafetensorError and friends, without the file's path
+            raise CheckpointError(f"{path}: tensor {name!r} cannot be read (truncated or corrupted file?): "
+                                  f"{type(e).__name__}: {e}") from None
 
     def _handle(self, path: Path):
-        if path not in self._handles:
-            self._handles[path] = self._open(str(path), framework="pt").__enter__()
-        return self._handles[path]
+        handles = self.__dict__.setdefault("_handles", {})
+        if path not in handles:
+            try:
+                handles[path] = self._open(str(path), framework="pt").__enter__()
+            except Exception as e:  # noqa: BLE001
+                raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupted?): "
+                                      f"{type(e).__name__}: {e}") from None
+        return handles[path]
 
     def close(self) -> None:
-        for h in self._handles.values():
+        handles = self.__dict__.get("_handles", {})
+        for h in handles.values():
             h.__exit__(None, None, None)
-        self._handles.clear()
+        handles.clear()
 
 
 # ---------------------------------------------------------------------------------------------------- configs
@@ -419,6 +434,11 @@ class _SubFolder:
 def _materialize(module: torch.nn.Module, state: dict[str, torch.Tensor], dtype, device, where: str, *,
                  rope_theta: float) -> None:
     """Load `state` into a meta-device module (assign), cast/move, and check nothing stayed on meta."""
+    own = module.state_dict()
+    bad = [f"{k} ({v.dtype})" for k, v in state.items()
+           if k in own and own[k].is_floating_point() and not v.is_floating_point()]
+    if bad:
+        raise CheckpointError(f"{where}: tensors stored with a non-float dtype where float weights belong: {bad}")
     cast = {}
     for k, v in state.items():  # tensors shared in `state` (tied weights) stay shared
         cast[id(v)] = cast.get(id(v)) if id(v) in cast else v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
@@ -513,9 +533,9 @@ def load_hf(path, *, dtype: torch.dtype | None = None, device=None):
         src.close()
     tok = None
     if (folder / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
+        from gdnspec.models.checkpoint import load_tokenizer
 
-        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        tok = load_tokenizer(folder / "tokenizer.json", vocab_size=config.vocab_size)
     return model, tok, mtp
 
 

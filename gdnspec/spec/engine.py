@@ -24,11 +24,20 @@ import torch
 
 from gdnspec.cache import ModelState
 from gdnspec.concurrency import exclusive, static_lock
-from gdnspec.generate import check_finite, check_generation_args, normalize_prompts, pack_outputs, stop_ids
+from gdnspec.generate import (check_finite, check_generation_args, check_model, normalize_prompts, pack_outputs,
+                              stop_ids)
 from gdnspec.sampling import check_sampling_args, sample_next
 from gdnspec.spec.accept import Acceptance, accept_greedy, accept_sampling
+from gdnspec.spec.drafters.base import check_drafter
 from gdnspec.spec.stats import SpecStats
 from gdnspec.spec.tree import DraftTree, TreeConfig
+
+
+class UnknownSequenceError(KeyError):
+    """A sequence id that the session never returned from add()."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 @dataclass
@@ -85,6 +94,10 @@ class SpeculativeEngine:
     def __init__(self, target, drafter, config: TreeConfig, *, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, generator: torch.Generator | None = None, trim_trees: bool = True,
                  static: bool | None = None):
+        check_model(target, "target")
+        check_drafter(drafter)
+        if not isinstance(config, TreeConfig):
+            raise TypeError(f"config must be a TreeConfig, got {type(config).__name__}")
         check_sampling_args(temperature, top_k, top_p)
         dv = getattr(drafter, "vocab_size", None)
         if dv is not None and dv != target.vocab_size:
@@ -160,8 +173,16 @@ class SpecSession:
     def active(self) -> list[int]:
         return list(self.rows)
 
+    def _get(self, seq_id) -> _Sequence:
+        try:
+            return self.sequences[seq_id]
+        except (KeyError, TypeError):
+            raise UnknownSequenceError(f"no sequence with id {seq_id!r} in this session (ids are what add() returned: "
+                                       f"{sorted(self.sequences)[:8]}{' ...' if len(self.sequences) > 8 else ''})") from None
+
     def sequence(self, seq_id: int) -> torch.Tensor:
-        s = self.sequences[seq_id]
+        """The prompt followed by the tokens emitted so far for sequence `seq_id` (an id returned by `add`)."""
+        s = self._get(seq_id)
         return torch.cat([s.prompt, torch.tensor(s.new_tokens, dtype=torch.long)]).to(self.engine.target.device)
 
     @exclusive
@@ -223,9 +244,11 @@ class SpecSession:
 
     @exclusive
     def drop(self, seq_ids: list[int]) -> None:
-        """Stop sequences (they keep the tokens they have)."""
-        for i in seq_ids:
-            self.sequences[i].done = True
+        """Stop sequences (they keep the tokens they have); seq_ids: ids returned by `add`."""
+        if not isinstance(seq_ids, (list, tuple, set, range)):
+            raise TypeError(f"seq_ids must be a list of sequence ids, got {type(seq_ids).__name__}")
+        for s in [self._get(i) for i in seq_ids]:  # all checked before any is dropped
+            s.done = True
         self._compact()
 
     def _compact(self) -> None:
