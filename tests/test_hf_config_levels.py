@@ -155,3 +155,26 @@ def test_special_token_ids_levels(tied_vlm, tmp_path, where):
     info = hf_generation_info(variant)
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         assert info.get(key) == getattr(ref, key), key
+
+
+def test_generation_config_eos_list_stops_like_transformers(tied_vlm, tmp_path):
+    """generation_config.json eos_token_id [<|im_end|>-like, <|endoftext|>-like]: bundle.eos_token_id is the list;
+    plain and speculative decoding stop at the first one emitted, where transformers' generate stops."""
+    import gdnspec
+    from gdnspec import GDNSpeculativeWorker, NGramDrafter, generate_autoregressive
+
+    hf, folder = tied_vlm
+    variant = edited(folder, tmp_path, "v", lambda cfg: None)
+    ids = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(3))
+    free = generate_autoregressive(load_hf(variant)[0], ids, 16)[0, 6:].tolist()
+    im_end = free[4]
+    endoftext = next(t for t in range(96) if t not in free)
+    (variant / "generation_config.json").write_text(json.dumps({"eos_token_id": [im_end, endoftext], "pad_token_id": 0}))
+    bundle = gdnspec.load(variant)
+    assert bundle.eos_token_id == [im_end, endoftext]
+    ref = hf_load(variant).generate(ids, max_new_tokens=16, do_sample=False, attention_mask=torch.ones_like(ids))
+    assert ref.shape[1] == 6 + free.index(im_end) + 1  # transformers stopped at the first stop id
+    plain = generate_autoregressive(bundle.model, ids, 16, eos_token_id=bundle.eos_token_id)
+    spec = GDNSpeculativeWorker(target_model=bundle.model, drafter=NGramDrafter(), topk=2, num_steps=3).generate(
+        ids, 16, eos_token_id=bundle.eos_token_id)
+    assert torch.equal(plain, ref) and torch.equal(spec, ref)
