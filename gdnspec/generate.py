@@ -10,6 +10,8 @@ first stop id). Finished sequences are dropped from the batch so they stop costi
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from gdnspec.concurrency import static_lock
@@ -79,8 +81,8 @@ def stop_ids(eos_token_id, *, name: str = "eos_token_id") -> tuple[int, ...]:
     """None -> (), an int -> (id,), a list / tuple of ints -> those ids (generation stops at the first of them)."""
     if eos_token_id is None:
         return ()
-    if isinstance(eos_token_id, torch.Tensor) and eos_token_id.dim() == 0 and not eos_token_id.is_floating_point():
-        eos_token_id = int(eos_token_id)
+    if isinstance(eos_token_id, torch.Tensor) and eos_token_id.dim() <= 1 and not eos_token_id.is_floating_point():
+        eos_token_id = eos_token_id.tolist()
     ids = list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
     if not all(_is_int(i) and i >= 0 for i in ids):
         raise ValueError(f"{name} must be None, a token id (int >= 0) or a list of token ids, got {eos_token_id!r}")
@@ -120,17 +122,14 @@ def check_finite(logits: torch.Tensor, *, where: str = "the prompt's") -> None:
                                  "its weights hold NaN / inf values or overflow in this dtype")
 
 
-_DECODERS = None  # weakref.WeakKeyDictionary: model -> {(bucket, max_len): StaticDecoder}
+# model -> {(bucket, max_len): StaticDecoder}; used under static_lock(model) only
+_DECODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _static_decoder(model, batch_size: int, max_len: int):
-    global _DECODERS
-    import weakref
-
+    """The cached StaticDecoder of `model` for (batch bucket, max_len); the caller holds static_lock(model)."""
     from gdnspec.runtime import StaticDecoder
 
-    if _DECODERS is None:
-        _DECODERS = weakref.WeakKeyDictionary()
     per_model = _DECODERS.setdefault(model, {})
     key = (batch_size, max_len)
     if key not in per_model:

@@ -305,3 +305,16 @@ def test_hf_int_weights_name_the_tensor(hf_folder):
     save_file(sd, hf_folder / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"non-float dtype .*norm.weight"):
         gdnspec.load(hf_folder)
+
+
+def test_hf_config_null_field_or_no_model_type_names_the_file(hf_folder):
+    from gdnspec.models.hf import load_hf
+
+    cfg = json.loads((hf_folder / "config.json").read_text())
+    (hf_folder / "config.json").write_text(json.dumps(dict(cfg, hidden_size=None)))
+    with pytest.raises(CheckpointError, match=r"fla/config.json: "):
+        load_hf(hf_folder)
+    cfg.pop("model_type")
+    (hf_folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"fla/config.json: config.json has no model_type"):
+        load_hf(hf_folder)

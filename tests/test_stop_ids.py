@@ -166,3 +166,10 @@ def test_bad_generation_config_names_the_file(folder, text, match):
     with pytest.raises(ValueError, match=match) as e:
         gdnspec.load(folder)
     assert "generation_config.json" in str(e.value)
+
+
+def test_tensor_stop_ids(setup):
+    target, _, prompts, _, eos = setup
+    a = generate_autoregressive(target, prompts, 12, eos_token_id=torch.tensor(eos))
+    b = generate_autoregressive(target, prompts, 12, eos_token_id=eos)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))

@@ -263,6 +263,8 @@ def _fla_config(c: dict) -> GDNConfig:
 def config_from_hf(raw: dict) -> GDNConfig:
     """GDNConfig for a Hugging Face config.json dict (raises CheckpointError for unsupported types / options)."""
     mt = raw.get("model_type")
+    if mt is None:
+        raise CheckpointError(f"config.json has no model_type (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
     if mt in QWEN_TYPES:
         return _qwen_config(raw)[0]
     if mt in FLA_TYPES:
@@ -492,7 +494,10 @@ def load_hf(path, *, dtype: torch.dtype | None = None, device=None):
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder} has no config.json")
     raw = _read_json(folder / "config.json")
-    config = config_from_hf(raw)
+    try:
+        config = config_from_hf(raw)
+    except (TypeError, ValueError) as e:  # CheckpointError included: say which file
+        raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
     device = torch.device(device) if device is not None else torch.device("cpu")
     src = SafetensorsFolder(folder)
     try:
