@@ -177,8 +177,9 @@ def _decode_static(model, prompts, new_tokens, max_new_tokens, stops: tuple[int,
 
 @torch.inference_mode()
 def generate_autoregressive(model, input_ids, max_new_tokens: int, temperature: float = 0.0,
-                            eos_token_id: int | list[int] | None = None, top_k: int | None = None, top_p: float | None = None,
-                            generator: torch.Generator | None = None, static: bool | None = None):
+                            eos_token_id: int | list[int] | None = None, top_k: int | None = None,
+                            top_p: float | None = None, generator: torch.Generator | None = None,
+                            static: bool | None = None):
     """Plain decoding, one target forward per new token. See the module docstring.
 
     static=None: on CUDA the decode step is a fixed-shape step replayed from a CUDA graph (gdnspec.runtime).

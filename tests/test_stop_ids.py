@@ -173,3 +173,14 @@ def test_tensor_stop_ids(setup):
     a = generate_autoregressive(target, prompts, 12, eos_token_id=torch.tensor(eos))
     b = generate_autoregressive(target, prompts, 12, eos_token_id=eos)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_bundle_eos_falls_back_to_config_json_then_tokenizer(tmp_path):
+    """No generation_config.json: config.json's eos_token_id (top level, else text_config), else the tokenizer's."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_5", "text_config": {"eos_token_id": [4, 5]}}))
+    assert Bundle(model=None, tokenizer=None, path=tmp_path).eos_token_id == [4, 5]
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_5", "eos_token_id": 3,
+                                                      "text_config": {"eos_token_id": [4, 5]}}))
+    assert Bundle(model=None, tokenizer=None, path=tmp_path).eos_token_id == 3
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_5"}))
+    assert Bundle(model=None, tokenizer=tokenizer_with(8), path=tmp_path).eos_token_id == 1  # <|endoftext|>

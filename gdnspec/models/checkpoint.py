@@ -85,7 +85,8 @@ def read_config_json(path) -> dict:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON ({e})" if text.strip() else f"{path} is empty") from None
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object of config fields, got {type(data).__name__}: {text[:60]!r}")
+        raise CheckpointError(f"{path} must hold a JSON object of config fields, got {type(data).__name__}: "
+                              f"{text[:60]!r}")
     return data
 
 

@@ -177,8 +177,9 @@ class SpecSession:
         try:
             return self.sequences[seq_id]
         except (KeyError, TypeError):
+            known = sorted(self.sequences)
             raise UnknownSequenceError(f"no sequence with id {seq_id!r} in this session (ids are what add() returned: "
-                                       f"{sorted(self.sequences)[:8]}{' ...' if len(self.sequences) > 8 else ''})") from None
+                                       f"{known[:8]}{' ...' if len(known) > 8 else ''})") from None
 
     def sequence(self, seq_id: int) -> torch.Tensor:
         """The prompt followed by the tokens emitted so far for sequence `seq_id` (an id returned by `add`)."""
