@@ -4,14 +4,40 @@
     out = generate_autoregressive(model, [p1, p2], 32, temperature=0.7, eos_token_id=2)   # prompts of any length
 
 input_ids is a LongTensor (B, T) or a list of 1-D LongTensors; the result has the same form, each sequence being
-its prompt followed by its new tokens, stopping after eos_token_id (a tensor result pads stopped rows with the
-eos id). Finished sequences are dropped from the batch so they stop costing work.
+its prompt followed by its new tokens, stopping after eos_token_id: one id or a list of stop ids (as in a Hugging Face
+generation_config.json), a sequence ends at the first of them it emits (a tensor result pads stopped rows with the
+first stop id). Finished sequences are dropped from the batch so they stop costing work.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
+from gdnspec.concurrency import static_lock
 from gdnspec.sampling import check_sampling_args, sample_next
+
+
+_MODEL_API = ("vocab_size", "device", "new_state", "forward_tree", "commit_tree")
+
+
+def check_model(model, name: str = "model") -> None:
+    """Raise TypeError naming `name` unless `model` is a gdnspec causal LM (GDNForCausalLM or the like: vocab_size,
+    device, new_state, forward_tree, commit_tree)."""
+    if not isinstance(model, torch.nn.Module) or not all(hasattr(model, a) for a in _MODEL_API):
+        raise TypeError(f"{name} must be a gdnspec language model (a GDNForCausalLM, e.g. gdnspec.load(...).model), "
+                        f"got {type(model).__name__}")
+
+
+def _as_prompt(p, i: int) -> torch.Tensor:
+    if isinstance(p, torch.Tensor):
+        return p
+    if p is None or isinstance(p, (str, bytes, dict)):
+        raise ValueError(f"prompt {i} must be a 1-D tensor or list of token ids, got {type(p).__name__}")
+    try:
+        return torch.as_tensor(p)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"prompt {i} must be a 1-D tensor or list of token ids, got {p!r:.80} ({e})") from None
 
 
 def normalize_prompts(input_ids, *, vocab_size: int | None = None) -> tuple[list[torch.Tensor], bool]:
@@ -21,7 +47,7 @@ def normalize_prompts(input_ids, *, vocab_size: int | None = None) -> tuple[list
             raise ValueError(f"input_ids must be a LongTensor (B, T) or a list of 1-D LongTensors, got shape {tuple(input_ids.shape)}")
         prompts, as_tensor = list(input_ids), True
     elif isinstance(input_ids, (list, tuple)):
-        prompts, as_tensor = [torch.as_tensor(p) for p in input_ids], False
+        prompts, as_tensor = [_as_prompt(p, i) for i, p in enumerate(input_ids)], False
     else:
         raise TypeError(f"input_ids must be a LongTensor (B, T) or a list of 1-D LongTensors, got {type(input_ids).__name__}")
     if not prompts:
@@ -47,11 +73,26 @@ def pack_outputs(sequences: list[torch.Tensor], as_tensor: bool, pad_id: int | N
     return out
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def stop_ids(eos_token_id, *, name: str = "eos_token_id") -> tuple[int, ...]:
+    """None -> (), an int -> (id,), a list / tuple of ints -> those ids (generation stops at the first of them)."""
+    if eos_token_id is None:
+        return ()
+    if isinstance(eos_token_id, torch.Tensor) and eos_token_id.dim() <= 1 and not eos_token_id.is_floating_point():
+        eos_token_id = eos_token_id.tolist()
+    ids = list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
+    if not all(_is_int(i) and i >= 0 for i in ids):
+        raise ValueError(f"{name} must be None, a token id (int >= 0) or a list of token ids, got {eos_token_id!r}")
+    return tuple(dict.fromkeys(ids))
+
+
 def check_generation_args(max_new_tokens, eos_token_id) -> None:
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if eos_token_id is not None and not isinstance(eos_token_id, int):
-        raise ValueError(f"eos_token_id must be None or an int, got {eos_token_id!r}")
+    stop_ids(eos_token_id)
 
 
 @torch.inference_mode()
@@ -73,17 +114,22 @@ def prefill(model, prompts: list[torch.Tensor]):
     return state, torch.stack(logits), torch.stack(hidden)
 
 
-_DECODERS = None  # weakref.WeakKeyDictionary: model -> {(bucket, max_len): StaticDecoder}
+def check_finite(logits: torch.Tensor, *, where: str = "the prompt's") -> None:
+    """Raise when logits hold NaN or inf (a broken checkpoint: decoding would silently emit token 0 forever).
+    One reduction and one host sync; the entry points call it once per generation, on the prefill logits."""
+    if not bool(torch.isfinite(logits).all()):
+        raise FloatingPointError(f"the target model produced non-finite logits (NaN or inf) for {where} last token: "
+                                 "its weights hold NaN / inf values or overflow in this dtype")
+
+
+# model -> {(bucket, max_len): StaticDecoder}; used under static_lock(model) only
+_DECODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _static_decoder(model, batch_size: int, max_len: int):
-    global _DECODERS
-    import weakref
-
+    """The cached StaticDecoder of `model` for (batch bucket, max_len); the caller holds static_lock(model)."""
     from gdnspec.runtime import StaticDecoder
 
-    if _DECODERS is None:
-        _DECODERS = weakref.WeakKeyDictionary()
     per_model = _DECODERS.setdefault(model, {})
     key = (batch_size, max_len)
     if key not in per_model:
@@ -91,13 +137,15 @@ def _static_decoder(model, batch_size: int, max_len: int):
     return per_model[key]
 
 
-def _decode_static(model, prompts, new_tokens, max_new_tokens, eos_token_id, sample) -> None:
+def _decode_static(model, prompts, new_tokens, max_new_tokens, stops: tuple[int, ...], sample) -> None:
     """Plain decoding with a fixed-shape decode step (a CUDA graph on the GPU). All live rows emit one token per
-    step, so the budget ends them together; eos (checked with one small sync per token, only when eos_token_id is
-    set) moves the remaining rows into the smallest batch bucket that holds them."""
+    step, so the budget ends them together; a stop id (checked with one small sync per token, only when there are
+    stop ids) moves the remaining rows into the smallest batch bucket that holds them."""
     from gdnspec.runtime import batch_bucket
 
     state, logits, _ = prefill(model, prompts)
+    check_finite(logits)
+    stop_t = torch.tensor(stops, dtype=torch.long, device=logits.device)
     nxt = sample(logits)  # (n,) emitted, not yet consumed by the model
     active = list(range(len(prompts)))
     max_len = -(-(max(p.numel() for p in prompts) + max_new_tokens + 1) // 256) * 256
@@ -105,7 +153,7 @@ def _decode_static(model, prompts, new_tokens, max_new_tokens, eos_token_id, sam
     pending = [nxt]  # emitted tokens not yet written to new_tokens, each (n,)
 
     def finished_now(tok: torch.Tensor) -> bool:
-        return produced >= max_new_tokens or (eos_token_id is not None and bool((tok == eos_token_id).any()))
+        return produced >= max_new_tokens or (bool(stops) and bool(torch.isin(tok, stop_t).any()))
 
     while True:
         n = len(active)
@@ -119,7 +167,7 @@ def _decode_static(model, prompts, new_tokens, max_new_tokens, eos_token_id, sam
         keep = []
         for r, (seq, row) in enumerate(zip(active, torch.stack(pending, 1).tolist())):
             new_tokens[seq].extend(row)
-            if produced < max_new_tokens and not (eos_token_id is not None and row[-1] == eos_token_id):
+            if produced < max_new_tokens and row[-1] not in stops:
                 keep.append(r)
         if not keep:
             return
@@ -129,13 +177,17 @@ def _decode_static(model, prompts, new_tokens, max_new_tokens, eos_token_id, sam
 
 @torch.inference_mode()
 def generate_autoregressive(model, input_ids, max_new_tokens: int, temperature: float = 0.0,
-                            eos_token_id: int | None = None, top_k: int | None = None, top_p: float | None = None,
-                            generator: torch.Generator | None = None, static: bool | None = None):
+                            eos_token_id: int | list[int] | None = None, top_k: int | None = None,
+                            top_p: float | None = None, generator: torch.Generator | None = None,
+                            static: bool | None = None):
     """Plain decoding, one target forward per new token. See the module docstring.
 
     static=None: on CUDA the decode step is a fixed-shape step replayed from a CUDA graph (gdnspec.runtime).
+    Safe to call from several threads on one model (static decoding of one model runs one call at a time).
     """
+    check_model(model)
     check_generation_args(max_new_tokens, eos_token_id)
+    stops = stop_ids(eos_token_id)
     check_sampling_args(temperature, top_k, top_p)
     prompts, as_tensor = normalize_prompts(input_ids, vocab_size=model.vocab_size)
     device = model.device
@@ -145,9 +197,11 @@ def generate_autoregressive(model, input_ids, max_new_tokens: int, temperature: 
         def sample(lg):
             return sample_next(lg, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
 
-        _decode_static(model, prompts, new_tokens, max_new_tokens, eos_token_id, sample)
+        with static_lock(model):  # the cached static decoders are shared by every caller of this model
+            _decode_static(model, prompts, new_tokens, max_new_tokens, stops, sample)
     elif max_new_tokens > 0:
         state, logits, _ = prefill(model, prompts)
+        check_finite(logits)
         active = list(range(len(prompts)))  # sequence index of each state row
         while active:
             nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
@@ -155,7 +209,7 @@ def generate_autoregressive(model, input_ids, max_new_tokens: int, temperature: 
             for row, seq in enumerate(active):
                 tok = int(nxt[row])
                 new_tokens[seq].append(tok)
-                if not (len(new_tokens[seq]) >= max_new_tokens or (eos_token_id is not None and tok == eos_token_id)):
+                if not (len(new_tokens[seq]) >= max_new_tokens or tok in stops):
                     keep.append(row)
             if not keep:
                 break
@@ -165,4 +219,4 @@ def generate_autoregressive(model, input_ids, max_new_tokens: int, temperature: 
                 active = [active[r] for r in keep]
             logits = model(nxt[:, None].to(device), state, logits_to_keep=1).logits[:, -1]
     sequences = [torch.cat([p.to(device), torch.tensor(t, dtype=torch.long, device=device)]) for p, t in zip(prompts, new_tokens)]
-    return pack_outputs(sequences, as_tensor, eos_token_id)
+    return pack_outputs(sequences, as_tensor, stops[0] if stops else None)

@@ -15,8 +15,8 @@ from gdnspec.models.eagle import EagleHead, eagle_config_for
 from gdnspec.train.tokenizer import train_tokenizer
 
 
-def _config(tie=True):
-    return GDNConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, full_attention_interval=3, intermediate_size=48,
+def _config(tie=True):  # vocab 272 holds the 270-token tokenizer of the round trip (a larger one is refused)
+    return GDNConfig(vocab_size=272, hidden_size=32, num_hidden_layers=3, full_attention_interval=3, intermediate_size=48,
                      linear_num_key_heads=1, linear_num_value_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
                      num_attention_heads=2, num_key_value_heads=1, head_dim=8, tie_word_embeddings=tie)
 

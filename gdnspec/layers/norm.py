@@ -6,15 +6,24 @@
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
+def check_eps(eps) -> float:
+    """eps of an RMS norm (a layer's norm_eps / the config's rms_norm_eps): a finite number > 0."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"norm_eps (the RMS norm's eps) must be a finite number > 0, got {eps!r}")
+    return float(eps)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6, *, offset: bool = True, dtype=None, device=None):
         super().__init__()
-        self.eps = eps
+        self.eps = check_eps(eps)
         self.offset = offset
         init = torch.zeros if offset else torch.ones
         self.weight = nn.Parameter(init(dim, dtype=dtype, device=device))
@@ -37,7 +46,7 @@ class GatedRMSNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float = 1e-6, *, dtype=None, device=None):
         super().__init__()
-        self.eps = eps
+        self.eps = check_eps(eps)
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:

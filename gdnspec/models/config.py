@@ -13,10 +13,26 @@ form: True = x_hat * (1 + w) (Qwen), False = x_hat * w (flash-linear-attention m
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 LAYER_TYPES = ("linear_attention", "full_attention")
+GDN_LAYOUTS = ("qwen3_next", "qwen3_5")
+_INT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "full_attention_interval", "intermediate_size",
+               "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
+               "linear_conv_kernel_dim", "num_attention_heads", "num_key_value_heads", "head_dim", "num_experts",
+               "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size", "decoder_sparse_step")
+_FLOAT_FIELDS = ("partial_rotary_factor", "rope_theta", "rms_norm_eps", "initializer_range")
+_BOOL_FIELDS = ("attention_bias", "tie_word_embeddings", "norm_topk_prob", "rms_norm_offset")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 @dataclass
@@ -53,29 +69,29 @@ class GDNConfig:
     rms_norm_offset: bool = True
 
     def __post_init__(self):
+        self._check_types()
         if self.layer_types is None:
             n = self.full_attention_interval
             self.layer_types = ["full_attention" if n and (i + 1) % n == 0 else "linear_attention"
                                 for i in range(self.num_hidden_layers)]
+        if not isinstance(self.layer_types, (list, tuple)):
+            raise ValueError(f"layer_types must be None or a list of {LAYER_TYPES}, got {self.layer_types!r}")
         self.layer_types = list(self.layer_types)
         if len(self.layer_types) != self.num_hidden_layers:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries, num_hidden_layers is {self.num_hidden_layers}")
         bad = [t for t in self.layer_types if t not in LAYER_TYPES]
         if bad:
             raise ValueError(f"layer_types entries must be one of {LAYER_TYPES}, got {bad}")
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "linear_num_key_heads", "linear_num_value_heads",
-                     "linear_key_head_dim", "linear_value_head_dim", "linear_conv_kernel_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self._check_ranges()
         if self.linear_num_value_heads % self.linear_num_key_heads:
             raise ValueError(f"linear_num_value_heads ({self.linear_num_value_heads}) must be a multiple of "
                              f"linear_num_key_heads ({self.linear_num_key_heads})")
-        if self.intermediate_size < 0:
-            raise ValueError(f"intermediate_size must be >= 0 (0 = no MLP), got {self.intermediate_size}")
-        self.mlp_only_layers = [int(i) for i in (self.mlp_only_layers or [])]
-        if self.num_experts < 0 or self.shared_expert_intermediate_size < 0:
-            raise ValueError(f"num_experts and shared_expert_intermediate_size must be >= 0, got {self.num_experts}, "
-                             f"{self.shared_expert_intermediate_size}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                             f"num_key_value_heads ({self.num_key_value_heads})")
+        if not isinstance(self.mlp_only_layers, (list, tuple)) or not all(_is_int(i) for i in self.mlp_only_layers):
+            raise ValueError(f"mlp_only_layers must be a list of layer indices, got {self.mlp_only_layers!r}")
+        self.mlp_only_layers = [int(i) for i in self.mlp_only_layers]
         if self.num_experts > 0:
             if not 1 <= self.num_experts_per_tok <= self.num_experts:
                 raise ValueError(f"num_experts_per_tok must be in [1, num_experts={self.num_experts}], got {self.num_experts_per_tok}")
@@ -83,6 +99,45 @@ class GDNConfig:
                 raise ValueError(f"moe_intermediate_size must be >= 1 when num_experts > 0, got {self.moe_intermediate_size}")
             if self.decoder_sparse_step < 1:
                 raise ValueError(f"decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}")
+
+    def _check_types(self) -> None:
+        """Every field has its declared type (ints are not bools or floats, bools are real bools)."""
+        for name in _INT_FIELDS:
+            if not _is_int(getattr(self, name)):
+                raise ValueError(f"{name} must be an int, got {getattr(self, name)!r}")
+        for name in _FLOAT_FIELDS:
+            v = getattr(self, name)
+            if not (_is_number(v) and math.isfinite(v)):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+        for name in _BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false (a bool), got {getattr(self, name)!r}")
+        if self.mlp_only_layers is None:
+            self.mlp_only_layers = []
+        if self.gdn_layout not in GDN_LAYOUTS:
+            raise ValueError(f"gdn_layout must be one of {GDN_LAYOUTS}, got {self.gdn_layout!r}")
+
+    def _check_ranges(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "linear_num_key_heads", "linear_num_value_heads",
+                     "linear_key_head_dim", "linear_value_head_dim", "linear_conv_kernel_dim", "num_attention_heads",
+                     "num_key_value_heads", "head_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.full_attention_interval < 0:
+            raise ValueError(f"full_attention_interval must be >= 0 (every n-th layer full attention, 0 = none), "
+                             f"got {self.full_attention_interval}")
+        if self.intermediate_size < 0:
+            raise ValueError(f"intermediate_size must be >= 0 (0 = no MLP), got {self.intermediate_size}")
+        for name in ("num_experts", "shared_expert_intermediate_size", "num_experts_per_tok", "moe_intermediate_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("rope_theta", "rms_norm_eps"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0 < self.partial_rotary_factor <= 1:
+            raise ValueError(f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
+        if self.initializer_range < 0:
+            raise ValueError(f"initializer_range must be >= 0, got {self.initializer_range}")
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Whether decoder layer `layer_idx` uses the sparse MoE block (Hugging Face Qwen3-Next's rule)."""

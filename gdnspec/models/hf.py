@@ -42,10 +42,17 @@ class CheckpointError(ValueError):
 
 # ---------------------------------------------------------------------------------------------------- files
 def _read_json(path: Path) -> dict:
+    """A JSON object file as a dict; CheckpointError naming the path when unreadable, not JSON or not an object."""
     try:
-        return json.loads(path.read_text())
+        text = path.read_text()
+        data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+        raise CheckpointError(f"{path} is not valid JSON ({e})" if text.strip() else f"{path} is empty") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} cannot be read: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(data).__name__}: {text[:60]!r}")
+    return data
 
 
 def is_hf_folder(path) -> bool:
@@ -82,12 +89,9 @@ class SafetensorsFolder:
             if missing:
                 raise CheckpointError(f"{index} lists shard files that are missing: {missing}")
         elif single.is_file():
-            with safe_open(str(single), framework="pt") as f:
-                self.file_of = {k: single for k in f.keys()}
+            self.file_of = {k: single for k in self._handle(single).keys()}
         else:
             raise CheckpointError(f"{folder} has neither model.safetensors nor model.safetensors.index.json")
-        self._handles: dict[Path, object] = {}
-
     def keys(self) -> list[str]:
         return list(self.file_of)
 
@@ -98,17 +102,28 @@ class SafetensorsFolder:
         return tuple(self._handle(self.file_of[name]).get_slice(name).get_shape())
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handle(self.file_of[name]).get_tensor(name)
+        path = self.file_of[name]
+        try:
+            return self._handle(path).get_tensor(name)
+        except Exception as e:  # noqa: BLE001 - SafetensorError and friends, without the file's path
+            raise CheckpointError(f"{path}: tensor {name!r} cannot be read (truncated or corrupted file?): "
+                                  f"{type(e).__name__}: {e}") from None
 
     def _handle(self, path: Path):
-        if path not in self._handles:
-            self._handles[path] = self._open(str(path), framework="pt").__enter__()
-        return self._handles[path]
+        handles = self.__dict__.setdefault("_handles", {})
+        if path not in handles:
+            try:
+                handles[path] = self._open(str(path), framework="pt").__enter__()
+            except Exception as e:  # noqa: BLE001
+                raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupted?): "
+                                      f"{type(e).__name__}: {e}") from None
+        return handles[path]
 
     def close(self) -> None:
-        for h in self._handles.values():
+        handles = self.__dict__.get("_handles", {})
+        for h in handles.values():
             h.__exit__(None, None, None)
-        self._handles.clear()
+        handles.clear()
 
 
 # ---------------------------------------------------------------------------------------------------- configs
@@ -133,6 +148,21 @@ def _layer_types(c: dict, n: int) -> list[str]:
     return list(lt)
 
 
+# Fields that both levels of a Qwen3.5 VLM config.json (Qwen3_5Config / Qwen3_5MoeConfig and their text_config) can
+# hold, and which level transformers 5 takes for the text model: the text model is built from text_config alone (a
+# text field written at the top level is an unused extra attribute), except
+#   tie_word_embeddings  the top level's (default False): lm_head belongs to the top-level ForConditionalGeneration
+#                        model, and PreTrainedModel ties by its own config; text_config's value is ignored.
+#   dtype / torch_dtype  the top level's (from_pretrained(dtype="auto") reads config.dtype, else the weights' dtype).
+#   bos / eos / pad ids  generation_config.json, else the top level's, else text_config's (see hf_generation_info).
+VLM_TOP_LEVEL_DEFAULTS = {"tie_word_embeddings": False}
+
+
+def _vlm_top_level(raw: dict) -> dict:
+    """The text-model fields that transformers takes from the top level of a VLM config.json (with its defaults)."""
+    return {k: raw.get(k, default) for k, default in VLM_TOP_LEVEL_DEFAULTS.items()}
+
+
 def _qwen_config(raw: dict) -> tuple[GDNConfig, str]:
     """GDNConfig and the text model_type for a Qwen3-Next / Qwen3.5 config.json."""
     mt = raw["model_type"]
@@ -140,9 +170,7 @@ def _qwen_config(raw: dict) -> tuple[GDNConfig, str]:
     if mt in ("qwen3_5", "qwen3_5_moe"):
         if not isinstance(raw.get("text_config"), dict):
             raise CheckpointError(f"config.json of model_type {mt!r} has no text_config")
-        c = dict(raw["text_config"])
-        if "tie_word_embeddings" in raw:
-            c.setdefault("tie_word_embeddings", raw["tie_word_embeddings"])
+        c = dict(raw["text_config"], **_vlm_top_level(raw))
         c.setdefault("model_type", mt + "_text")
         mt = mt + "_text"
     act = c.get("hidden_act", "silu")
@@ -235,6 +263,8 @@ def _fla_config(c: dict) -> GDNConfig:
 def config_from_hf(raw: dict) -> GDNConfig:
     """GDNConfig for a Hugging Face config.json dict (raises CheckpointError for unsupported types / options)."""
     mt = raw.get("model_type")
+    if mt is None:
+        raise CheckpointError(f"config.json has no model_type (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
     if mt in QWEN_TYPES:
         return _qwen_config(raw)[0]
     if mt in FLA_TYPES:
@@ -406,6 +436,11 @@ class _SubFolder:
 def _materialize(module: torch.nn.Module, state: dict[str, torch.Tensor], dtype, device, where: str, *,
                  rope_theta: float) -> None:
     """Load `state` into a meta-device module (assign), cast/move, and check nothing stayed on meta."""
+    own = module.state_dict()
+    bad = [f"{k} ({v.dtype})" for k, v in state.items()
+           if k in own and own[k].is_floating_point() and not v.is_floating_point()]
+    if bad:
+        raise CheckpointError(f"{where}: tensors stored with a non-float dtype where float weights belong: {bad}")
     cast = {}
     for k, v in state.items():  # tensors shared in `state` (tied weights) stay shared
         cast[id(v)] = cast.get(id(v)) if id(v) in cast else v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
@@ -427,11 +462,21 @@ def _materialize(module: torch.nn.Module, state: dict[str, torch.Tensor], dtype,
         raise CheckpointError(f"{where}: tensors not loaded: {left}")
 
 
+def _differing_lm_head(src: SafetensorsFolder, embed: str) -> bool:
+    """Whether the checkpoint stores lm_head.weight next to the embedding `embed` with different values (then
+    transformers does not tie them although the config says so, and uses both as stored)."""
+    if "lm_head.weight" not in src or embed not in src:
+        return False
+    head, emb = src.get("lm_head.weight"), src.get(embed)
+    return head.shape != emb.shape or not torch.equal(head, emb)
+
+
 def _default_dtype(raw: dict, src: SafetensorsFolder, probe: str) -> torch.dtype:
-    for c in (raw, raw.get("text_config") or {}):
-        for key in ("dtype", "torch_dtype"):
-            if isinstance(c.get(key), str) and c[key] in _DTYPES:
-                return _DTYPES[c[key]]
+    """The top level's dtype / torch_dtype (as transformers: a VLM's text_config dtype is not read), else the
+    stored dtype of tensor `probe`."""
+    for key in ("dtype", "torch_dtype"):
+        if isinstance(raw.get(key), str) and raw[key] in _DTYPES:
+            return _DTYPES[raw[key]]
     return src.get(probe).dtype if probe in src else torch.float32
 
 
@@ -449,7 +494,10 @@ def load_hf(path, *, dtype: torch.dtype | None = None, device=None):
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder} has no config.json")
     raw = _read_json(folder / "config.json")
-    config = config_from_hf(raw)
+    try:
+        config = config_from_hf(raw)
+    except (TypeError, ValueError) as e:  # CheckpointError included: say which file
+        raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
     device = torch.device(device) if device is not None else torch.device("cpu")
     src = SafetensorsFolder(folder)
     try:
@@ -459,6 +507,10 @@ def load_hf(path, *, dtype: torch.dtype | None = None, device=None):
         dtype = dtype or _default_dtype(raw, src, probe)
         with torch.device("meta"):
             model = GDNForCausalLM(config, dtype=dtype)
+        if config.tie_word_embeddings and _differing_lm_head(src, probe):
+            config.tie_word_embeddings = False  # as transformers: both stored and different -> not tied
+            with torch.device("meta"):
+                model = GDNForCausalLM(config, dtype=dtype)
         expected = {k: v.shape for k, v in model.state_dict().items()}
         tied = config.tie_word_embeddings
         if tied:
@@ -486,9 +538,9 @@ def load_hf(path, *, dtype: torch.dtype | None = None, device=None):
         src.close()
     tok = None
     if (folder / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
+        from gdnspec.models.checkpoint import load_tokenizer
 
-        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        tok = load_tokenizer(folder / "tokenizer.json", vocab_size=config.vocab_size)
     return model, tok, mtp
 
 

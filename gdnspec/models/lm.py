@@ -189,6 +189,9 @@ class GDNForCausalLM(nn.Module):
             raise ValueError(f"input_ids must be a LongTensor (B, T), got {getattr(input_ids, 'shape', type(input_ids))}")
         if input_ids.dtype not in (torch.long, torch.int32, torch.int64):
             raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+        if 0 in input_ids.shape:
+            raise ValueError(f"input_ids must hold at least one sequence of at least one token, got shape "
+                             f"{tuple(input_ids.shape)}")
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.vocab_size):
             raise ValueError(f"input_ids must lie in [0, vocab_size={self.vocab_size}), got values in "
                              f"[{int(input_ids.min())}, {int(input_ids.max())}]")
@@ -221,6 +224,8 @@ class GDNForCausalLM(nn.Module):
         """
         if validate:
             self._check_ids(input_ids)  # before unpacking the shape, so a 1-D input gets the clear error
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an int >= 0 (0 = every position), got {logits_to_keep!r}")
         B, T = input_ids.shape
         if state is None:
             state = self.new_state(B)

@@ -4,7 +4,7 @@
     out = engine.generate(prompts, max_new_tokens=128)            # same forms as generate_autoregressive
 
     session = engine.session()                                    # slot pool: add / step / drop between steps
-    ids = session.add(prompts, max_new_tokens=64, eos_token_id=2)
+    ids = session.add(prompts, max_new_tokens=64, eos_token_id=[2, 7])   # stop ids: for all, or one entry per prompt
     while session.active: session.step()
 
 One step for the active rows:
@@ -17,23 +17,34 @@ Finished rows (eos or max_new_tokens) are dropped from every state so they stop 
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import torch
 
 from gdnspec.cache import ModelState
-from gdnspec.generate import check_generation_args, normalize_prompts, pack_outputs
+from gdnspec.concurrency import exclusive, static_lock
+from gdnspec.generate import (check_finite, check_generation_args, check_model, normalize_prompts, pack_outputs,
+                              stop_ids)
 from gdnspec.sampling import check_sampling_args, sample_next
 from gdnspec.spec.accept import Acceptance, accept_greedy, accept_sampling
+from gdnspec.spec.drafters.base import check_drafter
 from gdnspec.spec.stats import SpecStats
 from gdnspec.spec.tree import DraftTree, TreeConfig
+
+
+class UnknownSequenceError(KeyError):
+    """A sequence id that the session never returned from add()."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 @dataclass
 class _Sequence:
     prompt: torch.Tensor
     max_new_tokens: int
-    eos_token_id: int | None
+    stop_ids: tuple[int, ...]  # ends at the first of them
     new_tokens: list[int] = field(default_factory=list)
     done: bool = False
 
@@ -45,7 +56,7 @@ class _Sequence:
                 break
             self.new_tokens.append(t)
             out.append(t)
-            if len(self.new_tokens) >= self.max_new_tokens or (self.eos_token_id is not None and t == self.eos_token_id):
+            if len(self.new_tokens) >= self.max_new_tokens or t in self.stop_ids:
                 self.done = True
         return out
 
@@ -57,6 +68,17 @@ def per_sequence(value, n: int, name: str) -> list:
             raise ValueError(f"{name} has {len(value)} entries for {n} sequences")
         return list(value)
     return [value] * n
+
+
+def per_sequence_stops(value, n: int) -> list[tuple[int, ...]]:
+    """Stop ids for each of n sequences. `value`: None, one id, or a list of ids (the same stops for every sequence,
+    the Hugging Face meaning of a list), or a list with one entry per sequence (None / an id / a list of ids) holding
+    at least one None or list entry (so [[2], [5]] gives sequence 0 stop id 2 and sequence 1 stop id 5)."""
+    if isinstance(value, (list, tuple)) and any(v is None or isinstance(v, (list, tuple)) for v in value):
+        if len(value) != n:
+            raise ValueError(f"eos_token_id has {len(value)} per-sequence entries for {n} sequences")
+        return [stop_ids(v, name=f"eos_token_id[{i}]") for i, v in enumerate(value)]
+    return [stop_ids(value)] * n
 
 
 def trim_tree(tree: DraftTree) -> DraftTree:
@@ -72,6 +94,10 @@ class SpeculativeEngine:
     def __init__(self, target, drafter, config: TreeConfig, *, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, generator: torch.Generator | None = None, trim_trees: bool = True,
                  static: bool | None = None):
+        check_model(target, "target")
+        check_drafter(drafter)
+        if not isinstance(config, TreeConfig):
+            raise TypeError(f"config must be a TreeConfig, got {type(config).__name__}")
         check_sampling_args(temperature, top_k, top_p)
         dv = getattr(drafter, "vocab_size", None)
         if dv is not None and dv != target.vocab_size:
@@ -90,20 +116,21 @@ class SpeculativeEngine:
         return SpecSession(self)
 
     def generate(self, input_ids, max_new_tokens, eos_token_id=None):
-        """Same forms as generate_autoregressive; max_new_tokens and eos_token_id may also be per-sequence lists."""
+        """Same forms as generate_autoregressive; max_new_tokens may also be a per-sequence list, and eos_token_id
+        per-sequence entries (see per_sequence_stops)."""
         prompts, as_tensor = normalize_prompts(input_ids, vocab_size=self.target.vocab_size)
         budgets = per_sequence(max_new_tokens, len(prompts), "max_new_tokens")
-        eos_ids = per_sequence(eos_token_id, len(prompts), "eos_token_id")
-        for m, e in zip(budgets, eos_ids):
-            check_generation_args(m, e)
+        stops = per_sequence_stops(eos_token_id, len(prompts))
+        for m in budgets:
+            check_generation_args(m, None)
         session = self.session()
-        ids = session.add(prompts, max_new_tokens=budgets, eos_token_id=eos_ids)
+        ids = session.add(prompts, max_new_tokens=budgets, eos_token_id=[list(s) for s in stops])
         if self.static and session.active:
             longest = max(p.numel() + m for p, m in zip(prompts, budgets))
             session.run_static(max_len=-(-(longest + 1) // 256) * 256)
         while session.active:
             session.step()
-        pad = next((e for e in eos_ids if e is not None), None)
+        pad = next((s[0] for s in stops if s), None)
         return pack_outputs([session.sequence(i) for i in ids], as_tensor, pad)
 
     def runner(self, batch_size: int, max_len: int):
@@ -127,9 +154,13 @@ class SpeculativeEngine:
 
 
 class SpecSession:
-    """Active sequences of one engine: row r of every state belongs to sequence `rows[r]`."""
+    """Active sequences of one engine: row r of every state belongs to sequence `rows[r]`.
+
+    A session belongs to one thread at a time (a concurrent add / step / drop / run_static from another thread raises
+    RuntimeError); an engine may serve many sessions, in as many threads."""
 
     def __init__(self, engine: SpeculativeEngine):
+        self._busy, self._owner = threading.Lock(), None
         self.engine = engine
         self.sequences: dict[int, _Sequence] = {}
         self.rows: list[int] = []
@@ -142,22 +173,36 @@ class SpecSession:
     def active(self) -> list[int]:
         return list(self.rows)
 
+    def _get(self, seq_id) -> _Sequence:
+        try:
+            return self.sequences[seq_id]
+        except (KeyError, TypeError):
+            known = sorted(self.sequences)
+            raise UnknownSequenceError(f"no sequence with id {seq_id!r} in this session (ids are what add() returned: "
+                                       f"{known[:8]}{' ...' if len(known) > 8 else ''})") from None
+
     def sequence(self, seq_id: int) -> torch.Tensor:
-        s = self.sequences[seq_id]
+        """The prompt followed by the tokens emitted so far for sequence `seq_id` (an id returned by `add`)."""
+        s = self._get(seq_id)
         return torch.cat([s.prompt, torch.tensor(s.new_tokens, dtype=torch.long)]).to(self.engine.target.device)
 
+    @exclusive
     @torch.inference_mode()
     def add(self, prompts: list[torch.Tensor], *, max_new_tokens, eos_token_id=None) -> list[int]:
         """Prefill target and drafter on new prompts, emit their first token, and add them to the pool.
 
-        max_new_tokens / eos_token_id: one value for all, or a list with one entry per prompt. Returns sequence ids."""
+        max_new_tokens: one value for all, or a list with one entry per prompt. eos_token_id: stop ids, one id or a
+        list for all, or per-sequence entries (see per_sequence_stops). Returns sequence ids."""
         eng = self.engine
         target = eng.target
+        prompts, _ = normalize_prompts(list(prompts) if isinstance(prompts, (list, tuple)) else prompts,
+                                       vocab_size=target.vocab_size)
         budgets = per_sequence(max_new_tokens, len(prompts), "max_new_tokens")
-        eos_ids = per_sequence(eos_token_id, len(prompts), "eos_token_id")
+        stops = per_sequence_stops(eos_token_id, len(prompts))
+        for m in budgets:
+            check_generation_args(m, None)
         all_ids = []
-        for p, m, e in zip(prompts, budgets, eos_ids):
-            check_generation_args(m, e)
+        for p, m, e in zip(prompts, budgets, stops):
             self.sequences[self._next_id] = _Sequence(p.cpu().long(), m, e, done=m == 0)
             all_ids.append(self._next_id)
             self._next_id += 1
@@ -176,6 +221,7 @@ class SpecSession:
             logits.append(out.logits[:, -1])
             hiddens.extend(list(out.hidden_states) if need_hidden else [])
         t_state = ModelState.cat(states) if len(states) > 1 else states[0]
+        check_finite(torch.cat(logits))
         first = eng.sample(torch.cat(logits))
         d_state = eng.drafter.begin(prompts, target_hidden=hiddens if need_hidden else None)
         keep = []
@@ -197,10 +243,13 @@ class SpecSession:
         self.rows.extend(new_rows)
         return all_ids
 
+    @exclusive
     def drop(self, seq_ids: list[int]) -> None:
-        """Stop sequences (they keep the tokens they have)."""
-        for i in seq_ids:
-            self.sequences[i].done = True
+        """Stop sequences (they keep the tokens they have); seq_ids: ids returned by `add`."""
+        if not isinstance(seq_ids, (list, tuple, set, range)):
+            raise TypeError(f"seq_ids must be a list of sequence ids, got {type(seq_ids).__name__}")
+        for s in [self._get(i) for i in seq_ids]:  # all checked before any is dropped
+            s.done = True
         self._compact()
 
     def _compact(self) -> None:
@@ -223,10 +272,15 @@ class SpecSession:
         self.engine.stats.record(drafted=drafted, accepted=accepted, emitted=emitted_counts)
         return new
 
+    @exclusive
     @torch.inference_mode()
     def run_static(self, *, max_len: int) -> None:
         """Decode every active sequence to the end with static, graph-replayed steps (greedy). Rows that finish are
         moved out, and the rest continue in the smallest batch bucket that holds them."""
+        with static_lock(self.engine.target):  # cached runners (and CUDA graph capture) serve one caller at a time
+            self._run_static(max_len)
+
+    def _run_static(self, max_len: int) -> None:
         from gdnspec.runtime import batch_bucket
 
         eng = self.engine
@@ -257,6 +311,7 @@ class SpecSession:
             self.draft_state = runner.draft_state.select(keep) if runner.in_graph_drafter else self.draft_state.select(keep)
             self.verified = self.verified[keep]
 
+    @exclusive
     @torch.inference_mode()
     def step(self) -> dict[int, list[int]]:
         """One draft -> verify -> accept -> commit step for every active sequence; returns the new tokens per sequence."""

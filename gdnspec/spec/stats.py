@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -26,9 +27,14 @@ class SpecStats:
     total_accepted_tokens: int = 0
     total_emitted_tokens: int = 0
     histogram: Counter = field(default_factory=Counter)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def record(self, *, drafted: list[int], accepted: list[int], emitted: list[int]) -> None:
-        """One verify step: per row, drafted nodes, accepted draft tokens and emitted tokens."""
+        """One verify step: per row, drafted nodes, accepted draft tokens and emitted tokens (thread-safe)."""
+        with self._lock:
+            self._record(drafted, accepted, emitted)
+
+    def _record(self, drafted: list[int], accepted: list[int], emitted: list[int]) -> None:
         self.total_steps += 1
         self.total_row_steps += len(drafted)
         self.total_draft_tokens += sum(drafted)

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from gdnspec.generate import normalize_prompts
+from gdnspec.generate import check_model, normalize_prompts
 from gdnspec.spec.accept import accept_greedy, accept_sampling
+from gdnspec.spec.drafters.base import check_drafter
 from gdnspec.spec.drafters.model import ModelDraftState, ModelDrafter, prefill_rows
 from gdnspec.spec.engine import SpeculativeEngine
 from gdnspec.spec.stats import SpecStats
@@ -56,6 +57,7 @@ class GDNDraftWorker(ModelDrafter):
 
     def __init__(self, draft_model, topk: int = 4, num_steps: int = 2, num_draft_tokens: int | None = None, device=None,
                  builder: str = "eagle2"):
+        check_model(draft_model, "draft_model")
         super().__init__(_move(draft_model, device))
         self.tree_config = TreeConfig(topk=topk, num_steps=num_steps, num_draft_tokens=num_draft_tokens, builder=builder)
         self.topk = self.tree_config.topk
@@ -82,6 +84,7 @@ class GDNVerifyWorker:
     """The seed's verify worker: one target pass over the tree, acceptance against the target."""
 
     def __init__(self, target_model, device=None):
+        check_model(target_model, "target_model")
         self.target = _move(target_model, device)
 
     @torch.inference_mode()
@@ -131,6 +134,11 @@ class GDNSpeculativeWorker:
             raise ValueError("target_model is required")
         if (draft_model is None) == (drafter is None):
             raise ValueError("give exactly one of draft_model (a small LM) or drafter (any drafter object, e.g. NGramDrafter())")
+        check_model(target_model, "target_model")
+        if draft_model is not None:
+            check_model(draft_model, "draft_model")
+        else:
+            check_drafter(drafter)
         self.target = _move(target_model, device)
         self.drafter = ModelDrafter(_move(draft_model, device)) if draft_model is not None else drafter
         self.tree_config = TreeConfig(topk=topk, num_steps=num_steps, num_draft_tokens=num_draft_tokens, builder=builder,
@@ -161,9 +169,10 @@ class GDNSpeculativeWorker:
         rows = [new[i] for i in ids]
         return _pad_rows(rows, self.target.device), torch.tensor([len(r) for r in rows], device=self.target.device)
 
-    def generate(self, input_ids, max_new_tokens: int, temperature: float = 0.0, eos_token_id: int | None = None,
-                 top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None):
-        """Same inputs and outputs as gdnspec.generate_autoregressive; greedy output is identical to it."""
+    def generate(self, input_ids, max_new_tokens: int, temperature: float = 0.0,
+                 eos_token_id: int | list[int] | None = None, top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None):
+        """Same inputs and outputs as gdnspec.generate_autoregressive (eos_token_id: one id or a list of stop ids);
+        greedy output is identical to it."""
         return self._engine_for(temperature, top_k, top_p, generator).generate(input_ids, max_new_tokens, eos_token_id)
 
     def get_statistics(self) -> dict:

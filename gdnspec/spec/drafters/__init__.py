@@ -1,8 +1,8 @@
 """Drafters: every draft source fills the same DraftTree (see base.py for the interface)."""
-from gdnspec.spec.drafters.base import Drafter, DraftState
+from gdnspec.spec.drafters.base import Drafter, DraftState, check_drafter
 from gdnspec.spec.drafters.eagle import EagleDrafter
 from gdnspec.spec.drafters.model import ModelDrafter
 from gdnspec.spec.drafters.ngram import NGramDrafter
 from gdnspec.spec.drafters.oracle import OracleDrafter
 
-__all__ = ["DraftState", "Drafter", "EagleDrafter", "ModelDrafter", "NGramDrafter", "OracleDrafter"]
+__all__ = ["DraftState", "Drafter", "check_drafter", "EagleDrafter", "ModelDrafter", "NGramDrafter", "OracleDrafter"]

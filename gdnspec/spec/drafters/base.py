@@ -38,3 +38,14 @@ class Drafter(Protocol):
 
     def advance(self, state: DraftState, *, tokens: torch.Tensor, counts: torch.Tensor,
                 target_hidden: torch.Tensor | None = None) -> None: ...
+
+
+def check_drafter(drafter, name: str = "drafter") -> None:
+    """Raise TypeError naming `name` unless `drafter` has the Drafter interface (begin / propose / advance)."""
+    if all(callable(getattr(drafter, m, None)) for m in ("begin", "propose", "advance")):
+        return
+    hint = ""
+    if isinstance(drafter, torch.nn.Module):
+        hint = " (a model drafts through ModelDrafter(model), or pass it as draft_model=)"
+    raise TypeError(f"{name} must be a drafter with begin / propose / advance (NGramDrafter(), ModelDrafter(model), "
+                    f"bundle.drafters[...]), got {type(drafter).__name__}{hint}")

@@ -66,6 +66,9 @@ class ModelDrafter:
     supports_cuda_graph = True
 
     def __init__(self, model):
+        from gdnspec.generate import check_model
+
+        check_model(model, "draft_model")
         self.model = model
 
     @property
