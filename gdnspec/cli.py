@@ -31,7 +31,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help shows '(default: X)' where there is a default worth showing (not for required flags, None or off)."""
 
     def _get_help_string(self, action):
-        if action.required or action.default in (None, False, [], argparse.SUPPRESS) or "default" in (action.help or ""):
+        off = action.default is None or action.default is False or action.default == [] or action.default == argparse.SUPPRESS
+        if action.required or off or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
@@ -313,7 +314,7 @@ def _add_model_options(p: argparse.ArgumentParser, *, cuda_dtype: str = "bfloat1
     p.add_argument("--model", type=model_dir_arg, default=None, help="model folder (default: the embedded default model)")
     p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                   help=f"auto = float32 on the CPU, {cuda_dtype} on CUDA")
+                   help="auto = float32" if cuda_dtype == "float32" else f"auto = float32 on the CPU, {cuda_dtype} on CUDA")
     p.add_argument("--threads", type=POSITIVE_INT, default=None,
                    help="CPU threads for torch (default: 1 for models under 100M parameters on the CPU, else torch's "
                         "default; OMP_NUM_THREADS, when set, is respected)")
@@ -403,11 +404,11 @@ def add_generate_parser(subparsers) -> None:
                    help="nucleus sampling mass in (0, 1] (default: off)")
     s.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     t = p.add_argument_group("draft tree (SGLang's flag names; --topk, --num-steps, --num-draft-tokens are aliases)")
-    t.add_argument("--speculative-eagle-topk", "--topk", dest="topk", type=POSITIVE_INT, default=4,
+    t.add_argument("--speculative-eagle-topk", "--topk", dest="topk", type=POSITIVE_INT, default=4, metavar="K",
                    help="children per expanded tree node (not sampling's --top-k)")
-    t.add_argument("--speculative-num-steps", "--num-steps", dest="num_steps", type=POSITIVE_INT, default=5,
+    t.add_argument("--speculative-num-steps", "--num-steps", dest="num_steps", type=POSITIVE_INT, default=5, metavar="S",
                    help="tree depth: drafting steps per target forward")
-    t.add_argument("--speculative-num-draft-tokens", "--num-draft-tokens", dest="num_draft_tokens", type=int_at_least(2),
+    t.add_argument("--speculative-num-draft-tokens", "--num-draft-tokens", dest="num_draft_tokens", type=int_at_least(2), metavar="N",
                    default=16, help="tree nodes verified per target forward, root included")
 
 
