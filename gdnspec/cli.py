@@ -31,7 +31,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help shows '(default: X)' where there is a default worth showing (not for required flags, None or off)."""
 
     def _get_help_string(self, action):
-        off = action.default is None or action.default is False or action.default == [] or action.default == argparse.SUPPRESS
+        off = action.default is None or action.default is False or action.default in ([], argparse.SUPPRESS)
         if action.required or off or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
@@ -94,8 +94,8 @@ def device_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise argparse.ArgumentTypeError(f"{text!r} asked for, but CUDA is not available here (torch {torch.__version__}"
-                                             f"); use --device cpu")
+            raise argparse.ArgumentTypeError(f"{text!r} asked for, but CUDA is not available here "
+                                             f"(torch {torch.__version__}); use --device cpu")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise argparse.ArgumentTypeError(f"{text!r} asked for, but this machine has {torch.cuda.device_count()} "
                                              f"CUDA device(s)")
@@ -313,8 +313,8 @@ SMALL_MODEL_PARAMS = 100_000_000  # CPU thread rule: below this, one thread (see
 def _add_model_options(p: argparse.ArgumentParser, *, cuda_dtype: str = "bfloat16") -> None:
     p.add_argument("--model", type=model_dir_arg, default=None, help="model folder (default: the embedded default model)")
     p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda, cuda:1 ...")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                   help="auto = float32" if cuda_dtype == "float32" else f"auto = float32 on the CPU, {cuda_dtype} on CUDA")
+    auto = "float32" if cuda_dtype == "float32" else f"float32 on the CPU, {cuda_dtype} on CUDA"
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"], help=f"auto = {auto}")
     p.add_argument("--threads", type=POSITIVE_INT, default=None,
                    help="CPU threads for torch (default: 1 for models under 100M parameters on the CPU, else torch's "
                         "default; OMP_NUM_THREADS, when set, is respected)")
@@ -408,8 +408,8 @@ def add_generate_parser(subparsers) -> None:
                    help="children per expanded tree node (not sampling's --top-k)")
     t.add_argument("--speculative-num-steps", "--num-steps", dest="num_steps", type=POSITIVE_INT, default=5, metavar="S",
                    help="tree depth: drafting steps per target forward")
-    t.add_argument("--speculative-num-draft-tokens", "--num-draft-tokens", dest="num_draft_tokens", type=int_at_least(2), metavar="N",
-                   default=16, help="tree nodes verified per target forward, root included")
+    t.add_argument("--speculative-num-draft-tokens", "--num-draft-tokens", dest="num_draft_tokens", type=int_at_least(2),
+                   default=16, metavar="N", help="tree nodes verified per target forward, root included")
 
 
 class _Timing:
@@ -586,8 +586,8 @@ def cmd_generate(args) -> int:
         timing = _drive(stream, printer)
     print()
     state = "--- interrupted: " if timing.interrupted else "--- "
-    print(f"{state}{_speed_report(timing, len(ids), args.max_new_tokens)} | {_accept_report(engine, len(timing.tokens))} | drafter "
-          f"{args.drafter} | {args.device}, {threads} thread{'s' if threads > 1 else ''}", file=sys.stderr)
+    print(f"{state}{_speed_report(timing, len(ids), args.max_new_tokens)} | {_accept_report(engine, len(timing.tokens))}"
+          f" | drafter {args.drafter} | {args.device}, {threads} thread{'s' if threads > 1 else ''}", file=sys.stderr)
     if timing.interrupted:
         return 130
     if args.compare:
@@ -705,11 +705,14 @@ def main(argv=None) -> int:
     try:
         return handler(args) or 0
     except UsageError as e:
-        print(f"gdnspec {args.command}: error: {e}", file=sys.stderr)
+        print(f"gdnspec {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line
         return 2
     except KeyboardInterrupt:
         print(f"\ngdnspec {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout went away (`gdnspec generate ... | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":
