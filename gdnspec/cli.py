@@ -355,13 +355,13 @@ def _load_bundle(args):
         raise UsageError(f"--model: cannot load {where}: {e}") from None
 
 
-def _drafter(bundle, name: str):
-    """The bundle's drafter `name` (None for 'none'); a --drafter this model does not have is a usage error."""
+def _drafter(bundle, name: str, flag: str = "--drafter"):
+    """The bundle's drafter `name` (None for 'none'); a drafter this model does not have is a usage error of `flag`."""
     if name == "none":
         return None
     if name not in bundle.drafters:
-        raise UsageError(f"--drafter: {name!r} is not available for this model; choose from "
-                         f"{', '.join(sorted(bundle.drafters) + ['none'])}")
+        names = sorted(bundle.drafters) + (["none"] if flag == "--drafter" else [])
+        raise UsageError(f"{flag}: {name!r} is not available for this model; choose from {', '.join(names)}")
     return bundle.drafters[name]
 
 
@@ -450,8 +450,29 @@ def _drive(stream: Iterator[list[int]], on_tokens: Callable[[list[int]], None]) 
     return timing
 
 
-def _plain_stream(model, ids, max_new_tokens: int, eos, sampling: dict, generator) -> Iterator[list[int]]:
-    """Plain decoding token by token (the eager path of generate_autoregressive, so the same tokens)."""
+_STATIC_DECODERS = None  # weakref.WeakKeyDictionary: model -> {max_len: StaticDecoder} (this process's own)
+
+
+def _static_decoder(model, max_len: int):
+    """A batch-1 static decode step (a CUDA graph on the GPU), kept per model and capacity, so that --compare's
+    warm-up captures the graph once."""
+    global _STATIC_DECODERS
+    import weakref
+
+    from gdnspec.runtime import StaticDecoder
+
+    if _STATIC_DECODERS is None:
+        _STATIC_DECODERS = weakref.WeakKeyDictionary()
+    per_model = _STATIC_DECODERS.setdefault(model, {})
+    if max_len not in per_model:
+        per_model[max_len] = StaticDecoder(model, batch_size=1, max_len=max_len)
+    return per_model[max_len]
+
+
+def _plain_stream(model, ids, max_new_tokens: int, eos, sampling: dict, generator, *, capacity: int | None = None,
+                  static: bool | None = None) -> Iterator[list[int]]:
+    """Plain decoding token by token, as generate_autoregressive decodes (so the same tokens): eager steps on the CPU,
+    static graph-replayed steps on CUDA (static=None). capacity: prompt + new tokens the static KV must hold."""
     import torch
 
     from gdnspec.generate import prefill
@@ -461,6 +482,16 @@ def _plain_stream(model, ids, max_new_tokens: int, eos, sampling: dict, generato
         return
     stop = _stop_ids(eos)
     state, logits, _ = prefill(model, [ids])
+    if model.device.type == "cuda" if static is None else static:
+        capacity = capacity or ids.numel() + max_new_tokens
+        decoder = _static_decoder(model, -(-(capacity + 1) // 256) * 256)
+        decoder.load(state)
+
+        def step(tok: int):
+            return decoder.step(torch.tensor([tok], device=model.device))[:1]
+    else:
+        def step(tok: int):
+            return model(torch.tensor([[tok]], device=model.device), state, logits_to_keep=1).logits[:, -1]
     new: list[int] = []
     while True:
         tok = int(sample_next(logits, generator=generator, **sampling)[0])
@@ -468,7 +499,7 @@ def _plain_stream(model, ids, max_new_tokens: int, eos, sampling: dict, generato
         yield new
         if len(new) >= max_new_tokens or tok in stop:
             return
-        logits = model(torch.tensor([[tok]], device=model.device), state, logits_to_keep=1).logits[:, -1]
+        logits = step(tok)
 
 
 def _spec_stream(engine, ids, max_new_tokens: int, eos) -> Iterator[list[int]]:
@@ -538,61 +569,90 @@ def _compare_report(spec: _Timing, plain: _Timing, drafter: str, greedy: bool) -
             f"{_fmt(b, '.1f', ' tokens/s')} | speculative ({drafter}) decode speedup over plain: {speedup}{same}")
 
 
+class _Generation:
+    """The decoding runs of one `gdnspec generate`: the chosen one (streamed) and, for --compare, plain decoding of
+    the same prompt with the same settings."""
+
+    def __init__(self, args, bundle, drafter, config, ids: list[int]):
+        import torch
+
+        from gdnspec.spec import SpeculativeEngine
+
+        self.args, self.model, self.ids = args, bundle.model, ids
+        self.prompt = torch.tensor(ids, dtype=torch.long)
+        self.eos = bundle.eos_token_id
+        self.sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+        self.engine = None
+        if drafter is not None:  # eager steps, so that the text streams step by step
+            self.engine = SpeculativeEngine(bundle.model, drafter, config, static=False, **self.sampling)
+
+    def plain(self, max_new_tokens: int | None = None) -> Iterator[list[int]]:
+        import torch
+
+        gen = torch.Generator(device=self.model.device).manual_seed(self.args.seed)
+        n = self.args.max_new_tokens if max_new_tokens is None else max_new_tokens
+        return _plain_stream(self.model, self.prompt, n, self.eos, self.sampling, gen,
+                             capacity=len(self.ids) + self.args.max_new_tokens)
+
+    def speculative(self, max_new_tokens: int | None = None) -> Iterator[list[int]]:
+        import torch
+
+        self.engine.generator = torch.Generator().manual_seed(self.args.seed)
+        n = self.args.max_new_tokens if max_new_tokens is None else max_new_tokens
+        return _spec_stream(self.engine, self.prompt, n, self.eos)
+
+    def chosen(self) -> Iterator[list[int]]:
+        return self.plain() if self.engine is None else self.speculative()
+
+    def run(self, stream: Iterator[list[int]], on_tokens: Callable[[list[int]], None] = lambda tokens: None) -> _Timing:
+        import torch
+
+        torch.manual_seed(self.args.seed)
+        with torch.inference_mode():
+            return _drive(stream, on_tokens)
+
+    def warm_up(self) -> None:
+        """A few tokens of both decodings first: first calls pay one-time costs, and --compare times both alike."""
+        warm = min(self.args.max_new_tokens, 8)
+        for stream in (self.speculative(warm), self.plain(warm)):
+            if self.run(stream).interrupted:
+                raise KeyboardInterrupt
+        self.engine.stats = type(self.engine.stats)()
+
+
+def _encode_prompt(bundle, text: str) -> list[int]:
+    if bundle.tokenizer is None:
+        raise UsageError(f"--model: {bundle.path} has no tokenizer.json: cannot encode --prompt")
+    ids = bundle.tokenizer.encode(text).ids
+    if not ids:
+        raise UsageError("--prompt: encodes to no tokens")
+    return ids
+
+
 def cmd_generate(args) -> int:
-    import torch
-
-    from gdnspec.spec import SpeculativeEngine
-
     if args.compare and args.drafter == "none":
         raise UsageError("--compare: compares a speculative --drafter with plain decoding; --drafter none is plain "
                          "decoding already")
-    config = _tree_config(args)
+    config = _tree_config(args)  # every flag is checked before the model loads and before anything is printed
     bundle = _load_bundle(args)
     threads = _apply_threads(args, bundle.model)
     drafter = _drafter(bundle, args.drafter)
-    if bundle.tokenizer is None:
-        raise UsageError(f"--model: {bundle.path} has no tokenizer.json: cannot encode --prompt")
-    ids = bundle.tokenizer.encode(args.prompt).ids
-    if not ids:
-        raise UsageError("--prompt: encodes to no tokens")
-    prompt = torch.tensor(ids, dtype=torch.long)
-    eos = bundle.eos_token_id
-    sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
-
-    def plain():
-        gen = torch.Generator(device=bundle.model.device).manual_seed(args.seed)
-        return _plain_stream(bundle.model, prompt, args.max_new_tokens, eos, sampling, gen)
-
-    engine = None
-    if drafter is not None:
-        engine = SpeculativeEngine(bundle.model, drafter, config, generator=torch.Generator().manual_seed(args.seed),
-                                   static=False, **sampling)
-    def spec(max_new_tokens: int = args.max_new_tokens):
-        return _spec_stream(engine, prompt, max_new_tokens, eos)
-
-    if args.compare:  # warm both paths up (first calls pay one-time costs), so that the two runs are timed alike
-        warm = min(args.max_new_tokens, 8)
-        with torch.inference_mode():
-            for stream in (spec(warm), _plain_stream(bundle.model, prompt, warm, eos, sampling, None)):
-                if _drive(stream, lambda tokens: None).interrupted:
-                    raise KeyboardInterrupt
-        engine.stats = type(engine.stats)()
-        engine.generator = torch.Generator().manual_seed(args.seed)
+    ids = _encode_prompt(bundle, args.prompt)
+    gen = _Generation(args, bundle, drafter, config, ids)
+    if args.compare:
+        gen.warm_up()
     printer = _Printer(bundle.tokenizer, ids)
-    torch.manual_seed(args.seed)
     printer.start()
-    with torch.inference_mode():
-        stream = plain() if engine is None else spec()
-        timing = _drive(stream, printer)
+    timing = gen.run(gen.chosen(), printer)
     print()
     state = "--- interrupted: " if timing.interrupted else "--- "
-    print(f"{state}{_speed_report(timing, len(ids), args.max_new_tokens)} | {_accept_report(engine, len(timing.tokens))}"
-          f" | drafter {args.drafter} | {args.device}, {threads} thread{'s' if threads > 1 else ''}", file=sys.stderr)
+    print(f"{state}{_speed_report(timing, len(ids), args.max_new_tokens)} | "
+          f"{_accept_report(gen.engine, len(timing.tokens))} | drafter {args.drafter} | {args.device}, {threads} "
+          f"thread{'s' if threads > 1 else ''}", file=sys.stderr)
     if timing.interrupted:
         return 130
     if args.compare:
-        with torch.inference_mode():
-            base = _drive(plain(), lambda tokens: None)
+        base = gen.run(gen.plain())
         if base.interrupted:
             print("--- plain decoding interrupted: no comparison", file=sys.stderr)
             return 130
@@ -655,7 +715,7 @@ def cmd_eval(args) -> int:
     bundle = _load_bundle(args)
     _apply_threads(args, bundle.model)
     for name in args.drafters:
-        _drafter(bundle, name)
+        _drafter(bundle, name, "--drafters")
     if bundle.tokenizer is None:
         raise UsageError(f"--model: {bundle.path} has no tokenizer.json: eval needs one to encode its prompts")
     shapes = SHAPES if args.shapes is None else {k: SHAPES[k] for k in args.shapes}

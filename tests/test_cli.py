@@ -73,6 +73,20 @@ def test_generate_plain_matches_generate_autoregressive(capsys):
     assert out.rstrip("\n") == bundle.tokenizer.decode(ref.tolist())
 
 
+def test_plain_stream_static_steps_match_eager_decoding():
+    """The static decode step (a CUDA graph on the GPU, forced here on the CPU) streams the same greedy tokens."""
+    from gdnspec.cli import _plain_stream
+
+    bundle = gdnspec.load()
+    ids = torch.tensor(bundle.tokenizer.encode(PROMPT).ids)
+    ref = gdnspec.generate_autoregressive(bundle.model, ids[None], 16, static=False)[0, ids.numel():].tolist()
+    sampling = {"temperature": 0.0, "top_k": None, "top_p": None}
+    with torch.inference_mode():
+        for static in (False, True):
+            *_, last = _plain_stream(bundle.model, ids, 16, None, sampling, None, static=static)
+            assert last == ref, static
+
+
 def test_generate_compare_reports_speedup(capsys):
     rc, out, err = run_main(["generate", "--prompt", PROMPT, "--max-new-tokens", "16", "--compare"], capsys)
     assert rc == 0
@@ -176,6 +190,7 @@ EVAL = ["eval", "--num-prompts", "1", "--max-new-tokens", "2"]
     (["eval", "--num-prompts", "0"], ["--num-prompts", "expected an integer >= 1, got '0'"]),
     (EVAL + ["--repeats", "0"], ["--repeats", "expected an integer >= 1"]),
     (EVAL + ["--model", "/nonexistent/path"], ["--model", "does not exist"]),
+    (EVAL + ["--drafters", "ngram,mtp"], ["--drafters", "'mtp' is not available for this model", "eagle, model, ngram"]),
     (["train", "--out", "x", "--steps", "0"], ["--steps", "expected an integer >= 1"]),
 ])
 def test_usage_errors_are_one_line_with_the_flag(argv, needles, capsys):
