@@ -720,6 +720,9 @@ def cmd_eval(args) -> int:
         raise UsageError(f"--model: {bundle.path} has no tokenizer.json: eval needs one to encode its prompts")
     shapes = SHAPES if args.shapes is None else {k: SHAPES[k] for k in args.shapes}
     prompts = heldout_prompts(bundle.tokenizer, num_prompts=args.num_prompts, prompt_tokens=args.prompt_tokens)
+    print(f"[eval] {len(prompts)} held-out prompt(s) of {args.prompt_tokens} tokens, {args.max_new_tokens} new tokens "
+          f"each; {len(args.drafters)} drafter(s) x {len(shapes)} tree shape(s), {args.repeats} timing(s) each, plain "
+          f"decoding alternating", flush=True)
     res = evaluate(bundle, prompts, drafters=args.drafters, shapes=shapes, max_new_tokens=args.max_new_tokens,
                    temperature=args.temperature, repeats=args.repeats)
     dev = _device_name(args)

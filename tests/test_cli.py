@@ -271,6 +271,17 @@ def test_eval_writes_json_with_identical_greedy_outputs_and_spread(tmp_path, cap
         assert r["identical_to_plain"] and r["tokens_per_forward"] >= 1
         assert len(r["speedups"]) == 2 and r["speedup_min"] <= r["speedup"] <= r["speedup_max"]
     assert re.search(r"\d+\.\d\dx \(\d+\.\d\d-\d+\.\d\d\)", out), out
+    assert out.startswith("[eval] 1 held-out prompt(s) of 32 tokens")
     assert f"wrote {tmp_path / 'eval.json'}" in out
     assert "plot skipped: matplotlib is not installed (pip install 'gdnspec[plot]'" in out
     assert not (tmp_path / "eval.png").exists()
+
+
+def test_eval_plot_draws_the_spread(tmp_path):
+    pytest.importorskip("matplotlib")
+    from gdnspec.evaluate import plot
+
+    row = {"drafter": "ngram", "shape": "chain-4", "tokens_per_forward": 1.5, "speedup": 1.1, "speedup_min": 0.9,
+           "speedup_max": 1.3}
+    assert plot({"rows": [row, dict(row, shape="tree-4x5")], "title": "t"}, str(tmp_path / "eval.png"))
+    assert (tmp_path / "eval.png").stat().st_size > 0
