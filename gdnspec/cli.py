@@ -1,13 +1,19 @@
-"""Command line: `gdnspec <subcommand> ...` (or `python -m gdnspec.cli <subcommand> ...`).
+"""Command line: `gdnspec <subcommand> ...` (or `python -m gdnspec <subcommand> ...`).
 
     gdnspec data    --out runs/data [--vocab-size 8192] [--extra PATH ...]       corpus + tokenizer + token arrays
     gdnspec train   --data runs/data --preset default-target --out runs/target  train a target LM
     gdnspec distill --kind model|eagle --target runs/target --data runs/data --out runs/draft
-    gdnspec generate --prompt "def fib(n):" [--model DIR] [--drafter eagle|model|ngram|none] [--temperature 0.7]
-    gdnspec eval    [--model DIR] [--device cuda] --out runs/eval       drafters x tree shapes vs plain decoding
+    gdnspec generate --prompt "def fib(n):" [--model DIR] [--drafter ngram|eagle|model|mtp|none] [--compare]
+    gdnspec eval    [--model DIR] [--device cuda] [--repeats 3] --out runs/eval   drafters x tree shapes vs plain
 
 Each subcommand is one `add_<name>_parser(subparsers)` + `cmd_<name>(args)` pair registered in SUBCOMMANDS;
-add a pair there to add a subcommand.
+add a pair there to add a subcommand. `--help` shows every flag with its default.
+
+User mistakes never end in a traceback: flag values are checked by argparse types (int_at_least, float_in,
+device_arg, model_dir_arg, name_list), and what can only be checked later (a drafter the model lacks, a tree the
+flags cannot build, a folder that does not load) raises UsageError; both end with ONE line, `gdnspec <command>:
+error: <flag>: <what is expected>`, and exit code 2. Ctrl-C ends with exit code 130 (generate first prints the text
+and statistics so far).
 """
 from __future__ import annotations
 
@@ -482,7 +488,9 @@ def _plain_stream(model, ids, max_new_tokens: int, eos, sampling: dict, generato
         return
     stop = _stop_ids(eos)
     state, logits, _ = prefill(model, [ids])
-    if model.device.type == "cuda" if static is None else static:
+    if static is None:
+        static = model.device.type == "cuda"
+    if static:
         capacity = capacity or ids.numel() + max_new_tokens
         decoder = _static_decoder(model, -(-(capacity + 1) // 256) * 256)
         decoder.load(state)
