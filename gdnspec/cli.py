@@ -73,7 +73,10 @@ def float_in(low: float, high: float = math.inf, *, low_open: bool = False, high
     """argparse type: a finite number in the interval [low, high] (ends open where asked)."""
     lo = "(" if low_open else "["
     hi = ")" if high_open or high == math.inf else "]"
-    what = f"a number >= {low:g}" if high == math.inf and not low_open else f"a number in {lo}{low:g}, {high:g}{hi}"
+    if high == math.inf:
+        what = f"a number {'>' if low_open else '>='} {low:g}"
+    else:
+        what = f"a number in {lo}{low:g}, {high:g}{hi}"
 
     def parse(text: str) -> float:
         try:
@@ -135,6 +138,37 @@ def name_list(valid: list[str] | Callable[[], list[str]]):
     return parse
 
 
+def one_of(valid: Callable[[], list[str]]):
+    """argparse type: one name of valid() (a function, so that the list is read only when parsing)."""
+    def parse(text: str) -> str:
+        choices = valid()
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"unknown name {text!r}; expected one of {', '.join(choices)}")
+        return text
+
+    parse.__name__ = "name"
+    return parse
+
+
+def key_value(text: str) -> str:
+    """argparse type: KEY=VALUE."""
+    key, sep, _ = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (a GDNConfig field), got {text!r}")
+    return text
+
+
+def train_device_arg(text: str) -> str:
+    """argparse type: auto, or what device_arg accepts."""
+    return text if text == "auto" else device_arg(text)
+
+
+def _presets() -> list[str]:
+    from gdnspec.train.train import PRESETS
+
+    return sorted(PRESETS)
+
+
 POSITIVE_INT = int_at_least(1)
 NON_NEGATIVE_INT = int_at_least(0)
 POSITIVE_FLOAT = float_in(0.0, low_open=True)
@@ -169,7 +203,7 @@ def _add_train_options(p: argparse.ArgumentParser, *, steps: int, lr: float, bat
     g.add_argument("--eval-tokens", type=POSITIVE_INT, default=200_000, help="held-out tokens per eval")
     g.add_argument("--log-every", type=POSITIVE_INT, default=10, help="steps between log lines")
     g.add_argument("--seed", type=int, default=0, help="random seed")
-    g.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
+    g.add_argument("--device", type=train_device_arg, default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
     g.add_argument("--autocast", default="auto", choices=["auto", "bf16", "none"], help="auto = bf16 on CUDA only")
     g.add_argument("--save-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="dtype of the saved weights")
@@ -183,6 +217,16 @@ def _train_config(args, extra: dict):
                        grad_clip=args.grad_clip, time_budget=args.time_budget, eval_every=args.eval_every,
                        eval_tokens=args.eval_tokens, log_every=args.log_every, seed=args.seed, save_dtype=args.save_dtype,
                        autocast=args.autocast, extra=extra)
+
+
+def _make_config(args, vocab_size: int):
+    """make_config(--preset, vocab_size, --set); a config it rejects is a --set usage error."""
+    from gdnspec.train.train import make_config
+
+    try:
+        return make_config(args.preset, vocab_size, args.set)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"--set: {e}") from None
 
 
 def _load_data(args):
@@ -225,8 +269,10 @@ def cmd_data(args) -> int:
 def add_train_parser(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a GDN / hybrid target LM")
     _add_data_options(p)
-    p.add_argument("--preset", default="default-target", help="config preset (tiny, default-target, default-draft, ...)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="GDNConfig override (repeatable)")
+    p.add_argument("--preset", type=one_of(_presets), default="default-target",
+                   help="config preset (tiny, default-target, default-draft, ...)")
+    p.add_argument("--set", type=key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="GDNConfig override (repeatable)")
     p.add_argument("--out", required=True, help="checkpoint folder (the best held-out checkpoint is written there)")
     _add_train_options(p, steps=2000, lr=1.5e-3)
 
@@ -237,8 +283,9 @@ def cmd_train(args) -> int:
     from gdnspec.models.lm import GDNForCausalLM
     from gdnspec.train.train import count_params, make_config, train_lm
 
+    _make_config(args, args.vocab_size)  # a bad --set fails now, not after the data folder is built
     data = _load_data(args)
-    config = make_config(args.preset, data.vocab_size, args.set)
+    config = _make_config(args, data.vocab_size)
     torch.manual_seed(args.seed)
     model = GDNForCausalLM(config)
     print(f"[train] preset {args.preset}: {count_params(model) / 1e6:.2f}M params, layers {config.layer_types}", flush=True)
@@ -253,11 +300,12 @@ def cmd_train(args) -> int:
 def add_distill_parser(subparsers) -> None:
     p = subparsers.add_parser("distill", help="distil a drafter (small LM or EAGLE head) from a trained target")
     p.add_argument("--kind", required=True, choices=["model", "eagle"])
-    p.add_argument("--target", required=True, help="target checkpoint folder")
+    p.add_argument("--target", type=model_dir_arg, required=True, help="target checkpoint folder")
     _add_data_options(p)
     p.add_argument("--out", required=True, help="drafter checkpoint folder")
-    p.add_argument("--preset", default="default-draft", help="(--kind model) draft config preset")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="draft/head GDNConfig override")
+    p.add_argument("--preset", type=one_of(_presets), default="default-draft", help="(--kind model) draft config preset")
+    p.add_argument("--set", type=key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="draft/head GDNConfig override (repeatable)")
     p.add_argument("--ce-weight", type=NON_NEGATIVE_FLOAT, default=0.1,
                    help="(model) weight of the data cross-entropy next to KL")
     p.add_argument("--eagle-intermediate-size", type=POSITIVE_INT, default=None,
@@ -275,27 +323,34 @@ def cmd_distill(args) -> int:
     from gdnspec.models.eagle import EagleHead, eagle_config_for
     from gdnspec.models.lm import GDNForCausalLM
     from gdnspec.train.distill import distill_eagle, distill_model
-    from gdnspec.train.train import count_params, make_config, resolve_device, _parse_value
+    from gdnspec.train.train import count_params, resolve_device, _parse_value
 
+    try:
+        target, _ = load_checkpoint(args.target)
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError(f"--target: cannot load {args.target}: {e}") from None
     data = _load_data(args)
-    target, _ = load_checkpoint(args.target)
     tgt_tok = Path(args.target) / "tokenizer.json"
     if tgt_tok.exists() and tgt_tok.read_text() != data.tokenizer_path.read_text():
-        raise SystemExit(f"the target's tokenizer ({tgt_tok}) differs from the data folder's ({data.tokenizer_path})")
+        raise UsageError(f"--target: its tokenizer ({tgt_tok}) differs from the --data folder's ({data.tokenizer_path})")
     if target.vocab_size != data.vocab_size:
-        raise SystemExit(f"target vocab {target.vocab_size} != data vocab {data.vocab_size}")
+        raise UsageError(f"--target: its vocabulary ({target.vocab_size}) differs from the --data folder's "
+                         f"({data.vocab_size})")
     device = resolve_device(args.device)
     target.to(device)
     torch.manual_seed(args.seed)
     extra = {"kind": args.kind, "target": str(args.target), "overrides": args.set, "command": " ".join(sys.argv)}
     if args.kind == "model":
-        config = make_config(args.preset, data.vocab_size, args.set)
+        config = _make_config(args, data.vocab_size)
         drafter = GDNForCausalLM(config)
         extra["preset"] = args.preset
     else:
         overrides = dict(item.split("=", 1) for item in args.set)
-        config = eagle_config_for(target.config, intermediate_size=args.eagle_intermediate_size,
-                                  **{k: _parse_value(v) for k, v in overrides.items()})
+        try:
+            config = eagle_config_for(target.config, intermediate_size=args.eagle_intermediate_size,
+                                      **{k.strip(): _parse_value(v.strip()) for k, v in overrides.items()})
+        except (ValueError, TypeError) as e:
+            raise UsageError(f"--set: {e}") from None
         drafter = EagleHead(config)
         extra.update(unroll_steps=args.unroll_steps, reg_weight=args.reg_weight, step_decay=args.step_decay)
     print(f"[distill] {args.kind}: {count_params(drafter) / 1e6:.2f}M params (target {count_params(target) / 1e6:.2f}M)",

@@ -192,6 +192,14 @@ EVAL = ["eval", "--num-prompts", "1", "--max-new-tokens", "2"]
     (EVAL + ["--model", "/nonexistent/path"], ["--model", "does not exist"]),
     (EVAL + ["--drafters", "ngram,mtp"], ["--drafters", "'mtp' is not available for this model", "eagle, model, ngram"]),
     (["train", "--out", "x", "--steps", "0"], ["--steps", "expected an integer >= 1"]),
+    (["train", "--out", "x", "--preset", "bogus"], ["--preset", "'bogus'", "default-target"]),
+    (["train", "--out", "x", "--set", "hidden_size"], ["--set", "expected KEY=VALUE"]),
+    (["train", "--out", "x", "--set", "bogus_field=1"], ["--set", "bogus_field"]),
+    (["train", "--out", "x", "--device", "cuda:x"], ["--device", "expected cpu, cuda or cuda:N"]),
+    (["train", "--out", "x", "--lr", "0"], ["--lr", "expected a number > 0, got '0'"]),
+    (["distill", "--kind", "eagle", "--target", "/nonexistent/t", "--out", "x"], ["--target", "does not exist"]),
+    ([], ["the following arguments are required: command"]),
+    (["bogus"], ["invalid choice: 'bogus'"]),
 ])
 def test_usage_errors_are_one_line_with_the_flag(argv, needles, capsys):
     assert_usage_error(*run_main(argv, capsys), *needles)
