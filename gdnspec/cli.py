@@ -770,11 +770,31 @@ def _print_eval_table(res: dict) -> None:
               f"{tps:>8s} | {_speedup_text(r)}")
 
 
+def _eval_paths(args) -> tuple[Path, Path]:
+    """(<out>/<tag>.json, <out>/<tag>.png); the folder is made before the long run, so a bad --out fails at once."""
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out: cannot make the folder {out}: {e.strerror or e}") from None
+    return out / f"{args.tag}.json", out / f"{args.tag}.png"
+
+
+def _eval_intro(args, prompts, shapes) -> str:
+    lengths = sorted({p.numel() for p in prompts})
+    span = f"{lengths[0]}" if len(lengths) == 1 else f"{lengths[0]}-{lengths[-1]}"
+    fewer = f" (of {args.num_prompts} asked for)" if len(prompts) < args.num_prompts else ""
+    return (f"[eval] {len(prompts)} held-out prompt(s){fewer} of {span} tokens, {args.max_new_tokens} new tokens each; "
+            f"{len(args.drafters)} drafter(s) x {len(shapes)} tree shape(s), {args.repeats} timing(s) each, plain "
+            f"decoding alternating")
+
+
 def cmd_eval(args) -> int:
     import torch
 
     from gdnspec.evaluate import SHAPES, evaluate, heldout_prompts, plot
 
+    json_path, png_path = _eval_paths(args)
     bundle = _load_bundle(args)
     _apply_threads(args, bundle.model)
     for name in args.drafters:
@@ -783,18 +803,12 @@ def cmd_eval(args) -> int:
         raise UsageError(f"--model: {bundle.path} has no tokenizer.json: eval needs one to encode its prompts")
     shapes = SHAPES if args.shapes is None else {k: SHAPES[k] for k in args.shapes}
     prompts = heldout_prompts(bundle.tokenizer, num_prompts=args.num_prompts, prompt_tokens=args.prompt_tokens)
-    print(f"[eval] {len(prompts)} held-out prompt(s) of {args.prompt_tokens} tokens, {args.max_new_tokens} new tokens "
-          f"each; {len(args.drafters)} drafter(s) x {len(shapes)} tree shape(s), {args.repeats} timing(s) each, plain "
-          f"decoding alternating", flush=True)
+    print(_eval_intro(args, prompts, shapes), flush=True)
     res = evaluate(bundle, prompts, drafters=args.drafters, shapes=shapes, max_new_tokens=args.max_new_tokens,
                    temperature=args.temperature, repeats=args.repeats)
     dev = _device_name(args)
     res.update(device=dev, torch=torch.__version__, model=str(bundle.path), dtype=str(bundle.model.dtype),
-               threads=torch.get_num_threads())
-    res["title"] = f"gdnspec eval on {dev}, T={args.temperature}"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = out / f"{args.tag}.json", out / f"{args.tag}.png"
+               threads=torch.get_num_threads(), title=f"gdnspec eval on {dev}, T={args.temperature}")
     json_path.write_text(json.dumps(res, indent=2, default=str))
     plotted = plot(res, str(png_path))
     _print_eval_table(res)

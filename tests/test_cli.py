@@ -217,6 +217,11 @@ def test_drafter_missing_from_model_is_a_usage_error_before_any_output(capsys):
     assert_usage_error(rc, out, err, "--drafter", "'mtp' is not available", "eagle, model, ngram, none")
 
 
+def test_eval_out_that_is_a_file_fails_before_the_run(tmp_path, capsys):
+    (tmp_path / "f").write_text("")
+    assert_usage_error(*run_main(EVAL + ["--out", str(tmp_path / "f")], capsys), "--out", str(tmp_path / "f"))
+
+
 def test_model_folder_that_cannot_load_is_a_model_error(tmp_path, capsys):
     assert_usage_error(*run_main(GEN + ["--model", str(tmp_path)], capsys), "--model", str(tmp_path))
     (tmp_path / "config.json").write_text("{")
