@@ -185,6 +185,7 @@ EVAL = ["eval", "--num-prompts", "1", "--max-new-tokens", "2"]
     (GEN + ["--dtype", "None"], ["--dtype", "invalid choice: 'None'", "auto"]),
     (GEN + ["--drafter", "bogus"], ["--drafter", "invalid choice: 'bogus'", "ngram"]),
     (GEN + ["--compare", "--drafter", "none"], ["--compare", "--drafter none"]),
+    (GEN + ["--prompt", ""], ["--prompt", "encodes to no tokens"]),
     (EVAL + ["--shapes", "bogus"], ["--shapes", "bogus", "chain-4, chain-6, tree-2x5, tree-4x5, tree-8x6"]),
     (EVAL + ["--drafters", "ngram,bogus"], ["--drafters", "bogus", "ngram, eagle, model, mtp"]),
     (["eval", "--num-prompts", "0"], ["--num-prompts", "expected an integer >= 1, got '0'"]),
