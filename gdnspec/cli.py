@@ -1,49 +1,212 @@
-"""Command line: `gdnspec <subcommand> ...` (or `python -m gdnspec.cli <subcommand> ...`).
+"""Command line: `gdnspec <subcommand> ...` (or `python -m gdnspec <subcommand> ...`).
 
     gdnspec data    --out runs/data [--vocab-size 8192] [--extra PATH ...]       corpus + tokenizer + token arrays
     gdnspec train   --data runs/data --preset default-target --out runs/target  train a target LM
     gdnspec distill --kind model|eagle --target runs/target --data runs/data --out runs/draft
-    gdnspec generate --prompt "def fib(n):" [--model DIR] [--drafter eagle|model|ngram|none] [--temperature 0.7]
-    gdnspec eval    [--model DIR] [--device cuda] --out runs/eval       drafters x tree shapes vs plain decoding
+    gdnspec generate --prompt "def fib(n):" [--model DIR] [--drafter ngram|eagle|model|mtp|none] [--compare]
+    gdnspec eval    [--model DIR] [--device cuda] [--repeats 3] --out runs/eval   drafters x tree shapes vs plain
 
 Each subcommand is one `add_<name>_parser(subparsers)` + `cmd_<name>(args)` pair registered in SUBCOMMANDS;
-add a pair there to add a subcommand.
+add a pair there to add a subcommand. `--help` shows every flag with its default.
+
+User mistakes never end in a traceback: flag values are checked by argparse types (int_at_least, float_in,
+device_arg, model_dir_arg, name_list), and what can only be checked later (a drafter the model lacks, a tree the
+flags cannot build, a folder that does not load) raises UsageError; both end with ONE line, `gdnspec <command>:
+error: <flag>: <what is expected>`, and exit code 2. Ctrl-C ends with exit code 130 (generate first prints the text
+and statistics so far).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
+import time
 from pathlib import Path
+from typing import Callable, Iterator
+
+
+# ---------------------------------------------------------------------------------------------- parsing and user errors
+class UsageError(Exception):
+    """A user mistake found after parsing (a flag whose value cannot work here). main() prints it as one line,
+    `gdnspec <command>: error: <message>`, and exits with 2, as argparse does for the mistakes it finds itself."""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows '(default: X)' where there is a default worth showing (not for required flags, None or off)."""
+
+    def _get_help_string(self, action):
+        off = action.default is None or action.default is False or action.default in ([], argparse.SUPPRESS)
+        if action.required or off or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with defaults in --help and errors on ONE line (no usage block): `gdnspec generate: error: ...`."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def int_at_least(low: int):
+    """argparse type: an integer >= low."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+
+    parse.__name__ = f"int>={low}"
+    return parse
+
+
+def float_in(low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False):
+    """argparse type: a finite number in the interval [low, high] (ends open where asked)."""
+    lo = "(" if low_open else "["
+    hi = ")" if high_open or high == math.inf else "]"
+    if high == math.inf:
+        what = f"a number {'>' if low_open else '>='} {low:g}"
+    else:
+        what = f"a number in {lo}{low:g}, {high:g}{hi}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        bad_low = value <= low if low_open else value < low
+        bad_high = value >= high if high_open else value > high
+        if not math.isfinite(value) or bad_low or bad_high:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def device_arg(text: str) -> str:
+    """argparse type: cpu, cuda or cuda:N, and CUDA only where it is available."""
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r} asked for, but CUDA is not available here "
+                                             f"(torch {torch.__version__}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r} asked for, but this machine has {torch.cuda.device_count()} "
+                                             f"CUDA device(s)")
+    elif dev.type != "cpu":
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+def model_dir_arg(text: str) -> str:
+    """argparse type: an existing model folder."""
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{text} does not exist (expected a model folder)")
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is not a folder (expected a model folder with config.json)")
+    return text
+
+
+def name_list(valid: list[str] | Callable[[], list[str]]):
+    """argparse type: a comma list of names, each one of `valid` (a list, or a function giving it when parsed)."""
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        choices = valid() if callable(valid) else valid
+        bad = [n for n in names if n not in choices]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(f"unknown name(s) {', '.join(bad) or repr(text)}; expected a comma list of "
+                                             f"{', '.join(choices)}")
+        return names
+
+    parse.__name__ = "names"
+    return parse
+
+
+def one_of(valid: Callable[[], list[str]]):
+    """argparse type: one name of valid() (a function, so that the list is read only when parsing)."""
+    def parse(text: str) -> str:
+        choices = valid()
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"unknown name {text!r}; expected one of {', '.join(choices)}")
+        return text
+
+    parse.__name__ = "name"
+    return parse
+
+
+def key_value(text: str) -> str:
+    """argparse type: KEY=VALUE."""
+    key, sep, _ = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (a GDNConfig field), got {text!r}")
+    return text
+
+
+def train_device_arg(text: str) -> str:
+    """argparse type: auto, or what device_arg accepts."""
+    return text if text == "auto" else device_arg(text)
+
+
+def _presets() -> list[str]:
+    from gdnspec.train.train import PRESETS
+
+    return sorted(PRESETS)
+
+
+POSITIVE_INT = int_at_least(1)
+NON_NEGATIVE_INT = int_at_least(0)
+POSITIVE_FLOAT = float_in(0.0, low_open=True)
+NON_NEGATIVE_FLOAT = float_in(0.0)
 
 
 # ---------------------------------------------------------------------------------------------- shared options
 def _add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="runs/data", help="dataset folder (built from the stdlib when missing)")
-    p.add_argument("--vocab-size", type=int, default=8192, help="tokenizer vocabulary when the data folder is built")
+    p.add_argument("--vocab-size", type=int_at_least(2), default=8192,
+                   help="tokenizer vocabulary when the data folder is built")
     p.add_argument("--extra", action="append", default=[], metavar="PATH",
                    help="extra text files/dirs for the corpus when the data folder is built (repeatable)")
-    p.add_argument("--heldout-fraction", type=float, default=0.05)
+    p.add_argument("--heldout-fraction", type=float_in(0.0, 1.0, high_open=True), default=0.05,
+                   help="share of the files (by name hash) held out for evaluation")
 
 
 def _add_train_options(p: argparse.ArgumentParser, *, steps: int, lr: float, batch_size: int = 32) -> None:
     g = p.add_argument_group("training")
-    g.add_argument("--steps", type=int, default=steps, help="optimizer steps (upper bound with --time-budget)")
-    g.add_argument("--time-budget", type=float, default=0.0, help="seconds; > 0 ends training (and the schedule) then")
-    g.add_argument("--batch-size", type=int, default=batch_size)
-    g.add_argument("--seq-len", type=int, default=512)
-    g.add_argument("--lr", type=float, default=lr)
-    g.add_argument("--min-lr-ratio", type=float, default=0.1)
-    g.add_argument("--warmup-steps", type=int, default=100)
-    g.add_argument("--weight-decay", type=float, default=0.1)
-    g.add_argument("--grad-clip", type=float, default=1.0)
-    g.add_argument("--eval-every", type=int, default=0, help="steps between held-out evals (best one is kept)")
-    g.add_argument("--eval-tokens", type=int, default=200_000)
-    g.add_argument("--log-every", type=int, default=10)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
+    g.add_argument("--steps", type=POSITIVE_INT, default=steps, help="optimizer steps (upper bound with --time-budget)")
+    g.add_argument("--time-budget", type=NON_NEGATIVE_FLOAT, default=0.0,
+                   help="seconds; > 0 ends training (and the schedule) then, 0 = no limit")
+    g.add_argument("--batch-size", type=POSITIVE_INT, default=batch_size, help="sequences per optimizer step")
+    g.add_argument("--seq-len", type=int_at_least(2), default=512, help="tokens per training sequence")
+    g.add_argument("--lr", type=POSITIVE_FLOAT, default=lr, help="peak learning rate")
+    g.add_argument("--min-lr-ratio", type=float_in(0.0, 1.0), default=0.1, help="final learning rate / peak")
+    g.add_argument("--warmup-steps", type=NON_NEGATIVE_INT, default=100, help="linear warmup steps")
+    g.add_argument("--weight-decay", type=NON_NEGATIVE_FLOAT, default=0.1, help="AdamW weight decay")
+    g.add_argument("--grad-clip", type=NON_NEGATIVE_FLOAT, default=1.0, help="gradient norm clip (0 = off)")
+    g.add_argument("--eval-every", type=NON_NEGATIVE_INT, default=0,
+                   help="steps between held-out evals (best one is kept); 0 = at the end only")
+    g.add_argument("--eval-tokens", type=POSITIVE_INT, default=200_000, help="held-out tokens per eval")
+    g.add_argument("--log-every", type=POSITIVE_INT, default=10, help="steps between log lines")
+    g.add_argument("--seed", type=int, default=0, help="random seed")
+    g.add_argument("--device", type=train_device_arg, default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
     g.add_argument("--autocast", default="auto", choices=["auto", "bf16", "none"], help="auto = bf16 on CUDA only")
-    g.add_argument("--save-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    g.add_argument("--save-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="dtype of the saved weights")
 
 
 def _train_config(args, extra: dict):
@@ -54,6 +217,16 @@ def _train_config(args, extra: dict):
                        grad_clip=args.grad_clip, time_budget=args.time_budget, eval_every=args.eval_every,
                        eval_tokens=args.eval_tokens, log_every=args.log_every, seed=args.seed, save_dtype=args.save_dtype,
                        autocast=args.autocast, extra=extra)
+
+
+def _make_config(args, vocab_size: int):
+    """make_config(--preset, vocab_size, --set); a config it rejects is a --set usage error."""
+    from gdnspec.train.train import make_config
+
+    try:
+        return make_config(args.preset, vocab_size, args.set)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"--set: {e}") from None
 
 
 def _load_data(args):
@@ -76,10 +249,11 @@ def _finish(summary: dict, out: str) -> int:
 def add_data_parser(subparsers) -> None:
     p = subparsers.add_parser("data", help="build the corpus, the BPE tokenizer and the token arrays")
     p.add_argument("--out", required=True, help="dataset folder to write")
-    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--vocab-size", type=int_at_least(2), default=8192, help="tokenizer vocabulary")
     p.add_argument("--extra", action="append", default=[], metavar="PATH", help="extra text files/dirs (repeatable)")
     p.add_argument("--no-stdlib", action="store_true", help="use only the --extra paths")
-    p.add_argument("--heldout-fraction", type=float, default=0.05)
+    p.add_argument("--heldout-fraction", type=float_in(0.0, 1.0, high_open=True), default=0.05,
+                   help="share of the files (by name hash) held out for evaluation")
     p.add_argument("--tokenizer", default=None, help="reuse this tokenizer.json instead of training one")
 
 
@@ -95,8 +269,10 @@ def cmd_data(args) -> int:
 def add_train_parser(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a GDN / hybrid target LM")
     _add_data_options(p)
-    p.add_argument("--preset", default="default-target", help="config preset (tiny, default-target, default-draft, ...)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="GDNConfig override (repeatable)")
+    p.add_argument("--preset", type=one_of(_presets), default="default-target",
+                   help="config preset (tiny, default-target, default-draft, ...)")
+    p.add_argument("--set", type=key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="GDNConfig override (repeatable)")
     p.add_argument("--out", required=True, help="checkpoint folder (the best held-out checkpoint is written there)")
     _add_train_options(p, steps=2000, lr=1.5e-3)
 
@@ -107,8 +283,9 @@ def cmd_train(args) -> int:
     from gdnspec.models.lm import GDNForCausalLM
     from gdnspec.train.train import count_params, make_config, train_lm
 
+    _make_config(args, args.vocab_size)  # a bad --set fails now, not after the data folder is built
     data = _load_data(args)
-    config = make_config(args.preset, data.vocab_size, args.set)
+    config = _make_config(args, data.vocab_size)
     torch.manual_seed(args.seed)
     model = GDNForCausalLM(config)
     print(f"[train] preset {args.preset}: {count_params(model) / 1e6:.2f}M params, layers {config.layer_types}", flush=True)
@@ -123,16 +300,19 @@ def cmd_train(args) -> int:
 def add_distill_parser(subparsers) -> None:
     p = subparsers.add_parser("distill", help="distil a drafter (small LM or EAGLE head) from a trained target")
     p.add_argument("--kind", required=True, choices=["model", "eagle"])
-    p.add_argument("--target", required=True, help="target checkpoint folder")
+    p.add_argument("--target", type=model_dir_arg, required=True, help="target checkpoint folder")
     _add_data_options(p)
     p.add_argument("--out", required=True, help="drafter checkpoint folder")
-    p.add_argument("--preset", default="default-draft", help="(--kind model) draft config preset")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="draft/head GDNConfig override")
-    p.add_argument("--ce-weight", type=float, default=0.1, help="(model) weight of the data cross-entropy next to KL")
-    p.add_argument("--eagle-intermediate-size", type=int, default=None, help="(eagle) MLP width; default: the target's")
-    p.add_argument("--unroll-steps", type=int, default=3, help="(eagle) training-time unroll depth")
-    p.add_argument("--reg-weight", type=float, default=0.2, help="(eagle) feature regression weight")
-    p.add_argument("--step-decay", type=float, default=0.8, help="(eagle) loss weight decay per unroll step")
+    p.add_argument("--preset", type=one_of(_presets), default="default-draft", help="(--kind model) draft config preset")
+    p.add_argument("--set", type=key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="draft/head GDNConfig override (repeatable)")
+    p.add_argument("--ce-weight", type=NON_NEGATIVE_FLOAT, default=0.1,
+                   help="(model) weight of the data cross-entropy next to KL")
+    p.add_argument("--eagle-intermediate-size", type=POSITIVE_INT, default=None,
+                   help="(eagle) MLP width; default: the target's")
+    p.add_argument("--unroll-steps", type=POSITIVE_INT, default=3, help="(eagle) training-time unroll depth")
+    p.add_argument("--reg-weight", type=NON_NEGATIVE_FLOAT, default=0.2, help="(eagle) feature regression weight")
+    p.add_argument("--step-decay", type=POSITIVE_FLOAT, default=0.8, help="(eagle) loss weight decay per unroll step")
     _add_train_options(p, steps=1000, lr=2e-3)
 
 
@@ -143,27 +323,34 @@ def cmd_distill(args) -> int:
     from gdnspec.models.eagle import EagleHead, eagle_config_for
     from gdnspec.models.lm import GDNForCausalLM
     from gdnspec.train.distill import distill_eagle, distill_model
-    from gdnspec.train.train import count_params, make_config, resolve_device, _parse_value
+    from gdnspec.train.train import count_params, resolve_device, _parse_value
 
+    try:
+        target, _ = load_checkpoint(args.target)
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError(f"--target: cannot load {args.target}: {e}") from None
     data = _load_data(args)
-    target, _ = load_checkpoint(args.target)
     tgt_tok = Path(args.target) / "tokenizer.json"
     if tgt_tok.exists() and tgt_tok.read_text() != data.tokenizer_path.read_text():
-        raise SystemExit(f"the target's tokenizer ({tgt_tok}) differs from the data folder's ({data.tokenizer_path})")
+        raise UsageError(f"--target: its tokenizer ({tgt_tok}) differs from the --data folder's ({data.tokenizer_path})")
     if target.vocab_size != data.vocab_size:
-        raise SystemExit(f"target vocab {target.vocab_size} != data vocab {data.vocab_size}")
+        raise UsageError(f"--target: its vocabulary ({target.vocab_size}) differs from the --data folder's "
+                         f"({data.vocab_size})")
     device = resolve_device(args.device)
     target.to(device)
     torch.manual_seed(args.seed)
     extra = {"kind": args.kind, "target": str(args.target), "overrides": args.set, "command": " ".join(sys.argv)}
     if args.kind == "model":
-        config = make_config(args.preset, data.vocab_size, args.set)
+        config = _make_config(args, data.vocab_size)
         drafter = GDNForCausalLM(config)
         extra["preset"] = args.preset
     else:
         overrides = dict(item.split("=", 1) for item in args.set)
-        config = eagle_config_for(target.config, intermediate_size=args.eagle_intermediate_size,
-                                  **{k: _parse_value(v) for k, v in overrides.items()})
+        try:
+            config = eagle_config_for(target.config, intermediate_size=args.eagle_intermediate_size,
+                                      **{k.strip(): _parse_value(v.strip()) for k, v in overrides.items()})
+        except (ValueError, TypeError) as e:
+            raise UsageError(f"--set: {e}") from None
         drafter = EagleHead(config)
         extra.update(unroll_steps=args.unroll_steps, reg_weight=args.reg_weight, step_decay=args.step_decay)
     print(f"[distill] {args.kind}: {count_params(drafter) / 1e6:.2f}M params (target {count_params(target) / 1e6:.2f}M)",
@@ -180,143 +367,455 @@ def cmd_distill(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- generate / eval
+DRAFTERS = ["ngram", "eagle", "model", "mtp"]  # what gdnspec.load can attach (mtp: HF checkpoints with MTP weights)
+SMALL_MODEL_PARAMS = 100_000_000  # CPU thread rule: below this, one thread (see choose_threads)
+
+
 def _add_model_options(p: argparse.ArgumentParser, *, cuda_dtype: str = "bfloat16") -> None:
-    p.add_argument("--model", default=None, help="model folder (default: the embedded default model)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
-    p.add_argument("--dtype", default=None, choices=[None, "float32", "float16", "bfloat16"],
-                   help=f"default: float32 on the CPU, {cuda_dtype} on CUDA")
+    p.add_argument("--model", type=model_dir_arg, default=None, help="model folder (default: the embedded default model)")
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda, cuda:1 ...")
+    auto = "float32" if cuda_dtype == "float32" else f"float32 on the CPU, {cuda_dtype} on CUDA"
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"], help=f"auto = {auto}")
+    p.add_argument("--threads", type=POSITIVE_INT, default=None,
+                   help="CPU threads for torch (default: 1 for models under 100M parameters on the CPU, else torch's "
+                        "default; OMP_NUM_THREADS, when set, is respected)")
     p.set_defaults(cuda_dtype=cuda_dtype)
 
 
+def choose_threads(requested: int | None, device: str, num_params: int) -> int | None:
+    """The torch thread count to set, or None to keep torch's. The rule: --threads wins; otherwise, on the CPU, a model
+    under SMALL_MODEL_PARAMS runs on 1 thread (its ops are too small to gain from more, and it collapses when another
+    process wants the cores), unless OMP_NUM_THREADS says otherwise; larger models and CUDA keep torch's default."""
+    if requested is not None:
+        return requested
+    if not device.startswith("cpu") or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    return 1 if num_params < SMALL_MODEL_PARAMS else None
+
+
+def _apply_threads(args, model) -> int:
+    import torch
+
+    n = choose_threads(args.threads, args.device, sum(p.numel() for p in model.parameters()))
+    if n is not None:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
 def _load_bundle(args):
+    """gdnspec.load with the CLI's flags; a folder that cannot be loaded is a --model error (exit 2)."""
     import torch
 
     import gdnspec
 
-    dtype = args.dtype or (args.cuda_dtype if args.device.startswith("cuda") else "float32")
-    return gdnspec.load(args.model, dtype=getattr(torch, dtype), device=args.device)
+    dtype = args.dtype if args.dtype != "auto" else (args.cuda_dtype if args.device.startswith("cuda") else "float32")
+    try:
+        return gdnspec.load(args.model, dtype=getattr(torch, dtype), device=args.device)
+    except (OSError, ValueError, KeyError) as e:  # missing / unreadable files, bad config or weights
+        where = args.model or "the embedded default model"
+        raise UsageError(f"--model: cannot load {where}: {e}") from None
+
+
+def _drafter(bundle, name: str, flag: str = "--drafter"):
+    """The bundle's drafter `name` (None for 'none'); a drafter this model does not have is a usage error of `flag`."""
+    if name == "none":
+        return None
+    if name not in bundle.drafters:
+        names = sorted(bundle.drafters) + (["none"] if flag == "--drafter" else [])
+        raise UsageError(f"{flag}: {name!r} is not available for this model; choose from {', '.join(names)}")
+    return bundle.drafters[name]
+
+
+def _tree_config(args):
+    """The draft tree of --speculative-* (None for --drafter none), checked with the flags' own names."""
+    if args.drafter == "none":
+        return None
+    from gdnspec.spec import TreeConfig
+
+    cap = TreeConfig(topk=args.topk, num_steps=args.num_steps).max_nodes()
+    if args.num_draft_tokens > cap:
+        raise UsageError(f"--speculative-num-draft-tokens: {args.num_draft_tokens} is more than the {args.drafter} "
+                         f"drafter's tree can hold: with --speculative-eagle-topk {args.topk} and "
+                         f"--speculative-num-steps {args.num_steps} it has at most {cap} nodes (root included)")
+    return TreeConfig(topk=args.topk, num_steps=args.num_steps, num_draft_tokens=args.num_draft_tokens)
+
+
+def _stop_ids(eos) -> set[int]:
+    """eos_token_id (None, an id, or a list of ids) as a set."""
+    if eos is None:
+        return set()
+    return {int(e) for e in eos} if isinstance(eos, (list, tuple, set)) else {int(eos)}
 
 
 def add_generate_parser(subparsers) -> None:
     p = subparsers.add_parser("generate", help="stream text with speculative decoding")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="text to continue")
     _add_model_options(p)
-    p.add_argument("--drafter", default="ngram",
+    p.add_argument("--drafter", default="ngram", choices=DRAFTERS + ["none"],
                    help="ngram (default: the fastest on the shipped model, see the README's eval tables), eagle, model, "
                         "mtp (HF checkpoints with MTP weights) or none (plain decoding)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--topk", type=int, default=4, help="draft tree: children per expanded node")
-    p.add_argument("--num-steps", type=int, default=5, help="draft tree: depth")
-    p.add_argument("--num-draft-tokens", type=int, default=16, help="draft tree: nodes, root included")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=NON_NEGATIVE_INT, default=200, help="tokens to generate at most")
+    p.add_argument("--compare", action="store_true",
+                   help="then run plain decoding of the same prompt with the same settings and print the measured "
+                        "speedup of the decode phase")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--temperature", type=NON_NEGATIVE_FLOAT, default=0.0, help="0 = greedy")
+    s.add_argument("--top-k", type=POSITIVE_INT, default=None, help="sample from the k most likely tokens (default: off)")
+    s.add_argument("--top-p", type=float_in(0.0, 1.0, low_open=True), default=None,
+                   help="nucleus sampling mass in (0, 1] (default: off)")
+    s.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    t = p.add_argument_group("draft tree (SGLang's flag names; --topk, --num-steps, --num-draft-tokens are aliases)")
+    t.add_argument("--speculative-eagle-topk", "--topk", dest="topk", type=POSITIVE_INT, default=4, metavar="K",
+                   help="children per expanded tree node (not sampling's --top-k)")
+    t.add_argument("--speculative-num-steps", "--num-steps", dest="num_steps", type=POSITIVE_INT, default=5, metavar="S",
+                   help="tree depth: drafting steps per target forward")
+    t.add_argument("--speculative-num-draft-tokens", "--num-draft-tokens", dest="num_draft_tokens", type=int_at_least(2),
+                   default=16, metavar="N", help="tree nodes verified per target forward, root included")
+
+
+class _Timing:
+    """Compute time of one generation: the clock runs only while the model works (printing is left out)."""
+
+    def __init__(self):
+        self.tokens: list[int] = []
+        self.first_s: float | None = None  # time to the first token (prefill + first sample)
+        self.total_s = 0.0
+        self.interrupted = False
+
+    def record(self, tokens: list[int], elapsed: float) -> None:
+        self.tokens = list(tokens)
+        self.total_s = elapsed
+        if self.first_s is None and tokens:
+            self.first_s = elapsed
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        """Tokens after the first per second after the first; None with fewer than 2 tokens."""
+        if len(self.tokens) < 2 or self.first_s is None or self.total_s <= self.first_s:
+            return None
+        return (len(self.tokens) - 1) / (self.total_s - self.first_s)
+
+
+def _drive(stream: Iterator[list[int]], on_tokens: Callable[[list[int]], None]) -> _Timing:
+    """Run a token stream (each item: all new tokens so far) to its end or to Ctrl-C, timing the model's work."""
+    timing = _Timing()
+    elapsed, clock = 0.0, time.perf_counter()
+    try:
+        for tokens in stream:
+            elapsed += time.perf_counter() - clock
+            timing.record(tokens, elapsed)
+            on_tokens(tokens)
+            clock = time.perf_counter()
+    except KeyboardInterrupt:
+        timing.interrupted = True
+    return timing
+
+
+_STATIC_DECODERS = None  # weakref.WeakKeyDictionary: model -> {max_len: StaticDecoder} (this process's own)
+
+
+def _static_decoder(model, max_len: int):
+    """A batch-1 static decode step (a CUDA graph on the GPU), kept per model and capacity, so that --compare's
+    warm-up captures the graph once."""
+    global _STATIC_DECODERS
+    import weakref
+
+    from gdnspec.runtime import StaticDecoder
+
+    if _STATIC_DECODERS is None:
+        _STATIC_DECODERS = weakref.WeakKeyDictionary()
+    per_model = _STATIC_DECODERS.setdefault(model, {})
+    if max_len not in per_model:
+        per_model[max_len] = StaticDecoder(model, batch_size=1, max_len=max_len)
+    return per_model[max_len]
+
+
+def _plain_stream(model, ids, max_new_tokens: int, eos, sampling: dict, generator, *, capacity: int | None = None,
+                  static: bool | None = None) -> Iterator[list[int]]:
+    """Plain decoding token by token, as generate_autoregressive decodes (so the same tokens): eager steps on the CPU,
+    static graph-replayed steps on CUDA (static=None). capacity: prompt + new tokens the static KV must hold."""
+    import torch
+
+    from gdnspec.generate import prefill
+    from gdnspec.sampling import sample_next
+
+    if max_new_tokens == 0:
+        return
+    stop = _stop_ids(eos)
+    state, logits, _ = prefill(model, [ids])
+    if static is None:
+        static = model.device.type == "cuda"
+    if static:
+        capacity = capacity or ids.numel() + max_new_tokens
+        decoder = _static_decoder(model, -(-(capacity + 1) // 256) * 256)
+        decoder.load(state)
+
+        def step(tok: int):
+            return decoder.step(torch.tensor([tok], device=model.device))[:1]
+    else:
+        def step(tok: int):
+            return model(torch.tensor([[tok]], device=model.device), state, logits_to_keep=1).logits[:, -1]
+    new: list[int] = []
+    while True:
+        tok = int(sample_next(logits, generator=generator, **sampling)[0])
+        new.append(tok)
+        yield new
+        if len(new) >= max_new_tokens or tok in stop:
+            return
+        logits = step(tok)
+
+
+def _spec_stream(engine, ids, max_new_tokens: int, eos) -> Iterator[list[int]]:
+    """Speculative decoding one verify step at a time (the first item comes from the prefill)."""
+    session = engine.session()
+    (sid,) = session.add([ids], max_new_tokens=max_new_tokens, eos_token_id=[eos])
+    seq = session.sequences[sid]
+    if seq.new_tokens:
+        yield seq.new_tokens
+    while session.active:
+        session.step()
+        yield seq.new_tokens
+
+
+class _Printer:
+    """Streams new text to stdout as tokens arrive (decodes the whole tail each time: BPE merges across tokens)."""
+
+    def __init__(self, tokenizer, ids: list[int]):
+        self.tokenizer, self.ids = tokenizer, ids
+        self.prompt_text = tokenizer.decode(ids)
+        self.shown = 0
+
+    def start(self) -> None:
+        sys.stdout.write(self.prompt_text)
+        sys.stdout.flush()
+
+    def __call__(self, tokens: list[int]) -> None:
+        text = self.tokenizer.decode(self.ids + tokens)[len(self.prompt_text):]
+        sys.stdout.write(text[self.shown:])
+        sys.stdout.flush()
+        self.shown = len(text)
+
+
+def _fmt(value: float | None, fmt: str, unit: str = "") -> str:
+    return "n/a" if value is None else f"{value:{fmt}}{unit}"
+
+
+def _speed_report(timing: _Timing, prompt_len: int, max_new_tokens: int) -> str:
+    """'N new tokens | first token X s | decode Y tokens/s' (n/a where there is nothing to measure)."""
+    n = len(timing.tokens)
+    if n == 0:
+        why = " (--max-new-tokens 0)" if max_new_tokens == 0 else ""
+        return f"no tokens generated{why}, prompt {prompt_len} tokens | first token n/a | decode n/a"
+    decode = _fmt(timing.decode_tokens_per_s, ".1f", " tokens/s") if n > 1 else "n/a (1 token)"
+    return (f"{n} new token{'s' if n > 1 else ''} (prompt {prompt_len}) | first token {timing.first_s:.3f} s | "
+            f"decode {decode}")
+
+
+def _accept_report(engine, num_tokens: int) -> str:
+    """Tokens per target forward and acceptance rate (n/a where nothing was verified)."""
+    if engine is None:
+        per_forward = "1.00" if num_tokens else "n/a"
+        return f"tokens per target forward {per_forward} (plain decoding) | acceptance rate n/a"
+    st = engine.stats.as_dict()
+    if st["total_row_steps"] == 0:
+        return "tokens per target forward n/a | acceptance rate n/a (no verify step ran)"
+    return (f"tokens per target forward {st['mean_accept_length']:.2f} | "
+            f"acceptance rate {st['mean_acceptance_rate']:.2f}")
+
+
+def _compare_report(spec: _Timing, plain: _Timing, drafter: str, greedy: bool) -> str:
+    """The plain run's figures and the speculative decode-phase speedup over it."""
+    a, b = spec.decode_tokens_per_s, plain.decode_tokens_per_s
+    speedup = f"{a / b:.2f}x" if a and b else "n/a (fewer than 2 tokens)"
+    same = (", same output" if spec.tokens == plain.tokens else ", OUTPUTS DIFFER") if greedy else ""
+    return (f"--- plain decoding: first token {_fmt(plain.first_s, '.3f', ' s')} | decode "
+            f"{_fmt(b, '.1f', ' tokens/s')} | speculative ({drafter}) decode speedup over plain: {speedup}{same}")
+
+
+class _Generation:
+    """The decoding runs of one `gdnspec generate`: the chosen one (streamed) and, for --compare, plain decoding of
+    the same prompt with the same settings."""
+
+    def __init__(self, args, bundle, drafter, config, ids: list[int]):
+        import torch
+
+        from gdnspec.spec import SpeculativeEngine
+
+        self.args, self.model, self.ids = args, bundle.model, ids
+        self.prompt = torch.tensor(ids, dtype=torch.long)
+        self.eos = bundle.eos_token_id
+        self.sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+        self.engine = None
+        if drafter is not None:  # eager steps, so that the text streams step by step
+            self.engine = SpeculativeEngine(bundle.model, drafter, config, static=False, **self.sampling)
+
+    def plain(self, max_new_tokens: int | None = None) -> Iterator[list[int]]:
+        import torch
+
+        gen = torch.Generator(device=self.model.device).manual_seed(self.args.seed)
+        n = self.args.max_new_tokens if max_new_tokens is None else max_new_tokens
+        return _plain_stream(self.model, self.prompt, n, self.eos, self.sampling, gen,
+                             capacity=len(self.ids) + self.args.max_new_tokens)
+
+    def speculative(self, max_new_tokens: int | None = None) -> Iterator[list[int]]:
+        import torch
+
+        self.engine.generator = torch.Generator().manual_seed(self.args.seed)
+        n = self.args.max_new_tokens if max_new_tokens is None else max_new_tokens
+        return _spec_stream(self.engine, self.prompt, n, self.eos)
+
+    def chosen(self) -> Iterator[list[int]]:
+        return self.plain() if self.engine is None else self.speculative()
+
+    def run(self, stream: Iterator[list[int]], on_tokens: Callable[[list[int]], None] = lambda tokens: None) -> _Timing:
+        import torch
+
+        torch.manual_seed(self.args.seed)
+        with torch.inference_mode():
+            return _drive(stream, on_tokens)
+
+    def warm_up(self) -> None:
+        """A few tokens of both decodings first: first calls pay one-time costs, and --compare times both alike."""
+        warm = min(self.args.max_new_tokens, 8)
+        for stream in (self.speculative(warm), self.plain(warm)):
+            if self.run(stream).interrupted:
+                raise KeyboardInterrupt
+        self.engine.stats = type(self.engine.stats)()
+
+
+def _encode_prompt(bundle, text: str) -> list[int]:
+    if bundle.tokenizer is None:
+        raise UsageError(f"--model: {bundle.path} has no tokenizer.json: cannot encode --prompt")
+    ids = bundle.tokenizer.encode(text).ids
+    if not ids:
+        raise UsageError("--prompt: encodes to no tokens")
+    return ids
 
 
 def cmd_generate(args) -> int:
-    import time
-
-    import torch
-
-    from gdnspec.sampling import check_sampling_args
-    from gdnspec.spec import SpeculativeEngine, TreeConfig
-
-    check_sampling_args(args.temperature, args.top_k, args.top_p)
-    if args.max_new_tokens < 0:
-        raise SystemExit(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.compare and args.drafter == "none":
+        raise UsageError("--compare: compares a speculative --drafter with plain decoding; --drafter none is plain "
+                         "decoding already")
+    config = _tree_config(args)  # every flag is checked before the model loads and before anything is printed
     bundle = _load_bundle(args)
-    if bundle.tokenizer is None:
-        raise SystemExit(f"{bundle.path} has no tokenizer.json: cannot encode --prompt")
-    ids = torch.tensor(bundle.tokenizer.encode(args.prompt).ids, dtype=torch.long)
-    if ids.numel() == 0:
-        raise SystemExit("--prompt encodes to no tokens")
-    eos = bundle.eos_token_id
-    shown = [0]
-    prompt_text = bundle.tokenizer.decode(ids.tolist())
-    sys.stdout.write(prompt_text)
-
-    def show(tokens: list[int]) -> None:  # print the new text as it arrives (decode the whole tail: BPE merges)
-        text = bundle.tokenizer.decode(ids.tolist() + tokens)[len(prompt_text):]
-        sys.stdout.write(text[shown[0]:])
-        sys.stdout.flush()
-        shown[0] = len(text)
-
-    torch.manual_seed(args.seed)
-    start = time.perf_counter()
-    if args.drafter == "none":
-        from gdnspec.generate import generate_autoregressive
-
-        gen = torch.Generator().manual_seed(args.seed)
-        out = generate_autoregressive(bundle.model, ids[None], args.max_new_tokens, temperature=args.temperature,
-                                      eos_token_id=eos, top_k=args.top_k, top_p=args.top_p, generator=gen)[0]
-        new = out[ids.numel():].tolist()
-        show(new)
-        stats = {"mean_accept_length": 1.0, "mean_acceptance_rate": float("nan")}
-    else:
-        if args.drafter not in bundle.drafters:
-            raise SystemExit(f"--drafter {args.drafter!r} is not available for this model; choose from "
-                             f"{sorted(bundle.drafters) + ['none']}")
-        config = TreeConfig(topk=args.topk, num_steps=args.num_steps, num_draft_tokens=args.num_draft_tokens)
-        eng = SpeculativeEngine(bundle.model, bundle.drafters[args.drafter], config, temperature=args.temperature,
-                                top_k=args.top_k, top_p=args.top_p, generator=torch.Generator().manual_seed(args.seed),
-                                static=False)
-        session = eng.session()
-        (sid,) = session.add([ids], max_new_tokens=args.max_new_tokens, eos_token_id=eos)
-        show(session.sequences[sid].new_tokens)
-        while session.active:
-            session.step()
-            show(session.sequences[sid].new_tokens)
-        new = session.sequences[sid].new_tokens
-        stats = eng.stats.as_dict()
-    seconds = time.perf_counter() - start
+    threads = _apply_threads(args, bundle.model)
+    drafter = _drafter(bundle, args.drafter)
+    ids = _encode_prompt(bundle, args.prompt)
+    gen = _Generation(args, bundle, drafter, config, ids)
+    if args.compare:
+        gen.warm_up()
+    printer = _Printer(bundle.tokenizer, ids)
+    printer.start()
+    timing = gen.run(gen.chosen(), printer)
     print()
-    print(f"--- {len(new)} tokens in {seconds:.2f} s: {len(new) / max(seconds, 1e-9):.1f} tokens/s | "
-          f"tokens per target forward {stats['mean_accept_length']:.2f} | acceptance rate {stats['mean_acceptance_rate']:.2f}"
-          f" | drafter {args.drafter} | {args.device}", file=sys.stderr)
+    state = "--- interrupted: " if timing.interrupted else "--- "
+    print(f"{state}{_speed_report(timing, len(ids), args.max_new_tokens)} | "
+          f"{_accept_report(gen.engine, len(timing.tokens))} | drafter {args.drafter} | {args.device}, {threads} "
+          f"thread{'s' if threads > 1 else ''}", file=sys.stderr)
+    if timing.interrupted:
+        return 130
+    if args.compare:
+        base = gen.run(gen.plain())
+        if base.interrupted:
+            print("--- plain decoding interrupted: no comparison", file=sys.stderr)
+            return 130
+        print(_compare_report(timing, base, args.drafter, args.temperature == 0), file=sys.stderr)
     return 0
 
 
 def add_eval_parser(subparsers) -> None:
+    from_shapes = lambda: list(__import__("gdnspec.evaluate", fromlist=["SHAPES"]).SHAPES)  # noqa: E731 (lazy)
     p = subparsers.add_parser("eval", help="drafters x tree shapes on held-out files: tokens/forward and speedup")
     _add_model_options(p, cuda_dtype="float32")  # outputs are compared token for token: bf16 near-ties can flip
-    p.add_argument("--drafters", default="ngram,model,eagle")
-    p.add_argument("--shapes", default=None, help="comma list of gdnspec.evaluate.SHAPES names (default: all)")
-    p.add_argument("--num-prompts", type=int, default=6)
-    p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--out", default="runs/eval", help="folder for eval.json and eval.png")
-    p.add_argument("--tag", default=None, help="file name stem (default: eval_<device>)")
+    p.add_argument("--drafters", type=name_list(DRAFTERS), default="ngram,model,eagle", help="comma list of drafters")
+    p.add_argument("--shapes", type=name_list(from_shapes), default=None,
+                   help="comma list of tree shapes: chain-4, chain-6, tree-2x5, tree-4x5, tree-8x6 (default: all)")
+    p.add_argument("--num-prompts", type=POSITIVE_INT, default=6, help="held-out files used as prompts")
+    p.add_argument("--prompt-tokens", type=POSITIVE_INT, default=128, help="tokens of each prompt")
+    p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=128, help="tokens generated per prompt")
+    p.add_argument("--temperature", type=NON_NEGATIVE_FLOAT, default=0.0, help="0 = greedy (outputs checked identical)")
+    p.add_argument("--repeats", type=POSITIVE_INT, default=3,
+                   help="timings per drafter x shape; the median speedup is reported with its min-max spread")
+    p.add_argument("--out", default="runs/eval", help="folder for <tag>.json and <tag>.png")
+    p.add_argument("--tag", default="eval", help="file name stem: writes <out>/<tag>.json and <out>/<tag>.png")
 
 
-def cmd_eval(args) -> int:
+def _device_name(args) -> str:
     import platform
 
     import torch
 
-    from gdnspec.evaluate import SHAPES, evaluate, heldout_prompts, plot
+    if args.device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(args.device))
+    n = torch.get_num_threads()
+    return f"CPU ({platform.processor() or platform.machine()}, {n} thread{'s' if n > 1 else ''})"
 
-    bundle = _load_bundle(args)
-    shapes = SHAPES if args.shapes is None else {k: SHAPES[k] for k in args.shapes.split(",")}
-    prompts = heldout_prompts(bundle.tokenizer, num_prompts=args.num_prompts, prompt_tokens=args.prompt_tokens)
-    res = evaluate(bundle, prompts, drafters=args.drafters.split(","), shapes=shapes, max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature)
-    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    res.update(device=dev, torch=torch.__version__, model=str(bundle.path), dtype=str(bundle.model.dtype))
-    res["title"] = f"gdnspec eval on {dev}, T={args.temperature}"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = args.tag or f"eval_{'cuda' if args.device.startswith('cuda') else 'cpu'}"
-    (out / f"{stem}.json").write_text(json.dumps(res, indent=2, default=str))
-    plotted = plot(res, str(out / f"{stem}.png"))
-    print(f"\n{res['title']} | plain decoding {res['baseline']['tokens_per_s']:.1f} tokens/s")
+
+def _speedup_text(row: dict) -> str:
+    if row["speedup"] is None:
+        return "MISMATCH"
+    if row.get("speedup_min") is None or row.get("repeats", 1) == 1:
+        return f"{row['speedup']:.2f}x"
+    return f"{row['speedup']:.2f}x ({row['speedup_min']:.2f}-{row['speedup_max']:.2f})"
+
+
+def _print_eval_table(res: dict) -> None:
+    base = res["baseline"]
+    print(f"\n{res['title']} | plain decoding {base['tokens_per_s']:.1f} tokens/s | speedup: median of "
+          f"{res['repeats']} (min-max)")
     print(f"{'drafter':7s} | {'shape':9s} | tokens/fwd | accept rate | tokens/s | speedup")
     for r in res["rows"]:
-        sp = f"{r['speedup']:.2f}x" if r["speedup"] is not None else "MISMATCH"
         tps = f"{r['tokens_per_s']:.1f}" if r["tokens_per_s"] is not None else "-"
-        print(f"{r['drafter']:7s} | {r['shape']:9s} | {r['tokens_per_forward']:10.2f} | {r['acceptance_rate']:11.2f} | {tps:>8s} | {sp}")
-    print(f"wrote {out / (stem + '.json')}" + (f" and {out / (stem + '.png')}" if plotted else " (no matplotlib: no plot)"))
+        print(f"{r['drafter']:7s} | {r['shape']:9s} | {r['tokens_per_forward']:10.2f} | {r['acceptance_rate']:11.2f} | "
+              f"{tps:>8s} | {_speedup_text(r)}")
+
+
+def _eval_paths(args) -> tuple[Path, Path]:
+    """(<out>/<tag>.json, <out>/<tag>.png); the folder is made before the long run, so a bad --out fails at once."""
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out: cannot make the folder {out}: {e.strerror or e}") from None
+    return out / f"{args.tag}.json", out / f"{args.tag}.png"
+
+
+def _eval_intro(args, prompts, shapes) -> str:
+    lengths = sorted({p.numel() for p in prompts})
+    span = f"{lengths[0]}" if len(lengths) == 1 else f"{lengths[0]}-{lengths[-1]}"
+    fewer = f" (of {args.num_prompts} asked for)" if len(prompts) < args.num_prompts else ""
+    return (f"[eval] {len(prompts)} held-out prompt(s){fewer} of {span} tokens, {args.max_new_tokens} new tokens each; "
+            f"{len(args.drafters)} drafter(s) x {len(shapes)} tree shape(s), {args.repeats} timing(s) each, plain "
+            f"decoding alternating")
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from gdnspec.evaluate import SHAPES, evaluate, heldout_prompts, plot
+
+    json_path, png_path = _eval_paths(args)
+    bundle = _load_bundle(args)
+    _apply_threads(args, bundle.model)
+    for name in args.drafters:
+        _drafter(bundle, name, "--drafters")
+    if bundle.tokenizer is None:
+        raise UsageError(f"--model: {bundle.path} has no tokenizer.json: eval needs one to encode its prompts")
+    shapes = SHAPES if args.shapes is None else {k: SHAPES[k] for k in args.shapes}
+    prompts = heldout_prompts(bundle.tokenizer, num_prompts=args.num_prompts, prompt_tokens=args.prompt_tokens)
+    print(_eval_intro(args, prompts, shapes), flush=True)
+    res = evaluate(bundle, prompts, drafters=args.drafters, shapes=shapes, max_new_tokens=args.max_new_tokens,
+                   temperature=args.temperature, repeats=args.repeats)
+    dev = _device_name(args)
+    res.update(device=dev, torch=torch.__version__, model=str(bundle.path), dtype=str(bundle.model.dtype),
+               threads=torch.get_num_threads(), title=f"gdnspec eval on {dev}, T={args.temperature}")
+    json_path.write_text(json.dumps(res, indent=2, default=str))
+    plotted = plot(res, str(png_path))
+    _print_eval_table(res)
+    print(f"wrote {json_path}" + (f" and {png_path}" if plotted else ""))
+    if not plotted:
+        print(f"plot skipped: matplotlib is not installed (pip install 'gdnspec[plot]' or pip install matplotlib, then "
+              f"run again for {png_path})")
     return 0 if all(r["speedup"] is not None for r in res["rows"]) else 1
 
 
@@ -331,7 +830,7 @@ SUBCOMMANDS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gdnspec", description="Tree speculative decoding for Gated DeltaNet LMs")
+    parser = _Parser(prog="gdnspec", description="Tree speculative decoding for Gated DeltaNet LMs")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for _, add, _ in SUBCOMMANDS:
         add(subparsers)
@@ -339,9 +838,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Parse argv and run the subcommand. User mistakes end with one `gdnspec <command>: error: ...` line and exit
+    code 2 (argparse's own errors do the same); Ctrl-C ends with exit code 130 and no traceback."""
     args = build_parser().parse_args(argv)
     handler = {name: cmd for name, _, cmd in SUBCOMMANDS}[args.command]
-    return handler(args) or 0
+    try:
+        return handler(args) or 0
+    except UsageError as e:
+        print(f"gdnspec {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ngdnspec {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader of stdout went away (`gdnspec generate ... | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

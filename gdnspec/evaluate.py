@@ -4,6 +4,7 @@ wall-clock speedup against plain decoding (`generate_autoregressive`) of the sam
     from gdnspec.evaluate import heldout_prompts, evaluate, SHAPES
     rows = evaluate(bundle, heldout_prompts(bundle.tokenizer), drafters=["ngram", "model", "eagle"])
 
+Each speedup is timed `repeats` times and reported as the median with its min-max spread.
 Greedy rows are checked token for token against plain decoding; a row whose output differs reports no speedup.
 Sampling rows (temperature > 0) compare against plain sampling at the same temperature; their exactness is a
 distribution property, tested in tests/test_spec_sampling.py. Run from the CLI: `gdnspec eval`.
@@ -59,13 +60,23 @@ def _timed(fn, device):
     return out, time.perf_counter() - t0
 
 
+def _spread(values: list[float]) -> dict:
+    """median, min and max of repeated measurements."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
 @torch.inference_mode()
 def evaluate(bundle, prompts: list[torch.Tensor], *, drafters=("ngram", "model", "eagle"), shapes: dict | None = None,
-             max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0, progress=print) -> dict:
+             max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0, repeats: int = 1,
+             progress=print) -> dict:
     """Returns {"baseline": {...}, "rows": [...]} (batch 1, prompts one after another, as a user would run them).
 
-    Each row's speedup = plain seconds / speculative seconds over the same prompts, the two alternating prompt by
-    prompt; the baseline's tokens/s is the mean over all plain runs."""
+    Each row is timed `repeats` times; one timing = plain and speculative decoding of every prompt, the two
+    alternating prompt by prompt (so a slow phase of the machine hits both), and gives speedup = plain seconds /
+    speculative seconds. A row reports the median speedup with its min and max ("speedups": all of them) and
+    tokens/s from the median speculative time; the baseline's tokens/s comes from the median plain timing."""
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
     model = bundle.model
     device = model.device
     shapes = SHAPES if shapes is None else shapes
@@ -77,7 +88,7 @@ def evaluate(bundle, prompts: list[torch.Tensor], *, drafters=("ngram", "model",
 
     ref = [plain_one(p) for p in prompts]  # warm-up (CUDA graphs are captured here) and the greedy reference
     n_new = sum(r.numel() - p.numel() for r, p in zip(ref, prompts))
-    plain_total = 0.0
+    plain_times = []
     rows = []
     for name in drafters:
         if name not in bundle.drafters:
@@ -91,32 +102,43 @@ def evaluate(bundle, prompts: list[torch.Tensor], *, drafters=("ngram", "model",
 
             spec_one(prompts[0])  # warm-up
             eng.stats = type(eng.stats)()
-            # plain and speculative runs alternate prompt by prompt, so a slow phase of the machine hits both
-            plain_s = spec_s = 0.0
-            out = []
-            for p in prompts:
-                _, t = _timed(lambda: plain_one(p), device)
-                plain_s += t
-                o, t = _timed(lambda: spec_one(p), device)
-                spec_s += t
-                out.append(o)
-            plain_total += plain_s
-            identical = all(torch.equal(a, b) for a, b in zip(out, ref))
+            spec_s, plain_s, identical = [], [], True
+            for _ in range(repeats):
+                t_plain = t_spec = 0.0
+                for p, r in zip(prompts, ref):
+                    _, t = _timed(lambda: plain_one(p), device)
+                    t_plain += t
+                    o, t = _timed(lambda: spec_one(p), device)
+                    t_spec += t
+                    identical = identical and torch.equal(o, r)
+                plain_s.append(t_plain)
+                spec_s.append(t_spec)
+            plain_times += plain_s
             ok = identical or temperature > 0
-            st = eng.stats.as_dict()
+            st = eng.stats.as_dict()  # accumulated over the repeats: the same runs each time, so the same means
+            speedups = [a / b for a, b in zip(plain_s, spec_s)]
+            sp = _spread(speedups)
             row = {"drafter": name, "shape": shape_name, "topk": config.topk, "num_steps": config.num_steps,
                    "num_draft_tokens": config.num_draft_tokens, "temperature": temperature,
                    "identical_to_plain": identical if temperature == 0 else None,
                    "tokens_per_forward": st["mean_accept_length"], "acceptance_rate": st["mean_acceptance_rate"],
-                   "acceptance_by_depth": st["acceptance_by_depth"], "seconds": spec_s, "plain_seconds": plain_s,
-                   "tokens_per_s": n_new / spec_s if ok else None, "speedup": plain_s / spec_s if ok else None}
+                   "acceptance_by_depth": st["acceptance_by_depth"], "repeats": repeats,
+                   "seconds": statistics.median(spec_s), "plain_seconds": statistics.median(plain_s),
+                   "tokens_per_s": n_new / statistics.median(spec_s) if ok else None,
+                   "speedup": sp["median"] if ok else None, "speedup_min": sp["min"] if ok else None,
+                   "speedup_max": sp["max"] if ok else None, "speedups": speedups if ok else None}
             rows.append(row)
-            sp = f"{row['speedup']:.2f}x" if ok else "MISMATCH (no speedup reported)"
-            progress(f"{name:6s} {shape_name:9s} tokens/forward {row['tokens_per_forward']:.2f}  speedup {sp}")
-    runs = max(len(rows), 1)
-    baseline = {"seconds": plain_total / runs, "tokens": n_new, "tokens_per_s": n_new * runs / max(plain_total, 1e-9)}
+            text = (f"{sp['median']:.2f}x" + (f" ({sp['min']:.2f}-{sp['max']:.2f})" if repeats > 1 else "")
+                    if ok else "MISMATCH (no speedup reported)")
+            progress(f"{name:6s} {shape_name:9s} tokens/forward {row['tokens_per_forward']:.2f}  speedup {text}")
+    if not plain_times:  # no rows: time plain decoding on its own for the baseline
+        for _ in range(repeats):
+            plain_times.append(sum(_timed(lambda: plain_one(p), device)[1] for p in prompts))
+    base = _spread(plain_times)
+    baseline = {"seconds": base["median"], "seconds_min": base["min"], "seconds_max": base["max"], "tokens": n_new,
+                "tokens_per_s": n_new / max(base["median"], 1e-9)}
     return {"baseline": baseline, "rows": rows, "max_new_tokens": max_new_tokens, "num_prompts": len(prompts),
-            "prompt_tokens": statistics.mean(p.numel() for p in prompts)}
+            "prompt_tokens": statistics.mean(p.numel() for p in prompts), "repeats": repeats}
 
 
 def plot(results: dict, path: str) -> bool:
@@ -133,9 +155,12 @@ def plot(results: dict, path: str) -> bool:
     for name in sorted({r["drafter"] for r in rows}):
         sub = [r for r in rows if r["drafter"] == name]
         axes[0].plot([r["shape"] for r in sub], [r["tokens_per_forward"] for r in sub], marker="o", label=name)
-        axes[1].plot([r["shape"] for r in sub], [r["speedup"] for r in sub], marker="o", label=name)
+        med = [r["speedup"] for r in sub]
+        err = [[m - (r.get("speedup_min") or m) for m, r in zip(med, sub)],
+               [(r.get("speedup_max") or m) - m for m, r in zip(med, sub)]]
+        axes[1].errorbar([r["shape"] for r in sub], med, yerr=err, marker="o", capsize=3, label=name)
     axes[0].set_ylabel("tokens per target forward")
-    axes[1].set_ylabel("wall-clock speedup vs plain decoding")
+    axes[1].set_ylabel("wall-clock speedup vs plain (median, min-max)")
     axes[1].axhline(1.0, color="grey", lw=0.8)
     for ax in axes:
         ax.legend()
