@@ -18,7 +18,7 @@ from torch import nn
 from gdnspec.cache import GDNLayerState, KVCache, ModelState
 from gdnspec.layers import GatedAttention, Qwen3GatedDeltaNet, RMSNorm, SwiGLUMLP, TokenLayout
 from gdnspec.layers.linear import VocabProjection
-from gdnspec.ops.fused.elementwise import add_rms_norm
+from gdnspec.ops.fused import elementwise as _fused_ew
 from gdnspec.models.config import GDNConfig
 from gdnspec.models.moe import SparseMoeBlock
 from gdnspec.models.outputs import CausalLMOutput, TreeVerifyOutput
@@ -77,7 +77,7 @@ class DecoderLayer(nn.Module):
     # ---------------------------------------------------------------- fused steps (issue 9): the residual stream is
     # carried beside the layer output so that each "h + y; norm(h)" is one add_rms_norm kernel
     def _norm_add(self, norm: RMSNorm, y: torch.Tensor, resid: torch.Tensor | None):
-        return add_rms_norm(y, residual=resid, weight=norm.weight, eps=norm.eps, offset=norm.offset)
+        return _fused_ew.add_rms_norm(y, residual=resid, weight=norm.weight, eps=norm.eps, offset=norm.offset)
 
     def _mlp_fused(self, y: torch.Tensor, resid: torch.Tensor):
         if self.mlp is None:
@@ -237,7 +237,7 @@ class GDNForCausalLM(nn.Module):
             y, resid = h, None
             for layer, s in zip(self.layers, state.layers):
                 y, resid = layer.decode_fused(y, resid, s, reserve_kv=reserve_kv)
-            x, h = add_rms_norm(y, residual=resid, weight=self.norm.weight, eps=self.norm.eps, offset=self.norm.offset)
+            x, h = _fused_ew.add_rms_norm(y, residual=resid, weight=self.norm.weight, eps=self.norm.eps, offset=self.norm.offset)
             return CausalLMOutput(logits=self.lm_head(x), hidden_states=h, state=state)
         chunk = self.prefill_chunk_size
         capturing = h.is_cuda and torch.cuda.is_current_stream_capturing()
@@ -277,7 +277,7 @@ class GDNForCausalLM(nn.Module):
             for layer, s in zip(self.layers, state.layers):
                 y, resid, cache = layer.tree_fused(y, resid, s, layout, backend=backend, static=not validate)
                 caches.append(cache)
-            x, h = add_rms_norm(y, residual=resid, weight=self.norm.weight, eps=self.norm.eps, offset=self.norm.offset)
+            x, h = _fused_ew.add_rms_norm(y, residual=resid, weight=self.norm.weight, eps=self.norm.eps, offset=self.norm.offset)
             return TreeVerifyOutput(logits=self.lm_head(x), hidden_states=h, layer_caches=caches)
         for layer, s in zip(self.layers, state.layers):
             h, cache = layer.forward_tree(h, s, layout, backend, not validate)
