@@ -23,7 +23,8 @@ from gdnspec.layers.layout import TokenLayout  # noqa: E402
 
 _MODS = ["gdnspec.ops.gated_delta_rule.triton_tree", "gdnspec.ops.gated_delta_rule.triton_commit",
          "gdnspec.ops.gated_delta_rule.triton_decode", "gdnspec.ops.fused.elementwise",
-         "gdnspec.ops.fused.gdn_decode", "gdnspec.ops.fused.attention"]
+         "gdnspec.ops.fused.gdn_decode", "gdnspec.ops.fused.attention",
+         "gdnspec.ops.fused.gemv"]
 for _m in _MODS:  # kernels decorated before TRITON_INTERPRET was set would target a GPU
     if _m in sys.modules:
         importlib.reload(sys.modules[_m])
@@ -32,6 +33,7 @@ for _m in _MODS:  # kernels decorated before TRITON_INTERPRET was set would targ
 ew = sys.modules["gdnspec.ops.fused.elementwise"]
 gd = sys.modules["gdnspec.ops.fused.gdn_decode"]
 at = sys.modules["gdnspec.ops.fused.attention"]
+gm = sys.modules["gdnspec.ops.fused.gemv"]
 from gdnspec.models.lm import GDNForCausalLM  # noqa: E402  (calls the kernels through their modules: reload-safe)
 
 
@@ -70,6 +72,18 @@ def test_add_rms_norm_and_silu_mul(dtype, with_res, offset):
     assert rel(y, y_ref) < bound(dtype)
     gu = torch.randn(5, 2, 2 * 19, generator=g).to(dtype)
     assert rel(ew.silu_mul(gu), ew.silu_mul_reference(gu)) < bound(dtype)
+
+
+@pytest.mark.parametrize("M", [1, 5, 17])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_linear_matches_f_linear(M, dtype):
+    g = torch.Generator().manual_seed(M)
+    x = torch.randn(M, 300, generator=g).to(dtype)
+    w = (torch.randn(37, 300, generator=g) / 17).to(dtype)
+    b = torch.randn(37, generator=g).to(dtype)
+    ref = torch.nn.functional.linear(x.float(), w.float(), b.float())
+    assert rel(gm.small_linear(x, w, b), ref) < bound(dtype)
+    assert rel(gm.small_linear(x[None], w), ref[None] - b.float()) < bound(dtype)  # leading dims kept
 
 
 GDN_CASES = [  # (B, H, HV, K, V, W, layout, dtype)

@@ -203,6 +203,7 @@ class GatedAttention(nn.Module):
         accepted path. reserve=False: no host sync; the cache must have room for T more slots (CUDA graphs).
         Returns (out (B, T, hidden), (k_new, v_new) (B, Hkv, T, D) views of the written slots' values)."""
         from gdnspec.ops.fused.attention import attention_prep, tree_attention
+        from gdnspec.ops.fused.gemv import small_linear
 
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
@@ -210,7 +211,7 @@ class GatedAttention(nn.Module):
             cache.reserve(int(cache.lengths.max()) + T if cache.lengths.numel() else T)
         cap = cache.capacity
         w, b = self.fused_qkv()
-        qkv = torch.nn.functional.linear(x, w, b)  # (B, T, P)
+        qkv = small_linear(x, w, b)  # (B, T, P)
         depth = layout.depth if layout is not None else torch.arange(T, device=x.device).expand(B, T)
         lengths = cache.lengths.clamp(max=cap - T)
         positions = cache.lengths.clamp(max=cap)[:, None] + depth  # as forward_layout: prefix length + depth
@@ -228,7 +229,7 @@ class GatedAttention(nn.Module):
         kv = (cache.k.gather(2, idx), cache.v.gather(2, idx)) if not write_lengths else (None, None)
         if write_lengths:
             cache.lengths += T
-        return self.o_proj(attn), kv
+        return small_linear(attn, self.o_proj.weight, self.o_proj.bias), kv
 
     def _sdpa_causal(self, q, keys, values, prefix: int):
         """Causal attention of T queries after `prefix` cached positions (every row the same prefix): SDPA's causal

@@ -238,12 +238,13 @@ class Qwen3GatedDeltaNet(nn.Module):
         PLACE. Three kernels: the fused in-projection GEMV, `gdn_decode_fused` (conv + gates + L2 norm + recurrence +
         gated RMSNorm), out_proj. Same numbers as forward_state(mode="fused_decode") up to float rounding."""
         from gdnspec.ops.fused.gdn_decode import gdn_decode_fused
+        from gdnspec.ops.fused.gemv import small_linear
 
-        proj = F.linear(x, self.fused_in_proj())  # (B, P)
+        proj = small_linear(x, self.fused_in_proj())  # (B, P)
         y = gdn_decode_fused(proj, layout=self.proj_layout(), conv_weight=self.conv_weight, conv_state=state.conv,
                              recurrent_state=state.recurrent, A_log=self.A_log, dt_bias=self.dt_bias,
                              norm_weight=self.norm.weight, norm_eps=self.norm.eps)  # (B, HV*V)
-        return self.out_proj(y)
+        return small_linear(y, self.out_proj.weight, self.out_proj.bias)
 
     # ------------------------------------------------------------------ causal forwards
     def forward_state(self, hidden_states: torch.Tensor, state: GDNLayerState | None, *, mode: str = "auto",

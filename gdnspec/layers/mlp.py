@@ -21,6 +21,7 @@ class SwiGLUMLP(nn.Module):
         """Same result in three kernels: one GEMM over [gate | up] (layers/fusion.py), `silu_mul`, down_proj."""
         from gdnspec.layers.fusion import fused_linear
         from gdnspec.ops.fused.elementwise import silu_mul
+        from gdnspec.ops.fused.gemv import small_linear
 
         w, _ = fused_linear(self, ["gate_proj", "up_proj"])
-        return self.down_proj(silu_mul(F.linear(x, w)))
+        return small_linear(silu_mul(small_linear(x, w)), self.down_proj.weight)

@@ -19,6 +19,7 @@ from gdnspec.cache import GDNLayerState, KVCache, ModelState
 from gdnspec.layers import GatedAttention, Qwen3GatedDeltaNet, RMSNorm, SwiGLUMLP, TokenLayout
 from gdnspec.layers.linear import VocabProjection
 from gdnspec.ops.fused import elementwise as _fused_ew
+from gdnspec.ops.fused.gemv import small_linear
 from gdnspec.models.config import GDNConfig
 from gdnspec.models.moe import SparseMoeBlock
 from gdnspec.models.outputs import CausalLMOutput, TreeVerifyOutput
@@ -238,7 +239,8 @@ class GDNForCausalLM(nn.Module):
             for layer, s in zip(self.layers, state.layers):
                 y, resid = layer.decode_fused(y, resid, s, reserve_kv=reserve_kv)
             x, h = _fused_ew.add_rms_norm(y, residual=resid, weight=self.norm.weight, eps=self.norm.eps, offset=self.norm.offset)
-            return CausalLMOutput(logits=self.lm_head(x), hidden_states=h, state=state)
+            logits = small_linear(x, self.lm_head.weight, self.lm_head.bias)
+            return CausalLMOutput(logits=logits, hidden_states=h, state=state)
         chunk = self.prefill_chunk_size
         capturing = h.is_cuda and torch.cuda.is_current_stream_capturing()
         if T > chunk and not capturing:  # long prompt: bounded activations and masks, same result

@@ -1,0 +1,70 @@
+"""Profile one decode step, one verify step and one prefill of the bench_e2e model: kernels by name, count and time.
+
+    python benchmarks/profile_step.py [--size 1.5b] [--out DIR]      # needs CUDA; prints tables, writes traces' tables
+
+The torch profiler (CPU + CUDA) around an eager call, after warm-up; the tables are what the speed work reads to see
+where a step's kernels and host time go.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_e2e import FixedTreeDrafter, _cfg_for, build_model  # noqa: E402
+
+from gdnspec.runtime import StaticDecoder, StaticSpecRunner  # noqa: E402
+from gdnspec.spec.tree import DraftTree  # noqa: E402
+
+
+def prof(fn, label: str, out: Path, rows: int = 25) -> None:
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+        fn()
+        torch.cuda.synchronize()
+    ka = p.key_averages()
+    n = sum(1 for e in p.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    table = ka.table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60)
+    cpu = ka.table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=60)
+    text = f"## {label}: {n} CUDA events\n{table}\n### by host time\n{cpu}\n"
+    print(text)
+    (out / f"profile_{label}.txt").write_text(text)
+
+
+@torch.inference_mode()
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", default="1.5b")
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--parts", default="decode,verify,prefill")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = build_model(args.size, "cuda")
+    parts = set(args.parts.split(","))
+    if "decode" in parts:
+        dec = StaticDecoder(model, batch_size=1, max_len=1024, use_graph=False)
+        ids = torch.randint(0, model.vocab_size, (1,), device="cuda")
+        prof(lambda: dec.step(ids), "decode_b1", out)
+    if "verify" in parts:
+        N = 16
+        run = StaticSpecRunner(model, FixedTreeDrafter(N), _cfg_for(N), batch_size=1, max_len=1024, use_graph=False)
+        parents = torch.tensor([-1] + [max(0, i - 1 - (i % 3)) for i in range(1, N)], device="cuda")[None]
+        run.set_tree(DraftTree(torch.randint(0, model.vocab_size, (1, N), device="cuda"), parents.clone(),
+                               torch.zeros(1, N, device="cuda"), torch.ones(1, N, dtype=torch.bool, device="cuda")))
+        prof(lambda: run._run(), "verify_b1_n16", out)
+    if "prefill" in parts:
+        for T in (16, 128):
+            ids = torch.randint(0, model.vocab_size, (1, T), device="cuda")
+            prof(lambda: model(ids, logits_to_keep=1), f"prefill_t{T}", out, rows=30)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
