@@ -86,6 +86,21 @@ def test_small_linear_matches_f_linear(M, dtype):
     assert rel(gm.small_linear(x[None], w), ref[None] - b.float()) < bound(dtype)  # leading dims kept
 
 
+@pytest.mark.parametrize("S", [2, 3])
+def test_split_k_partials_summed_by_add_rms_norm(S):
+    g = torch.Generator().manual_seed(S)
+    x = torch.randn(3, 1, 600, generator=g)
+    w = torch.randn(40, 600, generator=g) / 25
+    r = torch.randn(3, 1, 40, generator=g)
+    nw = torch.randn(40, generator=g) * 0.2
+    parts = gm.small_linear_partials(x, w, S)
+    assert parts.shape[0] == S and parts.shape[1:] == (3, 1, 40) and parts.dtype == torch.float32
+    y, h = ew.add_rms_norm(parts, residual=r, weight=nw, eps=1e-6, offset=True)
+    y_ref, h_ref = ew.add_rms_norm_reference(torch.nn.functional.linear(x, w), residual=r, weight=nw, eps=1e-6,
+                                             offset=True)
+    assert rel(h, h_ref) < 2e-6 and rel(y, y_ref) < 2e-6
+
+
 GDN_CASES = [  # (B, H, HV, K, V, W, layout, dtype)
     (3, 2, 4, 12, 20, 4, "qwen3_next", torch.float32),
     (1, 1, 1, 16, 16, 4, "qwen3_5", torch.float32),
@@ -155,20 +170,24 @@ def test_attention_prep_and_tree_attention_match_reference(B, T, H, Hkv, D, frac
         mask, depth = lay.ancestor_mask, lay.depth
     positions = lengths.clamp(max=cap)[:, None] + depth
     slots = lengths.clamp(max=cap - T)[:, None] + torch.arange(T)
+    lengths0 = lengths.clone()
     ck0 = torch.randn(B, Hkv, cap, D, generator=g).to(dtype)
     cv0 = torch.randn(B, Hkv, cap, D, generator=g).to(dtype)
     kw = dict(num_heads=H, num_kv_heads=Hkv, head_dim=D, q_norm_weight=qn, k_norm_weight=kn, eps=1e-6, table=table,
-              perm=perm, positions=positions, slots=slots)
+              perm=perm)
     ck_r, cv_r, ck, cv = ck0.clone(), cv0.clone(), ck0.clone(), cv0.clone()
-    q_ref = at.attention_prep_reference(qkv, cache_k=ck_r, cache_v=cv_r, **kw)
-    q = at.attention_prep(qkv, cache_k=ck, cache_v=cv, **kw)
+    q_ref = at.attention_prep_reference(qkv, cache_k=ck_r, cache_v=cv_r, positions=positions, slots=slots, **kw)
+    q = at.attention_prep(qkv, cache_k=ck, cache_v=cv, lengths=lengths, depth=None if kind == "decode" else depth,
+                          **kw)
     assert rel(q, q_ref) < bound(dtype)
     assert rel(ck, ck_r) < bound(dtype) and torch.equal(cv, cv_r)
     gate = qkv[..., : 2 * H * D].reshape(B, T, H, 2 * D)[..., D:].reshape(B, T, H * D)
     out_ref = at.tree_attention_reference(q_ref, ck_r, cv_r, lengths.clamp(max=cap - T), mask, gate=gate, scale=D**-0.5)
     for splits in (1, 3):
-        out = at.tree_attention(q, ck, cv, lengths, mask, gate=qkv, scale=D**-0.5, num_splits=splits)
+        out = at.tree_attention(q, ck, cv, lengths, mask, gate=qkv, scale=D**-0.5, num_splits=splits,
+                                advance_lengths=splits == 3)
         assert rel(out, out_ref) < (1e-5 if dtype == torch.float32 else 2e-2), splits
+    assert torch.equal(lengths, lengths0 + T)  # advanced once, by the last call, inside its kernel
 
 
 def _hybrid(dtype, layout="qwen3_next"):
@@ -191,9 +210,10 @@ def _states_close(a, b, tol_):
                 assert rel(ta, tb) < tol_, name
 
 
-@pytest.mark.parametrize("layout", ["qwen3_next", "qwen3_5"])
+@pytest.mark.parametrize("layout,splits", [("qwen3_next", "0"), ("qwen3_5", "2")])
 @torch.inference_mode()
-def test_fused_decode_and_verify_steps_match_module_path(layout):
+def test_fused_decode_and_verify_steps_match_module_path(layout, splits, monkeypatch):
+    monkeypatch.setenv("GDNSPEC_GEMV_SPLITS", splits)  # "2": every output projection as split-K partial sums
     model = _hybrid(torch.float32, layout)
     g = torch.Generator().manual_seed(3)
     B = 3

@@ -201,9 +201,10 @@ class GatedAttention(nn.Module):
         `layout`, None = causal chain, and the sigmoid gate). write_lengths=True (a causal step) then advances the
         lengths by T; otherwise (tree verify) the slots past the valid prefix are scratch and `commit` writes the
         accepted path. reserve=False: no host sync; the cache must have room for T more slots (CUDA graphs).
-        Returns (out (B, T, hidden), (k_new, v_new) (B, Hkv, T, D) views of the written slots' values)."""
+        Returns (out, (k_new, v_new) (B, Hkv, T, D) copies of the written slots, or Nones for a causal step); out is
+        (B, T, hidden), or float32 split-K partial sums (S, B, T, hidden) that `add_rms_norm` adds up."""
         from gdnspec.ops.fused.attention import attention_prep, tree_attention
-        from gdnspec.ops.fused.gemv import small_linear
+        from gdnspec.ops.fused.gemv import linear_for_residual, small_linear
 
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
@@ -212,24 +213,23 @@ class GatedAttention(nn.Module):
         cap = cache.capacity
         w, b = self.fused_qkv()
         qkv = small_linear(x, w, b)  # (B, T, P)
-        depth = layout.depth if layout is not None else torch.arange(T, device=x.device).expand(B, T)
-        lengths = cache.lengths.clamp(max=cap - T)
-        positions = cache.lengths.clamp(max=cap)[:, None] + depth  # as forward_layout: prefix length + depth
-        slots = lengths[:, None] + torch.arange(T, device=x.device)
-        entry = self.rotary._table(qkv[..., :D], positions, cap + T)
+        entry = self.rotary._table(qkv[..., :D], cache.lengths, cap + T)
         if entry is None:
             raise RuntimeError("the RoPE table must be built before CUDA graph capture (run one eager step first)")
         table, perm = entry
+        depth = layout.depth if layout is not None else None
         q = attention_prep(qkv, num_heads=H, num_kv_heads=Hkv, head_dim=D, q_norm_weight=self.q_norm.weight,
                            k_norm_weight=self.k_norm.weight, eps=self.q_norm.eps, table=table, perm=perm,
-                           positions=positions, slots=slots, cache_k=cache.k, cache_v=cache.v)
+                           lengths=cache.lengths, depth=depth, cache_k=cache.k, cache_v=cache.v)
         mask = None if layout is None or layout.is_chain else layout.ancestor_mask
-        attn = tree_attention(q, cache.k, cache.v, cache.lengths, mask, gate=qkv, scale=D**-0.5)
-        idx = slots[:, None, :, None].expand(B, Hkv, T, D)
-        kv = (cache.k.gather(2, idx), cache.v.gather(2, idx)) if not write_lengths else (None, None)
-        if write_lengths:
-            cache.lengths += T
-        return small_linear(attn, self.o_proj.weight, self.o_proj.bias), kv
+        kv = (None, None)
+        if not write_lengths:  # verify: hand the new keys/values to `commit` (read before anything moves)
+            slots = cache.lengths.clamp(max=cap - T)[:, None] + torch.arange(T, device=x.device)
+            idx = slots[:, None, :, None].expand(B, Hkv, T, D)
+            kv = (cache.k.gather(2, idx), cache.v.gather(2, idx))
+        attn = tree_attention(q, cache.k, cache.v, cache.lengths, mask, gate=qkv, scale=D**-0.5,
+                              advance_lengths=write_lengths)
+        return linear_for_residual(attn, self.o_proj.weight, self.o_proj.bias), kv
 
     def _sdpa_causal(self, q, keys, values, prefix: int):
         """Causal attention of T queries after `prefix` cached positions (every row the same prefix): SDPA's causal

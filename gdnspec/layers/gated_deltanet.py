@@ -234,17 +234,19 @@ class Qwen3GatedDeltaNet(nn.Module):
         return fused_linear(self, names)[0]
 
     def decode_fused(self, x: torch.Tensor, state: GDNLayerState) -> torch.Tensor:
-        """One token per row, x (B, hidden) already normed -> out_proj input's result (B, hidden); `state` advanced IN
-        PLACE. Three kernels: the fused in-projection GEMV, `gdn_decode_fused` (conv + gates + L2 norm + recurrence +
-        gated RMSNorm), out_proj. Same numbers as forward_state(mode="fused_decode") up to float rounding."""
+        """One token per row, x (B, 1, hidden) already normed; `state` advanced IN PLACE. Three kernels: the fused
+        in-projection GEMV, `gdn_decode_fused` (conv + gates + L2 norm + recurrence + gated RMSNorm), out_proj.
+        Returns (B, 1, hidden), or the out_proj's float32 split-K partial sums (S, B, 1, hidden) that the next
+        `add_rms_norm` adds up (gemv.linear_for_residual). Same numbers as forward_state(mode="fused_decode") up to
+        float rounding."""
         from gdnspec.ops.fused.gdn_decode import gdn_decode_fused
-        from gdnspec.ops.fused.gemv import small_linear
+        from gdnspec.ops.fused.gemv import linear_for_residual, small_linear
 
-        proj = small_linear(x, self.fused_in_proj())  # (B, P)
+        proj = small_linear(x[:, 0], self.fused_in_proj())  # (B, P)
         y = gdn_decode_fused(proj, layout=self.proj_layout(), conv_weight=self.conv_weight, conv_state=state.conv,
                              recurrent_state=state.recurrent, A_log=self.A_log, dt_bias=self.dt_bias,
                              norm_weight=self.norm.weight, norm_eps=self.norm.eps)  # (B, HV*V)
-        return small_linear(y, self.out_proj.weight, self.out_proj.bias)
+        return linear_for_residual(y[:, None], self.out_proj.weight, self.out_proj.bias)
 
     # ------------------------------------------------------------------ causal forwards
     def forward_state(self, hidden_states: torch.Tensor, state: GDNLayerState | None, *, mode: str = "auto",

@@ -92,7 +92,7 @@ class DecoderLayer(nn.Module):
         the residual stream before it. Returns (this layer's output, residual stream), both (B, 1, hidden)."""
         x, resid = self._norm_add(self.input_layernorm, y, resid)
         if self.layer_type == "linear_attention":
-            y = self.linear_attn.decode_fused(x[:, 0], state)[:, None]
+            y = self.linear_attn.decode_fused(x, state)
         else:
             y = self.self_attn.forward_fused(x, state, None, write_lengths=True, reserve=reserve_kv)[0]
         return self._mlp_fused(y, resid)

@@ -84,16 +84,21 @@ def tree_attention_reference(q: torch.Tensor, cache_k: torch.Tensor, cache_v: to
 if HAS_TRITON:
 
     @triton.jit
-    def _prep_kernel(qkv, sq, qn_w, kn_w, table, n_table, perm, pos_ptr, slot_ptr, ck, cv, q_out, eps, cap,
-                     T, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
+    def _prep_kernel(qkv, sq, qn_w, kn_w, table, n_table, perm, lengths, depth, ck, cv, q_out, eps, cap,
+                     T, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, HAS_DEPTH: tl.constexpr):
         i_bt = tl.program_id(0)
         i_head = tl.program_id(1)  # 0..H-1: query heads, H..H+HKV-1: key/value heads
         i_b = i_bt // T
+        i_t = i_bt % T
         cols = tl.arange(0, BD)
         m = cols < D
         pcols = tl.load(perm + cols, mask=m, other=0)
         row = qkv + i_bt * sq
-        pos = tl.load(pos_ptr + i_bt)
+        ln = tl.load(lengths + i_b)
+        if HAS_DEPTH:  # position = prefix length + depth (clamped prefix: padding rows of a batch bucket)
+            pos = tl.minimum(ln, cap) + tl.load(depth + i_bt)
+        else:
+            pos = tl.minimum(ln, cap) + i_t
         if i_head < H:
             base = i_head * 2 * D
             w = qn_w
@@ -115,7 +120,7 @@ if HAS_TRITON:
             tl.store(q_out + (i_bt * H + i_head) * D + cols, y, mask=m)
         else:
             h = i_head - H
-            slot = tl.load(slot_ptr + i_bt)
+            slot = tl.minimum(ln, cap - T) + i_t
             off = ((i_b * HKV + h) * cap + slot) * D + cols
             tl.store(ck + off, y.to(ck.dtype.element_ty), mask=m)
             vv = tl.load(row + 2 * H * D + HKV * D + h * D + cols, mask=m, other=0.0)
@@ -188,10 +193,13 @@ if HAS_TRITON:
         tl.store(ml_part + (out_row * NSPLIT + i_s) * 2 + 1, l_i, mask=mrow)
 
     @triton.jit
-    def _attn_combine_kernel(o_part, ml_part, gate, sg, out, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-                             NSPLIT: tl.constexpr, BS: tl.constexpr):
+    def _attn_combine_kernel(o_part, ml_part, gate, sg, out, lengths, T, H: tl.constexpr, D: tl.constexpr,
+                             BD: tl.constexpr, NSPLIT: tl.constexpr, BS: tl.constexpr, INC_LEN: tl.constexpr):
         i_bt = tl.program_id(0)
         i_h = tl.program_id(1)
+        if INC_LEN:  # a causal step: the new tokens join the prefix (the split kernel, which reads lengths, is done)
+            if (i_h == 0) & (i_bt % T == 0):
+                tl.store(lengths + i_bt // T, tl.load(lengths + i_bt // T) + T)
         r = i_bt * H + i_h
         sp = tl.arange(0, BS)
         ms = sp < NSPLIT
@@ -213,18 +221,25 @@ if HAS_TRITON:
 
 def attention_prep(qkv: torch.Tensor, *, num_heads: int, num_kv_heads: int, head_dim: int, q_norm_weight: torch.Tensor,
                    k_norm_weight: torch.Tensor, eps: float, table: torch.Tensor, perm: torch.Tensor,
-                   positions: torch.Tensor, slots: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor
+                   lengths: torch.Tensor, depth: torch.Tensor | None, cache_k: torch.Tensor, cache_v: torch.Tensor
                    ) -> torch.Tensor:
-    """See `attention_prep_reference`; one kernel on CUDA / under TRITON_INTERPRET. table (2, P, D) in qkv's dtype
-    with P > every position; slots < capacity."""
+    """See `attention_prep_reference`; one kernel on CUDA / under TRITON_INTERPRET. Positions are
+    min(lengths, capacity) + depth (depth None: t, a causal chain), slots min(lengths, capacity - T) + t, both
+    computed in the kernel. table (2, P, D) in qkv's dtype with P >= capacity + T."""
     B, T, P = qkv.shape
     H, Hkv, D = num_heads, num_kv_heads, head_dim
+    cap = cache_k.shape[2]
     if P < 2 * H * D + 2 * Hkv * D:
         raise ValueError(f"qkv has {P} columns, expected 2*H*D + 2*Hkv*D = {2 * H * D + 2 * Hkv * D}")
-    kw = dict(num_heads=H, num_kv_heads=Hkv, head_dim=D, q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight,
-              eps=eps, table=table, perm=perm, positions=positions, slots=slots, cache_k=cache_k, cache_v=cache_v)
+    if table.shape[1] < cap + T:
+        raise ValueError(f"the RoPE table holds {table.shape[1]} positions, capacity + T = {cap + T} are needed")
     if not available(qkv) or qkv.dtype == torch.float64:
-        return attention_prep_reference(qkv, **kw)
+        d = torch.arange(T, device=qkv.device).expand(B, T) if depth is None else depth
+        positions = lengths.clamp(max=cap)[:, None] + d
+        slots = lengths.clamp(max=cap - T)[:, None] + torch.arange(T, device=qkv.device)
+        return attention_prep_reference(qkv, num_heads=H, num_kv_heads=Hkv, head_dim=D, q_norm_weight=q_norm_weight,
+                                        k_norm_weight=k_norm_weight, eps=eps, table=table, perm=perm,
+                                        positions=positions, slots=slots, cache_k=cache_k, cache_v=cache_v)
     if not (cache_k.is_contiguous() and cache_v.is_contiguous() and table.is_contiguous()):
         raise ValueError("cache_k, cache_v and table must be contiguous")
     if table.shape[-1] != D or cache_k.shape[-1] != D:
@@ -234,10 +249,11 @@ def attention_prep(qkv: torch.Tensor, *, num_heads: int, num_kv_heads: int, head
         rows = rows.contiguous()
     q = torch.empty(B, T, H, D, dtype=qkv.dtype, device=qkv.device)
     if B * T:
+        dep = depth.reshape(-1).contiguous() if depth is not None else lengths
         _prep_kernel[(B * T, H + Hkv)](rows, rows.stride(0), q_norm_weight, k_norm_weight, table, table.shape[1], perm,
-                                       positions.reshape(-1).contiguous(), slots.reshape(-1).contiguous(),
-                                       cache_k, cache_v, q, float(eps), cache_k.shape[2], T,
-                                       H=H, HKV=Hkv, D=D, BD=triton.next_power_of_2(D), num_warps=2)
+                                       lengths, dep, cache_k, cache_v, q, float(eps), cap, T,
+                                       H=H, HKV=Hkv, D=D, BD=triton.next_power_of_2(D), HAS_DEPTH=depth is not None,
+                                       num_warps=2)
     # the table spans positions < table.shape[1]; positions are clamped by the caller
     return q
 
@@ -250,10 +266,11 @@ def _num_splits(B: int, units: int, capacity: int, block: int, device) -> int:
 
 def tree_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, lengths: torch.Tensor,
                    ancestor_mask: torch.Tensor | None, *, gate: torch.Tensor, scale: float,
-                   num_splits: int | None = None) -> torch.Tensor:
+                   num_splits: int | None = None, advance_lengths: bool = False) -> torch.Tensor:
     """See the module docstring. q (B, T, H, D); gate: the (B, T, P) projection rows whose q part is per head
     [query D | gate D] (the gate of head h at columns h*2D + D ..); lengths (B,) long (clamped to capacity - T);
-    ancestor_mask (B, T, T) bool with the diagonal, or None for a causal chain. Returns (B, T, H*D)."""
+    ancestor_mask (B, T, T) bool with the diagonal, or None for a causal chain. advance_lengths=True adds T to
+    `lengths` in place afterwards (a causal step), inside the last kernel. Returns (B, T, H*D)."""
     B, T, H, D = q.shape
     Hkv, cap = cache_k.shape[1], cache_k.shape[2]
     if H % Hkv:
@@ -264,8 +281,11 @@ def tree_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor
         raise ValueError(f"ancestor_mask must have shape (B, T, T) = {(B, T, T)}, got {tuple(ancestor_mask.shape)}")
     if not available(q) or q.dtype == torch.float64:
         gq = gate.reshape(B, T, -1)[..., : 2 * H * D].reshape(B, T, H, 2 * D)[..., D:].reshape(B, T, H * D)
-        return tree_attention_reference(q, cache_k, cache_v, lengths.clamp(max=cap - T), ancestor_mask, gate=gq,
-                                        scale=scale)
+        out = tree_attention_reference(q, cache_k, cache_v, lengths.clamp(max=cap - T), ancestor_mask, gate=gq,
+                                       scale=scale)
+        if advance_lengths:
+            lengths += T
+        return out
     G = H // Hkv
     BD = triton.next_power_of_2(D)
     BM = max(16, min(64, triton.next_power_of_2(T * G)))
@@ -287,6 +307,7 @@ def tree_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor
             q.contiguous(), cache_k, cache_v, lengths, anc, o_part, ml_part, float(scale), cap, T, split_len,
             NSPLIT=ns, H=H, HKV=Hkv, D=D, BD=BD, BM=BM, BN=BN, HAS_ANC=ancestor_mask is not None, F32=f32,
             num_warps=4)
-        _attn_combine_kernel[(B * T, H)](o_part, ml_part, g2, g2.stride(0), out, H=H, D=D, BD=BD, NSPLIT=ns,
-                                         BS=max(2, triton.next_power_of_2(ns)), num_warps=4)
+        _attn_combine_kernel[(B * T, H)](o_part, ml_part, g2, g2.stride(0), out, lengths, T, H=H, D=D, BD=BD,
+                                         NSPLIT=ns, BS=max(2, triton.next_power_of_2(ns)), INC_LEN=advance_lengths,
+                                         num_warps=4)
     return out

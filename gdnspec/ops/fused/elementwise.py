@@ -42,12 +42,18 @@ def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
 if HAS_TRITON:
 
     @triton.jit
-    def _add_rms_norm_kernel(x, sx, r, sr, w, y, sy, h, sh, D, eps,
-                             HAS_RES: tl.constexpr, OFFSET: tl.constexpr, BD: tl.constexpr):
+    def _add_rms_norm_kernel(x, sx, r, sr, w, y, sy, h, sh, D, eps, n_rows,
+                             HAS_RES: tl.constexpr, OFFSET: tl.constexpr, BD: tl.constexpr, NPART: tl.constexpr):
         row = tl.program_id(0)
         cols = tl.arange(0, BD)
         m = cols < D
-        xv = tl.load(x + row * sx + cols, mask=m, other=0.0)
+        if NPART > 0:  # x holds NPART float32 partial sums (split-K GEMV): add them, round to the activation dtype
+            acc = tl.load(x + row * sx + cols, mask=m, other=0.0)
+            for p in range(1, NPART):
+                acc += tl.load(x + (p * n_rows + row) * sx + cols, mask=m, other=0.0)
+            xv = acc.to(h.dtype.element_ty)
+        else:
+            xv = tl.load(x + row * sx + cols, mask=m, other=0.0)
         if HAS_RES:
             s = xv.to(tl.float32) + tl.load(r + row * sr + cols, mask=m, other=0.0).to(tl.float32)
             s_act = s.to(xv.dtype)
@@ -83,7 +89,16 @@ def _rows(t: torch.Tensor, name: str) -> torch.Tensor:
 def add_rms_norm(x: torch.Tensor, *, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
                  offset: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused `add_rms_norm_reference`: x, residual (..., D) same dtype; weight (D,). Returns (y, h) in x's dtype
-    (h is x itself when residual is None). One kernel on CUDA / under TRITON_INTERPRET, the reference elsewhere."""
+    (h is x itself when residual is None). One kernel on CUDA / under TRITON_INTERPRET, the reference elsewhere.
+
+    x may also be float32 split-K partial sums (S, ..., D) of an output projection (`gemv.linear_for_residual`,
+    recognised by having one more dim than the residual): they are summed and rounded to the residual's dtype first,
+    which is what the unsplit projection followed by `x + residual` computes."""
+    if residual is not None and x.dim() == residual.dim() + 1:
+        if not available(x):
+            x = x.sum(0).to(residual.dtype)
+        else:
+            return _add_rms_norm_partials(x, residual=residual, weight=weight, eps=eps, offset=offset)
     if not available(x) or x.dtype == torch.float64:
         return add_rms_norm_reference(x, residual=residual, weight=weight, eps=eps, offset=offset)
     D = x.shape[-1]
@@ -100,9 +115,28 @@ def add_rms_norm(x: torch.Tensor, *, residual: torch.Tensor | None, weight: torc
     r2 = _rows(residual.contiguous(), "residual") if residual is not None else x2
     if x2.shape[0]:
         _add_rms_norm_kernel[(x2.shape[0],)](x2, x2.stride(0), r2, r2.stride(0), weight, y, y.stride(0), h, h.stride(0),
-                                             D, float(eps), HAS_RES=residual is not None, OFFSET=bool(offset), BD=BD,
-                                             num_warps=4 if BD <= 4096 else 8)
+                                             D, float(eps), x2.shape[0], HAS_RES=residual is not None,
+                                             OFFSET=bool(offset), BD=BD, NPART=0, num_warps=4 if BD <= 4096 else 8)
     return y.view(x.shape), (h.view(x.shape) if residual is not None else x)
+
+
+def _add_rms_norm_partials(parts: torch.Tensor, *, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                           offset: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    S = parts.shape[0]
+    D = parts.shape[-1]
+    if parts.shape[1:] != residual.shape or parts.dtype != torch.float32:
+        raise ValueError(f"partials must be float32 (S, *residual.shape), got {parts.dtype} {tuple(parts.shape)}")
+    p2 = parts.reshape(S, -1, D).contiguous()
+    r2 = _rows(residual.contiguous(), "residual")
+    n = r2.shape[0]
+    y = torch.empty_like(r2)
+    h = torch.empty_like(r2)
+    BD = triton.next_power_of_2(D)
+    if n:
+        _add_rms_norm_kernel[(n,)](p2, p2.stride(1), r2, r2.stride(0), weight, y, y.stride(0), h, h.stride(0), D,
+                                   float(eps), n, HAS_RES=True, OFFSET=bool(offset), BD=BD, NPART=S,
+                                   num_warps=4 if BD <= 4096 else 8)
+    return y.view(residual.shape), h.view(residual.shape)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
