@@ -24,7 +24,7 @@ from gdnspec.layers.layout import TokenLayout  # noqa: E402
 _MODS = ["gdnspec.ops.gated_delta_rule.triton_tree", "gdnspec.ops.gated_delta_rule.triton_commit",
          "gdnspec.ops.gated_delta_rule.triton_decode", "gdnspec.ops.fused.elementwise",
          "gdnspec.ops.fused.gdn_decode", "gdnspec.ops.fused.attention",
-         "gdnspec.ops.fused.gemv"]
+         "gdnspec.ops.fused.gemv", "gdnspec.ops.fused.gdn_tree"]
 for _m in _MODS:  # kernels decorated before TRITON_INTERPRET was set would target a GPU
     if _m in sys.modules:
         importlib.reload(sys.modules[_m])
@@ -34,6 +34,7 @@ ew = sys.modules["gdnspec.ops.fused.elementwise"]
 gd = sys.modules["gdnspec.ops.fused.gdn_decode"]
 at = sys.modules["gdnspec.ops.fused.attention"]
 gm = sys.modules["gdnspec.ops.fused.gemv"]
+gt = sys.modules["gdnspec.ops.fused.gdn_tree"]
 from gdnspec.models.lm import GDNForCausalLM  # noqa: E402  (calls the kernels through their modules: reload-safe)
 
 
@@ -131,6 +132,34 @@ def test_gdn_decode_fused_matches_reference(B, H, HV, K, V, W, layout, dtype):
         assert rel(y, y_ref) < bound(dtype), step
         assert torch.equal(cs, cs_ref), step  # the window is a copy: exact
         assert rel(S, S_ref) < (2e-6 if dtype == torch.float32 else 1e-2), step
+
+
+@pytest.mark.parametrize("B,N,H,HV,K,V,W,layout,kind,dtype", [
+    (3, 5, 2, 4, 12, 20, 4, "qwen3_next", "random", torch.float32),
+    (2, 17, 1, 2, 16, 8, 4, "qwen3_5", "chain", torch.float32),
+    (1, 6, 2, 2, 8, 24, 3, "qwen3_5", "star", torch.bfloat16),
+    (2, 1, 2, 4, 8, 8, 4, "qwen3_next", "chain", torch.bfloat16),
+])
+def test_gdn_tree_prep_and_norm_match_reference(B, N, H, HV, K, V, W, layout, kind, dtype):
+    from gdnspec.ops.conv1d.tree import tree_conv_window_index
+
+    g = torch.Generator().manual_seed(N + K)
+    L = (gd.ProjLayout.qwen3_next if layout == "qwen3_next" else gd.ProjLayout.qwen3_5)(H, HV, K, V)
+    CD = 2 * H * K + HV * V
+    proj = torch.randn(B, N, L.width, generator=g).to(dtype)
+    kw = dict(layout=L, conv_weight=(torch.randn(CD, W, generator=g) * 0.5).to(dtype),
+              conv_state=torch.randn(B, CD, W - 1, generator=g).to(dtype),
+              window_index=tree_conv_window_index(random_parents(B, N, kind, seed=N), W),
+              A_log=torch.rand(HV, generator=g).log(), dt_bias=torch.randn(HV, generator=g) * 0.5)
+    got = gt.gdn_tree_prep(proj, **kw)
+    want = gt.gdn_tree_prep_reference(proj, **kw)
+    for name, a, b in zip(("q", "k", "v", "g", "beta", "mixed"), got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        assert (torch.equal(a, b) if name == "mixed" else rel(a, b) < bound(dtype)), name
+    o = torch.randn(B, N, HV, V, generator=g).to(dtype)
+    nw = (1 + 0.2 * torch.randn(V, generator=g)).to(dtype)
+    assert rel(gt.gated_rms_norm_rows(o, proj, layout=L, weight=nw, eps=1e-6),
+               gt.gated_rms_norm_rows_reference(o, proj, layout=L, weight=nw, eps=1e-6)) < bound(dtype)
 
 
 def test_gdn_decode_fused_refuses_bad_shapes():

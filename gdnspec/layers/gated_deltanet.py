@@ -248,6 +248,26 @@ class Qwen3GatedDeltaNet(nn.Module):
                              norm_weight=self.norm.weight, norm_eps=self.norm.eps)  # (B, HV*V)
         return linear_for_residual(y[:, None], self.out_proj.weight, self.out_proj.bias)
 
+    def forward_tree_fused(self, x: torch.Tensor, state: GDNLayerState, layout: TokenLayout, *,
+                           window_index: torch.Tensor):
+        """forward_tree in five kernels: fused in-projection GEMM, `gdn_tree_prep` (tree conv + gates, no copies),
+        the tree-WY kernel, `gated_rms_norm_rows`, out_proj (possibly split-K partial sums for the next
+        add_rms_norm). window_index (B, N, W) from `tree_conv_window_index`, shared by all layers of one verify.
+        Needs the Triton backend, a float32 state and N <= 64 (forward_tree otherwise)."""
+        from gdnspec.ops.fused.gdn_tree import gated_rms_norm_rows, gdn_tree_prep
+        from gdnspec.ops.fused.gemv import linear_for_residual, small_linear
+        from gdnspec.ops.gated_delta_rule.triton_tree import triton_tree_gated_delta_rule
+
+        L = self.proj_layout()
+        proj = small_linear(x, self.fused_in_proj())  # (B, N, P)
+        q, k, v, g, beta, mixed = gdn_tree_prep(proj, layout=L, conv_weight=self.conv_weight, conv_state=state.conv,
+                                                window_index=window_index, A_log=self.A_log, dt_bias=self.dt_bias)
+        o, gdr = triton_tree_gated_delta_rule(q, k, v, g=g, beta=beta, ancestor_mask=layout.ancestor_mask,
+                                              initial_state=state.recurrent, use_qk_l2norm=True)
+        y = gated_rms_norm_rows(o, proj, layout=L, weight=self.norm.weight, eps=self.norm.eps)
+        out = linear_for_residual(y, self.out_proj.weight, self.out_proj.bias)
+        return out, GDNTreeCache(gdr=gdr, conv_input=mixed, conv_window_index=window_index)
+
     # ------------------------------------------------------------------ causal forwards
     def forward_state(self, hidden_states: torch.Tensor, state: GDNLayerState | None, *, mode: str = "auto",
                       backend: str = "torch") -> tuple[torch.Tensor, GDNLayerState]:

@@ -20,6 +20,7 @@ from gdnspec.layers import GatedAttention, Qwen3GatedDeltaNet, RMSNorm, SwiGLUML
 from gdnspec.layers.linear import VocabProjection
 from gdnspec.ops.fused import elementwise as _fused_ew
 from gdnspec.ops.fused.gemv import small_linear
+from gdnspec.ops.conv1d.tree import tree_conv_window_index
 from gdnspec.models.config import GDNConfig
 from gdnspec.models.moe import SparseMoeBlock
 from gdnspec.models.outputs import CausalLMOutput, TreeVerifyOutput
@@ -98,11 +99,15 @@ class DecoderLayer(nn.Module):
         return self._mlp_fused(y, resid)
 
     def tree_fused(self, y: torch.Tensor, resid: torch.Tensor | None, state, layout: TokenLayout, *, backend: str,
-                   static: bool):
+                   static: bool, window_index: torch.Tensor | None = None):
         """forward_tree on the residual stream: (output, residual stream, layer cache for commit_tree)."""
         x, resid = self._norm_add(self.input_layernorm, y, resid)
         if self.layer_type == "linear_attention":
-            y, cache = self.linear_attn.forward_tree(x, state, layout, backend=backend)
+            fits = state.recurrent.dtype == torch.float32 and x.shape[1] <= 64 and window_index is not None
+            if fits:
+                y, cache = self.linear_attn.forward_tree_fused(x, state, layout, window_index=window_index)
+            else:
+                y, cache = self.linear_attn.forward_tree(x, state, layout, backend=backend)
         else:
             y, cache = self.self_attn.forward_fused(x, state, layout, write_lengths=False, reserve=not static)
         y, resid = self._mlp_fused(y, resid)
@@ -276,8 +281,12 @@ class GDNForCausalLM(nn.Module):
         backend = self._backend(h)
         if self._use_fused(backend, h):
             y, resid = h, None
+            wi = None
+            if any(layer.layer_type == "linear_attention" for layer in self.layers):
+                wi = tree_conv_window_index(layout.parents, self.config.linear_conv_kernel_dim)  # once for all layers
             for layer, s in zip(self.layers, state.layers):
-                y, resid, cache = layer.tree_fused(y, resid, s, layout, backend=backend, static=not validate)
+                y, resid, cache = layer.tree_fused(y, resid, s, layout, backend=backend, static=not validate,
+                                                   window_index=wi)
                 caches.append(cache)
             x, h = _fused_ew.add_rms_norm(y, residual=resid, weight=self.norm.weight, eps=self.norm.eps, offset=self.norm.offset)
             return TreeVerifyOutput(logits=self.lm_head(x), hidden_states=h, layer_caches=caches)
