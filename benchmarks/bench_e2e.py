@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import copy_bandwidth_gbs, environment, greedy_consistent, print_table, time_cuda, write_json  # noqa: E402
 
 from gdnspec import GDNConfig, GDNForCausalLM, generate_autoregressive  # noqa: E402
+from gdnspec.generate import PREFILL_GRAPH_MAX_LEN, graph_prefill  # noqa: E402
 from gdnspec.runtime import StaticDecoder, StaticSpecRunner  # noqa: E402
 from gdnspec.spec import SpeculativeEngine, TreeConfig  # noqa: E402
 from gdnspec.spec.drafters import OracleDrafter  # noqa: E402
@@ -180,16 +181,25 @@ def main(argv=None) -> int:
     print_table(results["decode"], ["batch", "variant", "step_ms", "floor_ms", "frac_of_copy_bw", "kernels", "tokens_per_s",
                                     "x_B1_step"])
 
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.out, results)  # partial results survive a later failure or timeout
     # 1b. prefill (batch 1): chunked kernels for every T >= 2 on CUDA, long prompts in chunks
     for T in ([int(t) for t in args.prefill.split(",")] if "prefill" in parts else []):
         ids = torch.randint(0, model.vocab_size, (1, T), device=dev)
         ms = time_cuda(lambda: model(ids, logits_to_keep=1), warmup=2, iters=5 if T < 8192 else 2)
-        results["prefill"].append({"T": T, "prefill_ms": ms, "tokens_per_s": T / ms * 1e3})
+        row = {"T": T, "prefill_ms": ms, "tokens_per_s": T / ms * 1e3, "graph_ms": None}
+        if T <= PREFILL_GRAPH_MAX_LEN:  # what generate / the engine run: the graph-captured prefill
+            ref = model(ids, logits_to_keep=1).logits[:, -1].float()
+            got = graph_prefill(model, ids)[1].float()
+            row["graph_rel_err"] = float((got - ref).norm() / ref.norm())
+            row["graph_ms"] = time_cuda(lambda: graph_prefill(model, ids), warmup=2, iters=10)
+        results["prefill"].append(row)
         torch.cuda.empty_cache()
     if results["prefill"]:
         print("\n## prefill, batch 1 (logits of the last position)")
-        print_table(results["prefill"], ["T", "prefill_ms", "tokens_per_s"])
+        print_table(results["prefill"], ["T", "prefill_ms", "graph_ms", "graph_rel_err", "tokens_per_s"])
 
+    write_json(args.out, results)
     # 2. verify step vs N
     g = torch.Generator().manual_seed(0)
     for B in batches if "verify" in parts else []:
@@ -214,6 +224,7 @@ def main(argv=None) -> int:
     print("\n## verify step (tree verify + accept + commit, CUDA graph) relative to one decode step")
     print_table(results["verify"], ["batch", "N", "verify_ms", "x_decode_step"])
 
+    write_json(args.out, results)
     # 3. speedup at controlled acceptance, prefill included and decode phase alone
     for B in [b for b in batches if "speedup" in parts]:
         prompts = torch.randint(0, model.vocab_size, (B, args.prompt_len), device=dev)

@@ -95,13 +95,52 @@ def check_generation_args(max_new_tokens, eos_token_id) -> None:
     stop_ids(eos_token_id)
 
 
+PREFILL_GRAPH_MAX_LEN = 4096  # longer prompts: eager (their kernels are long enough to hide the launches)
+PREFILL_GRAPHS_PER_MODEL = 8
+_PREFILLS = None  # weakref.WeakKeyDictionary: model -> {(batch, seq_len): StaticPrefill}, most recent last
+
+
+def graph_prefill(model, ids: torch.Tensor):
+    """On CUDA, prefill equal-length prompts ids (B, T), 2 <= T <= PREFILL_GRAPH_MAX_LEN, from a CUDA graph captured
+    once per (B, T) (runtime.StaticPrefill; the few most recent shapes are kept per model). Returns (state, last
+    logits (B, vocab), hidden states (B, T, hidden)), or None where it does not apply (CPU, other lengths, or
+    GDNSPEC_PREFILL_GRAPH=0). The first call of a shape pays the capture (about three eager prefills)."""
+    global _PREFILLS
+    import os
+    import weakref
+
+    B, T = ids.shape
+    if model.device.type != "cuda" or not 2 <= T <= PREFILL_GRAPH_MAX_LEN or os.environ.get("GDNSPEC_PREFILL_GRAPH") == "0":
+        return None
+    if torch.is_grad_enabled() and model.embed_tokens.weight.requires_grad:
+        return None
+    from gdnspec.runtime import StaticPrefill
+
+    with static_lock(model):
+        if _PREFILLS is None:
+            _PREFILLS = weakref.WeakKeyDictionary()
+        per_model = _PREFILLS.setdefault(model, {})
+        pre = per_model.pop((B, T), None)
+        if pre is None:
+            if len(per_model) >= PREFILL_GRAPHS_PER_MODEL:
+                per_model.pop(next(iter(per_model)))  # the least recently used shape
+            pre = StaticPrefill(model, batch_size=B, seq_len=T)
+        per_model[(B, T)] = pre
+        return pre.run(ids)
+
+
 @torch.inference_mode()
 def prefill(model, prompts: list[torch.Tensor]):
-    """Run each prompt (different lengths allowed) and return (state for all rows, last logits (B, vocab))."""
+    """Run each prompt (different lengths allowed) and return (state for all rows, last logits (B, vocab), last
+    hidden (B, hidden)). Equal lengths run as one batch (from a CUDA graph on CUDA: `graph_prefill`)."""
     device = model.device
     lengths = {p.numel() for p in prompts}
     if len(lengths) == 1:
         ids = torch.stack(prompts).to(device)
+        graphed = graph_prefill(model, ids)
+        if graphed is not None:
+            state, logits, hidden = graphed
+            return state, logits, hidden[:, -1]
         out = model(ids, logits_to_keep=1)
         return out.state, out.logits[:, -1], out.hidden_states[:, -1]
     state = model.new_state(len(prompts))

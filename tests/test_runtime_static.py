@@ -26,3 +26,30 @@ def test_padding_rows_of_a_reused_decoder_stay_in_range():
     dec.load(live)
     got = dec.step(torch.zeros(2, dtype=torch.long))[:1]
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)  # the live row is unaffected by the padding row
+
+
+@torch.inference_mode()
+def test_static_prefill_equals_eager_forward():
+    """runtime.StaticPrefill (the graph-captured prefill on CUDA, run eagerly here) from zeroed static buffers, with
+    the host-known empty prefix (flash-style causal attention, no device read) == model(ids): logits, hidden
+    states and every state."""
+    from conftest import randomize_, tiny_config
+
+    from gdnspec import GDNForCausalLM
+    from gdnspec.runtime import StaticPrefill
+
+    model = randomize_(GDNForCausalLM(tiny_config(num_hidden_layers=4, full_attention_interval=2),
+                                      dtype=torch.float64)).eval()
+    ids = torch.randint(0, model.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    ref = model(ids)
+    pre = StaticPrefill(model, batch_size=2, seq_len=7, use_graph=False)
+    for _ in range(2):  # reusable: the buffers are zeroed inside the step
+        state, logits, hidden = pre.run(ids)
+        torch.testing.assert_close(logits, ref.logits[:, -1], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(hidden, ref.hidden_states, rtol=1e-10, atol=1e-10)
+        for a, b in zip(state.layers, ref.state.layers):
+            for name, t in vars(a).items():
+                u = getattr(b, name)
+                if name in ("k", "v"):
+                    t, u = t[:, :, :7], u[:, :, :7]
+                torch.testing.assert_close(t, u, rtol=1e-10, atol=1e-10)

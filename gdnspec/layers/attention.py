@@ -155,7 +155,9 @@ class GatedAttention(nn.Module):
         v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)
         cap = cache.capacity
         static = static or (x.is_cuda and torch.cuda.is_current_stream_capturing())
-        if static:
+        if layout.known_prefix is not None:  # the caller knows every row's prefix length (graph-captured prefill)
+            n, uniform, static = layout.known_prefix, True, False
+        elif static:
             n, uniform = cap, False
         else:  # one host read: the longest valid prefix, and whether every row has it
             lens = cache.lengths.tolist()

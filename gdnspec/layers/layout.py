@@ -17,13 +17,15 @@ class TokenLayout:
     ancestor_mask: torch.Tensor  # (B, T, T) bool, includes the diagonal
     depth: torch.Tensor  # (B, T) long
     is_chain: bool = False
+    known_prefix: int | None = None  # host-known KV prefix length of every row (spares a device read; CUDA graphs)
 
     @staticmethod
-    def chain(batch_size: int, num_tokens: int, device=None) -> "TokenLayout":
+    def chain(batch_size: int, num_tokens: int, device=None, *, known_prefix: int | None = None) -> "TokenLayout":
         idx = torch.arange(num_tokens, device=device)
         parents = (idx - 1).expand(batch_size, num_tokens)
         mask = torch.ones(num_tokens, num_tokens, dtype=torch.bool, device=device).tril().expand(batch_size, num_tokens, num_tokens)
-        return TokenLayout(parents=parents, ancestor_mask=mask, depth=idx.expand(batch_size, num_tokens), is_chain=True)
+        return TokenLayout(parents=parents, ancestor_mask=mask, depth=idx.expand(batch_size, num_tokens), is_chain=True,
+                           known_prefix=known_prefix)
 
     @staticmethod
     def from_parents(parents: torch.Tensor, *, validate: bool = True) -> "TokenLayout":

@@ -221,12 +221,15 @@ class GDNForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------ forwards
     def forward(self, input_ids: torch.Tensor, state: ModelState | None = None, *, mode: str = "auto",
-                logits_to_keep: int = 0, validate: bool = True, reserve_kv: bool = True) -> CausalLMOutput:
+                logits_to_keep: int = 0, validate: bool = True, reserve_kv: bool = True,
+                prefix_len: int | None = None) -> CausalLMOutput:
         """Causal forward of T tokens per row after `state` (advanced in place; created when None).
 
         mode picks the GDN algorithm ("auto", "chunk", "recurrent", "fused_decode"); logits_to_keep = k > 0
         computes logits for the last k positions only. validate=False skips the input checks and reserve_kv=False
-        the KV capacity check (both sync with the device; CUDA graph capture needs them off).
+        the KV capacity check (both sync with the device; CUDA graph capture needs them off). prefix_len: the KV
+        prefix length of every row when the caller knows it (0 for a fresh prefill), which spares the attention
+        layers a device read (CUDA graph capture of a prefill, runtime.StaticPrefill).
         """
         if validate:
             self._check_ids(input_ids)  # before unpacking the shape, so a 1-D input gets the clear error
@@ -249,15 +252,17 @@ class GDNForCausalLM(nn.Module):
         chunk = self.prefill_chunk_size
         capturing = h.is_cuda and torch.cuda.is_current_stream_capturing()
         if T > chunk and not capturing:  # long prompt: bounded activations and masks, same result
-            hs = [self._forward_chain(h[:, s0: s0 + chunk], state, mode, reserve_kv, backend) for s0 in range(0, T, chunk)]
+            hs = [self._forward_chain(h[:, s0: s0 + chunk], state, mode, reserve_kv, backend,
+                                      None if prefix_len is None else prefix_len + s0) for s0 in range(0, T, chunk)]
             h = torch.cat(hs, dim=1)
         else:
-            h = self._forward_chain(h, state, mode, reserve_kv, backend)
+            h = self._forward_chain(h, state, mode, reserve_kv, backend, prefix_len)
         return CausalLMOutput(logits=self._logits(h, logits_to_keep), hidden_states=h, state=state)
 
-    def _forward_chain(self, h: torch.Tensor, state: ModelState, mode: str, reserve_kv: bool, backend: str) -> torch.Tensor:
+    def _forward_chain(self, h: torch.Tensor, state: ModelState, mode: str, reserve_kv: bool, backend: str,
+                       prefix_len: int | None = None) -> torch.Tensor:
         B, T = h.shape[:2]
-        layout = TokenLayout.chain(B, T, device=h.device)
+        layout = TokenLayout.chain(B, T, device=h.device, known_prefix=prefix_len)
         for layer, s in zip(self.layers, state.layers):
             h = layer.forward_state(h, s, layout, mode, reserve_kv, backend)
         return h

@@ -24,8 +24,8 @@ import torch
 
 from gdnspec.cache import ModelState
 from gdnspec.concurrency import exclusive, static_lock
-from gdnspec.generate import (check_finite, check_generation_args, check_model, normalize_prompts, pack_outputs,
-                              stop_ids)
+from gdnspec.generate import (check_finite, check_generation_args, check_model, graph_prefill, normalize_prompts,
+                              pack_outputs, stop_ids)
 from gdnspec.sampling import check_sampling_args, sample_next
 from gdnspec.spec.accept import Acceptance, accept_greedy, accept_sampling
 from gdnspec.spec.drafters.base import check_drafter
@@ -216,10 +216,16 @@ class SpecSession:
         same_len = len({p.numel() for p in prompts}) == 1
         groups = [prompts] if same_len else [[p] for p in prompts]
         for group in groups:
-            out = target(torch.stack(group), logits_to_keep=0 if need_hidden else 1)
-            states.append(out.state)
-            logits.append(out.logits[:, -1])
-            hiddens.extend(list(out.hidden_states) if need_hidden else [])
+            ids_g = torch.stack(group)
+            graphed = graph_prefill(target, ids_g)  # CUDA: one graph replay per (batch, length)
+            if graphed is not None:
+                st, lg, hs = graphed
+            else:
+                out = target(ids_g, logits_to_keep=1)
+                st, lg, hs = out.state, out.logits[:, -1], out.hidden_states
+            states.append(st)
+            logits.append(lg)
+            hiddens.extend(list(hs) if need_hidden else [])
         t_state = ModelState.cat(states) if len(states) > 1 else states[0]
         check_finite(torch.cat(logits))
         first = eng.sample(torch.cat(logits))
