@@ -281,7 +281,7 @@ def cmd_train(args) -> int:
     import torch
 
     from gdnspec.models.lm import GDNForCausalLM
-    from gdnspec.train.train import count_params, make_config, train_lm
+    from gdnspec.train.train import count_params, train_lm
 
     _make_config(args, args.vocab_size)  # a bad --set fails now, not after the data folder is built
     data = _load_data(args)

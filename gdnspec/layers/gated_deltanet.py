@@ -217,6 +217,20 @@ class Qwen3GatedDeltaNet(nn.Module):
         y = self.norm(o.to(z.dtype), z)
         return self.out_proj(y.reshape(B, T, self.value_dim))
 
+    def forward_train(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, hidden) from a zero state, differentiable (no in-place state writes): the training forward, with
+        the WY solve and state products in float32 (autocast off) and no fla dispatch (its backward needs newer
+        triton on Hopper). Same values as forward_state from an empty state."""
+        mixed, z, b, a = self._project(x)
+        g, beta = self._gates(b, a)
+        mixed_c, _ = causal_conv1d(mixed, weight=self.conv_weight)
+        q, k, v = self._split_qkv(mixed_c)
+        dev = "cuda" if x.is_cuda else "cpu"
+        with torch.autocast(dev, enabled=False):
+            o, _ = chunk_gated_delta_rule(q.float(), k.float(), v.float(), g=g.float(), beta=beta.float(),
+                                          use_qk_l2norm=True, allow_fla=False)
+        return self._finish(o.to(z.dtype), z)
+
     # ------------------------------------------------------------------ fused decode step (issue 9)
     def proj_layout(self):
         """Where q, k, v, z, b, a of each key head sit in the fused in-projection row (`fused_in_proj`)."""

@@ -87,10 +87,8 @@ class EagleHead(nn.Module):
 
     def forward_train(self, hidden: torch.Tensor, token_embeds: torch.Tensor) -> torch.Tensor:
         """Differentiable forward from a zero state (training): same values as forward(..., state=None)."""
-        from gdnspec.train.train import decoder_layer_train
-
         self._check(hidden, token_embeds)
-        return decoder_layer_train(self.layer, self.fuse(hidden, token_embeds))
+        return self.layer.forward_train(self.fuse(hidden, token_embeds))
 
     @staticmethod
     def draft_logits(target: nn.Module, out: torch.Tensor) -> torch.Tensor:

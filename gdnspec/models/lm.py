@@ -76,6 +76,18 @@ class DecoderLayer(nn.Module):
             y = self.self_attn.forward_state(x, state, layout, reserve=reserve_kv)
         return self._mlp(h + y)
 
+    def forward_train(self, h: torch.Tensor, layout: TokenLayout | None = None) -> torch.Tensor:
+        """h (B, T, hidden) from an empty state, differentiable (training and EAGLE distillation); same math as
+        forward_state. layout: the causal chain (made when None) for attention layers."""
+        x = self.input_layernorm(h)
+        if self.layer_type == "linear_attention":
+            y = self.linear_attn.forward_train(x)
+        else:
+            B, T, _ = h.shape
+            layout = layout or TokenLayout.chain(B, T, device=h.device)
+            y, _ = self.self_attn.forward_layout(x, self.self_attn.new_state(B, dtype=x.dtype, device=x.device), layout)
+        return self._mlp(h + y)
+
     # ---------------------------------------------------------------- fused steps (issue 9): the residual stream is
     # carried beside the layer output so that each "h + y; norm(h)" is one add_rms_norm kernel
     def _norm_add(self, norm: RMSNorm, y: torch.Tensor, resid: torch.Tensor | None):

@@ -19,9 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from gdnspec.models.config import GDNConfig
-from gdnspec.models.lm import DecoderLayer, GDNForCausalLM
-from gdnspec.ops.conv1d import causal_conv1d
-from gdnspec.ops.gated_delta_rule import chunk_gated_delta_rule
+from gdnspec.models.lm import GDNForCausalLM
 
 PRESETS: dict[str, dict] = {
     # unit tests and CPU smoke runs
@@ -84,32 +82,6 @@ def count_params(model: torch.nn.Module) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- stateless forward
-def _gdn_train_forward(mixer, x: torch.Tensor) -> torch.Tensor:
-    """Qwen3GatedDeltaNet over x (B, T, hidden) from a zero state, differentiable (no in-place state writes)."""
-    mixed, z, b, a = mixer._project(x)
-    g, beta = mixer._gates(b, a)
-    mixed_c, _ = causal_conv1d(mixed, weight=mixer.conv_weight)
-    q, k, v = mixer._split_qkv(mixed_c)
-    dev = "cuda" if x.is_cuda else "cpu"
-    with torch.autocast(dev, enabled=False):  # the WY solve and state products stay in float32
-        o, _ = chunk_gated_delta_rule(q.float(), k.float(), v.float(), g=g.float(), beta=beta.float(), use_qk_l2norm=True,
-                                      allow_fla=False)
-    return mixer._finish(o.to(z.dtype), z)
-
-
-def decoder_layer_train(layer: DecoderLayer, h: torch.Tensor, layout=None) -> torch.Tensor:
-    """One DecoderLayer over h (B, T, hidden) from an empty state; same math as layer.forward_state."""
-    x = layer.input_layernorm(h)
-    if layer.layer_type == "linear_attention":
-        y = _gdn_train_forward(layer.linear_attn, x)
-    else:
-        from gdnspec.layers.layout import TokenLayout
-        B, T, _ = h.shape
-        layout = layout or TokenLayout.chain(B, T, device=h.device)
-        y, _ = layer.self_attn.forward_layout(x, layer.self_attn.new_state(B, dtype=x.dtype, device=x.device), layout)
-    return layer._mlp(h + y)
-
-
 def lm_train_forward(model: GDNForCausalLM, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits (B, T, vocab), hidden (B, T, hidden) before the final norm), from an empty state, autograd-capable."""
     B, T = input_ids.shape
@@ -119,7 +91,7 @@ def lm_train_forward(model: GDNForCausalLM, input_ids: torch.Tensor) -> tuple[to
         from gdnspec.layers.layout import TokenLayout
         layout = TokenLayout.chain(B, T, device=input_ids.device)
     for layer in model.layers:
-        h = decoder_layer_train(layer, h, layout)
+        h = layer.forward_train(h, layout)
     return model.lm_head(model.norm(h)), h
 
 
