@@ -185,9 +185,14 @@ class StaticSpecRunner:
         self.target_state = target.new_state(B, kv_capacity=capacity)
         self.draft_state = drafter.new_static_state(B, kv_capacity=capacity + config.num_steps + 1) if self.in_graph_drafter else None
         self.verified = torch.zeros(B, dtype=torch.long, device=dev)
-        self.tree = DraftTree(torch.zeros(B, N, dtype=torch.long, device=dev), torch.zeros(B, N, dtype=torch.long, device=dev),
-                              torch.zeros(B, N, device=dev), torch.ones(B, N, dtype=torch.bool, device=dev))
-        self.tree.parents[:, 0] = -1
+        # host-drafted trees arrive as ONE copy of a packed (3, B, N) buffer [tokens | parents | valid] (pinned on the
+        # host); the graph unpacks the validity mask and sets the roots
+        self.tree_buf = torch.zeros(3, B, N, dtype=torch.long, device=dev)
+        self.tree_buf[1, :, 0] = -1
+        self.tree_buf[2, :, 0] = 1
+        self.host_tree = torch.zeros(3, B, N, dtype=torch.long, pin_memory=dev.type == "cuda")
+        self.tree = DraftTree(self.tree_buf[0], self.tree_buf[1], torch.zeros(B, N, device=dev),
+                              torch.ones(B, N, dtype=torch.bool, device=dev))
         self.needs_hidden = bool(getattr(drafter, "needs_target_hidden", False))
         use_graph = dev.type == "cuda" if use_graph is None else use_graph
         restore = [self.target_state] + ([self.draft_state] if self.draft_state is not None else [])
@@ -200,6 +205,9 @@ class StaticSpecRunner:
             tree.tokens.copy_(new.tokens)
             tree.parents.copy_(new.parents)
             tree.valid.copy_(new.valid)
+        else:
+            tree.valid.copy_(self.tree_buf[2] != 0)
+            tree.tokens[:, 0] = self.verified
         layout = TokenLayout.from_parents(tree.parents, validate=False)
         ver = self.target.forward_tree(tree.tokens, state=self.target_state, layout=layout, validate=False)
         acc = accept_greedy(tree, ver.logits, layout, width=self.path_width)
@@ -213,7 +221,10 @@ class StaticSpecRunner:
         if self.in_graph_drafter:
             self.drafter.advance(self.draft_state, tokens=path_tokens, counts=acc.counts, target_hidden=hidden, sync_free=True)
         self.verified.copy_(acc.bonus)
-        return path_tokens, acc.counts, acc.bonus, hidden, tree.valid[:, 1:].sum(-1)
+        drafted = tree.valid[:, 1:].sum(-1)
+        # everything the host reads per step in one buffer: one device-to-host copy (B, path_width + 3)
+        packed = torch.cat([path_tokens, acc.counts[:, None], acc.bonus[:, None], drafted[:, None]], dim=1)
+        return path_tokens, acc.counts, acc.bonus, hidden, drafted, packed
 
     def load(self, target_state: ModelState, draft_state=None, verified: torch.Tensor | None = None) -> None:
         """Copy the rows of live states into the first rows of the static ones."""
@@ -226,28 +237,32 @@ class StaticSpecRunner:
             self.verified[:n] = verified
 
     def set_tree(self, tree: DraftTree) -> None:
-        """Host-drafted tree for the first rows; other rows and missing nodes become padding."""
+        """Host-drafted tree for the first rows (its roots are replaced by the verified tokens inside the step); other
+        rows and missing nodes become padding. A tree on the CPU costs one host-to-device copy."""
         n, m = tree.tokens.shape
         if m > self.num_nodes:
             raise ValueError(f"the tree has {m} nodes, this runner was built for {self.num_nodes}")
-        t = self.tree
-        t.tokens.zero_()
-        t.parents.zero_()
-        t.parents[:, 0] = -1
-        t.valid.zero_()
-        t.valid[:, 0] = True
-        t.tokens[:n, :m] = tree.tokens
-        t.parents[:n, :m] = tree.parents
-        t.valid[:n, :m] = tree.valid
+        h = self.host_tree
+        h.zero_()
+        h[1, :, 0] = -1
+        h[2, :, 0] = 1
+        h[0, :n, :m] = tree.tokens
+        h[1, :n, :m] = tree.parents
+        h[2, :n, :m] = tree.valid
+        self.tree_buf.copy_(h, non_blocking=True)  # the host buffer is rewritten only after the step's output sync
+
+    @property
+    def packed(self) -> torch.Tensor:
+        """(B, path_width + 3) long: path tokens | count | bonus | drafted nodes of the last step (a static buffer)."""
+        return self._packed
 
     def step(self, tree: DraftTree | None = None):
-        """Run one step; returns (path_tokens (B, path_width), counts (B,), bonus (B,), hidden or None, drafted (B,)) as static buffers."""
+        """Run one step; returns (path_tokens (B, path_width), counts (B,), bonus (B,), hidden or None, drafted (B,)) as
+        static buffers; `packed` holds the same integers in one buffer."""
         if tree is not None:
             self.set_tree(tree)
-            self.tree.tokens[:, 0] = self.verified
         elif not self.in_graph_drafter:
             raise ValueError(f"{type(self.drafter).__name__} drafts on the host: pass its tree to step(tree=...)")
-        if self.graph is None:
-            return self._run()
-        self.graph.replay()
-        return self.outputs
+        out = self._run() if self.graph is None else (self.graph.replay(), self.outputs)[1]
+        self._packed = out[5]
+        return out[:5]

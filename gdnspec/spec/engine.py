@@ -290,25 +290,35 @@ class SpecSession:
         from gdnspec.runtime import batch_bucket
 
         eng = self.engine
+        # drafters that draft from Python lists (n-gram, oracle) get host tensors: no device sync or copy of their own
+        on_host = bool(getattr(eng.drafter, "drafts_on_host", False))
         while self.rows:
             n = len(self.rows)
             runner = eng.runner(batch_bucket(n), max_len)
             runner.load(self.target_state, self.draft_state, self.verified)
+            W = runner.path_width
+            verified_host = self.verified.cpu() if on_host else None
             while True:
                 tree = None
                 if not runner.in_graph_drafter:
-                    tree = eng.drafter.propose(self.draft_state, self.verified, eng.config)
+                    tree = eng.drafter.propose(self.draft_state, verified_host if on_host else self.verified, eng.config)
                 path_tokens, counts, bonus, hidden, drafted = runner.step(tree)
-                pt, cn, bo, dr = (t[:n].cpu() for t in (path_tokens, counts, bonus, drafted))  # the one sync per step
+                pk = runner.packed[:n].cpu()  # the one sync and copy per step
+                pt, cn, bo, dr = pk[:, :W], pk[:, W], pk[:, W + 1], pk[:, W + 2]
                 rows_tokens = [row[1:c] + [b] for row, c, b in zip(pt.tolist(), cn.tolist(), bo.tolist())]
-                self.verified = bonus[:n].clone()
                 if not runner.in_graph_drafter:
-                    eng.drafter.advance(self.draft_state, tokens=path_tokens[:n], counts=counts[:n],
-                                        target_hidden=None if hidden is None else hidden[:n])
+                    if on_host:
+                        verified_host = bo
+                        eng.drafter.advance(self.draft_state, tokens=pt, counts=cn, target_hidden=None)
+                    else:
+                        eng.drafter.advance(self.draft_state, tokens=path_tokens[:n], counts=counts[:n],
+                                            target_hidden=None if hidden is None else hidden[:n])
+                        self.verified = bonus[:n].clone()
                 self._emit(rows_tokens, dr.tolist(), (cn - 1).tolist())
                 keep = [r for r, i in enumerate(self.rows) if not self.sequences[i].done]
                 if len(keep) < n:
                     break
+            self.verified = runner.verified[:n].clone()
             self.rows = [self.rows[r] for r in keep]
             if not keep:
                 self.target_state = self.draft_state = self.verified = None

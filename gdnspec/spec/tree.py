@@ -116,20 +116,20 @@ class DraftTree:
                    device=None) -> "DraftTree":
         """Build from per-row lists of (token, parent, score) for the drafted nodes (parents index the full node list,
         0 = root), padding rows to the same node count with invalid nodes."""
-        B = len(roots)
         N = num_nodes or 1 + max((len(n) for n in nodes), default=0)
-        tokens = torch.zeros(B, N, dtype=torch.long)
-        parents = torch.zeros(B, N, dtype=torch.long)
-        scores = torch.full((B, N), float("-inf"))
-        valid = torch.zeros(B, N, dtype=torch.bool)
-        for b, (root, row) in enumerate(zip(roots, nodes)):
+        tok_rows, par_rows, sc_rows, val_rows = [], [], [], []
+        for b, (root, row) in enumerate(zip(roots, nodes)):  # plain lists, one tensor per field (few host ops)
             if len(row) > N - 1:
                 raise ValueError(f"row {b} has {len(row)} drafted nodes, the tree holds {N - 1}")
-            tokens[b, 0], parents[b, 0], scores[b, 0], valid[b, 0] = root, -1, 0.0, True
-            for i, (tok, par, sc) in enumerate(row, start=1):
-                tokens[b, i], parents[b, i], scores[b, i], valid[b, i] = tok, par, sc, True
-        tree = DraftTree(tokens.to(device), parents.to(device), scores.to(device), valid.to(device))
-        return tree
+            pad = N - 1 - len(row)
+            tok_rows.append([root] + [t for t, _, _ in row] + [0] * pad)
+            par_rows.append([-1] + [p for _, p, _ in row] + [0] * pad)
+            sc_rows.append([0.0] + [float(c) for _, _, c in row] + [float("-inf")] * pad)
+            val_rows.append([True] * (1 + len(row)) + [False] * pad)
+        return DraftTree(torch.tensor(tok_rows, dtype=torch.long, device=device).view(-1, N),
+                         torch.tensor(par_rows, dtype=torch.long, device=device).view(-1, N),
+                         torch.tensor(sc_rows, dtype=torch.float32, device=device).view(-1, N),
+                         torch.tensor(val_rows, dtype=torch.bool, device=device).view(-1, N))
 
 
 ExpandFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]

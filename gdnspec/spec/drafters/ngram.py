@@ -30,6 +30,7 @@ class NGramDraftState:
 
 
 class NGramDrafter:
+    drafts_on_host = True  # proposes from Python lists: the static engine hands it host tensors (no sync)
     needs_target_hidden = False
     vocab_size = None
 

@@ -30,6 +30,7 @@ class OracleDraftState:
 
 
 class OracleDrafter:
+    drafts_on_host = True  # proposes from Python lists: the static engine hands it host tensors (no sync)
     needs_target_hidden = False
 
     def __init__(self, references, *, error_rate: float = 0.0, vocab_size: int, seed: int = 0):
