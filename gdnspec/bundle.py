@@ -71,18 +71,28 @@ class Bundle:
 
         As transformers: without `do_sample: true` the default is greedy (temperature 0); with it, fields the file
         leaves out take transformers' defaults (temperature 1.0, top_k 50, top_p 1.0 = off)."""
-        gc = self.generation_config
-        sampling = gc.get("do_sample") is True
-        defaults = {"temperature": float(gc.get("temperature") or 1.0), "top_k": gc.get("top_k", 50),
-                    "top_p": gc.get("top_p", 1.0)} if sampling else {"temperature": 0.0, "top_k": None, "top_p": None}
-        if defaults["top_k"] in (0, None):
-            defaults["top_k"] = None
-        if defaults["top_p"] is not None and defaults["top_p"] >= 1.0:
-            defaults["top_p"] = None
+        defaults = sampling_defaults(self.generation_config)
         given = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
         out = {k: defaults[k] if v is None else v for k, v in given.items()}
         check_sampling_args(out["temperature"], out["top_k"], out["top_p"])
         return out
+
+
+def sampling_defaults(gc: dict) -> dict:
+    """{temperature, top_k, top_p} that a generation_config dict asks for (see Bundle.sampling_args); top_k 0 and
+    top_p 1.0 mean off (None). Values the entry points cannot take raise ValueError naming the field."""
+    if gc.get("do_sample") is not True:
+        return {"temperature": 0.0, "top_k": None, "top_p": None}
+    fields = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
+    out = {k: default if gc.get(k) is None else gc[k] for k, default in fields.items()}
+    if out["top_k"] == 0 and not isinstance(out["top_k"], bool):
+        out["top_k"] = None
+    if isinstance(out["top_p"], (int, float)) and not isinstance(out["top_p"], bool) and out["top_p"] == 1.0:
+        out["top_p"] = None
+    if isinstance(out["temperature"], int) and not isinstance(out["temperature"], bool):
+        out["temperature"] = float(out["temperature"])
+    check_sampling_args(out["temperature"], out["top_k"], out["top_p"])
+    return out
 
 
 def read_generation_config(folder: Path) -> dict:
@@ -98,6 +108,10 @@ def read_generation_config(folder: Path) -> dict:
         raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
     if data.get("eos_token_id") is not None:
         stop_ids(data["eos_token_id"], name=f"eos_token_id in {path}")
+    try:
+        sampling_defaults(data)
+    except ValueError as e:
+        raise ValueError(f"{path} (do_sample: true): {e} (top_k 0 and top_p 1.0 mean off)") from None
     return data
 
 

@@ -458,11 +458,15 @@ def add_generate_parser(subparsers) -> None:
     p.add_argument("--compare", action="store_true",
                    help="then run plain decoding of the same prompt with the same settings and print the measured "
                         "speedup of the decode phase")
-    s = p.add_argument_group("sampling")
-    s.add_argument("--temperature", type=NON_NEGATIVE_FLOAT, default=0.0, help="0 = greedy")
-    s.add_argument("--top-k", type=POSITIVE_INT, default=None, help="sample from the k most likely tokens (default: off)")
+    s = p.add_argument_group("sampling (a flag left out takes the model's default: its generation_config.json's "
+                             "value with do_sample true, else greedy decoding; the stats line shows what was used)")
+    s.add_argument("--temperature", type=NON_NEGATIVE_FLOAT, default=None,
+                   help="0 = greedy (default: the model's, greedy without a generation_config.json)")
+    s.add_argument("--top-k", type=POSITIVE_INT, default=None,
+                   help="sample from the k most likely tokens (default: the model's, off without a "
+                        "generation_config.json)")
     s.add_argument("--top-p", type=float_in(0.0, 1.0, low_open=True), default=None,
-                   help="nucleus sampling mass in (0, 1] (default: off)")
+                   help="nucleus sampling mass in (0, 1] (default: the model's, off without a generation_config.json)")
     s.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     t = p.add_argument_group("draft tree (SGLang's flag names; --topk, --num-steps, --num-draft-tokens are aliases)")
     t.add_argument("--speculative-eagle-topk", "--topk", dest="topk", type=POSITIVE_INT, default=4, metavar="K",
@@ -623,6 +627,21 @@ def _accept_report(engine, num_tokens: int) -> str:
             f"acceptance rate {st['mean_acceptance_rate']:.2f}")
 
 
+def _sampling_report(sampling: dict, args, from_model: list[str]) -> str:
+    """The sampling settings used: 'greedy' or 'temperature T, top-k K, top-p P', saying which values came from the
+    model's generation_config.json (from_model: their flags) and which given flags greedy decoding leaves unused."""
+    if sampling["temperature"] == 0:
+        unused = [flag for flag, key in (("--top-k", "top_k"), ("--top-p", "top_p")) if getattr(args, key) is not None]
+        text = "greedy" + (f" ({' and '.join(unused)} unused at temperature 0)" if unused else "")
+    else:
+        text = ", ".join([f"temperature {sampling['temperature']:g}",
+                          "top-k off" if sampling["top_k"] is None else f"top-k {sampling['top_k']}",
+                          "top-p off" if sampling["top_p"] is None else f"top-p {sampling['top_p']:g}"])
+    if from_model:
+        text += f" ({', '.join(from_model)} from the model's generation_config.json)"
+    return text
+
+
 def _compare_report(spec: _Timing, plain: _Timing, drafter: str, greedy: bool) -> str:
     """The plain run's figures and the speculative decode-phase speedup over it."""
     a, b = spec.decode_tokens_per_s, plain.decode_tokens_per_s
@@ -630,6 +649,17 @@ def _compare_report(spec: _Timing, plain: _Timing, drafter: str, greedy: bool) -
     same = (", same output" if spec.tokens == plain.tokens else ", OUTPUTS DIFFER") if greedy else ""
     return (f"--- plain decoding: first token {_fmt(plain.first_s, '.3f', ' s')} | decode "
             f"{_fmt(b, '.1f', ' tokens/s')} | speculative ({drafter}) decode speedup over plain: {speedup}{same}")
+
+
+def _sampling_from_model(args, generation_config: dict, sampling: dict) -> list[str]:
+    """The sampling flags left out whose value came from generation_config.json (do_sample true): --temperature, and
+    --top-k / --top-p where they are used (temperature > 0) and on."""
+    if generation_config.get("do_sample") is not True:
+        return []
+    used = {"temperature": True, "top_k": sampling["temperature"] > 0 and sampling["top_k"] is not None,
+            "top_p": sampling["temperature"] > 0 and sampling["top_p"] is not None}
+    flags = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p"}
+    return [flags[k] for k in flags if getattr(args, k) is None and used[k]]
 
 
 class _Generation:
@@ -644,7 +674,8 @@ class _Generation:
         self.args, self.model, self.ids = args, bundle.model, ids
         self.prompt = torch.tensor(ids, dtype=torch.long)
         self.eos = bundle.eos_token_id
-        self.sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+        self.sampling = bundle.sampling_args(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        self.from_model = _sampling_from_model(args, bundle.generation_config, self.sampling)
         self.engine = None
         if drafter is not None:  # eager steps, so that the text streams step by step
             self.engine = SpeculativeEngine(bundle.model, drafter, config, static=False, **self.sampling)
@@ -710,7 +741,8 @@ def cmd_generate(args) -> int:
     print()
     state = "--- interrupted: " if timing.interrupted else "--- "
     print(f"{state}{_speed_report(timing, len(ids), args.max_new_tokens)} | "
-          f"{_accept_report(gen.engine, len(timing.tokens))} | drafter {args.drafter} | {args.device}, {threads} "
+          f"{_accept_report(gen.engine, len(timing.tokens))} | {_sampling_report(gen.sampling, args, gen.from_model)} | "
+          f"drafter {args.drafter} | {args.device}, {threads} "
           f"thread{'s' if threads > 1 else ''}", file=sys.stderr)
     if timing.interrupted:
         return 130
@@ -719,7 +751,7 @@ def cmd_generate(args) -> int:
         if base.interrupted:
             print("--- plain decoding interrupted: no comparison", file=sys.stderr)
             return 130
-        print(_compare_report(timing, base, args.drafter, args.temperature == 0), file=sys.stderr)
+        print(_compare_report(timing, base, args.drafter, gen.sampling["temperature"] == 0), file=sys.stderr)
     return 0
 
 

@@ -245,7 +245,7 @@ def test_help_shows_defaults_and_both_tree_flag_names(capsys):
     flat = " ".join(out.split())
     for text in ["--speculative-eagle-topk K, --topk K", "--speculative-num-steps",
                  "--speculative-num-draft-tokens", "--top-k", "--top-p", "--threads", "--compare", "(default: 4)",
-                 "(default: 200)", "0 = greedy (default: 0.0)", "ngram (default: the fastest",
+                 "(default: 200)", "0 = greedy (default: the model's", "ngram (default: the fastest",
                  "{auto,float32,float16,bfloat16}", "(default: auto)"]:
         assert text in flat, text
     assert "None" not in out
