@@ -93,6 +93,44 @@ def float_in(low: float, high: float = math.inf, *, low_open: bool = False, high
     return parse
 
 
+def int_in(low: int, high: int, what: str | None = None):
+    """argparse type: an integer in [low, high] (`what` describes the range in the error)."""
+    what = what or f"an integer from {low} to {high}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+def threads_arg(text: str) -> int:
+    """argparse type: a thread count from 1 to the number of CPUs (torch crashes on absurd counts)."""
+    cpus = os.cpu_count() or 1
+    return int_in(1, cpus, f"an integer from 1 to {cpus} (the CPUs of this machine)")(text)
+
+
+def path_arg(text: str) -> str:
+    """argparse type: a non-empty path (an empty one would silently mean the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a folder path, got {text!r}")
+    return text
+
+
+def file_stem_arg(text: str) -> str:
+    """argparse type: a file name without its extension and without folders (eval's --tag)."""
+    if not text.strip() or text in (".", "..") or "/" in text or os.sep in text or text.startswith("."):
+        raise argparse.ArgumentTypeError(f"expected a file name such as eval_cpu (no folders, not hidden), got "
+                                         f"{text!r}; the folder is --out")
+    return text
+
+
 def device_arg(text: str) -> str:
     """argparse type: cpu, cuda or cuda:N, and CUDA only where it is available."""
     import torch
@@ -115,6 +153,9 @@ def device_arg(text: str) -> str:
 
 def model_dir_arg(text: str) -> str:
     """argparse type: an existing model folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a model folder, got {text!r} (leave --model out for the embedded "
+                                         f"default model)")
     path = Path(text)
     if not path.exists():
         raise argparse.ArgumentTypeError(f"{text} does not exist (expected a model folder)")
@@ -173,11 +214,13 @@ POSITIVE_INT = int_at_least(1)
 NON_NEGATIVE_INT = int_at_least(0)
 POSITIVE_FLOAT = float_in(0.0, low_open=True)
 NON_NEGATIVE_FLOAT = float_in(0.0)
+SEED = int_in(-(2 ** 63), 2 ** 64 - 1, "an integer from -2**63 to 2**64 - 1")
 
 
 # ---------------------------------------------------------------------------------------------- shared options
 def _add_data_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="runs/data", help="dataset folder (built from the stdlib when missing)")
+    p.add_argument("--data", type=path_arg, default="runs/data",
+                   help="dataset folder (built from the stdlib when missing)")
     p.add_argument("--vocab-size", type=int_at_least(2), default=8192,
                    help="tokenizer vocabulary when the data folder is built")
     p.add_argument("--extra", action="append", default=[], metavar="PATH",
@@ -202,7 +245,7 @@ def _add_train_options(p: argparse.ArgumentParser, *, steps: int, lr: float, bat
                    help="steps between held-out evals (best one is kept); 0 = at the end only")
     g.add_argument("--eval-tokens", type=POSITIVE_INT, default=200_000, help="held-out tokens per eval")
     g.add_argument("--log-every", type=POSITIVE_INT, default=10, help="steps between log lines")
-    g.add_argument("--seed", type=int, default=0, help="random seed")
+    g.add_argument("--seed", type=SEED, default=0, help="random seed")
     g.add_argument("--device", type=train_device_arg, default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
     g.add_argument("--autocast", default="auto", choices=["auto", "bf16", "none"], help="auto = bf16 on CUDA only")
     g.add_argument("--save-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
@@ -248,7 +291,7 @@ def _finish(summary: dict, out: str) -> int:
 # ---------------------------------------------------------------------------------------------- data
 def add_data_parser(subparsers) -> None:
     p = subparsers.add_parser("data", help="build the corpus, the BPE tokenizer and the token arrays")
-    p.add_argument("--out", required=True, help="dataset folder to write")
+    p.add_argument("--out", type=path_arg, required=True, help="dataset folder to write")
     p.add_argument("--vocab-size", type=int_at_least(2), default=8192, help="tokenizer vocabulary")
     p.add_argument("--extra", action="append", default=[], metavar="PATH", help="extra text files/dirs (repeatable)")
     p.add_argument("--no-stdlib", action="store_true", help="use only the --extra paths")
@@ -273,7 +316,8 @@ def add_train_parser(subparsers) -> None:
                    help="config preset (tiny, default-target, default-draft, ...)")
     p.add_argument("--set", type=key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="GDNConfig override (repeatable)")
-    p.add_argument("--out", required=True, help="checkpoint folder (the best held-out checkpoint is written there)")
+    p.add_argument("--out", type=path_arg, required=True,
+                   help="checkpoint folder (the best held-out checkpoint is written there)")
     _add_train_options(p, steps=2000, lr=1.5e-3)
 
 
@@ -302,7 +346,7 @@ def add_distill_parser(subparsers) -> None:
     p.add_argument("--kind", required=True, choices=["model", "eagle"])
     p.add_argument("--target", type=model_dir_arg, required=True, help="target checkpoint folder")
     _add_data_options(p)
-    p.add_argument("--out", required=True, help="drafter checkpoint folder")
+    p.add_argument("--out", type=path_arg, required=True, help="drafter checkpoint folder")
     p.add_argument("--preset", type=one_of(_presets), default="default-draft", help="(--kind model) draft config preset")
     p.add_argument("--set", type=key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="draft/head GDNConfig override (repeatable)")
@@ -376,7 +420,7 @@ def _add_model_options(p: argparse.ArgumentParser, *, cuda_dtype: str = "bfloat1
     p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda, cuda:1 ...")
     auto = "float32" if cuda_dtype == "float32" else f"float32 on the CPU, {cuda_dtype} on CUDA"
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"], help=f"auto = {auto}")
-    p.add_argument("--threads", type=POSITIVE_INT, default=None,
+    p.add_argument("--threads", type=threads_arg, default=None,
                    help="CPU threads for torch (default: 1 for models under 100M parameters on the CPU, else torch's "
                         "default; OMP_NUM_THREADS, when set, is respected)")
     p.set_defaults(cuda_dtype=cuda_dtype)
@@ -432,12 +476,23 @@ def _tree_config(args):
         return None
     from gdnspec.spec import TreeConfig
 
+    if args.num_steps >= args.num_draft_tokens:  # deeper drafting than the tree can keep only costs time
+        raise UsageError(f"--speculative-num-steps: {args.num_steps} steps are deeper than a tree of "
+                         f"--speculative-num-draft-tokens {args.num_draft_tokens} nodes (root included) can reach: at "
+                         f"most {args.num_draft_tokens - 1}")
     cap = TreeConfig(topk=args.topk, num_steps=args.num_steps).max_nodes()
     if args.num_draft_tokens > cap:
         raise UsageError(f"--speculative-num-draft-tokens: {args.num_draft_tokens} is more than the {args.drafter} "
                          f"drafter's tree can hold: with --speculative-eagle-topk {args.topk} and "
                          f"--speculative-num-steps {args.num_steps} it has at most {cap} nodes (root included)")
     return TreeConfig(topk=args.topk, num_steps=args.num_steps, num_draft_tokens=args.num_draft_tokens)
+
+
+def _check_tree_fits(args, model) -> None:
+    """--speculative-eagle-topk against the model's vocabulary (known once the model is loaded)."""
+    if args.drafter != "none" and args.topk > model.vocab_size:
+        raise UsageError(f"--speculative-eagle-topk: {args.topk} children per tree node is more than this model's "
+                         f"vocabulary ({model.vocab_size} tokens)")
 
 
 def _stop_ids(eos) -> set[int]:
@@ -467,7 +522,7 @@ def add_generate_parser(subparsers) -> None:
                         "generation_config.json)")
     s.add_argument("--top-p", type=float_in(0.0, 1.0, low_open=True), default=None,
                    help="nucleus sampling mass in (0, 1] (default: the model's, off without a generation_config.json)")
-    s.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    s.add_argument("--seed", type=SEED, default=0, help="random seed for sampling")
     t = p.add_argument_group("draft tree (SGLang's flag names; --topk, --num-steps, --num-draft-tokens are aliases)")
     t.add_argument("--speculative-eagle-topk", "--topk", dest="topk", type=POSITIVE_INT, default=4, metavar="K",
                    help="children per expanded tree node (not sampling's --top-k)")
@@ -540,13 +595,14 @@ def _plain_stream(model, ids, max_new_tokens: int, eos, sampling: dict, generato
     static graph-replayed steps on CUDA (static=None). capacity: prompt + new tokens the static KV must hold."""
     import torch
 
-    from gdnspec.generate import prefill
+    from gdnspec.generate import check_finite, prefill
     from gdnspec.sampling import sample_next
 
     if max_new_tokens == 0:
         return
     stop = _stop_ids(eos)
     state, logits, _ = prefill(model, [ids])
+    check_finite(logits)
     if static is None:
         static = model.device.type == "cuda"
     if static:
@@ -671,7 +727,7 @@ class _Generation:
 
         from gdnspec.spec import SpeculativeEngine
 
-        self.args, self.model, self.ids = args, bundle.model, ids
+        self.args, self.bundle, self.model, self.ids = args, bundle, bundle.model, ids
         self.prompt = torch.tensor(ids, dtype=torch.long)
         self.eos = bundle.eos_token_id
         self.sampling = bundle.sampling_args(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
@@ -723,24 +779,46 @@ def _encode_prompt(bundle, text: str) -> list[int]:
     return ids
 
 
-def cmd_generate(args) -> int:
+def _prepare_generation(args) -> tuple[_Generation, int]:
+    """Check the flags, load the model and build the decoding runs (warmed up for --compare); -> (runs, threads)."""
     if args.compare and args.drafter == "none":
         raise UsageError("--compare: compares a speculative --drafter with plain decoding; --drafter none is plain "
                          "decoding already")
     config = _tree_config(args)  # every flag is checked before the model loads and before anything is printed
     bundle = _load_bundle(args)
+    _check_tree_fits(args, bundle.model)
     threads = _apply_threads(args, bundle.model)
     drafter = _drafter(bundle, args.drafter)
     ids = _encode_prompt(bundle, args.prompt)
     gen = _Generation(args, bundle, drafter, config, ids)
     if args.compare:
         gen.warm_up()
-    printer = _Printer(bundle.tokenizer, ids)
+    return gen, threads
+
+
+def _non_finite_error(args, error: FloatingPointError) -> UsageError:
+    """A model whose logits are NaN / inf (broken weights, or float16 overflow) as a --model / --dtype error."""
+    where = args.model or "the embedded default model"
+    return UsageError(f"--model: {where}: {error} (with --dtype {args.dtype}; try --dtype float32)")
+
+
+def cmd_generate(args) -> int:
+    try:
+        gen, threads = _prepare_generation(args)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt("before the first token (loading the model): nothing was generated") from None
+    except FloatingPointError as e:
+        raise _non_finite_error(args, e) from None
+    printer = _Printer(gen.bundle.tokenizer, gen.ids)
     printer.start()
-    timing = gen.run(gen.chosen(), printer)
+    try:
+        timing = gen.run(gen.chosen(), printer)
+    except FloatingPointError as e:
+        print()  # end the echoed prompt's line, so that the error stands on its own line
+        raise _non_finite_error(args, e) from None
     print()
     state = "--- interrupted: " if timing.interrupted else "--- "
-    print(f"{state}{_speed_report(timing, len(ids), args.max_new_tokens)} | "
+    print(f"{state}{_speed_report(timing, len(gen.ids), args.max_new_tokens)} | "
           f"{_accept_report(gen.engine, len(timing.tokens))} | {_sampling_report(gen.sampling, args, gen.from_model)} | "
           f"drafter {args.drafter} | {args.device}, {threads} "
           f"thread{'s' if threads > 1 else ''}", file=sys.stderr)
@@ -768,8 +846,9 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--temperature", type=NON_NEGATIVE_FLOAT, default=0.0, help="0 = greedy (outputs checked identical)")
     p.add_argument("--repeats", type=POSITIVE_INT, default=3,
                    help="timings per drafter x shape; the median speedup is reported with its min-max spread")
-    p.add_argument("--out", default="runs/eval", help="folder for <tag>.json and <tag>.png")
-    p.add_argument("--tag", default="eval", help="file name stem: writes <out>/<tag>.json and <out>/<tag>.png")
+    p.add_argument("--out", type=path_arg, default="runs/eval", help="folder for <tag>.json and <tag>.png")
+    p.add_argument("--tag", type=file_stem_arg, default="eval",
+                   help="file name stem: writes <out>/<tag>.json and <out>/<tag>.png")
 
 
 def _device_name(args) -> str:
@@ -836,8 +915,11 @@ def cmd_eval(args) -> int:
     shapes = SHAPES if args.shapes is None else {k: SHAPES[k] for k in args.shapes}
     prompts = heldout_prompts(bundle.tokenizer, num_prompts=args.num_prompts, prompt_tokens=args.prompt_tokens)
     print(_eval_intro(args, prompts, shapes), flush=True)
-    res = evaluate(bundle, prompts, drafters=args.drafters, shapes=shapes, max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature, repeats=args.repeats)
+    try:
+        res = evaluate(bundle, prompts, drafters=args.drafters, shapes=shapes, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, repeats=args.repeats)
+    except FloatingPointError as e:
+        raise _non_finite_error(args, e) from None
     dev = _device_name(args)
     res.update(device=dev, torch=torch.__version__, model=str(bundle.path), dtype=str(bundle.model.dtype),
                threads=torch.get_num_threads(), title=f"gdnspec eval on {dev}, T={args.temperature}")
@@ -846,8 +928,8 @@ def cmd_eval(args) -> int:
     _print_eval_table(res)
     print(f"wrote {json_path}" + (f" and {png_path}" if plotted else ""))
     if not plotted:
-        print(f"plot skipped: matplotlib is not installed (pip install 'gdnspec[plot]' or pip install matplotlib, then "
-              f"run again for {png_path})")
+        print(f"plot skipped: matplotlib is not installed (pip install matplotlib, or the plot extra: pip install "
+              f"'.[plot]' in the gdnspec source folder; then run again for {png_path})")
     return 0 if all(r["speedup"] is not None for r in res["rows"]) else 1
 
 
@@ -869,19 +951,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupted(message: str) -> int:
+    """Print why the command ended after Ctrl-C (a second Ctrl-C meanwhile is ignored) and return exit code 130."""
+    import signal
+    import threading
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
+    try:
+        print(f"\n{message}", file=sys.stderr)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
+    return 130
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """build_parser().parse_args, except that arguments no parser knows are reported by the subcommand's parser
+    (`gdnspec generate: error: unrecognized arguments: --tempreature (did you mean --temperature?)`)."""
+    import difflib
+
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+        flags = [o for a in sub._actions for o in a.option_strings]
+        hints = [f"{x} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(x.split("=")[0], flags, 1)) else x
+                 for x in extra]
+        sub.error(f"unrecognized arguments: {' '.join(hints)}")
+    return args
+
+
 def main(argv=None) -> int:
     """Parse argv and run the subcommand. User mistakes end with one `gdnspec <command>: error: ...` line and exit
     code 2 (argparse's own errors do the same); Ctrl-C ends with exit code 130 and no traceback."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except KeyboardInterrupt:  # argument checks import torch, which takes a moment
+        return _interrupted("gdnspec: interrupted")
     handler = {name: cmd for name, _, cmd in SUBCOMMANDS}[args.command]
     try:
         return handler(args) or 0
     except UsageError as e:
         print(f"gdnspec {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line
         return 2
-    except KeyboardInterrupt:
-        print(f"\ngdnspec {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        return _interrupted(f"gdnspec {args.command}: interrupted" + (f" {e}" if str(e) else ""))
     except BrokenPipeError:  # the reader of stdout went away (`gdnspec generate ... | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

@@ -318,3 +318,34 @@ def test_hf_config_null_field_or_no_model_type_names_the_file(hf_folder):
     (hf_folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"fla/config.json: config.json has no model_type"):
         load_hf(hf_folder)
+
+
+# ---------------------------------------------------------------------------------------------------- found later
+def test_weights_of_the_wrong_shape_name_the_file_and_tensor(native):
+    """A weights file of another config: torch's multi-line 'size mismatch' RuntimeError without the file."""
+    path = native / "target" / "model.safetensors"
+    sd = load_file(path)
+    sd["layers.0.mlp.up_proj.weight"] = sd["layers.0.mlp.up_proj.weight"][:5].clone()
+    save_file(sd, path)
+    with pytest.raises(CheckpointError, match=r"target/model.safetensors: tensors whose shape does not match "
+                                              r"config.json: layers.0.mlp.up_proj.weight \(5, 32\)"):
+        gdnspec.load(native)
+
+
+def test_hf_weights_of_the_wrong_shape_name_the_tensor(hf_folder):
+    sd = load_file(hf_folder / "model.safetensors")
+    sd["model.norm.weight"] = sd["model.norm.weight"][:3].clone()
+    save_file(sd, hf_folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"checkpoint .*fla: mismatched shapes: .*norm.weight: checkpoint \(3,\)"):
+        gdnspec.load(hf_folder)
+
+
+def test_tree_topk_larger_than_the_vocabulary(target):
+    """topk beyond the vocabulary failed deep inside the drafter ('selected index k out of range')."""
+    too_many = target.vocab_size + 1
+    with pytest.raises(ValueError, match=rf"topk \({too_many}, children per tree node\) is larger than the vocabulary"):
+        SpeculativeEngine(target, ModelDrafter(noisy_copy(target)), TreeConfig(topk=too_many))
+    with pytest.raises(ValueError, match=r"topk .* is larger than the draft model's vocabulary"):
+        GDNDraftWorker(noisy_copy(target), topk=too_many)
+    worker = GDNSpeculativeWorker(draft_model=noisy_copy(target), target_model=target, topk=target.vocab_size)
+    assert worker.generate([torch.tensor([1, 2, 3])], 3)[0].numel() == 6  # topk == vocab still works

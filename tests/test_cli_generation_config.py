@@ -10,9 +10,7 @@ import torch
 
 import gdnspec
 from gdnspec.cli import main
-from gdnspec.models.checkpoint import save_checkpoint
-
-from spec_helpers import tiny_model
+from spec_helpers import tiny_folder
 
 PROMPT = "w5 w9 w5 w9 w7"
 SAMPLING = {"do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.95}
@@ -25,24 +23,10 @@ def _keep_torch_threads():
     torch.set_num_threads(n)
 
 
-def tokenizer_with(vocab_size: int):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"[UNK]": 0, "<|endoftext|>": 1, "<|im_end|>": 2}
-    vocab.update({f"w{i}": i for i in range(3, vocab_size)})
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    return tk
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """A tiny gdnspec target folder (random weights, sharp distributions) whose generation_config.json samples."""
-    path = tmp_path_factory.mktemp("tiny") / "target"
-    model = tiny_model(seed=3, hybrid=True, init_scale=4.0)
-    save_checkpoint(model, path, tokenizer=tokenizer_with(model.vocab_size), dtype=torch.float32)
-    (path / "generation_config.json").write_text(json.dumps(SAMPLING))
-    return path
+    return tiny_folder(tmp_path_factory.mktemp("tiny") / "target", generation_config=SAMPLING)
 
 
 def run(folder, capsys, *flags, new_tokens=12):

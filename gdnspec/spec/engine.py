@@ -102,6 +102,9 @@ class SpeculativeEngine:
         dv = getattr(drafter, "vocab_size", None)
         if dv is not None and dv != target.vocab_size:
             raise ValueError(f"draft vocab_size ({dv}) differs from the target's ({target.vocab_size}): they must share a tokenizer")
+        if config.topk > target.vocab_size:
+            raise ValueError(f"topk ({config.topk}, children per tree node) is larger than the vocabulary "
+                             f"({target.vocab_size} tokens)")
         self.target, self.drafter, self.config = target, drafter, config
         self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
         self.trim_trees = trim_trees
