@@ -117,9 +117,25 @@ def threads_arg(text: str) -> int:
 
 
 def path_arg(text: str) -> str:
-    """argparse type: a non-empty path (an empty one would silently mean the current folder)."""
+    """argparse type: a folder to write (or read) that is not a file; not empty (that would mean the current folder)."""
     if not text.strip():
         raise argparse.ArgumentTypeError(f"expected a folder path, got {text!r}")
+    if Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{text} is a file (expected a folder)")
+    return text
+
+
+def existing_path_arg(text: str) -> str:
+    """argparse type: a file or folder that exists."""
+    if not text.strip() or not Path(text).exists():
+        raise argparse.ArgumentTypeError(f"{text!r} does not exist (expected a text file or a folder of them)")
+    return text
+
+
+def existing_file_arg(text: str) -> str:
+    """argparse type: a file that exists."""
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file (expected a tokenizer.json)")
     return text
 
 
@@ -223,7 +239,7 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
                    help="dataset folder (built from the stdlib when missing)")
     p.add_argument("--vocab-size", type=int_at_least(2), default=8192,
                    help="tokenizer vocabulary when the data folder is built")
-    p.add_argument("--extra", action="append", default=[], metavar="PATH",
+    p.add_argument("--extra", type=existing_path_arg, action="append", default=[], metavar="PATH",
                    help="extra text files/dirs for the corpus when the data folder is built (repeatable)")
     p.add_argument("--heldout-fraction", type=float_in(0.0, 1.0, high_open=True), default=0.05,
                    help="share of the files (by name hash) held out for evaluation")
@@ -266,6 +282,9 @@ def _make_config(args, vocab_size: int):
     """make_config(--preset, vocab_size, --set); a config it rejects is a --set usage error."""
     from gdnspec.train.train import make_config
 
+    if any(item.partition("=")[0].strip() == "vocab_size" for item in args.set):
+        raise UsageError("--set: vocab_size comes from the --data folder's tokenizer (give --vocab-size when the data "
+                         "folder is built)")
     try:
         return make_config(args.preset, vocab_size, args.set)
     except (ValueError, TypeError) as e:
@@ -293,18 +312,25 @@ def add_data_parser(subparsers) -> None:
     p = subparsers.add_parser("data", help="build the corpus, the BPE tokenizer and the token arrays")
     p.add_argument("--out", type=path_arg, required=True, help="dataset folder to write")
     p.add_argument("--vocab-size", type=int_at_least(2), default=8192, help="tokenizer vocabulary")
-    p.add_argument("--extra", action="append", default=[], metavar="PATH", help="extra text files/dirs (repeatable)")
+    p.add_argument("--extra", type=existing_path_arg, action="append", default=[], metavar="PATH",
+                   help="extra text files/dirs (repeatable)")
     p.add_argument("--no-stdlib", action="store_true", help="use only the --extra paths")
     p.add_argument("--heldout-fraction", type=float_in(0.0, 1.0, high_open=True), default=0.05,
                    help="share of the files (by name hash) held out for evaluation")
-    p.add_argument("--tokenizer", default=None, help="reuse this tokenizer.json instead of training one")
+    p.add_argument("--tokenizer", type=existing_file_arg, default=None,
+                   help="reuse this tokenizer.json instead of training one")
 
 
 def cmd_data(args) -> int:
     from gdnspec.train.data import build_dataset
 
-    build_dataset(args.out, vocab_size=args.vocab_size, heldout_fraction=args.heldout_fraction,
-                  include_stdlib=not args.no_stdlib, extra_paths=args.extra, tokenizer_path=args.tokenizer)
+    if args.no_stdlib and not args.extra:
+        raise UsageError("--no-stdlib: the corpus then comes from --extra PATH only; give at least one")
+    try:
+        build_dataset(args.out, vocab_size=args.vocab_size, heldout_fraction=args.heldout_fraction,
+                      include_stdlib=not args.no_stdlib, extra_paths=args.extra, tokenizer_path=args.tokenizer)
+    except ValueError as e:  # no documents in the --extra paths, a tokenizer that does not fit...
+        raise UsageError(f"--extra/--tokenizer: {e}") from None
     return 0
 
 
@@ -360,19 +386,36 @@ def add_distill_parser(subparsers) -> None:
     _add_train_options(p, steps=1000, lr=2e-3)
 
 
+def _drafter_config(args, target):
+    """The config of the drafter to distil (--kind, --preset, --set, --eagle-intermediate-size) for `target`; a
+    config it cannot make is a --set usage error."""
+    from gdnspec.models.eagle import eagle_config_for
+    from gdnspec.train.train import _parse_value
+
+    if args.kind == "model":
+        return _make_config(args, target.vocab_size)  # the --data folder's vocabulary is checked to match
+    overrides = dict(item.split("=", 1) for item in args.set)
+    try:
+        return eagle_config_for(target.config, intermediate_size=args.eagle_intermediate_size,
+                                **{k.strip(): _parse_value(v.strip()) for k, v in overrides.items()})
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"--set: {e}") from None
+
+
 def cmd_distill(args) -> int:
     import torch
 
     from gdnspec.models.checkpoint import load_checkpoint
-    from gdnspec.models.eagle import EagleHead, eagle_config_for
+    from gdnspec.models.eagle import EagleHead
     from gdnspec.models.lm import GDNForCausalLM
     from gdnspec.train.distill import distill_eagle, distill_model
-    from gdnspec.train.train import count_params, resolve_device, _parse_value
+    from gdnspec.train.train import count_params, resolve_device
 
     try:
         target, _ = load_checkpoint(args.target)
     except (OSError, ValueError, KeyError) as e:
         raise UsageError(f"--target: cannot load {args.target}: {e}") from None
+    config = _drafter_config(args, target)  # a bad --set fails now, not after the data folder is built
     data = _load_data(args)
     tgt_tok = Path(args.target) / "tokenizer.json"
     if tgt_tok.exists() and tgt_tok.read_text() != data.tokenizer_path.read_text():
@@ -385,16 +428,9 @@ def cmd_distill(args) -> int:
     torch.manual_seed(args.seed)
     extra = {"kind": args.kind, "target": str(args.target), "overrides": args.set, "command": " ".join(sys.argv)}
     if args.kind == "model":
-        config = _make_config(args, data.vocab_size)
         drafter = GDNForCausalLM(config)
         extra["preset"] = args.preset
     else:
-        overrides = dict(item.split("=", 1) for item in args.set)
-        try:
-            config = eagle_config_for(target.config, intermediate_size=args.eagle_intermediate_size,
-                                      **{k.strip(): _parse_value(v.strip()) for k, v in overrides.items()})
-        except (ValueError, TypeError) as e:
-            raise UsageError(f"--set: {e}") from None
         drafter = EagleHead(config)
         extra.update(unroll_steps=args.unroll_steps, reg_weight=args.reg_weight, step_decay=args.step_decay)
     print(f"[distill] {args.kind}: {count_params(drafter) / 1e6:.2f}M params (target {count_params(target) / 1e6:.2f}M)",

@@ -85,6 +85,37 @@ def test_bad_flag_values_found_by_a_new_user(argv, needles, capsys):
     assert_one_line_error(*run_main(argv, capsys), *needles)
 
 
+@pytest.mark.parametrize("argv,needles", [
+    # each of these ended in a traceback (FileNotFoundError, ValueError, FileExistsError)
+    (["data", "--out", "{tmp}/d", "--extra", "/nonexistent/x"], ["--extra", "'/nonexistent/x' does not exist"]),
+    (["data", "--out", "{tmp}/d", "--tokenizer", "/nonexistent.json"], ["--tokenizer", "is not a file"]),
+    (["data", "--out", "{tmp}/d", "--no-stdlib"], ["--no-stdlib", "--extra PATH"]),
+    (["data", "--out", "{tmp}/d", "--no-stdlib", "--extra", "{tmp}/empty"], ["--extra", "no documents found"]),
+    (["data", "--out", "{tmp}/file"], ["--out", "is a file (expected a folder)"]),
+    (["train", "--out", "{tmp}/t", "--data", "{tmp}/file"], ["--data", "is a file (expected a folder)"]),
+    (["train", "--out", "{tmp}/file"], ["--out", "is a file"]),
+    # the vocabulary comes from the data's tokenizer: overriding it crashed training with an IndexError
+    (["train", "--out", "{tmp}/t", "--data", "{tmp}/none", "--set", "vocab_size=5"], ["--set", "vocab_size comes from"]),
+])
+def test_data_and_training_mistakes(argv, needles, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "empty").mkdir()
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert_one_line_error(*run_main(argv, capsys), *needles)
+    assert not (tmp_path / "d").exists() and not (tmp_path / "none").exists()
+
+
+@pytest.mark.parametrize("kind, override, needle", [("eagle", "bogus=1", "unknown GDNConfig fields: ['bogus']"),
+                                                     ("model", "num_hidden_layers=0", "num_hidden_layers must be >= 1")])
+def test_distill_set_is_checked_before_the_data_folder_is_built(kind, override, needle, tmp_path, capsys):
+    """A bad --set for an EAGLE head was found only after the data folder had been built (minutes)."""
+    target = tiny_folder(tmp_path / "target")
+    argv = ["distill", "--kind", kind, "--target", str(target), "--data", str(tmp_path / "data"), "--out",
+            str(tmp_path / "out"), "--set", override]
+    assert_one_line_error(*run_main(argv, capsys), "--set", needle)
+    assert not (tmp_path / "data").exists()
+
+
 def test_eval_tag_error_comes_before_the_run(tmp_path, capsys):
     assert_one_line_error(*run_main(EVAL + ["--out", str(tmp_path), "--tag", "a/b"], capsys), "--tag")
     assert list(tmp_path.iterdir()) == []
