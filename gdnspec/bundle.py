@@ -81,6 +81,8 @@ class Bundle:
 def sampling_defaults(gc: dict) -> dict:
     """{temperature, top_k, top_p} that a generation_config dict asks for (see Bundle.sampling_args); top_k 0 and
     top_p 1.0 mean off (None). Values the entry points cannot take raise ValueError naming the field."""
+    if not isinstance(gc.get("do_sample", False), (bool, type(None))):
+        raise ValueError(f"do_sample must be true or false, got {gc['do_sample']!r}")
     if gc.get("do_sample") is not True:
         return {"temperature": 0.0, "top_k": None, "top_p": None}
     fields = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
@@ -111,7 +113,7 @@ def read_generation_config(folder: Path) -> dict:
     try:
         sampling_defaults(data)
     except ValueError as e:
-        raise ValueError(f"{path} (do_sample: true): {e} (top_k 0 and top_p 1.0 mean off)") from None
+        raise ValueError(f"{path}: {e} (sampling fields; top_k 0 and top_p 1.0 mean off)") from None
     return data
 
 

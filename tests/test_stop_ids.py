@@ -166,7 +166,8 @@ def test_sampling_defaults_follow_transformers():
                                          ('{"eos_token_id": "x"}', "eos_token_id"),
                                          ('{"do_sample": true, "top_p": "0.9"}', "top_p"),
                                          ('{"do_sample": true, "temperature": -1}', "temperature"),
-                                         ('{"do_sample": true, "top_k": true}', "top_k")])
+                                         ('{"do_sample": true, "top_k": true}', "top_k"),
+                                         ('{"do_sample": "true"}', "do_sample must be true or false")])
 def test_bad_generation_config_names_the_file(folder, text, match):
     (folder / "generation_config.json").write_text(text)
     with pytest.raises(ValueError, match=match) as e:
