@@ -552,12 +552,13 @@ def add_generate_parser(subparsers) -> None:
     s = p.add_argument_group("sampling (a flag left out takes the model's default: its generation_config.json's "
                              "value with do_sample true, else greedy decoding; the stats line shows what was used)")
     s.add_argument("--temperature", type=NON_NEGATIVE_FLOAT, default=None,
-                   help="0 = greedy (default: the model's, greedy without a generation_config.json)")
+                   help="0 = greedy (default: the model's; greedy unless its generation_config.json sets do_sample)")
     s.add_argument("--top-k", type=POSITIVE_INT, default=None,
-                   help="sample from the k most likely tokens (default: the model's, off without a "
-                        "generation_config.json)")
+                   help="sample from the k most likely tokens (default: the model's; off unless its "
+                        "generation_config.json sets do_sample)")
     s.add_argument("--top-p", type=float_in(0.0, 1.0, low_open=True), default=None,
-                   help="nucleus sampling mass in (0, 1] (default: the model's, off without a generation_config.json)")
+                   help="nucleus sampling mass in (0, 1] (default: the model's; off unless its generation_config.json "
+                        "sets do_sample)")
     s.add_argument("--seed", type=SEED, default=0, help="random seed for sampling")
     t = p.add_argument_group("draft tree (SGLang's flag names; --topk, --num-steps, --num-draft-tokens are aliases)")
     t.add_argument("--speculative-eagle-topk", "--topk", dest="topk", type=POSITIVE_INT, default=4, metavar="K",
@@ -842,7 +843,8 @@ def cmd_generate(args) -> int:
     try:
         gen, threads = _prepare_generation(args)
     except KeyboardInterrupt:
-        raise KeyboardInterrupt("before the first token (loading the model): nothing was generated") from None
+        raise KeyboardInterrupt("before the first token (while loading the model or warming up): nothing was "
+                                "generated") from None
     except FloatingPointError as e:
         raise _non_finite_error(args, e) from None
     printer = _Printer(gen.bundle.tokenizer, gen.ids)

@@ -129,6 +129,6 @@ def test_help_says_the_sampling_flags_default_to_the_models(capsys):
         pass
     flat = " ".join(capsys.readouterr().out.split())
     assert "a flag left out takes the model's default: its generation_config.json's value with do_sample true" in flat
-    for text in ["0 = greedy (default: the model's, greedy without a generation_config.json)",
-                 "(default: the model's, off without a generation_config.json)"]:
+    for text in ["0 = greedy (default: the model's; greedy unless its generation_config.json sets do_sample)",
+                 "(default: the model's; off unless its generation_config.json sets do_sample)"]:
         assert text in flat, text

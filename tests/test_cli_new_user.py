@@ -226,8 +226,8 @@ def test_interrupt_before_the_first_token_says_nothing_was_generated(capsys, mon
     monkeypatch.setattr(gdnspec, "load", interrupted_load)
     rc, out, err = run_main(GEN, capsys)
     assert rc == 130 and out == "" and "Traceback" not in err
-    assert err.strip() == "gdnspec generate: interrupted before the first token (loading the model): nothing was " \
-                          "generated"
+    assert err.strip() == "gdnspec generate: interrupted before the first token (while loading the model or warming " \
+                          "up): nothing was generated"
 
 
 def test_readme_python_example_runs_as_printed():
