@@ -839,6 +839,16 @@ def _non_finite_error(args, error: FloatingPointError) -> UsageError:
     return UsageError(f"--model: {where}: {error} (with --dtype {args.dtype}; try --dtype float32)")
 
 
+def _stats_line(gen: _Generation, timing: _Timing, threads: int) -> str:
+    """The statistics line after the streamed text (it ends with the thread count, which the README's measuring
+    command reads)."""
+    args = gen.args
+    state = "--- interrupted: " if timing.interrupted else "--- "
+    return (f"{state}{_speed_report(timing, len(gen.ids), args.max_new_tokens)} | "
+            f"{_accept_report(gen.engine, len(timing.tokens))} | {_sampling_report(gen.sampling, args, gen.from_model)} | "
+            f"drafter {args.drafter} | {args.device}, {threads} thread{'s' if threads > 1 else ''}")
+
+
 def cmd_generate(args) -> int:
     try:
         gen, threads = _prepare_generation(args)
@@ -855,11 +865,7 @@ def cmd_generate(args) -> int:
         print()  # end the echoed prompt's line, so that the error stands on its own line
         raise _non_finite_error(args, e) from None
     print()
-    state = "--- interrupted: " if timing.interrupted else "--- "
-    print(f"{state}{_speed_report(timing, len(gen.ids), args.max_new_tokens)} | "
-          f"{_accept_report(gen.engine, len(timing.tokens))} | {_sampling_report(gen.sampling, args, gen.from_model)} | "
-          f"drafter {args.drafter} | {args.device}, {threads} "
-          f"thread{'s' if threads > 1 else ''}", file=sys.stderr)
+    print(_stats_line(gen, timing, threads), file=sys.stderr)
     if timing.interrupted:
         return 130
     if args.compare:
