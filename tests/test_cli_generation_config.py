@@ -132,3 +132,23 @@ def test_help_says_the_sampling_flags_default_to_the_models(capsys):
     for text in ["0 = greedy (default: the model's; greedy unless its generation_config.json sets do_sample)",
                  "(default: the model's; off unless its generation_config.json sets do_sample)"]:
         assert text in flat, text
+
+
+@pytest.mark.parametrize("drafter", ["none", "ngram"])
+def test_generation_config_stop_list_ends_the_cli_output(folder, tmp_path, capsys, drafter):
+    """generation_config.json's eos_token_id list: the CLI stops at the first of them (it ran on past <|im_end|>)."""
+    bundle = gdnspec.load(folder)
+    ids = torch.tensor(bundle.tokenizer.encode(PROMPT).ids)
+    new = gdnspec.generate_autoregressive(bundle.model, ids[None], 12)[0, ids.numel():].tolist()
+    stop = new[3]
+    cut = new.index(stop) + 1
+    stops = tmp_path / "stops"
+    stops.mkdir()
+    for f in folder.iterdir():
+        (stops / f.name).write_bytes(f.read_bytes())
+    (stops / "generation_config.json").write_text(json.dumps({"eos_token_id": [stop, 1]}))
+    rc, out, err = run(stops, capsys, "--drafter", drafter)
+    assert rc == 0, err
+    assert out.rstrip("\n") == bundle.tokenizer.decode(ids.tolist() + new[:cut])
+    assert f"--- {cut} new token{'s' if cut > 1 else ''} (prompt {ids.numel()})" in stats_line(err)
+    assert "| greedy |" in stats_line(err)
