@@ -349,3 +349,21 @@ def test_tree_topk_larger_than_the_vocabulary(target):
         GDNDraftWorker(noisy_copy(target), topk=too_many)
     worker = GDNSpeculativeWorker(draft_model=noisy_copy(target), target_model=target, topk=target.vocab_size)
     assert worker.generate([torch.tensor([1, 2, 3])], 3)[0].numel() == 6  # topk == vocab still works
+
+
+def test_generator_that_is_not_a_generator(target):
+    """generator='x' failed inside torch.multinomial at the first sampled token."""
+    prompt = [torch.tensor([1, 2, 3])]
+    with pytest.raises(TypeError, match="generator must be None or a torch.Generator, got str"):
+        generate_autoregressive(target, prompt, 3, temperature=1.0, generator="x")
+    with pytest.raises(TypeError, match="generator must be None or a torch.Generator, got int"):
+        SpeculativeEngine(target, NGramDrafter(), TreeConfig(), temperature=1.0, generator=0)
+    with pytest.raises(TypeError, match="generator must be None or a torch.Generator"):
+        GDNSpeculativeWorker(target_model=target, drafter=NGramDrafter()).generate(prompt, 3, temperature=1.0,
+                                                                                    generator="x")
+
+
+@pytest.mark.parametrize("kw", [dict(topk=True), dict(num_steps=True), dict(num_draft_tokens=True), dict(topk=2.0)])
+def test_tree_config_counts_are_ints_not_bools(kw):
+    with pytest.raises(ValueError, match=rf"{next(iter(kw))} must be an int >= "):
+        TreeConfig(**kw)
