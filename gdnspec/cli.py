@@ -12,8 +12,10 @@ add a pair there to add a subcommand. `--help` shows every flag with its default
 User mistakes never end in a traceback: flag values are checked by argparse types (int_at_least, float_in,
 device_arg, model_dir_arg, name_list), and what can only be checked later (a drafter the model lacks, a tree the
 flags cannot build, a folder that does not load) raises UsageError; both end with ONE line, `gdnspec <command>:
-error: <flag>: <what is expected>`, and exit code 2. Ctrl-C ends with exit code 130 (generate first prints the text
-and statistics so far).
+error: <flag>: <what is expected>`, and exit code 2; arguments no parser knows are reported by the subcommand's
+parser, with the closest flag. Ctrl-C ends with exit code 130 at any moment (generate first prints the text and
+statistics so far): importing this module does not import torch (gdnspec's package imports lazily), so main() is
+running, and catching the interrupt, before the slow imports start.
 """
 from __future__ import annotations
 
