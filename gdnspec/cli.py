@@ -677,22 +677,33 @@ def _spec_stream(engine, ids, max_new_tokens: int, eos) -> Iterator[list[int]]:
 
 
 class _Printer:
-    """Streams new text to stdout as tokens arrive (decodes the whole tail each time: BPE merges across tokens)."""
+    """Streams new text to stdout as tokens arrive (decodes the whole tail each time: BPE merges across tokens).
+
+    A character whose bytes span several tokens (emoji, CJK, Cyrillic in byte-level BPE) decodes to U+FFFD until its
+    last byte arrives: trailing U+FFFD are held back until the text after them is known, or until finish()."""
 
     def __init__(self, tokenizer, ids: list[int]):
         self.tokenizer, self.ids = tokenizer, ids
         self.prompt_text = tokenizer.decode(ids)
         self.shown = 0
+        self.text = ""
 
     def start(self) -> None:
         sys.stdout.write(self.prompt_text)
         sys.stdout.flush()
 
     def __call__(self, tokens: list[int]) -> None:
-        text = self.tokenizer.decode(self.ids + tokens)[len(self.prompt_text):]
+        self.text = self.tokenizer.decode(self.ids + tokens)[len(self.prompt_text):]
+        self._write(self.text.rstrip("\ufffd"))
+
+    def finish(self) -> None:
+        """Write what was held back (a character the generation ended in the middle of shows as U+FFFD)."""
+        self._write(self.text)
+
+    def _write(self, text: str) -> None:
         sys.stdout.write(text[self.shown:])
         sys.stdout.flush()
-        self.shown = len(text)
+        self.shown = max(self.shown, len(text))
 
 
 def _fmt(value: float | None, fmt: str, unit: str = "") -> str:
@@ -866,6 +877,7 @@ def cmd_generate(args) -> int:
     except FloatingPointError as e:
         print()  # end the echoed prompt's line, so that the error stands on its own line
         raise _non_finite_error(args, e) from None
+    printer.finish()
     print()
     print(_stats_line(gen, timing, threads), file=sys.stderr)
     if timing.interrupted:

@@ -240,3 +240,36 @@ def test_readme_python_example_runs_as_printed():
     assert res.returncode == 0, res.stderr
     last = res.stdout.strip().splitlines()[-1]
     assert last.startswith("tokens per target forward: ") and float(last.split(": ")[1]) >= 1, last
+
+
+# ------------------------------------------------------------------------------------------ streamed text
+@pytest.mark.parametrize("text", ["🙂 ok 日本語 é", "Привет", "a\ufffdb"])
+def test_characters_split_across_tokens_stream_intact(text, capsys, monkeypatch):
+    """Byte-level BPE splits emoji / CJK / Cyrillic over several tokens: the stream printed U+FFFD for each partial
+    character and then lost the real one ('x = � ok ��� �')."""
+    import gdnspec
+    from gdnspec import cli
+
+    tok = gdnspec.load().tokenizer
+    new = tok.encode(text).ids
+    assert len(new) > len(text.split())  # some character spans several tokens
+
+    def scripted(self):
+        return iter([new[:k] for k in range(1, len(new) + 1)])
+
+    monkeypatch.setattr(cli._Generation, "chosen", scripted)
+    rc, out, err = run_main(["generate", "--prompt", "x = ", "--max-new-tokens", str(len(new)), "--drafter", "none"],
+                            capsys)
+    assert rc == 0, err
+    assert out == tok.decode(tok.encode("x = ").ids + new) + "\n"
+
+
+def test_a_character_cut_by_the_end_of_generation_is_still_shown(capsys, monkeypatch):
+    import gdnspec
+    from gdnspec import cli
+
+    tok = gdnspec.load().tokenizer
+    new = tok.encode("ok 🙂").ids[:-1]  # the emoji's last byte never comes
+    monkeypatch.setattr(cli._Generation, "chosen", lambda self: iter([new[:k] for k in range(1, len(new) + 1)]))
+    rc, out, _ = run_main(["generate", "--prompt", "x = ", "--max-new-tokens", "9", "--drafter", "none"], capsys)
+    assert rc == 0 and out == tok.decode(tok.encode("x = ").ids + new) + "\n" and out.rstrip("\n").endswith("\ufffd")
