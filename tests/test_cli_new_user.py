@@ -190,7 +190,7 @@ def test_lazy_package_attributes():
         gdnspec.bogus  # noqa: B018
 
 
-@pytest.mark.parametrize("first_signal_s", [0.4, 1.2])
+@pytest.mark.parametrize("first_signal_s", [0.8, 1.6])
 def test_ctrl_c_while_starting_ends_cleanly(first_signal_s):
     """Ctrl-C while torch is imported or the model loads gave a KeyboardInterrupt traceback (the package imported
     torch before main() could catch it). SIGINT is repeated every second until the process ends (torch's own import
