@@ -504,7 +504,8 @@ def _drafter(bundle, name: str, flag: str = "--drafter"):
         return None
     if name not in bundle.drafters:
         names = sorted(bundle.drafters) + (["none"] if flag == "--drafter" else [])
-        raise UsageError(f"{flag}: {name!r} is not available for this model; choose from {', '.join(names)}")
+        why = f" ({bundle.skipped[name]})" if name in getattr(bundle, "skipped", {}) else ""
+        raise UsageError(f"{flag}: {name!r} is not available for this model{why}; choose from {', '.join(names)}")
     return bundle.drafters[name]
 
 

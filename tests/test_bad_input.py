@@ -367,3 +367,34 @@ def test_generator_that_is_not_a_generator(target):
 def test_tree_config_counts_are_ints_not_bools(kw):
     with pytest.raises(ValueError, match=rf"{next(iter(kw))} must be an int >= "):
         TreeConfig(**kw)
+
+
+@pytest.fixture
+def layout(tmp_path):
+    """target/ (hidden 32), draft/ (hidden 48, same vocabulary) and eagle/ (for the target) side by side."""
+    from gdnspec.models.eagle import EagleHead, eagle_config_for
+
+    target = tiny_model(seed=1, dtype=torch.float32)
+    save_checkpoint(target, tmp_path / "target")
+    save_checkpoint(tiny_model(seed=2, dtype=torch.float32, hidden=48), tmp_path / "draft")
+    save_checkpoint(EagleHead(eagle_config_for(target.config, intermediate_size=40)), tmp_path / "eagle")
+    return tmp_path
+
+
+def test_a_drafter_folder_loaded_as_the_target(layout):
+    """--model .../draft: the sibling EAGLE head (the real target's) made the whole load fail ('EAGLE head hidden
+    size 32 != target hidden size 48'); it is left out, with the reason, and the draft model runs on its own."""
+    assert set(gdnspec.load(layout).drafters) == {"ngram", "model", "eagle"}
+    bundle = gdnspec.load(layout / "draft")
+    assert set(bundle.drafters) == {"ngram"} and bundle.model.config.hidden_size == 48
+    assert "eagle/ does not fit" not in bundle.skipped["eagle"]
+    assert bundle.skipped["eagle"].endswith("does not fit this model: its hidden size (32) differs from the target's (48)")
+    with pytest.raises(CheckpointError, match=r"eagle holds an EAGLE head \(a drafter\), not a language model"):
+        gdnspec.load(layout / "eagle")
+
+
+def test_a_child_drafter_that_does_not_fit_names_its_folder(layout):
+    shutil.move(str(layout / "eagle"), str(layout / "draft" / "eagle"))
+    with pytest.raises(CheckpointError, match=r"the EAGLE head in .*draft/eagle does not fit the target in .*draft: "
+                                              r"its hidden size \(32\) differs"):
+        gdnspec.load(layout / "draft")

@@ -172,6 +172,20 @@ def test_weights_of_the_wrong_shape_are_a_one_line_model_error(tmp_path, capsys)
                           "config.json", "embed_tokens.weight (48, 48) (the config makes (48, 32))")
 
 
+def test_the_shipped_draft_model_runs_as_a_model_of_its_own(capsys):
+    """--model .../default/draft failed to load (its sibling EAGLE head belongs to the target); .../default/eagle was
+    reported as an 'unsupported model_type' of Hugging Face folders."""
+    from gdnspec.models.checkpoint import DEFAULT_DIR
+
+    rc, out, err = run_main(GEN + ["--model", str(DEFAULT_DIR / "draft")], capsys)
+    assert rc == 0 and "drafter ngram" in err, err
+    rc, out, err = run_main(GEN + ["--model", str(DEFAULT_DIR / "draft"), "--drafter", "eagle"], capsys)
+    assert_one_line_error(rc, out, err, "--drafter", "'eagle' is not available for this model", "does not fit this "
+                          "model: its hidden size (384) differs from the target's (256)", "choose from ngram, none")
+    rc, out, err = run_main(GEN + ["--model", str(DEFAULT_DIR / "eagle")], capsys)
+    assert_one_line_error(rc, out, err, "--model", "holds an EAGLE head (a drafter), not a language model")
+
+
 # ------------------------------------------------------------------------------------------ Ctrl-C at any moment
 def test_importing_the_cli_does_not_import_torch():
     """So that flags are parsed and Ctrl-C is handled before the slow imports (torch takes a second or more)."""
