@@ -197,7 +197,8 @@ def _load_drafter_model(folder: Path, role: str, dtype, device):
 def _misfit(name: str, drafter_model, target) -> str | None:
     """Why a drafter model cannot draft for `target` (None when it can): vocabulary, and an EAGLE head's hidden size."""
     if drafter_model.config.vocab_size != target.config.vocab_size:
-        return f"its vocabulary ({drafter_model.config.vocab_size}) differs from the target's ({target.config.vocab_size})"
+        return (f"its vocabulary ({drafter_model.config.vocab_size}) differs from the target's "
+                f"({target.config.vocab_size})")
     if name == "eagle" and drafter_model.config.hidden_size != target.config.hidden_size:
         return (f"its hidden size ({drafter_model.config.hidden_size}) differs from the target's "
                 f"({target.config.hidden_size})")
@@ -245,7 +246,8 @@ def load(path: str | Path | None = None, *, dtype: torch.dtype | str | None = No
     mt = _model_type(target_dir)
     if mt == "gdnspec":
         model, tok = load_checkpoint(target_dir, dtype=dtype, device=device)
-        drafters, skipped = _gdnspec_drafters(model, target_dir, {"model": draft_dir, "eagle": eagle_dir}, dtype, device)
+        folders = {"model": draft_dir, "eagle": eagle_dir}
+        drafters, skipped = _gdnspec_drafters(model, target_dir, folders, dtype, device)
         return Bundle(model, tok, drafters, target_dir, read_generation_config(target_dir), skipped)
     if mt == "gdnspec_eagle":
         from gdnspec.models.hf import CheckpointError
