@@ -387,7 +387,6 @@ def test_a_drafter_folder_loaded_as_the_target(layout):
     assert set(gdnspec.load(layout).drafters) == {"ngram", "model", "eagle"}
     bundle = gdnspec.load(layout / "draft")
     assert set(bundle.drafters) == {"ngram"} and bundle.model.config.hidden_size == 48
-    assert "eagle/ does not fit" not in bundle.skipped["eagle"]
     assert bundle.skipped["eagle"].endswith("does not fit this model: its hidden size (32) differs from the "
                                             "target's (48)")
     with pytest.raises(CheckpointError, match=r"eagle holds an EAGLE head \(a drafter\), not a language model"):
