@@ -896,7 +896,9 @@ def add_eval_parser(subparsers) -> None:
     from_shapes = lambda: list(__import__("gdnspec.evaluate", fromlist=["SHAPES"]).SHAPES)  # noqa: E731 (lazy)
     p = subparsers.add_parser("eval", help="drafters x tree shapes on held-out files: tokens/forward and speedup")
     _add_model_options(p, cuda_dtype="float32")  # outputs are compared token for token: bf16 near-ties can flip
-    p.add_argument("--drafters", type=name_list(DRAFTERS), default="ngram,model,eagle", help="comma list of drafters")
+    p.add_argument("--drafters", type=name_list(DRAFTERS), default=None,
+                   help="comma list of drafters (default: every drafter the model has, e.g. ngram,model,eagle for the "
+                        "embedded model, ngram,mtp for a Hugging Face folder with MTP weights)")
     p.add_argument("--shapes", type=name_list(from_shapes), default=None,
                    help="comma list of tree shapes: chain-4, chain-6, tree-2x5, tree-4x5, tree-8x6 (default: all)")
     p.add_argument("--num-prompts", type=POSITIVE_INT, default=6, help="held-out files used as prompts")
@@ -967,6 +969,8 @@ def cmd_eval(args) -> int:
     json_path, png_path = _eval_paths(args)
     bundle = _load_bundle(args)
     _apply_threads(args, bundle.model)
+    if args.drafters is None:  # every drafter this model has
+        args.drafters = [name for name in ("ngram", "model", "eagle", "mtp") if name in bundle.drafters]
     for name in args.drafters:
         _drafter(bundle, name, "--drafters")
     if bundle.tokenizer is None:

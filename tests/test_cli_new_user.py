@@ -116,6 +116,17 @@ def test_distill_set_is_checked_before_the_data_folder_is_built(kind, override, 
     assert not (tmp_path / "data").exists()
 
 
+def test_eval_defaults_to_the_drafters_the_model_has(tmp_path, capsys):
+    """The default --drafters was 'ngram,model,eagle': eval on a folder without a draft model (any Hugging Face
+    checkpoint) ended in a usage error unless --drafters was given."""
+    folder = tiny_folder(tmp_path / "target")
+    rc, out, err = run_main(["eval", "--model", str(folder), *EVAL[1:7], "--shapes", "chain-4", "--repeats", "1",
+                             "--out", str(tmp_path / "out")], capsys)
+    assert rc == 0, err
+    rows = json.loads((tmp_path / "out" / "eval.json").read_text())["rows"]
+    assert [r["drafter"] for r in rows] == ["ngram"] and "1 drafter(s) x 1 tree shape(s)" in out
+
+
 def test_eval_tag_error_comes_before_the_run(tmp_path, capsys):
     assert_one_line_error(*run_main(EVAL + ["--out", str(tmp_path), "--tag", "a/b"], capsys), "--tag")
     assert list(tmp_path.iterdir()) == []
