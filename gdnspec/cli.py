@@ -1051,7 +1051,7 @@ def main(argv=None) -> int:
     try:
         args = parse_args(argv)
     except KeyboardInterrupt:  # argument checks import torch, which takes a moment
-        return _interrupted("gdnspec: interrupted")
+        return _interrupted("gdnspec: interrupted while starting: nothing ran")
     handler = {name: cmd for name, _, cmd in SUBCOMMANDS}[args.command]
     try:
         return handler(args) or 0
