@@ -6,21 +6,40 @@ Public API (see README.md):
     decoding generate_autoregressive (plain), GDNSpeculativeWorker / SpeculativeEngine (speculative)
     drafting GDNDraftWorker, ModelDrafter, NGramDrafter, DraftTree, TreeConfig; verification GDNVerifyWorker
 """
-from gdnspec.bundle import Bundle, load
-from gdnspec.cache import GDNLayerState, KVCache, ModelState
-from gdnspec.generate import generate_autoregressive
-from gdnspec.layers import GatedAttention, Qwen3GatedDeltaNet, TokenLayout
-from gdnspec.models import GDNConfig, GDNForCausalLM, SimpleLMWithGDN
-from gdnspec.spec import (
-    DraftTree,
-    GDNDraftWorker,
-    GDNSpeculativeWorker,
-    GDNVerifyWorker,
-    ModelDrafter,
-    NGramDrafter,
-    SpeculativeEngine,
-    TreeConfig,
-)
+import importlib
+import importlib.util
+
+# public name -> the module that defines it; imported on first use (PEP 562), so that `gdnspec` and the command line
+# (`gdnspec ...`, `python -m gdnspec`) start without importing torch: the CLI checks its flags, and handles Ctrl-C,
+# before the heavy imports
+_EXPORTS = {
+    "Bundle": "gdnspec.bundle", "load": "gdnspec.bundle",
+    "GDNLayerState": "gdnspec.cache", "KVCache": "gdnspec.cache", "ModelState": "gdnspec.cache",
+    "generate_autoregressive": "gdnspec.generate",
+    "GatedAttention": "gdnspec.layers", "Qwen3GatedDeltaNet": "gdnspec.layers", "TokenLayout": "gdnspec.layers",
+    "GDNConfig": "gdnspec.models", "GDNForCausalLM": "gdnspec.models", "SimpleLMWithGDN": "gdnspec.models",
+    **{name: "gdnspec.spec" for name in ("DraftTree", "GDNDraftWorker", "GDNSpeculativeWorker", "GDNVerifyWorker",
+                                         "ModelDrafter", "NGramDrafter", "SpeculativeEngine", "TreeConfig")},
+}
+
+
+def __getattr__(name: str):
+    """gdnspec.<public name> or gdnspec.<submodule> (as after the eager imports this package once made): imports
+    its module on first use."""
+    module = _EXPORTS.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(module), name)
+    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module 'gdnspec' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __version__ = "0.1.0"
 

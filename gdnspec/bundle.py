@@ -31,13 +31,15 @@ from gdnspec.spec.drafters import EagleDrafter, ModelDrafter, NGramDrafter
 @dataclass
 class Bundle:
     """A loaded model: `model`, `tokenizer` (tokenizers.Tokenizer or None), `drafters` by name, `path` (the target
-    folder) and `generation_config` (the folder's generation_config.json as a dict, {} without one)."""
+    folder), `generation_config` (the folder's generation_config.json as a dict, {} without one) and `skipped`
+    (drafter name -> why a sibling drafter folder was left out: it belongs to another target of the layout)."""
 
     model: torch.nn.Module
     tokenizer: object | None
     drafters: dict = field(default_factory=dict)
     path: Path | None = None
     generation_config: dict = field(default_factory=dict)
+    skipped: dict = field(default_factory=dict)
 
     @property
     def eos_token_id(self) -> int | list[int] | None:
@@ -71,18 +73,30 @@ class Bundle:
 
         As transformers: without `do_sample: true` the default is greedy (temperature 0); with it, fields the file
         leaves out take transformers' defaults (temperature 1.0, top_k 50, top_p 1.0 = off)."""
-        gc = self.generation_config
-        sampling = gc.get("do_sample") is True
-        defaults = {"temperature": float(gc.get("temperature") or 1.0), "top_k": gc.get("top_k", 50),
-                    "top_p": gc.get("top_p", 1.0)} if sampling else {"temperature": 0.0, "top_k": None, "top_p": None}
-        if defaults["top_k"] in (0, None):
-            defaults["top_k"] = None
-        if defaults["top_p"] is not None and defaults["top_p"] >= 1.0:
-            defaults["top_p"] = None
+        defaults = sampling_defaults(self.generation_config)
         given = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
         out = {k: defaults[k] if v is None else v for k, v in given.items()}
         check_sampling_args(out["temperature"], out["top_k"], out["top_p"])
         return out
+
+
+def sampling_defaults(gc: dict) -> dict:
+    """{temperature, top_k, top_p} that a generation_config dict asks for (see Bundle.sampling_args); top_k 0 and
+    top_p 1.0 mean off (None). Values the entry points cannot take raise ValueError naming the field."""
+    if not isinstance(gc.get("do_sample", False), (bool, type(None))):
+        raise ValueError(f"do_sample must be true or false, got {gc['do_sample']!r}")
+    if gc.get("do_sample") is not True:
+        return {"temperature": 0.0, "top_k": None, "top_p": None}
+    fields = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
+    out = {k: default if gc.get(k) is None else gc[k] for k, default in fields.items()}
+    if out["top_k"] == 0 and not isinstance(out["top_k"], bool):
+        out["top_k"] = None
+    if isinstance(out["top_p"], (int, float)) and not isinstance(out["top_p"], bool) and out["top_p"] == 1.0:
+        out["top_p"] = None
+    if isinstance(out["temperature"], int) and not isinstance(out["temperature"], bool):
+        out["temperature"] = float(out["temperature"])
+    check_sampling_args(out["temperature"], out["top_k"], out["top_p"])
+    return out
 
 
 def read_generation_config(folder: Path) -> dict:
@@ -98,6 +112,10 @@ def read_generation_config(folder: Path) -> dict:
         raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
     if data.get("eos_token_id") is not None:
         stop_ids(data["eos_token_id"], name=f"eos_token_id in {path}")
+    try:
+        sampling_defaults(data)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e} (sampling fields; top_k 0 and top_p 1.0 mean off)") from None
     return data
 
 
@@ -176,6 +194,40 @@ def _load_drafter_model(folder: Path, role: str, dtype, device):
         raise CheckpointError(f"the {role} checkpoint in {folder} could not be loaded: {e}") from e
 
 
+def _misfit(name: str, drafter_model, target) -> str | None:
+    """Why a drafter model cannot draft for `target` (None when it can): vocabulary, and an EAGLE head's hidden size."""
+    if drafter_model.config.vocab_size != target.config.vocab_size:
+        return (f"its vocabulary ({drafter_model.config.vocab_size}) differs from the target's "
+                f"({target.config.vocab_size})")
+    if name == "eagle" and drafter_model.config.hidden_size != target.config.hidden_size:
+        return (f"its hidden size ({drafter_model.config.hidden_size}) differs from the target's "
+                f"({target.config.hidden_size})")
+    return None
+
+
+def _gdnspec_drafters(model, target_dir: Path, folders: dict, dtype, device) -> tuple[dict, dict]:
+    """(drafters, skipped) for a gdnspec target: "ngram", plus "model" / "eagle" from their folders. A drafter that does
+    not fit the target is skipped (with the reason) when its folder is a sibling of the target's (it belongs to another
+    model of the layout, e.g. the draft model loaded as the target), and an error naming the folder when it is the
+    target's own child folder."""
+    from gdnspec.models.hf import CheckpointError
+
+    drafters, skipped = {"ngram": NGramDrafter()}, {}
+    roles = {"model": "draft model", "eagle": "EAGLE head"}
+    for name, folder in folders.items():
+        if folder is None:
+            continue
+        drafter_model = _load_drafter_model(folder, roles[name], dtype, device)
+        why = _misfit(name, drafter_model, model)
+        if why is not None and folder.parent != target_dir:
+            skipped[name] = f"the {roles[name]} in {folder} does not fit this model: {why}"
+        elif why is not None:
+            raise CheckpointError(f"the {roles[name]} in {folder} does not fit the target in {target_dir}: {why}")
+        else:
+            drafters[name] = ModelDrafter(drafter_model) if name == "model" else EagleDrafter(drafter_model, model)
+    return drafters, skipped
+
+
 def load(path: str | Path | None = None, *, dtype: torch.dtype | str | None = None, device=None) -> Bundle:
     """Load a bundle (see the module docstring). dtype None: float32 for gdnspec folders, the checkpoint's own for HF
     (a torch dtype or its name, e.g. "bfloat16"). device: "cpu", "cuda", "cuda:1", ... (default CPU)."""
@@ -194,12 +246,14 @@ def load(path: str | Path | None = None, *, dtype: torch.dtype | str | None = No
     mt = _model_type(target_dir)
     if mt == "gdnspec":
         model, tok = load_checkpoint(target_dir, dtype=dtype, device=device)
-        drafters = {"ngram": NGramDrafter()}
-        if draft_dir is not None:
-            drafters["model"] = ModelDrafter(_load_drafter_model(draft_dir, "draft model", dtype, device))
-        if eagle_dir is not None:
-            drafters["eagle"] = EagleDrafter(_load_drafter_model(eagle_dir, "EAGLE head", dtype, device), model)
-        return Bundle(model, tok, drafters, target_dir, read_generation_config(target_dir))
+        folders = {"model": draft_dir, "eagle": eagle_dir}
+        drafters, skipped = _gdnspec_drafters(model, target_dir, folders, dtype, device)
+        return Bundle(model, tok, drafters, target_dir, read_generation_config(target_dir), skipped)
+    if mt == "gdnspec_eagle":
+        from gdnspec.models.hf import CheckpointError
+
+        raise CheckpointError(f"{target_dir} holds an EAGLE head (a drafter), not a language model: load the folder of "
+                              f"its target (the layout's target/ folder, or the one holding this eagle/ folder)")
     from gdnspec.models.hf import load_hf
 
     model, tok, mtp = load_hf(target_dir, dtype=dtype, device=device)

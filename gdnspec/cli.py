@@ -12,8 +12,10 @@ add a pair there to add a subcommand. `--help` shows every flag with its default
 User mistakes never end in a traceback: flag values are checked by argparse types (int_at_least, float_in,
 device_arg, model_dir_arg, name_list), and what can only be checked later (a drafter the model lacks, a tree the
 flags cannot build, a folder that does not load) raises UsageError; both end with ONE line, `gdnspec <command>:
-error: <flag>: <what is expected>`, and exit code 2. Ctrl-C ends with exit code 130 (generate first prints the text
-and statistics so far).
+error: <flag>: <what is expected>`, and exit code 2; arguments no parser knows are reported by the subcommand's
+parser, with the closest flag. Ctrl-C ends with exit code 130 at any moment (generate first prints the text and
+statistics so far): importing this module does not import torch (gdnspec's package imports lazily), so main() is
+running, and catching the interrupt, before the slow imports start.
 """
 from __future__ import annotations
 
@@ -93,6 +95,60 @@ def float_in(low: float, high: float = math.inf, *, low_open: bool = False, high
     return parse
 
 
+def int_in(low: int, high: int, what: str | None = None):
+    """argparse type: an integer in [low, high] (`what` describes the range in the error)."""
+    what = what or f"an integer from {low} to {high}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+def threads_arg(text: str) -> int:
+    """argparse type: a thread count from 1 to the number of CPUs (torch crashes on absurd counts)."""
+    cpus = os.cpu_count() or 1
+    return int_in(1, cpus, f"an integer from 1 to {cpus} (the CPUs of this machine)")(text)
+
+
+def path_arg(text: str) -> str:
+    """argparse type: a folder to write (or read) that is not a file; not empty (that would mean the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a folder path, got {text!r}")
+    if Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{text} is a file (expected a folder)")
+    return text
+
+
+def existing_path_arg(text: str) -> str:
+    """argparse type: a file or folder that exists."""
+    if not text.strip() or not Path(text).exists():
+        raise argparse.ArgumentTypeError(f"{text!r} does not exist (expected a text file or a folder of them)")
+    return text
+
+
+def existing_file_arg(text: str) -> str:
+    """argparse type: a file that exists."""
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file (expected a tokenizer.json)")
+    return text
+
+
+def file_stem_arg(text: str) -> str:
+    """argparse type: a file name without its extension and without folders (eval's --tag)."""
+    if not text.strip() or text in (".", "..") or "/" in text or os.sep in text or text.startswith("."):
+        raise argparse.ArgumentTypeError(f"expected a file name such as eval_cpu (no folders, not hidden), got "
+                                         f"{text!r}; the folder is --out")
+    return text
+
+
 def device_arg(text: str) -> str:
     """argparse type: cpu, cuda or cuda:N, and CUDA only where it is available."""
     import torch
@@ -115,6 +171,9 @@ def device_arg(text: str) -> str:
 
 def model_dir_arg(text: str) -> str:
     """argparse type: an existing model folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a model folder, got {text!r} (leave --model out for the embedded "
+                                         f"default model)")
     path = Path(text)
     if not path.exists():
         raise argparse.ArgumentTypeError(f"{text} does not exist (expected a model folder)")
@@ -173,14 +232,16 @@ POSITIVE_INT = int_at_least(1)
 NON_NEGATIVE_INT = int_at_least(0)
 POSITIVE_FLOAT = float_in(0.0, low_open=True)
 NON_NEGATIVE_FLOAT = float_in(0.0)
+SEED = int_in(-(2 ** 63), 2 ** 64 - 1, "an integer from -2**63 to 2**64 - 1")
 
 
 # ---------------------------------------------------------------------------------------------- shared options
 def _add_data_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="runs/data", help="dataset folder (built from the stdlib when missing)")
+    p.add_argument("--data", type=path_arg, default="runs/data",
+                   help="dataset folder (built from the stdlib when missing)")
     p.add_argument("--vocab-size", type=int_at_least(2), default=8192,
                    help="tokenizer vocabulary when the data folder is built")
-    p.add_argument("--extra", action="append", default=[], metavar="PATH",
+    p.add_argument("--extra", type=existing_path_arg, action="append", default=[], metavar="PATH",
                    help="extra text files/dirs for the corpus when the data folder is built (repeatable)")
     p.add_argument("--heldout-fraction", type=float_in(0.0, 1.0, high_open=True), default=0.05,
                    help="share of the files (by name hash) held out for evaluation")
@@ -202,7 +263,7 @@ def _add_train_options(p: argparse.ArgumentParser, *, steps: int, lr: float, bat
                    help="steps between held-out evals (best one is kept); 0 = at the end only")
     g.add_argument("--eval-tokens", type=POSITIVE_INT, default=200_000, help="held-out tokens per eval")
     g.add_argument("--log-every", type=POSITIVE_INT, default=10, help="steps between log lines")
-    g.add_argument("--seed", type=int, default=0, help="random seed")
+    g.add_argument("--seed", type=SEED, default=0, help="random seed")
     g.add_argument("--device", type=train_device_arg, default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
     g.add_argument("--autocast", default="auto", choices=["auto", "bf16", "none"], help="auto = bf16 on CUDA only")
     g.add_argument("--save-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
@@ -223,6 +284,9 @@ def _make_config(args, vocab_size: int):
     """make_config(--preset, vocab_size, --set); a config it rejects is a --set usage error."""
     from gdnspec.train.train import make_config
 
+    if any(item.partition("=")[0].strip() == "vocab_size" for item in args.set):
+        raise UsageError("--set: vocab_size comes from the --data folder's tokenizer (give --vocab-size when the data "
+                         "folder is built)")
     try:
         return make_config(args.preset, vocab_size, args.set)
     except (ValueError, TypeError) as e:
@@ -248,20 +312,27 @@ def _finish(summary: dict, out: str) -> int:
 # ---------------------------------------------------------------------------------------------- data
 def add_data_parser(subparsers) -> None:
     p = subparsers.add_parser("data", help="build the corpus, the BPE tokenizer and the token arrays")
-    p.add_argument("--out", required=True, help="dataset folder to write")
+    p.add_argument("--out", type=path_arg, required=True, help="dataset folder to write")
     p.add_argument("--vocab-size", type=int_at_least(2), default=8192, help="tokenizer vocabulary")
-    p.add_argument("--extra", action="append", default=[], metavar="PATH", help="extra text files/dirs (repeatable)")
+    p.add_argument("--extra", type=existing_path_arg, action="append", default=[], metavar="PATH",
+                   help="extra text files/dirs (repeatable)")
     p.add_argument("--no-stdlib", action="store_true", help="use only the --extra paths")
     p.add_argument("--heldout-fraction", type=float_in(0.0, 1.0, high_open=True), default=0.05,
                    help="share of the files (by name hash) held out for evaluation")
-    p.add_argument("--tokenizer", default=None, help="reuse this tokenizer.json instead of training one")
+    p.add_argument("--tokenizer", type=existing_file_arg, default=None,
+                   help="reuse this tokenizer.json instead of training one")
 
 
 def cmd_data(args) -> int:
     from gdnspec.train.data import build_dataset
 
-    build_dataset(args.out, vocab_size=args.vocab_size, heldout_fraction=args.heldout_fraction,
-                  include_stdlib=not args.no_stdlib, extra_paths=args.extra, tokenizer_path=args.tokenizer)
+    if args.no_stdlib and not args.extra:
+        raise UsageError("--no-stdlib: the corpus then comes from --extra PATH only; give at least one")
+    try:
+        build_dataset(args.out, vocab_size=args.vocab_size, heldout_fraction=args.heldout_fraction,
+                      include_stdlib=not args.no_stdlib, extra_paths=args.extra, tokenizer_path=args.tokenizer)
+    except ValueError as e:  # no documents in the --extra paths, a tokenizer that does not fit...
+        raise UsageError(f"--extra/--tokenizer: {e}") from None
     return 0
 
 
@@ -273,7 +344,8 @@ def add_train_parser(subparsers) -> None:
                    help="config preset (tiny, default-target, default-draft, ...)")
     p.add_argument("--set", type=key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="GDNConfig override (repeatable)")
-    p.add_argument("--out", required=True, help="checkpoint folder (the best held-out checkpoint is written there)")
+    p.add_argument("--out", type=path_arg, required=True,
+                   help="checkpoint folder (the best held-out checkpoint is written there)")
     _add_train_options(p, steps=2000, lr=1.5e-3)
 
 
@@ -302,7 +374,7 @@ def add_distill_parser(subparsers) -> None:
     p.add_argument("--kind", required=True, choices=["model", "eagle"])
     p.add_argument("--target", type=model_dir_arg, required=True, help="target checkpoint folder")
     _add_data_options(p)
-    p.add_argument("--out", required=True, help="drafter checkpoint folder")
+    p.add_argument("--out", type=path_arg, required=True, help="drafter checkpoint folder")
     p.add_argument("--preset", type=one_of(_presets), default="default-draft", help="(--kind model) draft config preset")
     p.add_argument("--set", type=key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="draft/head GDNConfig override (repeatable)")
@@ -316,19 +388,36 @@ def add_distill_parser(subparsers) -> None:
     _add_train_options(p, steps=1000, lr=2e-3)
 
 
+def _drafter_config(args, target):
+    """The config of the drafter to distil (--kind, --preset, --set, --eagle-intermediate-size) for `target`; a
+    config it cannot make is a --set usage error."""
+    from gdnspec.models.eagle import eagle_config_for
+    from gdnspec.train.train import _parse_value
+
+    if args.kind == "model":
+        return _make_config(args, target.vocab_size)  # the --data folder's vocabulary is checked to match
+    overrides = dict(item.split("=", 1) for item in args.set)
+    try:
+        return eagle_config_for(target.config, intermediate_size=args.eagle_intermediate_size,
+                                **{k.strip(): _parse_value(v.strip()) for k, v in overrides.items()})
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"--set: {e}") from None
+
+
 def cmd_distill(args) -> int:
     import torch
 
     from gdnspec.models.checkpoint import load_checkpoint
-    from gdnspec.models.eagle import EagleHead, eagle_config_for
+    from gdnspec.models.eagle import EagleHead
     from gdnspec.models.lm import GDNForCausalLM
     from gdnspec.train.distill import distill_eagle, distill_model
-    from gdnspec.train.train import count_params, resolve_device, _parse_value
+    from gdnspec.train.train import count_params, resolve_device
 
     try:
         target, _ = load_checkpoint(args.target)
     except (OSError, ValueError, KeyError) as e:
         raise UsageError(f"--target: cannot load {args.target}: {e}") from None
+    config = _drafter_config(args, target)  # a bad --set fails now, not after the data folder is built
     data = _load_data(args)
     tgt_tok = Path(args.target) / "tokenizer.json"
     if tgt_tok.exists() and tgt_tok.read_text() != data.tokenizer_path.read_text():
@@ -341,16 +430,9 @@ def cmd_distill(args) -> int:
     torch.manual_seed(args.seed)
     extra = {"kind": args.kind, "target": str(args.target), "overrides": args.set, "command": " ".join(sys.argv)}
     if args.kind == "model":
-        config = _make_config(args, data.vocab_size)
         drafter = GDNForCausalLM(config)
         extra["preset"] = args.preset
     else:
-        overrides = dict(item.split("=", 1) for item in args.set)
-        try:
-            config = eagle_config_for(target.config, intermediate_size=args.eagle_intermediate_size,
-                                      **{k.strip(): _parse_value(v.strip()) for k, v in overrides.items()})
-        except (ValueError, TypeError) as e:
-            raise UsageError(f"--set: {e}") from None
         drafter = EagleHead(config)
         extra.update(unroll_steps=args.unroll_steps, reg_weight=args.reg_weight, step_decay=args.step_decay)
     print(f"[distill] {args.kind}: {count_params(drafter) / 1e6:.2f}M params (target {count_params(target) / 1e6:.2f}M)",
@@ -376,7 +458,7 @@ def _add_model_options(p: argparse.ArgumentParser, *, cuda_dtype: str = "bfloat1
     p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda, cuda:1 ...")
     auto = "float32" if cuda_dtype == "float32" else f"float32 on the CPU, {cuda_dtype} on CUDA"
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"], help=f"auto = {auto}")
-    p.add_argument("--threads", type=POSITIVE_INT, default=None,
+    p.add_argument("--threads", type=threads_arg, default=None,
                    help="CPU threads for torch (default: 1 for models under 100M parameters on the CPU, else torch's "
                         "default; OMP_NUM_THREADS, when set, is respected)")
     p.set_defaults(cuda_dtype=cuda_dtype)
@@ -422,7 +504,8 @@ def _drafter(bundle, name: str, flag: str = "--drafter"):
         return None
     if name not in bundle.drafters:
         names = sorted(bundle.drafters) + (["none"] if flag == "--drafter" else [])
-        raise UsageError(f"{flag}: {name!r} is not available for this model; choose from {', '.join(names)}")
+        why = f" ({bundle.skipped[name]})" if name in getattr(bundle, "skipped", {}) else ""
+        raise UsageError(f"{flag}: {name!r} is not available for this model{why}; choose from {', '.join(names)}")
     return bundle.drafters[name]
 
 
@@ -432,12 +515,23 @@ def _tree_config(args):
         return None
     from gdnspec.spec import TreeConfig
 
+    if args.num_steps >= args.num_draft_tokens:  # deeper drafting than the tree can keep only costs time
+        raise UsageError(f"--speculative-num-steps: {args.num_steps} steps are deeper than a tree of "
+                         f"--speculative-num-draft-tokens {args.num_draft_tokens} nodes (root included) can reach: at "
+                         f"most {args.num_draft_tokens - 1}")
     cap = TreeConfig(topk=args.topk, num_steps=args.num_steps).max_nodes()
     if args.num_draft_tokens > cap:
         raise UsageError(f"--speculative-num-draft-tokens: {args.num_draft_tokens} is more than the {args.drafter} "
                          f"drafter's tree can hold: with --speculative-eagle-topk {args.topk} and "
                          f"--speculative-num-steps {args.num_steps} it has at most {cap} nodes (root included)")
     return TreeConfig(topk=args.topk, num_steps=args.num_steps, num_draft_tokens=args.num_draft_tokens)
+
+
+def _check_tree_fits(args, model) -> None:
+    """--speculative-eagle-topk against the model's vocabulary (known once the model is loaded)."""
+    if args.drafter != "none" and args.topk > model.vocab_size:
+        raise UsageError(f"--speculative-eagle-topk: {args.topk} children per tree node is more than this model's "
+                         f"vocabulary ({model.vocab_size} tokens)")
 
 
 def _stop_ids(eos) -> set[int]:
@@ -458,12 +552,17 @@ def add_generate_parser(subparsers) -> None:
     p.add_argument("--compare", action="store_true",
                    help="then run plain decoding of the same prompt with the same settings and print the measured "
                         "speedup of the decode phase")
-    s = p.add_argument_group("sampling")
-    s.add_argument("--temperature", type=NON_NEGATIVE_FLOAT, default=0.0, help="0 = greedy")
-    s.add_argument("--top-k", type=POSITIVE_INT, default=None, help="sample from the k most likely tokens (default: off)")
+    s = p.add_argument_group("sampling (a flag left out takes the model's default: its generation_config.json's "
+                             "value with do_sample true, else greedy decoding; the stats line shows what was used)")
+    s.add_argument("--temperature", type=NON_NEGATIVE_FLOAT, default=None,
+                   help="0 = greedy (default: the model's; greedy unless its generation_config.json sets do_sample)")
+    s.add_argument("--top-k", type=POSITIVE_INT, default=None,
+                   help="sample from the k most likely tokens (default: the model's; off unless its "
+                        "generation_config.json sets do_sample)")
     s.add_argument("--top-p", type=float_in(0.0, 1.0, low_open=True), default=None,
-                   help="nucleus sampling mass in (0, 1] (default: off)")
-    s.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+                   help="nucleus sampling mass in (0, 1] (default: the model's; off unless its generation_config.json "
+                        "sets do_sample)")
+    s.add_argument("--seed", type=SEED, default=0, help="random seed for sampling")
     t = p.add_argument_group("draft tree (SGLang's flag names; --topk, --num-steps, --num-draft-tokens are aliases)")
     t.add_argument("--speculative-eagle-topk", "--topk", dest="topk", type=POSITIVE_INT, default=4, metavar="K",
                    help="children per expanded tree node (not sampling's --top-k)")
@@ -536,13 +635,14 @@ def _plain_stream(model, ids, max_new_tokens: int, eos, sampling: dict, generato
     static graph-replayed steps on CUDA (static=None). capacity: prompt + new tokens the static KV must hold."""
     import torch
 
-    from gdnspec.generate import prefill
+    from gdnspec.generate import check_finite, prefill
     from gdnspec.sampling import sample_next
 
     if max_new_tokens == 0:
         return
     stop = _stop_ids(eos)
     state, logits, _ = prefill(model, [ids])
+    check_finite(logits)
     if static is None:
         static = model.device.type == "cuda"
     if static:
@@ -578,22 +678,33 @@ def _spec_stream(engine, ids, max_new_tokens: int, eos) -> Iterator[list[int]]:
 
 
 class _Printer:
-    """Streams new text to stdout as tokens arrive (decodes the whole tail each time: BPE merges across tokens)."""
+    """Streams new text to stdout as tokens arrive (decodes the whole tail each time: BPE merges across tokens).
+
+    A character whose bytes span several tokens (emoji, CJK, Cyrillic in byte-level BPE) decodes to U+FFFD until its
+    last byte arrives: trailing U+FFFD are held back until the text after them is known, or until finish()."""
 
     def __init__(self, tokenizer, ids: list[int]):
         self.tokenizer, self.ids = tokenizer, ids
         self.prompt_text = tokenizer.decode(ids)
         self.shown = 0
+        self.text = ""
 
     def start(self) -> None:
         sys.stdout.write(self.prompt_text)
         sys.stdout.flush()
 
     def __call__(self, tokens: list[int]) -> None:
-        text = self.tokenizer.decode(self.ids + tokens)[len(self.prompt_text):]
+        self.text = self.tokenizer.decode(self.ids + tokens)[len(self.prompt_text):]
+        self._write(self.text.rstrip("\ufffd"))
+
+    def finish(self) -> None:
+        """Write what was held back (a character the generation ended in the middle of shows as U+FFFD)."""
+        self._write(self.text)
+
+    def _write(self, text: str) -> None:
         sys.stdout.write(text[self.shown:])
         sys.stdout.flush()
-        self.shown = len(text)
+        self.shown = max(self.shown, len(text))
 
 
 def _fmt(value: float | None, fmt: str, unit: str = "") -> str:
@@ -623,6 +734,21 @@ def _accept_report(engine, num_tokens: int) -> str:
             f"acceptance rate {st['mean_acceptance_rate']:.2f}")
 
 
+def _sampling_report(sampling: dict, args, from_model: list[str]) -> str:
+    """The sampling settings used: 'greedy' or 'temperature T, top-k K, top-p P', saying which values came from the
+    model's generation_config.json (from_model: their flags) and which given flags greedy decoding leaves unused."""
+    if sampling["temperature"] == 0:
+        unused = [flag for flag, key in (("--top-k", "top_k"), ("--top-p", "top_p")) if getattr(args, key) is not None]
+        text = "greedy" + (f" ({' and '.join(unused)} unused at temperature 0)" if unused else "")
+    else:
+        text = ", ".join([f"temperature {sampling['temperature']:g}",
+                          "top-k off" if sampling["top_k"] is None else f"top-k {sampling['top_k']}",
+                          "top-p off" if sampling["top_p"] is None else f"top-p {sampling['top_p']:g}"])
+    if from_model:
+        text += f" ({', '.join(from_model)} from the model's generation_config.json)"
+    return text
+
+
 def _compare_report(spec: _Timing, plain: _Timing, drafter: str, greedy: bool) -> str:
     """The plain run's figures and the speculative decode-phase speedup over it."""
     a, b = spec.decode_tokens_per_s, plain.decode_tokens_per_s
@@ -630,6 +756,17 @@ def _compare_report(spec: _Timing, plain: _Timing, drafter: str, greedy: bool) -
     same = (", same output" if spec.tokens == plain.tokens else ", OUTPUTS DIFFER") if greedy else ""
     return (f"--- plain decoding: first token {_fmt(plain.first_s, '.3f', ' s')} | decode "
             f"{_fmt(b, '.1f', ' tokens/s')} | speculative ({drafter}) decode speedup over plain: {speedup}{same}")
+
+
+def _sampling_from_model(args, generation_config: dict, sampling: dict) -> list[str]:
+    """The sampling flags left out whose value came from generation_config.json (do_sample true): --temperature, and
+    --top-k / --top-p where they are used (temperature > 0) and on."""
+    if generation_config.get("do_sample") is not True:
+        return []
+    used = {"temperature": True, "top_k": sampling["temperature"] > 0 and sampling["top_k"] is not None,
+            "top_p": sampling["temperature"] > 0 and sampling["top_p"] is not None}
+    flags = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p"}
+    return [flags[k] for k in flags if getattr(args, k) is None and used[k]]
 
 
 class _Generation:
@@ -641,10 +778,11 @@ class _Generation:
 
         from gdnspec.spec import SpeculativeEngine
 
-        self.args, self.model, self.ids = args, bundle.model, ids
+        self.args, self.bundle, self.model, self.ids = args, bundle, bundle.model, ids
         self.prompt = torch.tensor(ids, dtype=torch.long)
         self.eos = bundle.eos_token_id
-        self.sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+        self.sampling = bundle.sampling_args(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        self.from_model = _sampling_from_model(args, bundle.generation_config, self.sampling)
         self.engine = None
         if drafter is not None:  # eager steps, so that the text streams step by step
             self.engine = SpeculativeEngine(bundle.model, drafter, config, static=False, **self.sampling)
@@ -692,26 +830,57 @@ def _encode_prompt(bundle, text: str) -> list[int]:
     return ids
 
 
-def cmd_generate(args) -> int:
+def _prepare_generation(args) -> tuple[_Generation, int]:
+    """Check the flags, load the model and build the decoding runs (warmed up for --compare); -> (runs, threads)."""
     if args.compare and args.drafter == "none":
         raise UsageError("--compare: compares a speculative --drafter with plain decoding; --drafter none is plain "
                          "decoding already")
     config = _tree_config(args)  # every flag is checked before the model loads and before anything is printed
     bundle = _load_bundle(args)
+    _check_tree_fits(args, bundle.model)
     threads = _apply_threads(args, bundle.model)
     drafter = _drafter(bundle, args.drafter)
     ids = _encode_prompt(bundle, args.prompt)
     gen = _Generation(args, bundle, drafter, config, ids)
     if args.compare:
         gen.warm_up()
-    printer = _Printer(bundle.tokenizer, ids)
-    printer.start()
-    timing = gen.run(gen.chosen(), printer)
-    print()
+    return gen, threads
+
+
+def _non_finite_error(args, error: FloatingPointError) -> UsageError:
+    """A model whose logits are NaN / inf (broken weights, or float16 overflow) as a --model / --dtype error."""
+    where = args.model or "the embedded default model"
+    return UsageError(f"--model: {where}: {error} (with --dtype {args.dtype}; try --dtype float32)")
+
+
+def _stats_line(gen: _Generation, timing: _Timing, threads: int) -> str:
+    """The statistics line after the streamed text (it ends with the thread count, which the README's measuring
+    command reads)."""
+    args = gen.args
     state = "--- interrupted: " if timing.interrupted else "--- "
-    print(f"{state}{_speed_report(timing, len(ids), args.max_new_tokens)} | "
-          f"{_accept_report(gen.engine, len(timing.tokens))} | drafter {args.drafter} | {args.device}, {threads} "
-          f"thread{'s' if threads > 1 else ''}", file=sys.stderr)
+    return (f"{state}{_speed_report(timing, len(gen.ids), args.max_new_tokens)} | "
+            f"{_accept_report(gen.engine, len(timing.tokens))} | {_sampling_report(gen.sampling, args, gen.from_model)} | "
+            f"drafter {args.drafter} | {args.device}, {threads} thread{'s' if threads > 1 else ''}")
+
+
+def cmd_generate(args) -> int:
+    try:
+        gen, threads = _prepare_generation(args)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt("before the first token (while loading the model or warming up): nothing was "
+                                "generated") from None
+    except FloatingPointError as e:
+        raise _non_finite_error(args, e) from None
+    printer = _Printer(gen.bundle.tokenizer, gen.ids)
+    printer.start()
+    try:
+        timing = gen.run(gen.chosen(), printer)
+    except FloatingPointError as e:
+        print()  # end the echoed prompt's line, so that the error stands on its own line
+        raise _non_finite_error(args, e) from None
+    printer.finish()
+    print()
+    print(_stats_line(gen, timing, threads), file=sys.stderr)
     if timing.interrupted:
         return 130
     if args.compare:
@@ -719,7 +888,7 @@ def cmd_generate(args) -> int:
         if base.interrupted:
             print("--- plain decoding interrupted: no comparison", file=sys.stderr)
             return 130
-        print(_compare_report(timing, base, args.drafter, args.temperature == 0), file=sys.stderr)
+        print(_compare_report(timing, base, args.drafter, gen.sampling["temperature"] == 0), file=sys.stderr)
     return 0
 
 
@@ -727,7 +896,9 @@ def add_eval_parser(subparsers) -> None:
     from_shapes = lambda: list(__import__("gdnspec.evaluate", fromlist=["SHAPES"]).SHAPES)  # noqa: E731 (lazy)
     p = subparsers.add_parser("eval", help="drafters x tree shapes on held-out files: tokens/forward and speedup")
     _add_model_options(p, cuda_dtype="float32")  # outputs are compared token for token: bf16 near-ties can flip
-    p.add_argument("--drafters", type=name_list(DRAFTERS), default="ngram,model,eagle", help="comma list of drafters")
+    p.add_argument("--drafters", type=name_list(DRAFTERS), default=None,
+                   help="comma list of drafters (default: every drafter the model has, e.g. ngram,model,eagle for the "
+                        "embedded model, ngram,mtp for a Hugging Face folder with MTP weights)")
     p.add_argument("--shapes", type=name_list(from_shapes), default=None,
                    help="comma list of tree shapes: chain-4, chain-6, tree-2x5, tree-4x5, tree-8x6 (default: all)")
     p.add_argument("--num-prompts", type=POSITIVE_INT, default=6, help="held-out files used as prompts")
@@ -736,8 +907,9 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--temperature", type=NON_NEGATIVE_FLOAT, default=0.0, help="0 = greedy (outputs checked identical)")
     p.add_argument("--repeats", type=POSITIVE_INT, default=3,
                    help="timings per drafter x shape; the median speedup is reported with its min-max spread")
-    p.add_argument("--out", default="runs/eval", help="folder for <tag>.json and <tag>.png")
-    p.add_argument("--tag", default="eval", help="file name stem: writes <out>/<tag>.json and <out>/<tag>.png")
+    p.add_argument("--out", type=path_arg, default="runs/eval", help="folder for <tag>.json and <tag>.png")
+    p.add_argument("--tag", type=file_stem_arg, default="eval",
+                   help="file name stem: writes <out>/<tag>.json and <out>/<tag>.png")
 
 
 def _device_name(args) -> str:
@@ -797,6 +969,8 @@ def cmd_eval(args) -> int:
     json_path, png_path = _eval_paths(args)
     bundle = _load_bundle(args)
     _apply_threads(args, bundle.model)
+    if args.drafters is None:  # every drafter this model has
+        args.drafters = [name for name in ("ngram", "model", "eagle", "mtp") if name in bundle.drafters]
     for name in args.drafters:
         _drafter(bundle, name, "--drafters")
     if bundle.tokenizer is None:
@@ -804,8 +978,11 @@ def cmd_eval(args) -> int:
     shapes = SHAPES if args.shapes is None else {k: SHAPES[k] for k in args.shapes}
     prompts = heldout_prompts(bundle.tokenizer, num_prompts=args.num_prompts, prompt_tokens=args.prompt_tokens)
     print(_eval_intro(args, prompts, shapes), flush=True)
-    res = evaluate(bundle, prompts, drafters=args.drafters, shapes=shapes, max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature, repeats=args.repeats)
+    try:
+        res = evaluate(bundle, prompts, drafters=args.drafters, shapes=shapes, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, repeats=args.repeats)
+    except FloatingPointError as e:
+        raise _non_finite_error(args, e) from None
     dev = _device_name(args)
     res.update(device=dev, torch=torch.__version__, model=str(bundle.path), dtype=str(bundle.model.dtype),
                threads=torch.get_num_threads(), title=f"gdnspec eval on {dev}, T={args.temperature}")
@@ -814,8 +991,8 @@ def cmd_eval(args) -> int:
     _print_eval_table(res)
     print(f"wrote {json_path}" + (f" and {png_path}" if plotted else ""))
     if not plotted:
-        print(f"plot skipped: matplotlib is not installed (pip install 'gdnspec[plot]' or pip install matplotlib, then "
-              f"run again for {png_path})")
+        print(f"plot skipped: matplotlib is not installed (pip install matplotlib, or the plot extra: pip install "
+              f"'.[plot]' in the gdnspec source folder; then run again for {png_path})")
     return 0 if all(r["speedup"] is not None for r in res["rows"]) else 1
 
 
@@ -837,19 +1014,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupted(message: str) -> int:
+    """Print why the command ended after Ctrl-C (a second Ctrl-C meanwhile is ignored) and return exit code 130."""
+    import signal
+    import threading
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
+    try:
+        print(f"\n{message}", file=sys.stderr)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
+    return 130
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """build_parser().parse_args, except that arguments no parser knows are reported by the subcommand's parser
+    (`gdnspec generate: error: unrecognized arguments: --tempreature (did you mean --temperature?)`)."""
+    import difflib
+
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+        flags = [o for a in sub._actions for o in a.option_strings]
+        hints = [f"{x} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(x.split("=")[0], flags, 1)) else x
+                 for x in extra]
+        sub.error(f"unrecognized arguments: {' '.join(hints)}")
+    return args
+
+
 def main(argv=None) -> int:
     """Parse argv and run the subcommand. User mistakes end with one `gdnspec <command>: error: ...` line and exit
     code 2 (argparse's own errors do the same); Ctrl-C ends with exit code 130 and no traceback."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except KeyboardInterrupt:  # argument checks import torch, which takes a moment
+        return _interrupted("gdnspec: interrupted while starting: nothing ran")
     handler = {name: cmd for name, _, cmd in SUBCOMMANDS}[args.command]
     try:
         return handler(args) or 0
     except UsageError as e:
         print(f"gdnspec {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line
         return 2
-    except KeyboardInterrupt:
-        print(f"\ngdnspec {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        return _interrupted(f"gdnspec {args.command}: interrupted" + (f" {e}" if str(e) else ""))
     except BrokenPipeError:  # the reader of stdout went away (`gdnspec generate ... | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

@@ -15,7 +15,7 @@ import weakref
 import torch
 
 from gdnspec.concurrency import static_lock
-from gdnspec.sampling import check_sampling_args, sample_next
+from gdnspec.sampling import check_generator, check_sampling_args, sample_next
 
 
 _MODEL_API = ("vocab_size", "device", "new_state", "forward_tree", "commit_tree")
@@ -228,6 +228,7 @@ def generate_autoregressive(model, input_ids, max_new_tokens: int, temperature: 
     check_generation_args(max_new_tokens, eos_token_id)
     stops = stop_ids(eos_token_id)
     check_sampling_args(temperature, top_k, top_p)
+    check_generator(generator)
     prompts, as_tensor = normalize_prompts(input_ids, vocab_size=model.vocab_size)
     device = model.device
     new_tokens: list[list[int]] = [[] for _ in prompts]

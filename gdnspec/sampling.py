@@ -25,6 +25,13 @@ def check_sampling_args(temperature: float, top_k: int | None, top_p: float | No
         raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
 
 
+def check_generator(generator) -> None:
+    """Raise TypeError unless generator is None or a torch.Generator (caught at the entry point, not at the first
+    sampled token deep inside)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be None or a torch.Generator, got {type(generator).__name__}")
+
+
 def logits_to_probs(logits: torch.Tensor, *, temperature: float, top_k: int | None = None, top_p: float | None = None
                     ) -> torch.Tensor:
     """logits (..., vocab) -> probabilities (..., vocab) in float32 (float64 for float64 logits). temperature > 0."""

@@ -38,3 +38,29 @@ def noisy_copy(model, *, noise=0.02, seed=1):
 def prompts_of(lengths, vocab_size, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab_size, (n,), generator=g) for n in lengths]
+
+
+def word_tokenizer(vocab_size: int):
+    """A whitespace word-level tokenizer over ids 0..vocab_size-1: [UNK], <|endoftext|>, <|im_end|>, w3, w4, ..."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, "<|endoftext|>": 1, "<|im_end|>": 2}
+    vocab.update({f"w{i}": i for i in range(3, vocab_size)})
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tk
+
+
+def tiny_folder(path, model=None, *, generation_config: dict | None = None):
+    """A gdnspec checkpoint folder (float32 weights, word_tokenizer, optional generation_config.json) for CLI tests:
+    `gdnspec generate --model <path> --prompt "w5 w9 w7"`."""
+    import json
+    from pathlib import Path
+
+    from gdnspec.models.checkpoint import save_checkpoint
+
+    model = tiny_model(seed=3, hybrid=True, init_scale=4.0) if model is None else model
+    save_checkpoint(model, path, tokenizer=word_tokenizer(model.vocab_size), dtype=torch.float32)
+    if generation_config is not None:
+        (Path(path) / "generation_config.json").write_text(json.dumps(generation_config))
+    return Path(path)

@@ -318,3 +318,83 @@ def test_hf_config_null_field_or_no_model_type_names_the_file(hf_folder):
     (hf_folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"fla/config.json: config.json has no model_type"):
         load_hf(hf_folder)
+
+
+# ---------------------------------------------------------------------------------------------------- found later
+def test_weights_of_the_wrong_shape_name_the_file_and_tensor(native):
+    """A weights file of another config: torch's multi-line 'size mismatch' RuntimeError without the file."""
+    path = native / "target" / "model.safetensors"
+    sd = load_file(path)
+    sd["layers.0.mlp.up_proj.weight"] = sd["layers.0.mlp.up_proj.weight"][:5].clone()
+    save_file(sd, path)
+    with pytest.raises(CheckpointError, match=r"target/model.safetensors: tensors whose shape does not match "
+                                              r"config.json: layers.0.mlp.up_proj.weight \(5, 32\)"):
+        gdnspec.load(native)
+
+
+def test_hf_weights_of_the_wrong_shape_name_the_tensor(hf_folder):
+    sd = load_file(hf_folder / "model.safetensors")
+    sd["model.norm.weight"] = sd["model.norm.weight"][:3].clone()
+    save_file(sd, hf_folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"checkpoint .*fla: mismatched shapes: .*norm.weight: checkpoint \(3,\)"):
+        gdnspec.load(hf_folder)
+
+
+def test_tree_topk_larger_than_the_vocabulary(target):
+    """topk beyond the vocabulary failed deep inside the drafter ('selected index k out of range')."""
+    too_many = target.vocab_size + 1
+    with pytest.raises(ValueError, match=rf"topk \({too_many}, children per tree node\) is larger than the vocabulary"):
+        SpeculativeEngine(target, ModelDrafter(noisy_copy(target)), TreeConfig(topk=too_many))
+    with pytest.raises(ValueError, match=r"topk .* is larger than the draft model's vocabulary"):
+        GDNDraftWorker(noisy_copy(target), topk=too_many)
+    worker = GDNSpeculativeWorker(draft_model=noisy_copy(target), target_model=target, topk=target.vocab_size)
+    assert worker.generate([torch.tensor([1, 2, 3])], 3)[0].numel() == 6  # topk == vocab still works
+
+
+def test_generator_that_is_not_a_generator(target):
+    """generator='x' failed inside torch.multinomial at the first sampled token."""
+    prompt = [torch.tensor([1, 2, 3])]
+    with pytest.raises(TypeError, match="generator must be None or a torch.Generator, got str"):
+        generate_autoregressive(target, prompt, 3, temperature=1.0, generator="x")
+    with pytest.raises(TypeError, match="generator must be None or a torch.Generator, got int"):
+        SpeculativeEngine(target, NGramDrafter(), TreeConfig(), temperature=1.0, generator=0)
+    with pytest.raises(TypeError, match="generator must be None or a torch.Generator"):
+        GDNSpeculativeWorker(target_model=target, drafter=NGramDrafter()).generate(prompt, 3, temperature=1.0,
+                                                                                    generator="x")
+
+
+@pytest.mark.parametrize("kw", [dict(topk=True), dict(num_steps=True), dict(num_draft_tokens=True), dict(topk=2.0)])
+def test_tree_config_counts_are_ints_not_bools(kw):
+    with pytest.raises(ValueError, match=rf"{next(iter(kw))} must be an int >= "):
+        TreeConfig(**kw)
+
+
+@pytest.fixture
+def layout(tmp_path):
+    """target/ (hidden 32), draft/ (hidden 48, same vocabulary) and eagle/ (for the target) side by side."""
+    from gdnspec.models.eagle import EagleHead, eagle_config_for
+
+    target = tiny_model(seed=1, dtype=torch.float32)
+    save_checkpoint(target, tmp_path / "target")
+    save_checkpoint(tiny_model(seed=2, dtype=torch.float32, hidden=48), tmp_path / "draft")
+    save_checkpoint(EagleHead(eagle_config_for(target.config, intermediate_size=40)), tmp_path / "eagle")
+    return tmp_path
+
+
+def test_a_drafter_folder_loaded_as_the_target(layout):
+    """--model .../draft: the sibling EAGLE head (the real target's) made the whole load fail ('EAGLE head hidden
+    size 32 != target hidden size 48'); it is left out, with the reason, and the draft model runs on its own."""
+    assert set(gdnspec.load(layout).drafters) == {"ngram", "model", "eagle"}
+    bundle = gdnspec.load(layout / "draft")
+    assert set(bundle.drafters) == {"ngram"} and bundle.model.config.hidden_size == 48
+    assert bundle.skipped["eagle"].endswith("does not fit this model: its hidden size (32) differs from the "
+                                            "target's (48)")
+    with pytest.raises(CheckpointError, match=r"eagle holds an EAGLE head \(a drafter\), not a language model"):
+        gdnspec.load(layout / "eagle")
+
+
+def test_a_child_drafter_that_does_not_fit_names_its_folder(layout):
+    shutil.move(str(layout / "eagle"), str(layout / "draft" / "eagle"))
+    with pytest.raises(CheckpointError, match=r"the EAGLE head in .*draft/eagle does not fit the target in .*draft: "
+                                              r"its hidden size \(32\) differs"):
+        gdnspec.load(layout / "draft")

@@ -157,10 +157,17 @@ def test_sampling_defaults_follow_transformers():
     assert b.sampling_args() == {"temperature": 1.0, "top_k": 50, "top_p": None}
     b = Bundle(model=None, tokenizer=None, generation_config={"do_sample": False, "temperature": 0.7})
     assert b.sampling_args() == {"temperature": 0.0, "top_k": None, "top_p": None}
+    b = Bundle(model=None, tokenizer=None, generation_config={"do_sample": True, "temperature": 0, "top_k": 0,
+                                                              "top_p": None})
+    assert b.sampling_args() == {"temperature": 0.0, "top_k": None, "top_p": None}  # 0 is greedy, not 1.0
 
 
 @pytest.mark.parametrize("text, match", [("{oops", "not valid JSON"), ("[1, 2]", "must hold a JSON object"),
-                                         ('{"eos_token_id": "x"}', "eos_token_id")])
+                                         ('{"eos_token_id": "x"}', "eos_token_id"),
+                                         ('{"do_sample": true, "top_p": "0.9"}', "top_p"),
+                                         ('{"do_sample": true, "temperature": -1}', "temperature"),
+                                         ('{"do_sample": true, "top_k": true}', "top_k"),
+                                         ('{"do_sample": "true"}', "do_sample must be true or false")])
 def test_bad_generation_config_names_the_file(folder, text, match):
     (folder / "generation_config.json").write_text(text)
     with pytest.raises(ValueError, match=match) as e:

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gdnspec.models.config import GDNConfig
-from gdnspec.models.hf import CheckpointError
+from gdnspec.models.hf import CheckpointError, check_shapes
 
 MODEL_TYPES = ("gdnspec", "gdnspec_eagle")
 WEIGHTS_NAME = "model.safetensors"
@@ -152,6 +152,7 @@ def load_checkpoint(folder, dtype: torch.dtype | None = None, device=None):
     sd = read_safetensors(weights)
     model = cls(config, device=device)
     check_float_weights(sd, model, weights)
+    check_shapes(sd, model.state_dict(), weights)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     allowed_missing = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if unexpected or set(missing) - allowed_missing:

@@ -40,6 +40,16 @@ class CheckpointError(ValueError):
     """A checkpoint that gdnspec cannot load as it is (the message names the tensors / options)."""
 
 
+def check_shapes(state: dict, own: dict, where) -> None:
+    """Raise CheckpointError naming the tensors of `state` whose shape differs from the model's (`own`, its
+    state_dict): a weights file that does not belong to its config.json."""
+    bad = [f"{k} {tuple(v.shape)} (the config makes {tuple(own[k].shape)})" for k, v in state.items()
+           if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise CheckpointError(f"{where}: tensors whose shape does not match config.json: {', '.join(bad[:5])}{more}")
+
+
 # ---------------------------------------------------------------------------------------------------- files
 def _read_json(path: Path) -> dict:
     """A JSON object file as a dict; CheckpointError naming the path when unreadable, not JSON or not an object."""
@@ -360,7 +370,8 @@ _FLA_FUSED = {"in_proj_qkv.weight": ("q_proj", "k_proj", "v_proj"), "conv1d.weig
 _FLA_RENAME = {"g_proj": "in_proj_z", "a_proj": "in_proj_a", "b_proj": "in_proj_b", "o_norm": "norm", "o_proj": "out_proj"}
 
 
-def _fla_state(src, expected: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+def _fla_state(src, expected: dict[str, torch.Size],
+               where: str = "gated_deltanet checkpoint") -> dict[str, torch.Tensor]:
     """Rename the (non-fused) fla tensors onto our names and collect them (raises naming bad tensors)."""
     names = {}
     for k in src.keys():
@@ -384,10 +395,10 @@ def _fla_state(src, expected: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
                 names[f"layers.{i}.linear_attn.{_FLA_RENAME.get(mod, mod)}" + (f".{leaf}" if leaf else "")] = k
         else:
             names["<unmapped>." + k] = k
-    return _collect(names, src, expected, "gated_deltanet checkpoint")
+    return _collect(names, src, expected, where)
 
 
-def _load_fla(src, expected):
+def _load_fla(src, expected, where: str = "gated_deltanet checkpoint"):
     """fla state with fused q|k|v projections and short convs; missing parts are named."""
     fused = {}
     missing = []
@@ -410,13 +421,13 @@ def _load_fla(src, expected):
             continue
         out[ours] = torch.cat([src.get(parts[p]) for p in need], 0)
     if missing:
-        raise CheckpointError(f"gated_deltanet checkpoint: missing tensors: {sorted(missing)}")
+        raise CheckpointError(f"{where}: missing tensors: {sorted(missing)}")
     sub = _SubFolder(src, rest_keys)
     expected_rest = {k: v for k, v in expected.items() if k not in out}
-    out.update(_fla_state(sub, expected_rest))
+    out.update(_fla_state(sub, expected_rest, where))
     for name, t in list(out.items()):
         if name in expected and tuple(t.shape) != tuple(expected[name]):
-            raise CheckpointError(f"gated_deltanet checkpoint: mismatched shapes: {name}: checkpoint {tuple(t.shape)}, "
+            raise CheckpointError(f"{where}: mismatched shapes: {name}: checkpoint {tuple(t.shape)}, "
                                   f"expected {tuple(expected[name])}")
     return out
 
@@ -441,6 +452,7 @@ def _materialize(module: torch.nn.Module, state: dict[str, torch.Tensor], dtype,
            if k in own and own[k].is_floating_point() and not v.is_floating_point()]
     if bad:
         raise CheckpointError(f"{where}: tensors stored with a non-float dtype where float weights belong: {bad}")
+    check_shapes(state, own, where)
     cast = {}
     for k, v in state.items():  # tensors shared in `state` (tied weights) stay shared
         cast[id(v)] = cast.get(id(v)) if id(v) in cast else v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
@@ -519,7 +531,7 @@ def load_hf(path, *, dtype: torch.dtype | None = None, device=None):
         mtp_names: dict[str, str] = {}
         if is_fla:
             keys = [k for k in src.keys() if not (tied and k == "lm_head.weight")]
-            state = _load_fla(_SubFolder(src, keys), expected)
+            state = _load_fla(_SubFolder(src, keys), expected, where)
         else:
             names, mtp_names, _ = _qwen_names(src.keys())
             if tied:

@@ -26,7 +26,7 @@ from gdnspec.cache import ModelState
 from gdnspec.concurrency import exclusive, static_lock
 from gdnspec.generate import (check_finite, check_generation_args, check_model, graph_prefill, normalize_prompts,
                               pack_outputs, stop_ids)
-from gdnspec.sampling import check_sampling_args, sample_next
+from gdnspec.sampling import check_generator, check_sampling_args, sample_next
 from gdnspec.spec.accept import Acceptance, accept_greedy, accept_sampling
 from gdnspec.spec.drafters.base import check_drafter
 from gdnspec.spec.stats import SpecStats
@@ -99,9 +99,13 @@ class SpeculativeEngine:
         if not isinstance(config, TreeConfig):
             raise TypeError(f"config must be a TreeConfig, got {type(config).__name__}")
         check_sampling_args(temperature, top_k, top_p)
+        check_generator(generator)
         dv = getattr(drafter, "vocab_size", None)
         if dv is not None and dv != target.vocab_size:
             raise ValueError(f"draft vocab_size ({dv}) differs from the target's ({target.vocab_size}): they must share a tokenizer")
+        if config.topk > target.vocab_size:
+            raise ValueError(f"topk ({config.topk}, children per tree node) is larger than the vocabulary "
+                             f"({target.vocab_size} tokens)")
         self.target, self.drafter, self.config = target, drafter, config
         self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
         self.trim_trees = trim_trees

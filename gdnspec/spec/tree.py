@@ -30,6 +30,11 @@ from gdnspec.layers.layout import TokenLayout
 BUILDERS = ("eagle2", "seed", "chain")
 
 
+def _is_count(x, low: int = 1) -> bool:
+    """An int >= low that is not a bool (True would pass as 1)."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+
 @dataclass
 class TreeConfig:
     """Shape of the draft trees. num_draft_tokens counts the root (None = the largest tree the builder can make,
@@ -43,9 +48,9 @@ class TreeConfig:
     min_frontier_prob: float | None = None
 
     def __post_init__(self):
-        if not isinstance(self.topk, int) or self.topk < 1:
+        if not _is_count(self.topk):
             raise ValueError(f"topk must be an int >= 1, got {self.topk!r}")
-        if not isinstance(self.num_steps, int) or self.num_steps < 1:
+        if not _is_count(self.num_steps):
             raise ValueError(f"num_steps must be an int >= 1, got {self.num_steps!r}")
         if self.builder not in BUILDERS:
             raise ValueError(f"builder must be one of {BUILDERS}, got {self.builder!r}")
@@ -54,7 +59,7 @@ class TreeConfig:
         cap = self.max_nodes()
         if self.num_draft_tokens is None:
             self.num_draft_tokens = min(cap, 64) if self.builder != "seed" else cap
-        if not isinstance(self.num_draft_tokens, int) or self.num_draft_tokens < 2:
+        if not _is_count(self.num_draft_tokens, 2):
             raise ValueError(f"num_draft_tokens must be an int >= 2 (root + at least one draft), got {self.num_draft_tokens!r}")
         if self.num_draft_tokens > cap:
             raise ValueError(f"num_draft_tokens={self.num_draft_tokens} is larger than the tree can hold: builder "

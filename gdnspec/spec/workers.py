@@ -60,6 +60,9 @@ class GDNDraftWorker(ModelDrafter):
         check_model(draft_model, "draft_model")
         super().__init__(_move(draft_model, device))
         self.tree_config = TreeConfig(topk=topk, num_steps=num_steps, num_draft_tokens=num_draft_tokens, builder=builder)
+        if topk > draft_model.vocab_size:
+            raise ValueError(f"topk ({topk}, children per tree node) is larger than the draft model's vocabulary "
+                             f"({draft_model.vocab_size} tokens)")
         self.topk = self.tree_config.topk
 
     @torch.inference_mode()

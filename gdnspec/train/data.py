@@ -106,10 +106,10 @@ def build_dataset(out_dir, *, vocab_size: int = 8192, heldout_fraction: float = 
     from gdnspec.train.tokenizer import EOS_TOKEN, load_tokenizer, train_tokenizer
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     docs = collect_documents(include_stdlib=include_stdlib, extra_paths=extra_paths)
     if not docs:
         raise ValueError("no documents found: enable the stdlib or give extra paths with text files")
+    out.mkdir(parents=True, exist_ok=True)  # only once there is something to write
     train, held = split_documents(docs, heldout_fraction)
     if verbose:
         print(f"[data] {len(docs)} files ({sum(len(d.text) for d in docs) / 1e6:.1f} MB): {len(train)} train, {len(held)} held-out")
