@@ -290,3 +290,83 @@ def test_fused_greedy_generation_equals_module_path():
     eng = SpeculativeEngine(model, NGramDrafter(), TreeConfig(topk=2, num_steps=3, num_draft_tokens=6))
     spec = eng.generate(prompt, 12)
     assert all(torch.equal(a, b) for a, b in zip(spec, ref))
+
+
+# ---------------------------------------------------------------------------------------------- review (issue 9)
+def _fused_buffers(model):
+    """Every fused weight buffer cached by layers/fusion.py: (owner, names, (w, b, rows))."""
+    out = []
+    for m in model.modules():
+        for key, val in vars(m).items():
+            if key.startswith("_fused_"):
+                out.append((m, key[len("_fused_"):], val))
+    return out
+
+
+def test_fusion_keeps_parameter_objects_so_an_earlier_optimizer_still_trains_the_model():
+    from gdnspec.train.train import lm_train_forward, make_optimizer
+
+    model = _hybrid(torch.float32)
+    params_before = dict(model.named_parameters())
+    opt = make_optimizer(model, 0.05, 0.0)  # made before the first fused step, as in a train loop with generation evals
+    ids = torch.randint(0, model.vocab_size, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(ids[:, :1])  # fused decode step: fuses the projections
+    assert _fused_buffers(model), "the fused step did not fuse any weights"
+    params_after = dict(model.named_parameters())
+    moved = [n for n, p in params_after.items() if p is not params_before[n]]
+    assert not moved, f"fusion replaced parameter objects (an existing optimizer no longer reaches them): {moved}"
+    w0 = model.layers[0].linear_attn.in_proj_qkvz.weight.detach().clone()
+    opt.zero_grad()
+    lm_train_forward(model, ids)[0].float().pow(2).mean().backward()
+    opt.step()
+    assert not torch.equal(w0, model.layers[0].linear_attn.in_proj_qkvz.weight.detach())
+    gdn = model.layers[0].linear_attn
+    cached = vars(gdn)["_fused_in_proj_qkvz_in_proj_ba"][0]
+    w = gdn.fused_in_proj()
+    assert w is cached, "the optimizer step re-fused the weights (the parameters are no longer views of the buffer)"
+    assert torch.equal(w, torch.cat([gdn.in_proj_qkvz.weight, gdn.in_proj_ba.weight]).detach())
+
+
+@torch.inference_mode()
+def _decode_logits(model, state, ids):
+    return model(ids, state).logits
+
+
+def test_fused_weights_follow_load_state_dict_and_to_dtype_and_save(tmp_path):
+    from gdnspec.models.checkpoint import save_checkpoint
+
+    model = _hybrid(torch.float32)
+    other = randomize_(GDNForCausalLM(model.config), seed=5).eval()
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, model.vocab_size, (2, 4), generator=g)
+    ids = torch.randint(0, model.vocab_size, (2, 1), generator=g)
+    with torch.inference_mode():
+        model.fused_steps = False
+        s0 = model(prompt).state
+    model.fused_steps = True
+    _decode_logits(model, s0.clone(), ids)  # fuse
+    for assign in (False, True):  # copy into the views / replace the parameters (re-fused on the next call)
+        model.load_state_dict(other.state_dict(), assign=assign)
+        model.fused_steps = False
+        ref = _decode_logits(model, s0.clone(), ids)
+        model.fused_steps = True
+        assert rel(_decode_logits(model, s0.clone(), ids), ref) < 1e-5, assign
+    save_checkpoint(model, tmp_path / "ckpt")  # views of a shared buffer serialise
+    sd = model.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in other.state_dict().items())
+
+
+def test_training_after_an_inference_mode_fused_step():
+    """Generation runs under torch.inference_mode; tensors it caches on the modules (RoPE tables, fused weights) must
+    not be inference tensors, or the next training forward fails ('Inference tensors cannot be saved for backward')."""
+    from gdnspec.train.train import lm_train_forward
+
+    model = _hybrid(torch.float32)
+    ids = torch.randint(0, model.vocab_size, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        model(ids[:, :3])  # prefill (module path) and
+        model(ids[:, :1])  # a fused decode step
+    loss = lm_train_forward(model, ids)[0].float().pow(2).mean()
+    loss.backward()
+    assert model.layers[1].self_attn.q_proj.weight.grad is not None

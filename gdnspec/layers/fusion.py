@@ -4,7 +4,8 @@
     y = F.linear(x, w, b)                                          # one GEMM / GEMV instead of several
 
 The first call copies the weights into one contiguous buffer and re-points each Linear's parameter at its row block
-(a view, so no memory is duplicated and every other code path keeps using the same numbers); later calls return the
+(`param.data = view`: the Parameter objects stay the same, so an optimizer made before the fusion still updates the
+numbers the fused path reads; a view, so no memory is duplicated and every other code path keeps using the same numbers); later calls return the
 buffer while the parameters still are those views, and re-fuse when a weight was replaced (load_state_dict with
 assign, .to(...), a tied or re-initialised weight). In-place updates (optimizer steps, copy_) reach the buffer by
 construction. Like vLLM's merged column-parallel linears, but done lazily on the module that owns them.
@@ -44,9 +45,10 @@ def fused_linear(owner: nn.Module, names: list[str]) -> tuple[torch.Tensor, torc
         w = torch.cat([lin.weight.detach() for lin in linears], dim=0).contiguous()
         b = torch.cat([lin.bias.detach() for lin in linears], dim=0).contiguous() if all(has_bias) else None
         for lin, r0 in zip(linears, rows):
-            req = lin.weight.requires_grad
-            lin.weight = nn.Parameter(w[r0: r0 + lin.out_features], requires_grad=req)
+            # re-point the existing Parameter objects (not new ones): optimizers, EMA copies and anything else that
+            # holds a reference to them keep reaching the numbers the model uses
+            lin.weight.data = w[r0: r0 + lin.out_features]
             if b is not None:
-                lin.bias = nn.Parameter(b[r0: r0 + lin.out_features], requires_grad=lin.bias.requires_grad)
+                lin.bias.data = b[r0: r0 + lin.out_features]
     owner.__dict__[key] = (w, b, rows)
     return w, b
