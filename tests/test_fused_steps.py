@@ -370,3 +370,99 @@ def test_training_after_an_inference_mode_fused_step():
     loss = lm_train_forward(model, ids)[0].float().pow(2).mean()
     loss.backward()
     assert model.layers[1].self_attn.q_proj.weight.grad is not None
+
+
+def _bad_shape_calls():
+    """(name, call, pattern): each call passes one tensor of a wrong shape (or layout) to a fused kernel's wrapper;
+    every one must raise ValueError naming that tensor before any launch (the kernels index with the shapes they
+    assume: a wrong one would read or write out of bounds)."""
+    from gdnspec.ops.conv1d.tree import tree_conv_window_index
+
+    B, H, HV, K, V, W = 2, 2, 4, 8, 8, 4
+    L = gd.ProjLayout.qwen3_5(H, HV, K, V)
+    CD = 2 * H * K + HV * V
+    dec = dict(layout=L, conv_weight=torch.zeros(CD, W), conv_state=torch.zeros(B, CD, W - 1),
+               recurrent_state=torch.zeros(B, HV, K, V), A_log=torch.zeros(HV), dt_bias=torch.zeros(HV),
+               norm_weight=torch.ones(V), norm_eps=1e-6)
+    proj = torch.zeros(B, L.width)
+
+    def decode(**bad):
+        return lambda: gd.gdn_decode_fused(proj, **{**dec, **bad})
+
+    N = 3
+    tproj = torch.zeros(B, N, L.width)
+    wi = tree_conv_window_index(random_parents(B, N, "chain"), W)
+    prep = dict(layout=L, conv_weight=torch.zeros(CD, W), conv_state=torch.zeros(B, CD, W - 1), window_index=wi,
+                A_log=torch.zeros(HV), dt_bias=torch.zeros(HV))
+
+    def tree_prep(**bad):
+        return lambda: gt.gdn_tree_prep(tproj, **{**prep, **bad})
+
+    def norm_rows(o=torch.zeros(B, N, HV, V), p=tproj, w=torch.ones(V)):
+        return lambda: gt.gated_rms_norm_rows(o, p, layout=L, weight=w, eps=1e-6)
+
+    Ha, Hkv, D, T, cap = 4, 2, 16, 2, 12
+    P = 2 * Ha * D + 2 * Hkv * D
+    from gdnspec.layers.attention import RotaryEmbedding
+
+    table, perm = RotaryEmbedding(D, partial_rotary_factor=0.5)._table(torch.zeros(1, D), None, cap + T)
+    ap = dict(num_heads=Ha, num_kv_heads=Hkv, head_dim=D, q_norm_weight=torch.zeros(D), k_norm_weight=torch.zeros(D),
+              eps=1e-6, table=table, perm=perm, lengths=torch.tensor([0, 3]), depth=None,
+              cache_k=torch.zeros(B, Hkv, cap, D), cache_v=torch.zeros(B, Hkv, cap, D))
+    qkv = torch.zeros(B, T, P)
+
+    def aprep(**bad):
+        return lambda: at.attention_prep(qkv, **{**ap, **bad})
+
+    q = torch.zeros(B, T, Ha, D)
+    ta = dict(cache_k=torch.zeros(B, Hkv, cap, D), cache_v=torch.zeros(B, Hkv, cap, D), lengths=torch.tensor([0, 3]),
+              ancestor_mask=None, gate=qkv, scale=0.25)
+
+    def tattn(q=q, **bad):
+        kw = {**ta, **bad}
+        return lambda: at.tree_attention(q, kw.pop("cache_k"), kw.pop("cache_v"), kw.pop("lengths"),
+                                         kw.pop("ancestor_mask"), **kw)
+
+    x = torch.zeros(3, 1, 40)
+    return [
+        ("decode conv_weight", decode(conv_weight=torch.zeros(CD - 4, W)), "conv_weight"),
+        ("decode A_log", decode(A_log=torch.zeros(HV - 1)), "A_log"),
+        ("decode dt_bias", decode(dt_bias=torch.zeros(HV - 1)), "dt_bias"),
+        ("decode norm_weight", decode(norm_weight=torch.ones(V - 3)), "norm_weight"),
+        ("decode HV % H", lambda: gd.gdn_decode_fused(
+            torch.zeros(B, gd.ProjLayout.qwen3_5(2, 3, K, V).width),
+            **{**dec, "layout": gd.ProjLayout.qwen3_5(2, 3, K, V), "conv_weight": torch.zeros(2 * 2 * K + 3 * V, W),
+               "conv_state": torch.zeros(B, 2 * 2 * K + 3 * V, W - 1), "recurrent_state": torch.zeros(B, 3, K, V),
+               "A_log": torch.zeros(3), "dt_bias": torch.zeros(3)}), "HV"),
+        ("tree_prep conv_weight", tree_prep(conv_weight=torch.zeros(CD - 4, W)), "conv_weight"),
+        ("tree_prep A_log", tree_prep(A_log=torch.zeros(HV - 1)), "A_log"),
+        ("norm_rows o", norm_rows(o=torch.zeros(B, N, HV, V - 1)), r"o must"),
+        ("norm_rows proj", norm_rows(p=torch.zeros(B, N, L.width - 2)), "proj"),
+        ("norm_rows weight", norm_rows(w=torch.ones(V - 1)), "weight"),
+        ("prep lengths", aprep(lengths=torch.tensor([0])), "lengths"),
+        ("prep depth", aprep(depth=torch.zeros(B, T + 1, dtype=torch.long)), "depth"),
+        ("prep cache batch", aprep(cache_k=torch.zeros(B - 1, Hkv, cap, D), cache_v=torch.zeros(B - 1, Hkv, cap, D)),
+         "cache"),
+        ("prep cache_v", aprep(cache_v=torch.zeros(B, Hkv, cap - 1, D)), "cache_v"),
+        ("prep q_norm_weight", aprep(q_norm_weight=torch.zeros(D - 2)), "q_norm_weight"),
+        ("prep perm", aprep(perm=perm[:-2]), "perm"),
+        ("attn cache batch", tattn(cache_k=torch.zeros(B - 1, Hkv, cap, D), cache_v=torch.zeros(B - 1, Hkv, cap, D)),
+         "cache"),
+        ("attn cache_v", tattn(cache_v=torch.zeros(B, Hkv, cap - 2, D)), "cache_v"),
+        ("attn cache head dim", tattn(cache_k=torch.zeros(B, Hkv, cap, D // 2), cache_v=torch.zeros(B, Hkv, cap, D // 2)),
+         "head dim"),
+        ("attn non-contiguous cache", tattn(cache_k=torch.zeros(B, cap, Hkv, D).transpose(1, 2)), "contiguous"),
+        ("attn lengths", tattn(lengths=torch.tensor([1])), "lengths"),
+        ("attn gate", tattn(gate=qkv[..., : 2 * Ha * D - D]), "gate"),
+        ("small_linear bias", lambda: gm.small_linear(x, torch.zeros(30, 40), torch.zeros(29)), "bias"),
+        ("add_rms_norm partials weight", lambda: ew.add_rms_norm(
+            torch.zeros(2, 3, 1, 40), residual=torch.zeros(3, 1, 40), weight=torch.zeros(39), eps=1e-6, offset=True),
+         "weight"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_shape_calls())), ids=[c[0] for c in _bad_shape_calls()])
+def test_fused_kernels_refuse_shapes_they_cannot_run(case):
+    name, call, pattern = _bad_shape_calls()[case]
+    with pytest.raises(ValueError, match=pattern):
+        call()

@@ -21,6 +21,18 @@ def _is_view_of(p: torch.Tensor, buf: torch.Tensor, row: int) -> bool:
             and p.data_ptr() == buf[row:].data_ptr() and p.is_contiguous())
 
 
+def _repoint(lin: nn.Module, name: str, view: torch.Tensor) -> None:
+    """Make lin.<name> a view of the fused buffer. A normal parameter keeps its object (`.data = view`), so optimizers,
+    EMA copies and anything else holding a reference keep reaching the numbers the model uses; a parameter made
+    under torch.inference_mode (an inference tensor, which cannot take a normal tensor's data and cannot be trained)
+    is replaced by a new Parameter."""
+    p = getattr(lin, name)
+    if p.is_inference():
+        setattr(lin, name, nn.Parameter(view, requires_grad=p.requires_grad))
+    else:
+        p.data = view
+
+
 def fused_linear(owner: nn.Module, names: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight (sum out, in), bias or None) of the Linear children `names` of `owner`, fused as described above.
     All must share in_features, dtype, device and the presence of a bias."""
@@ -45,10 +57,8 @@ def fused_linear(owner: nn.Module, names: list[str]) -> tuple[torch.Tensor, torc
         w = torch.cat([lin.weight.detach() for lin in linears], dim=0).contiguous()
         b = torch.cat([lin.bias.detach() for lin in linears], dim=0).contiguous() if all(has_bias) else None
         for lin, r0 in zip(linears, rows):
-            # re-point the existing Parameter objects (not new ones): optimizers, EMA copies and anything else that
-            # holds a reference to them keep reaching the numbers the model uses
-            lin.weight.data = w[r0: r0 + lin.out_features]
+            _repoint(lin, "weight", w[r0: r0 + lin.out_features])
             if b is not None:
-                lin.bias.data = b[r0: r0 + lin.out_features]
+                _repoint(lin, "bias", b[r0: r0 + lin.out_features])
     owner.__dict__[key] = (w, b, rows)
     return w, b

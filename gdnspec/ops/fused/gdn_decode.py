@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from gdnspec.ops.conv1d.causal_conv1d import causal_conv1d_update
+from gdnspec.ops.fused._checks import check_layout, check_shape
 from gdnspec.ops.gated_delta_rule.common import l2norm
 from gdnspec.ops.gated_delta_rule.triton_tree import HAS_TRITON, available
 
@@ -193,11 +194,18 @@ def gdn_decode_fused(proj: torch.Tensor, *, layout: ProjLayout, conv_weight: tor
     (B, conv_dim, W-1) contiguous in proj's dtype; recurrent_state (B, HV, K, V) float32 contiguous.
     Falls back to `gdn_decode_reference` where Triton cannot run (CPU without TRITON_INTERPRET, float64)."""
     L = layout
+    check_layout(L)
+    if proj.dim() != 2:
+        raise ValueError(f"proj must have shape (B, P), got {tuple(proj.shape)}")
     B, P = proj.shape
     CD = 2 * L.H * L.K + L.HV * L.V
+    if conv_weight.dim() != 2 or conv_weight.shape[0] != CD or conv_weight.shape[1] < 1:
+        raise ValueError(f"conv_weight must have shape (conv_dim, W) = ({CD}, W), got {tuple(conv_weight.shape)}")
     W = conv_weight.shape[-1]
     if P != L.width:
         raise ValueError(f"proj has {P} columns, the layout expects {L.width}")
+    for name, t, n in (("A_log", A_log, L.HV), ("dt_bias", dt_bias, L.HV), ("norm_weight", norm_weight, L.V)):
+        check_shape(name, t, (n,))
     if tuple(conv_state.shape) != (B, CD, W - 1):
         raise ValueError(f"conv_state must have shape (B, conv_dim, W-1) = {(B, CD, W - 1)}, got {tuple(conv_state.shape)}")
     if tuple(recurrent_state.shape) != (B, L.HV, L.K, L.V):

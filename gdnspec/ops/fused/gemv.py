@@ -80,8 +80,10 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if not use:
         return F.linear(x, weight, bias)
     N = weight.shape[0]
-    if weight.shape[1] != K:
-        raise ValueError(f"weight has in_features {weight.shape[1]}, x has {K}")
+    if weight.dim() != 2 or weight.shape[1] != K:
+        raise ValueError(f"weight must have shape (N, K) with K = {K} (x's last dim), got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"bias must have shape (N,) = ({N},), got {tuple(bias.shape)}")
     x2 = x.reshape(M, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
