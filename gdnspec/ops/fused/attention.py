@@ -122,7 +122,7 @@ if HAS_TRITON:
         else:
             h = i_head - H
             slot = tl.minimum(ln, cap - T) + i_t
-            off = ((i_b * HKV + h) * cap + slot) * D + cols
+            off = ((i_b.to(tl.int64) * HKV + h) * cap + slot) * D + cols  # int64: caches of >= 2^31 elements
             tl.store(ck + off, y.to(ck.dtype.element_ty), mask=m)
             vv = tl.load(row + 2 * H * D + HKV * D + h * D + cols, mask=m, other=0.0)
             tl.store(cv + off, vv.to(cv.dtype.element_ty), mask=m)
@@ -157,7 +157,7 @@ if HAS_TRITON:
         m_i = tl.full([BM], float("-inf"), tl.float32)
         l_i = tl.zeros([BM], tl.float32)
         acc = tl.zeros([BM, BD], tl.float32)
-        kv_base = (i_b * HKV + i_kv) * cap * D
+        kv_base = (i_b.to(tl.int64) * HKV + i_kv) * cap * D  # int64: caches of >= 2^31 elements
         for n0 in range(start, end, BN):
             pcol = n0 + tl.arange(0, BN)
             mp = pcol < end
@@ -317,7 +317,7 @@ def tree_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor
     if not (cache_k.is_contiguous() and cache_v.is_contiguous()):
         raise ValueError(f"cache_k and cache_v must be contiguous, got strides {cache_k.stride()} and {cache_v.stride()}")
     G = H // Hkv
-    BD = triton.next_power_of_2(D)
+    BD = max(16, triton.next_power_of_2(D))  # tl.dot needs K >= 16 for 16-bit inputs on NVIDIA GPUs; masks pad D
     BM = max(16, min(64, triton.next_power_of_2(T * G)))
     BN = 32 if BD >= 256 else 64
     n_mb = triton.cdiv(T * G, BM)
