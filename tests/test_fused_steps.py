@@ -466,3 +466,15 @@ def test_fused_kernels_refuse_shapes_they_cannot_run(case):
     name, call, pattern = _bad_shape_calls()[case]
     with pytest.raises(ValueError, match=pattern):
         call()
+
+
+def test_split_k_partials_refuse_more_rows_than_one_tile():
+    """small_linear_partials tiles at most 32 rows (split_count never asks for more): a direct call with more rows
+    must raise, not leave the rows past the tile as uninitialised memory."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 300, generator=g)
+    x = torch.randn(33, 300, generator=g)
+    with pytest.raises(ValueError, match="33"):
+        gm.small_linear_partials(x, w, 2)
+    parts = gm.small_linear_partials(x[:32], w, 2)
+    assert rel(parts.sum(0), torch.nn.functional.linear(x[:32], w)) < 2e-6
