@@ -478,3 +478,24 @@ def test_split_k_partials_refuse_more_rows_than_one_tile():
         gm.small_linear_partials(x, w, 2)
     parts = gm.small_linear_partials(x[:32], w, 2)
     assert rel(parts.sum(0), torch.nn.functional.linear(x[:32], w)) < 2e-6
+
+
+@torch.inference_mode()
+def test_cached_static_steps_are_rebuilt_after_model_to_dtype():
+    """generate / the engine cache their static steps per model (CUDA graphs on the GPU, which read the weights and
+    state buffers they were captured with). After model.to(dtype) the cached steps must be rebuilt: before, the
+    cached decoder's float32 state buffers made the float16 fused step raise (and on CUDA a graph would replay
+    kernels reading the freed float32 weights)."""
+    from gdnspec import generate_autoregressive
+    from gdnspec.spec import SpeculativeEngine, TreeConfig
+    from gdnspec.spec.drafters import NGramDrafter
+
+    model = _hybrid(torch.float32)
+    prompt = [torch.tensor([1, 2, 3, 4, 1, 2, 3])]
+    eng = SpeculativeEngine(model, NGramDrafter(), TreeConfig(topk=2, num_steps=2, num_draft_tokens=4), static=True)
+    generate_autoregressive(model, prompt, 3, static=True)
+    eng.generate(prompt, 3)
+    model.to(torch.float16)
+    want = generate_autoregressive(model, prompt, 3, static=False)
+    assert torch.equal(generate_autoregressive(model, prompt, 3, static=True)[0], want[0])
+    assert torch.equal(eng.generate(prompt, 3)[0][: want[0].numel()], want[0])

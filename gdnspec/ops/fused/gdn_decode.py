@@ -215,8 +215,11 @@ def gdn_decode_fused(proj: torch.Tensor, *, layout: ProjLayout, conv_weight: tor
               dt_bias=dt_bias, norm_weight=norm_weight, norm_eps=norm_eps)
     if not available(proj) or recurrent_state.dtype != torch.float32 or proj.dtype == torch.float64:
         return gdn_decode_reference(proj, **kw)
-    if not (conv_state.is_contiguous() and recurrent_state.is_contiguous()) or conv_state.dtype != proj.dtype:
-        raise ValueError("conv_state (in proj's dtype) and recurrent_state must be contiguous")
+    if conv_state.dtype != proj.dtype:
+        raise ValueError(f"conv_state must be {proj.dtype} (the activation dtype, proj's), got {conv_state.dtype}")
+    if not (conv_state.is_contiguous() and recurrent_state.is_contiguous()):
+        raise ValueError(f"conv_state and recurrent_state must be contiguous, got strides {conv_state.stride()} and "
+                         f"{recurrent_state.stride()}")
     BK, BV = triton.next_power_of_2(L.K), triton.next_power_of_2(L.V)
     if BK * BV > 256 * 256:
         raise ValueError(f"gdn_decode_fused supports K * V <= 65536 (head dims K={L.K}, V={L.V})")
