@@ -499,3 +499,42 @@ def test_cached_static_steps_are_rebuilt_after_model_to_dtype():
     want = generate_autoregressive(model, prompt, 3, static=False)
     assert torch.equal(generate_autoregressive(model, prompt, 3, static=True)[0], want[0])
     assert torch.equal(eng.generate(prompt, 3)[0][: want[0].numel()], want[0])
+
+
+@pytest.mark.parametrize("over", [
+    dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=8,
+         mlp_only_layers=[1]),  # MoE layers (the MoE block runs unfused between fused kernels) and a dense one
+    dict(intermediate_size=0, attention_bias=True, num_attention_heads=8, num_key_value_heads=1, head_dim=6,
+         partial_rotary_factor=1.0),  # no MLP: the residual stream skips a norm; biased qkv / o_proj; GQA 8
+    dict(linear_num_key_heads=1, linear_num_value_heads=4, linear_key_head_dim=5, linear_value_head_dim=7,
+         gdn_layout="qwen3_5", rms_norm_offset=False, tie_word_embeddings=True),  # HV = 4H, odd head dims
+], ids=["moe", "nomlp-bias-gqa8", "hv4h-odd-qwen3_5"])
+@torch.inference_mode()
+def test_fused_steps_match_module_path_on_awkward_models(over):
+    cfg = tiny_config(num_hidden_layers=2, full_attention_interval=2, **over)
+    model = randomize_(GDNForCausalLM(cfg)).eval()
+    model.gdn_backend = "triton"
+    g = torch.Generator().manual_seed(7)
+    B = 3
+    model.fused_steps = False
+    s_ref = model(torch.randint(0, model.vocab_size, (B, 5), generator=g)).state
+    s = s_ref.clone()
+    ids = torch.randint(0, model.vocab_size, (B, 1), generator=g)
+    ref = model(ids, s_ref)
+    model.fused_steps = True
+    out = model(ids, s)
+    assert rel(out.logits, ref.logits) < 1e-5 and rel(out.hidden_states, ref.hidden_states) < 1e-5
+    _states_close(s, s_ref, 1e-5)
+    parents = random_parents(B, 5, "random", seed=4)
+    lay = TokenLayout.from_parents(parents)
+    ids = torch.randint(0, model.vocab_size, (B, 5), generator=g)
+    model.fused_steps = False
+    ref = model.forward_tree(ids, state=s_ref, layout=lay)
+    model.fused_steps = True
+    out = model.forward_tree(ids, state=s, layout=lay)
+    assert rel(out.logits, ref.logits) < 1e-5 and rel(out.hidden_states, ref.hidden_states) < 1e-5
+    path = torch.tensor([[0, 1] if parents[b, 1] == 0 else [0, 0] for b in range(B)])
+    counts = torch.tensor([2 if parents[b, 1] == 0 else 1 for b in range(B)])
+    model.commit_tree(s_ref, ref, path=path, counts=counts)
+    model.commit_tree(s, out, path=path, counts=counts)
+    _states_close(s, s_ref, 1e-5)
