@@ -538,3 +538,18 @@ def test_fused_steps_match_module_path_on_awkward_models(over):
     model.commit_tree(s_ref, ref, path=path, counts=counts)
     model.commit_tree(s, out, path=path, counts=counts)
     _states_close(s, s_ref, 1e-5)
+
+
+@torch.inference_mode()
+def test_a_static_prefill_captured_before_the_first_fused_step_is_stale_after_it():
+    """generate captures the prefill (module path) before its first fused decode step fuses the projection weights;
+    fusion moves each weight into the fused buffer and frees its old storage, which the captured prefill graph
+    would keep reading on CUDA. The cached prefill must report itself stale, so graph_prefill recaptures it."""
+    from gdnspec.runtime import StaticPrefill
+
+    model = _hybrid(torch.float32)
+    pre = StaticPrefill(model, batch_size=1, seq_len=4, use_graph=False)
+    assert pre.current()
+    model(torch.tensor([[3]]))  # first fused decode step: fuses the weights
+    assert not pre.current()
+    assert StaticPrefill(model, batch_size=1, seq_len=4, use_graph=False).current()
