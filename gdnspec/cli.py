@@ -624,7 +624,8 @@ def _static_decoder(model, max_len: int):
     if _STATIC_DECODERS is None:
         _STATIC_DECODERS = weakref.WeakKeyDictionary()
     per_model = _STATIC_DECODERS.setdefault(model, {})
-    if max_len not in per_model:
+    if max_len not in per_model or not per_model[max_len].current():  # rebuilt when the weights changed since
+        per_model.pop(max_len, None)
         per_model[max_len] = StaticDecoder(model, batch_size=1, max_len=max_len)
     return per_model[max_len]
 

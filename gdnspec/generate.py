@@ -121,6 +121,8 @@ def graph_prefill(model, ids: torch.Tensor):
             _PREFILLS = weakref.WeakKeyDictionary()
         per_model = _PREFILLS.setdefault(model, {})
         pre = per_model.pop((B, T), None)
+        if pre is not None and not pre.current():  # weights replaced or dtype changed since the capture
+            pre = None
         if pre is None:
             if len(per_model) >= PREFILL_GRAPHS_PER_MODEL:
                 per_model.pop(next(iter(per_model)))  # the least recently used shape
@@ -171,7 +173,8 @@ def _static_decoder(model, batch_size: int, max_len: int):
 
     per_model = _DECODERS.setdefault(model, {})
     key = (batch_size, max_len)
-    if key not in per_model:
+    if key not in per_model or not per_model[key].current():  # rebuilt when the weights changed since
+        per_model.pop(key, None)
         per_model[key] = StaticDecoder(model, batch_size=batch_size, max_len=max_len)
     return per_model[key]
 

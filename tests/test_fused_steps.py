@@ -290,3 +290,266 @@ def test_fused_greedy_generation_equals_module_path():
     eng = SpeculativeEngine(model, NGramDrafter(), TreeConfig(topk=2, num_steps=3, num_draft_tokens=6))
     spec = eng.generate(prompt, 12)
     assert all(torch.equal(a, b) for a, b in zip(spec, ref))
+
+
+# ---------------------------------------------------------------------------------------------- review (issue 9)
+def _fused_buffers(model):
+    """Every fused weight buffer cached by layers/fusion.py: (owner, names, (w, b, rows))."""
+    out = []
+    for m in model.modules():
+        for key, val in vars(m).items():
+            if key.startswith("_fused_"):
+                out.append((m, key[len("_fused_"):], val))
+    return out
+
+
+def test_fusion_keeps_parameter_objects_so_an_earlier_optimizer_still_trains_the_model():
+    from gdnspec.train.train import lm_train_forward, make_optimizer
+
+    model = _hybrid(torch.float32)
+    params_before = dict(model.named_parameters())
+    opt = make_optimizer(model, 0.05, 0.0)  # made before the first fused step, as in a train loop with generation evals
+    ids = torch.randint(0, model.vocab_size, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(ids[:, :1])  # fused decode step: fuses the projections
+    assert _fused_buffers(model), "the fused step did not fuse any weights"
+    params_after = dict(model.named_parameters())
+    moved = [n for n, p in params_after.items() if p is not params_before[n]]
+    assert not moved, f"fusion replaced parameter objects (an existing optimizer no longer reaches them): {moved}"
+    w0 = model.layers[0].linear_attn.in_proj_qkvz.weight.detach().clone()
+    opt.zero_grad()
+    lm_train_forward(model, ids)[0].float().pow(2).mean().backward()
+    opt.step()
+    assert not torch.equal(w0, model.layers[0].linear_attn.in_proj_qkvz.weight.detach())
+    gdn = model.layers[0].linear_attn
+    cached = vars(gdn)["_fused_in_proj_qkvz_in_proj_ba"][0]
+    w = gdn.fused_in_proj()
+    assert w is cached, "the optimizer step re-fused the weights (the parameters are no longer views of the buffer)"
+    assert torch.equal(w, torch.cat([gdn.in_proj_qkvz.weight, gdn.in_proj_ba.weight]).detach())
+
+
+@torch.inference_mode()
+def _decode_logits(model, state, ids):
+    return model(ids, state).logits
+
+
+def test_fused_weights_follow_load_state_dict_and_to_dtype_and_save(tmp_path):
+    from gdnspec.models.checkpoint import save_checkpoint
+
+    model = _hybrid(torch.float32)
+    other = randomize_(GDNForCausalLM(model.config), seed=5).eval()
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, model.vocab_size, (2, 4), generator=g)
+    ids = torch.randint(0, model.vocab_size, (2, 1), generator=g)
+    with torch.inference_mode():
+        model.fused_steps = False
+        s0 = model(prompt).state
+    model.fused_steps = True
+    _decode_logits(model, s0.clone(), ids)  # fuse
+    for assign in (False, True):  # copy into the views / replace the parameters (re-fused on the next call)
+        model.load_state_dict(other.state_dict(), assign=assign)
+        model.fused_steps = False
+        ref = _decode_logits(model, s0.clone(), ids)
+        model.fused_steps = True
+        assert rel(_decode_logits(model, s0.clone(), ids), ref) < 1e-5, assign
+    save_checkpoint(model, tmp_path / "ckpt")  # views of a shared buffer serialise
+    sd = model.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in other.state_dict().items())
+
+
+def test_training_after_an_inference_mode_fused_step():
+    """Generation runs under torch.inference_mode; tensors it caches on the modules (RoPE tables, fused weights) must
+    not be inference tensors, or the next training forward fails ('Inference tensors cannot be saved for backward')."""
+    from gdnspec.train.train import lm_train_forward
+
+    model = _hybrid(torch.float32)
+    ids = torch.randint(0, model.vocab_size, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        model(ids[:, :3])  # prefill (module path) and
+        model(ids[:, :1])  # a fused decode step
+    loss = lm_train_forward(model, ids)[0].float().pow(2).mean()
+    loss.backward()
+    assert model.layers[1].self_attn.q_proj.weight.grad is not None
+
+
+def _bad_shape_calls():
+    """(name, call, pattern): each call passes one tensor of a wrong shape (or layout) to a fused kernel's wrapper;
+    every one must raise ValueError naming that tensor before any launch (the kernels index with the shapes they
+    assume: a wrong one would read or write out of bounds)."""
+    from gdnspec.ops.conv1d.tree import tree_conv_window_index
+
+    B, H, HV, K, V, W = 2, 2, 4, 8, 8, 4
+    L = gd.ProjLayout.qwen3_5(H, HV, K, V)
+    CD = 2 * H * K + HV * V
+    dec = dict(layout=L, conv_weight=torch.zeros(CD, W), conv_state=torch.zeros(B, CD, W - 1),
+               recurrent_state=torch.zeros(B, HV, K, V), A_log=torch.zeros(HV), dt_bias=torch.zeros(HV),
+               norm_weight=torch.ones(V), norm_eps=1e-6)
+    proj = torch.zeros(B, L.width)
+
+    def decode(**bad):
+        return lambda: gd.gdn_decode_fused(proj, **{**dec, **bad})
+
+    N = 3
+    tproj = torch.zeros(B, N, L.width)
+    wi = tree_conv_window_index(random_parents(B, N, "chain"), W)
+    prep = dict(layout=L, conv_weight=torch.zeros(CD, W), conv_state=torch.zeros(B, CD, W - 1), window_index=wi,
+                A_log=torch.zeros(HV), dt_bias=torch.zeros(HV))
+
+    def tree_prep(**bad):
+        return lambda: gt.gdn_tree_prep(tproj, **{**prep, **bad})
+
+    def norm_rows(o=torch.zeros(B, N, HV, V), p=tproj, w=torch.ones(V)):
+        return lambda: gt.gated_rms_norm_rows(o, p, layout=L, weight=w, eps=1e-6)
+
+    Ha, Hkv, D, T, cap = 4, 2, 16, 2, 12
+    P = 2 * Ha * D + 2 * Hkv * D
+    from gdnspec.layers.attention import RotaryEmbedding
+
+    table, perm = RotaryEmbedding(D, partial_rotary_factor=0.5)._table(torch.zeros(1, D), None, cap + T)
+    ap = dict(num_heads=Ha, num_kv_heads=Hkv, head_dim=D, q_norm_weight=torch.zeros(D), k_norm_weight=torch.zeros(D),
+              eps=1e-6, table=table, perm=perm, lengths=torch.tensor([0, 3]), depth=None,
+              cache_k=torch.zeros(B, Hkv, cap, D), cache_v=torch.zeros(B, Hkv, cap, D))
+    qkv = torch.zeros(B, T, P)
+
+    def aprep(**bad):
+        return lambda: at.attention_prep(qkv, **{**ap, **bad})
+
+    q = torch.zeros(B, T, Ha, D)
+    ta = dict(cache_k=torch.zeros(B, Hkv, cap, D), cache_v=torch.zeros(B, Hkv, cap, D), lengths=torch.tensor([0, 3]),
+              ancestor_mask=None, gate=qkv, scale=0.25)
+
+    def tattn(q=q, **bad):
+        kw = {**ta, **bad}
+        return lambda: at.tree_attention(q, kw.pop("cache_k"), kw.pop("cache_v"), kw.pop("lengths"),
+                                         kw.pop("ancestor_mask"), **kw)
+
+    x = torch.zeros(3, 1, 40)
+    return [
+        ("decode conv_weight", decode(conv_weight=torch.zeros(CD - 4, W)), "conv_weight"),
+        ("decode A_log", decode(A_log=torch.zeros(HV - 1)), "A_log"),
+        ("decode dt_bias", decode(dt_bias=torch.zeros(HV - 1)), "dt_bias"),
+        ("decode norm_weight", decode(norm_weight=torch.ones(V - 3)), "norm_weight"),
+        ("decode HV % H", lambda: gd.gdn_decode_fused(
+            torch.zeros(B, gd.ProjLayout.qwen3_5(2, 3, K, V).width),
+            **{**dec, "layout": gd.ProjLayout.qwen3_5(2, 3, K, V), "conv_weight": torch.zeros(2 * 2 * K + 3 * V, W),
+               "conv_state": torch.zeros(B, 2 * 2 * K + 3 * V, W - 1), "recurrent_state": torch.zeros(B, 3, K, V),
+               "A_log": torch.zeros(3), "dt_bias": torch.zeros(3)}), "HV"),
+        ("tree_prep conv_weight", tree_prep(conv_weight=torch.zeros(CD - 4, W)), "conv_weight"),
+        ("tree_prep A_log", tree_prep(A_log=torch.zeros(HV - 1)), "A_log"),
+        ("norm_rows o", norm_rows(o=torch.zeros(B, N, HV, V - 1)), r"o must"),
+        ("norm_rows proj", norm_rows(p=torch.zeros(B, N, L.width - 2)), "proj"),
+        ("norm_rows weight", norm_rows(w=torch.ones(V - 1)), "weight"),
+        ("prep lengths", aprep(lengths=torch.tensor([0])), "lengths"),
+        ("prep depth", aprep(depth=torch.zeros(B, T + 1, dtype=torch.long)), "depth"),
+        ("prep cache batch", aprep(cache_k=torch.zeros(B - 1, Hkv, cap, D), cache_v=torch.zeros(B - 1, Hkv, cap, D)),
+         "cache"),
+        ("prep cache_v", aprep(cache_v=torch.zeros(B, Hkv, cap - 1, D)), "cache_v"),
+        ("prep q_norm_weight", aprep(q_norm_weight=torch.zeros(D - 2)), "q_norm_weight"),
+        ("prep perm", aprep(perm=perm[:-2]), "perm"),
+        ("attn cache batch", tattn(cache_k=torch.zeros(B - 1, Hkv, cap, D), cache_v=torch.zeros(B - 1, Hkv, cap, D)),
+         "cache"),
+        ("attn cache_v", tattn(cache_v=torch.zeros(B, Hkv, cap - 2, D)), "cache_v"),
+        ("attn cache head dim", tattn(cache_k=torch.zeros(B, Hkv, cap, D // 2), cache_v=torch.zeros(B, Hkv, cap, D // 2)),
+         "head dim"),
+        ("attn non-contiguous cache", tattn(cache_k=torch.zeros(B, cap, Hkv, D).transpose(1, 2)), "contiguous"),
+        ("attn lengths", tattn(lengths=torch.tensor([1])), "lengths"),
+        ("attn gate", tattn(gate=qkv[..., : 2 * Ha * D - D]), "gate"),
+        ("small_linear bias", lambda: gm.small_linear(x, torch.zeros(30, 40), torch.zeros(29)), "bias"),
+        ("add_rms_norm partials weight", lambda: ew.add_rms_norm(
+            torch.zeros(2, 3, 1, 40), residual=torch.zeros(3, 1, 40), weight=torch.zeros(39), eps=1e-6, offset=True),
+         "weight"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_shape_calls())), ids=[c[0] for c in _bad_shape_calls()])
+def test_fused_kernels_refuse_shapes_they_cannot_run(case):
+    name, call, pattern = _bad_shape_calls()[case]
+    with pytest.raises(ValueError, match=pattern):
+        call()
+
+
+def test_split_k_partials_refuse_more_rows_than_one_tile():
+    """small_linear_partials tiles at most 32 rows (split_count never asks for more): a direct call with more rows
+    must raise, not leave the rows past the tile as uninitialised memory."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 300, generator=g)
+    x = torch.randn(33, 300, generator=g)
+    with pytest.raises(ValueError, match="33"):
+        gm.small_linear_partials(x, w, 2)
+    parts = gm.small_linear_partials(x[:32], w, 2)
+    assert rel(parts.sum(0), torch.nn.functional.linear(x[:32], w)) < 2e-6
+
+
+@torch.inference_mode()
+def test_cached_static_steps_are_rebuilt_after_model_to_dtype():
+    """generate / the engine cache their static steps per model (CUDA graphs on the GPU, which read the weights and
+    state buffers they were captured with). After model.to(dtype) the cached steps must be rebuilt: before, the
+    cached decoder's float32 state buffers made the float16 fused step raise (and on CUDA a graph would replay
+    kernels reading the freed float32 weights)."""
+    from gdnspec import generate_autoregressive
+    from gdnspec.spec import SpeculativeEngine, TreeConfig
+    from gdnspec.spec.drafters import NGramDrafter
+
+    model = _hybrid(torch.float32)
+    prompt = [torch.tensor([1, 2, 3, 4, 1, 2, 3])]
+    eng = SpeculativeEngine(model, NGramDrafter(), TreeConfig(topk=2, num_steps=2, num_draft_tokens=4), static=True)
+    generate_autoregressive(model, prompt, 3, static=True)
+    eng.generate(prompt, 3)
+    model.to(torch.float16)
+    want = generate_autoregressive(model, prompt, 3, static=False)
+    assert torch.equal(generate_autoregressive(model, prompt, 3, static=True)[0], want[0])
+    assert torch.equal(eng.generate(prompt, 3)[0][: want[0].numel()], want[0])
+
+
+@pytest.mark.parametrize("over", [
+    dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=8,
+         mlp_only_layers=[1]),  # MoE layers (the MoE block runs unfused between fused kernels) and a dense one
+    dict(intermediate_size=0, attention_bias=True, num_attention_heads=8, num_key_value_heads=1, head_dim=6,
+         partial_rotary_factor=1.0),  # no MLP: the residual stream skips a norm; biased qkv / o_proj; GQA 8
+    dict(linear_num_key_heads=1, linear_num_value_heads=4, linear_key_head_dim=5, linear_value_head_dim=7,
+         gdn_layout="qwen3_5", rms_norm_offset=False, tie_word_embeddings=True),  # HV = 4H, odd head dims
+], ids=["moe", "nomlp-bias-gqa8", "hv4h-odd-qwen3_5"])
+@torch.inference_mode()
+def test_fused_steps_match_module_path_on_awkward_models(over):
+    cfg = tiny_config(num_hidden_layers=2, full_attention_interval=2, **over)
+    model = randomize_(GDNForCausalLM(cfg)).eval()
+    model.gdn_backend = "triton"
+    g = torch.Generator().manual_seed(7)
+    B = 3
+    model.fused_steps = False
+    s_ref = model(torch.randint(0, model.vocab_size, (B, 5), generator=g)).state
+    s = s_ref.clone()
+    ids = torch.randint(0, model.vocab_size, (B, 1), generator=g)
+    ref = model(ids, s_ref)
+    model.fused_steps = True
+    out = model(ids, s)
+    assert rel(out.logits, ref.logits) < 1e-5 and rel(out.hidden_states, ref.hidden_states) < 1e-5
+    _states_close(s, s_ref, 1e-5)
+    parents = random_parents(B, 5, "random", seed=4)
+    lay = TokenLayout.from_parents(parents)
+    ids = torch.randint(0, model.vocab_size, (B, 5), generator=g)
+    model.fused_steps = False
+    ref = model.forward_tree(ids, state=s_ref, layout=lay)
+    model.fused_steps = True
+    out = model.forward_tree(ids, state=s, layout=lay)
+    assert rel(out.logits, ref.logits) < 1e-5 and rel(out.hidden_states, ref.hidden_states) < 1e-5
+    path = torch.tensor([[0, 1] if parents[b, 1] == 0 else [0, 0] for b in range(B)])
+    counts = torch.tensor([2 if parents[b, 1] == 0 else 1 for b in range(B)])
+    model.commit_tree(s_ref, ref, path=path, counts=counts)
+    model.commit_tree(s, out, path=path, counts=counts)
+    _states_close(s, s_ref, 1e-5)
+
+
+@torch.inference_mode()
+def test_a_static_prefill_captured_before_the_first_fused_step_is_stale_after_it():
+    """generate captures the prefill (module path) before its first fused decode step fuses the projection weights;
+    fusion moves each weight into the fused buffer and frees its old storage, which the captured prefill graph
+    would keep reading on CUDA. The cached prefill must report itself stale, so graph_prefill recaptures it."""
+    from gdnspec.runtime import StaticPrefill
+
+    model = _hybrid(torch.float32)
+    pre = StaticPrefill(model, batch_size=1, seq_len=4, use_graph=False)
+    assert pre.current()
+    model(torch.tensor([[3]]))  # first fused decode step: fuses the weights
+    assert not pre.current()
+    assert StaticPrefill(model, batch_size=1, seq_len=4, use_graph=False).current()

@@ -89,13 +89,16 @@ class RotaryEmbedding(nn.Module):
             return None
         n = max(max_position, 2 * size, 256)
         rd, half = self.rotary_dim, self.rotary_dim // 2
-        freqs = torch.arange(n, dtype=torch.float64, device=self.inv_freq.device)[:, None] * self.inv_freq  # (n, rd/2)
-        cos, sin = freqs.cos().to(x.dtype).to(x.device), freqs.sin().to(x.dtype).to(x.device)
-        table = torch.zeros(2, n, D, dtype=x.dtype, device=x.device)
-        table[0, :, rd:] = 1
-        table[0, :, :half], table[0, :, half:rd] = cos, cos
-        table[1, :, :half], table[1, :, half:rd] = -sin, sin
-        perm = torch.cat([torch.arange(rd).roll(half), torch.arange(rd, D)]).to(x.device)  # rotate_half, unsigned
+        # built as normal tensors even inside torch.inference_mode (generation): a cached inference tensor would make
+        # every later autograd forward (training after generating) fail when it saves the table for backward
+        with torch.inference_mode(False), torch.no_grad():
+            freqs = torch.arange(n, dtype=torch.float64, device=self.inv_freq.device)[:, None] * self.inv_freq  # (n, rd/2)
+            cos, sin = freqs.cos().to(x.dtype).to(x.device), freqs.sin().to(x.dtype).to(x.device)
+            table = torch.zeros(2, n, D, dtype=x.dtype, device=x.device)
+            table[0, :, rd:] = 1
+            table[0, :, :half], table[0, :, half:rd] = cos, cos
+            table[1, :, :half], table[1, :, half:rd] = -sin, sin
+            perm = torch.cat([torch.arange(rd).roll(half), torch.arange(rd, D)]).to(x.device)  # rotate_half, unsigned
         for old_key in [k for k in cache if k[:3] == key[:3]]:  # superseded tables of this dtype/device/width
             old = cache.pop(old_key)
             if old[0].is_cuda:  # keep it alive: a captured CUDA graph may still read it

@@ -4,7 +4,8 @@
     y = F.linear(x, w, b)                                          # one GEMM / GEMV instead of several
 
 The first call copies the weights into one contiguous buffer and re-points each Linear's parameter at its row block
-(a view, so no memory is duplicated and every other code path keeps using the same numbers); later calls return the
+(`param.data = view`: the Parameter objects stay the same, so an optimizer made before the fusion still updates the
+numbers the fused path reads; a view, so no memory is duplicated and every other code path keeps using the same numbers); later calls return the
 buffer while the parameters still are those views, and re-fuse when a weight was replaced (load_state_dict with
 assign, .to(...), a tied or re-initialised weight). In-place updates (optimizer steps, copy_) reach the buffer by
 construction. Like vLLM's merged column-parallel linears, but done lazily on the module that owns them.
@@ -18,6 +19,18 @@ from torch import nn
 def _is_view_of(p: torch.Tensor, buf: torch.Tensor, row: int) -> bool:
     return (p.device == buf.device and p.dtype == buf.dtype and p.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
             and p.data_ptr() == buf[row:].data_ptr() and p.is_contiguous())
+
+
+def _repoint(lin: nn.Module, name: str, view: torch.Tensor) -> None:
+    """Make lin.<name> a view of the fused buffer. A normal parameter keeps its object (`.data = view`), so optimizers,
+    EMA copies and anything else holding a reference keep reaching the numbers the model uses; a parameter made
+    under torch.inference_mode (an inference tensor, which cannot take a normal tensor's data and cannot be trained)
+    is replaced by a new Parameter."""
+    p = getattr(lin, name)
+    if p.is_inference():
+        setattr(lin, name, nn.Parameter(view, requires_grad=p.requires_grad))
+    else:
+        p.data = view
 
 
 def fused_linear(owner: nn.Module, names: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -44,9 +57,8 @@ def fused_linear(owner: nn.Module, names: list[str]) -> tuple[torch.Tensor, torc
         w = torch.cat([lin.weight.detach() for lin in linears], dim=0).contiguous()
         b = torch.cat([lin.bias.detach() for lin in linears], dim=0).contiguous() if all(has_bias) else None
         for lin, r0 in zip(linears, rows):
-            req = lin.weight.requires_grad
-            lin.weight = nn.Parameter(w[r0: r0 + lin.out_features], requires_grad=req)
+            _repoint(lin, "weight", w[r0: r0 + lin.out_features])
             if b is not None:
-                lin.bias = nn.Parameter(b[r0: r0 + lin.out_features], requires_grad=lin.bias.requires_grad)
+                _repoint(lin, "bias", b[r0: r0 + lin.out_features])
     owner.__dict__[key] = (w, b, rows)
     return w, b

@@ -285,6 +285,11 @@ class GDNForCausalLM(nn.Module):
 
         input_ids (B, N); layout from the draft tree. `state` is only read; see `commit_tree`. validate=False also
         keeps every shape independent of device values (no host sync: attention reads the whole KV capacity).
+        With the fused steps the N new keys/values are written into the KV cache at positions lengths .. lengths + N - 1
+        (past the valid prefix, so the committed cache is unchanged); validate=True grows the capacity for that first,
+        validate=False cannot (no host sync), so there every live row must have lengths + N <= capacity
+        (runtime.StaticSpecRunner allocates max_len + N + 1): a row without that room would get wrong logits and have
+        the last positions of its committed prefix overwritten.
         """
         if validate:
             self._check_ids(input_ids)  # before unpacking the shape, so a 1-D input gets the clear error

@@ -50,6 +50,26 @@ def _maybe_compile(fn):
     return torch.compile(fn, dynamic=False, fullgraph=False)
 
 
+def weights_signature(*modules) -> tuple:
+    """What a static step depends on besides its own buffers: every parameter and buffer tensor of `modules` (address,
+    dtype, device) and the flags that pick the step's path (fused_steps, gdn_backend). A cached static step whose
+    signature changed (model.to(dtype), load_state_dict(assign=True), a replaced weight, fused_steps toggled) must be
+    rebuilt: its state buffers have the old dtype, and its CUDA graph would replay kernels that read the old tensors
+    (freed once replaced). In-place updates (load_state_dict copying, optimizer steps) keep the signature and are
+    seen by the graph. Computed after the step is built, so the weights that the first fused call fuses count."""
+    sig = []
+    for m in modules:
+        if not isinstance(m, torch.nn.Module):
+            continue
+        sig.append((type(m).__name__, getattr(m, "fused_steps", None), getattr(m, "gdn_backend", None)))
+        sig.extend((t.data_ptr(), t.dtype, t.device) for t in (*m.parameters(), *m.buffers()))
+    return tuple(sig)
+
+
+def _drafter_modules(drafter) -> list:
+    return [v for v in vars(drafter).values() if isinstance(v, torch.nn.Module)]
+
+
 def _reset_padding_rows(state: ModelState, n: int) -> None:
     """Empty the KV caches of rows n.. (padding rows), so their lengths restart from 0 whenever a runner is reloaded."""
     for layer in state.layers:
@@ -101,6 +121,11 @@ class StaticDecoder:
         self.ids = torch.zeros(batch_size, 1, dtype=torch.long, device=model.device)
         use_graph = model.device.type == "cuda" if use_graph is None else use_graph
         self.graph, self.logits = _capture(self._run, use_graph, [self.state])
+        self.signature = weights_signature(model)
+
+    def current(self) -> bool:
+        """False once the model's weights or path changed since this step was built (see `weights_signature`)."""
+        return weights_signature(self.model) == self.signature
 
     def _run(self) -> torch.Tensor:
         out = self.model(self.ids, self.state, mode="fused_decode", logits_to_keep=1, validate=False, reserve_kv=False)
@@ -147,6 +172,11 @@ class StaticPrefill:
             warnings.warn(f"CUDA graph capture of the prefill failed ({type(err).__name__}: {err}); running it eagerly")
             torch.cuda.synchronize()
             self.graph, self.outputs = None, None
+        self.signature = weights_signature(model)
+
+    def current(self) -> bool:
+        """False once the model's weights or path changed since this prefill was built (see `weights_signature`)."""
+        return weights_signature(self.model) == self.signature
 
     def _run(self):
         for layer in self.state.layers:  # from an empty state, inside the graph
@@ -197,6 +227,11 @@ class StaticSpecRunner:
         use_graph = dev.type == "cuda" if use_graph is None else use_graph
         restore = [self.target_state] + ([self.draft_state] if self.draft_state is not None else [])
         self.graph, self.outputs = _capture(self._run, use_graph, restore)
+        self.signature = weights_signature(target, *_drafter_modules(drafter))
+
+    def current(self) -> bool:
+        """False once the target's or the drafter's weights or path changed since this runner was built."""
+        return weights_signature(self.target, *_drafter_modules(self.drafter)) == self.signature
 
     def _run(self):
         tree = self.tree

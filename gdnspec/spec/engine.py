@@ -142,7 +142,8 @@ class SpeculativeEngine:
         from gdnspec.runtime import StaticSpecRunner
 
         key = (batch_size, max_len)
-        if key not in self._runners:
+        if key not in self._runners or not self._runners[key].current():  # rebuilt when the weights changed since
+            self._runners.pop(key, None)
             self._runners[key] = StaticSpecRunner(self.target, self.drafter, self.config, batch_size=batch_size, max_len=max_len)
         return self._runners[key]
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from gdnspec.ops.fused._checks import check_shape
 from gdnspec.ops.gated_delta_rule.triton_tree import HAS_TRITON, available
 
 if HAS_TRITON:
@@ -121,7 +122,7 @@ if HAS_TRITON:
         else:
             h = i_head - H
             slot = tl.minimum(ln, cap - T) + i_t
-            off = ((i_b * HKV + h) * cap + slot) * D + cols
+            off = ((i_b.to(tl.int64) * HKV + h) * cap + slot) * D + cols  # int64: caches of >= 2^31 elements
             tl.store(ck + off, y.to(ck.dtype.element_ty), mask=m)
             vv = tl.load(row + 2 * H * D + HKV * D + h * D + cols, mask=m, other=0.0)
             tl.store(cv + off, vv.to(cv.dtype.element_ty), mask=m)
@@ -156,7 +157,7 @@ if HAS_TRITON:
         m_i = tl.full([BM], float("-inf"), tl.float32)
         l_i = tl.zeros([BM], tl.float32)
         acc = tl.zeros([BM, BD], tl.float32)
-        kv_base = (i_b * HKV + i_kv) * cap * D
+        kv_base = (i_b.to(tl.int64) * HKV + i_kv) * cap * D  # int64: caches of >= 2^31 elements
         for n0 in range(start, end, BN):
             pcol = n0 + tl.arange(0, BN)
             mp = pcol < end
@@ -226,9 +227,25 @@ def attention_prep(qkv: torch.Tensor, *, num_heads: int, num_kv_heads: int, head
     """See `attention_prep_reference`; one kernel on CUDA / under TRITON_INTERPRET. Positions are
     min(lengths, capacity) + depth (depth None: t, a causal chain), slots min(lengths, capacity - T) + t, both
     computed in the kernel. table (2, P, D) in qkv's dtype with P >= capacity + T."""
+    if qkv.dim() != 3:
+        raise ValueError(f"qkv must have shape (B, T, P), got {tuple(qkv.shape)}")
     B, T, P = qkv.shape
     H, Hkv, D = num_heads, num_kv_heads, head_dim
+    if cache_k.dim() != 4:
+        raise ValueError(f"cache_k must have shape (B, Hkv, capacity, D), got {tuple(cache_k.shape)}")
     cap = cache_k.shape[2]
+    check_shape("cache_k", cache_k, (B, Hkv, cap, D), "(B, Hkv, capacity, D)")
+    check_shape("cache_v", cache_v, (B, Hkv, cap, D), "(B, Hkv, capacity, D)")
+    check_shape("lengths", lengths, (B,), "(B,)")
+    if depth is not None:
+        check_shape("depth", depth, (B, T), "(B, T)")
+    check_shape("q_norm_weight", q_norm_weight, (D,))
+    check_shape("k_norm_weight", k_norm_weight, (D,))
+    check_shape("perm", perm, (D,))
+    if table.dim() != 3 or table.shape[0] != 2:
+        raise ValueError(f"table must have shape (2, positions, D), got {tuple(table.shape)}")
+    if T > cap:
+        raise ValueError(f"{T} new tokens do not fit a KV cache of capacity {cap}")
     if P < 2 * H * D + 2 * Hkv * D:
         raise ValueError(f"qkv has {P} columns, expected 2*H*D + 2*Hkv*D = {2 * H * D + 2 * Hkv * D}")
     if table.shape[1] < cap + T:
@@ -271,8 +288,19 @@ def tree_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor
     [query D | gate D] (the gate of head h at columns h*2D + D ..); lengths (B,) long (clamped to capacity - T);
     ancestor_mask (B, T, T) bool with the diagonal, or None for a causal chain. advance_lengths=True adds T to
     `lengths` in place afterwards (a causal step), inside the last kernel. Returns (B, T, H*D)."""
+    if q.dim() != 4 or cache_k.dim() != 4:
+        raise ValueError(f"q must be (B, T, H, D) and cache_k (B, Hkv, capacity, D), got {tuple(q.shape)} and "
+                         f"{tuple(cache_k.shape)}")
     B, T, H, D = q.shape
     Hkv, cap = cache_k.shape[1], cache_k.shape[2]
+    if cache_k.shape[-1] != D:
+        raise ValueError(f"cache_k has head dim {cache_k.shape[-1]}, q has head dim {D}")
+    check_shape("cache_k", cache_k, (B, Hkv, cap, D), "(B, Hkv, capacity, D)")
+    check_shape("cache_v", cache_v, (B, Hkv, cap, D), "(B, Hkv, capacity, D)")
+    check_shape("lengths", lengths, (B,), "(B,)")
+    if gate.dim() != 3 or tuple(gate.shape[:2]) != (B, T) or gate.shape[-1] < 2 * H * D:
+        raise ValueError(f"gate must hold the (B, T, P) projection rows with P >= 2*H*D = {2 * H * D}, got "
+                         f"{tuple(gate.shape)}")
     if H % Hkv:
         raise ValueError(f"num_heads ({H}) must be a multiple of the cache's kv heads ({Hkv})")
     if T > cap:
@@ -286,8 +314,10 @@ def tree_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor
         if advance_lengths:
             lengths += T
         return out
+    if not (cache_k.is_contiguous() and cache_v.is_contiguous()):
+        raise ValueError(f"cache_k and cache_v must be contiguous, got strides {cache_k.stride()} and {cache_v.stride()}")
     G = H // Hkv
-    BD = triton.next_power_of_2(D)
+    BD = max(16, triton.next_power_of_2(D))  # tl.dot needs K >= 16 for 16-bit inputs on NVIDIA GPUs; masks pad D
     BM = max(16, min(64, triton.next_power_of_2(T * G)))
     BN = 32 if BD >= 256 else 64
     n_mb = triton.cdiv(T * G, BM)

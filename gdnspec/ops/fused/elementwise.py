@@ -126,6 +126,10 @@ def _add_rms_norm_partials(parts: torch.Tensor, *, residual: torch.Tensor, weigh
     D = parts.shape[-1]
     if parts.shape[1:] != residual.shape or parts.dtype != torch.float32:
         raise ValueError(f"partials must be float32 (S, *residual.shape), got {parts.dtype} {tuple(parts.shape)}")
+    if weight.shape != (D,):
+        raise ValueError(f"weight must have shape ({D},), got {tuple(weight.shape)}")
+    if triton.next_power_of_2(D) > 65536:
+        raise ValueError(f"add_rms_norm supports rows of at most 65536 elements, got D={D}")
     p2 = parts.reshape(S, -1, D).contiguous()
     r2 = _rows(residual.contiguous(), "residual")
     n = r2.shape[0]

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from gdnspec.ops.conv1d.causal_conv1d import causal_conv1d_update
+from gdnspec.ops.fused._checks import check_layout, check_shape
 from gdnspec.ops.gated_delta_rule.common import l2norm
 from gdnspec.ops.gated_delta_rule.triton_tree import HAS_TRITON, available
 
@@ -193,11 +194,18 @@ def gdn_decode_fused(proj: torch.Tensor, *, layout: ProjLayout, conv_weight: tor
     (B, conv_dim, W-1) contiguous in proj's dtype; recurrent_state (B, HV, K, V) float32 contiguous.
     Falls back to `gdn_decode_reference` where Triton cannot run (CPU without TRITON_INTERPRET, float64)."""
     L = layout
+    check_layout(L)
+    if proj.dim() != 2:
+        raise ValueError(f"proj must have shape (B, P), got {tuple(proj.shape)}")
     B, P = proj.shape
     CD = 2 * L.H * L.K + L.HV * L.V
+    if conv_weight.dim() != 2 or conv_weight.shape[0] != CD or conv_weight.shape[1] < 1:
+        raise ValueError(f"conv_weight must have shape (conv_dim, W) = ({CD}, W), got {tuple(conv_weight.shape)}")
     W = conv_weight.shape[-1]
     if P != L.width:
         raise ValueError(f"proj has {P} columns, the layout expects {L.width}")
+    for name, t, n in (("A_log", A_log, L.HV), ("dt_bias", dt_bias, L.HV), ("norm_weight", norm_weight, L.V)):
+        check_shape(name, t, (n,))
     if tuple(conv_state.shape) != (B, CD, W - 1):
         raise ValueError(f"conv_state must have shape (B, conv_dim, W-1) = {(B, CD, W - 1)}, got {tuple(conv_state.shape)}")
     if tuple(recurrent_state.shape) != (B, L.HV, L.K, L.V):
@@ -207,8 +215,11 @@ def gdn_decode_fused(proj: torch.Tensor, *, layout: ProjLayout, conv_weight: tor
               dt_bias=dt_bias, norm_weight=norm_weight, norm_eps=norm_eps)
     if not available(proj) or recurrent_state.dtype != torch.float32 or proj.dtype == torch.float64:
         return gdn_decode_reference(proj, **kw)
-    if not (conv_state.is_contiguous() and recurrent_state.is_contiguous()) or conv_state.dtype != proj.dtype:
-        raise ValueError("conv_state (in proj's dtype) and recurrent_state must be contiguous")
+    if conv_state.dtype != proj.dtype:
+        raise ValueError(f"conv_state must be {proj.dtype} (the activation dtype, proj's), got {conv_state.dtype}")
+    if not (conv_state.is_contiguous() and recurrent_state.is_contiguous()):
+        raise ValueError(f"conv_state and recurrent_state must be contiguous, got strides {conv_state.stride()} and "
+                         f"{recurrent_state.stride()}")
     BK, BV = triton.next_power_of_2(L.K), triton.next_power_of_2(L.V)
     if BK * BV > 256 * 256:
         raise ValueError(f"gdn_decode_fused supports K * V <= 65536 (head dims K={L.K}, V={L.V})")

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from gdnspec.ops.conv1d.tree import tree_causal_conv1d
+from gdnspec.ops.fused._checks import check_layout, check_shape
 from gdnspec.ops.fused.gdn_decode import ProjLayout
 from gdnspec.ops.gated_delta_rule.triton_tree import HAS_TRITON, available
 
@@ -146,11 +147,18 @@ def gdn_tree_prep(proj: torch.Tensor, *, layout: ProjLayout, conv_weight: torch.
     """See the module docstring; proj (B, N, P), conv_state (B, conv_dim, W-1) (only read), window_index (B, N, W)
     long. One kernel on CUDA / under TRITON_INTERPRET, `gdn_tree_prep_reference` elsewhere."""
     L = layout
+    check_layout(L)
+    if proj.dim() != 3:
+        raise ValueError(f"proj must have shape (B, N, P), got {tuple(proj.shape)}")
     B, N, P = proj.shape
-    W = conv_weight.shape[-1]
     CD = 2 * L.H * L.K + L.HV * L.V
+    if conv_weight.dim() != 2 or conv_weight.shape[0] != CD or conv_weight.shape[1] < 1:
+        raise ValueError(f"conv_weight must have shape (conv_dim, W) = ({CD}, W), got {tuple(conv_weight.shape)}")
+    W = conv_weight.shape[-1]
     if P != L.width:
         raise ValueError(f"proj has {P} columns, the layout expects {L.width}")
+    check_shape("A_log", A_log, (L.HV,))
+    check_shape("dt_bias", dt_bias, (L.HV,))
     if tuple(window_index.shape) != (B, N, W):
         raise ValueError(f"window_index must have shape (B, N, W) = {(B, N, W)}, got {tuple(window_index.shape)}")
     if tuple(conv_state.shape) != (B, CD, W - 1):
@@ -182,7 +190,13 @@ def gated_rms_norm_rows(o: torch.Tensor, proj: torch.Tensor, *, layout: ProjLayo
                         eps: float) -> torch.Tensor:
     """o (B, N, HV, V) contiguous, proj (B, N, P) -> (B, N, HV*V) in o's dtype (see the module docstring)."""
     L = layout
+    check_layout(L)
+    if o.dim() != 4 or proj.dim() != 3:
+        raise ValueError(f"o must be (B, N, HV, V) and proj (B, N, P), got {tuple(o.shape)} and {tuple(proj.shape)}")
     B, N = o.shape[:2]
+    check_shape("o", o, (B, N, L.HV, L.V), "(B, N, HV, V)")
+    check_shape("proj", proj, (B, N, L.width), "(B, N, P)")
+    check_shape("weight", weight, (L.V,))
     if not available(o) or o.dtype == torch.float64:
         return gated_rms_norm_rows_reference(o, proj, layout=L, weight=weight, eps=eps)
     p2 = proj.reshape(B * N, -1)

@@ -80,8 +80,10 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if not use:
         return F.linear(x, weight, bias)
     N = weight.shape[0]
-    if weight.shape[1] != K:
-        raise ValueError(f"weight has in_features {weight.shape[1]}, x has {K}")
+    if weight.dim() != 2 or weight.shape[1] != K:
+        raise ValueError(f"weight must have shape (N, K) with K = {K} (x's last dim), got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"bias must have shape (N,) = ({N},), got {tuple(bias.shape)}")
     x2 = x.reshape(M, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -120,7 +122,13 @@ def small_linear_partials(x: torch.Tensor, weight: torch.Tensor, splits: int) ->
     split-K reduction costs no extra launch."""
     K = x.shape[-1]
     N = weight.shape[0]
-    M = x.numel() // K
+    M = x.numel() // K if K else 0
+    if not 1 <= M <= 32:
+        raise ValueError(f"small_linear_partials takes 1 to 32 rows (one tile), got {M} rows of x {tuple(x.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != K or not weight.is_contiguous():
+        raise ValueError(f"weight must be a contiguous (N, K) matrix with K = {K}, got {tuple(weight.shape)}")
+    if splits < 1:
+        raise ValueError(f"splits must be >= 1, got {splits}")
     x2 = x.reshape(M, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
