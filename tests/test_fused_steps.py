@@ -541,15 +541,19 @@ def test_fused_steps_match_module_path_on_awkward_models(over):
 
 
 @torch.inference_mode()
-def test_a_static_prefill_captured_before_the_first_fused_step_is_stale_after_it():
-    """generate captures the prefill (module path) before its first fused decode step fuses the projection weights;
-    fusion moves each weight into the fused buffer and frees its old storage, which the captured prefill graph
-    would keep reading on CUDA. The cached prefill must report itself stale, so graph_prefill recaptures it."""
+def test_a_static_prefill_is_built_on_fused_weights_and_goes_stale_when_a_weight_is_replaced():
+    """Fusion re-points the projection weights at one buffer and frees their old storage, which a CUDA graph captured
+    before it would keep reading. The static steps therefore fuse BEFORE capturing (runtime.prepare_fused), so the
+    first fused decode step leaves an earlier prefill current; replacing a weight afterwards makes it stale, so
+    graph_prefill recaptures it."""
     from gdnspec.runtime import StaticPrefill
 
     model = _hybrid(torch.float32)
     pre = StaticPrefill(model, batch_size=1, seq_len=4, use_graph=False)
     assert pre.current()
-    model(torch.tensor([[3]]))  # first fused decode step: fuses the weights
+    model(torch.tensor([[3]]))  # first fused decode step: the weights were fused already
+    assert pre.current()
+    mlp = model.layers[0].mlp
+    mlp.gate_proj.weight = torch.nn.Parameter(mlp.gate_proj.weight.detach().clone())
     assert not pre.current()
     assert StaticPrefill(model, batch_size=1, seq_len=4, use_graph=False).current()

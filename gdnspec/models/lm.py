@@ -163,6 +163,19 @@ class GDNForCausalLM(nn.Module):
             return "triton" if tensor.is_cuda and HAS_TRITON else "torch"
         return self.gdn_backend
 
+    def fuse_projections_(self) -> None:
+        """Fuse every layer's projection weights now (layers/fusion.py; views, no extra memory). The fused steps do it
+        lazily at their first call; runtime's static steps call this before capturing a CUDA graph."""
+        for layer in self.layers:
+            if layer.layer_type == "linear_attention":
+                layer.linear_attn.fused_in_proj()
+            else:
+                layer.self_attn.fused_qkv()
+            if isinstance(layer.mlp, SwiGLUMLP):
+                from gdnspec.layers.fusion import fused_linear
+
+                fused_linear(layer.mlp, ["gate_proj", "up_proj"])
+
     def _use_fused(self, backend: str, h: torch.Tensor) -> bool:
         """The fused decode / verify steps run with the Triton backend, float32 or bf16/fp16 activations (float32
         GDN states) and no autograd."""

@@ -50,6 +50,16 @@ def _maybe_compile(fn):
     return torch.compile(fn, dynamic=False, fullgraph=False)
 
 
+def prepare_fused(*models) -> None:
+    """Fuse the projection weights of every model that has fused steps BEFORE a step is captured: fusing later (at the
+    first fused step) re-points the weights, which makes every graph captured before it stale (rebuilt, see
+    `weights_signature`) - so a prefill graph taken before the first decode step would be captured twice."""
+    for m in models:
+        fuse = getattr(m, "fuse_projections_", None)
+        if fuse is not None and getattr(m, "fused_steps", False):
+            fuse()
+
+
 def weights_signature(*modules) -> tuple:
     """What a static step depends on besides its own buffers: every parameter and buffer tensor of `modules` (address,
     dtype, device) and the flags that pick the step's path (fused_steps, gdn_backend). A cached static step whose
@@ -115,6 +125,7 @@ class StaticDecoder:
     """One plain decode step (T = 1) for `batch_size` rows with KV room for `max_len` positions."""
 
     def __init__(self, model, *, batch_size: int, max_len: int, use_graph: bool | None = None):
+        prepare_fused(model)
         self.model = model
         self.batch_size, self.max_len = batch_size, max_len
         self.state = model.new_state(batch_size, kv_capacity=max_len)
@@ -161,6 +172,7 @@ class StaticPrefill:
     """
 
     def __init__(self, model, *, batch_size: int, seq_len: int, use_graph: bool | None = None):
+        prepare_fused(model)
         self.model = model
         self.batch_size, self.seq_len = batch_size, seq_len
         self.state = model.new_state(batch_size, kv_capacity=seq_len)
@@ -205,6 +217,7 @@ class StaticSpecRunner:
     """
 
     def __init__(self, target, drafter, config: TreeConfig, *, batch_size: int, max_len: int, use_graph: bool | None = None):
+        prepare_fused(target, *_drafter_modules(drafter))
         self.target, self.drafter, self.config = target, drafter, config
         B, N = batch_size, config.num_draft_tokens
         self.batch_size, self.num_nodes, self.max_len = B, N, max_len
