@@ -128,3 +128,44 @@ def randomize_(module: torch.nn.Module, scale: float = 0.3, seed: int = 0) -> to
             else:
                 p.copy_(noise * scale / max(1.0, p.shape[-1] ** 0.5) * 3)
     return module
+
+
+# ---------------------------------------------------------------------------------------------- Triton interpreter
+def interpreter_modules(names: list[str]) -> list:
+    """Import (or re-import) gdnspec's kernel modules `names` with TRITON_INTERPRET=1, so that their kernels run on
+    the CPU; kernels decorated before the variable was set would target a GPU. For kernel test modules, at import."""
+    import importlib
+    import sys
+
+    os.environ["TRITON_INTERPRET"] = "1"
+    mods = []
+    for name in names:
+        mods.append(importlib.reload(sys.modules[name]) if name in sys.modules else importlib.import_module(name))
+    return mods
+
+
+@pytest.fixture(scope="module")
+def interpret_env():
+    """TRITON_INTERPRET=1 for a kernel test module's tests (another module may have restored it), restored after."""
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    yield
+    if old is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = old
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64; non-finite values in a fail the calling test."""
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all(), "non-finite values"
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+@pytest.fixture
+def keep_torch_threads():
+    """generate / eval set torch's thread count for the process: give the rest of the suite its own back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)

@@ -64,3 +64,15 @@ def tiny_folder(path, model=None, *, generation_config: dict | None = None):
     if generation_config is not None:
         (Path(path) / "generation_config.json").write_text(json.dumps(generation_config))
     return Path(path)
+
+
+def run_main(argv, capsys) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of gdnspec.cli.main(argv), argparse's own exits included."""
+    from gdnspec.cli import main
+
+    try:
+        rc = main(argv)
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err

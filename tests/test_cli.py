@@ -13,29 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from spec_helpers import run_main
+
 import gdnspec
-from gdnspec.cli import DRAFTERS, SMALL_MODEL_PARAMS, build_parser, choose_threads, main
+from gdnspec.cli import DRAFTERS, SMALL_MODEL_PARAMS, build_parser, choose_threads
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "def add(a, b):"
 
 
-@pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    """generate/eval set torch's thread count for the process: give the rest of the suite its own back."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
-def run_main(argv, capsys) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of main(argv), argparse's own exits included."""
-    try:
-        rc = main(argv)
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
+pytestmark = pytest.mark.usefixtures("keep_torch_threads")
 
 
 def cli_env() -> dict:

@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gdnspec.cli import main
 from gdnspec.models.checkpoint import save_checkpoint
 
-from spec_helpers import tiny_folder, tiny_model
+from spec_helpers import run_main, tiny_folder, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 GEN = ["generate", "--prompt", "def add(a, b):", "--max-new-tokens", "2"]
@@ -26,20 +25,7 @@ EVAL = ["eval", "--num-prompts", "1", "--max-new-tokens", "2", "--prompt-tokens"
 TINY = ["generate", "--prompt", "w5 w9 w7", "--max-new-tokens", "4"]
 
 
-@pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
-def run_main(argv, capsys) -> tuple[int, str, str]:
-    try:
-        rc = main(argv)
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
+pytestmark = pytest.mark.usefixtures("keep_torch_threads")
 
 
 def assert_one_line_error(rc, out, err, *needles, printed: str = ""):

@@ -6,52 +6,27 @@ Run: python -m pytest -q tests/test_fused_steps.py   (skipped when triton is not
 """
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 
 import pytest
 
-_OLD_INTERPRET = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
 import torch  # noqa: E402
 
-from conftest import random_parents, randomize_, tiny_config  # noqa: E402
+from conftest import interpreter_modules, random_parents, randomize_, rel_err, tiny_config  # noqa: E402
 from gdnspec.layers.layout import TokenLayout  # noqa: E402
 
-_MODS = ["gdnspec.ops.gated_delta_rule.triton_tree", "gdnspec.ops.gated_delta_rule.triton_commit",
-         "gdnspec.ops.gated_delta_rule.triton_decode", "gdnspec.ops.fused.elementwise",
-         "gdnspec.ops.fused.gdn_decode", "gdnspec.ops.fused.attention",
-         "gdnspec.ops.fused.gemv", "gdnspec.ops.fused.gdn_tree"]
-for _m in _MODS:  # kernels decorated before TRITON_INTERPRET was set would target a GPU
-    if _m in sys.modules:
-        importlib.reload(sys.modules[_m])
-    else:
-        importlib.import_module(_m)
-ew = sys.modules["gdnspec.ops.fused.elementwise"]
-gd = sys.modules["gdnspec.ops.fused.gdn_decode"]
-at = sys.modules["gdnspec.ops.fused.attention"]
-gm = sys.modules["gdnspec.ops.fused.gemv"]
-gt = sys.modules["gdnspec.ops.fused.gdn_tree"]
+interpreter_modules(["gdnspec.ops.gated_delta_rule.triton_tree", "gdnspec.ops.gated_delta_rule.triton_commit",
+                     "gdnspec.ops.gated_delta_rule.triton_decode"])
+ew, gd, at, gm, gt = interpreter_modules(["gdnspec.ops.fused.elementwise", "gdnspec.ops.fused.gdn_decode",
+                                          "gdnspec.ops.fused.attention", "gdnspec.ops.fused.gemv",
+                                          "gdnspec.ops.fused.gdn_tree"])
 from gdnspec.models.lm import GDNForCausalLM  # noqa: E402  (calls the kernels through their modules: reload-safe)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _restore_interpret_env():
-    os.environ["TRITON_INTERPRET"] = "1"  # another kernel test module may have restored it after its own tests
-    yield
-    if _OLD_INTERPRET is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _OLD_INTERPRET
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    assert torch.isfinite(a).all(), "non-finite values"
-    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+pytestmark = pytest.mark.usefixtures("interpret_env")
+rel = rel_err
 
 
 def bound(dtype) -> float:

@@ -9,19 +9,16 @@ the module's tests end.
 """
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 
 import pytest
 
-_OLD_INTERPRET = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
 import torch  # noqa: E402
 
-from conftest import gdr_inputs, random_parents  # noqa: E402
+from conftest import gdr_inputs, interpreter_modules, random_parents, rel_err  # noqa: E402
 from gdnspec.layers.gated_deltanet import Qwen3GatedDeltaNet  # noqa: E402
 from gdnspec.layers.layout import TokenLayout  # noqa: E402
 from gdnspec.ops.conv1d.tree import tree_causal_conv1d, tree_conv_commit_state  # noqa: E402
@@ -32,30 +29,10 @@ from gdnspec.ops.gated_delta_rule.tree import (  # noqa: E402
     tree_gated_delta_rule,
 )
 
-_MODS = ["gdnspec.ops.gated_delta_rule.triton_tree", "gdnspec.ops.gated_delta_rule.triton_commit",
-         "gdnspec.ops.gated_delta_rule.triton_decode"]
-for _m in _MODS:  # kernels decorated before TRITON_INTERPRET was set would target a GPU
-    if _m in sys.modules:
-        importlib.reload(sys.modules[_m])
-tt = importlib.import_module(_MODS[0])
-tc = importlib.import_module(_MODS[1])
-td = importlib.import_module(_MODS[2])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _restore_interpret_env():
-    os.environ["TRITON_INTERPRET"] = "1"  # another kernel test module may have restored it after its own tests
-    yield
-    if _OLD_INTERPRET is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _OLD_INTERPRET
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    assert torch.isfinite(a).all(), "non-finite values"
-    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+tt, tc, td = interpreter_modules(["gdnspec.ops.gated_delta_rule.triton_tree", "gdnspec.ops.gated_delta_rule.triton_commit",
+                                  "gdnspec.ops.gated_delta_rule.triton_decode"])
+pytestmark = pytest.mark.usefixtures("interpret_env")
+rel = rel_err
 
 
 # (B, N, H, HV, K, V, dtype, tree kind)

@@ -79,6 +79,24 @@ class ProjLayout:
         return (base + h * hs + torch.arange(n, device=device)[None, :]).reshape(-1)
 
 
+def check_proj_conv_gates(proj: torch.Tensor, *, layout: ProjLayout, conv_weight: torch.Tensor, A_log: torch.Tensor,
+                          dt_bias: torch.Tensor, dims: str) -> tuple[int, int]:
+    """The input checks the GDN kernels share: proj (..., P) with len(dims) dims and P = layout.width, conv_weight
+    (conv_dim, W), A_log and dt_bias (HV,). Returns (conv_dim, W); raises ValueError naming the tensor."""
+    L = layout
+    check_layout(L)
+    if proj.dim() != dims.count(",") + 1:
+        raise ValueError(f"proj must have shape {dims}, got {tuple(proj.shape)}")
+    CD = 2 * L.H * L.K + L.HV * L.V
+    if conv_weight.dim() != 2 or conv_weight.shape[0] != CD or conv_weight.shape[1] < 1:
+        raise ValueError(f"conv_weight must have shape (conv_dim, W) = ({CD}, W), got {tuple(conv_weight.shape)}")
+    if proj.shape[-1] != L.width:
+        raise ValueError(f"proj has {proj.shape[-1]} columns, the layout expects {L.width}")
+    check_shape("A_log", A_log, (L.HV,))
+    check_shape("dt_bias", dt_bias, (L.HV,))
+    return CD, conv_weight.shape[-1]
+
+
 def gdn_decode_reference(proj: torch.Tensor, *, layout: ProjLayout, conv_weight: torch.Tensor, conv_state: torch.Tensor,
                          recurrent_state: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor,
                          norm_weight: torch.Tensor, norm_eps: float) -> torch.Tensor:
@@ -194,18 +212,10 @@ def gdn_decode_fused(proj: torch.Tensor, *, layout: ProjLayout, conv_weight: tor
     (B, conv_dim, W-1) contiguous in proj's dtype; recurrent_state (B, HV, K, V) float32 contiguous.
     Falls back to `gdn_decode_reference` where Triton cannot run (CPU without TRITON_INTERPRET, float64)."""
     L = layout
-    check_layout(L)
-    if proj.dim() != 2:
-        raise ValueError(f"proj must have shape (B, P), got {tuple(proj.shape)}")
+    CD, W = check_proj_conv_gates(proj, layout=L, conv_weight=conv_weight, A_log=A_log, dt_bias=dt_bias,
+                                  dims="(B, P)")
     B, P = proj.shape
-    CD = 2 * L.H * L.K + L.HV * L.V
-    if conv_weight.dim() != 2 or conv_weight.shape[0] != CD or conv_weight.shape[1] < 1:
-        raise ValueError(f"conv_weight must have shape (conv_dim, W) = ({CD}, W), got {tuple(conv_weight.shape)}")
-    W = conv_weight.shape[-1]
-    if P != L.width:
-        raise ValueError(f"proj has {P} columns, the layout expects {L.width}")
-    for name, t, n in (("A_log", A_log, L.HV), ("dt_bias", dt_bias, L.HV), ("norm_weight", norm_weight, L.V)):
-        check_shape(name, t, (n,))
+    check_shape("norm_weight", norm_weight, (L.V,))
     if tuple(conv_state.shape) != (B, CD, W - 1):
         raise ValueError(f"conv_state must have shape (B, conv_dim, W-1) = {(B, CD, W - 1)}, got {tuple(conv_state.shape)}")
     if tuple(recurrent_state.shape) != (B, L.HV, L.K, L.V):

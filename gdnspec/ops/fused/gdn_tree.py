@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from gdnspec.ops.conv1d.tree import tree_causal_conv1d
 from gdnspec.ops.fused._checks import check_layout, check_shape
-from gdnspec.ops.fused.gdn_decode import ProjLayout
+from gdnspec.ops.fused.gdn_decode import ProjLayout, check_proj_conv_gates
 from gdnspec.ops.gated_delta_rule.triton_tree import HAS_TRITON, available
 
 if HAS_TRITON:
@@ -147,18 +147,9 @@ def gdn_tree_prep(proj: torch.Tensor, *, layout: ProjLayout, conv_weight: torch.
     """See the module docstring; proj (B, N, P), conv_state (B, conv_dim, W-1) (only read), window_index (B, N, W)
     long. One kernel on CUDA / under TRITON_INTERPRET, `gdn_tree_prep_reference` elsewhere."""
     L = layout
-    check_layout(L)
-    if proj.dim() != 3:
-        raise ValueError(f"proj must have shape (B, N, P), got {tuple(proj.shape)}")
+    CD, W = check_proj_conv_gates(proj, layout=L, conv_weight=conv_weight, A_log=A_log, dt_bias=dt_bias,
+                                  dims="(B, N, P)")
     B, N, P = proj.shape
-    CD = 2 * L.H * L.K + L.HV * L.V
-    if conv_weight.dim() != 2 or conv_weight.shape[0] != CD or conv_weight.shape[1] < 1:
-        raise ValueError(f"conv_weight must have shape (conv_dim, W) = ({CD}, W), got {tuple(conv_weight.shape)}")
-    W = conv_weight.shape[-1]
-    if P != L.width:
-        raise ValueError(f"proj has {P} columns, the layout expects {L.width}")
-    check_shape("A_log", A_log, (L.HV,))
-    check_shape("dt_bias", dt_bias, (L.HV,))
     if tuple(window_index.shape) != (B, N, W):
         raise ValueError(f"window_index must have shape (B, N, W) = {(B, N, W)}, got {tuple(window_index.shape)}")
     if tuple(conv_state.shape) != (B, CD, W - 1):
