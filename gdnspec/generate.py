@@ -10,6 +10,7 @@ first stop id). Finished sequences are dropped from the batch so they stop costi
 """
 from __future__ import annotations
 
+import os
 import weakref
 
 import torch
@@ -97,7 +98,8 @@ def check_generation_args(max_new_tokens, eos_token_id) -> None:
 
 PREFILL_GRAPH_MAX_LEN = 4096  # longer prompts: eager (their kernels are long enough to hide the launches)
 PREFILL_GRAPHS_PER_MODEL = 8
-_PREFILLS = None  # weakref.WeakKeyDictionary: model -> {(batch, seq_len): StaticPrefill}, most recent last
+# model -> {(batch, seq_len): StaticPrefill}, most recent last; used under static_lock(model) only
+_PREFILLS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def graph_prefill(model, ids: torch.Tensor):
@@ -105,10 +107,6 @@ def graph_prefill(model, ids: torch.Tensor):
     once per (B, T) (runtime.StaticPrefill; the few most recent shapes are kept per model). Returns (state, last
     logits (B, vocab), hidden states (B, T, hidden)), or None where it does not apply (CPU, other lengths, or
     GDNSPEC_PREFILL_GRAPH=0). The first call of a shape pays the capture (about three eager prefills)."""
-    global _PREFILLS
-    import os
-    import weakref
-
     B, T = ids.shape
     if model.device.type != "cuda" or not 2 <= T <= PREFILL_GRAPH_MAX_LEN or os.environ.get("GDNSPEC_PREFILL_GRAPH") == "0":
         return None
@@ -117,8 +115,6 @@ def graph_prefill(model, ids: torch.Tensor):
     from gdnspec.runtime import StaticPrefill
 
     with static_lock(model):
-        if _PREFILLS is None:
-            _PREFILLS = weakref.WeakKeyDictionary()
         per_model = _PREFILLS.setdefault(model, {})
         pre = per_model.pop((B, T), None)
         if pre is not None and not pre.current():  # weights replaced or dtype changed since the capture

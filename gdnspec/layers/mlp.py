@@ -20,9 +20,14 @@ class SwiGLUMLP(nn.Module):
     def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         """Same result in three kernels: one GEMM over [gate | up] (layers/fusion.py), `silu_mul`, down_proj; the
         result may be down_proj's float32 split-K partial sums (S, ..., hidden) for `add_rms_norm` to add up."""
-        from gdnspec.layers.fusion import fused_linear
         from gdnspec.ops.fused.elementwise import silu_mul
         from gdnspec.ops.fused.gemv import linear_for_residual, small_linear
 
-        w, _ = fused_linear(self, ["gate_proj", "up_proj"])
-        return linear_for_residual(silu_mul(small_linear(x, w)), self.down_proj.weight, self.down_proj.bias)
+        return linear_for_residual(silu_mul(small_linear(x, self.fused_gate_up())), self.down_proj.weight,
+                                   self.down_proj.bias)
+
+    def fused_gate_up(self) -> torch.Tensor:
+        """gate_proj | up_proj as one (2 * intermediate, hidden) weight (row blocks; layers/fusion.py)."""
+        from gdnspec.layers.fusion import fused_linear
+
+        return fused_linear(self, ["gate_proj", "up_proj"])[0]

@@ -26,6 +26,12 @@ from gdnspec.models.moe import SparseMoeBlock
 from gdnspec.models.outputs import CausalLMOutput, TreeVerifyOutput
 
 
+def add_norm(norm: RMSNorm, y: torch.Tensor, resid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`norm(resid + y)` and the new residual stream `resid + y` in one kernel (resid None: y is the stream); y may be
+    an output projection's split-K partial sums (see ops/fused/elementwise.add_rms_norm)."""
+    return _fused_ew.add_rms_norm(y, residual=resid, weight=norm.weight, eps=norm.eps, offset=norm.offset)
+
+
 class DecoderLayer(nn.Module):
     """One pre-norm block. The MLP is the sparse MoE block when `moe` is True (None: config.is_moe_layer(layer_idx),
     dense when layer_idx is None too), else the dense SwiGLU MLP (none when intermediate_size is 0)."""
@@ -90,20 +96,17 @@ class DecoderLayer(nn.Module):
 
     # ---------------------------------------------------------------- fused steps (issue 9): the residual stream is
     # carried beside the layer output so that each "h + y; norm(h)" is one add_rms_norm kernel
-    def _norm_add(self, norm: RMSNorm, y: torch.Tensor, resid: torch.Tensor | None):
-        return _fused_ew.add_rms_norm(y, residual=resid, weight=norm.weight, eps=norm.eps, offset=norm.offset)
-
     def _mlp_fused(self, y: torch.Tensor, resid: torch.Tensor):
         if self.mlp is None:
             return y, resid
-        x, resid = self._norm_add(self.post_attention_layernorm, y, resid)
+        x, resid = add_norm(self.post_attention_layernorm, y, resid)
         m = self.mlp.forward_fused(x) if isinstance(self.mlp, SwiGLUMLP) else self.mlp(x)
         return m, resid
 
     def decode_fused(self, y: torch.Tensor, resid: torch.Tensor | None, state, *, reserve_kv: bool):
         """One token per row: y (B, 1, hidden) the previous layer's output (the embedding when resid is None), resid
         the residual stream before it. Returns (this layer's output, residual stream), both (B, 1, hidden)."""
-        x, resid = self._norm_add(self.input_layernorm, y, resid)
+        x, resid = add_norm(self.input_layernorm, y, resid)
         if self.layer_type == "linear_attention":
             y = self.linear_attn.decode_fused(x, state)
         else:
@@ -113,7 +116,7 @@ class DecoderLayer(nn.Module):
     def tree_fused(self, y: torch.Tensor, resid: torch.Tensor | None, state, layout: TokenLayout, *, backend: str,
                    static: bool, window_index: torch.Tensor | None = None):
         """forward_tree on the residual stream: (output, residual stream, layer cache for commit_tree)."""
-        x, resid = self._norm_add(self.input_layernorm, y, resid)
+        x, resid = add_norm(self.input_layernorm, y, resid)
         if self.layer_type == "linear_attention":
             fits = state.recurrent.dtype == torch.float32 and x.shape[1] <= 64 and window_index is not None
             if fits:
@@ -172,9 +175,7 @@ class GDNForCausalLM(nn.Module):
             else:
                 layer.self_attn.fused_qkv()
             if isinstance(layer.mlp, SwiGLUMLP):
-                from gdnspec.layers.fusion import fused_linear
-
-                fused_linear(layer.mlp, ["gate_proj", "up_proj"])
+                layer.mlp.fused_gate_up()
 
     def _use_fused(self, backend: str, h: torch.Tensor) -> bool:
         """The fused decode / verify steps run with the Triton backend, float32 or bf16/fp16 activations (float32
@@ -271,7 +272,7 @@ class GDNForCausalLM(nn.Module):
             y, resid = h, None
             for layer, s in zip(self.layers, state.layers):
                 y, resid = layer.decode_fused(y, resid, s, reserve_kv=reserve_kv)
-            x, h = _fused_ew.add_rms_norm(y, residual=resid, weight=self.norm.weight, eps=self.norm.eps, offset=self.norm.offset)
+            x, h = add_norm(self.norm, y, resid)
             logits = small_linear(x, self.lm_head.weight, self.lm_head.bias)
             return CausalLMOutput(logits=logits, hidden_states=h, state=state)
         chunk = self.prefill_chunk_size
@@ -323,7 +324,7 @@ class GDNForCausalLM(nn.Module):
                 y, resid, cache = layer.tree_fused(y, resid, s, layout, backend=backend, static=not validate,
                                                    window_index=wi)
                 caches.append(cache)
-            x, h = _fused_ew.add_rms_norm(y, residual=resid, weight=self.norm.weight, eps=self.norm.eps, offset=self.norm.offset)
+            x, h = add_norm(self.norm, y, resid)
             return TreeVerifyOutput(logits=self.lm_head(x), hidden_states=h, layer_caches=caches)
         for layer, s in zip(self.layers, state.layers):
             h, cache = layer.forward_tree(h, s, layout, backend, not validate)

@@ -80,6 +80,22 @@ def _drafter_modules(drafter) -> list:
     return [v for v in vars(drafter).values() if isinstance(v, torch.nn.Module)]
 
 
+class _StaticStep:
+    """What every cached static step shares: it is built on fused weights and knows when it went stale."""
+
+    def _modules(self) -> tuple:
+        """The modules whose weights the step's buffers and graph depend on."""
+        raise NotImplementedError
+
+    def _sign(self) -> None:
+        self.signature = weights_signature(*self._modules())
+
+    def current(self) -> bool:
+        """False once the weights or path flags of `_modules()` changed since this step was built (rebuild it; see
+        `weights_signature`)."""
+        return weights_signature(*self._modules()) == self.signature
+
+
 def _reset_padding_rows(state: ModelState, n: int) -> None:
     """Empty the KV caches of rows n.. (padding rows), so their lengths restart from 0 whenever a runner is reloaded."""
     for layer in state.layers:
@@ -121,22 +137,21 @@ def _capture_eager(fn, restore: list):
     return graph, outputs
 
 
-class StaticDecoder:
+class StaticDecoder(_StaticStep):
     """One plain decode step (T = 1) for `batch_size` rows with KV room for `max_len` positions."""
 
     def __init__(self, model, *, batch_size: int, max_len: int, use_graph: bool | None = None):
-        prepare_fused(model)
         self.model = model
+        prepare_fused(*self._modules())
         self.batch_size, self.max_len = batch_size, max_len
         self.state = model.new_state(batch_size, kv_capacity=max_len)
         self.ids = torch.zeros(batch_size, 1, dtype=torch.long, device=model.device)
         use_graph = model.device.type == "cuda" if use_graph is None else use_graph
         self.graph, self.logits = _capture(self._run, use_graph, [self.state])
-        self.signature = weights_signature(model)
+        self._sign()
 
-    def current(self) -> bool:
-        """False once the model's weights or path changed since this step was built (see `weights_signature`)."""
-        return weights_signature(self.model) == self.signature
+    def _modules(self) -> tuple:
+        return (self.model,)
 
     def _run(self) -> torch.Tensor:
         out = self.model(self.ids, self.state, mode="fused_decode", logits_to_keep=1, validate=False, reserve_kv=False)
@@ -158,7 +173,7 @@ class StaticDecoder:
         return self.logits
 
 
-class StaticPrefill:
+class StaticPrefill(_StaticStep):
     """The prefill of `batch_size` prompts of exactly `seq_len` tokens from an empty state, replayed from a CUDA graph.
 
     A short prompt's prefill is a few hundred small kernels (18 GDN layers of fla chunk kernels, norms, attention):
@@ -172,8 +187,8 @@ class StaticPrefill:
     """
 
     def __init__(self, model, *, batch_size: int, seq_len: int, use_graph: bool | None = None):
-        prepare_fused(model)
         self.model = model
+        prepare_fused(*self._modules())
         self.batch_size, self.seq_len = batch_size, seq_len
         self.state = model.new_state(batch_size, kv_capacity=seq_len)
         self.ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device=model.device)
@@ -184,11 +199,10 @@ class StaticPrefill:
             warnings.warn(f"CUDA graph capture of the prefill failed ({type(err).__name__}: {err}); running it eagerly")
             torch.cuda.synchronize()
             self.graph, self.outputs = None, None
-        self.signature = weights_signature(model)
+        self._sign()
 
-    def current(self) -> bool:
-        """False once the model's weights or path changed since this prefill was built (see `weights_signature`)."""
-        return weights_signature(self.model) == self.signature
+    def _modules(self) -> tuple:
+        return (self.model,)
 
     def _run(self):
         for layer in self.state.layers:  # from an empty state, inside the graph
@@ -209,7 +223,7 @@ class StaticPrefill:
         return self.state.clone(), logits.clone(), hidden.clone()
 
 
-class StaticSpecRunner:
+class StaticSpecRunner(_StaticStep):
     """Greedy speculative step (propose -> verify -> accept -> commit -> draft advance) on static buffers.
 
     Drafters with `supports_cuda_graph` (the model drafters) run inside the step; others (n-gram, oracle) propose on
@@ -217,8 +231,8 @@ class StaticSpecRunner:
     """
 
     def __init__(self, target, drafter, config: TreeConfig, *, batch_size: int, max_len: int, use_graph: bool | None = None):
-        prepare_fused(target, *_drafter_modules(drafter))
         self.target, self.drafter, self.config = target, drafter, config
+        prepare_fused(*self._modules())
         B, N = batch_size, config.num_draft_tokens
         self.batch_size, self.num_nodes, self.max_len = B, N, max_len
         self.path_width = min(N, config.num_steps + 1)  # no drafter makes trees deeper than num_steps
@@ -240,11 +254,10 @@ class StaticSpecRunner:
         use_graph = dev.type == "cuda" if use_graph is None else use_graph
         restore = [self.target_state] + ([self.draft_state] if self.draft_state is not None else [])
         self.graph, self.outputs = _capture(self._run, use_graph, restore)
-        self.signature = weights_signature(target, *_drafter_modules(drafter))
+        self._sign()
 
-    def current(self) -> bool:
-        """False once the target's or the drafter's weights or path changed since this runner was built."""
-        return weights_signature(self.target, *_drafter_modules(self.drafter)) == self.signature
+    def _modules(self) -> tuple:
+        return (self.target, *_drafter_modules(self.drafter))
 
     def _run(self):
         tree = self.tree
