@@ -107,20 +107,36 @@ def state_bytes(state) -> int:
     return total
 
 
+def comma_list(kind, *, low: float, high: float | None = None):
+    """argparse type: a comma list of `kind` values in [low, high] (one clear usage error naming the flag otherwise)."""
+    def parse(text: str):
+        try:
+            vals = [kind(v) for v in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma list of {kind.__name__} values, got {text!r}") from None
+        if not vals or any(v < low or (high is not None and v > high) for v in vals):
+            bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"every value must be {bound}, got {text!r}")
+        return vals
+    return parse
+
+
 @torch.inference_mode()
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="1.5b", choices=sorted(SIZES))
     ap.add_argument("--out", default="benchmarks/results/e2e.json")
-    ap.add_argument("--batches", default="1,8,32")
-    ap.add_argument("--nodes", default="4,8,16,32,64")
+    ap.add_argument("--batches", default=[1, 8, 32], type=comma_list(int, low=1))
+    ap.add_argument("--nodes", default=[4, 8, 16, 32, 64], type=comma_list(int, low=1, high=64))
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke test of this script)")
     ap.add_argument("--parts", default="decode,unfused,prefill,verify,speedup", help="which parts to run (comma list)")
-    ap.add_argument("--prefill", default="16,128,512,4096,32768", help="prefill lengths (batch 1)")
-    ap.add_argument("--chains", default="1,2,3,5", help="oracle chain lengths (accept length = chain + 1 without errors)")
-    ap.add_argument("--errors", default="0.0", help="oracle error rates")
+    ap.add_argument("--prefill", default=[16, 128, 512, 4096, 32768], type=comma_list(int, low=1),
+                    help="prefill lengths (batch 1)")
+    ap.add_argument("--chains", default=[1, 2, 3, 5], type=comma_list(int, low=1),
+                    help="oracle chain lengths (accept length = chain + 1 without errors)")
+    ap.add_argument("--errors", default=[0.0], type=comma_list(float, low=0.0, high=1.0), help="oracle error rates")
     ap.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"], help="GDN kernels (model.gdn_backend)")
     args = ap.parse_args(argv)
     dev = args.device
@@ -134,8 +150,7 @@ def main(argv=None) -> int:
     bw = copy_bandwidth_gbs() if dev == "cuda" else float("nan")
     env = environment()
     print(f"# {env['gpu']} | torch {env['torch']} | triton {env['triton']} | params {n_params / 1e9:.2f}B | copy bw {bw:.0f} GB/s")
-    batches = [int(b) for b in args.batches.split(",")]
-    nodes = [int(n) for n in args.nodes.split(",")]
+    batches, nodes = args.batches, args.nodes
     max_len = 1024
     parts = set(args.parts.split(","))
     from gdnspec.runtime.static import compile_enabled
@@ -184,11 +199,11 @@ def main(argv=None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, results)  # partial results survive a later failure or timeout
     # 1b. prefill (batch 1): chunked kernels for every T >= 2 on CUDA, long prompts in chunks
-    for T in ([int(t) for t in args.prefill.split(",")] if "prefill" in parts else []):
+    for T in (args.prefill if "prefill" in parts else []):
         ids = torch.randint(0, model.vocab_size, (1, T), device=dev)
         ms = time_cuda(lambda: model(ids, logits_to_keep=1), warmup=2, iters=5 if T < 8192 else 2)
         row = {"T": T, "prefill_ms": ms, "tokens_per_s": T / ms * 1e3, "graph_ms": None}
-        if T <= PREFILL_GRAPH_MAX_LEN:  # what generate / the engine run: the graph-captured prefill
+        if dev == "cuda" and T <= PREFILL_GRAPH_MAX_LEN:  # what generate / the engine run: the graph-captured prefill
             ref = model(ids, logits_to_keep=1).logits[:, -1].float()
             got = graph_prefill(model, ids)[1].float()
             row["graph_rel_err"] = float((got - ref).norm() / ref.norm())
@@ -233,11 +248,11 @@ def main(argv=None) -> int:
         _, prefill_s = timed_median(lambda: graph_prefill(model, prompts) or model(prompts, logits_to_keep=1))
         ref_ok, _ = greedy_consistent(model, ref, args.prompt_len)
         results.setdefault("plain_greedy_consistent", {})[B] = ref_ok
-        for steps in [int(c) for c in args.chains.split(",")]:
+        for steps in args.chains:
             eng = SpeculativeEngine(model, OracleDrafter(ref, vocab_size=model.vocab_size), TreeConfig(builder="chain", num_steps=steps),
                                     static=True)
             eng.generate(prompts, args.new_tokens)  # capture once per (batch, chain), same KV capacity bucket as timed
-            for err in [float(e) for e in args.errors.split(",")]:
+            for err in args.errors:
                 eng.drafter = OracleDrafter(ref, error_rate=err, vocab_size=model.vocab_size, seed=steps)
                 eng.stats = type(eng.stats)()
                 out, spec_s = timed_median(lambda: eng.generate(prompts, args.new_tokens))
