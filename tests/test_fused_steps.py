@@ -532,3 +532,43 @@ def test_a_static_prefill_is_built_on_fused_weights_and_goes_stale_when_a_weight
     mlp.gate_proj.weight = torch.nn.Parameter(mlp.gate_proj.weight.detach().clone())
     assert not pre.current()
     assert StaticPrefill(model, batch_size=1, seq_len=4, use_graph=False).current()
+
+
+@pytest.mark.parametrize("layout", ["qwen3_next", "qwen3_5"])
+@torch.inference_mode()
+def test_eagle_fused_decode_step_matches_reference_and_drafts_the_same_tree(layout):
+    """EagleHead.decode_step's fused path (issue 10: a drafting step in the target's fused decode kernels) equals
+    forward + draft_logits, output, logits AND state; a whole EAGLE tree proposal is then the same tree."""
+    from gdnspec.models.eagle import EagleHead, eagle_config_for
+    from gdnspec.spec import TreeConfig
+    from gdnspec.spec.drafters import EagleDrafter
+
+    model = _hybrid(torch.float32, layout)
+    torch.manual_seed(5)
+    head = EagleHead(eagle_config_for(model.config)).eval()
+    randomize_(head)
+    B, H = 3, model.config.hidden_size
+    hidden, emb = torch.randn(B, 1, H), torch.randn(B, 1, H)
+    s_ref = head.new_state(B)
+    s_ref.layers[0].recurrent.normal_()
+    s_ref.layers[0].conv.normal_()
+    s = s_ref.clone()
+    for _ in range(2):
+        model.fused_steps = False
+        out_ref, lg_ref = head.decode_step(hidden, emb, s_ref, target=model)
+        model.fused_steps = True
+        out, lg = head.decode_step(hidden, emb, s, target=model)
+        assert lg.shape == (B, model.vocab_size) and out.shape == (B, 1, H)
+        assert rel(out, out_ref) < 1e-5 and rel(lg, lg_ref) < 1e-5
+        _states_close(s, s_ref, 1e-5)
+    drafter = EagleDrafter(head, model)
+    prompts = [torch.randint(0, model.vocab_size, (n,)) for n in (5, 7, 4)]
+    hid = [model(p[None]).hidden_states[0] for p in prompts]
+    cfg = TreeConfig(topk=2, num_steps=3, num_draft_tokens=6)
+    trees = []
+    for fused in (False, True):
+        model.fused_steps = fused
+        st = drafter.begin(prompts, target_hidden=hid)
+        trees.append(drafter.propose(st, torch.tensor([1, 2, 3]), cfg))
+    model.fused_steps = True
+    assert torch.equal(trees[0].tokens, trees[1].tokens) and torch.equal(trees[0].parents, trees[1].parents)

@@ -104,9 +104,9 @@ class EagleDrafter:
                 prev_state = prev_state.select(rows)
                 prev_feat = prev_feat.gather(1, parent_slot[..., None].expand(B, F, prev_feat.shape[-1]))
             feats = prev_feat.reshape(B * F, 1, -1)
-            out, new_state = head(feats, self._embed(frontier_tokens.reshape(B * F, 1)), prev_state, mode="fused_decode")
-            cur["state"], cur["feat"], cur["width"] = new_state, out.view(B, F, -1), F
-            logits = head.draft_logits(self.target, out[:, -1])
+            out, logits = head.decode_step(feats, self._embed(frontier_tokens.reshape(B * F, 1)), prev_state,
+                                           target=self.target)  # prev_state advanced in place
+            cur["state"], cur["feat"], cur["width"] = prev_state, out.view(B, F, -1), F
             return torch.log_softmax(logits if logits.dtype == torch.float32 else logits.float(), dim=-1).view(B, F, -1)
 
         roots = root_tokens if root_tokens.device == head.device else root_tokens.to(head.device)
