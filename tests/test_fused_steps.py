@@ -572,3 +572,45 @@ def test_eagle_fused_decode_step_matches_reference_and_drafts_the_same_tree(layo
         trees.append(drafter.propose(st, torch.tensor([1, 2, 3]), cfg))
     model.fused_steps = True
     assert torch.equal(trees[0].tokens, trees[1].tokens) and torch.equal(trees[0].parents, trees[1].parents)
+
+
+@pytest.mark.parametrize("B,Hkv,D,N,L,dtype", [(3, 1, 12, 5, 3, torch.float32), (2, 2, 16, 1, 1, torch.float32),
+                                               (4, 3, 20, 17, 6, torch.bfloat16), (1, 2, 8, 4, 4, torch.float32)])
+def test_kv_commit_path_matches_reference(B, Hkv, D, N, L, dtype):
+    """The verify's node keys/values move from slots base + path[j] to base + j (j < counts), lengths += counts; rows
+    near the capacity (base clamped), counts 0 and full paths included. Checked against the torch reference and
+    against an explicit per-row loop."""
+    g = torch.Generator().manual_seed(B * 100 + N)
+    cap = 8 + N
+    ck = torch.randn(B, Hkv, cap, D, generator=g).to(dtype)
+    cv = torch.randn(B, Hkv, cap, D, generator=g).to(dtype)
+    lengths = torch.randint(0, cap - N + 1, (B,), generator=g)
+    lengths[0] = cap - N  # the last row that still fits
+    paths, counts = [], []
+    for b in range(B):
+        nodes = sorted(torch.randperm(N, generator=g)[: L - 1].add(0).tolist()) if N > 1 else []
+        path = [0] + [n for n in nodes if n > 0][: L - 1]
+        c = int(torch.randint(0, len(path) + 1, (1,), generator=g))
+        path += [path[-1]] * (L - len(path))
+        paths.append(path)
+        counts.append(c)
+    path, counts = torch.tensor(paths), torch.tensor(counts)
+    counts[-1] = min(L, 1 + (N > 1))
+    expect_k, expect_v = ck.clone(), cv.clone()
+    for b in range(B):
+        base = min(int(lengths[b]), cap - N)
+        for j in range(int(counts[b])):
+            expect_k[b, :, base + j] = ck[b, :, base + path[b, j]]
+            expect_v[b, :, base + j] = cv[b, :, base + path[b, j]]
+    results = []
+    for fn in (at.kv_commit_path_reference, at.kv_commit_path):
+        k2, v2, n2 = ck.clone(), cv.clone(), lengths.clone()
+        fn(k2, v2, n2, path=path, counts=counts, num_nodes=N)
+        assert torch.equal(n2, lengths + counts)
+        for b in range(B):  # slots up to the new length are exact copies; later slots are never read
+            n = int(n2[b])
+            assert torch.equal(k2[b, :, :n], expect_k[b, :, :n]) and torch.equal(v2[b, :, :n], expect_v[b, :, :n])
+        results.append((k2, v2))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    with pytest.raises(ValueError, match="num_nodes"):
+        at.kv_commit_path(ck, cv, lengths.clone(), path=path, counts=counts, num_nodes=cap + 1)
