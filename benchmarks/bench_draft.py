@@ -12,6 +12,8 @@ Rows:
   a chain (F = 1) or a tree level (F = topk) pays per depth.
 - spec step chain-4 / tree-4x5: the whole StaticSpecRunner step with the EAGLE drafter inside the graph (propose +
   verify + accept + commit + head catch-up).
+- with --bundle, the same for the shipped default bundle (float32, EAGLE head and draft model), with the CUDA kernels
+  of each stage of a speculative step (propose, verify, accept, commit, advance; eager calls, torch profiler).
 Ratios are against the target's decode step (B = 1) measured in the same run. The issue-10 target for the 1.7B
 config: one expansion <= 15% of a decode step.
 """
@@ -50,6 +52,61 @@ def graphed(fn):
     return g.replay
 
 
+def stage_kernels(run) -> dict:
+    """CUDA kernels of each stage of one eager StaticSpecRunner step (propose, verify, accept, commit, advance), each
+    stage called on its own (torch profiler)."""
+    from gdnspec.layers.layout import TokenLayout
+    from gdnspec.spec.accept import accept_greedy
+
+    tgt, dr, cfg = run.target, run.drafter, run.config
+    tree = dr.propose(run.draft_state, run.verified, cfg, sync_free=True)
+    layout = TokenLayout.from_parents(tree.parents, validate=False)
+    ver = tgt.forward_tree(tree.tokens, state=run.target_state, layout=layout, validate=False)
+    acc = accept_greedy(tree, ver.logits, layout, width=run.path_width)
+    path_tokens = tree.tokens.gather(1, acc.path)
+    H = ver.hidden_states.shape[-1]
+    hidden = ver.hidden_states.gather(1, acc.path[..., None].expand(*acc.path.shape, H))
+    hidden = hidden if getattr(dr, "needs_target_hidden", False) else None
+    return {
+        "propose": count_kernels(lambda: dr.propose(run.draft_state, run.verified, cfg, sync_free=True)),
+        "verify": count_kernels(lambda: tgt.forward_tree(tree.tokens, state=run.target_state, layout=layout,
+                                                         validate=False)),
+        "accept": count_kernels(lambda: accept_greedy(tree, ver.logits, layout, width=run.path_width)),
+        "commit": count_kernels(lambda: tgt.commit_tree(run.target_state, ver, path=acc.path, counts=acc.counts,
+                                                        reserve=False, all_rows_accept=True)),
+        "advance": count_kernels(lambda: dr.advance(run.draft_state, tokens=path_tokens, counts=acc.counts,
+                                                    target_hidden=hidden, sync_free=True)),
+    }
+
+
+def bundle_rows(device: str = "cuda") -> list[dict]:
+    """The shipped default bundle (float32) on CUDA: decode step, spec steps with the EAGLE head and the draft model,
+    and the kernels of each stage."""
+    from gdnspec.bundle import load
+
+    b = load(device=device)
+    target, rows = b.model, []
+    dec = StaticDecoder(target, batch_size=1, max_len=1024)
+    ids = torch.randint(0, target.vocab_size, (1,), device=device)
+    fill_lengths(dec.state, 128)
+    dec_ms = time_cuda(lambda: dec.step(ids), warmup=5, iters=50)
+    rows.append({"variant": "bundle fp32", "what": "target decode step", "ms": dec_ms, "x_decode": 1.0,
+                 "kernels": count_kernels(lambda: dec._run())})
+    for name in ("eagle", "model"):
+        if name not in b.drafters:
+            continue
+        for shape, cfg in SHAPES.items():
+            run = StaticSpecRunner(target, b.drafters[name], cfg, batch_size=1, max_len=1024)
+            fill_lengths(run.target_state, 128)
+            ms = time_cuda(lambda: run.step(), warmup=5, iters=30)
+            stages = stage_kernels(run)
+            rows.append({"variant": "bundle fp32", "what": f"{name} spec step {shape}", "ms": ms, "x_decode": ms / dec_ms,
+                         "kernels": count_kernels(lambda: run._run()),
+                         "stages": " ".join(f"{k}={v}" for k, v in stages.items())})
+            del run
+    return rows
+
+
 def fill_lengths(state, n: int) -> None:
     for layer in state.layers:
         if hasattr(layer, "lengths"):
@@ -61,6 +118,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="1.5b")
     ap.add_argument("--out", default="benchmarks/results/draft.json")
+    ap.add_argument("--bundle", action="store_true", help="also the shipped default bundle (float32): decode, EAGLE "
+                    "and draft-model spec steps with the kernels of each stage")
+    ap.add_argument("--skip-1.7b", dest="skip_big", action="store_true", help="only the --bundle rows")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_draft needs CUDA", file=sys.stderr)
@@ -74,7 +134,7 @@ def main(argv=None) -> int:
           f"{sum(p.numel() for p in target.parameters()) / 1e9:.2f}B | head {sum(p.numel() for p in head.parameters()) / 1e6:.0f}M "
           "(+ the target's embedding and lm_head)")
     rows = []
-    for fused in (True, False):
+    for fused in (() if args.skip_big else (True, False)):
         target.fused_steps = fused
         variant = "fused" if fused else "unfused"
         dec = StaticDecoder(target, batch_size=1, max_len=1024)
@@ -104,11 +164,14 @@ def main(argv=None) -> int:
             ms = time_cuda(lambda: run.step(), warmup=5, iters=30)
             fill_lengths(run.target_state, 512)
             rows.append({"variant": variant, "what": f"EAGLE spec step {name}", "ms": ms, "x_decode": ms / dec_ms,
-                         "kernels": count_kernels(lambda: run._run())})
+                         "kernels": count_kernels(lambda: run._run()),
+                         "stages": " ".join(f"{k}={v}" for k, v in stage_kernels(run).items())})
             del run
         torch.cuda.empty_cache()
     target.fused_steps = True
-    print_table(rows, ["variant", "what", "ms", "x_decode", "kernels"])
+    if args.bundle:
+        rows += bundle_rows()
+    print_table(rows, ["variant", "what", "ms", "x_decode", "kernels", "stages"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, {"env": env, "size": args.size, "rows": rows})
     print(f"wrote {args.out}")
