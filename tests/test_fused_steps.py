@@ -575,6 +575,20 @@ def test_eagle_fused_decode_step_matches_reference_and_drafts_the_same_tree(layo
         trees.append(drafter.propose(st, torch.tensor([1, 2, 3]), cfg))
     model.fused_steps = True
     assert torch.equal(trees[0].tokens, trees[1].tokens) and torch.equal(trees[0].parents, trees[1].parents)
+    # the catch-up after a verify (EagleHead.catch_up): fused tree step + Triton commit == module path + torch commit,
+    # rows accepting 1, 3 and 2 of 3 pairs
+    st0 = drafter.begin(prompts, target_hidden=hid)
+    tokens = torch.randint(0, model.vocab_size, (B, 3))
+    h3, counts = torch.randn(B, 3, H), torch.tensor([1, 3, 2])
+    states = []
+    for fused in (False, True):
+        model.fused_steps = fused
+        st = st0.clone()
+        drafter.advance(st, tokens=tokens, counts=counts, target_hidden=h3)
+        states.append(st)
+    model.fused_steps = True
+    _states_close(states[1].head_state, states[0].head_state, 1e-5)
+    assert torch.equal(states[1].last_feature, states[0].last_feature)
 
 
 @pytest.mark.parametrize("B,Hkv,D,N,L,dtype", [(3, 1, 12, 5, 3, torch.float32), (2, 2, 16, 1, 1, torch.float32),

@@ -104,9 +104,7 @@ class EagleHead(nn.Module):
         if hidden.shape[1] != 1:
             raise ValueError(f"decode_step takes one token per row, got T={hidden.shape[1]}")
         s = state.layers[0] if isinstance(state, ModelState) and len(state.layers) == 1 else None
-        use_fused = (s is not None and s.recurrent.dtype == torch.float32 and hasattr(target, "_use_fused")
-                     and self.dtype == target.dtype and target._use_fused(target._backend(hidden), hidden))
-        if not use_fused:
+        if not self._fused_ok(hidden, s, target):
             out, state = self(hidden, token_embeds, state, mode="fused_decode")
             return out, self.draft_logits(target, out[:, -1])
         from gdnspec.models.lm import add_norm
@@ -120,6 +118,41 @@ class EagleHead(nn.Module):
         xn, out = add_norm(target.norm, y, resid)  # target.norm(out) and out = resid + y, one kernel
         logits = small_linear(xn[:, 0], target.lm_head.weight, target.lm_head.bias)
         return out, logits
+
+    def _fused_ok(self, x: torch.Tensor, s, target: nn.Module) -> bool:
+        """The target's fused steps can run this head: Triton backend, float32 GDN state, matching dtypes, no autograd."""
+        return (s is not None and s.recurrent.dtype == torch.float32 and hasattr(target, "_use_fused")
+                and self.dtype == target.dtype and target._use_fused(target._backend(x), x))
+
+    def catch_up(self, hidden: torch.Tensor, token_embeds: torch.Tensor, state: ModelState, *, counts: torch.Tensor,
+                 target: nn.Module) -> None:
+        """Advance `state` in place over the pairs (hidden[:, i], token_embeds[:, i]) for i < counts[b] (>= 1) of each
+        row, all rows in one pass (the drafter's catch-up after a verify): hidden, token_embeds (B, L, H); counts (B,).
+
+        Fused (as decode_step): fc, then the GDN mixer's fused tree step over a chain (in-projection GEMM, tree conv +
+        gates, tree-WY, norm, out) and the Triton commit of each row's last pair, about 20 kernels. Otherwise the
+        module path (forward_tree + commit_tree with the torch kernels), the reference; the MLP is skipped on both
+        since the state depends on the mixer only."""
+        from gdnspec.layers.layout import TokenLayout
+
+        self._check(hidden, token_embeds)
+        B, L, _ = hidden.shape
+        s = state.layers[0]
+        x = self.fuse(hidden, token_embeds)
+        layout = TokenLayout.chain(B, L, device=x.device)
+        last = (counts.to(x.device) - 1).clamp(min=0)
+        mixer = self.layer.linear_attn
+        if self._fused_ok(x, s, target) and L <= 64:
+            from gdnspec.models.lm import add_norm
+            from gdnspec.ops.conv1d.tree import tree_conv_window_index
+
+            xn, _ = add_norm(self.layer.input_layernorm, x, None)
+            wi = tree_conv_window_index(layout.parents, self.config.linear_conv_kernel_dim)
+            _, cache = mixer.forward_tree_fused(xn, s, layout, window_index=wi)
+            mixer.commit_tree(s, cache, last, backend="triton")
+            return
+        _, cache = mixer.forward_tree(self.layer.input_layernorm(x), s, layout)
+        mixer.commit_tree(s, cache, last)
 
     @staticmethod
     def draft_logits(target: nn.Module, out: torch.Tensor) -> torch.Tensor:

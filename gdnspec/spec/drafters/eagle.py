@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 
 from gdnspec.cache import ModelState
-from gdnspec.layers.layout import TokenLayout
 from gdnspec.sampling import RowSampling
 from gdnspec.spec.tree import DraftTree, TreeConfig, build_tree
 
@@ -61,12 +60,7 @@ class EagleDrafter:
 
     def _run_chain(self, state: ModelState, features: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor) -> None:
         """Advance the head state over pairs (features[:, i], tokens[:, i]), i < counts[b], all rows in one pass."""
-        B, L = tokens.shape
-        x = self.head.fuse(features, self._embed(tokens))
-        layout = TokenLayout.chain(B, L, device=x.device)
-        _, cache = self.head.layer.forward_tree(x, state.layers[0], layout)
-        last = (counts.to(x.device) - 1).clamp(min=0)
-        self.head.layer.linear_attn.commit_tree(state.layers[0], cache, last)
+        self.head.catch_up(features, self._embed(tokens), state, counts=counts, target=self.target)
 
     @torch.inference_mode()
     def begin(self, prompts: list[torch.Tensor], *, target_hidden: list[torch.Tensor] | None = None) -> EagleDraftState:
