@@ -19,7 +19,8 @@ from bench_e2e import build_model  # noqa: E402
 from gdnspec import generate_autoregressive  # noqa: E402
 from gdnspec.layers.layout import TokenLayout  # noqa: E402
 from gdnspec.spec import SpeculativeEngine, TreeConfig  # noqa: E402
-from gdnspec.spec.drafters import NGramDrafter  # noqa: E402
+from gdnspec.models.eagle import EagleHead, eagle_config_for  # noqa: E402
+from gdnspec.spec.drafters import EagleDrafter, NGramDrafter  # noqa: E402
 
 
 def rel(a, b) -> float:
@@ -69,6 +70,21 @@ def main() -> int:
             same = all(torch.equal(a, b) for a, b in zip(got, want)) and all(torch.equal(a, b) for a, b in zip(spec, want))
             failed += not same
             print(f"float32 greedy: fused plain (graph) and speculative == unfused eager: {'ok' if same else 'FAIL'}")
+            # EAGLE head (random weights) in the graph: fused expansion (EagleHead.decode_step) and catch-up
+            # (EagleHead.catch_up) against the module path; outputs must equal plain greedy decoding either way
+            torch.manual_seed(3)
+            head = EagleHead(eagle_config_for(model.config), dtype=dtype, device="cuda").eval()
+            outs = {}
+            for fused in (False, True):
+                model.fused_steps = fused
+                for cfg_name, cfg in (("chain-4", TreeConfig(builder="chain", num_steps=4)),
+                                      ("tree-4x5", TreeConfig(topk=4, num_steps=5, num_draft_tokens=16))):
+                    outs[fused, cfg_name] = SpeculativeEngine(model, EagleDrafter(head, model), cfg,
+                                                              static=True).generate(prompts, 40)
+            model.fused_steps = True
+            same = all(torch.equal(a, b) for o in outs.values() for a, b in zip(o, want))
+            failed += not same
+            print(f"float32 greedy: EAGLE speculative (graph, fused and unfused head) == plain: {'ok' if same else 'FAIL'}")
     return 1 if failed else 0
 
 
