@@ -6,8 +6,9 @@
     # y (B, HV*V) in proj's dtype = GatedRMSNorm(o, z), ready for out_proj; cs (B, conv_dim, W-1) and
     # S (B, HV, K, V) float32 are advanced IN PLACE
 
-Grid: (batch row, key head h) x (value head of h, block of `block_v` value columns): 128 programs per row for the
-Qwen3-Next shapes (H = 16, HV = 32, V = 128, block_v = 32), so the state traffic spreads over the GPU (one program per
+Grid: (batch row, key head h) x (value head of h, block of `block_v` value columns): 128 programs per row at B = 1
+for the Qwen3-Next shapes (H = 16, HV = 32, V = 128, block_v = 32; fewer, wider blocks as B grows), so the state
+traffic spreads over the GPU (one program per
 key head, the first version, kept 16 SMs busy at B = 1 and took 12.7 us per layer on an H200). Each program computes
 q_h and k_h (conv + L2 norm) from the shared windows, its own value columns' conv (it alone rolls those windows) and
 its block of the recurrence, and writes o to a float32 buffer. The last program of key head h to arrive (an atomic
@@ -269,7 +270,11 @@ def gdn_decode_fused(proj: torch.Tensor, *, layout: ProjLayout, conv_weight: tor
     if BK * BV > 256 * 256:
         raise ValueError(f"gdn_decode_fused supports K * V <= 65536 (head dims K={L.K}, V={L.V})")
     if block_v is None:
-        block_v = min(BV, 32)  # V = 128: 4 column blocks per value head, 128 programs per row at HV = 32
+        # enough programs to cover the GPU twice, no more: every extra column block recomputes q/k of its head.
+        # V = 128, HV = 32: 4 blocks of 32 columns at B = 1 (128 programs), 2 at B = 8, whole heads from B = 16 on
+        sms = torch.cuda.get_device_properties(proj.device).multi_processor_count if proj.is_cuda else 8
+        blocks = max(1, min(triton.cdiv(L.V, 32), triton.cdiv(2 * sms, B * L.HV)))
+        block_v = triton.next_power_of_2(triton.cdiv(L.V, blocks))
     if block_v < 1 or block_v & (block_v - 1):
         raise ValueError(f"block_v must be a power of two >= 1, got {block_v}")
     NV = triton.cdiv(L.V, block_v)
