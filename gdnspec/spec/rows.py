@@ -1,0 +1,123 @@
+"""Per-sequence sampling settings for a batch whose rows decode with different temperature / top-k / top-p / seed.
+
+A `SpecSession` (and the server built on it) mixes greedy and sampled sequences in one batch. The accept and sample
+functions take ONE setting for all rows, so the rows are grouped by identical settings and each group is accepted
+(or sampled) on its own, then the results are put back in row order:
+
+    groups = group_rows([row.sampling for row in rows])        # [(RowSampling, [row indices]), ...]
+    acc = accept_rows(tree, logits, layout, samplings)          # one Acceptance for the whole batch
+    tok = sample_rows(logits, samplings)                        # (B,) next tokens
+
+Greedy rows form one group whatever their seed. A sampled row with its own seed has its own torch.Generator and
+forms a group of its own, accepted on its own draft tree trimmed to its own width: the random draws it consumes do
+not depend on its batch neighbours, so its tokens are those of the same sequence decoded alone with that seed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gdnspec.layers.layout import TokenLayout
+from gdnspec.sampling import check_sampling_args, sample_next
+from gdnspec.spec.accept import Acceptance, accept_greedy, accept_sampling
+from gdnspec.spec.tree import DraftTree
+
+
+@dataclass(frozen=True, eq=False)
+class RowSampling:
+    """How one sequence picks its tokens: temperature 0 = greedy; generator None = torch's global generator."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    generator: torch.Generator | None = None
+    own_generator: bool = False  # a generator of this sequence alone (seeded): its row is accepted on its own
+
+    def __post_init__(self):
+        check_sampling_args(self.temperature, self.top_k, self.top_p)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def key(self) -> tuple:
+        """Rows with equal keys are accepted / sampled together."""
+        if self.greedy:
+            return ("greedy",)
+        return (self.temperature, self.top_k, self.top_p, id(self.generator))
+
+    def kwargs(self) -> dict:
+        return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p, "generator": self.generator}
+
+    @staticmethod
+    def seeded(temperature: float, top_k: int | None, top_p: float | None, seed: int | None,
+               default_generator: torch.Generator | None = None) -> "RowSampling":
+        """A row's settings: with a seed, a generator of its own (CPU, as the acceptance's uniform draws); without
+        one, `default_generator` (shared with the other rows that have none)."""
+        if seed is None or temperature == 0:
+            return RowSampling(temperature, top_k, top_p, default_generator if temperature else None)
+        return RowSampling(temperature, top_k, top_p, torch.Generator().manual_seed(seed % 2 ** 64), own_generator=True)
+
+
+def group_rows(samplings: list[RowSampling]) -> list[tuple[RowSampling, list[int]]]:
+    """[(settings, row indices)] with one entry per distinct key, in order of first appearance."""
+    groups: dict[tuple, tuple[RowSampling, list[int]]] = {}
+    for r, s in enumerate(samplings):
+        groups.setdefault(s.key(), (s, []))[1].append(r)
+    return list(groups.values())
+
+
+def sample_rows(logits: torch.Tensor, samplings: list[RowSampling]) -> torch.Tensor:
+    """logits (B, vocab) -> (B,) tokens, each row with its own settings."""
+    groups = group_rows(samplings)
+    if len(groups) == 1:
+        return sample_next(logits, **groups[0][0].kwargs())
+    out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    for s, rows in groups:
+        idx = torch.tensor(rows, device=logits.device)
+        out[idx] = sample_next(logits[idx], **s.kwargs())
+    return out
+
+
+def _trim(tree: DraftTree) -> DraftTree:
+    used = tree.valid.any(0).nonzero()
+    n = int(used.max()) + 1 if used.numel() else 1
+    return tree if n == tree.num_nodes else DraftTree(tree.tokens[:, :n], tree.parents[:, :n], tree.scores[:, :n],
+                                                      tree.valid[:, :n])
+
+
+def _accept(s: RowSampling, tree: DraftTree, logits: torch.Tensor, layout: TokenLayout) -> Acceptance:
+    if s.greedy:
+        return accept_greedy(tree, logits, layout)
+    return accept_sampling(tree, logits, layout, **s.kwargs())
+
+
+def accept_rows(tree: DraftTree, logits: torch.Tensor, layout: TokenLayout, samplings: list[RowSampling]
+                ) -> Acceptance:
+    """accept_greedy / accept_sampling with each row's own settings (see the module docstring)."""
+    groups = group_rows(samplings)
+    if len(groups) == 1 and not groups[0][0].own_generator:
+        return _accept(groups[0][0], tree, logits, layout)
+    B = tree.batch_size
+    parts = []
+    for s, rows in groups:
+        idx = torch.tensor(rows, device=tree.tokens.device)
+        sub = tree.select(idx)
+        if s.own_generator:  # the tree this row would have alone: its draws do not depend on the other rows
+            sub = _trim(sub)
+            sub_layout = sub.layout()
+        else:
+            sub_layout = TokenLayout(parents=layout.parents[idx], ancestor_mask=layout.ancestor_mask[idx],
+                                     depth=layout.depth[idx])
+        parts.append((idx, _accept(s, sub, logits[idx, :sub.num_nodes], sub_layout)))
+    width = max(a.path.shape[1] for _, a in parts)
+    path = torch.empty(B, width, dtype=torch.long, device=tree.tokens.device)
+    counts = torch.empty(B, dtype=torch.long, device=tree.tokens.device)
+    bonus = torch.empty(B, dtype=torch.long, device=tree.tokens.device)
+    for idx, a in parts:
+        p = a.path
+        if p.shape[1] < width:  # paths are padded with their last node
+            p = torch.cat([p, p[:, -1:].expand(-1, width - p.shape[1])], dim=1)
+        path[idx], counts[idx], bonus[idx] = p, a.counts.to(counts.device), a.bonus.to(bonus.device)
+    return Acceptance(path=path, counts=counts, bonus=bonus)
