@@ -143,6 +143,7 @@ class EngineLoop:
         self._cancel: set[GenRequest] = set()
         self._running: dict[int, GenRequest] = {}  # seq id -> request (read by other threads under _cond only)
         self._deadline: float | None = None  # drain: abort what is left at this time
+        self._expired = False  # the deadline passed (and what was left was aborted)
         self._stop = False
         self.thread = threading.Thread(target=self._run, name="gdnspec-engine-loop", daemon=True)
         self.error: BaseException | None = None
@@ -219,9 +220,12 @@ class EngineLoop:
     def _iteration(self) -> bool:
         with self._cond:
             while not (self._stop or self._waiting or self._cancel or self._running):
-                self._cond.wait(None if self._deadline is None else max(0.0, self._deadline - time.monotonic()))
-                if self._deadline is not None and time.monotonic() >= self._deadline:
-                    break
+                timeout = None
+                if self._deadline is not None and not self._expired:
+                    timeout = self._deadline - time.monotonic()
+                    if timeout <= 0:
+                        break
+                self._cond.wait(timeout)
             if self._stop:
                 return False
             cancels, self._cancel = [r for r in self._cancel if not r.finished], set()
@@ -234,8 +238,9 @@ class EngineLoop:
             self._guarded(self._admit, admit)
         if self.session.active:
             self._guarded(self._step)
-        if self._deadline is not None and time.monotonic() >= self._deadline:
+        if self._deadline is not None and not self._expired and time.monotonic() >= self._deadline:
             with self._cond:
+                self._expired = True
                 left = list(self._running.values()) + list(self._waiting)
                 self._waiting.clear()
             self._finish_many(left, "abort")
