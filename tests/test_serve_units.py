@@ -88,14 +88,18 @@ def test_text_output_holds_back_possible_stop_strings():
 
 def test_step_policy_picks_the_faster_kind_per_batch_size():
     p = StepPolicy(explore_every=4)
-    assert p.choose(1) is True and p.choose(1) is True  # speculative measured first
-    p.record(1, True, 0.010, 4)  # 2.5 ms per token
+    assert p.choose(1) is True  # speculative measured first, twice (the first one pays one-time costs)
+    p.record(1, True, 1.0, 4)
+    assert p.choose(1) is True
+    p.record(1, True, 0.010, 4)  # 2.5 ms per token: replaces the warm-up measurement
     assert p.choose(1) is False  # plain not measured yet
     p.record(1, False, 0.005, 1)  # 5 ms per token
+    p.record(1, False, 0.005, 1)
     picks = [p.choose(1) for _ in range(8)]
     assert picks.count(True) == 6 and picks.count(False) == 2  # every 4th step re-measures the other kind
-    p.record(16, True, 0.2, 20)  # at batch 16: 10 ms per token speculative, 1 ms plain
-    p.record(16, False, 0.016, 16)
+    for _ in range(2):  # at batch 16: 10 ms per token speculative, 1 ms plain
+        p.record(16, True, 0.2, 20)
+        p.record(16, False, 0.016, 16)
     assert [p.choose(16) for _ in range(3)] == [False] * 3
     assert StepPolicy(disable_by_batch_size=8, adaptive=False).choose(8) is False
     assert StepPolicy(adaptive=False).choose(64) is True
@@ -133,3 +137,23 @@ def test_serve_usage_errors_are_one_line(capsys, monkeypatch, keep_torch_threads
                      "1024")
     monkeypatch.setattr(gdnspec.serve, "missing_dependencies", lambda: ["fastapi", "uvicorn"])
     _assert_one_line(*run_main(["serve"], capsys), "fastapi, uvicorn", "gdnspec[serve]")
+
+
+def test_bench_serve_smoke(tmp_path):
+    """benchmarks/bench_serve.py runs end to end (two servers, a tiny sweep) and writes its JSON."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "serve.json"
+    proc = subprocess.run([sys.executable, str(repo / "benchmarks" / "bench_serve.py"), "--quick", "--concurrency",
+                           "1,2", "--requests-per-level", "2", "--max-tokens", "8", "--no-offline", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=repo)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert set(res["modes"]) == {"speculative", "plain"}
+    for rows in res["modes"].values():
+        assert [r["concurrency"] for r in rows] == [1, 2]
+        assert all(r["output_tokens"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+    assert "| speculative | 1 |" in proc.stdout

@@ -91,10 +91,11 @@ class StepPolicy:
     reproducible seeded sampling needs adaptive off."""
 
     def __init__(self, *, speculative: bool = True, disable_by_batch_size: int | None = None, adaptive: bool = True,
-                 explore_every: int = 32, smoothing: float = 0.2):
+                 explore_every: int = 16, smoothing: float = 0.25):
         self.speculative, self.disable_by_batch_size, self.adaptive = speculative, disable_by_batch_size, adaptive
         self.explore_every, self.smoothing = explore_every, smoothing
         self.per_token: dict[int, dict[bool, float]] = {}
+        self.samples: dict[tuple[int, bool], int] = {}
         self.count: dict[int, int] = {}
 
     def choose(self, n: int) -> bool:
@@ -108,7 +109,7 @@ class StepPolicy:
         seen = self.per_token.get(b, {})
         self.count[b] = self.count.get(b, 0) + 1
         for kind in (True, False):
-            if kind not in seen:
+            if self.samples.get((b, kind), 0) < 2:  # the first measurement of a kind pays one-time costs
                 return kind
         best = seen[True] <= seen[False]
         return (not best) if self.count[b] % self.explore_every == 0 else best
@@ -116,10 +117,14 @@ class StepPolicy:
     def record(self, n: int, speculative: bool, seconds: float, tokens: int) -> None:
         if not self.adaptive or tokens <= 0:
             return
-        per = self.per_token.setdefault(_bucket(n), {})
+        b = _bucket(n)
+        per = self.per_token.setdefault(b, {})
+        k = self.samples[(b, speculative)] = self.samples.get((b, speculative), 0) + 1
         value = seconds / tokens
-        per[speculative] = value if speculative not in per else (1 - self.smoothing) * per[speculative] + \
-            self.smoothing * value
+        if k <= 2:  # the second measurement replaces the first (warm-up)
+            per[speculative] = value
+        else:
+            per[speculative] = (1 - self.smoothing) * per[speculative] + self.smoothing * value
 
     def describe(self) -> str:
         if not self.speculative:
