@@ -69,14 +69,16 @@ def group_rows(samplings: list[RowSampling]) -> list[tuple[RowSampling, list[int
 
 
 def sample_rows(logits: torch.Tensor, samplings: list[RowSampling]) -> torch.Tensor:
-    """logits (B, vocab) -> (B,) tokens, each row with its own settings."""
+    """logits (B, vocab) -> (B,) tokens, each row with its own settings. A row with its own (CPU) generator samples
+    on the CPU, on any device (the same draws everywhere)."""
     groups = group_rows(samplings)
-    if len(groups) == 1:
+    if len(groups) == 1 and not groups[0][0].own_generator:
         return sample_next(logits, **groups[0][0].kwargs())
     out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     for s, rows in groups:
         idx = torch.tensor(rows, device=logits.device)
-        out[idx] = sample_next(logits[idx], **s.kwargs())
+        lg = logits[idx].cpu() if s.own_generator else logits[idx]
+        out[idx] = sample_next(lg, **s.kwargs()).to(out.device)
     return out
 
 
@@ -104,13 +106,15 @@ def accept_rows(tree: DraftTree, logits: torch.Tensor, layout: TokenLayout, samp
     for s, rows in groups:
         idx = torch.tensor(rows, device=tree.tokens.device)
         sub = tree.select(idx)
-        if s.own_generator:  # the tree this row would have alone: its draws do not depend on the other rows
-            sub = _trim(sub)
-            sub_layout = sub.layout()
+        lg = logits[idx]
+        if s.own_generator:  # the tree this row would have alone, on the CPU (its generator's device): its draws
+            sub = _trim(sub)  # depend neither on the other rows nor on the device
+            sub = DraftTree(sub.tokens.cpu(), sub.parents.cpu(), sub.scores.cpu(), sub.valid.cpu())
+            sub_layout, lg = sub.layout(), lg[:, :sub.num_nodes].cpu()
         else:
             sub_layout = TokenLayout(parents=layout.parents[idx], ancestor_mask=layout.ancestor_mask[idx],
                                      depth=layout.depth[idx])
-        parts.append((idx, _accept(s, sub, logits[idx, :sub.num_nodes], sub_layout)))
+        parts.append((idx, _accept(s, sub, lg, sub_layout)))
     width = max(a.path.shape[1] for _, a in parts)
     path = torch.empty(B, width, dtype=torch.long, device=tree.tokens.device)
     counts = torch.empty(B, dtype=torch.long, device=tree.tokens.device)
@@ -119,5 +123,5 @@ def accept_rows(tree: DraftTree, logits: torch.Tensor, layout: TokenLayout, samp
         p = a.path
         if p.shape[1] < width:  # paths are padded with their last node
             p = torch.cat([p, p[:, -1:].expand(-1, width - p.shape[1])], dim=1)
-        path[idx], counts[idx], bonus[idx] = p, a.counts.to(counts.device), a.bonus.to(bonus.device)
+        path[idx], counts[idx], bonus[idx] = p.to(path.device), a.counts.to(counts.device), a.bonus.to(bonus.device)
     return Acceptance(path=path, counts=counts, bonus=bonus)
