@@ -151,8 +151,8 @@ class _Reply:
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def _extras(self, choice: dict, ids: list[int] | None, ev: Event | None) -> None:
-        if self.req.return_token_ids and ids is not None:
+    def _token_ids(self, choice: dict, ids: list[int]) -> None:
+        if self.req.return_token_ids:
             choice["token_ids"] = ids
 
     def whole(self, text: str, ids: list[int], last: Event) -> dict:
@@ -163,7 +163,7 @@ class _Reply:
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": last.finish_reason}
             out = {**self._head("text_completion"), "choices": [choice]}
-        self._extras(choice, ids, last)
+        self._token_ids(choice, ids)
         out["usage"] = last.usage
         if self.req.return_spec_stats:
             out["spec_stats"] = last.spec_stats
@@ -179,7 +179,7 @@ class _Reply:
             choice = {"index": 0, "text": ev.text, "logprobs": None, "finish_reason": finish}
             out = {**self._head("text_completion"), "choices": [choice]}
         if ev is not None:
-            self._extras(choice, ev.token_ids, ev)
+            self._token_ids(choice, ev.token_ids)
             if finish is not None and self.req.return_spec_stats:
                 out["spec_stats"] = ev.spec_stats
         return out
