@@ -86,3 +86,12 @@ def test_plain_steps_match_generate_autoregressive(models, drafter):
     assert seq.plain_steps > 0 and (seq.verify_steps > 0) == (drafter == "model")
     summary = seq.spec_summary()
     assert summary["plain_steps"] == seq.plain_steps and summary["accepted_tokens"] <= summary["draft_tokens"]
+
+
+def test_static_steps_refuse_sequences_that_sample(models):
+    target, draft = models
+    engine = SpeculativeEngine(target, ModelDrafter(draft), CONFIG, static=False)
+    session = engine.session()
+    session.add(prompts_of([4], target.vocab_size), max_new_tokens=6, temperature=0.9, seed=1)
+    with pytest.raises(ValueError, match="greedily"):
+        session.run_static(max_len=256)

@@ -226,7 +226,7 @@ class SpecSession:
                  ((temperature, "temperature"), (top_k, "top_k"), (top_p, "top_p"))]
         seeds = per_sequence(seed, n, "seed")
         out = []
-        for i, (t, k, p, s) in enumerate(zip(*given, seeds)):
+        for t, k, p, s in zip(*given, seeds):
             if s is not None and (isinstance(s, bool) or not isinstance(s, int)):
                 raise ValueError(f"seed must be None or an int, got {s!r}")
             if t is ENGINE_DEFAULT and k is ENGINE_DEFAULT and p is ENGINE_DEFAULT and s is None:
@@ -238,9 +238,10 @@ class SpecSession:
             out.append(RowSampling.seeded(t, k, p, s, eng.generator))  # checks the values (ValueError)
         return out
 
-    def _row_samplings(self) -> list[RowSampling] | None:
-        """The settings of the active rows; None when every row uses the engine's (its own accept / sample)."""
-        own = [self.sequences[i].sampling for i in self.rows]
+    def _row_samplings(self, seq_ids: list[int] | None = None) -> list[RowSampling] | None:
+        """The settings of sequences `seq_ids` (default: the active rows); None when every one of them uses the
+        engine's (then the engine's own accept / sample run, as before per-sequence settings existed)."""
+        own = [self.sequences[i].sampling for i in (self.rows if seq_ids is None else seq_ids)]
         if all(s is None for s in own):
             return None
         eng = self.engine
@@ -248,12 +249,8 @@ class SpecSession:
         return [default if s is None else s for s in own]
 
     def _sample(self, logits: torch.Tensor, seq_ids: list[int]) -> torch.Tensor:
-        own = [self.sequences[i].sampling for i in seq_ids]
-        if all(s is None for s in own):
-            return self.engine.sample(logits)
-        eng = self.engine
-        default = RowSampling(eng.temperature, eng.top_k, eng.top_p, eng.generator)
-        return sample_rows(logits, [default if s is None else s for s in own])
+        samplings = self._row_samplings(seq_ids)
+        return self.engine.sample(logits) if samplings is None else sample_rows(logits, samplings)
 
     @exclusive
     @torch.inference_mode()
@@ -361,7 +358,7 @@ class SpecSession:
     def run_static(self, *, max_len: int) -> None:
         """Decode every active sequence to the end with static, graph-replayed steps (greedy). Rows that finish are
         moved out, and the rest continue in the smallest batch bucket that holds them."""
-        if self._row_samplings() is not None and any(not s.greedy for s in self._row_samplings()):
+        if any(not s.greedy for s in self._row_samplings() or []):
             raise ValueError("run_static: static (CUDA graph) speculative steps decode greedily; this session has "
                              "sequences added with sampling settings (use step())")
         with static_lock(self.engine.target):  # cached runners (and CUDA graph capture) serve one caller at a time
