@@ -157,3 +157,17 @@ def test_bench_serve_smoke(tmp_path):
         assert [r["concurrency"] for r in rows] == [1, 2]
         assert all(r["output_tokens"] > 0 and r["tokens_per_s"] > 0 for r in rows)
     assert "| speculative | 1 |" in proc.stdout
+
+
+def test_chat_requests_stop_at_the_end_of_turn_token(tmp_path):
+    from gdnspec.serve.app import ServeState
+
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": QWEN_TEMPLATE,
+                                                                 "eos_token": "<|im_end|>"}))
+    tok = word_tokenizer(16)  # <|endoftext|> = 1, <|im_end|> = 2
+    state = ServeState(loop=None, tokenizer=tok, model_name="m", vocab_size=16, max_model_len=64, eos_ids=(1,),
+                       chat_template=ChatTemplate.for_model(tmp_path, tok), sampling={})
+    assert state.chat_stop_ids() == (1, 2)
+    plain = ServeState(loop=None, tokenizer=tok, model_name="m", vocab_size=16, max_model_len=64, eos_ids=(1,),
+                       chat_template=ChatTemplate.for_model(None, tok), sampling={})
+    assert plain.chat_stop_ids() == (1,)  # the plain template's end of turn is the end-of-text token itself

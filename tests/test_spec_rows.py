@@ -95,3 +95,34 @@ def test_static_steps_refuse_sequences_that_sample(models):
     session.add(prompts_of([4], target.vocab_size), max_new_tokens=6, temperature=0.9, seed=1)
     with pytest.raises(ValueError, match="greedily"):
         session.run_static(max_len=256)
+
+
+@pytest.mark.parametrize("kind", ["model", "eagle"])
+def test_drafter_state_after_plain_steps_equals_a_fresh_prefill(models, kind):
+    """After mixed plain and speculative steps the drafter's state is the one a prefill of the committed tokens
+    gives: its next tree is the same (plain steps catch the drafter up on each token, with the target's features)."""
+    from gdnspec.models.eagle import EagleHead, eagle_config_for
+    from gdnspec.spec.drafters import EagleDrafter
+
+    target, draft = models
+    if kind == "eagle":
+        torch.manual_seed(5)
+        head = EagleHead(eagle_config_for(target.config, intermediate_size=32), dtype=torch.float64).eval()
+        drafter = EagleDrafter(head, target)
+    else:
+        drafter = ModelDrafter(draft)
+    engine = SpeculativeEngine(target, drafter, CONFIG)
+    (prompt,) = prompts_of([6], target.vocab_size, seed=9)
+    a = engine.session()
+    (sid,) = a.add([prompt], max_new_tokens=100)
+    for i in range(7):
+        a.step(speculate=i % 3 != 0)
+    committed = a.sequence(sid)[:-1]  # the last emitted token is the next root, not consumed yet
+    b = engine.session()
+    b.add([committed], max_new_tokens=100)
+    assert torch.equal(a.verified, b.verified)
+    with torch.inference_mode():
+        ta = drafter.propose(a.draft_state, a.verified, CONFIG)
+        tb = drafter.propose(b.draft_state, b.verified, CONFIG)
+    assert torch.equal(ta.tokens, tb.tokens) and torch.equal(ta.parents, tb.parents)
+    torch.testing.assert_close(ta.scores, tb.scores)
