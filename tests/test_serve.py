@@ -3,7 +3,8 @@ driven by the official `openai` client and by raw HTTP (httpx); every result is 
 process (generate_autoregressive for greedy requests, a SpeculativeEngine session alone for seeded sampled ones).
 
 Two servers: `server` (n-gram drafter, adaptive steps off so that seeded sampling is reproducible) and `small`
-(plain decoding, one slot, a queue of one, an API key) for 429, 401 and SIGTERM."""
+(plain decoding, one slot, a queue of one, an API key) for 429, 401 and SIGTERM. The last test stops the main server
+(SIGTERM with a request that outlasts its --shutdown-timeout)."""
 from __future__ import annotations
 
 import json
@@ -80,7 +81,8 @@ class Server:
 @pytest.fixture(scope="module")
 def servers():
     """Both servers start together (each takes a few seconds to load)."""
-    main = Server("--no-speculative-adaptive", "--max-batch-size", "8", "--max-model-len", str(MAX_LEN))
+    main = Server("--no-speculative-adaptive", "--max-batch-size", "8", "--max-model-len", str(MAX_LEN),
+                  "--shutdown-timeout", "1")
     small = Server("--drafter", "none", "--max-batch-size", "1", "--max-queue-size", "1", "--max-model-len", "2048",
                    "--api-key", KEY, "--shutdown-timeout", "20")
     try:
@@ -420,3 +422,23 @@ def test_sigterm_finishes_in_flight_requests_and_exits_cleanly(servers):
     assert "Traceback" not in err and "gdnspec serve: stopped" in err
     with pytest.raises(httpx.ConnectError):
         httpx.get(small.url + "/health")
+
+
+def test_sigterm_aborts_what_outlasts_the_shutdown_timeout(server):
+    """Runs last: stops the main server (--shutdown-timeout 1) while a long stream runs; the stream ends cleanly with
+    finish_reason "abort" and [DONE], and the process exits with 0."""
+    body = {"model": MODEL, "prompt": PROMPTS[4], "max_tokens": MAX_LEN - 32, "stream": True, "temperature": 0,
+            "stop_token_ids": [], "stream_options": {"include_usage": True}}
+    t0 = time.monotonic()
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        first = next(lines)
+        server.proc.send_signal(signal.SIGTERM)
+        rest = [line for line in lines if line]
+    events = [json.loads(e[6:]) for e in [first] + rest[:-1]]
+    assert rest[-1] == "data: [DONE]"
+    finish = [e["choices"][0]["finish_reason"] for e in events if e["choices"]]
+    assert finish[-1] == "abort" and all(f is None for f in finish[:-1])
+    assert events[-1]["usage"]["completion_tokens"] < MAX_LEN - 32
+    assert server.proc.wait(30) == 0 and time.monotonic() - t0 < 20
+    assert "Traceback" not in server.stderr()
