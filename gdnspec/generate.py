@@ -16,7 +16,8 @@ import weakref
 import torch
 
 from gdnspec.concurrency import static_lock
-from gdnspec.sampling import check_generator, check_sampling_args, sample_next
+from gdnspec.sampling import (RowSampling, base_seed, check_generator, check_sampling_args, check_seed, row_seeds,
+                              sample_next, stream_uniforms)
 
 
 _MODEL_API = ("vocab_size", "device", "new_state", "forward_tree", "commit_tree")
@@ -163,28 +164,42 @@ def check_finite(logits: torch.Tensor, *, where: str = "the prompt's") -> None:
 _DECODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _static_decoder(model, batch_size: int, max_len: int):
-    """The cached StaticDecoder of `model` for (batch bucket, max_len); the caller holds static_lock(model)."""
+def _static_decoder(model, batch_size: int, max_len: int, *, sampling: bool = False, filtered: bool = False):
+    """The cached StaticDecoder of `model` for (batch bucket, max_len) (and, sampling, whether it filters by top-k /
+    top-p); the caller holds static_lock(model)."""
     from gdnspec.runtime import StaticDecoder
 
     per_model = _DECODERS.setdefault(model, {})
-    key = (batch_size, max_len)
+    key = (batch_size, max_len) if not sampling else (batch_size, max_len, filtered)
     if key not in per_model or not per_model[key].current():  # rebuilt when the weights changed since
         per_model.pop(key, None)
-        per_model[key] = StaticDecoder(model, batch_size=batch_size, max_len=max_len)
+        per_model[key] = StaticDecoder(model, batch_size=batch_size, max_len=max_len, sampling=sampling,
+                                       filtered=filtered)
     return per_model[key]
 
 
-def _decode_static(model, prompts, new_tokens, max_new_tokens, stops: tuple[int, ...], sample) -> None:
+def _decode_static(model, prompts, new_tokens, max_new_tokens, stops: tuple[int, ...], sampling: dict | None) -> None:
     """Plain decoding with a fixed-shape decode step (a CUDA graph on the GPU). All live rows emit one token per
     step, so the budget ends them together; a stop id (checked with one small sync per token, only when there are
-    stop ids) moves the remaining rows into the smallest batch bucket that holds them."""
+    stop ids) moves the remaining rows into the smallest batch bucket that holds them.
+
+    sampling None: greedy. Else dict(temperature, top_k, top_p, generator): the tokens are sampled inside the step
+    (no host sync), sequence i from its own counter-based stream seeded by row_seeds(one draw of the generator, [i])."""
     from gdnspec.runtime import batch_bucket
 
     state, logits, _ = prefill(model, prompts)
     check_finite(logits)
     stop_t = torch.tensor(stops, dtype=torch.long, device=logits.device)
-    nxt = sample(logits)  # (n,) emitted, not yet consumed by the model
+    if sampling is None:
+        nxt = logits.argmax(-1)  # (n,) emitted, not yet consumed by the model
+    else:
+        settings = {k: sampling[k] for k in ("temperature", "top_k", "top_p")}
+        filtered = settings["top_k"] is not None or settings["top_p"] is not None
+        seeds = row_seeds(base_seed(None, sampling["generator"]), range(len(prompts))).to(logits.device)
+        counters = torch.zeros_like(seeds)
+        first = RowSampling.constant(len(prompts), logits.device, **settings, uniforms=stream_uniforms(seeds, counters))
+        nxt = first.sample(logits)  # the stream's counter 0; the decode steps continue from 1
+        counters += 1
     active = list(range(len(prompts)))
     max_len = -(-(max(p.numel() for p in prompts) + max_new_tokens + 1) // 256) * 256
     produced = 1  # tokens emitted so far by every live row (nxt included)
@@ -195,11 +210,17 @@ def _decode_static(model, prompts, new_tokens, max_new_tokens, stops: tuple[int,
 
     while True:
         n = len(active)
-        dec = _static_decoder(model, batch_bucket(n), max_len)
+        dec = _static_decoder(model, batch_bucket(n), max_len, sampling=sampling is not None,
+                              filtered=sampling is not None and filtered)
         dec.load(state)
+        if sampling is not None:
+            dec.set_sampling(**settings, seeds=seeds, counters=counters)
         while not finished_now(nxt):
-            logits = dec.step(torch.nn.functional.pad(nxt, (0, dec.batch_size - n)))[:n]
-            nxt = sample(logits)
+            ids = torch.nn.functional.pad(nxt, (0, dec.batch_size - n))
+            if sampling is None:
+                nxt = dec.step(ids)[:n].argmax(-1)
+            else:
+                nxt = dec.sample_step(ids)[:n].clone()  # a static buffer
             pending.append(nxt)
             produced += 1
         keep = []
@@ -210,6 +231,8 @@ def _decode_static(model, prompts, new_tokens, max_new_tokens, stops: tuple[int,
         if not keep:
             return
         state, nxt, active = dec.state.select(keep), nxt[keep], [active[r] for r in keep]
+        if sampling is not None:
+            seeds, counters = seeds[keep], dec.counters[:n][keep]
         pending = []
 
 
@@ -217,10 +240,13 @@ def _decode_static(model, prompts, new_tokens, max_new_tokens, stops: tuple[int,
 def generate_autoregressive(model, input_ids, max_new_tokens: int, temperature: float = 0.0,
                             eos_token_id: int | list[int] | None = None, top_k: int | None = None,
                             top_p: float | None = None, generator: torch.Generator | None = None,
-                            static: bool | None = None):
+                            static: bool | None = None, *, seed: int | None = None):
     """Plain decoding, one target forward per new token. See the module docstring.
 
-    static=None: on CUDA the decode step is a fixed-shape step replayed from a CUDA graph (gdnspec.runtime).
+    static=None: on CUDA the decode step is a fixed-shape step replayed from a CUDA graph (gdnspec.runtime); when
+    sampling, the tokens are drawn inside the step, sequence i from its own counter-based stream seeded by one
+    draw of the generator and i (so its tokens do not depend on the other sequences of the batch).
+    seed: an int seeding a fresh generator (instead of `generator`): the same seed gives the same tokens.
     Safe to call from several threads on one model (static decoding of one model runs one call at a time).
     """
     check_model(model)
@@ -228,16 +254,18 @@ def generate_autoregressive(model, input_ids, max_new_tokens: int, temperature: 
     stops = stop_ids(eos_token_id)
     check_sampling_args(temperature, top_k, top_p)
     check_generator(generator)
+    check_seed(seed, generator=generator)
+    if seed is not None:
+        generator = torch.Generator(device=model.device).manual_seed(seed)
     prompts, as_tensor = normalize_prompts(input_ids, vocab_size=model.vocab_size)
     device = model.device
     new_tokens: list[list[int]] = [[] for _ in prompts]
     static = model.device.type == "cuda" if static is None else static
     if static and max_new_tokens > 0:
-        def sample(lg):
-            return sample_next(lg, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-
+        sampling = None if temperature == 0 else dict(temperature=temperature, top_k=top_k, top_p=top_p,
+                                                      generator=generator)
         with static_lock(model):  # the cached static decoders are shared by every caller of this model
-            _decode_static(model, prompts, new_tokens, max_new_tokens, stops, sample)
+            _decode_static(model, prompts, new_tokens, max_new_tokens, stops, sampling)
     elif max_new_tokens > 0:
         state, logits, _ = prefill(model, prompts)
         check_finite(logits)

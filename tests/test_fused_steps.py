@@ -102,11 +102,14 @@ def test_gdn_decode_fused_matches_reference(B, H, HV, K, V, W, layout, dtype):
         proj = torch.randn(B, L.width, generator=g).to(dtype)
         y_ref = gd.gdn_decode_reference(proj, layout=L, conv_weight=conv_w, conv_state=cs_ref, recurrent_state=S_ref,
                                         A_log=A_log, dt_bias=dt_bias, norm_weight=nw, norm_eps=1e-6)
+        # value-column blocks of 4 and 8: several programs per value head (masked last block when V % block_v);
+        # every launch must leave the arrival counters at zero for the next one
         y = gd.gdn_decode_fused(proj, layout=L, conv_weight=conv_w, conv_state=cs, recurrent_state=S, A_log=A_log,
-                                dt_bias=dt_bias, norm_weight=nw, norm_eps=1e-6)
+                                dt_bias=dt_bias, norm_weight=nw, norm_eps=1e-6, block_v=(8, 4, None)[step])
         assert rel(y, y_ref) < bound(dtype), step
         assert torch.equal(cs, cs_ref), step  # the window is a copy: exact
         assert rel(S, S_ref) < (2e-6 if dtype == torch.float32 else 1e-2), step
+        assert not gd._arrival_counters(B * H, proj.device)[: B * H].any(), step
 
 
 @pytest.mark.parametrize("B,N,H,HV,K,V,W,layout,kind,dtype", [
@@ -532,3 +535,85 @@ def test_a_static_prefill_is_built_on_fused_weights_and_goes_stale_when_a_weight
     mlp.gate_proj.weight = torch.nn.Parameter(mlp.gate_proj.weight.detach().clone())
     assert not pre.current()
     assert StaticPrefill(model, batch_size=1, seq_len=4, use_graph=False).current()
+
+
+@pytest.mark.parametrize("layout", ["qwen3_next", "qwen3_5"])
+@torch.inference_mode()
+def test_eagle_fused_decode_step_matches_reference_and_drafts_the_same_tree(layout):
+    """EagleHead.decode_step's fused path (issue 10: a drafting step in the target's fused decode kernels) equals
+    forward + draft_logits, output, logits AND state; a whole EAGLE tree proposal is then the same tree."""
+    from gdnspec.models.eagle import EagleHead, eagle_config_for
+    from gdnspec.spec import TreeConfig
+    from gdnspec.spec.drafters import EagleDrafter
+
+    model = _hybrid(torch.float32, layout)
+    torch.manual_seed(5)
+    head = EagleHead(eagle_config_for(model.config)).eval()
+    randomize_(head)
+    B, H = 3, model.config.hidden_size
+    hidden, emb = torch.randn(B, 1, H), torch.randn(B, 1, H)
+    s_ref = head.new_state(B)
+    s_ref.layers[0].recurrent.normal_()
+    s_ref.layers[0].conv.normal_()
+    s = s_ref.clone()
+    for _ in range(2):
+        model.fused_steps = False
+        out_ref, lg_ref = head.decode_step(hidden, emb, s_ref, target=model)
+        model.fused_steps = True
+        out, lg = head.decode_step(hidden, emb, s, target=model)
+        assert lg.shape == (B, model.vocab_size) and out.shape == (B, 1, H)
+        assert rel(out, out_ref) < 1e-5 and rel(lg, lg_ref) < 1e-5
+        _states_close(s, s_ref, 1e-5)
+    drafter = EagleDrafter(head, model)
+    prompts = [torch.randint(0, model.vocab_size, (n,)) for n in (5, 7, 4)]
+    hid = [model(p[None]).hidden_states[0] for p in prompts]
+    cfg = TreeConfig(topk=2, num_steps=3, num_draft_tokens=6)
+    trees = []
+    for fused in (False, True):
+        model.fused_steps = fused
+        st = drafter.begin(prompts, target_hidden=hid)
+        trees.append(drafter.propose(st, torch.tensor([1, 2, 3]), cfg))
+    model.fused_steps = True
+    assert torch.equal(trees[0].tokens, trees[1].tokens) and torch.equal(trees[0].parents, trees[1].parents)
+
+
+@pytest.mark.parametrize("B,Hkv,D,N,L,dtype", [(3, 1, 12, 5, 3, torch.float32), (2, 2, 16, 1, 1, torch.float32),
+                                               (4, 3, 20, 17, 6, torch.bfloat16), (1, 2, 8, 4, 4, torch.float32)])
+def test_kv_commit_path_matches_reference(B, Hkv, D, N, L, dtype):
+    """The verify's node keys/values move from slots base + path[j] to base + j (j < counts), lengths += counts; rows
+    near the capacity (base clamped), counts 0 and full paths included. Checked against the torch reference and
+    against an explicit per-row loop."""
+    g = torch.Generator().manual_seed(B * 100 + N)
+    cap = 8 + N
+    ck = torch.randn(B, Hkv, cap, D, generator=g).to(dtype)
+    cv = torch.randn(B, Hkv, cap, D, generator=g).to(dtype)
+    lengths = torch.randint(0, cap - N + 1, (B,), generator=g)
+    lengths[0] = cap - N  # the last row that still fits
+    paths, counts = [], []
+    for b in range(B):
+        nodes = sorted(torch.randperm(N, generator=g)[: L - 1].add(0).tolist()) if N > 1 else []
+        path = [0] + [n for n in nodes if n > 0][: L - 1]
+        c = int(torch.randint(0, len(path) + 1, (1,), generator=g))
+        path += [path[-1]] * (L - len(path))
+        paths.append(path)
+        counts.append(c)
+    path, counts = torch.tensor(paths), torch.tensor(counts)
+    counts[-1] = min(L, 1 + (N > 1))
+    expect_k, expect_v = ck.clone(), cv.clone()
+    for b in range(B):
+        base = min(int(lengths[b]), cap - N)
+        for j in range(int(counts[b])):
+            expect_k[b, :, base + j] = ck[b, :, base + path[b, j]]
+            expect_v[b, :, base + j] = cv[b, :, base + path[b, j]]
+    results = []
+    for fn in (at.kv_commit_path_reference, at.kv_commit_path):
+        k2, v2, n2 = ck.clone(), cv.clone(), lengths.clone()
+        fn(k2, v2, n2, path=path, counts=counts, num_nodes=N)
+        assert torch.equal(n2, lengths + counts)
+        for b in range(B):  # slots up to the new length are exact copies; later slots are never read
+            n = int(n2[b])
+            assert torch.equal(k2[b, :, :n], expect_k[b, :, :n]) and torch.equal(v2[b, :, :n], expect_v[b, :, :n])
+        results.append((k2, v2))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    with pytest.raises(ValueError, match="num_nodes"):
+        at.kv_commit_path(ck, cv, lengths.clone(), path=path, counts=counts, num_nodes=cap + 1)

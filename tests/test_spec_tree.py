@@ -127,3 +127,48 @@ def test_accept_greedy_on_a_hand_made_tree():
     tree.valid[0, 4] = False  # a padding node is never accepted
     acc = accept_greedy(tree, logits, layout)
     assert acc.emitted(tree) == [[2, 4]] and acc.counts.tolist() == [2]
+
+
+@pytest.mark.parametrize("builder,topk,steps,n", [("eagle2", 3, 3, 12), ("eagle2", 2, 2, 5), ("seed", 3, 3, 8),
+                                                  ("chain", 1, 4, 5)])
+def test_stochastic_tree_shape_and_q(builder, topk, steps, n):
+    """sample_drafts: every valid node was drawn from the q stored at its parent (q(token) > 0, score increment =
+    log q(token)), siblings are distinct (draws without replacement) and come in draw order, the kept set is the
+    first valid pool nodes (a node's own draw never decides whether it is kept: rows with the same uniforms up to a
+    layer share that layer's shape), and q is the processed draft distribution. Temperature-0 rows draft as always."""
+    from gdnspec.sampling import RowSampling, generator_uniforms, logits_to_probs
+
+    expand, table, _ = fixed_expand(vocab=12, seed=1)
+    B = 6
+    roots = torch.tensor([3, 7, 3, 1, 5, 3])
+    cfg = TreeConfig(topk=topk, num_steps=steps, num_draft_tokens=n, builder=builder, sample_drafts=True)
+    temps = torch.tensor([0.8, 1.0, 0.0, 1.2, 0.8, 0.8], dtype=torch.float64)
+    draft = RowSampling(temps, torch.tensor([12, 12, 12, 12, 4, 12]), torch.tensor([1.0, 0.9, 1.0, 1.0, 1.0, 1.0],
+                        dtype=torch.float64), generator_uniforms(torch.Generator().manual_seed(0), B, "cpu"))
+    tree, _ = build_tree(roots, expand, cfg, draft=draft)
+    tree.validate()
+    det, _ = build_tree(roots, expand, TreeConfig(topk=topk, num_steps=steps, num_draft_tokens=n, builder=builder))
+    E = tree.draft_probs.shape[1]
+    assert E <= 1 + (steps - 1) * cfg.sample_frontier_width() * (topk if builder == "seed" else 1)
+    for b in range(B):
+        if temps[b] == 0:  # greedy rows: the deterministic tree (scores, tokens) of the same builder
+            if builder != "eagle2" or cfg.sample_frontier_width() == topk:
+                assert torch.equal(tree.tokens[b], det.tokens[b]) and torch.equal(tree.parents[b], det.parents[b])
+            continue
+        for i in range(1, n):
+            if not tree.valid[b, i]:
+                continue
+            par = int(tree.parents[b, i])
+            q = tree.draft_probs[b, tree.draft_index[b, par]]
+            want = logits_to_probs(table[tree.tokens[b, par]], temperature=float(temps[b]),
+                                   top_k=int(draft.top_k[b]), top_p=float(draft.top_p[b]))
+            torch.testing.assert_close(q.double(), want, atol=1e-6, rtol=1e-6)
+            tok = int(tree.tokens[b, i])
+            assert q[tok] > 0
+            assert float(tree.scores[b, i] - tree.scores[b, par]) == pytest.approx(math.log(float(q[tok])), abs=1e-5)
+            sibs = [j for j in range(1, n) if tree.valid[b, j] and int(tree.parents[b, j]) == par]
+            assert len({int(tree.tokens[b, j]) for j in sibs}) == len(sibs)
+        # kept = a prefix of the valid pool: every layer is filled before the next one starts (BFS order)
+        depth = tree.layout().depth[b]
+        valid_depths = depth[tree.valid[b]].tolist()
+        assert valid_depths == sorted(valid_depths)

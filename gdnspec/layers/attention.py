@@ -10,6 +10,8 @@ cache: it returns the new keys/values, and `commit` appends the chosen ones.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,6 +23,13 @@ from gdnspec.layers.norm import RMSNorm
 # scaled_dot_product_attention(enable_gqa=...) (torch >= 2.5): grouped heads without repeat_interleave
 _HAS_ENABLE_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
+
+@dataclass(frozen=True)
+class NodesInCache:
+    """What the fused verify step (GatedAttention.forward_fused, write_lengths=False) hands to `commit` instead of the
+    nodes' keys/values: node i's key/value sit in the cache at slot min(lengths, capacity - num_nodes) + i."""
+
+    num_nodes: int
 
 class RotaryEmbedding(nn.Module):
     """Rotate-half RoPE on the first `rotary_dim` channels of each head."""
@@ -227,11 +236,8 @@ class GatedAttention(nn.Module):
                            k_norm_weight=self.k_norm.weight, eps=self.q_norm.eps, table=table, perm=perm,
                            lengths=cache.lengths, depth=depth, cache_k=cache.k, cache_v=cache.v)
         mask = None if layout is None or layout.is_chain else layout.ancestor_mask
-        kv = (None, None)
-        if not write_lengths:  # verify: hand the new keys/values to `commit` (read before anything moves)
-            slots = cache.lengths.clamp(max=cap - T)[:, None] + torch.arange(T, device=x.device)
-            idx = slots[:, None, :, None].expand(B, Hkv, T, D)
-            kv = (cache.k.gather(2, idx), cache.v.gather(2, idx))
+        # verify: the nodes' keys/values stay in their cache slots; `commit` moves the accepted ones (kv_commit_path)
+        kv = (None, None) if write_lengths else NodesInCache(T)
         attn = tree_attention(q, cache.k, cache.v, cache.lengths, mask, gate=qkv, scale=D**-0.5,
                               advance_lengths=write_lengths)
         return linear_for_residual(attn, self.o_proj.weight, self.o_proj.bias), kv
@@ -270,9 +276,21 @@ class GatedAttention(nn.Module):
         return out
 
     @staticmethod
-    def commit(cache: KVCache, kv_new: tuple[torch.Tensor, torch.Tensor], path: torch.Tensor, counts: torch.Tensor, *,
-               reserve: bool = True) -> None:
-        """Append the keys/values of tree nodes path[b, :counts[b]] (B, L) long to row b, consecutive positions."""
+    def commit(cache: KVCache, kv_new, path: torch.Tensor, counts: torch.Tensor, *, reserve: bool = True) -> None:
+        """Append the keys/values of tree nodes path[b, :counts[b]] (B, L) long to row b, consecutive positions.
+
+        kv_new: the nodes' (k, v) (B, Hkv, N, D) (module path), or NodesInCache from the fused verify, whose nodes
+        are still in the cache's slots past the prefix: then one kernel moves them (ops/fused/attention.kv_commit_path)."""
+        if isinstance(kv_new, NodesInCache):
+            from gdnspec.ops.fused.attention import kv_commit_path
+
+            if reserve and not (cache.k.is_cuda and torch.cuda.is_current_stream_capturing()):
+                # the verify reserved capacity for its N nodes; a commit of L <= N nodes needs no more room
+                if cache.lengths.numel() and int(cache.lengths.max()) + kv_new.num_nodes > cache.capacity:
+                    raise RuntimeError("the KV cache lost the verify's node slots (capacity changed between verify and "
+                                       "commit)")
+            kv_commit_path(cache.k, cache.v, cache.lengths, path=path, counts=counts, num_nodes=kv_new.num_nodes)
+            return
         k, v = kv_new
         B, Hkv, _, D = k.shape
         idx = path.clamp(min=0)[:, None, :, None].expand(B, Hkv, path.shape[1], D)

@@ -90,6 +90,37 @@ class EagleHead(nn.Module):
         self._check(hidden, token_embeds)
         return self.layer.forward_train(self.fuse(hidden, token_embeds))
 
+    def decode_step(self, hidden: torch.Tensor, token_embeds: torch.Tensor, state: ModelState, *, target: nn.Module
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One drafting step, one token per row: (features (B, 1, H) as `forward`, draft logits (B, vocab) as
+        `draft_logits`); `state` advanced in place.
+
+        hidden, token_embeds (B, 1, H). With the target's fused steps (CUDA / Triton backend, float32 GDN state, no
+        autograd) this is the target's fused decode layer (issue 9) around fc: norm_e and norm_h (one add_rms_norm
+        each), the fc GEMV, the fused GDN layer and MLP, the target's final norm with the residual add, the lm_head
+        GEMV: about 14 kernels. Otherwise `forward` + `draft_logits` (the reference; the same numbers up to rounding,
+        tested in tests/test_eagle_fused.py)."""
+        self._check(hidden, token_embeds)
+        if hidden.shape[1] != 1:
+            raise ValueError(f"decode_step takes one token per row, got T={hidden.shape[1]}")
+        s = state.layers[0] if isinstance(state, ModelState) and len(state.layers) == 1 else None
+        use_fused = (s is not None and s.recurrent.dtype == torch.float32 and hasattr(target, "_use_fused")
+                     and self.dtype == target.dtype and target._use_fused(target._backend(hidden), hidden))
+        if not use_fused:
+            out, state = self(hidden, token_embeds, state, mode="fused_decode")
+            return out, self.draft_logits(target, out[:, -1])
+        from gdnspec.models.lm import add_norm
+        from gdnspec.ops.fused.gemv import small_linear
+
+        dt = self.dtype
+        e, _ = add_norm(self.norm_e, token_embeds if token_embeds.dtype == dt else token_embeds.to(dt), None)
+        f, _ = add_norm(self.norm_h, hidden if hidden.dtype == dt else hidden.to(dt), None)
+        x = small_linear(torch.cat([e, f], dim=-1)[:, 0], self.fc.weight, self.fc.bias)[:, None]  # (B, 1, H)
+        y, resid = self.layer.decode_fused(x, None, s, reserve_kv=False)
+        xn, out = add_norm(target.norm, y, resid)  # target.norm(out) and out = resid + y, one kernel
+        logits = small_linear(xn[:, 0], target.lm_head.weight, target.lm_head.bias)
+        return out, logits
+
     @staticmethod
     def draft_logits(target: nn.Module, out: torch.Tensor) -> torch.Tensor:
         """Draft logits from predicted features with the target's final norm and lm_head: (B, T, vocab)."""

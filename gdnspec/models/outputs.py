@@ -19,4 +19,4 @@ class CausalLMOutput:
 class TreeVerifyOutput:
     logits: torch.Tensor  # (B, N, vocab)
     hidden_states: torch.Tensor  # (B, N, hidden), before the final norm
-    layer_caches: list  # per layer: GDNTreeCache or (k_new, v_new)
+    layer_caches: list  # per layer: GDNTreeCache, (k_new, v_new) or layers.attention.NodesInCache

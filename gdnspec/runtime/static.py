@@ -10,7 +10,17 @@ and replayed; the host reads the small outputs (path tokens, counts, bonus) once
     dec.load(state); logits = dec.step(next_ids)
 
     run = StaticSpecRunner(target, drafter, TreeConfig(...), batch_size=8, max_len=1024)
-    run.load(target_state, draft_state, verified_ids); out = run.step(tree=None)   # greedy only
+    run.load(target_state, draft_state, verified_ids); out = run.step(tree=None)
+
+Sampling (sampling=True): per-row settings live in device buffers of shape (B,) - temperature (0 = greedy: exactly
+the argmax / greedy acceptance), top_k, top_p (filtered=True only: they cost a sort of the vocabulary per row) - and
+each row draws its uniforms from a counter-based stream (seed, counter) inside the step (sampling.counter_uniforms;
+the counter advances in the step), so settings and seeds change without re-capture, the same seeds give the same
+tokens, and a row's tokens never depend on its neighbours. `set_sampling` fills them:
+
+    dec = StaticDecoder(model, batch_size=8, max_len=1024, sampling=True, filtered=True)
+    dec.load(state); dec.set_sampling(temperature=[0.7, 0.0], top_p=[0.9, 1.0], seeds=row_seeds(seed, [0, 1]))
+    tokens = dec.sample_step(ids)                                   # (8,) sampled in the step, no host sync
 
 On the CPU the same functions run eagerly (use_graph=False), which is how the tests check them against the eager
 engine. Padding rows of a bucket compute garbage that is never read.
@@ -24,7 +34,9 @@ import torch
 
 from gdnspec.cache import ModelState
 from gdnspec.layers.layout import TokenLayout
-from gdnspec.spec.accept import accept_greedy
+from gdnspec.sampling import RowSampling, check_sampling_args, check_seed, stream_uniforms
+from gdnspec.spec.accept import accept_greedy, accept_rows
+from gdnspec.spec.drafters.base import propose_tree
 from gdnspec.spec.tree import DraftTree, TreeConfig
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -96,6 +108,59 @@ class _StaticStep:
         return weights_signature(*self._modules()) == self.signature
 
 
+class _RowSettings:
+    """The per-row sampling buffers of a static step (module docstring): temperature, top_k, top_p (B,), seeds and
+    counters (B,) int64. Padding rows are greedy."""
+
+    def __init__(self, batch_size: int, vocab_size: int, device, *, filtered: bool):
+        B = batch_size
+        self.vocab_size = vocab_size
+        self.temperature = torch.zeros(B, dtype=torch.float64, device=device)
+        self.top_k = torch.full((B,), vocab_size, dtype=torch.long, device=device) if filtered else None
+        self.top_p = torch.ones(B, dtype=torch.float64, device=device) if filtered else None
+        self.seeds = torch.zeros(B, dtype=torch.long, device=device)
+        self.counters = torch.zeros(B, dtype=torch.long, device=device)
+
+    def sampling(self) -> RowSampling:
+        return RowSampling(self.temperature, self.top_k, self.top_p, stream_uniforms(self.seeds, self.counters))
+
+    def set(self, *, temperature, top_k, top_p, seeds, counters) -> None:
+        """Settings of rows 0..n-1 (n = len(seeds)); each of temperature / top_k / top_p is one value for all rows or
+        a list with one per row (None: off); seeds a list or (n,) tensor of ints in [0, 2**63); counters None (start at
+        0) or (n,). The other rows become greedy padding. Raises naming the bad argument."""
+        seeds_list = seeds.tolist() if isinstance(seeds, torch.Tensor) else list(seeds)
+        n = len(seeds_list)
+        if n > self.temperature.shape[0]:
+            raise ValueError(f"{n} rows of sampling settings for a step of {self.temperature.shape[0]} rows")
+        for i, sd in enumerate(seeds_list):
+            check_seed(sd, name=f"seeds[{i}]")
+
+        def per_row(value, name):
+            vals = list(value) if isinstance(value, (list, tuple)) else [value] * n
+            if len(vals) != n:
+                raise ValueError(f"{name} has {len(vals)} entries for {n} rows")
+            return vals
+
+        temps, ks, ps = per_row(temperature, "temperature"), per_row(top_k, "top_k"), per_row(top_p, "top_p")
+        for t, k, p in zip(temps, ks, ps):
+            check_sampling_args(t, k, p)
+        if self.top_k is None and any(k is not None for k in ks) or self.top_p is None and any(p is not None for p in ps):
+            raise ValueError("this static step was built without top-k / top-p (filtered=False)")
+        dev = self.temperature.device
+        self.temperature.zero_()
+        self.temperature[:n] = torch.tensor(temps, dtype=torch.float64, device=dev)
+        if self.top_k is not None:
+            self.top_k.fill_(self.vocab_size)
+            self.top_k[:n] = torch.tensor([self.vocab_size if k is None else k for k in ks], dtype=torch.long, device=dev)
+            self.top_p.fill_(1.0)
+            self.top_p[:n] = torch.tensor([1.0 if p is None else p for p in ps], dtype=torch.float64, device=dev)
+        self.seeds.zero_()
+        self.seeds[:n] = torch.tensor(seeds_list, dtype=torch.long, device=dev)
+        self.counters.zero_()
+        if counters is not None:
+            self.counters[:n] = torch.as_tensor(counters, dtype=torch.long).to(dev)
+
+
 def _reset_padding_rows(state: ModelState, n: int) -> None:
     """Empty the KV caches of rows n.. (padding rows), so their lengths restart from 0 whenever a runner is reloaded."""
     for layer in state.layers:
@@ -140,22 +205,41 @@ def _capture_eager(fn, restore: list):
 class StaticDecoder(_StaticStep):
     """One plain decode step (T = 1) for `batch_size` rows with KV room for `max_len` positions."""
 
-    def __init__(self, model, *, batch_size: int, max_len: int, use_graph: bool | None = None):
+    def __init__(self, model, *, batch_size: int, max_len: int, use_graph: bool | None = None, sampling: bool = False,
+                 filtered: bool = False):
         self.model = model
         prepare_fused(*self._modules())
         self.batch_size, self.max_len = batch_size, max_len
         self.state = model.new_state(batch_size, kv_capacity=max_len)
         self.ids = torch.zeros(batch_size, 1, dtype=torch.long, device=model.device)
+        self.rows = _RowSettings(batch_size, model.vocab_size, model.device, filtered=filtered) if sampling else None
         use_graph = model.device.type == "cuda" if use_graph is None else use_graph
-        self.graph, self.logits = _capture(self._run, use_graph, [self.state])
+        restore = [self.state] + ([self.rows.counters] if sampling else [])
+        self.graph, self.outputs = _capture(self._run, use_graph, restore)
         self._sign()
+
+    @property
+    def counters(self) -> torch.Tensor:
+        """(B,) int64: tokens each row has sampled from its stream (sampling decoders)."""
+        return self.rows.counters
+
+    def set_sampling(self, *, temperature, top_k=None, top_p=None, seeds, counters=None) -> None:
+        """Per-row settings and streams of rows 0..len(seeds)-1 (see _RowSettings.set); sampling decoders only."""
+        if self.rows is None:
+            raise ValueError("this StaticDecoder was built with sampling=False")
+        self.rows.set(temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds, counters=counters)
 
     def _modules(self) -> tuple:
         return (self.model,)
 
-    def _run(self) -> torch.Tensor:
+    def _run(self):
         out = self.model(self.ids, self.state, mode="fused_decode", logits_to_keep=1, validate=False, reserve_kv=False)
-        return out.logits[:, -1]
+        logits = out.logits[:, -1]
+        if self.rows is None:
+            return logits, None
+        tokens = self.rows.sampling().sample(logits)  # greedy rows: the argmax
+        self.rows.counters.add_(1)
+        return logits, tokens
 
     def load(self, state: ModelState, rows: list[int] | None = None) -> None:
         """Copy `state` (its rows in order) into rows `rows` (default: the first ones) of the static state."""
@@ -166,11 +250,21 @@ class StaticDecoder(_StaticStep):
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (batch_size,) -> logits (batch_size, vocab) (a static buffer when graphed: copy what you keep)."""
+        return self._step(ids)[0]
+
+    def sample_step(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (batch_size,) -> the next tokens (batch_size,), sampled inside the step with each row's settings and
+        stream (sampling decoders; a static buffer when graphed: copy what you keep)."""
+        if self.rows is None:
+            raise ValueError("this StaticDecoder was built with sampling=False")
+        return self._step(ids)[1]
+
+    def _step(self, ids: torch.Tensor):
         self.ids.copy_(ids.view(-1, 1))
         if self.graph is None:
             return self._run()
         self.graph.replay()
-        return self.logits
+        return self.outputs
 
 
 class StaticPrefill(_StaticStep):
@@ -224,13 +318,16 @@ class StaticPrefill(_StaticStep):
 
 
 class StaticSpecRunner(_StaticStep):
-    """Greedy speculative step (propose -> verify -> accept -> commit -> draft advance) on static buffers.
+    """Speculative step (propose -> verify -> accept -> commit -> draft advance) on static buffers.
 
     Drafters with `supports_cuda_graph` (the model drafters) run inside the step; others (n-gram, oracle) propose on
-    the host and the runner takes their tree through `step(tree=...)`.
+    the host and the runner takes their tree through `step(tree=...)`. sampling=False: greedy acceptance only (the
+    step of before); sampling=True: per-row settings (`set_sampling`), greedy rows accepted exactly as greedy, the
+    others by tree rejection sampling (accept.accept_rows), stochastic in-graph trees with config.sample_drafts.
     """
 
-    def __init__(self, target, drafter, config: TreeConfig, *, batch_size: int, max_len: int, use_graph: bool | None = None):
+    def __init__(self, target, drafter, config: TreeConfig, *, batch_size: int, max_len: int, use_graph: bool | None = None,
+                 sampling: bool = False, filtered: bool = False):
         self.target, self.drafter, self.config = target, drafter, config
         prepare_fused(*self._modules())
         B, N = batch_size, config.num_draft_tokens
@@ -251,27 +348,48 @@ class StaticSpecRunner(_StaticStep):
         self.tree = DraftTree(self.tree_buf[0], self.tree_buf[1], torch.zeros(B, N, device=dev),
                               torch.ones(B, N, dtype=torch.bool, device=dev))
         self.needs_hidden = bool(getattr(drafter, "needs_target_hidden", False))
+        self.rows = _RowSettings(B, target.vocab_size, dev, filtered=filtered) if sampling else None
         use_graph = dev.type == "cuda" if use_graph is None else use_graph
         restore = [self.target_state] + ([self.draft_state] if self.draft_state is not None else [])
+        restore += [self.rows.counters] if sampling else []
         self.graph, self.outputs = _capture(self._run, use_graph, restore)
         self._sign()
 
     def _modules(self) -> tuple:
         return (self.target, *_drafter_modules(self.drafter))
 
+    @property
+    def counters(self) -> torch.Tensor:
+        """(B,) int64: steps each row has drawn from its stream (sampling runners)."""
+        return self.rows.counters
+
+    def set_sampling(self, *, temperature, top_k=None, top_p=None, seeds, counters=None) -> None:
+        """Per-row settings and streams of rows 0..len(seeds)-1 (see _RowSettings.set); sampling runners only."""
+        if self.rows is None:
+            raise ValueError("this StaticSpecRunner was built with sampling=False")
+        self.rows.set(temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds, counters=counters)
+
     def _run(self):
         tree = self.tree
+        rs = self.rows.sampling() if self.rows is not None else None
+        q = qi = None
         if self.in_graph_drafter:
-            new = self.drafter.propose(self.draft_state, self.verified, self.config, sync_free=True)
+            new = propose_tree(self.drafter, self.draft_state, self.verified, self.config, draft=rs, sync_free=True)
             tree.tokens.copy_(new.tokens)
             tree.parents.copy_(new.parents)
             tree.valid.copy_(new.valid)
+            q, qi = new.draft_probs, new.draft_index
         else:
             tree.valid.copy_(self.tree_buf[2] != 0)
             tree.tokens[:, 0] = self.verified
         layout = TokenLayout.from_parents(tree.parents, validate=False)
         ver = self.target.forward_tree(tree.tokens, state=self.target_state, layout=layout, validate=False)
-        acc = accept_greedy(tree, ver.logits, layout, width=self.path_width)
+        if rs is None:
+            acc = accept_greedy(tree, ver.logits, layout, width=self.path_width)
+        else:  # topk bounds the children of a node for every drafter (build_tree, n-gram trie, oracle chain)
+            acc = accept_rows(DraftTree(tree.tokens, tree.parents, tree.scores, tree.valid, q, qi), ver.logits, layout,
+                              sampling=rs, width=self.path_width, max_children=self.config.topk)
+            self.rows.counters.add_(1)
         self.target.commit_tree(self.target_state, ver, path=acc.path, counts=acc.counts, reserve=False,
                                 all_rows_accept=True)  # accept: counts >= 1
         path_tokens = tree.tokens.gather(1, acc.path)

@@ -31,10 +31,11 @@ from gdnspec.cache import ModelState
 from gdnspec.concurrency import exclusive, static_lock
 from gdnspec.generate import (check_finite, check_generation_args, check_model, graph_prefill, normalize_prompts,
                               pack_outputs, stop_ids)
-from gdnspec.sampling import check_generator, check_sampling_args, sample_next
+from gdnspec.sampling import (RowSampling, base_seed, check_generator, check_sampling_args, check_seed,
+                              generator_uniforms, row_seeds, sample_next)
 from gdnspec.spec.accept import Acceptance, accept_greedy, accept_sampling
-from gdnspec.spec.drafters.base import check_drafter
-from gdnspec.spec.rows import RowSampling, accept_rows, sample_rows
+from gdnspec.spec.drafters.base import check_drafter, propose_tree
+from gdnspec.spec.rows import SeqSampling, accept_grouped, sample_grouped
 from gdnspec.spec.stats import SpecStats
 from gdnspec.spec.tree import DraftTree, TreeConfig
 
@@ -63,7 +64,7 @@ class _Sequence:
     stop_ids: tuple[int, ...]  # ends at the first of them
     new_tokens: list[int] = field(default_factory=list)
     done: bool = False
-    sampling: RowSampling | None = None  # None: the engine's settings (read at each step)
+    sampling: SeqSampling | None = None  # None: the engine's settings (read at each step)
     verify_steps: int = 0  # speculative steps of this sequence
     plain_steps: int = 0  # plain decode steps (step(speculate=False))
     draft_tokens: int = 0  # drafted tree nodes offered to the target (root excluded)
@@ -115,19 +116,28 @@ def trim_tree(tree: DraftTree) -> DraftTree:
     n = int(used.max()) + 1 if used.numel() else 1
     if n == tree.num_nodes:
         return tree
-    return DraftTree(tree.tokens[:, :n], tree.parents[:, :n], tree.scores[:, :n], tree.valid[:, :n])
+    return tree.first_nodes(n)
 
 
 class SpeculativeEngine:
     def __init__(self, target, drafter, config: TreeConfig, *, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, generator: torch.Generator | None = None, trim_trees: bool = True,
-                 static: bool | None = None):
+                 static: bool | None = None, seed: int | None = None):
+        """seed: an int seeding the engine's own generator (instead of `generator`). Static runs draw one int from
+        the generator and give each sequence its own counter-based stream (sampling.counter_uniforms).
+        config.sample_drafts (with temperature > 0) drafts stochastic trees, accepted with their q (accept.py)."""
         check_model(target, "target")
         check_drafter(drafter)
         if not isinstance(config, TreeConfig):
             raise TypeError(f"config must be a TreeConfig, got {type(config).__name__}")
         check_sampling_args(temperature, top_k, top_p)
         check_generator(generator)
+        check_seed(seed, generator=generator)
+        if seed is not None:
+            generator = torch.Generator(device=target.device).manual_seed(seed)
+        if config.sample_drafts and temperature > 0 and not getattr(drafter, "supports_draft_sampling", False):
+            raise ValueError(f"sample_drafts=True needs a drafter that samples its trees (model, EAGLE, MTP drafters); "
+                             f"{type(drafter).__name__} drafts deterministically (use sample_drafts=False)")
         dv = getattr(drafter, "vocab_size", None)
         if dv is not None and dv != target.vocab_size:
             raise ValueError(f"draft vocab_size ({dv}) differs from the target's ({target.vocab_size}): they must share a tokenizer")
@@ -138,10 +148,8 @@ class SpeculativeEngine:
         self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
         self.trim_trees = trim_trees
         self.stats = SpecStats()
-        # static=None: fixed-shape steps replayed from CUDA graphs (gdnspec.runtime) on CUDA for greedy decoding
-        self.static = (target.device.type == "cuda" and temperature == 0) if static is None else static
-        if self.static and temperature != 0:
-            raise ValueError("static (CUDA graph) speculative steps support greedy decoding only (temperature=0)")
+        # static=None: fixed-shape steps replayed from CUDA graphs (gdnspec.runtime) on CUDA
+        self.static = target.device.type == "cuda" if static is None else static
         self._runners: dict = {}
 
     def session(self) -> "SpecSession":
@@ -169,11 +177,21 @@ class SpeculativeEngine:
         """The cached static runner for (batch bucket, max_len) (captured in a CUDA graph on first use on CUDA)."""
         from gdnspec.runtime import StaticSpecRunner
 
-        key = (batch_size, max_len)
+        sampling, filtered = self.temperature > 0, self.top_k is not None or self.top_p is not None
+        key = (batch_size, max_len) if not sampling else (batch_size, max_len, filtered)
         if key not in self._runners or not self._runners[key].current():  # rebuilt when the weights changed since
             self._runners.pop(key, None)
-            self._runners[key] = StaticSpecRunner(self.target, self.drafter, self.config, batch_size=batch_size, max_len=max_len)
+            self._runners[key] = StaticSpecRunner(self.target, self.drafter, self.config, batch_size=batch_size,
+                                                  max_len=max_len, sampling=sampling, filtered=filtered)
         return self._runners[key]
+
+    def draft_sampling(self, batch: int) -> RowSampling | None:
+        """The settings + uniforms a stochastic tree of `batch` rows is drawn with (None: deterministic drafts)."""
+        if self.temperature == 0 or not self.config.sample_drafts:
+            return None
+        dev = self.target.device
+        return RowSampling.constant(batch, dev, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                                    uniforms=generator_uniforms(self.generator, batch, dev))
 
     # ------------------------------------------------------------------ the stages of one step
     def accept(self, tree: DraftTree, logits: torch.Tensor, layout) -> Acceptance:
@@ -219,7 +237,7 @@ class SpecSession:
         s = self._get(seq_id)
         return torch.cat([s.prompt, torch.tensor(s.new_tokens, dtype=torch.long)]).to(self.engine.target.device)
 
-    def _samplings(self, n: int, temperature, top_k, top_p, seed) -> list[RowSampling | None]:
+    def _samplings(self, n: int, temperature, top_k, top_p, seed) -> list[SeqSampling | None]:
         """Per-sequence settings of add(); None where all four are left out (the engine's, read at each step)."""
         eng = self.engine
         given = [per_sequence(v, n, name) for v, name in
@@ -235,22 +253,22 @@ class SpecSession:
             t = eng.temperature if t is ENGINE_DEFAULT else t
             k = eng.top_k if k is ENGINE_DEFAULT else k
             p = eng.top_p if p is ENGINE_DEFAULT else p
-            out.append(RowSampling.seeded(t, k, p, s, eng.generator))  # checks the values (ValueError)
+            out.append(SeqSampling.seeded(t, k, p, s, eng.generator))  # checks the values (ValueError)
         return out
 
-    def _row_samplings(self, seq_ids: list[int] | None = None) -> list[RowSampling] | None:
+    def _row_samplings(self, seq_ids: list[int] | None = None) -> list[SeqSampling] | None:
         """The settings of sequences `seq_ids` (default: the active rows); None when every one of them uses the
         engine's (then the engine's own accept / sample run, as before per-sequence settings existed)."""
         own = [self.sequences[i].sampling for i in (self.rows if seq_ids is None else seq_ids)]
         if all(s is None for s in own):
             return None
         eng = self.engine
-        default = RowSampling(eng.temperature, eng.top_k, eng.top_p, eng.generator)
+        default = SeqSampling(eng.temperature, eng.top_k, eng.top_p, eng.generator)
         return [default if s is None else s for s in own]
 
     def _sample(self, logits: torch.Tensor, seq_ids: list[int]) -> torch.Tensor:
         samplings = self._row_samplings(seq_ids)
-        return self.engine.sample(logits) if samplings is None else sample_rows(logits, samplings)
+        return self.engine.sample(logits) if samplings is None else sample_grouped(logits, samplings)
 
     @exclusive
     @torch.inference_mode()
@@ -356,11 +374,12 @@ class SpecSession:
     @exclusive
     @torch.inference_mode()
     def run_static(self, *, max_len: int) -> None:
-        """Decode every active sequence to the end with static, graph-replayed steps (greedy). Rows that finish are
+        """Decode every active sequence to the end with static, graph-replayed steps (greedy or sampling). Rows that finish are
         moved out, and the rest continue in the smallest batch bucket that holds them."""
-        if any(not s.greedy for s in self._row_samplings() or []):
-            raise ValueError("run_static: static (CUDA graph) speculative steps decode greedily; this session has "
-                             "sequences added with sampling settings (use step())")
+        own = [self.sequences[i].sampling for i in self.rows]
+        if any(s is not None and not (s.greedy and self.engine.temperature == 0) for s in own):
+            raise ValueError("run_static: static (CUDA graph) speculative steps sample every row with the engine's "
+                             "settings; this session has sequences added with settings of their own (use step())")
         with static_lock(self.engine.target):  # cached runners (and CUDA graph capture) serve one caller at a time
             self._run_static(max_len)
 
@@ -370,16 +389,25 @@ class SpecSession:
         eng = self.engine
         # drafters that draft from Python lists (n-gram, oracle) get host tensors: no device sync or copy of their own
         on_host = bool(getattr(eng.drafter, "drafts_on_host", False))
+        sampling = eng.temperature > 0
+        if sampling:  # one stream per sequence: (seed of the run, sequence id), counter = steps taken in this run
+            seeds = row_seeds(base_seed(None, eng.generator), self.rows).to(eng.target.device)
+            counters = torch.zeros_like(seeds)
         while self.rows:
             n = len(self.rows)
             runner = eng.runner(batch_bucket(n), max_len)
             runner.load(self.target_state, self.draft_state, self.verified)
+            if sampling:
+                runner.set_sampling(temperature=eng.temperature, top_k=eng.top_k, top_p=eng.top_p, seeds=seeds,
+                                    counters=counters)
             W = runner.path_width
             verified_host = self.verified.cpu() if on_host else None
             while True:
                 tree = None
                 if not runner.in_graph_drafter:
                     tree = eng.drafter.propose(self.draft_state, verified_host if on_host else self.verified, eng.config)
+                    if tree.draft_probs is not None:
+                        raise ValueError("a host-drafted tree with draft_probs cannot run in a static runner")
                 path_tokens, counts, bonus, hidden, drafted = runner.step(tree)
                 pk = runner.packed[:n].cpu()  # the one sync and copy per step
                 pt, cn, bo, dr = pk[:, :W], pk[:, W], pk[:, W + 1], pk[:, W + 2]
@@ -397,6 +425,8 @@ class SpecSession:
                 if len(keep) < n:
                     break
             self.verified = runner.verified[:n].clone()
+            if sampling:
+                seeds, counters = seeds[keep], runner.counters[:n][keep]
             self.rows = [self.rows[r] for r in keep]
             if not keep:
                 self.target_state = self.draft_state = self.verified = None
@@ -419,15 +449,16 @@ class SpecSession:
         target, drafter = eng.target, eng.drafter
         if not speculate or getattr(drafter, "plain", False):
             return self._plain_step()
-        tree = drafter.propose(self.draft_state, self.verified, eng.config)
+        tree = propose_tree(drafter, self.draft_state, self.verified, eng.config,
+                            draft=eng.draft_sampling(len(self.rows)))
         tree.validate()
         if eng.trim_trees:
             tree = trim_tree(tree)
         layout = tree.layout()
         ver = target.forward_tree(tree.tokens, state=self.target_state, layout=layout)
         samplings = self._row_samplings()
-        acc = eng.accept(tree, ver.logits, layout) if samplings is None else accept_rows(tree, ver.logits, layout,
-                                                                                        samplings)
+        acc = eng.accept(tree, ver.logits, layout) if samplings is None else accept_grouped(tree, ver.logits, layout,
+                                                                                           samplings)
         target.commit_tree(self.target_state, ver, path=acc.path, counts=acc.counts, all_rows_accept=True)  # counts >= 1
         path_tokens = acc.path_tokens(tree)
         hidden = None

@@ -4,13 +4,14 @@ A `SpecSession` (and the server built on it) mixes greedy and sampled sequences 
 functions take ONE setting for all rows, so the rows are grouped by identical settings and each group is accepted
 (or sampled) on its own, then the results are put back in row order:
 
-    groups = group_rows([row.sampling for row in rows])        # [(RowSampling, [row indices]), ...]
-    acc = accept_rows(tree, logits, layout, samplings)          # one Acceptance for the whole batch
-    tok = sample_rows(logits, samplings)                        # (B,) next tokens
+    groups = group_rows([seq.sampling for seq in rows])        # [(SeqSampling, [row indices]), ...]
+    acc = accept_grouped(tree, logits, layout, samplings)       # one Acceptance for the whole batch
+    tok = sample_grouped(logits, samplings)                     # (B,) next tokens
 
 Greedy rows form one group whatever their seed. A sampled row with its own seed has its own torch.Generator and
 forms a group of its own, accepted on its own draft tree trimmed to its own width: the random draws it consumes do
 not depend on its batch neighbours, so its tokens are those of the same sequence decoded alone with that seed.
+(sampling.RowSampling is the static steps' form of per-row settings: device tensors and counter-based uniforms.)
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from gdnspec.spec.tree import DraftTree
 
 
 @dataclass(frozen=True, eq=False)
-class RowSampling:
+class SeqSampling:
     """How one sequence picks its tokens: temperature 0 = greedy; generator None = torch's global generator."""
 
     temperature: float = 0.0
@@ -52,23 +53,23 @@ class RowSampling:
 
     @staticmethod
     def seeded(temperature: float, top_k: int | None, top_p: float | None, seed: int | None,
-               default_generator: torch.Generator | None = None) -> "RowSampling":
+               default_generator: torch.Generator | None = None) -> "SeqSampling":
         """A row's settings: with a seed, a generator of its own (CPU, as the acceptance's uniform draws); without
         one, `default_generator` (shared with the other rows that have none)."""
         if seed is None or temperature == 0:
-            return RowSampling(temperature, top_k, top_p, default_generator if temperature else None)
-        return RowSampling(temperature, top_k, top_p, torch.Generator().manual_seed(seed % 2 ** 64), own_generator=True)
+            return SeqSampling(temperature, top_k, top_p, default_generator if temperature else None)
+        return SeqSampling(temperature, top_k, top_p, torch.Generator().manual_seed(seed % 2 ** 64), own_generator=True)
 
 
-def group_rows(samplings: list[RowSampling]) -> list[tuple[RowSampling, list[int]]]:
+def group_rows(samplings: list[SeqSampling]) -> list[tuple[SeqSampling, list[int]]]:
     """[(settings, row indices)] with one entry per distinct key, in order of first appearance."""
-    groups: dict[tuple, tuple[RowSampling, list[int]]] = {}
+    groups: dict[tuple, tuple[SeqSampling, list[int]]] = {}
     for r, s in enumerate(samplings):
         groups.setdefault(s.key(), (s, []))[1].append(r)
     return list(groups.values())
 
 
-def sample_rows(logits: torch.Tensor, samplings: list[RowSampling]) -> torch.Tensor:
+def sample_grouped(logits: torch.Tensor, samplings: list[SeqSampling]) -> torch.Tensor:
     """logits (B, vocab) -> (B,) tokens, each row with its own settings. A row with its own (CPU) generator samples
     on the CPU, on any device (the same draws everywhere)."""
     groups = group_rows(samplings)
@@ -85,17 +86,22 @@ def sample_rows(logits: torch.Tensor, samplings: list[RowSampling]) -> torch.Ten
 def _trim(tree: DraftTree) -> DraftTree:
     used = tree.valid.any(0).nonzero()
     n = int(used.max()) + 1 if used.numel() else 1
-    return tree if n == tree.num_nodes else DraftTree(tree.tokens[:, :n], tree.parents[:, :n], tree.scores[:, :n],
-                                                      tree.valid[:, :n])
+    return tree if n == tree.num_nodes else tree.first_nodes(n)
 
 
-def _accept(s: RowSampling, tree: DraftTree, logits: torch.Tensor, layout: TokenLayout) -> Acceptance:
+def _cpu(tree: DraftTree) -> DraftTree:
+    opt = lambda t: None if t is None else t.cpu()  # noqa: E731
+    return DraftTree(tree.tokens.cpu(), tree.parents.cpu(), tree.scores.cpu(), tree.valid.cpu(),
+                     opt(tree.draft_probs), opt(tree.draft_index))
+
+
+def _accept(s: SeqSampling, tree: DraftTree, logits: torch.Tensor, layout: TokenLayout) -> Acceptance:
     if s.greedy:
         return accept_greedy(tree, logits, layout)
     return accept_sampling(tree, logits, layout, **s.kwargs())
 
 
-def accept_rows(tree: DraftTree, logits: torch.Tensor, layout: TokenLayout, samplings: list[RowSampling]
+def accept_grouped(tree: DraftTree, logits: torch.Tensor, layout: TokenLayout, samplings: list[SeqSampling]
                 ) -> Acceptance:
     """accept_greedy / accept_sampling with each row's own settings (see the module docstring)."""
     groups = group_rows(samplings)
@@ -108,8 +114,7 @@ def accept_rows(tree: DraftTree, logits: torch.Tensor, layout: TokenLayout, samp
         sub = tree.select(idx)
         lg = logits[idx]
         if s.own_generator:  # the tree this row would have alone, on the CPU (its generator's device): its draws
-            sub = _trim(sub)  # depend neither on the other rows nor on the device
-            sub = DraftTree(sub.tokens.cpu(), sub.parents.cpu(), sub.scores.cpu(), sub.valid.cpu())
+            sub = _cpu(_trim(sub))  # depend neither on the other rows nor on the device
             sub_layout, lg = sub.layout(), lg[:, :sub.num_nodes].cpu()
         else:
             sub_layout = TokenLayout(parents=layout.parents[idx], ancestor_mask=layout.ancestor_mask[idx],

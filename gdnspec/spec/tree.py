@@ -4,6 +4,11 @@
     parents (B, N) long   root -1; parents[b, i] < i (topological order)
     scores  (B, N) float  cumulative draft log-prob along the path (root 0); -inf for padding
     valid   (B, N) bool   False for padding nodes (rows that drafted fewer than N - 1 tokens); never accepted
+    draft_probs (B, E, V) float32 or None, draft_index (B, N) long or None: stochastic trees only (see below) - node
+            i's children were drawn, in index order and without replacement, from draft_probs[b, draft_index[b, i]]
+            (the distribution AT node i, shared by all its children; E = the nodes that were expanded, about
+            1 + (num_steps - 1) * frontier width, so the memory is B * E * V * 4 bytes, e.g. 8 x 13 x 151936 x 4 =
+            60 MB, not B * N * V). None: deterministic drafts (top-k, n-gram, oracle), accepted by the one-hot rule.
 
 Derived for verification: `layout()` (ancestor mask, depth; positions = prefix length + depth) and `paths()`.
 
@@ -13,6 +18,15 @@ Builders (all return N = num_draft_tokens nodes; `expand` gives draft log-probs 
     "seed":   the seed's simplified tree - each step adds the topk children of the best node of the previous step
               (topk * num_steps drafted tokens).
     "chain":  topk = 1, num_steps tokens.
+Stochastic trees (TreeConfig.sample_drafts=True, with a `RowSampling` from the engine; lossless with the rule of
+accept.py): each frontier node's children are drawn WITHOUT replacement from q = the draft's distribution processed
+with the target's own temperature / top-k / top-p (logits_to_probs), in draw order (one inverse-CDF uniform per
+draw, slot SLOT_DRAFT + step); a draw past q's support makes an invalid node. Exactness needs the tree's shape to
+never depend on a node's own draw or its subtree, only on earlier information: which nodes get children may depend
+on their own scores (the frontier choice), but the final pruning to num_draft_tokens may not rank a node by its own
+score. So sample mode keeps the first N - 1 valid pool nodes in pool order (layer by layer, frontier rank, draw
+order) and, for eagle2, narrows the frontier (`sample_frontier_width`, from the config alone) so that deeper layers
+still fit. Rows with temperature 0 draft deterministically (top-k, best-score pruning) in the same call.
 Optional: confidence-based dynamic topk (a node keeps children only while their cumulative draft probability
 mass stays under `dynamic_topk_mass`) and adaptive num_steps (stop expanding a row when the best frontier's
 cumulative draft probability drops below `min_frontier_prob`).
@@ -26,6 +40,7 @@ from typing import Callable
 import torch
 
 from gdnspec.layers.layout import TokenLayout
+from gdnspec.sampling import SLOT_DRAFT, RowSampling, sample_from_probs
 
 BUILDERS = ("eagle2", "seed", "chain")
 
@@ -46,8 +61,11 @@ class TreeConfig:
     builder: str = "eagle2"
     dynamic_topk_mass: float | None = None
     min_frontier_prob: float | None = None
+    sample_drafts: bool = False  # stochastic trees when sampling (temperature > 0): see the module docstring
 
     def __post_init__(self):
+        if not isinstance(self.sample_drafts, bool):
+            raise ValueError(f"sample_drafts must be a bool, got {self.sample_drafts!r}")
         if not _is_count(self.topk):
             raise ValueError(f"topk must be an int >= 1, got {self.topk!r}")
         if not _is_count(self.num_steps):
@@ -69,6 +87,16 @@ class TreeConfig:
         if self.min_frontier_prob is not None and not (0 <= self.min_frontier_prob < 1):
             raise ValueError(f"min_frontier_prob must be in [0, 1), got {self.min_frontier_prob!r}")
 
+    def sample_frontier_width(self) -> int:
+        """Frontier width of stochastic trees: eagle2 expands w nodes per layer, the largest w <= topk with
+        topk + (num_steps - 1) * w * topk <= num_draft_tokens - 1 (at least 1), so the kept prefix reaches depth."""
+        if self.builder == "chain":
+            return 1
+        if self.builder == "seed" or self.num_steps == 1:
+            return self.topk
+        room = (self.num_draft_tokens - 1 - self.topk) // ((self.num_steps - 1) * self.topk)
+        return max(1, min(self.topk, room))
+
     def max_nodes(self) -> int:
         """Nodes (root included) the builder can produce."""
         if self.builder == "chain":
@@ -84,6 +112,8 @@ class DraftTree:
     parents: torch.Tensor
     scores: torch.Tensor
     valid: torch.Tensor
+    draft_probs: torch.Tensor | None = None  # (B, E, V): stochastic trees only (module docstring)
+    draft_index: torch.Tensor | None = None  # (B, N) long
 
     @property
     def batch_size(self) -> int:
@@ -112,9 +142,23 @@ class DraftTree:
             raise ValueError("DraftTree.parents must be in topological order: 0 <= parents[b, i] < i for i >= 1")
         if vocab_size is not None and (int(self.tokens.min()) < 0 or int(self.tokens.max()) >= vocab_size):
             raise ValueError(f"DraftTree.tokens must lie in [0, {vocab_size})")
+        if (self.draft_probs is None) != (self.draft_index is None):
+            raise ValueError("DraftTree.draft_probs and draft_index go together (both None for deterministic drafts)")
+        if self.draft_probs is not None:
+            if self.draft_probs.dim() != 3 or self.draft_probs.shape[0] != B or tuple(self.draft_index.shape) != (B, N):
+                raise ValueError(f"DraftTree.draft_probs must be (B, E, V) and draft_index {(B, N)}, got "
+                                 f"{tuple(self.draft_probs.shape)} and {tuple(self.draft_index.shape)}")
 
     def select(self, rows) -> "DraftTree":
-        return DraftTree(self.tokens[rows], self.parents[rows], self.scores[rows], self.valid[rows])
+        q = None if self.draft_probs is None else self.draft_probs[rows]
+        qi = None if self.draft_index is None else self.draft_index[rows]
+        return DraftTree(self.tokens[rows], self.parents[rows], self.scores[rows], self.valid[rows], q, qi)
+
+    def first_nodes(self, n: int) -> "DraftTree":
+        """The tree cut to its first n node columns (the caller knows the rest is padding)."""
+        qi = None if self.draft_index is None else self.draft_index[:, :n]
+        return DraftTree(self.tokens[:, :n], self.parents[:, :n], self.scores[:, :n], self.valid[:, :n],
+                         self.draft_probs, qi)
 
     @staticmethod
     def from_lists(roots: list[int], nodes: list[list[tuple[int, int, float]]], *, num_nodes: int | None = None,
@@ -140,14 +184,31 @@ class DraftTree:
 ExpandFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
-def build_tree(root_tokens: torch.Tensor, expand: ExpandFn, config: TreeConfig, *, sync_free: bool = False
-               ) -> tuple[DraftTree, torch.Tensor]:
+def draw_without_replacement(q: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """k sequential draws without replacement: q (..., V) probabilities, uniforms (..., k) -> (tokens (..., k),
+    log q(token) (..., k), -inf for draws past q's support). Draw r is the inverse CDF of q with draws 1..r-1 removed."""
+    q_r = q
+    toks, lps = [], []
+    for r in range(uniforms.shape[-1]):
+        left = q_r.sum(-1)
+        x = sample_from_probs(q_r, uniforms[..., r])
+        qx = q.gather(-1, x[..., None]).squeeze(-1)
+        lps.append(torch.where(left > 0, qx.clamp(min=1e-38).log(), float("-inf")))
+        toks.append(x)
+        q_r = q_r.scatter(-1, x[..., None], 0.0)
+    return torch.stack(toks, -1), torch.stack(lps, -1)
+
+
+def build_tree(root_tokens: torch.Tensor, expand: ExpandFn, config: TreeConfig, *, sync_free: bool = False,
+               draft: RowSampling | None = None) -> tuple[DraftTree, torch.Tensor]:
     """Grow a draft tree from root_tokens (B,) with a draft model.
 
     expand(frontier_tokens (B, F), parent_slot (B, F) or None) -> draft log-probs (B, F, vocab) for the children of the
     frontier nodes; parent_slot[b, f] is the index, in the previous call's frontier, of node f's parent (None on the
     first call, whose frontier is the root). The drafter keeps whatever per-node state it needs and gathers it by
     parent_slot. sync_free=True never reads device values on the host (no early stop): CUDA graphs. Returns (tree, selected pool indices (B, N-1) of the kept nodes, for the seed's top_scores_index).
+    draft: per-row sampling settings and uniforms; with config.sample_drafts the tree is stochastic for the rows
+    with temperature > 0 (module docstring) and carries draft_probs / draft_index.
     """
     B = root_tokens.shape[0]
     device = root_tokens.device
@@ -160,11 +221,21 @@ def build_tree(root_tokens: torch.Tensor, expand: ExpandFn, config: TreeConfig, 
     frontier_scores = torch.zeros(B, 1, device=device)
     parent_slot = None
     pool_size = 1
+    sample = draft is not None and config.sample_drafts
+    sampled_rows = draft.temperature > 0 if sample else None  # (B,)
+    pool_q, pool_q_at = [], []  # per step: q at the frontier nodes (B, F, V), their pool indices (B, F)
     for step in range(config.num_steps):
         logp = expand(frontier_tokens, parent_slot)  # (B, F, vocab)
         logp = logp if logp.dtype == torch.float32 else logp.float()
         F = logp.shape[1]
         top_lp, top_tok = logp.topk(k, dim=-1)  # (B, F, k)
+        if sample:  # draws without replacement from q, in draw order (module docstring)
+            q = draft.probs(logp)  # (B, F, vocab): logp = logits - const per row, so the same processed law
+            s_tok, s_lp = draw_without_replacement(q, draft.uniforms(SLOT_DRAFT + step, F * k).view(B, F, k))
+            top_tok = torch.where(sampled_rows[:, None, None], s_tok, top_tok)
+            top_lp = torch.where(sampled_rows[:, None, None], s_lp, top_lp)
+            pool_q.append(q)
+            pool_q_at.append(frontier_pool)
         cand_scores = frontier_scores[..., None] + top_lp  # (B, F, k)
         if config.dynamic_topk_mass is not None:  # keep a child while the mass of its better siblings is below the bar
             mass_before = top_lp.exp().cumsum(-1) - top_lp.exp()
@@ -183,7 +254,7 @@ def build_tree(root_tokens: torch.Tensor, expand: ExpandFn, config: TreeConfig, 
         if step == config.num_steps - 1:
             break
         # next frontier: the best nodes of this layer (k for eagle2 / seed; 1 for chain)
-        width = 1 if config.builder == "chain" else k
+        width = 1 if config.builder == "chain" else (config.sample_frontier_width() if sample else k)
         flat = cand_scores.reshape(B, F * k)
         sel_scores, sel = flat.topk(min(width, F * k), dim=-1)  # (B, F')
         if config.min_frontier_prob is not None:  # adaptive depth: stop rows whose best path got unlikely
@@ -198,18 +269,34 @@ def build_tree(root_tokens: torch.Tensor, expand: ExpandFn, config: TreeConfig, 
     tokens = torch.cat(pool_tokens, 1)
     parents = torch.cat(pool_parents, 1)
     scores = torch.cat(pool_scores, 1)  # (B, P)
-    return _select_best(tokens, parents, scores, N)
+    if not sample:
+        return _select_best(tokens, parents, scores, N)
+    # stochastic rows keep the first N - 1 valid nodes in pool order: a rank that ignores each node's own draw
+    P = scores.shape[1]
+    first = -torch.arange(P, device=device, dtype=scores.dtype).expand(B, P)
+    key = torch.where(sampled_rows[:, None], torch.where(torch.isfinite(scores), first, float("-inf")), scores)
+    tree, order = _select_best(tokens, parents, scores, N, key=key)
+    slot = torch.zeros(B, P, dtype=torch.long, device=device)  # pool index -> row of draft_probs
+    base = 0
+    for at in pool_q_at:
+        slot.scatter_(1, at, base + torch.arange(at.shape[1], device=device).expand_as(at))
+        base += at.shape[1]
+    index = torch.cat([slot[:, :1], slot.gather(1, order)], 1)
+    tree.draft_index = torch.nn.functional.pad(index, (0, N - index.shape[1]))
+    tree.draft_probs = torch.cat(pool_q, 1)  # (B, E, vocab)
+    return tree, order
 
 
-def _select_best(tokens, parents, scores, N) -> tuple[DraftTree, torch.Tensor]:
-    """Keep the root and the N-1 best-scored pool nodes, in topological (pool) order, remapping parents.
+def _select_best(tokens, parents, scores, N, *, key=None) -> tuple[DraftTree, torch.Tensor]:
+    """Keep the root and the N-1 best pool nodes by `key` (default: the scores), in topological (pool) order,
+    remapping parents.
 
     Scores never increase along a path and ties are broken by pool order (parents first), so the kept set is closed
-    under taking parents."""
+    under taking parents (the same holds for sample mode's key, -pool index among valid nodes)."""
     B, P = tokens.shape
     device = tokens.device
     n_keep = min(N - 1, P - 1)
-    cand = scores[:, 1:]
+    cand = (scores if key is None else key)[:, 1:]
     # stable "best first" ordering: sort by score descending, ties by pool index ascending
     order = torch.sort(cand, dim=-1, descending=True, stable=True).indices[:, :n_keep] + 1  # (B, n_keep) pool idx
     kept_scores = scores.gather(1, order)

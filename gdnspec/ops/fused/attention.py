@@ -26,7 +26,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-__all__ = ["attention_prep", "attention_prep_reference", "tree_attention", "tree_attention_reference"]
+__all__ = ["attention_prep", "attention_prep_reference", "kv_commit_path", "kv_commit_path_reference", "tree_attention",
+           "tree_attention_reference"]
 
 
 def attention_prep_reference(qkv: torch.Tensor, *, num_heads: int, num_kv_heads: int, head_dim: int,
@@ -341,3 +342,75 @@ def tree_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor
                                          NSPLIT=ns, BS=max(2, triton.next_power_of_2(ns)), INC_LEN=advance_lengths,
                                          num_warps=4)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Commit of a verified path (issue 9, verify step): the verify wrote node i's key/value at slot base + i, with
+# base = min(lengths, capacity - N); the accepted nodes path[b, :counts[b]] move to base + 0 .. counts[b] - 1, then
+# lengths += counts. One program per row, no copies of the node keys/values, one launch for k, v and lengths.
+def kv_commit_path_reference(cache_k: torch.Tensor, cache_v: torch.Tensor, lengths: torch.Tensor, *, path: torch.Tensor,
+                             counts: torch.Tensor, num_nodes: int) -> None:
+    """cache_k, cache_v (B, Hkv, capacity, D); lengths, counts (B,) long; path (B, L) long node indices (< num_nodes),
+    root first. In place: cache[b, :, base + j] = cache[b, :, base + path[b, j]] for j < counts[b] (all sources read
+    first), lengths += counts."""
+    B, Hkv, cap, D = cache_k.shape
+    L = path.shape[1]
+    base = lengths.clamp(max=cap - num_nodes)
+    src = (base[:, None] + path.clamp(min=0, max=num_nodes - 1))[:, None, :, None].expand(B, Hkv, L, D)
+    dst = (base[:, None] + torch.arange(L, device=path.device))  # (B, L)
+    keep = (torch.arange(L, device=path.device)[None, :] < counts[:, None])  # (B, L)
+    dst = torch.where(keep, dst, base[:, None] + path.clamp(min=0, max=num_nodes - 1))  # others rewrite themselves
+    dst = dst[:, None, :, None].expand(B, Hkv, L, D)
+    for c in (cache_k, cache_v):
+        c.scatter_(2, dst, c.gather(2, src))
+    lengths += counts
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _kv_commit_kernel(ck, cv, lengths, path, counts, cap, N, L, Hkv: tl.constexpr, D: tl.constexpr,
+                          BL: tl.constexpr, BD: tl.constexpr):
+        i_b = tl.program_id(0)
+        rl = tl.arange(0, BL)
+        rd = tl.arange(0, BD)
+        cnt = tl.load(counts + i_b)
+        n0 = tl.load(lengths + i_b)
+        base = tl.minimum(n0, cap - N)
+        ml = rl < tl.minimum(cnt, L)
+        src = tl.load(path + i_b * L + rl, mask=ml, other=0)
+        src = tl.minimum(tl.maximum(src, 0), N - 1)
+        m = ml[:, None] & (rd[None, :] < D)
+        for h in range(Hkv):
+            row = (i_b * Hkv + h).to(tl.int64) * cap
+            ks = tl.load(ck + (row + base + src[:, None]) * D + rd[None, :], mask=m, other=0.0)
+            vs = tl.load(cv + (row + base + src[:, None]) * D + rd[None, :], mask=m, other=0.0)
+            tl.debug_barrier()  # every source slot is read before any destination slot is written
+            tl.store(ck + (row + base + rl[:, None]) * D + rd[None, :], ks, mask=m)
+            tl.store(cv + (row + base + rl[:, None]) * D + rd[None, :], vs, mask=m)
+        tl.store(lengths + i_b, n0 + cnt)
+
+
+def kv_commit_path(cache_k: torch.Tensor, cache_v: torch.Tensor, lengths: torch.Tensor, *, path: torch.Tensor,
+                   counts: torch.Tensor, num_nodes: int) -> None:
+    """Fused `kv_commit_path_reference` (same arguments and effect): one launch, no host sync. Falls back to the
+    reference where Triton cannot run."""
+    B, Hkv, cap, D = cache_k.shape
+    check_shape("cache_v", cache_v, tuple(cache_k.shape), "(B, Hkv, capacity, D)")
+    check_shape("lengths", lengths, (B,), "(B,)")
+    check_shape("counts", counts, (B,), "(B,)")
+    if path.dim() != 2 or path.shape[0] != B:
+        raise ValueError(f"path must have shape (B, L) with B={B}, got {tuple(path.shape)}")
+    if not 1 <= num_nodes <= cap:
+        raise ValueError(f"num_nodes must be in [1, capacity={cap}], got {num_nodes}")
+    if not available(cache_k) or cache_k.dtype == torch.float64:
+        return kv_commit_path_reference(cache_k, cache_v, lengths, path=path, counts=counts, num_nodes=num_nodes)
+    if not (cache_k.is_contiguous() and cache_v.is_contiguous()):
+        raise ValueError("cache_k and cache_v must be contiguous")
+    L = path.shape[1]
+    if B and L:
+        _kv_commit_kernel[(B,)](cache_k, cache_v, lengths, path.contiguous(), counts.contiguous(), cap, num_nodes, L,
+                                Hkv=Hkv, D=D, BL=max(triton.next_power_of_2(L), 2), BD=triton.next_power_of_2(D),
+                                num_warps=4)
+    elif B:
+        lengths += counts

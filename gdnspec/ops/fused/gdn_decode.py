@@ -6,9 +6,13 @@
     # y (B, HV*V) in proj's dtype = GatedRMSNorm(o, z), ready for out_proj; cs (B, conv_dim, W-1) and
     # S (B, HV, K, V) float32 are advanced IN PLACE
 
-One program per (batch row, key head h) owns every channel the head touches: the conv windows of q_h, k_h and of the
-r = HV/H value heads of h, so it can roll those windows in place without racing another program (the reason the
-older kernel needed a separate conv launch). In the program: causal conv1d update + SiLU for those channels
+Grid: (batch row, key head h) x (value head of h, block of `block_v` value columns): 128 programs per row for the
+Qwen3-Next shapes (H = 16, HV = 32, V = 128, block_v = 32), so the state traffic spreads over the GPU (one program per
+key head, the first version, kept 16 SMs busy at B = 1 and took 12.7 us per layer on an H200). Each program computes
+q_h and k_h (conv + L2 norm) from the shared windows, its own value columns' conv (it alone rolls those windows) and
+its block of the recurrence, and writes o to a float32 buffer. The last program of key head h to arrive (an atomic
+arrival counter) rolls the shared q/k windows, which every program of h has read by then, and applies the gated
+RMSNorm over whole value heads. In the programs: causal conv1d update + SiLU for those channels
 (rounded to the activation dtype like the torch path), q/k L2 norm, q * K^-0.5; then per value head:
 g = -exp(A_log) softplus(a + dt_bias), beta = sigmoid(b), S = e^g S, S += k (beta (v - S^T k))^T, o = S^T q, and the
 gated RMSNorm rmsnorm(o) * w * silu(z).
@@ -150,64 +154,95 @@ if HAS_TRITON:
 
     @triton.jit
     def _gdn_decode_kernel(
-        proj, sp, wgt, cstate, A_log, dt_bias, nw, S, y, sy,
+        proj, sp, wgt, cstate, A_log, dt_bias, nw, S, y, sy, o_buf, counter,
         q_base, q_hs, k_base, k_hs, v_base, v_hs, z_base, z_hs, b_base, b_hs, a_base, a_hs,
         scale, norm_eps,
         H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
-        BK: tl.constexpr, BV: tl.constexpr, BW: tl.constexpr,
+        BK: tl.constexpr, BVB: tl.constexpr, NV: tl.constexpr, BV: tl.constexpr, BW: tl.constexpr,
     ):
-        i_bh = tl.program_id(0)
+        i_bh = tl.program_id(0)  # (batch row, key head)
+        i_rv = tl.program_id(1)  # (value head of this key head, block of BVB value columns)
         i_b = i_bh // H
         i_h = i_bh % H
         R: tl.constexpr = HV // H
         CD: tl.constexpr = 2 * H * K + HV * V
+        l = i_rv // NV
+        i_v = i_rv % NV
+        i_hv = i_h * R + l
         row = proj + i_b * sp
         cs = cstate + i_b * CD * (W - 1)
         rk = tl.arange(0, BK)
-        rv = tl.arange(0, BV)
         mk = rk < K
-        mv = rv < V
+        rvb = i_v * BVB + tl.arange(0, BVB)
+        mvb = rvb < V
+        # q, k of the key head: every program of the head computes them from the (not yet rolled) windows
         b_q, nq, offq, msq = _conv_piece(row, q_base + i_h * q_hs + rk, i_h * K + rk, mk, wgt, cs, W, BW)
         b_k, nk, offk, msk = _conv_piece(row, k_base + i_h * k_hs + rk, H * K + i_h * K + rk, mk, wgt, cs, W, BW)
         b_q = tl.where(mk, b_q, 0.0)
         b_k = tl.where(mk, b_k, 0.0)
         b_q = b_q * tl.rsqrt(tl.sum(b_q * b_q, 0) + 1e-6) * scale
         b_k = b_k * tl.rsqrt(tl.sum(b_k * b_k, 0) + 1e-6)
-        tl.debug_barrier()  # every read of the q/k windows happens before they are rolled
-        tl.store(cs + offq, nq, mask=msq)
-        tl.store(cs + offk, nk, mask=msk)
-        wn = tl.load(nw + rv, mask=mv, other=0.0)
-        for l in range(R):
-            i_hv = i_h * R + l
-            b_v, nv, offv, msv = _conv_piece(row, v_base + i_h * v_hs + l * V + rv, 2 * H * K + i_hv * V + rv, mv,
-                                             wgt, cs, W, BW)
-            tl.debug_barrier()
-            tl.store(cs + offv, nv, mask=msv)
-            b_b = tl.load(row + b_base + i_h * b_hs + l).to(tl.float32)
-            b_a = tl.load(row + a_base + i_h * a_hs + l).to(tl.float32) + tl.load(dt_bias + i_hv).to(tl.float32)
-            sp_a = tl.where(b_a > 20.0, b_a, tl.log(1.0 + tl.exp(tl.minimum(b_a, 20.0))))
-            b_g = -tl.exp(tl.load(A_log + i_hv).to(tl.float32)) * sp_a
-            b_beta = tl.sigmoid(b_b)
-            s_off = ((i_b * HV + i_hv) * K + rk[:, None]) * V + rv[None, :]
-            m_kv = mk[:, None] & mv[None, :]
-            b_S = tl.load(S + s_off, mask=m_kv, other=0.0) * tl.exp(b_g)
-            pred = tl.sum(b_S * b_k[:, None], 0)
-            u = (b_v - pred) * b_beta
-            b_S = b_S + b_k[:, None] * u[None, :]
-            tl.store(S + s_off, b_S, mask=m_kv)
-            b_o = tl.sum(b_S * b_q[:, None], 0)  # (BV,)
-            # gated RMSNorm with the torch module's rounding points (activation dtype after o, norm and weight)
-            xf = tl.where(mv, b_o.to(nv.dtype).to(tl.float32), 0.0)
-            rstd = tl.rsqrt(tl.sum(xf * xf, 0) / V + norm_eps)
-            yv = (xf * rstd).to(nv.dtype).to(tl.float32) * wn.to(nv.dtype).to(tl.float32)
-            gz = tl.load(row + z_base + i_h * z_hs + l * V + rv, mask=mv, other=0.0).to(tl.float32)
-            yv = yv.to(nv.dtype).to(tl.float32) * (gz * tl.sigmoid(gz))
-            tl.store(y + i_b * sy + i_hv * V + rv, yv.to(y.dtype.element_ty), mask=mv)
+        # this program's value columns: their conv windows belong to it alone
+        b_v, nv, offv, msv = _conv_piece(row, v_base + i_h * v_hs + l * V + rvb, 2 * H * K + i_hv * V + rvb, mvb,
+                                         wgt, cs, W, BW)
+        b_b = tl.load(row + b_base + i_h * b_hs + l).to(tl.float32)
+        b_a = tl.load(row + a_base + i_h * a_hs + l).to(tl.float32) + tl.load(dt_bias + i_hv).to(tl.float32)
+        sp_a = tl.where(b_a > 20.0, b_a, tl.log(1.0 + tl.exp(tl.minimum(b_a, 20.0))))
+        b_g = -tl.exp(tl.load(A_log + i_hv).to(tl.float32)) * sp_a
+        b_beta = tl.sigmoid(b_b)
+        s_off = ((i_b * HV + i_hv) * K + rk[:, None]) * V + rvb[None, :]
+        m_kv = mk[:, None] & mvb[None, :]
+        b_S = tl.load(S + s_off, mask=m_kv, other=0.0) * tl.exp(b_g)
+        pred = tl.sum(b_S * b_k[:, None], 0)
+        u = (b_v - pred) * b_beta
+        b_S = b_S + b_k[:, None] * u[None, :]
+        tl.store(S + s_off, b_S, mask=m_kv)
+        b_o = tl.sum(b_S * b_q[:, None], 0)  # (BVB,) float32
+        tl.store(o_buf + (i_b * HV + i_hv) * V + rvb, b_o, mask=mvb)
+        tl.debug_barrier()  # every read of the windows happens before they are rolled
+        tl.store(cs + offv, nv, mask=msv)
+        # the LAST program of the key head to arrive (one atomic per program; CUTLASS-semaphore pattern: barrier, then
+        # a gpu-scope acq_rel atomic) rolls the shared q/k windows and applies the gated RMSNorm over whole value heads
+        # from o_buf; then it resets the counter for the next launch
+        arrived = tl.atomic_add(counter + i_bh, 1, sem="acq_rel", scope="gpu")
+        if arrived == R * NV - 1:
+            tl.store(cs + offq, nq, mask=msq)
+            tl.store(cs + offk, nk, mask=msk)
+            rv = tl.arange(0, BV)
+            mv = rv < V
+            wn = tl.load(nw + rv, mask=mv, other=0.0)
+            for r in range(R):
+                j_hv = i_h * R + r
+                # gated RMSNorm with the torch module's rounding points (activation dtype after o, norm and weight)
+                ov = tl.load(o_buf + (i_b * HV + j_hv) * V + rv, mask=mv, other=0.0)
+                xf = tl.where(mv, ov.to(nv.dtype).to(tl.float32), 0.0)
+                rstd = tl.rsqrt(tl.sum(xf * xf, 0) / V + norm_eps)
+                yv = (xf * rstd).to(nv.dtype).to(tl.float32) * wn.to(nv.dtype).to(tl.float32)
+                gz = tl.load(row + z_base + i_h * z_hs + r * V + rv, mask=mv, other=0.0).to(tl.float32)
+                yv = yv.to(nv.dtype).to(tl.float32) * (gz * tl.sigmoid(gz))
+                tl.store(y + i_b * sy + j_hv * V + rv, yv.to(y.dtype.element_ty), mask=mv)
+            tl.store(counter + i_bh, 0)
+
+
+_COUNTERS: dict = {}
+
+
+def _arrival_counters(n: int, device) -> torch.Tensor:
+    """Zeroed int32 arrival counters for one launch: cached per (device, stream), since launches on one stream run one
+    after another and every launch leaves its counters at zero."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
 
 
 def gdn_decode_fused(proj: torch.Tensor, *, layout: ProjLayout, conv_weight: torch.Tensor, conv_state: torch.Tensor,
                      recurrent_state: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor,
-                     norm_weight: torch.Tensor, norm_eps: float, num_warps: int | None = None) -> torch.Tensor:
+                     norm_weight: torch.Tensor, norm_eps: float, num_warps: int | None = None,
+                     block_v: int | None = None) -> torch.Tensor:
     """See the module docstring. proj (B, P) with a contiguous last dim; conv_weight (conv_dim, W); conv_state
     (B, conv_dim, W-1) contiguous in proj's dtype; recurrent_state (B, HV, K, V) float32 contiguous.
     Falls back to `gdn_decode_reference` where Triton cannot run (CPU without TRITON_INTERPRET, float64)."""
@@ -233,15 +268,23 @@ def gdn_decode_fused(proj: torch.Tensor, *, layout: ProjLayout, conv_weight: tor
     BK, BV = triton.next_power_of_2(L.K), triton.next_power_of_2(L.V)
     if BK * BV > 256 * 256:
         raise ValueError(f"gdn_decode_fused supports K * V <= 65536 (head dims K={L.K}, V={L.V})")
+    if block_v is None:
+        block_v = min(BV, 32)  # V = 128: 4 column blocks per value head, 128 programs per row at HV = 32
+    if block_v < 1 or block_v & (block_v - 1):
+        raise ValueError(f"block_v must be a power of two >= 1, got {block_v}")
+    NV = triton.cdiv(L.V, block_v)
     if proj.stride(-1) != 1:
         proj = proj.contiguous()
     y = torch.empty(B, L.HV * L.V, dtype=proj.dtype, device=proj.device)
     if num_warps is None:
-        num_warps = 4  # fastest on an H200 at B = 1, 8, 32 for K = V = 128 (benchmarks/bench_kernels.py)
+        num_warps = 4
     if B:
-        _gdn_decode_kernel[(B * L.H,)](
+        o_buf = torch.empty(B, L.HV, L.V, dtype=torch.float32, device=proj.device)
+        counter = _arrival_counters(B * L.H, proj.device)
+        _gdn_decode_kernel[(B * L.H, (L.HV // L.H) * NV)](
             proj, proj.stride(0), conv_weight.contiguous(), conv_state, A_log, dt_bias, norm_weight, recurrent_state,
-            y, y.stride(0), *L.q, *L.k, *L.v, *L.z, *L.b, *L.a, L.K**-0.5, float(norm_eps),
-            H=L.H, HV=L.HV, K=L.K, V=L.V, W=W, BK=BK, BV=BV, BW=triton.next_power_of_2(W), num_warps=num_warps,
+            y, y.stride(0), o_buf, counter, *L.q, *L.k, *L.v, *L.z, *L.b, *L.a, L.K**-0.5, float(norm_eps),
+            H=L.H, HV=L.HV, K=L.K, V=L.V, W=W, BK=BK, BVB=block_v, NV=NV, BV=BV, BW=triton.next_power_of_2(W),
+            num_warps=num_warps,
         )
     return y

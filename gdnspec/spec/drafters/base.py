@@ -11,6 +11,11 @@ A drafter is stateless configuration; its per-sequence state lives in a `DraftSt
 `tokens` (B, L) holds, per row, the committed tokens of this step in order (the root first, then the accepted draft
 tokens; counts[b] of them are real); `target_hidden` (B, L, hidden) is the target's hidden state (before its final
 norm) at those tokens. Drafters that need target features set `needs_target_hidden = True`.
+
+Stochastic trees (TreeConfig.sample_drafts, when sampling): drafters with `supports_draft_sampling = True` (the model,
+EAGLE and MTP drafters) take `propose(..., draft=RowSampling)` and return trees whose children were drawn from q,
+carrying q (DraftTree.draft_probs); the others (n-gram, oracle) stay deterministic (q = one-hot). `propose_tree`
+is the one call site that knows the difference.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from typing import Protocol
 
 import torch
 
+from gdnspec.sampling import RowSampling
 from gdnspec.spec.tree import DraftTree, TreeConfig
 
 
@@ -49,3 +55,12 @@ def check_drafter(drafter, name: str = "drafter") -> None:
         hint = " (a model drafts through ModelDrafter(model), or pass it as draft_model=)"
     raise TypeError(f"{name} must be a drafter with begin / propose / advance (NGramDrafter(), ModelDrafter(model), "
                     f"bundle.drafters[...]), got {type(drafter).__name__}{hint}")
+
+
+def propose_tree(drafter, state, root_tokens: torch.Tensor, config: TreeConfig, *, draft: RowSampling | None = None,
+                 **kw) -> DraftTree:
+    """drafter.propose(...), handing `draft` (per-row sampling settings + uniforms) to drafters that draw stochastic
+    trees when config.sample_drafts is set; other drafters (and greedy decoding: draft None) draft as always."""
+    if draft is not None and config.sample_drafts and getattr(drafter, "supports_draft_sampling", False):
+        return drafter.propose(state, root_tokens, config, draft=draft, **kw)
+    return drafter.propose(state, root_tokens, config, **kw)

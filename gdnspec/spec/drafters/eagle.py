@@ -16,6 +16,7 @@ import torch
 
 from gdnspec.cache import ModelState
 from gdnspec.layers.layout import TokenLayout
+from gdnspec.sampling import RowSampling
 from gdnspec.spec.tree import DraftTree, TreeConfig, build_tree
 
 
@@ -43,6 +44,7 @@ class EagleDraftState:
 class EagleDrafter:
     needs_target_hidden = True
     supports_cuda_graph = True
+    supports_draft_sampling = True  # propose(..., draft=RowSampling): stochastic trees carrying q (tree.py)
 
     def __init__(self, head, target):
         if head.hidden_size != target.config.hidden_size:
@@ -90,8 +92,9 @@ class EagleDrafter:
         static.last_feature[rows] = state.last_feature
 
     @torch.inference_mode()
-    def propose(self, state: EagleDraftState, root_tokens: torch.Tensor, config: TreeConfig, *, sync_free: bool = False
-                ) -> DraftTree:
+    def propose(self, state: EagleDraftState, root_tokens: torch.Tensor, config: TreeConfig, *, sync_free: bool = False,
+                draft: RowSampling | None = None) -> DraftTree:
+        """draft: per-row sampling settings + uniforms for stochastic trees (config.sample_drafts; see tree.py)."""
         head = self.head
         B = root_tokens.shape[0]
         cur = {"state": state.head_state.clone(), "feat": state.last_feature[:, None], "width": 1}
@@ -104,13 +107,13 @@ class EagleDrafter:
                 prev_state = prev_state.select(rows)
                 prev_feat = prev_feat.gather(1, parent_slot[..., None].expand(B, F, prev_feat.shape[-1]))
             feats = prev_feat.reshape(B * F, 1, -1)
-            out, new_state = head(feats, self._embed(frontier_tokens.reshape(B * F, 1)), prev_state, mode="fused_decode")
-            cur["state"], cur["feat"], cur["width"] = new_state, out.view(B, F, -1), F
-            logits = head.draft_logits(self.target, out[:, -1])
+            out, logits = head.decode_step(feats, self._embed(frontier_tokens.reshape(B * F, 1)), prev_state,
+                                           target=self.target)  # prev_state advanced in place
+            cur["state"], cur["feat"], cur["width"] = prev_state, out.view(B, F, -1), F
             return torch.log_softmax(logits if logits.dtype == torch.float32 else logits.float(), dim=-1).view(B, F, -1)
 
         roots = root_tokens if root_tokens.device == head.device else root_tokens.to(head.device)
-        return build_tree(roots, expand, config, sync_free=sync_free)[0]
+        return build_tree(roots, expand, config, sync_free=sync_free, draft=draft)[0]
 
     @torch.inference_mode()
     def advance(self, state: EagleDraftState, *, tokens: torch.Tensor, counts: torch.Tensor,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from gdnspec.cache import ModelState
+from gdnspec.sampling import RowSampling
 from gdnspec.spec.tree import DraftTree, TreeConfig, build_tree
 
 
@@ -64,6 +65,7 @@ class ModelDrafter:
     needs_target_hidden = False
 
     supports_cuda_graph = True
+    supports_draft_sampling = True  # propose(..., draft=RowSampling): stochastic trees carrying q (tree.py)
 
     def __init__(self, model):
         from gdnspec.generate import check_model
@@ -87,13 +89,14 @@ class ModelDrafter:
         static.model_state.assign_rows_(rows, state.model_state)
 
     @torch.inference_mode()
-    def propose(self, state: ModelDraftState, root_tokens: torch.Tensor, config: TreeConfig, *, sync_free: bool = False
-                ) -> DraftTree:
-        return self.propose_with_index(state, root_tokens, config, sync_free=sync_free)[0]
+    def propose(self, state: ModelDraftState, root_tokens: torch.Tensor, config: TreeConfig, *, sync_free: bool = False,
+                draft: RowSampling | None = None) -> DraftTree:
+        """draft: per-row sampling settings + uniforms for stochastic trees (config.sample_drafts; see tree.py)."""
+        return self.propose_with_index(state, root_tokens, config, sync_free=sync_free, draft=draft)[0]
 
     @torch.inference_mode()
     def propose_with_index(self, state: ModelDraftState, root_tokens: torch.Tensor, config: TreeConfig, *,
-                           sync_free: bool = False):
+                           sync_free: bool = False, draft: RowSampling | None = None):
         model = self.model
         B = root_tokens.shape[0]
         frontier_state = {"state": state.model_state.clone(), "width": 1}
@@ -111,7 +114,7 @@ class ModelDrafter:
             logits = out.logits[:, -1]
             return torch.log_softmax(logits if logits.dtype == torch.float32 else logits.float(), dim=-1).view(B, F, -1)
 
-        return build_tree(root_tokens.to(model.device), expand, config, sync_free=sync_free)
+        return build_tree(root_tokens.to(model.device), expand, config, sync_free=sync_free, draft=draft)
 
     @torch.inference_mode()
     def advance(self, state: ModelDraftState, *, tokens: torch.Tensor, counts: torch.Tensor, target_hidden=None,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from gdnspec.cache import ModelState
+from gdnspec.sampling import RowSampling
 from gdnspec.spec.tree import DraftTree, TreeConfig, build_tree
 
 
@@ -35,6 +36,7 @@ class MTPDraftState:
 
 class MTPDrafter:
     needs_target_hidden = True
+    supports_draft_sampling = True  # propose(..., draft=RowSampling): stochastic trees carrying q (tree.py)
 
     def __init__(self, target_model, mtp_module):
         if mtp_module is None:
@@ -86,11 +88,14 @@ class MTPDrafter:
         return MTPDraftState(kv, pending)
 
     @torch.inference_mode()
-    def propose(self, state: MTPDraftState, root_tokens: torch.Tensor, config: TreeConfig) -> DraftTree:
-        return self.propose_with_index(state, root_tokens, config)[0]
+    def propose(self, state: MTPDraftState, root_tokens: torch.Tensor, config: TreeConfig, *,
+                draft: RowSampling | None = None) -> DraftTree:
+        """draft: per-row sampling settings + uniforms for stochastic trees (config.sample_drafts; see tree.py)."""
+        return self.propose_with_index(state, root_tokens, config, draft=draft)[0]
 
     @torch.inference_mode()
-    def propose_with_index(self, state: MTPDraftState, root_tokens: torch.Tensor, config: TreeConfig):
+    def propose_with_index(self, state: MTPDraftState, root_tokens: torch.Tensor, config: TreeConfig, *,
+                           draft: RowSampling | None = None):
         B = root_tokens.shape[0]
         device = self.target.device
         front = {"kv": state.kv.clone(), "hidden": self.target.norm(state.pending)[:, None], "width": 1}
@@ -105,7 +110,7 @@ class MTPDrafter:
             front["kv"], front["hidden"], front["width"] = kv, out, F
             return self.logprobs(out[:, -1]).view(B, F, -1)
 
-        return build_tree(root_tokens.to(device), expand, config)
+        return build_tree(root_tokens.to(device), expand, config, draft=draft)
 
     @torch.inference_mode()
     def advance(self, state: MTPDraftState, *, tokens: torch.Tensor, counts: torch.Tensor,

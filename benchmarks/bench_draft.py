@@ -1,0 +1,119 @@
+"""What drafting costs on the GPU: one EAGLE expansion and whole speculative steps, against a target decode step.
+
+    python benchmarks/bench_draft.py [--size 1.5b] [--out benchmarks/results/draft.json]     # needs CUDA
+
+Target: the bench_e2e model (bf16, 512 cached positions). Head: an EagleHead with the target's hidden size and GDN
+head shapes (eagle_config_for; random weights: costs do not depend on them). Every number is a CUDA-graph replay
+(median of CUDA-event timings); kernels are counted with the torch profiler on the eager call. Each row is measured
+twice: with the fused steps (`model.fused_steps = True`, the default) and module by module (False), in one run.
+
+Rows:
+- expansion F=1 / F=4: one drafting step for F frontier nodes (head step + lm_head + log_softmax + top-k), the unit
+  a chain (F = 1) or a tree level (F = topk) pays per depth.
+- spec step chain-4 / tree-4x5: the whole StaticSpecRunner step with the EAGLE drafter inside the graph (propose +
+  verify + accept + commit + head catch-up).
+Ratios are against the target's decode step (B = 1) measured in the same run. The issue-10 target for the 1.7B
+config: one expansion <= 15% of a decode step.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_e2e import build_model, count_kernels  # noqa: E402
+from common import environment, print_table, time_cuda, write_json  # noqa: E402
+
+from gdnspec.models.eagle import EagleHead, eagle_config_for  # noqa: E402
+from gdnspec.runtime import StaticDecoder, StaticSpecRunner  # noqa: E402
+from gdnspec.spec import TreeConfig  # noqa: E402
+from gdnspec.spec.drafters import EagleDrafter  # noqa: E402
+
+SHAPES = {"chain-4": TreeConfig(builder="chain", num_steps=4),
+          "tree-4x5": TreeConfig(topk=4, num_steps=5, num_draft_tokens=16)}
+
+
+def graphed(fn):
+    """fn captured in a CUDA graph (after a warm-up on a side stream); returns the replay callable."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def fill_lengths(state, n: int) -> None:
+    for layer in state.layers:
+        if hasattr(layer, "lengths"):
+            layer.lengths.fill_(n)
+
+
+@torch.inference_mode()
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="1.5b")
+    ap.add_argument("--out", default="benchmarks/results/draft.json")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_draft needs CUDA", file=sys.stderr)
+        return 2
+    target = build_model(args.size, "cuda")
+    torch.manual_seed(1)
+    head = EagleHead(eagle_config_for(target.config), dtype=torch.bfloat16, device="cuda").eval()
+    drafter = EagleDrafter(head, target)
+    env = environment()
+    print(f"# {env['gpu']} | torch {env['torch']} | triton {env['triton']} | target "
+          f"{sum(p.numel() for p in target.parameters()) / 1e9:.2f}B | head {sum(p.numel() for p in head.parameters()) / 1e6:.0f}M "
+          "(+ the target's embedding and lm_head)")
+    rows = []
+    for fused in (True, False):
+        target.fused_steps = fused
+        variant = "fused" if fused else "unfused"
+        dec = StaticDecoder(target, batch_size=1, max_len=1024)
+        dec.state.reserve_kv(1024)
+        fill_lengths(dec.state, 512)
+        ids = torch.randint(0, target.vocab_size, (1,), device="cuda")
+        dec_ms = time_cuda(lambda: dec.step(ids), warmup=5, iters=50)
+        fill_lengths(dec.state, 512)
+        rows.append({"variant": variant, "what": "target decode step", "ms": dec_ms, "x_decode": 1.0,
+                     "kernels": count_kernels(lambda: dec._run())})
+        del dec
+        for F in (1, 4):
+            state = head.new_state(F)
+            feat = torch.randn(F, 1, head.hidden_size, dtype=head.dtype, device="cuda")
+            tok = torch.randint(0, target.vocab_size, (F, 1), device="cuda")
+
+            def expand():
+                out, logits = head.decode_step(feat, target.embed_tokens(tok), state, target=target)
+                return torch.log_softmax(logits.float(), dim=-1).topk(4, dim=-1)
+
+            ms = time_cuda(graphed(expand), warmup=5, iters=50)
+            rows.append({"variant": variant, "what": f"EAGLE expansion F={F}", "ms": ms, "x_decode": ms / dec_ms,
+                         "kernels": count_kernels(expand)})
+        for name, cfg in SHAPES.items():
+            run = StaticSpecRunner(target, drafter, cfg, batch_size=1, max_len=1024)
+            fill_lengths(run.target_state, 512)
+            ms = time_cuda(lambda: run.step(), warmup=5, iters=30)
+            fill_lengths(run.target_state, 512)
+            rows.append({"variant": variant, "what": f"EAGLE spec step {name}", "ms": ms, "x_decode": ms / dec_ms,
+                         "kernels": count_kernels(lambda: run._run())})
+            del run
+        torch.cuda.empty_cache()
+    target.fused_steps = True
+    print_table(rows, ["variant", "what", "ms", "x_decode", "kernels"])
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.out, {"env": env, "size": args.size, "rows": rows})
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
