@@ -5,6 +5,7 @@
     gdnspec distill --kind model|eagle --target runs/target --data runs/data --out runs/draft
     gdnspec generate --prompt "def fib(n):" [--model DIR] [--drafter ngram|eagle|model|mtp|none] [--compare]
     gdnspec eval    [--model DIR] [--device cuda] [--repeats 3] --out runs/eval   drafters x tree shapes vs plain
+    gdnspec serve   [--model DIR] [--drafter ngram] [--port 8000] [--max-batch-size 32]   OpenAI-compatible server
 
 Each subcommand is one `add_<name>_parser(subparsers)` + `cmd_<name>(args)` pair registered in SUBCOMMANDS;
 add a pair there to add a subcommand. `--help` shows every flag with its default.
@@ -545,9 +546,7 @@ def add_generate_parser(subparsers) -> None:
     p = subparsers.add_parser("generate", help="stream text with speculative decoding")
     p.add_argument("--prompt", required=True, help="text to continue")
     _add_model_options(p)
-    p.add_argument("--drafter", default="ngram", choices=DRAFTERS + ["none"],
-                   help="ngram (default: the fastest on the shipped model, see the README's eval tables), eagle, model, "
-                        "mtp (HF checkpoints with MTP weights) or none (plain decoding)")
+    _add_drafter_option(p)
     p.add_argument("--max-new-tokens", type=NON_NEGATIVE_INT, default=200, help="tokens to generate at most")
     p.add_argument("--compare", action="store_true",
                    help="then run plain decoding of the same prompt with the same settings and print the measured "
@@ -563,6 +562,16 @@ def add_generate_parser(subparsers) -> None:
                    help="nucleus sampling mass in (0, 1] (default: the model's; off unless its generation_config.json "
                         "sets do_sample)")
     s.add_argument("--seed", type=SEED, default=0, help="random seed for sampling")
+    _add_tree_options(p)
+
+
+def _add_drafter_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--drafter", default="ngram", choices=DRAFTERS + ["none"],
+                   help="ngram (default: the fastest on the shipped model, see the README's eval tables), eagle, model, "
+                        "mtp (HF checkpoints with MTP weights) or none (plain decoding)")
+
+
+def _add_tree_options(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("draft tree (SGLang's flag names; --topk, --num-steps, --num-draft-tokens are aliases)")
     t.add_argument("--speculative-eagle-topk", "--topk", dest="topk", type=POSITIVE_INT, default=4, metavar="K",
                    help="children per expanded tree node (not sampling's --top-k)")
@@ -997,6 +1006,108 @@ def cmd_eval(args) -> int:
     return 0 if all(r["speedup"] is not None for r in res["rows"]) else 1
 
 
+# ---------------------------------------------------------------------------------------------- serve
+def add_serve_parser(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server: continuous batching, speculative decoding")
+    _add_model_options(p)
+    _add_drafter_option(p)
+    _add_tree_options(p)
+    h = p.add_argument_group("server")
+    h.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (0.0.0.0 = every interface: anyone who reaches this machine can use it; "
+                        "set --api-key)")
+    h.add_argument("--port", type=int_in(0, 65535, "a port from 0 to 65535 (0 = any free port)"), default=8000,
+                   help="TCP port (0 = any free port; the startup line says which)")
+    h.add_argument("--max-batch-size", type=POSITIVE_INT, default=32,
+                   help="sequences decoded together; further requests wait for a slot")
+    h.add_argument("--max-queue-size", type=NON_NEGATIVE_INT, default=256,
+                   help="requests that may wait for a slot; more are answered 429")
+    h.add_argument("--max-model-len", type=int_at_least(2), default=None,
+                   help="context length: prompt + completion tokens of a request (default: the model's "
+                        "max_position_embeddings, else 4096)")
+    h.add_argument("--api-key", default=os.environ.get("GDNSPEC_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/ routes (default: $GDNSPEC_API_KEY; none = open)")
+    h.add_argument("--served-model-name", default=None,
+                   help="the model name of /v1/models and requests (default: gdnspec-default for the embedded model, "
+                        "else the model folder's name)")
+    h.add_argument("--shutdown-timeout", type=NON_NEGATIVE_FLOAT, default=30.0,
+                   help="seconds in-flight requests may take to finish after SIGTERM / Ctrl-C; the rest are aborted")
+    a = p.add_argument_group("speculation at large batches")
+    a.add_argument("--speculative-disable-by-batch-size", type=int_at_least(2), default=None, metavar="N",
+                   help="plain decoding steps whenever N or more sequences run")
+    a.add_argument("--no-speculative-adaptive", dest="adaptive", action="store_false",
+                   help="always speculate (below --speculative-disable-by-batch-size); by default each step is "
+                        "speculative or plain, whichever has been faster per token at the current batch size (greedy "
+                        "output is the same; seeded sampled output is reproducible only with this flag)")
+
+
+def _bind(host: str, port: int):
+    """A listening socket on host:port, before the model loads (a port in use is reported at once)."""
+    import errno
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise UsageError(f"--host: cannot resolve {host!r}: {getattr(e, 'strerror', None) or e}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        flag = "--port" if e.errno in (errno.EADDRINUSE, errno.EACCES) else "--host"
+        raise UsageError(f"{flag}: cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.listen(512)
+    sock.set_inheritable(True)
+    return sock
+
+
+def cmd_serve(args) -> int:
+    from gdnspec import serve
+
+    missing = serve.missing_dependencies()
+    if missing:
+        raise UsageError(f"the server needs {', '.join(missing)}, which are not installed: pip install "
+                         f"{' '.join(missing)} (or the serve extra: pip install 'gdnspec[serve]')")
+    if not args.host.strip():
+        raise UsageError("--host: expected an address such as 127.0.0.1, got ''")
+    if args.api_key is not None and not args.api_key.strip():
+        raise UsageError("--api-key: empty (leave it out for a server without a key)")
+    config = _tree_config(args)
+    sock = _bind(args.host, args.port)
+    try:
+        bundle = _load_bundle(args)
+        _check_tree_fits(args, bundle.model)
+        threads = _apply_threads(args, bundle.model)
+        drafter = _drafter(bundle, args.drafter)
+        if bundle.tokenizer is None:
+            raise UsageError(f"--model: {bundle.path} has no tokenizer.json: the server needs one")
+        known = serve.model_max_len(bundle.path)
+        if args.max_model_len is not None and known is not None and args.max_model_len > known:
+            raise UsageError(f"--max-model-len: {args.max_model_len} is more than the model's max_position_embeddings "
+                             f"({known})")
+        max_len = args.max_model_len or known or 4096
+        name = args.served_model_name or ("gdnspec-default" if args.model is None else Path(args.model).resolve().name)
+        policy = {"disable_by_batch_size": args.speculative_disable_by_batch_size, "adaptive": args.adaptive}
+        loop, app, state = serve.build(bundle, drafter, config, model_name=name, max_model_len=max_len,
+                                       max_batch_size=args.max_batch_size, max_queue_size=args.max_queue_size,
+                                       api_key=args.api_key, policy_args=policy, sampling=bundle.sampling_args())
+    except BaseException:
+        sock.close()
+        raise
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"gdnspec serve: listening on http://{shown}:{port} | model {name} ({args.device}, {threads} thread"
+          f"{'s' if threads > 1 else ''}) | drafter {args.drafter}: {loop.policy.describe()} | max batch "
+          f"{args.max_batch_size}, queue {args.max_queue_size}, context {max_len} | chat template: "
+          f"{state.chat_template.origin} | {'API key required' if args.api_key else 'no API key'}",
+          file=sys.stderr, flush=True)
+    serve.serve_forever(app, loop, sock, shutdown_timeout=args.shutdown_timeout)
+    print("gdnspec serve: stopped", file=sys.stderr, flush=True)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- entry point
 SUBCOMMANDS = [
     ("data", add_data_parser, cmd_data),
@@ -1004,6 +1115,7 @@ SUBCOMMANDS = [
     ("distill", add_distill_parser, cmd_distill),
     ("generate", add_generate_parser, cmd_generate),
     ("eval", add_eval_parser, cmd_eval),
+    ("serve", add_serve_parser, cmd_serve),
 ]
 
 

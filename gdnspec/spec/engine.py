@@ -5,7 +5,8 @@
 
     session = engine.session()                                    # slot pool: add / step / drop between steps
     ids = session.add(prompts, max_new_tokens=64, eos_token_id=[2, 7])   # stop ids: for all, or one entry per prompt
-    while session.active: session.step()
+    ids += session.add([p3], max_new_tokens=32, temperature=0.8, top_p=0.9, seed=7)   # its own sampling settings
+    while session.active: session.step()                          # step(speculate=False): one plain decode step
 
 One step for the active rows:
     tree = drafter.propose(draft_state, verified_ids, config)     # node 0 = root = verified id
@@ -14,6 +15,10 @@ One step for the active rows:
     target.commit_tree(state, ver, path, counts)                  # recurrent + conv state, KV compaction
     drafter.advance(draft_state, path tokens, counts, hidden)     # draft catch-up
 Finished rows (eos or max_new_tokens) are dropped from every state so they stop costing work.
+
+Sampling settings are per sequence (`add`'s temperature / top_k / top_p / seed; what is left out takes the engine's):
+rows with equal settings are accepted together, a seeded row on its own with its own generator (spec/rows.py), so
+its tokens do not depend on its batch neighbours.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from gdnspec.sampling import (RowSampling, base_seed, check_generator, check_sam
                               generator_uniforms, row_seeds, sample_next)
 from gdnspec.spec.accept import Acceptance, accept_greedy, accept_sampling
 from gdnspec.spec.drafters.base import check_drafter, propose_tree
+from gdnspec.spec.rows import SeqSampling, accept_grouped, sample_grouped
 from gdnspec.spec.stats import SpecStats
 from gdnspec.spec.tree import DraftTree, TreeConfig
 
@@ -41,6 +47,16 @@ class UnknownSequenceError(KeyError):
         return str(self.args[0])
 
 
+class _EngineDefault:
+    """add()'s default for a sampling setting: the engine's own."""
+
+    def __repr__(self) -> str:
+        return "<the engine's>"
+
+
+ENGINE_DEFAULT = _EngineDefault()
+
+
 @dataclass
 class _Sequence:
     prompt: torch.Tensor
@@ -48,6 +64,18 @@ class _Sequence:
     stop_ids: tuple[int, ...]  # ends at the first of them
     new_tokens: list[int] = field(default_factory=list)
     done: bool = False
+    sampling: SeqSampling | None = None  # None: the engine's settings (read at each step)
+    verify_steps: int = 0  # speculative steps of this sequence
+    plain_steps: int = 0  # plain decode steps (step(speculate=False))
+    draft_tokens: int = 0  # drafted tree nodes offered to the target (root excluded)
+    accepted_tokens: int = 0  # of them accepted
+
+    def spec_summary(self) -> dict:
+        """This sequence's speculative statistics (as SpecStats.as_dict's means, for one sequence)."""
+        return {"verify_steps": self.verify_steps, "plain_steps": self.plain_steps, "draft_tokens": self.draft_tokens,
+                "accepted_tokens": self.accepted_tokens,
+                "mean_accept_length": (self.accepted_tokens + self.verify_steps) / max(self.verify_steps, 1),
+                "acceptance_rate": self.accepted_tokens / max(self.draft_tokens, 1)}
 
     def emit(self, tokens: list[int]) -> list[int]:
         """Append tokens up to eos / the budget; returns what was appended."""
@@ -209,13 +237,50 @@ class SpecSession:
         s = self._get(seq_id)
         return torch.cat([s.prompt, torch.tensor(s.new_tokens, dtype=torch.long)]).to(self.engine.target.device)
 
+    def _samplings(self, n: int, temperature, top_k, top_p, seed) -> list[SeqSampling | None]:
+        """Per-sequence settings of add(); None where all four are left out (the engine's, read at each step)."""
+        eng = self.engine
+        given = [per_sequence(v, n, name) for v, name in
+                 ((temperature, "temperature"), (top_k, "top_k"), (top_p, "top_p"))]
+        seeds = per_sequence(seed, n, "seed")
+        out = []
+        for t, k, p, s in zip(*given, seeds):
+            if s is not None and (isinstance(s, bool) or not isinstance(s, int)):
+                raise ValueError(f"seed must be None or an int, got {s!r}")
+            if t is ENGINE_DEFAULT and k is ENGINE_DEFAULT and p is ENGINE_DEFAULT and s is None:
+                out.append(None)
+                continue
+            t = eng.temperature if t is ENGINE_DEFAULT else t
+            k = eng.top_k if k is ENGINE_DEFAULT else k
+            p = eng.top_p if p is ENGINE_DEFAULT else p
+            out.append(SeqSampling.seeded(t, k, p, s, eng.generator))  # checks the values (ValueError)
+        return out
+
+    def _row_samplings(self, seq_ids: list[int] | None = None) -> list[SeqSampling] | None:
+        """The settings of sequences `seq_ids` (default: the active rows); None when every one of them uses the
+        engine's (then the engine's own accept / sample run, as before per-sequence settings existed)."""
+        own = [self.sequences[i].sampling for i in (self.rows if seq_ids is None else seq_ids)]
+        if all(s is None for s in own):
+            return None
+        eng = self.engine
+        default = SeqSampling(eng.temperature, eng.top_k, eng.top_p, eng.generator)
+        return [default if s is None else s for s in own]
+
+    def _sample(self, logits: torch.Tensor, seq_ids: list[int]) -> torch.Tensor:
+        samplings = self._row_samplings(seq_ids)
+        return self.engine.sample(logits) if samplings is None else sample_grouped(logits, samplings)
+
     @exclusive
     @torch.inference_mode()
-    def add(self, prompts: list[torch.Tensor], *, max_new_tokens, eos_token_id=None) -> list[int]:
+    def add(self, prompts: list[torch.Tensor], *, max_new_tokens, eos_token_id=None, temperature=ENGINE_DEFAULT,
+            top_k=ENGINE_DEFAULT, top_p=ENGINE_DEFAULT, seed=None) -> list[int]:
         """Prefill target and drafter on new prompts, emit their first token, and add them to the pool.
 
         max_new_tokens: one value for all, or a list with one entry per prompt. eos_token_id: stop ids, one id or a
-        list for all, or per-sequence entries (see per_sequence_stops). Returns sequence ids."""
+        list for all, or per-sequence entries (see per_sequence_stops). temperature / top_k / top_p / seed: one value
+        for all or a list with one entry per prompt; a setting left out takes the engine's; a seed gives the sequence
+        a torch.Generator of its own (its tokens then do not depend on the other sequences of the batch), without one
+        it draws from the engine's generator. Returns sequence ids."""
         eng = self.engine
         target = eng.target
         prompts, _ = normalize_prompts(list(prompts) if isinstance(prompts, (list, tuple)) else prompts,
@@ -224,9 +289,10 @@ class SpecSession:
         stops = per_sequence_stops(eos_token_id, len(prompts))
         for m in budgets:
             check_generation_args(m, None)
+        samplings = self._samplings(len(prompts), temperature, top_k, top_p, seed)
         all_ids = []
-        for p, m, e in zip(prompts, budgets, stops):
-            self.sequences[self._next_id] = _Sequence(p.cpu().long(), m, e, done=m == 0)
+        for p, m, e, smp in zip(prompts, budgets, stops, samplings):
+            self.sequences[self._next_id] = _Sequence(p.cpu().long(), m, e, done=m == 0, sampling=smp)
             all_ids.append(self._next_id)
             self._next_id += 1
         live = [r for r, m in enumerate(budgets) if m > 0]
@@ -251,7 +317,7 @@ class SpecSession:
             hiddens.extend(list(hs) if need_hidden else [])
         t_state = ModelState.cat(states) if len(states) > 1 else states[0]
         check_finite(torch.cat(logits))
-        first = eng.sample(torch.cat(logits))
+        first = self._sample(torch.cat(logits), ids)
         d_state = eng.drafter.begin(prompts, target_hidden=hiddens if need_hidden else None)
         keep = []
         for r, (i, tok) in enumerate(zip(ids, first.tolist())):
@@ -295,9 +361,13 @@ class SpecSession:
 
     def _emit(self, rows_tokens: list[list[int]], drafted: list[int], accepted: list[int]) -> dict[int, list[int]]:
         new, emitted_counts = {}, []
-        for seq_id, toks in zip(self.rows, rows_tokens):
-            new[seq_id] = self.sequences[seq_id].emit(toks)
+        for seq_id, toks, d, a in zip(self.rows, rows_tokens, drafted, accepted):
+            seq = self.sequences[seq_id]
+            new[seq_id] = seq.emit(toks)
             emitted_counts.append(len(new[seq_id]))  # after eos / budget truncation
+            seq.verify_steps += 1
+            seq.draft_tokens += d
+            seq.accepted_tokens += a
         self.engine.stats.record(drafted=drafted, accepted=accepted, emitted=emitted_counts)
         return new
 
@@ -306,6 +376,10 @@ class SpecSession:
     def run_static(self, *, max_len: int) -> None:
         """Decode every active sequence to the end with static, graph-replayed steps (greedy or sampling). Rows that finish are
         moved out, and the rest continue in the smallest batch bucket that holds them."""
+        own = [self.sequences[i].sampling for i in self.rows]
+        if any(s is not None and not (s.greedy and self.engine.temperature == 0) for s in own):
+            raise ValueError("run_static: static (CUDA graph) speculative steps sample every row with the engine's "
+                             "settings; this session has sequences added with settings of their own (use step())")
         with static_lock(self.engine.target):  # cached runners (and CUDA graph capture) serve one caller at a time
             self._run_static(max_len)
 
@@ -363,12 +437,18 @@ class SpecSession:
 
     @exclusive
     @torch.inference_mode()
-    def step(self) -> dict[int, list[int]]:
-        """One draft -> verify -> accept -> commit step for every active sequence; returns the new tokens per sequence."""
+    def step(self, *, speculate: bool = True) -> dict[int, list[int]]:
+        """One draft -> verify -> accept -> commit step for every active sequence; returns the new tokens per sequence.
+
+        speculate=False (and every step with a NullDrafter): one plain decode step instead, one token per sequence,
+        as generate_autoregressive decodes; the drafter catches up on the token (a scheduler may switch between the
+        two at any step, e.g. plain steps at large batch sizes where verifying trees costs more than it gains)."""
         if not self.rows:
             return {}
         eng = self.engine
         target, drafter = eng.target, eng.drafter
+        if not speculate or getattr(drafter, "plain", False):
+            return self._plain_step()
         tree = propose_tree(drafter, self.draft_state, self.verified, eng.config,
                             draft=eng.draft_sampling(len(self.rows)))
         tree.validate()
@@ -376,7 +456,9 @@ class SpecSession:
             tree = trim_tree(tree)
         layout = tree.layout()
         ver = target.forward_tree(tree.tokens, state=self.target_state, layout=layout)
-        acc = eng.accept(tree, ver.logits, layout)
+        samplings = self._row_samplings()
+        acc = eng.accept(tree, ver.logits, layout) if samplings is None else accept_grouped(tree, ver.logits, layout,
+                                                                                           samplings)
         target.commit_tree(self.target_state, ver, path=acc.path, counts=acc.counts, all_rows_accept=True)  # counts >= 1
         path_tokens = acc.path_tokens(tree)
         hidden = None
@@ -386,5 +468,22 @@ class SpecSession:
         drafter.advance(self.draft_state, tokens=path_tokens, counts=acc.counts, target_hidden=hidden)
         new = self._emit(acc.emitted(tree), tree.num_drafted().tolist(), (acc.counts - 1).tolist())
         self.verified = acc.bonus
+        self._compact()
+        return new
+
+    def _plain_step(self) -> dict[int, list[int]]:
+        eng = self.engine
+        drafter = eng.drafter
+        out = eng.target(self.verified[:, None], self.target_state, logits_to_keep=1)
+        nxt = self._sample(out.logits[:, -1], self.rows)
+        hidden = out.hidden_states[:, -1:] if getattr(drafter, "needs_target_hidden", False) else None
+        ones = torch.ones(len(self.rows), dtype=torch.long, device=self.verified.device)
+        drafter.advance(self.draft_state, tokens=self.verified[:, None], counts=ones, target_hidden=hidden)
+        new = {}
+        for seq_id, tok in zip(self.rows, nxt.tolist()):
+            seq = self.sequences[seq_id]
+            new[seq_id] = seq.emit([tok])
+            seq.plain_steps += 1
+        self.verified = nxt
         self._compact()
         return new
