@@ -917,6 +917,9 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--temperature", type=NON_NEGATIVE_FLOAT, default=0.0, help="0 = greedy (outputs checked identical)")
     p.add_argument("--repeats", type=POSITIVE_INT, default=3,
                    help="timings per drafter x shape; the median speedup is reported with its min-max spread")
+    p.add_argument("--adaptive", action="store_true",
+                   help="speculative engines fall back to plain steps where those are measured faster (eager steps; "
+                        "the table adds the share of plain steps)")
     p.add_argument("--out", type=path_arg, default="runs/eval", help="folder for <tag>.json and <tag>.png")
     p.add_argument("--tag", type=file_stem_arg, default="eval",
                    help="file name stem: writes <out>/<tag>.json and <out>/<tag>.png")
@@ -945,11 +948,13 @@ def _print_eval_table(res: dict) -> None:
     base = res["baseline"]
     print(f"\n{res['title']} | plain decoding {base['tokens_per_s']:.1f} tokens/s | speedup: median of "
           f"{res['repeats']} (min-max)")
-    print(f"{'drafter':7s} | {'shape':9s} | tokens/fwd | accept rate | tokens/s | speedup")
+    adaptive = any("plain_step_share" in r for r in res["rows"])
+    print(f"{'drafter':7s} | {'shape':9s} | tokens/fwd | accept rate | tokens/s | speedup"
+          + (" | plain steps" if adaptive else ""))
     for r in res["rows"]:
         tps = f"{r['tokens_per_s']:.1f}" if r["tokens_per_s"] is not None else "-"
         print(f"{r['drafter']:7s} | {r['shape']:9s} | {r['tokens_per_forward']:10.2f} | {r['acceptance_rate']:11.2f} | "
-              f"{tps:>8s} | {_speedup_text(r)}")
+              f"{tps:>8s} | {_speedup_text(r)}" + (f" | {100 * r['plain_step_share']:.0f}%" if adaptive else ""))
 
 
 def _eval_paths(args) -> tuple[Path, Path]:
@@ -990,7 +995,7 @@ def cmd_eval(args) -> int:
     print(_eval_intro(args, prompts, shapes), flush=True)
     try:
         res = evaluate(bundle, prompts, drafters=args.drafters, shapes=shapes, max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature, repeats=args.repeats)
+                       temperature=args.temperature, repeats=args.repeats, adaptive=args.adaptive)
     except FloatingPointError as e:
         raise _non_finite_error(args, e) from None
     dev = _device_name(args)

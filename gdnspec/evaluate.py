@@ -68,13 +68,16 @@ def _spread(values: list[float]) -> dict:
 @torch.inference_mode()
 def evaluate(bundle, prompts: list[torch.Tensor], *, drafters=("ngram", "model", "eagle"), shapes: dict | None = None,
              max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0, repeats: int = 1,
-             progress=print) -> dict:
+             adaptive: bool = False, progress=print) -> dict:
     """Returns {"baseline": {...}, "rows": [...]} (batch 1, prompts one after another, as a user would run them).
 
     Each row is timed `repeats` times; one timing = plain and speculative decoding of every prompt, the two
     alternating prompt by prompt (so a slow phase of the machine hits both), and gives speedup = plain seconds /
     speculative seconds. A row reports the median speedup with its min and max ("speedups": all of them) and
-    tokens/s from the median speculative time; the baseline's tokens/s comes from the median plain timing."""
+    tokens/s from the median speculative time; the baseline's tokens/s comes from the median plain timing.
+
+    adaptive=True: the speculative engines fall back to plain steps where those are measured faster
+    (SpeculativeEngine(adaptive=True), eager steps; spec/policy.py); each row then reports the share of plain steps."""
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
     model = bundle.model
@@ -94,7 +97,8 @@ def evaluate(bundle, prompts: list[torch.Tensor], *, drafters=("ngram", "model",
         if name not in bundle.drafters:
             raise ValueError(f"drafter {name!r} is not in this bundle (it has {sorted(bundle.drafters)})")
         for shape_name, config in shapes.items():
-            eng = SpeculativeEngine(model, bundle.drafters[name], config, temperature=temperature)
+            eng = SpeculativeEngine(model, bundle.drafters[name], config, temperature=temperature,
+                                    **(dict(adaptive=True, static=False) if adaptive else {}))
 
             def spec_one(p):
                 eng.generator = torch.Generator(device="cpu").manual_seed(seed) if temperature > 0 else None
@@ -102,6 +106,8 @@ def evaluate(bundle, prompts: list[torch.Tensor], *, drafters=("ngram", "model",
 
             spec_one(prompts[0])  # warm-up
             eng.stats = type(eng.stats)()
+            if eng.policy is not None:
+                eng.policy.choices.clear()  # count the timed runs' choices (the measured costs stay)
             spec_s, plain_s, identical = [], [], True
             for _ in range(repeats):
                 t_plain = t_spec = 0.0
@@ -127,6 +133,9 @@ def evaluate(bundle, prompts: list[torch.Tensor], *, drafters=("ngram", "model",
                    "tokens_per_s": n_new / statistics.median(spec_s) if ok else None,
                    "speedup": sp["median"] if ok else None, "speedup_min": sp["min"] if ok else None,
                    "speedup_max": sp["max"] if ok else None, "speedups": speedups if ok else None}
+            if eng.policy is not None:
+                ch = eng.policy.summary()
+                row["plain_step_share"] = ch["plain_steps"] / max(ch["plain_steps"] + ch["speculative_steps"], 1)
             rows.append(row)
             text = (f"{sp['median']:.2f}x" + (f" ({sp['min']:.2f}-{sp['max']:.2f})" if repeats > 1 else "")
                     if ok else "MISMATCH (no speedup reported)")

@@ -46,7 +46,8 @@ def build(bundle, drafter, tree_config, *, model_name: str, max_model_len: int, 
     """The engine loop (started) and the FastAPI app for a loaded bundle. drafter None = plain decoding."""
     from gdnspec.serve.app import ServeState, create_app
     from gdnspec.serve.chat import ChatTemplate
-    from gdnspec.serve.loop import EngineLoop, StepPolicy
+    from gdnspec.serve.loop import EngineLoop
+    from gdnspec.spec.policy import StepPolicy
     from gdnspec.serve.metrics import Metrics
     from gdnspec.spec import SpeculativeEngine, TreeConfig
     from gdnspec.spec.drafters import NullDrafter

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 from gdnspec.serve.text import TextOutput
+from gdnspec.spec.policy import StepPolicy
 
 
 class QueueFull(Exception):
@@ -75,66 +76,6 @@ class GenRequest:
     def __post_init__(self):
         self.out = TextOutput(self.tokenizer, self.prompt_ids, stop_strings=list(self.stop_strings),
                               stop_ids=self.stop_ids)
-
-
-def _bucket(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()  # 1, 2, 4, 4, 8, 8, 8, 8, 16...
-
-
-class StepPolicy:
-    """Speculative or plain step for a batch of n sequences.
-
-    speculative False: always plain. disable_by_batch_size N: plain from N sequences on (vLLM's flag). adaptive: per
-    batch-size bucket (1, 2, 4, 8...), the measured seconds per generated token of each kind of step (moving
-    average); the faster kind runs, the other is re-measured every `explore_every` steps of the bucket. Greedy output
-    does not depend on the choice; seeded sampled output does (plain and speculative steps draw differently), so
-    reproducible seeded sampling needs adaptive off."""
-
-    def __init__(self, *, speculative: bool = True, disable_by_batch_size: int | None = None, adaptive: bool = True,
-                 explore_every: int = 16, smoothing: float = 0.25):
-        self.speculative, self.disable_by_batch_size, self.adaptive = speculative, disable_by_batch_size, adaptive
-        self.explore_every, self.smoothing = explore_every, smoothing
-        self.per_token: dict[int, dict[bool, float]] = {}
-        self.samples: dict[tuple[int, bool], int] = {}
-        self.count: dict[int, int] = {}
-
-    def choose(self, n: int) -> bool:
-        if not self.speculative:
-            return False
-        if self.disable_by_batch_size is not None and n >= self.disable_by_batch_size:
-            return False
-        if not self.adaptive:
-            return True
-        b = _bucket(n)
-        seen = self.per_token.get(b, {})
-        self.count[b] = self.count.get(b, 0) + 1
-        for kind in (True, False):
-            if self.samples.get((b, kind), 0) < 2:  # the first measurement of a kind pays one-time costs
-                return kind
-        best = seen[True] <= seen[False]
-        return (not best) if self.count[b] % self.explore_every == 0 else best
-
-    def record(self, n: int, speculative: bool, seconds: float, tokens: int) -> None:
-        if not self.adaptive or tokens <= 0:
-            return
-        b = _bucket(n)
-        per = self.per_token.setdefault(b, {})
-        k = self.samples[(b, speculative)] = self.samples.get((b, speculative), 0) + 1
-        value = seconds / tokens
-        if k <= 2:  # the second measurement replaces the first (warm-up)
-            per[speculative] = value
-        else:
-            per[speculative] = (1 - self.smoothing) * per[speculative] + self.smoothing * value
-
-    def describe(self) -> str:
-        if not self.speculative:
-            return "plain decoding"
-        parts = ["speculative steps"]
-        if self.disable_by_batch_size is not None:
-            parts.append(f"plain from {self.disable_by_batch_size} running sequences on")
-        if self.adaptive:
-            parts.append("adaptive (the faster of speculative and plain steps per batch size)")
-        return ", ".join(parts)
 
 
 class EngineLoop:

@@ -23,6 +23,7 @@ its tokens do not depend on its batch neighbours.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +36,7 @@ from gdnspec.sampling import (RowSampling, base_seed, check_generator, check_sam
                               generator_uniforms, row_seeds, sample_next)
 from gdnspec.spec.accept import Acceptance, accept_greedy, accept_sampling
 from gdnspec.spec.drafters.base import check_drafter, propose_tree
+from gdnspec.spec.policy import StepPolicy
 from gdnspec.spec.rows import SeqSampling, accept_grouped, sample_grouped
 from gdnspec.spec.stats import SpecStats
 from gdnspec.spec.tree import DraftTree, TreeConfig
@@ -122,10 +124,14 @@ def trim_tree(tree: DraftTree) -> DraftTree:
 class SpeculativeEngine:
     def __init__(self, target, drafter, config: TreeConfig, *, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, generator: torch.Generator | None = None, trim_trees: bool = True,
-                 static: bool | None = None, seed: int | None = None):
+                 static: bool | None = None, seed: int | None = None, adaptive: bool = False):
         """seed: an int seeding the engine's own generator (instead of `generator`). Static runs draw one int from
         the generator and give each sequence its own counter-based stream (sampling.counter_uniforms).
-        config.sample_drafts (with temperature > 0) drafts stochastic trees, accepted with their q (accept.py)."""
+        config.sample_drafts (with temperature > 0) drafts stochastic trees, accepted with their q (accept.py).
+        adaptive=True: `generate` makes each step speculative or plain, whichever is measured faster per token for
+        the batch size (spec/policy.StepPolicy; `policy.summary()` says how often each ran), so that speculation that
+        does not pay falls back to plain decoding. Greedy output is unchanged; seeded sampled output depends on the
+        choices. The eager engine only: with static (CUDA-graph) steps it raises ValueError."""
         check_model(target, "target")
         check_drafter(drafter)
         if not isinstance(config, TreeConfig):
@@ -144,12 +150,18 @@ class SpeculativeEngine:
         if config.topk > target.vocab_size:
             raise ValueError(f"topk ({config.topk}, children per tree node) is larger than the vocabulary "
                              f"({target.vocab_size} tokens)")
+        if not isinstance(adaptive, bool):
+            raise TypeError(f"adaptive must be a bool, got {adaptive!r}")
         self.target, self.drafter, self.config = target, drafter, config
         self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
         self.trim_trees = trim_trees
         self.stats = SpecStats()
+        self.policy = StepPolicy() if adaptive else None
         # static=None: fixed-shape steps replayed from CUDA graphs (gdnspec.runtime) on CUDA
         self.static = target.device.type == "cuda" if static is None else static
+        if adaptive and self.static:
+            raise ValueError("adaptive=True switches between speculative and plain steps of the eager engine; the "
+                             "static (CUDA-graph) runner does not switch yet: pass static=False with adaptive=True")
         self._runners: dict = {}
 
     def session(self) -> "SpecSession":
@@ -169,7 +181,14 @@ class SpeculativeEngine:
             longest = max(p.numel() + m for p, m in zip(prompts, budgets))
             session.run_static(max_len=-(-(longest + 1) // 256) * 256)
         while session.active:
-            session.step()
+            if self.policy is None:
+                session.step()
+                continue
+            n = len(session.rows)
+            kind = self.policy.choose(n)
+            t0 = time.perf_counter()
+            new = session.step(speculate=kind)
+            self.policy.record(n, kind, time.perf_counter() - t0, sum(len(t) for t in new.values()))
         pad = next((s[0] for s in stops if s), None)
         return pack_outputs([session.sequence(i) for i in ids], as_tensor, pad)
 
