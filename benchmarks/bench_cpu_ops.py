@@ -4,7 +4,7 @@
 
 Steps (batch 1, after a 128-token prompt): the target's decode step, tree verifies of N = 5 and 16 nodes (a random
 tree; the verify only reads the state), one EAGLE expansion (`EagleHead.decode_step`, as `propose` runs per tree
-level), one draft-model expansion (a decode step of the draft model), and the catch-ups after a verify that accepted
+level; and a whole `propose` of a 1-step chain, tree building included), one draft-model expansion (a decode step of the draft model), and the catch-ups after a verify that accepted
 3 tokens (EAGLE head: `catch_up` over 3 pairs; draft model: `advance_rows`, a 3-token chain verify + commit), and the
 target's commit of a 3-node path. "ops" counts the aten ops the profiler records at top level (events whose parent
 is not an aten op): deterministic, the per-op dispatch cost that dominates small CPU steps. "ms" is the median wall
@@ -89,6 +89,13 @@ def build_steps(bundle, prompt_len: int = 128):
         return lambda: head.decode_step(feat, emb, s, target=model)
 
     steps["eagle_expansion"] = eagle_expand
+    from gdnspec.spec.drafters.eagle import EagleDraftState
+    from gdnspec.spec.tree import TreeConfig
+
+    dstate_e = EagleDraftState(hstate, feat[:, 0].clone())
+    root = one[:, 0]
+    chain1 = TreeConfig(builder="chain", num_steps=1)
+    steps["eagle_propose_chain1"] = lambda: (lambda: eagle.propose(dstate_e, root, chain1))
 
     def draft_expand():
         s = dstate.clone()
@@ -123,7 +130,6 @@ def build_steps(bundle, prompt_len: int = 128):
     return steps, [model, draft]
 
 
-@torch.inference_mode()
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -134,7 +140,12 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     import gdnspec
 
-    bundle = gdnspec.load()
+    bundle = gdnspec.load()  # outside inference mode, as the CLI: weights with version counters (cached derived tensors)
+    with torch.inference_mode():
+        return _run(bundle, args)
+
+
+def _run(bundle, args) -> int:
     steps, models = build_steps(bundle)
     results = {}
     for mode in ("module", "fast"):

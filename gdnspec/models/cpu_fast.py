@@ -4,10 +4,11 @@ On the CPU every torch op costs microseconds of dispatch whatever its size, and 
 small ops. The module-by-module path (`DecoderLayer.forward_state` / `forward_tree`, the reference) pays for generic
 shape handling, casts, checks and per-layer recomputation of step constants. This module runs the same maths with:
 
-- one GEMM per projection group: the GDN in-projection as ONE (P, hidden) matrix with rows [q | k | v | z | b | a]
-  (qwen3_5 layout: the fused view buffer of layers/fusion.py, no copy; qwen3_next layout: a row-permuted copy, since
-  its interleaved rows cannot be a view in that order), attention q|k|v|gate as one row-permuted copy (so q and k are
-  adjacent and are normed and rotated together), the MLP gate|up as the fused view buffer; pieces are split views;
+- one GEMM per projection group, on the fused weight buffers of layers/fusion.py (views of one buffer, no copies):
+  the GDN in-projection (qkvz|ba or qkv|z|b|a), attention q|k|v, MLP gate|up; where the checkpoint's row order
+  interleaves heads (qwen3_next in-projection; q|gate per attention head) one index_select of the small output puts it
+  in [q | k | v | z | b | a] / [q | k | v | gate] order (q and k adjacent: normed and rotated together); pieces are
+  split views;
 - the single-token GDN step as: conv update (cat + one vecdot over the window), q/k L2 norm as ONE rms_norm
   (x * rsqrt(sum x^2 + eps) == rms_norm(x, eps / K) * K^-0.5 exactly), gates, the recurrence on the state in place
   (mul_, matmul, addcmul_, matmul), the q scale K^-0.5 folded into the gated RMSNorm's eps (rms_norm(c o, eps) ==
@@ -19,7 +20,8 @@ shape handling, casts, checks and per-layer recomputation of step constants. Thi
   lengths agree), grouped query heads folded into the query length (no repeated keys), the decode token's key and
   value written straight into the cache;
 - per-step constants ((1 + w) norm scales, -exp(A_log), the permuted weights) cached on the modules and rebuilt when a
-  weight changes (a new tensor or an in-place update: data pointer and version counter are checked).
+  weight changes (a new tensor or an in-place update: data pointer and version counter are checked); weights that
+  are inference tensors (made under torch.inference_mode) have no version counter and are re-derived at every call.
 
 Where it applies (`applies`): CPU tensors, GDN backend "torch" (gdn_backend "auto" on the CPU), float32 or float64
 weights and activations, no autograd, `model.fused_steps` True (the one switch for the fused steps: the Triton kernels
@@ -27,7 +29,6 @@ on CUDA, this path on the CPU) and the environment variable GDNSPEC_CPU_FAST not
 Entry points: `GDNForCausalLM.forward` (T == 1, mode "auto" / "fused_decode"), `GDNForCausalLM.forward_tree` (any N),
 `EagleHead.decode_step` and `EagleHead.catch_up`; the draft model's expansion and catch-up go through the first two.
 Results equal the module path up to float rounding (float64: ~1e-13 relative; tests/test_cpu_fast.py), states too.
-Cost: the qwen3_next in-projection and the attention q/k/v weights are held twice (a permuted copy).
 """
 from __future__ import annotations
 
@@ -75,20 +76,24 @@ def states_fit(model, state, dtype: torch.dtype) -> bool:
 
 # --------------------------------------------------------------------------------------------- cached derived weights
 def _ver(t: torch.Tensor) -> int:
-    return 0 if t.is_inference() else t._version
+    return -1 if t.is_inference() else t._version  # never matches a cached key (those hold normal tensors only)
 
 
 def _cached(owner, name: str, sources, build):
-    """build() cached on owner.__dict__[name], rebuilt when any of `sources` (tensors) is replaced or changed in
-    place. The key is taken after build (building may re-point parameters, layers/fusion.py)."""
+    """build() cached on owner.__dict__[name], rebuilt when any of `sources` (tensors) is replaced (data pointer) or
+    changed in place (version counter). Inference tensors (weights created under torch.inference_mode) have no version
+    counter, so with such a source nothing is cached: build() runs at every call (correct, but it costs the copies
+    every step; build models outside inference mode, as gdnspec.load does). The key is taken after build (building
+    may re-point parameters, layers/fusion.py)."""
     ent = owner.__dict__.get(name)
     if ent is not None:
         key = ent[0]
         if len(key) == len(sources) and all(k[0] == t.data_ptr() and k[1] == _ver(t) for k, t in zip(key, sources)):
             return ent[1]
-    with torch.inference_mode(False), torch.no_grad():
+    with torch.no_grad():
         val = build()
-    owner.__dict__[name] = (tuple((t.data_ptr(), _ver(t)) for t in sources), val)
+    if not any(t.is_inference() for t in sources):
+        owner.__dict__[name] = (tuple((t.data_ptr(), t._version) for t in sources), val)
     return val
 
 
@@ -100,35 +105,61 @@ def norm_scale(norm) -> torch.Tensor:
     return _cached(norm, "_cpu_scale", (w,), lambda: (1.0 + w.detach()).contiguous())
 
 
+def _shape_const(owner, key, build):
+    """A tensor that depends on the module's shapes only (index orders, constant weights): cached for good."""
+    consts = owner.__dict__.setdefault("_cpu_consts", {})
+    if key not in consts:
+        with torch.inference_mode(False), torch.no_grad():
+            consts[key] = build()
+    return consts[key]
+
+
+def _gdn_perm(m, device):
+    """Columns of a qwen3_next in-projection row in [q | k | v | z | b | a] order (None: qwen3_5, in order)."""
+    if m.layout != "qwen3_next":
+        return None
+    L = m.proj_layout()
+    return torch.cat([L.gather_index(p) for p in ("q", "k", "v", "z", "b", "a")]).to(device)
+
+
+def _attn_perm(H: int, Hkv: int, D: int, device):
+    """Columns of the fused q|k|v output ([q_h | gate_h] per head, k, v) in [q | k | v | gate] order."""
+    qg = torch.arange(2 * H * D, device=device).view(H, 2, D)
+    rest = torch.arange(2 * H * D, 2 * (H + Hkv) * D, device=device)
+    return torch.cat([qg[:, 0].reshape(-1), rest, qg[:, 1].reshape(-1)])
+
+
 class _GDNPack:
-    """Derived tensors of one Qwen3GatedDeltaNet layer for the fast path."""
+    """Derived tensors of one Qwen3GatedDeltaNet layer for the fast path. w_in is the fused in-projection buffer of
+    layers/fusion.py (checkpoint row order, views: no copy); `perm` (None for qwen3_5, whose rows are in order already)
+    reorders a projection row to [q | k | v | z | b | a]."""
 
     def __init__(self, m):
         H, HV, K, V = m.num_k_heads, m.num_v_heads, m.head_k_dim, m.head_v_dim
         self.H, self.HV, self.K, self.V, self.r = H, HV, K, V, HV // H
         self.CD, self.VD, self.HK = m.conv_dim, m.value_dim, m.key_dim
         self.W = m.conv_kernel_size
-        if m.layout == "qwen3_5":
-            w = m.fused_in_proj()  # rows [qkv | z | b | a]: the natural order already (a view buffer)
-        else:
-            L = m.proj_layout()
-            w_all = torch.cat([m.in_proj_qkvz.weight.detach(), m.in_proj_ba.weight.detach()], dim=0)
-            idx = torch.cat([L.gather_index(p) for p in ("q", "k", "v", "z", "b", "a")])
-            w = w_all.index_select(0, idx.to(w_all.device)).contiguous()
-        self.w_in = w
+        w = self.w_in = m.fused_in_proj()
+        self.perm = _shape_const(m, ("gdn_perm", w.device), lambda: _gdn_perm(m, w.device))
         dt = w.dtype
         self.conv_w = m.conv1d.weight.detach().squeeze(1)  # (CD, W), a view
-        self.conv_wT = self.conv_w.t().contiguous()  # (W, CD) for the tree conv
+        self.conv_wT = self.conv_w.t()  # (W, CD) for the tree conv, a view
         neg_exp_A = -m.A_log.detach().to(dt).exp()  # (HV,): g = -exp(A_log) * softplus(a + dt_bias)
         dt_bias = m.dt_bias.detach().to(dt)
-        self.neg_exp_A3, self.dt_bias3 = neg_exp_A.view(HV, 1, 1).clone(), dt_bias.view(HV, 1, 1).clone()  # decode
-        self.neg_exp_A2, self.dt_bias2 = neg_exp_A.view(HV, 1).clone(), dt_bias.view(HV, 1).clone()  # tree
-        self.l2w = torch.full((K,), K**-0.5, dtype=dt, device=w.device)  # rms_norm weight giving the L2 norm
+        self.neg_exp_A3, self.dt_bias3 = neg_exp_A.view(HV, 1, 1), dt_bias.view(HV, 1, 1)  # decode
+        self.neg_exp_A2, self.dt_bias2 = neg_exp_A.view(HV, 1), dt_bias.view(HV, 1)  # tree
+        self.l2w = _shape_const(m, ("l2w", dt, w.device),  # the rms_norm weight that makes it the L2 norm
+                                lambda: torch.full((K,), K**-0.5, dtype=dt, device=w.device))
         self.l2eps = 1e-6 / K  # l2norm's eps (ops/gated_delta_rule/common.l2norm) over K
         self.norm_w = m.norm.weight.detach()
         self.norm_eps = m.norm.eps * K  # the K^-0.5 query scale folded into the gated RMSNorm
         self.out_w = m.out_proj.weight.detach()
         self.out_b = None if m.out_proj.bias is None else m.out_proj.bias.detach()
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., hidden) -> (..., P) with columns [q | k | v | z | b | a]."""
+        y = F.linear(x, self.w_in)
+        return y if self.perm is None else y.index_select(-1, self.perm)
 
 
 def gdn_pack(m) -> _GDNPack:
@@ -140,20 +171,15 @@ def gdn_pack(m) -> _GDNPack:
 
 
 class _AttnPack:
-    """Derived tensors of one GatedAttention layer: qkv weight rows [q (H*D) | k | v | gate (H*D)], the q/k norm
-    scales per head (H + Hkv, D)."""
+    """Derived tensors of one GatedAttention layer: the fused q|k|v weight buffer (layers/fusion.py, views), the
+    column order `perm` that turns its output into [q (H*D) | k | v | gate (H*D)] (q and k adjacent: normed and
+    rotated together), the q/k norm scales per head (H + Hkv, D)."""
 
     def __init__(self, m):
         H, Hkv, D = m.num_heads, m.num_kv_heads, m.head_dim
         self.H, self.Hkv, self.D, self.r = H, Hkv, D, H // Hkv
-        qw = m.q_proj.weight.detach().view(H, 2, D, -1)
-        self.w = torch.cat([qw[:, 0].reshape(H * D, -1), m.k_proj.weight.detach(), m.v_proj.weight.detach(),
-                            qw[:, 1].reshape(H * D, -1)], dim=0).contiguous()
-        self.b = None
-        if m.q_proj.bias is not None:
-            qb = m.q_proj.bias.detach().view(H, 2, D)
-            self.b = torch.cat([qb[:, 0].reshape(-1), m.k_proj.bias.detach(), m.v_proj.bias.detach(),
-                                qb[:, 1].reshape(-1)]).contiguous()
+        self.w, self.b = m.fused_qkv()
+        self.perm = _shape_const(m, ("attn_perm", self.w.device), lambda: _attn_perm(H, Hkv, D, self.w.device))
         sq, sk = 1.0 + m.q_norm.weight.detach(), 1.0 + m.k_norm.weight.detach()
         self.qk_scale = torch.cat([sq.expand(H, D), sk.expand(Hkv, D)]).contiguous()  # (H + Hkv, D)
         self.eps = m.q_norm.eps
@@ -162,6 +188,10 @@ class _AttnPack:
         self.o_w = m.o_proj.weight.detach()
         self.o_b = None if m.o_proj.bias is None else m.o_proj.bias.detach()
         self.scale = D**-0.5
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., hidden) -> (..., (2H + 2Hkv) D) with columns [q | k | v | gate]."""
+        return F.linear(x, self.w, self.b).index_select(-1, self.perm)
 
 
 def attn_pack(m) -> _AttnPack:
@@ -195,7 +225,7 @@ def gdn_decode(m, x: torch.Tensor, state: GDNLayerState) -> torch.Tensor:
     p = gdn_pack(m)
     B = x.shape[0]
     HV, K, V = p.HV, p.K, p.V
-    mixed, z, ba = F.linear(x, p.w_in).split([p.CD, p.VD, 2 * HV], dim=-1)  # (B, 1, .)
+    mixed, z, ba = p.project(x).split([p.CD, p.VD, 2 * HV], dim=-1)  # (B, 1, .)
     conv = state.conv
     full = torch.cat([conv, mixed.mT], dim=-1)  # (B, CD, W)
     conv.copy_(full[:, :, 1:])
@@ -239,7 +269,7 @@ def gdn_tree_mixer(m, x: torch.Tensor, state: GDNLayerState, setup: TreeSetup, *
     p = gdn_pack(m)
     B, N = x.shape[:2]
     HV, K, V = p.HV, p.K, p.V
-    mixed, z, ba = F.linear(x, p.w_in).split([p.CD, p.VD, 2 * HV], dim=-1)  # (B, N, .)
+    mixed, z, ba = p.project(x).split([p.CD, p.VD, 2 * HV], dim=-1)  # (B, N, .)
     seq = torch.cat([state.conv.mT, mixed], dim=1)  # (B, W-1+N, CD)
     win = seq.view(-1, p.CD).index_select(0, setup.flat).view(B, N, p.W, p.CD)
     mc = F.silu((win * p.conv_wT).sum(2))  # (B, N, CD)
@@ -320,7 +350,7 @@ def attn_decode(m, x: torch.Tensor, cache: KVCache, st: _AttnStep) -> torch.Tens
     pa = attn_pack(m)
     B = x.shape[0]
     H, Hkv, D = pa.H, pa.Hkv, pa.D
-    qk, v, gate = F.linear(x, pa.w, pa.b).split([(H + Hkv) * D, Hkv * D, H * D], dim=-1)
+    qk, v, gate = pa.project(x).split([(H + Hkv) * D, Hkv * D, H * D], dim=-1)
     q, k = _qk_rope(pa, qk.view(B, H + Hkv, D), st).split([H, Hkv], dim=1)  # (B, H, D), (B, Hkv, D)
     n = st.n
     if st.mask is None:  # every row holds n positions
@@ -362,7 +392,7 @@ def attn_tree(m, x: torch.Tensor, cache: KVCache, st: _AttnStep):
     pa = attn_pack(m)
     B, N = x.shape[:2]
     H, Hkv, D = pa.H, pa.Hkv, pa.D
-    qk, v, gate = F.linear(x, pa.w, pa.b).split([(H + Hkv) * D, Hkv * D, H * D], dim=-1)
+    qk, v, gate = pa.project(x).split([(H + Hkv) * D, Hkv * D, H * D], dim=-1)
     q, k = _qk_rope(pa, qk.view(B, N, H + Hkv, D), st).split([H, Hkv], dim=2)  # (B, N, H, D), (B, N, Hkv, D)
     k, v = k.transpose(1, 2), v.view(B, N, Hkv, D).transpose(1, 2)  # (B, Hkv, N, D)
     n = st.n
