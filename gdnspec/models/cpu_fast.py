@@ -29,6 +29,14 @@ on CUDA, this path on the CPU) and the environment variable GDNSPEC_CPU_FAST not
 Entry points: `GDNForCausalLM.forward` (T == 1, mode "auto" / "fused_decode"), `GDNForCausalLM.forward_tree` (any N),
 `EagleHead.decode_step` and `EagleHead.catch_up`; the draft model's expansion and catch-up go through the first two.
 Results equal the module path up to float rounding (float64: ~1e-13 relative; tests/test_cpu_fast.py), states too.
+
+Measured notes (2-core shared CPU, torch 2.13; op counts by benchmarks/bench_cpu_ops.py): on the default bundle most
+of a decode step's time is aten::mm over the weights (memory-bound), and a verify of N = 16 nodes does 16x the
+multiply-adds of a decode step, so op counts bound the host overhead, not the GEMM floor. F.rms_norm has no fused CPU
+kernel here (it decomposes: ~15 us per call vs ~4 us for layer_norm). torch.compile (inductor, CPU) of the GDN decode
+mixer written as a pure tensor function: ~30% less time for that piece, cold compile ~4-19 s, ~0.1 s from the warm
+FX / inductor cache; compiling the module-taking functions here graph-breaks on the weight cache checks and ran
+slower. Not adopted yet (no switch): see the issue notes.
 """
 from __future__ import annotations
 
