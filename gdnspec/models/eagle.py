@@ -18,6 +18,7 @@ from torch import nn
 
 from gdnspec.cache import ModelState
 from gdnspec.layers import RMSNorm
+from gdnspec.models import cpu_fast as _cpu_fast
 from gdnspec.models.config import GDNConfig
 from gdnspec.models.lm import DecoderLayer
 
@@ -98,12 +99,18 @@ class EagleHead(nn.Module):
         hidden, token_embeds (B, 1, H). With the target's fused steps (CUDA / Triton backend, float32 GDN state, no
         autograd) this is the target's fused decode layer (issue 9) around fc: norm_e and norm_h (one add_rms_norm
         each), the fc GEMV, the fused GDN layer and MLP, the target's final norm with the residual add, the lm_head
-        GEMV: about 14 kernels. Otherwise `forward` + `draft_logits` (the reference; the same numbers up to rounding,
-        tested in tests/test_eagle_fused.py)."""
+        GEMV: about 14 kernels. On the CPU (the target's CPU fast path applies, head and state in its float32/64
+        dtype) the lean torch step of models/cpu_fast.eagle_decode_step. Otherwise `forward` + `draft_logits` (the
+        reference; the same numbers up to rounding, tested in tests/test_eagle_fused.py, tests/test_cpu_fast.py)."""
         self._check(hidden, token_embeds)
         if hidden.shape[1] != 1:
             raise ValueError(f"decode_step takes one token per row, got T={hidden.shape[1]}")
         s = state.layers[0] if isinstance(state, ModelState) and len(state.layers) == 1 else None
+        if self._cpu_fast_ok(s, target):
+            dt = self.dtype
+            return _cpu_fast.eagle_decode_step(self, hidden if hidden.dtype == dt else hidden.to(dt),
+                                               token_embeds if token_embeds.dtype == dt else token_embeds.to(dt), state,
+                                               target=target)
         if not self._fused_ok(hidden, s, target):
             out, state = self(hidden, token_embeds, state, mode="fused_decode")
             return out, self.draft_logits(target, out[:, -1])
@@ -119,6 +126,14 @@ class EagleHead(nn.Module):
         logits = small_linear(xn[:, 0], target.lm_head.weight, target.lm_head.bias)
         return out, logits
 
+    def _cpu_fast_ok(self, s, target: nn.Module) -> bool:
+        """The CPU fast path (models/cpu_fast.py) runs this head: the target's own steps take it (CPU, fused_steps,
+        float32/64, no autograd), the head has the target's dtype and its GDN state that dtype too."""
+        dt = self.dtype
+        return (s is not None and hasattr(target, "_use_cpu_fast") and dt == target.dtype
+                and _cpu_fast.applies(target, self.fc.weight) and s.recurrent.dtype == dt and s.conv.dtype == dt
+                and not (torch.is_grad_enabled() and self.fc.weight.requires_grad))
+
     def _fused_ok(self, x: torch.Tensor, s, target: nn.Module) -> bool:
         """The target's fused steps can run this head: Triton backend, float32 GDN state, matching dtypes, no autograd."""
         return (s is not None and s.recurrent.dtype == torch.float32 and hasattr(target, "_use_fused")
@@ -130,7 +145,8 @@ class EagleHead(nn.Module):
         row, all rows in one pass (the drafter's catch-up after a verify): hidden, token_embeds (B, L, H); counts (B,).
 
         Fused (as decode_step): fc, then the GDN mixer's fused tree step over a chain (in-projection GEMM, tree conv +
-        gates, tree-WY, norm, out) and the Triton commit of each row's last pair, about 20 kernels. Otherwise the
+        gates, tree-WY, norm, out) and the Triton commit of each row's last pair, about 20 kernels. On the CPU fast
+        path (as decode_step) models/cpu_fast.eagle_catch_up: the lean tree terms without the output side. Otherwise the
         module path (forward_tree + commit_tree with the torch kernels), the reference; the MLP is skipped on both
         since the state depends on the mixer only."""
         from gdnspec.layers.layout import TokenLayout
@@ -138,6 +154,12 @@ class EagleHead(nn.Module):
         self._check(hidden, token_embeds)
         B, L, _ = hidden.shape
         s = state.layers[0]
+        if self._cpu_fast_ok(s, target):
+            dt = self.dtype
+            _cpu_fast.eagle_catch_up(self, hidden if hidden.dtype == dt else hidden.to(dt),
+                                     token_embeds if token_embeds.dtype == dt else token_embeds.to(dt), state,
+                                     counts=counts)
+            return
         x = self.fuse(hidden, token_embeds)
         layout = TokenLayout.chain(B, L, device=x.device)
         last = (counts.to(x.device) - 1).clamp(min=0)

@@ -21,6 +21,7 @@ from gdnspec.layers.linear import VocabProjection
 from gdnspec.ops.fused import elementwise as _fused_ew
 from gdnspec.ops.fused.gemv import small_linear
 from gdnspec.ops.conv1d.tree import tree_conv_window_index
+from gdnspec.models import cpu_fast as _cpu_fast
 from gdnspec.models.config import GDNConfig
 from gdnspec.models.moe import SparseMoeBlock
 from gdnspec.models.outputs import CausalLMOutput, TreeVerifyOutput
@@ -152,8 +153,10 @@ class GDNForCausalLM(nn.Module):
         # GDN kernels: "auto" = the Triton kernels on CUDA tensors (fused decode step, tree verify, commit), torch
         # elsewhere; "torch" or "triton" force one (gdnspec.layers.gated_deltanet.BACKENDS).
         self.gdn_backend = "auto"
-        # fused decode / verify steps (gdnspec/ops/fused): used when the GDN backend is Triton and no gradient is
-        # needed; False keeps the module-by-module path (the reference the fused steps are tested against)
+        # fused decode / verify steps, used when no gradient is needed: the Triton kernels (gdnspec/ops/fused) when the
+        # GDN backend is Triton; on the CPU (backend "torch", float32/float64) the lean torch path of
+        # models/cpu_fast.py (decode step, tree verify). False keeps the module-by-module path everywhere (the
+        # reference the fused steps are tested against)
         self.fused_steps = True
         # prompts longer than this are prefilled in chunks of this many tokens (bounded memory; same result up to
         # float rounding: GDN state, conv window and KV cache carry across chunks)
@@ -183,6 +186,12 @@ class GDNForCausalLM(nn.Module):
         if not self.fused_steps or backend != "triton" or h.dtype == torch.float64:
             return False
         return not (torch.is_grad_enabled() and self.embed_tokens.weight.requires_grad)
+
+    def _use_cpu_fast(self, state: ModelState) -> bool:
+        """The CPU fast path (models/cpu_fast.py) runs this step: fused_steps on, CPU, GDN backend "torch", float32 or
+        float64 weights and states of that dtype, no autograd (GDNSPEC_CPU_FAST=0 turns it off)."""
+        w = self.embed_tokens.weight
+        return _cpu_fast.applies(self, w) and _cpu_fast.states_fit(self, state, w.dtype)
 
     def _init_weights(self) -> None:
         std = self.config.initializer_range
@@ -266,6 +275,9 @@ class GDNForCausalLM(nn.Module):
             state = self.new_state(B)
         if validate:
             self._check_state(state, B)
+        if T == 1 and mode in ("auto", "fused_decode") and self._use_cpu_fast(state):
+            logits, h = _cpu_fast.decode_step(self, input_ids, state)
+            return CausalLMOutput(logits=logits, hidden_states=h, state=state)
         h = self.embed_tokens(input_ids)
         backend = self._backend(h)
         if T == 1 and mode in ("auto", "fused_decode") and self._use_fused(backend, h):
@@ -312,6 +324,9 @@ class GDNForCausalLM(nn.Module):
             self._check_state(state, B)
         if tuple(layout.ancestor_mask.shape) != (B, N, N):
             raise ValueError(f"layout is for {tuple(layout.ancestor_mask.shape[:2])} nodes, input_ids is {(B, N)}")
+        if self._use_cpu_fast(state):
+            logits, h, caches = _cpu_fast.verify_step(self, input_ids, state, layout)
+            return TreeVerifyOutput(logits=logits, hidden_states=h, layer_caches=caches)
         h = self.embed_tokens(input_ids)
         caches = []
         backend = self._backend(h)
