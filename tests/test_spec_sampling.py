@@ -288,3 +288,33 @@ def test_rule_at_one_node(rule):
     pvalue = chi_square_pvalue(counts, dict(enumerate(p.tolist())), M)
     print(f"{rule}: p = {pvalue:.3g}")
     assert (pvalue > 1e-4) if rule == "exact" else (pvalue < 1e-8)
+
+
+def test_eager_cpu_acceptance_of_few_rows_takes_the_loop_with_the_same_result():
+    """accept_sampling on the CPU with <= CPU_LOOP_MAX_ROWS rows runs the per-row loop (fewer ops): for the same
+    uniforms it must pick the same nodes and bonus tokens as the vectorised rule, with and without draft q."""
+    from gdnspec.layers.layout import TokenLayout
+    from gdnspec.spec import accept as A
+    from gdnspec.spec.tree import DraftTree
+
+    g = torch.Generator().manual_seed(0)
+    B, N, V = 3, 9, 7
+    parents = torch.tensor([[-1, 0, 0, 1, 1, 2, 3, 3, 5]]).expand(B, N).contiguous()
+    tokens = torch.stack([torch.cat([torch.tensor([0]), torch.randperm(V, generator=g)[:2],
+                                     torch.randint(0, V, (N - 3,), generator=g)]) for _ in range(B)])
+    tokens[:, 3:5] = torch.tensor([1, 2])  # siblings distinct
+    lay = TokenLayout.from_parents(parents)
+    logits = torch.randn(B, N, V, generator=g, dtype=torch.float64) * 2
+    q = torch.softmax(torch.randn(B, N, V, generator=g, dtype=torch.float64), -1).float()
+    for draft in (None, q):
+        tree = DraftTree(tokens, parents, torch.zeros(B, N), torch.ones(B, N, dtype=torch.bool), draft,
+                         None if draft is None else torch.arange(N).expand(B, N).contiguous())
+        for trial in range(20):
+            u = torch.rand(B, N, generator=g, dtype=torch.float64)
+            got = A.accept_sampling(tree, logits, lay, temperature=0.9, uniforms=u)
+            probs = A.logits_to_probs(logits, temperature=0.9)
+            node, bonus = A.tree_rejection_sample(tokens=tokens, parents=parents, valid=tree.valid, probs=probs,
+                                                  uniforms=u, draft_probs=tree.draft_probs,
+                                                  draft_index=tree.draft_index, max_depth=4, max_children=2)
+            want_path, _ = A.path_to_node(lay, node)
+            assert torch.equal(got.bonus, bonus) and torch.equal(got.path, want_path), (draft is None, trial)

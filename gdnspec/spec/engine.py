@@ -235,9 +235,35 @@ class SpecSession:
         self.sequences: dict[int, _Sequence] = {}
         self.rows: list[int] = []
         self.target_state = None
-        self.draft_state = None
+        self._draft_state = None
+        # plain steps leave the drafter's catch-up pending (tokens (B, 1) and target hidden (B, 1, H) per step): it
+        # runs as ONE chain advance when the drafter's state is next read (a speculative step, a change of rows), so
+        # a run of plain steps costs what plain decoding costs (the adaptive fall-back)
+        self._pending_tokens: list[torch.Tensor] = []
+        self._pending_hidden: list[torch.Tensor] = []
         self.verified: torch.Tensor | None = None  # (rows,) next root token per row
         self._next_id = 0
+
+    MAX_PENDING = 32  # plain steps whose catch-up may wait (bounds the catch-up chain and the stored hidden states)
+
+    @property
+    def draft_state(self):
+        """The drafter's state, caught up on every committed token (a pending catch-up of plain steps runs first)."""
+        if self._pending_tokens:
+            self._flush_drafter()
+        return self._draft_state
+
+    @draft_state.setter
+    def draft_state(self, value) -> None:
+        self._draft_state = value
+        self._pending_tokens, self._pending_hidden = [], []
+
+    def _flush_drafter(self) -> None:
+        tokens = torch.cat(self._pending_tokens, dim=1)  # (B, P)
+        hidden = torch.cat(self._pending_hidden, dim=1) if self._pending_hidden else None
+        self._pending_tokens, self._pending_hidden = [], []
+        counts = torch.full((tokens.shape[0],), tokens.shape[1], dtype=torch.long, device=tokens.device)
+        self.engine.drafter.advance(self._draft_state, tokens=tokens, counts=counts, target_hidden=hidden)
 
     @property
     def active(self) -> list[int]:
@@ -495,9 +521,11 @@ class SpecSession:
         drafter = eng.drafter
         out = eng.target(self.verified[:, None], self.target_state, logits_to_keep=1)
         nxt = self._sample(out.logits[:, -1], self.rows)
-        hidden = out.hidden_states[:, -1:] if getattr(drafter, "needs_target_hidden", False) else None
-        ones = torch.ones(len(self.rows), dtype=torch.long, device=self.verified.device)
-        drafter.advance(self.draft_state, tokens=self.verified[:, None], counts=ones, target_hidden=hidden)
+        if len(self._pending_tokens) >= self.MAX_PENDING:
+            self._flush_drafter()
+        self._pending_tokens.append(self.verified[:, None])  # the drafter catches up later, all at once
+        if getattr(drafter, "needs_target_hidden", False):
+            self._pending_hidden.append(out.hidden_states[:, -1:])
         new = {}
         for seq_id, tok in zip(self.rows, nxt.tolist()):
             seq = self.sequences[seq_id]
