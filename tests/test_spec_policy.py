@@ -30,12 +30,27 @@ def test_policy_runs_the_faster_kind_and_explores_the_other():
     s = p.summary()
     assert s["speculative_steps"] + s["plain_steps"] == 40 and s["plain_steps"] == kinds.count(False)
     assert s["by_batch_bucket"][1]["seconds_per_token"]["plain"] == pytest.approx(0.001)
+    # a loser confirmed again and again is re-measured ever less often: intervals 5, 10, 20, 40 ...
+    explored = [i for i, k in enumerate(later) if k]
+    gaps = [b - a for a, b in zip(explored, explored[1:])]
+    assert gaps == sorted(gaps) and gaps[-1] > gaps[0] and p.interval[1] >= 20
     # when speculation is the faster kind it runs almost every step
     q = StepPolicy(explore_every=5)
     for _ in range(40):
         k = q.choose(3)
         q.record(3, k, 0.002 if k else 0.001, 4 if k else 1)
     assert q.summary()["speculative_steps"] > 0.7 * 40
+    # when the text changes and the loser becomes the winner, the next re-measurement notices and resets the interval
+    r = StepPolicy(explore_every=4)
+    slow_spec = True
+    kinds = []
+    for i in range(120):
+        k = r.choose(1)
+        kinds.append(k)
+        if i == 60:
+            slow_spec = False  # from here speculation is 4x cheaper per token
+        r.record(1, k, (0.004 if slow_spec else 0.001) if k else 0.002, 1)
+    assert kinds[-20:].count(True) > 15  # speculating again at the end
 
 
 @torch.inference_mode()

@@ -24,7 +24,9 @@ class StepPolicy:
 
     speculative False: always plain. disable_by_batch_size N: plain from N sequences on (vLLM's flag). adaptive: per
     batch-size bucket (1, 2, 4, 8...), the measured seconds per generated token of each kind of step (moving
-    average); the faster kind runs, the other is re-measured every `explore_every` steps of the bucket. Greedy output
+    average); the faster kind runs, the other is re-measured after `explore_every` steps of the bucket, an interval
+    that doubles (up to 16x) each time a re-measurement confirms the winner and resets when it does not, so a kind
+    that keeps losing costs ever fewer steps while a change of the text is still noticed. Greedy output
     does not depend on the choice; seeded sampled output does (plain and speculative steps draw differently), so
     reproducible seeded sampling needs adaptive off."""
 
@@ -36,6 +38,9 @@ class StepPolicy:
         self.samples: dict[tuple[int, bool], int] = {}
         self.count: dict[int, int] = {}
         self.choices: dict[tuple[int, bool], int] = {}  # (batch bucket, speculative) -> steps chosen
+        self.interval: dict[int, int] = {}  # bucket -> steps between re-measurements of the losing kind
+        self.since: dict[int, int] = {}  # bucket -> steps since the last re-measurement
+        self._exploring: dict[int, bool] = {}  # bucket -> the winner when the losing kind was last picked
         self._lock = threading.Lock()
 
     def choose(self, n: int) -> bool:
@@ -60,7 +65,12 @@ class StepPolicy:
             if self.samples.get((b, kind), 0) < 2:  # the first measurement of a kind pays one-time costs
                 return kind
         best = seen[True] <= seen[False]
-        return (not best) if self.count[b] % self.explore_every == 0 else best
+        self.since[b] = self.since.get(b, 0) + 1
+        if self.since[b] >= self.interval.get(b, self.explore_every):
+            self.since[b] = 0
+            self._exploring[b] = best
+            return not best
+        return best
 
     def record(self, n: int, speculative: bool, seconds: float, tokens: int) -> None:
         """The step just made: its kind, wall seconds and tokens emitted over its n sequences."""
@@ -74,10 +84,20 @@ class StepPolicy:
         per = self.per_token.setdefault(b, {})
         k = self.samples[(b, speculative)] = self.samples.get((b, speculative), 0) + 1
         value = seconds / tokens
+        winner = self._exploring.get(b)
+        exploring = winner is not None and speculative != winner and len(per) == 2  # re-measuring the loser
         if k <= 2:  # the second measurement replaces the first (warm-up)
             per[speculative] = value
+        elif exploring and value < per[winner]:  # the loser now beats the winner: believe it at once (the text
+            per[speculative] = value  # changed); if it was luck, its own steps pull the average back up
         else:
             per[speculative] = (1 - self.smoothing) * per[speculative] + self.smoothing * value
+        if exploring:
+            del self._exploring[b]
+            if (per[True] <= per[False]) == winner:  # confirmed: look again later
+                self.interval[b] = min(2 * self.interval.get(b, self.explore_every), 16 * self.explore_every)
+            else:
+                self.interval[b] = self.explore_every
 
     def describe(self) -> str:
         if not self.speculative:
