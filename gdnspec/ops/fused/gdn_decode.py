@@ -135,6 +135,16 @@ def gdn_decode_reference(proj: torch.Tensor, *, layout: ProjLayout, conv_weight:
 if HAS_TRITON:
 
     @triton.jit
+    def _gated_rms_norm(x, m, wn, gz, V, eps):
+        """Gated RMSNorm of one value head: x (BV,) o in the activation dtype, m its mask, wn the norm weight, gz the
+        gate z in float32 -> rmsnorm(x) * w * silu(z) in float32, rounded at the torch module's points (activation
+        dtype after the norm and the weight). Shared by the decode kernel and gdn_tree's gated_rms_norm_rows."""
+        xf = tl.where(m, x.to(tl.float32), 0.0)
+        rstd = tl.rsqrt(tl.sum(xf * xf, 0) / V + eps)
+        y = (xf * rstd).to(x.dtype).to(tl.float32) * wn.to(x.dtype).to(tl.float32)
+        return y.to(x.dtype).to(tl.float32) * (gz * tl.sigmoid(gz))
+
+    @triton.jit
     def _conv_piece(proj_row, col, chan, m, wgt, cstate, W: tl.constexpr, BW: tl.constexpr):
         """Conv update + SiLU of channels `chan` (input at proj_row + col); returns the output in float32 rounded to the
         activation dtype, and the rolled window (to store after a barrier)."""
@@ -214,13 +224,9 @@ if HAS_TRITON:
             wn = tl.load(nw + rv, mask=mv, other=0.0)
             for r in range(R):
                 j_hv = i_h * R + r
-                # gated RMSNorm with the torch module's rounding points (activation dtype after o, norm and weight)
-                ov = tl.load(o_buf + (i_b * HV + j_hv) * V + rv, mask=mv, other=0.0)
-                xf = tl.where(mv, ov.to(nv.dtype).to(tl.float32), 0.0)
-                rstd = tl.rsqrt(tl.sum(xf * xf, 0) / V + norm_eps)
-                yv = (xf * rstd).to(nv.dtype).to(tl.float32) * wn.to(nv.dtype).to(tl.float32)
+                ov = tl.load(o_buf + (i_b * HV + j_hv) * V + rv, mask=mv, other=0.0).to(nv.dtype)  # o rounded
                 gz = tl.load(row + z_base + i_h * z_hs + r * V + rv, mask=mv, other=0.0).to(tl.float32)
-                yv = yv.to(nv.dtype).to(tl.float32) * (gz * tl.sigmoid(gz))
+                yv = _gated_rms_norm(ov, mv, wn, gz, V, norm_eps)
                 tl.store(y + i_b * sy + j_hv * V + rv, yv.to(y.dtype.element_ty), mask=mv)
             tl.store(counter + i_bh, 0)
 

@@ -27,6 +27,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from gdnspec.ops.fused.gdn_decode import _gated_rms_norm
+
 __all__ = ["gdn_tree_prep", "gdn_tree_prep_reference", "gated_rms_norm_rows", "gated_rms_norm_rows_reference"]
 
 
@@ -134,11 +136,8 @@ if HAS_TRITON:
         for l in range(R):
             i_hv = i_h * R + l
             ov = tl.load(o + (i_bn * HV + i_hv) * V + rv, mask=mv, other=0.0)
-            xf = tl.where(mv, ov.to(tl.float32), 0.0)
-            rstd = tl.rsqrt(tl.sum(xf * xf, 0) / V + eps)
-            yv = (xf * rstd).to(ov.dtype).to(tl.float32) * wn.to(ov.dtype).to(tl.float32)
             gz = tl.load(proj + i_bn * sp + z_base + i_h * z_hs + l * V + rv, mask=mv, other=0.0).to(tl.float32)
-            yv = yv.to(ov.dtype).to(tl.float32) * (gz * tl.sigmoid(gz))
+            yv = _gated_rms_norm(ov, mv, wn, gz, V, eps)
             tl.store(y + (i_bn * HV + i_hv) * V + rv, yv.to(y.dtype.element_ty), mask=mv)
 
 
