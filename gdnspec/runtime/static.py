@@ -202,7 +202,25 @@ def _capture_eager(fn, restore: list):
     return graph, outputs
 
 
-class StaticDecoder(_StaticStep):
+class _SamplingStep:
+    """Per-row sampling settings of a static step built with sampling=True (`self.rows`, a _RowSettings; None
+    otherwise): StaticDecoder and StaticSpecRunner."""
+
+    rows: "_RowSettings | None"
+
+    @property
+    def counters(self) -> torch.Tensor:
+        """(B,) int64: draws each row has taken from its stream, one per step (sampling steps)."""
+        return self.rows.counters
+
+    def set_sampling(self, *, temperature, top_k=None, top_p=None, seeds, counters=None) -> None:
+        """Per-row settings and streams of rows 0..len(seeds)-1 (see _RowSettings.set); sampling steps only."""
+        if self.rows is None:
+            raise ValueError(f"this {type(self).__name__} was built with sampling=False")
+        self.rows.set(temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds, counters=counters)
+
+
+class StaticDecoder(_StaticStep, _SamplingStep):
     """One plain decode step (T = 1) for `batch_size` rows with KV room for `max_len` positions."""
 
     def __init__(self, model, *, batch_size: int, max_len: int, use_graph: bool | None = None, sampling: bool = False,
@@ -217,17 +235,6 @@ class StaticDecoder(_StaticStep):
         restore = [self.state] + ([self.rows.counters] if sampling else [])
         self.graph, self.outputs = _capture(self._run, use_graph, restore)
         self._sign()
-
-    @property
-    def counters(self) -> torch.Tensor:
-        """(B,) int64: tokens each row has sampled from its stream (sampling decoders)."""
-        return self.rows.counters
-
-    def set_sampling(self, *, temperature, top_k=None, top_p=None, seeds, counters=None) -> None:
-        """Per-row settings and streams of rows 0..len(seeds)-1 (see _RowSettings.set); sampling decoders only."""
-        if self.rows is None:
-            raise ValueError("this StaticDecoder was built with sampling=False")
-        self.rows.set(temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds, counters=counters)
 
     def _modules(self) -> tuple:
         return (self.model,)
@@ -317,7 +324,7 @@ class StaticPrefill(_StaticStep):
         return self.state.clone(), logits.clone(), hidden.clone()
 
 
-class StaticSpecRunner(_StaticStep):
+class StaticSpecRunner(_StaticStep, _SamplingStep):
     """Speculative step (propose -> verify -> accept -> commit -> draft advance) on static buffers.
 
     Drafters with `supports_cuda_graph` (the model drafters) run inside the step; others (n-gram, oracle) propose on
@@ -357,17 +364,6 @@ class StaticSpecRunner(_StaticStep):
 
     def _modules(self) -> tuple:
         return (self.target, *_drafter_modules(self.drafter))
-
-    @property
-    def counters(self) -> torch.Tensor:
-        """(B,) int64: steps each row has drawn from its stream (sampling runners)."""
-        return self.rows.counters
-
-    def set_sampling(self, *, temperature, top_k=None, top_p=None, seeds, counters=None) -> None:
-        """Per-row settings and streams of rows 0..len(seeds)-1 (see _RowSettings.set); sampling runners only."""
-        if self.rows is None:
-            raise ValueError("this StaticSpecRunner was built with sampling=False")
-        self.rows.set(temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds, counters=counters)
 
     def _run(self):
         tree = self.tree
