@@ -31,25 +31,12 @@ from common import environment, print_table, time_cuda, write_json  # noqa: E402
 
 from gdnspec.models.eagle import EagleHead, eagle_config_for  # noqa: E402
 from gdnspec.runtime import StaticDecoder, StaticSpecRunner  # noqa: E402
+from gdnspec.runtime.static import _capture  # noqa: E402
 from gdnspec.spec import TreeConfig  # noqa: E402
 from gdnspec.spec.drafters import EagleDrafter  # noqa: E402
 
 SHAPES = {"chain-4": TreeConfig(builder="chain", num_steps=4),
           "tree-4x5": TreeConfig(topk=4, num_steps=5, num_draft_tokens=16)}
-
-
-def graphed(fn):
-    """fn captured in a CUDA graph (after a warm-up on a side stream); returns the replay callable."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
 
 
 def stage_kernels(run) -> dict:
@@ -155,7 +142,8 @@ def main(argv=None) -> int:
                 out, logits = head.decode_step(feat, target.embed_tokens(tok), state, target=target)
                 return torch.log_softmax(logits.float(), dim=-1).topk(4, dim=-1)
 
-            ms = time_cuda(graphed(expand), warmup=5, iters=50)
+            graph, _ = _capture(expand, True, [state])  # the runtime's capture: warm-up, restore, capture
+            ms = time_cuda(graph.replay, warmup=5, iters=50)
             rows.append({"variant": variant, "what": f"EAGLE expansion F={F}", "ms": ms, "x_decode": ms / dec_ms,
                          "kernels": count_kernels(expand)})
         for name, cfg in SHAPES.items():
