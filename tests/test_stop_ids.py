@@ -18,7 +18,7 @@ from gdnspec.bundle import Bundle
 from gdnspec.models.checkpoint import save_checkpoint
 from gdnspec.spec import SpeculativeEngine, TreeConfig
 
-from spec_helpers import noisy_copy, prompts_of, tiny_model
+from spec_helpers import noisy_copy, prompts_of, tiny_model, word_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -117,20 +117,12 @@ def test_per_sequence_entries_must_match_the_batch(setup):
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
-def tokenizer_with(vocab_size: int):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"[UNK]": 0, "<|endoftext|>": 1, "<|im_end|>": 2}
-    vocab.update({f"w{i}": i for i in range(3, vocab_size)})
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    return tk
 
 
 @pytest.fixture
 def folder(setup, tmp_path):
     target = setup[0]
-    save_checkpoint(target, tmp_path / "ckpt", tokenizer=tokenizer_with(target.vocab_size))
+    save_checkpoint(target, tmp_path / "ckpt", tokenizer=word_tokenizer(target.vocab_size))
     return tmp_path / "ckpt"
 
 
@@ -190,4 +182,4 @@ def test_bundle_eos_falls_back_to_config_json_then_tokenizer(tmp_path):
                                                       "text_config": {"eos_token_id": [4, 5]}}))
     assert Bundle(model=None, tokenizer=None, path=tmp_path).eos_token_id == 3
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_5"}))
-    assert Bundle(model=None, tokenizer=tokenizer_with(8), path=tmp_path).eos_token_id == 1  # <|endoftext|>
+    assert Bundle(model=None, tokenizer=word_tokenizer(8), path=tmp_path).eos_token_id == 1  # <|endoftext|>
