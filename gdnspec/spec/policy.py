@@ -36,7 +36,6 @@ class StepPolicy:
         self.explore_every, self.smoothing = explore_every, smoothing
         self.per_token: dict[int, dict[bool, float]] = {}
         self.samples: dict[tuple[int, bool], int] = {}
-        self.count: dict[int, int] = {}
         self.choices: dict[tuple[int, bool], int] = {}  # (batch bucket, speculative) -> steps chosen
         self.interval: dict[int, int] = {}  # bucket -> steps between re-measurements of the losing kind
         self.since: dict[int, int] = {}  # bucket -> steps since the last re-measurement
@@ -60,7 +59,6 @@ class StepPolicy:
             return True
         b = _bucket(n)
         seen = self.per_token.get(b, {})
-        self.count[b] = self.count.get(b, 0) + 1
         for kind in (True, False):
             if self.samples.get((b, kind), 0) < 2:  # the first measurement of a kind pays one-time costs
                 return kind
