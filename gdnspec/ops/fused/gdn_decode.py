@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from gdnspec.ops.conv1d.causal_conv1d import causal_conv1d_update
 from gdnspec.ops.fused._checks import check_layout, check_shape
+from gdnspec.ops.fused._sync import arrival_counters as _arrival_counters
 from gdnspec.ops.gated_delta_rule.common import l2norm
 from gdnspec.ops.gated_delta_rule.triton_tree import HAS_TRITON, available
 
@@ -229,21 +230,6 @@ if HAS_TRITON:
                 yv = _gated_rms_norm(ov, mv, wn, gz, V, norm_eps)
                 tl.store(y + i_b * sy + j_hv * V + rv, yv.to(y.dtype.element_ty), mask=mv)
             tl.store(counter + i_bh, 0)
-
-
-_COUNTERS: dict = {}
-
-
-def _arrival_counters(n: int, device) -> torch.Tensor:
-    """Zeroed int32 arrival counters for one launch: cached per (device, stream), since launches on one stream run one
-    after another and every launch leaves its counters at zero."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
-        _COUNTERS[key] = buf
-    return buf
 
 
 def gdn_decode_fused(proj: torch.Tensor, *, layout: ProjLayout, conv_weight: torch.Tensor, conv_state: torch.Tensor,
