@@ -17,13 +17,15 @@ import os
 import torch
 import torch.nn.functional as F
 
+from gdnspec.ops.fused._sync import arrival_counters
 from gdnspec.ops.gated_delta_rule.triton_tree import HAS_TRITON, available
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-__all__ = ["MAX_ROWS", "enabled", "linear_for_residual", "small_linear", "small_linear_partials", "split_count"]
+__all__ = ["MAX_ROWS", "enabled", "linear_for_residual", "linear_residual", "linear_residual_reference", "normed_linear",
+           "normed_linear_reference", "small_linear", "small_linear_partials", "split_count"]
 
 MAX_ROWS = 64
 
@@ -36,18 +38,12 @@ def enabled() -> bool:
 if HAS_TRITON:
 
     @triton.jit
-    def _gemv_kernel(x, sx, w, b, y, sy, M, N, K, K_SPLIT, HAS_BIAS: tl.constexpr, F32: tl.constexpr,
-                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        pid_n = tl.program_id(0)
-        pid_s = tl.program_id(1)  # K split: program s covers K_SPLIT columns and writes partial sums y[s] (float32)
-        rm = tl.arange(0, BM)
-        rn = pid_n * BN + tl.arange(0, BN)
-        mm = rm < M
-        mn = rn < N
+    def _dot_tile(x, sx, w, rm, rn, mm, mn, K, k_lo, k_hi, F32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                  BK: tl.constexpr):
+        """x[rm, k_lo:k_hi] @ w[rn, k_lo:k_hi]^T in float32 (BM, BN): the K loop every GEMV kernel here shares, so
+        that the plain, split-K and residual kernels compute bit-identical sums for the same (BK, K range)."""
         acc = tl.zeros([BM, BN], dtype=tl.float32)
-        k_lo = pid_s * K_SPLIT
-        y += pid_s * M * N
-        for k0 in range(k_lo, tl.minimum(k_lo + K_SPLIT, K), BK):
+        for k0 in range(k_lo, k_hi, BK):
             rk = k0 + tl.arange(0, BK)
             mk = rk < K
             xt = tl.load(x + rm[:, None] * sx + rk[None, :], mask=mm[:, None] & mk[None, :], other=0.0)
@@ -56,9 +52,109 @@ if HAS_TRITON:
                 acc += tl.dot(xt.to(tl.float32), wt.to(tl.float32), input_precision="ieee")
             else:
                 acc += tl.dot(xt, wt)
+        return acc
+
+    @triton.jit
+    def _gemv_kernel(x, sx, w, b, y, sy, M, N, K, K_SPLIT, HAS_BIAS: tl.constexpr, F32: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)  # K split: program s covers K_SPLIT columns and writes partial sums y[s] (float32)
+        rm = tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        mm = rm < M
+        mn = rn < N
+        k_lo = pid_s * K_SPLIT
+        y += pid_s * M * N
+        acc = _dot_tile(x, sx, w, rm, rn, mm, mn, K, k_lo, tl.minimum(k_lo + K_SPLIT, K), F32, BM, BN, BK)
         if HAS_BIAS:
             if pid_s == 0:
                 acc += tl.load(b + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
+        tl.store(y + rm[:, None] * sy + rn[None, :], acc.to(y.dtype.element_ty), mask=mm[:, None] & mn[None, :])
+
+    @triton.jit
+    def _residual_epilogue(acc, b, r, sr, h, sh, ssq, G, rm, rn, mm, mn, pid_n, HAS_BIAS: tl.constexpr,
+                           BM: tl.constexpr, BN: tl.constexpr):
+        """h = round(round(acc + bias) + r) for this (BM, BN) tile, and the float32 sums of squares of the rounded h
+        over each 16-column group (BN // 16 slots of ssq per row): the residual add of `add_rms_norm`, done where the
+        projection's sums are."""
+        if HAS_BIAS:
+            acc += tl.load(b + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
+        mt = mm[:, None] & mn[None, :]
+        yv = acc.to(h.dtype.element_ty)  # the projection's output, rounded as F.linear's
+        s = yv.to(tl.float32) + tl.load(r + rm[:, None] * sr + rn[None, :], mask=mt, other=0.0).to(tl.float32)
+        ha = s.to(h.dtype.element_ty)  # h = y + residual, rounded as the torch sum
+        tl.store(h + rm[:, None] * sh + rn[None, :], ha, mask=mt)
+        hf = tl.where(mt, ha.to(tl.float32), 0.0)
+        sq = tl.sum(tl.reshape(hf * hf, (BM, BN // 16, 16)), 2)  # (BM, BN // 16)
+        rg = pid_n * (BN // 16) + tl.arange(0, BN // 16)
+        tl.store(ssq + rm[:, None] * G + rg[None, :], sq, mask=mm[:, None] & (rg < G)[None, :])
+
+    @triton.jit
+    def _gemv_res_kernel(x, sx, w, b, r, sr, h, sh, ssq, part, counter, M, N, K, K_SPLIT, G,
+                         HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, F32: tl.constexpr,
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        """Output projection + residual add (see linear_residual). Grid (column blocks, K splits). SPLIT: each split
+        stores its float32 partial sums to part[s], then takes an arrival ticket on its column block's counter; the
+        last to arrive adds the S partials in the fixed order 0 .. S-1 (the order add_rms_norm adds them in), runs
+        the epilogue and zeroes the counter (ops/fused/_sync.py)."""
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        rm = tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        mm = rm < M
+        mn = rn < N
+        k_lo = pid_s * K_SPLIT
+        acc = _dot_tile(x, sx, w, rm, rn, mm, mn, K, k_lo, tl.minimum(k_lo + K_SPLIT, K), F32, BM, BN, BK)
+        if SPLIT:
+            S = tl.num_programs(1)
+            tile = rm[:, None] * N + rn[None, :]
+            mt = mm[:, None] & mn[None, :]
+            tl.store(part + pid_s * M * N + tile, acc, mask=mt)
+            tl.debug_barrier()  # every thread's partial sums are stored before the release below
+            ticket = tl.atomic_add(counter + pid_n, 1, sem="acq_rel", scope="gpu")
+            if ticket == S - 1:
+                # .cg: read the other programs' partials from L2, never from a stale L1 line
+                tot = tl.load(part + tile, mask=mt, other=0.0, cache_modifier=".cg")
+                for p in range(1, S):
+                    tot += tl.load(part + p * M * N + tile, mask=mt, other=0.0, cache_modifier=".cg")
+                _residual_epilogue(tot, b, r, sr, h, sh, ssq, G, rm, rn, mm, mn, pid_n, HAS_BIAS, BM, BN)
+                tl.store(counter + pid_n, 0)
+        else:
+            _residual_epilogue(acc, b, r, sr, h, sh, ssq, G, rm, rn, mm, mn, pid_n, HAS_BIAS, BM, BN)
+
+    @triton.jit
+    def _gemv_norm_kernel(h, sh, ssq, nw, w, b, y, sy, M, N, K, G, eps, OFFSET: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, F32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                          BK: tl.constexpr, BG: tl.constexpr):
+        """rmsnorm(h) * (1 + nw or nw) @ w^T (see normed_linear): rstd from the producer's group sums of squares, each
+        (BM, BK) chunk of h normalised and rounded to the activation dtype on the fly, then the dot."""
+        pid_n = tl.program_id(0)
+        rm = tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        mm = rm < M
+        mn = rn < N
+        tot = tl.zeros([BM], dtype=tl.float32)
+        for g0 in range(0, G, BG):  # fixed order: chunks of BG groups, each a fixed reduction tree
+            rg = g0 + tl.arange(0, BG)
+            tot += tl.sum(tl.load(ssq + rm[:, None] * G + rg[None, :], mask=mm[:, None] & (rg < G)[None, :],
+                                  other=0.0), 1)
+        rstd = tl.rsqrt(tot / K + eps)
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            rk = k0 + tl.arange(0, BK)
+            mk = rk < K
+            ht = tl.load(h + rm[:, None] * sh + rk[None, :], mask=mm[:, None] & mk[None, :], other=0.0)
+            wn = tl.load(nw + rk, mask=mk, other=0.0).to(tl.float32)
+            if OFFSET:
+                wn = wn + 1.0
+            xt = (ht.to(tl.float32) * rstd[:, None] * wn[None, :]).to(ht.dtype)  # F.rms_norm in fp32, rounded
+            wt = tl.load(w + rn[None, :] * K + rk[:, None], mask=mk[:, None] & mn[None, :], other=0.0)
+            if F32:
+                acc += tl.dot(xt.to(tl.float32), wt.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(xt, wt)
+        if HAS_BIAS:
+            acc += tl.load(b + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
         tl.store(y + rm[:, None] * sy + rn[None, :], acc.to(y.dtype.element_ty), mask=mm[:, None] & mn[None, :])
 
     _CONFIGS = [triton.Config({"BN": bn, "BK": bk}, num_warps=4, num_stages=s)
@@ -67,6 +163,9 @@ if HAS_TRITON:
     _SPLIT_CONFIGS = [triton.Config({"BN": bn, "BK": bk}, num_warps=4, num_stages=s)
                       for bn, bk, s in ((16, 128, 4), (16, 256, 3), (32, 128, 4), (16, 64, 6))]
     _gemv_split_tuned = triton.autotune(configs=_SPLIT_CONFIGS, key=["N", "K", "BM", "K_SPLIT"])(_gemv_kernel)
+    _res_tuned = triton.autotune(configs=_CONFIGS, key=["N", "K", "BM"])(_gemv_res_kernel)
+    _res_split_tuned = triton.autotune(configs=_SPLIT_CONFIGS, key=["N", "K", "BM", "K_SPLIT"])(_gemv_res_kernel)
+    _norm_tuned = triton.autotune(configs=_CONFIGS, key=["N", "K", "BM"])(_gemv_norm_kernel)
 
 
 def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -154,3 +253,156 @@ def linear_for_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         if s > 1 and weight.is_contiguous() and x.dtype == weight.dtype:
             return small_linear_partials(x, weight, s)
     return small_linear(x, weight, bias)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Residual add + RMSNorm folded into the GEMVs around it (GDNSPEC_NORM_GEMV; ops/fused/normed.py wires them up)
+
+GROUP = 16  # columns per sum-of-squares slot: linear_residual's sumsq is (M, ceil(N / GROUP)), whatever BN runs
+
+
+def _act_dtypes_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The dtypes the GEMV kernels run: x and weight alike, bf16 / fp16 (float32 too, but on CUDA only through
+    explicit calls: the dispatchers leave CUDA float32 to cuBLAS, like small_linear)."""
+    return x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+
+
+def linear_residual_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                              residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain torch `linear_residual`: h = round(round(x @ W^T + b) + residual) in x's dtype, computed in float32
+    (float64 for float64), and the sums of squares of h over 16-column groups (M, ceil(N / 16)) in that dtype."""
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = F.linear(x.to(cdt), weight.to(cdt), None if bias is None else bias.to(cdt)).to(x.dtype)
+    h = (y.to(cdt) + residual.to(cdt)).to(x.dtype)
+    N = h.shape[-1]
+    G = triton.cdiv(N, GROUP) if HAS_TRITON else -(-N // GROUP)
+    hf = F.pad(h.reshape(-1, N).to(cdt), (0, G * GROUP - N))
+    return h, hf.square().reshape(-1, G, GROUP).sum(-1)
+
+
+def normed_linear_reference(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, offset: bool,
+                            weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain torch `normed_linear`: x = rmsnorm(h) * (1 + w or w) (F.rms_norm in float32, rounded to h's dtype, as
+    RMSNorm does), then F.linear(x, weight, bias) in float32, rounded to h's dtype."""
+    from gdnspec.ops.fused.elementwise import add_rms_norm_reference
+
+    x = add_rms_norm_reference(h, residual=None, weight=norm_weight, eps=eps, offset=offset)[0]
+    cdt = torch.float64 if h.dtype == torch.float64 else torch.float32
+    return F.linear(x.to(cdt), weight.to(cdt), None if bias is None else bias.to(cdt)).to(h.dtype)
+
+
+def _check_matrix(weight: torch.Tensor, K: int, bias: torch.Tensor | None, what: str) -> int:
+    if weight.dim() != 2 or weight.shape[1] != K or not weight.is_contiguous():
+        raise ValueError(f"{what}: weight must be a contiguous (N, K) matrix with K = {K}, got {tuple(weight.shape)}")
+    N = weight.shape[0]
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"{what}: bias must have shape (N,) = ({N},), got {tuple(bias.shape)}")
+    return N
+
+
+def linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor, *,
+                    splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """An output projection with the residual add fused into its epilogue, ONE launch:
+
+        h = round(round(x @ W^T + b) + residual)       x (..., K), weight (N, K), bias (N,) or None,
+                                                        residual (..., N); h (..., N) in x's dtype
+        sumsq[m, j] = sum of h[m, 16 j : 16 j + 16]^2   (M, ceil(N / 16)) float32, of the ROUNDED h
+
+    Same rounding points as small_linear / small_linear_partials followed by add_rms_norm (the sum over K in
+    float32, rounded to the activation dtype, the residual added in float32, rounded); sumsq lets the consumer
+    (`normed_linear`) normalise h without a pass of its own. `splits` K ranges (None: `split_count`; forced by
+    GDNSPEC_GEMV_SPLITS) run as separate programs whose float32 partial sums the last one to arrive adds in the fixed
+    order 0 .. S-1 (deterministic, no float atomics; int32 arrival counters from ops/fused/_sync.py that every launch
+    leaves zeroed, so the launch is CUDA-graph safe). M = x.numel() / K rows, 1 .. MAX_ROWS (1 .. 32 with splits);
+    other shapes raise ValueError. Where Triton cannot run (CPU without TRITON_INTERPRET, float64):
+    `linear_residual_reference`."""
+    K = x.shape[-1]
+    M = x.numel() // K if K else 0
+    N = _check_matrix(weight, K, bias, "linear_residual")
+    if tuple(residual.shape) != (*x.shape[:-1], N) or residual.dtype != x.dtype:
+        raise ValueError(f"linear_residual: residual must have shape {(*x.shape[:-1], N)} and dtype {x.dtype}, got "
+                         f"{tuple(residual.shape)} {residual.dtype}")
+    if not available(x) or x.dtype == torch.float64:
+        return linear_residual_reference(x, weight, bias, residual)
+    if not _act_dtypes_ok(x, weight):
+        raise ValueError(f"linear_residual: x and weight must share a bf16 / fp16 / fp32 dtype, got {x.dtype} and "
+                         f"{weight.dtype}")
+    if not 1 <= M <= MAX_ROWS:
+        raise ValueError(f"linear_residual takes 1 to {MAX_ROWS} rows, got {M} rows of x {tuple(x.shape)}")
+    S = split_count(x, weight) if splits is None else splits
+    if S < 1:
+        raise ValueError(f"splits must be >= 1, got {S}")
+    k_split = triton.cdiv(triton.cdiv(K, S), 256) * 256 if S > 1 else K
+    S = triton.cdiv(K, k_split) if K else 1
+    if S > 1 and M > 32:
+        raise ValueError(f"linear_residual splits K for 1 to 32 rows (one tile), got {M} rows of x {tuple(x.shape)}")
+    x2 = x.reshape(M, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    r2 = residual.reshape(M, N)
+    if r2.stride(-1) != 1:
+        r2 = r2.contiguous()
+    G = triton.cdiv(N, GROUP)
+    h = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    ssq = torch.empty(M, G, dtype=torch.float32, device=x.device)
+    if S > 1:  # scratch: torch.empty (no memset; inside a CUDA graph capture it comes from the graph's pool)
+        part = torch.empty(S, M, N, dtype=torch.float32, device=x.device)
+        counter = arrival_counters(G, x.device)  # one per column block; BN >= GROUP
+    else:
+        part, counter = h, h
+    BM = 16 if M <= 16 else (32 if M <= 32 else 64)
+    args = (x2, x2.stride(0), weight, bias if bias is not None else weight, r2, r2.stride(0), h, h.stride(0), ssq,
+            part, counter, M, N, K, k_split, G)
+    kw = dict(HAS_BIAS=bias is not None, SPLIT=S > 1, F32=x.dtype == torch.float32 or not x.is_cuda, BM=BM)
+    if x.is_cuda:
+        tuned = _res_split_tuned if S > 1 else _res_tuned
+        tuned[lambda meta: (triton.cdiv(N, meta["BN"]), S)](*args, **kw)
+    else:  # interpreter: the configuration small_linear / small_linear_partials use there (bit-identical sums)
+        _gemv_res_kernel[(triton.cdiv(N, 16), S)](*args, **kw, BN=16, BK=64)
+    return h.view(*x.shape[:-1], N), ssq
+
+
+def normed_linear(h: torch.Tensor, sumsq: torch.Tensor, norm_weight: torch.Tensor, eps: float, offset: bool,
+                  weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """RMSNorm folded into the GEMV that reads it, ONE launch:
+
+        y = (rmsnorm(h) * (1 + norm_weight or norm_weight)) @ W^T + b
+        h (..., D) the residual stream, sumsq (M, ceil(D / 16)) float32 from `linear_residual`, norm_weight (D,),
+        weight (N, D), bias (N,) or None -> y (..., N) in h's dtype
+
+    Each program computes rstd = rsqrt(sum(sumsq[m]) / D + eps) (fixed order) and normalises every (rows, BK) chunk
+    of h on the fly, rounding the normalised value to the activation dtype where RMSNorm does (F.rms_norm in float32,
+    then .to(dtype)) before the product: `add_rms_norm` + `small_linear` without the normalised tensor in memory.
+    M rows 1 .. MAX_ROWS, other shapes raise ValueError. Reference (and where Triton cannot run):
+    `normed_linear_reference`."""
+    D = h.shape[-1]
+    M = h.numel() // D if D else 0
+    N = _check_matrix(weight, D, bias, "normed_linear")
+    G = triton.cdiv(D, GROUP) if HAS_TRITON else -(-D // GROUP)
+    if tuple(norm_weight.shape) != (D,):
+        raise ValueError(f"normed_linear: norm_weight must have shape (D,) = ({D},), got {tuple(norm_weight.shape)}")
+    if tuple(sumsq.shape) != (M, G) or sumsq.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"normed_linear: sumsq must be float32 (M, ceil(D / 16)) = {(M, G)}, got {sumsq.dtype} "
+                         f"{tuple(sumsq.shape)}")
+    if not available(h) or h.dtype == torch.float64:
+        return normed_linear_reference(h, norm_weight, eps, offset, weight, bias)
+    if not _act_dtypes_ok(h, weight) or sumsq.dtype != torch.float32:
+        raise ValueError(f"normed_linear: h and weight must share a bf16 / fp16 / fp32 dtype and sumsq be float32, "
+                         f"got {h.dtype}, {weight.dtype}, {sumsq.dtype}")
+    if not 1 <= M <= MAX_ROWS:
+        raise ValueError(f"normed_linear takes 1 to {MAX_ROWS} rows, got {M} rows of h {tuple(h.shape)}")
+    h2 = h.reshape(M, D)
+    if h2.stride(-1) != 1:
+        h2 = h2.contiguous()
+    ssq = sumsq if sumsq.is_contiguous() else sumsq.contiguous()
+    y = torch.empty(M, N, dtype=h.dtype, device=h.device)
+    BM = 16 if M <= 16 else (32 if M <= 32 else 64)
+    args = (h2, h2.stride(0), ssq, norm_weight, weight, bias if bias is not None else weight, y, y.stride(0), M, N, D,
+            G, float(eps))
+    kw = dict(OFFSET=bool(offset), HAS_BIAS=bias is not None, F32=h.dtype == torch.float32 or not h.is_cuda, BM=BM,
+              BG=min(64, triton.next_power_of_2(G)))
+    if h.is_cuda:
+        _norm_tuned[lambda meta: (triton.cdiv(N, meta["BN"]),)](*args, **kw)
+    else:
+        _gemv_norm_kernel[(triton.cdiv(N, 16),)](*args, **kw, BN=16, BK=64)
+    return y.view(*h.shape[:-1], N)

@@ -1,0 +1,231 @@
+"""The residual add + RMSNorm folded into the GEMVs around it (gemv.linear_residual, gemv.normed_linear and their
+dispatch in ops/fused/normed.py) against plain torch references and against today's unfolded kernels, on the CPU
+through the Triton interpreter: awkward widths (D = 200, 384; N not a multiple of the 16-column block), M = 1, 3,
+17, 32 (64 unsplit), one and several K splits (also forced through GDNSPEC_GEMV_SPLITS), offset / plain norm weight,
+bias on / off, bf16 and float32. Mutants of the split-K summation (a split dropped, the fixed order reversed) must
+fail the same checks. Whole fused model steps are compared with the module path in test_fused_steps.py.
+
+Run: python -m pytest -q tests/test_norm_gemv.py   (skipped when triton is not installed)
+"""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+import textwrap
+
+import pytest
+
+os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from conftest import interpreter_modules, randomize_, rel_err, tiny_config  # noqa: E402
+
+ew, gm = interpreter_modules(["gdnspec.ops.fused.elementwise", "gdnspec.ops.fused.gemv"])
+from gdnspec.ops.fused import normed  # noqa: E402  (calls the kernels through their modules: reload-safe)
+
+pytestmark = pytest.mark.usefixtures("interpret_env")
+rel = rel_err
+
+
+def _inputs(M, K, N, dtype, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, 1, K, generator=g).to(dtype)
+    w = (torch.randn(N, K, generator=g) / K**0.5).to(dtype)
+    b = (torch.randn(N, generator=g) * 0.5).to(dtype) if bias else None
+    r = torch.randn(M, 1, N, generator=g).to(dtype)
+    return x, w, b, r
+
+
+def _unfolded(x, w, b, r, S):
+    """Today's path: the projection (split-K partial sums when S > 1) then add_rms_norm's residual add -> h."""
+    y = gm.small_linear_partials(x, w, S) if S > 1 else gm.small_linear(x, w, b)
+    return ew.add_rms_norm(y, residual=r, weight=torch.zeros(r.shape[-1], dtype=r.dtype), eps=1e-6, offset=True)[1]
+
+
+def _residual_checks(x, w, b, r, S) -> list[str]:
+    """The failed checks of linear_residual on these inputs (empty: all pass)."""
+    fails = []
+    h, ssq = gm.linear_residual(x, w, b, r, splits=S)
+    h_ref, _ = gm.linear_residual_reference(x, w, b, r)
+    M, N = h.numel() // h.shape[-1], h.shape[-1]
+    if h.shape != r.shape or h.dtype != r.dtype or ssq.shape != (M, -(-N // 16)) or ssq.dtype != torch.float32:
+        return [f"shapes {tuple(h.shape)} {h.dtype} {tuple(ssq.shape)} {ssq.dtype}"]
+    # bf16: the interpreter truncates float32 -> bf16 casts (the GPU rounds to nearest), so h is compared to rounding
+    if rel(h, h_ref) > (2e-6 if x.dtype == torch.float32 else 1e-2):
+        fails.append(f"h vs reference {rel(h, h_ref):.2e}")
+    # same sums in the same fixed order as the unfolded kernels (which never split a biased projection)
+    if (b is None or S == 1) and not torch.equal(h, _unfolded(x, w, b, r, S)):
+        fails.append("h differs from the unfolded kernels (small_linear[_partials] + add_rms_norm)")
+    # the slots hold the sums of squares of the ROUNDED h the kernel wrote, in 16-column groups
+    hf = F.pad(h.reshape(M, N).double(), (0, ssq.shape[1] * 16 - N))
+    if rel(ssq, hf.square().reshape(M, -1, 16).sum(-1)) > 1e-6:
+        fails.append("sumsq")
+    rstd = torch.rsqrt(ssq.double().sum(1) / N + 1e-6)  # the norm a consumer derives, vs the reference's rstd
+    rstd_ref = torch.rsqrt(h_ref.reshape(M, N).double().square().mean(1) + 1e-6)
+    if rel(rstd, rstd_ref) > (1e-6 if x.dtype == torch.float32 else 1e-2):
+        fails.append(f"rstd {rel(rstd, rstd_ref):.2e}")
+    if gm.arrival_counters(256, x.device)[: ssq.shape[1]].any():
+        fails.append("arrival counters left non-zero")
+    return fails
+
+
+RES_CASES = [  # (M, K, N, S, bias, dtype)
+    (1, 600, 200, 1, False, torch.float32),
+    (3, 600, 200, 3, False, torch.float32),
+    (17, 1100, 384, 5, False, torch.float32),
+    (32, 520, 200, 2, True, torch.float32),
+    (3, 600, 384, 3, True, torch.bfloat16),
+    (1, 300, 200, 2, False, torch.bfloat16),
+    (17, 200, 200, 1, True, torch.bfloat16),
+    (64, 384, 200, 1, False, torch.float32),  # more rows than a split tile: one program per column block
+]
+
+
+@pytest.mark.parametrize("M,K,N,S,bias,dtype", RES_CASES)
+def test_linear_residual_matches_reference_and_unfolded_kernels(M, K, N, S, bias, dtype):
+    x, w, b, r = _inputs(M, K, N, dtype, bias, seed=M + K + S)
+    assert gm.triton.cdiv(K, gm.triton.cdiv(gm.triton.cdiv(K, S), 256) * 256) == S  # the splits really run
+    assert _residual_checks(x, w, b, r, S) == []
+
+
+@pytest.mark.parametrize("forced", ["1", "3"])
+def test_linear_residual_takes_the_forced_split_count(forced, monkeypatch):
+    monkeypatch.setenv("GDNSPEC_GEMV_SPLITS", forced)
+    x, w, b, r = _inputs(3, 600, 200, torch.float32, False, seed=4)
+    assert gm.split_count(x, w) == int(forced)
+    h, ssq = gm.linear_residual(x, w, None, r)  # splits=None: split_count's choice
+    assert torch.equal(h, _unfolded(x, w, None, r, int(forced)))
+
+
+def _mutant(tmp_path, name: str, subs: list[tuple[str, str]]):
+    """_gemv_res_kernel with its source edited (each substitution must apply), as an interpreted kernel."""
+    src = textwrap.dedent(inspect.getsource(gm._gemv_res_kernel.fn))
+    for a, b in subs:
+        assert a in src, a
+        src = src.replace(a, b)
+    path = tmp_path / f"mutant_{name}.py"
+    path.write_text("import triton\nimport triton.language as tl\n"
+                    "from gdnspec.ops.fused.gemv import _dot_tile, _residual_epilogue\n\n" + src)
+    spec = importlib.util.spec_from_file_location(f"mutant_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod._gemv_res_kernel
+
+
+@pytest.mark.parametrize("mutation", ["drop_last_split", "reverse_split_order"])
+def test_split_summation_mutants_fail_the_checks(mutation, tmp_path, monkeypatch):
+    """The checks above must catch a wrong split-K reduction: the last split dropped, or the partials added in the
+    reverse order (same exact-arithmetic sum, other float rounding: only the bit-exact comparison with the fixed
+    order 0 .. S-1 of the unfolded kernels sees it)."""
+    subs = {"drop_last_split": [("for p in range(1, S):", "for p in range(1, S - 1):")],
+            "reverse_split_order": [("tot = tl.load(part + tile,", "tot = tl.load(part + (S - 1) * M * N + tile,"),
+                                    ("tl.load(part + p * M * N + tile,", "tl.load(part + (S - 1 - p) * M * N + tile,")]}
+    x, w, b, r = _inputs(5, 1100, 200, torch.float32, False, seed=11)
+    assert _residual_checks(x, w, b, r, 5) == []
+    monkeypatch.setattr(gm, "_gemv_res_kernel", _mutant(tmp_path, mutation, subs[mutation]))
+    fails = _residual_checks(x, w, b, r, 5)
+    assert any("unfolded" in f for f in fails), fails
+    if mutation == "drop_last_split":
+        assert any("reference" in f for f in fails), fails
+
+
+NORM_CASES = [  # (M, D, N, offset, bias, dtype)
+    (1, 200, 77, True, False, torch.float32),
+    (3, 384, 200, False, True, torch.float32),
+    (17, 200, 45, True, True, torch.bfloat16),
+    (32, 384, 64, False, False, torch.bfloat16),
+    (64, 200, 33, True, False, torch.float32),
+]
+
+
+@pytest.mark.parametrize("M,D,N,offset,bias,dtype", NORM_CASES)
+def test_normed_linear_matches_reference_and_unfolded_kernels(M, D, N, offset, bias, dtype):
+    g = torch.Generator().manual_seed(M + D)
+    h = (torch.randn(M, 1, D, generator=g) * 3).to(dtype)
+    nw = (torch.randn(D, generator=g) * 0.3 + (0.0 if offset else 1.0)).to(dtype)
+    w = (torch.randn(N, D, generator=g) / D**0.5).to(dtype)
+    b = (torch.randn(N, generator=g) * 0.5).to(dtype) if bias else None
+    hf = F.pad(h.reshape(M, D).float(), (0, -(-D // 16) * 16 - D))
+    ssq = hf.square().reshape(M, -1, 16).sum(-1)
+    y = gm.normed_linear(h, ssq, nw, 1e-6, offset, w, b)
+    assert y.shape == (M, 1, N) and y.dtype == dtype
+    y_ref = gm.normed_linear_reference(h, nw, 1e-6, offset, w, b)
+    assert rel(y, y_ref) < (2e-6 if dtype == torch.float32 else 2e-2)
+    x_old = ew.add_rms_norm(h, residual=None, weight=nw, eps=1e-6, offset=offset)[0]
+    assert rel(y, gm.small_linear(x_old, w, b)) < (2e-6 if dtype == torch.float32 else 2e-2)
+    y64 = gm.normed_linear_reference(h.double(), nw.double(), 1e-6, offset, w.double(),
+                                     None if b is None else b.double())
+    assert rel(y, y64) < (2e-6 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("S,dtype", [(1, torch.bfloat16), (3, torch.float32)])
+def test_folded_chain_matches_the_unfolded_chain(S, dtype, monkeypatch):
+    """output GEMV -> add_norm -> input GEMV through ops/fused/normed.py, folded and with GDNSPEC_NORM_GEMV=0."""
+    monkeypatch.setenv("GDNSPEC_GEMV_SPLITS", str(S))
+    x, w, _, r = _inputs(3, 600, 200, dtype, False, seed=5)
+    nw = (torch.randn(200) * 0.2).to(dtype)
+    w_in = (torch.randn(150, 200) / 14).to(dtype)
+    outs = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("GDNSPEC_NORM_GEMV", flag)
+        xn, h = normed.add_norm(normed.output_projection(x, w), r, weight=nw, eps=1e-6, offset=True)
+        assert isinstance(xn, normed.NormedInput) == (flag == "1")
+        outs.append((normed.linear_in(xn, w_in), h, normed.materialize(xn)))
+    (y, h, xm), (y0, h0, x0) = outs
+    assert torch.equal(h, h0) and torch.equal(xm, x0)
+    assert rel(y, y0) < (2e-6 if dtype == torch.float32 else 1e-2)
+
+
+def test_dispatch_falls_back_where_the_folded_kernels_do_not_run():
+    """Plain add_rms_norm / small_linear (tensors, no NormedInput) for: no residual, a computed tensor, more rows
+    than gemv.MAX_ROWS, float64; a NormedInput the normed kernel cannot take is materialised first."""
+    nw = torch.randn(40) * 0.2
+    w = torch.randn(40, 300) / 17
+    for M, dtype in ((gm.MAX_ROWS + 1, torch.float32), (3, torch.float64)):
+        x, r = torch.randn(M, 300, dtype=dtype), torch.randn(M, 40, dtype=dtype)
+        y = normed.output_projection(x, w.to(dtype))
+        assert isinstance(y, torch.Tensor)
+        xn, h = normed.add_norm(y, r, weight=nw.to(dtype), eps=1e-6, offset=True)
+        assert isinstance(xn, torch.Tensor)
+    x, r = torch.randn(3, 300), torch.randn(3, 40)
+    y = normed.output_projection(x, w)
+    assert isinstance(y, normed.ResidualProjection)
+    xn, h = normed.add_norm(y, None, weight=nw, eps=1e-6, offset=True)  # no residual: y is the stream
+    assert isinstance(xn, torch.Tensor) and rel(h, F.linear(x, w)) < 2e-6
+    xn, h = normed.add_norm(y, r, weight=nw, eps=1e-6, offset=True)
+    assert isinstance(xn, normed.NormedInput)
+    w_in = torch.randn(40, 30).t()  # a weight the kernel does not take (not contiguous): materialised, then F.linear
+    assert rel(normed.linear_in(xn, w_in), F.linear(normed.materialize(xn), w_in)) < 2e-6
+
+
+def _bad_calls():
+    x, w, r = torch.zeros(3, 300), torch.zeros(40, 300), torch.zeros(3, 40)
+    h, ssq, nw = torch.zeros(3, 40), torch.zeros(3, 3), torch.zeros(40)
+    return [
+        ("residual rows", lambda: gm.linear_residual(torch.zeros(65, 300), w, None, torch.zeros(65, 40)), "65 rows"),
+        ("split rows", lambda: gm.linear_residual(torch.zeros(33, 600), torch.zeros(40, 600), None,
+                                                  torch.zeros(33, 40), splits=2), "33 rows"),
+        ("residual shape", lambda: gm.linear_residual(x, w, None, torch.zeros(3, 41)), r"residual.*\(3, 41\)"),
+        ("residual weight", lambda: gm.linear_residual(x, torch.zeros(40, 299), None, r), r"weight.*\(40, 299\)"),
+        ("residual bias", lambda: gm.linear_residual(x, w, torch.zeros(39), r), r"bias.*\(39,\)"),
+        ("normed rows", lambda: gm.normed_linear(torch.zeros(65, 40), torch.zeros(65, 3), nw, 1e-6, True,
+                                                 torch.zeros(8, 40)), "65 rows"),
+        ("normed sumsq", lambda: gm.normed_linear(h, torch.zeros(3, 2), nw, 1e-6, True, torch.zeros(8, 40)),
+         r"sumsq.*\(3, 2\)"),
+        ("normed norm_weight", lambda: gm.normed_linear(h, ssq, torch.zeros(39), 1e-6, True, torch.zeros(8, 40)),
+         r"norm_weight.*\(39,\)"),
+        ("normed weight", lambda: gm.normed_linear(h, ssq, nw, 1e-6, True, torch.zeros(8, 41)), r"\(8, 41\)"),
+        ("normed bias", lambda: gm.normed_linear(h, ssq, nw, 1e-6, True, torch.zeros(8, 40), torch.zeros(9)),
+         r"bias.*\(9,\)"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_calls())), ids=[c[0] for c in _bad_calls()])
+def test_folded_kernels_refuse_shapes_they_cannot_run(case):
+    name, call, pattern = _bad_calls()[case]
+    with pytest.raises(ValueError, match=pattern):
+        call()
