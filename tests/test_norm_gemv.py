@@ -229,3 +229,24 @@ def test_folded_kernels_refuse_shapes_they_cannot_run(case):
     name, call, pattern = _bad_calls()[case]
     with pytest.raises(ValueError, match=pattern):
         call()
+
+
+@pytest.mark.parametrize("norm_gemv,launches", [("1", 1), ("0", 9)])
+@torch.inference_mode()
+def test_fused_decode_runs_add_rms_norm_for_the_first_layer_only(norm_gemv, launches, monkeypatch):
+    """4 layers (GDN and attention, each with an MLP): folded, the only add_rms_norm left is the first layer's input
+    norm (its input is the embedding); GDNSPEC_NORM_GEMV=0 gives back today's 2 per layer + the final norm."""
+    from gdnspec.models.lm import GDNForCausalLM
+
+    monkeypatch.setenv("GDNSPEC_NORM_GEMV", norm_gemv)
+    model = randomize_(GDNForCausalLM(tiny_config(num_hidden_layers=4, full_attention_interval=2))).eval()
+    model.gdn_backend = "triton"
+    state = model.new_state(2)
+    calls = []
+    real = ew.add_rms_norm
+    monkeypatch.setattr(ew, "add_rms_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = model(torch.tensor([[3], [7]]), state, mode="fused_decode")
+    assert len(calls) == launches
+    model.fused_steps = False
+    ref = model(torch.tensor([[3], [7]]), model.new_state(2), mode="fused_decode")
+    assert rel(out.logits, ref.logits) < 1e-5 and rel(out.hidden_states, ref.hidden_states) < 1e-5

@@ -208,17 +208,19 @@ class GatedAttention(nn.Module):
 
         return fused_linear(self, ["q_proj", "k_proj", "v_proj"])
 
-    def forward_fused(self, x: torch.Tensor, cache: KVCache, layout: TokenLayout | None, *, write_lengths: bool,
-                      reserve: bool = True) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """T tokens per row, x (B, T, hidden) already normed, in 4 kernels + o_proj: fused qkv GEMM, `attention_prep`
+    def forward_fused(self, x, cache: KVCache, layout: TokenLayout | None, *, write_lengths: bool,
+                      reserve: bool = True):
+        """T tokens per row, x (B, T, hidden) already normed (a tensor, or a NormedInput: ops/fused/normed.py, the norm
+        folded into the qkv GEMV), in 4 kernels + o_proj: fused qkv GEMM, `attention_prep`
         (q/k norm + RoPE + K/V written at slots lengths + t), `tree_attention` (split-K with the ancestor mask of
         `layout`, None = causal chain, and the sigmoid gate). write_lengths=True (a causal step) then advances the
         lengths by T; otherwise (tree verify) the slots past the valid prefix are scratch and `commit` writes the
         accepted path. reserve=False: no host sync; the cache must have room for T more slots (CUDA graphs).
         Returns (out, (k_new, v_new) (B, Hkv, T, D) copies of the written slots, or Nones for a causal step); out is
-        (B, T, hidden), or float32 split-K partial sums (S, B, T, hidden) that `add_rms_norm` adds up."""
+        o_proj for `add_norm`: a ResidualProjection (run there with the residual add), or computed as (B, T, hidden)
+        or float32 split-K partial sums (S, B, T, hidden) (gemv.linear_for_residual)."""
         from gdnspec.ops.fused.attention import attention_prep, tree_attention
-        from gdnspec.ops.fused.gemv import linear_for_residual, small_linear
+        from gdnspec.ops.fused.normed import linear_in, output_projection
 
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
@@ -226,7 +228,7 @@ class GatedAttention(nn.Module):
             cache.reserve(int(cache.lengths.max()) + T if cache.lengths.numel() else T)
         cap = cache.capacity
         w, b = self.fused_qkv()
-        qkv = small_linear(x, w, b)  # (B, T, P)
+        qkv = linear_in(x, w, b)  # (B, T, P)
         entry = self.rotary._table(qkv[..., :D], cache.lengths, cap + T)
         if entry is None:
             raise RuntimeError("the RoPE table must be built before CUDA graph capture (run one eager step first)")
@@ -240,7 +242,7 @@ class GatedAttention(nn.Module):
         kv = (None, None) if write_lengths else NodesInCache(T)
         attn = tree_attention(q, cache.k, cache.v, cache.lengths, mask, gate=qkv, scale=D**-0.5,
                               advance_lengths=write_lengths)
-        return linear_for_residual(attn, self.o_proj.weight, self.o_proj.bias), kv
+        return output_projection(attn, self.o_proj.weight, self.o_proj.bias), kv
 
     def _sdpa_causal(self, q, keys, values, prefix: int):
         """Causal attention of T queries after `prefix` cached positions (every row the same prefix): SDPA's causal

@@ -247,39 +247,39 @@ class Qwen3GatedDeltaNet(nn.Module):
             ["in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"]
         return fused_linear(self, names)[0]
 
-    def decode_fused(self, x: torch.Tensor, state: GDNLayerState) -> torch.Tensor:
-        """One token per row, x (B, 1, hidden) already normed; `state` advanced IN PLACE. Three kernels: the fused
-        in-projection GEMV, `gdn_decode_fused` (conv + gates + L2 norm + recurrence + gated RMSNorm), out_proj.
-        Returns (B, 1, hidden), or the out_proj's float32 split-K partial sums (S, B, 1, hidden) that the next
-        `add_rms_norm` adds up (gemv.linear_for_residual). Same numbers as forward_state(mode="fused_decode") up to
-        float rounding."""
+    def decode_fused(self, x, state: GDNLayerState):
+        """One token per row, x (B, 1, hidden) already normed: a tensor, or a NormedInput (ops/fused/normed.py: the
+        norm folded into the in-projection GEMV); `state` advanced IN PLACE. Three kernels: the fused in-projection
+        GEMV, `gdn_decode_fused` (conv + gates + L2 norm + recurrence + gated RMSNorm), out_proj. Returns out_proj for
+        `add_norm`: a ResidualProjection (run there with the residual add), or computed as (B, 1, hidden) or float32
+        split-K partial sums (S, B, 1, hidden) (gemv.linear_for_residual). Same numbers as
+        forward_state(mode="fused_decode") up to float rounding."""
         from gdnspec.ops.fused.gdn_decode import gdn_decode_fused
-        from gdnspec.ops.fused.gemv import linear_for_residual, small_linear
+        from gdnspec.ops.fused.normed import linear_in, output_projection
 
-        proj = small_linear(x[:, 0], self.fused_in_proj())  # (B, P)
+        proj = linear_in(x, self.fused_in_proj())[:, 0]  # (B, P)
         y = gdn_decode_fused(proj, layout=self.proj_layout(), conv_weight=self.conv_weight, conv_state=state.conv,
                              recurrent_state=state.recurrent, A_log=self.A_log, dt_bias=self.dt_bias,
                              norm_weight=self.norm.weight, norm_eps=self.norm.eps)  # (B, HV*V)
-        return linear_for_residual(y[:, None], self.out_proj.weight, self.out_proj.bias)
+        return output_projection(y[:, None], self.out_proj.weight, self.out_proj.bias)
 
-    def forward_tree_fused(self, x: torch.Tensor, state: GDNLayerState, layout: TokenLayout, *,
-                           window_index: torch.Tensor):
-        """forward_tree in five kernels: fused in-projection GEMM, `gdn_tree_prep` (tree conv + gates, no copies),
-        the tree-WY kernel, `gated_rms_norm_rows`, out_proj (possibly split-K partial sums for the next
-        add_rms_norm). window_index (B, N, W) from `tree_conv_window_index`, shared by all layers of one verify.
-        Needs the Triton backend, a float32 state and N <= 64 (forward_tree otherwise)."""
+    def forward_tree_fused(self, x, state: GDNLayerState, layout: TokenLayout, *, window_index: torch.Tensor):
+        """forward_tree in five kernels: fused in-projection GEMM (x a tensor or a NormedInput, as decode_fused),
+        `gdn_tree_prep` (tree conv + gates, no copies), the tree-WY kernel, `gated_rms_norm_rows`, out_proj (for
+        `add_norm`, as decode_fused). window_index (B, N, W) from `tree_conv_window_index`, shared by all layers of
+        one verify. Needs the Triton backend, a float32 state and N <= 64 (forward_tree otherwise)."""
         from gdnspec.ops.fused.gdn_tree import gated_rms_norm_rows, gdn_tree_prep
-        from gdnspec.ops.fused.gemv import linear_for_residual, small_linear
+        from gdnspec.ops.fused.normed import linear_in, output_projection
         from gdnspec.ops.gated_delta_rule.triton_tree import triton_tree_gated_delta_rule
 
         L = self.proj_layout()
-        proj = small_linear(x, self.fused_in_proj())  # (B, N, P)
+        proj = linear_in(x, self.fused_in_proj())  # (B, N, P)
         q, k, v, g, beta, mixed = gdn_tree_prep(proj, layout=L, conv_weight=self.conv_weight, conv_state=state.conv,
                                                 window_index=window_index, A_log=self.A_log, dt_bias=self.dt_bias)
         o, gdr = triton_tree_gated_delta_rule(q, k, v, g=g, beta=beta, ancestor_mask=layout.ancestor_mask,
                                               initial_state=state.recurrent, use_qk_l2norm=True)
         y = gated_rms_norm_rows(o, proj, layout=L, weight=self.norm.weight, eps=self.norm.eps)
-        out = linear_for_residual(y, self.out_proj.weight, self.out_proj.bias)
+        out = output_projection(y, self.out_proj.weight, self.out_proj.bias)
         return out, GDNTreeCache(gdr=gdr, conv_input=mixed, conv_window_index=window_index)
 
     # ------------------------------------------------------------------ causal forwards

@@ -17,14 +17,16 @@ class SwiGLUMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
-    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        """Same result in three kernels: one GEMM over [gate | up] (layers/fusion.py), `silu_mul`, down_proj; the
-        result may be down_proj's float32 split-K partial sums (S, ..., hidden) for `add_rms_norm` to add up."""
+    def forward_fused(self, x):
+        """Same result in three kernels: one GEMM over [gate | up] (layers/fusion.py), `silu_mul`, down_proj. x is a
+        tensor or a NormedInput (ops/fused/normed.py: the preceding RMSNorm folded into the gate_up GEMV). The result
+        goes to `add_norm`: down_proj as a ResidualProjection (run there with the residual add), or computed (a
+        tensor, or float32 split-K partial sums (S, ..., hidden) that add_rms_norm adds up)."""
         from gdnspec.ops.fused.elementwise import silu_mul
-        from gdnspec.ops.fused.gemv import linear_for_residual, small_linear
+        from gdnspec.ops.fused.normed import linear_in, output_projection
 
-        return linear_for_residual(silu_mul(small_linear(x, self.fused_gate_up())), self.down_proj.weight,
-                                   self.down_proj.bias)
+        return output_projection(silu_mul(linear_in(x, self.fused_gate_up())), self.down_proj.weight,
+                                 self.down_proj.bias)
 
     def fused_gate_up(self) -> torch.Tensor:
         """gate_proj | up_proj as one (2 * intermediate, hidden) weight (row blocks; layers/fusion.py)."""

@@ -98,8 +98,8 @@ class EagleHead(nn.Module):
 
         hidden, token_embeds (B, 1, H). With the target's fused steps (CUDA / Triton backend, float32 GDN state, no
         autograd) this is the target's fused decode layer (issue 9) around fc: norm_e and norm_h (one add_rms_norm
-        each), the fc GEMV, the fused GDN layer and MLP, the target's final norm with the residual add, the lm_head
-        GEMV: about 14 kernels. On the CPU (the target's CPU fast path applies, head and state in its float32/64
+        each), the fc GEMV, the fused GDN layer and MLP (norms folded into the GEMVs, ops/fused/normed.py), the
+        residual add in the down GEMV, the target's final norm folded into the lm_head GEMV: about 12 kernels. On the CPU (the target's CPU fast path applies, head and state in its float32/64
         dtype) the lean torch step of models/cpu_fast.eagle_decode_step. Otherwise `forward` + `draft_logits` (the
         reference; the same numbers up to rounding, tested in tests/test_eagle_fused.py, tests/test_cpu_fast.py)."""
         self._check(hidden, token_embeds)
@@ -116,14 +116,15 @@ class EagleHead(nn.Module):
             return out, self.draft_logits(target, out[:, -1])
         from gdnspec.models.lm import add_norm
         from gdnspec.ops.fused.gemv import small_linear
+        from gdnspec.ops.fused.normed import linear_in
 
         dt = self.dtype
         e, _ = add_norm(self.norm_e, token_embeds if token_embeds.dtype == dt else token_embeds.to(dt), None)
         f, _ = add_norm(self.norm_h, hidden if hidden.dtype == dt else hidden.to(dt), None)
         x = small_linear(torch.cat([e, f], dim=-1)[:, 0], self.fc.weight, self.fc.bias)[:, None]  # (B, 1, H)
         y, resid = self.layer.decode_fused(x, None, s, reserve_kv=False)
-        xn, out = add_norm(target.norm, y, resid)  # target.norm(out) and out = resid + y, one kernel
-        logits = small_linear(xn[:, 0], target.lm_head.weight, target.lm_head.bias)
+        xn, out = add_norm(target.norm, y, resid)  # out = resid + y in the down GEMV; target.norm folded into lm_head
+        logits = linear_in(xn, target.lm_head.weight, target.lm_head.bias)[:, 0]
         return out, logits
 
     def _cpu_fast_ok(self, s, target: nn.Module) -> bool:

@@ -18,8 +18,7 @@ from torch import nn
 from gdnspec.cache import GDNLayerState, KVCache, ModelState
 from gdnspec.layers import GatedAttention, Qwen3GatedDeltaNet, RMSNorm, SwiGLUMLP, TokenLayout
 from gdnspec.layers.linear import VocabProjection
-from gdnspec.ops.fused import elementwise as _fused_ew
-from gdnspec.ops.fused.gemv import small_linear
+from gdnspec.ops.fused import normed as _normed
 from gdnspec.ops.conv1d.tree import tree_conv_window_index
 from gdnspec.models import cpu_fast as _cpu_fast
 from gdnspec.models.config import GDNConfig
@@ -27,10 +26,12 @@ from gdnspec.models.moe import SparseMoeBlock
 from gdnspec.models.outputs import CausalLMOutput, TreeVerifyOutput
 
 
-def add_norm(norm: RMSNorm, y: torch.Tensor, resid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`norm(resid + y)` and the new residual stream `resid + y` in one kernel (resid None: y is the stream); y may be
-    an output projection's split-K partial sums (see ops/fused/elementwise.add_rms_norm)."""
-    return _fused_ew.add_rms_norm(y, residual=resid, weight=norm.weight, eps=norm.eps, offset=norm.offset)
+def add_norm(norm: RMSNorm, y, resid: torch.Tensor | None):
+    """(`norm(resid + y)`, the new residual stream `resid + y`) (resid None: y is the stream), ops/fused/normed.add_norm:
+    y an output projection not run yet (ResidualProjection) runs here with the residual add in its epilogue and the
+    norm comes back as a NormedInput, folded into the next GEMV (`linear_in`); otherwise one add_rms_norm kernel and a
+    tensor (y may be a tensor or split-K partial sums, see ops/fused/elementwise.add_rms_norm)."""
+    return _normed.add_norm(y, resid, weight=norm.weight, eps=norm.eps, offset=norm.offset)
 
 
 class DecoderLayer(nn.Module):
@@ -96,12 +97,14 @@ class DecoderLayer(nn.Module):
         return self._mlp(h + y)
 
     # ---------------------------------------------------------------- fused steps (issue 9): the residual stream is
-    # carried beside the layer output so that each "h + y; norm(h)" is one add_rms_norm kernel
-    def _mlp_fused(self, y: torch.Tensor, resid: torch.Tensor):
+    # carried beside the layer output so that each "h + y; norm(h)" folds into the GEMVs around it (ops/fused/normed.py:
+    # the output projection adds the residual, the next input projection normalises), or is one add_rms_norm kernel.
+    # Layer outputs y are ResidualProjections, tensors or split-K partial sums; normed inputs x NormedInputs or tensors
+    def _mlp_fused(self, y, resid: torch.Tensor):
         if self.mlp is None:
             return y, resid
         x, resid = add_norm(self.post_attention_layernorm, y, resid)
-        m = self.mlp.forward_fused(x) if isinstance(self.mlp, SwiGLUMLP) else self.mlp(x)
+        m = self.mlp.forward_fused(x) if isinstance(self.mlp, SwiGLUMLP) else self.mlp(_normed.materialize(x))
         return m, resid
 
     def decode_fused(self, y: torch.Tensor, resid: torch.Tensor | None, state, *, reserve_kv: bool):
@@ -123,7 +126,7 @@ class DecoderLayer(nn.Module):
             if fits:
                 y, cache = self.linear_attn.forward_tree_fused(x, state, layout, window_index=window_index)
             else:
-                y, cache = self.linear_attn.forward_tree(x, state, layout, backend=backend)
+                y, cache = self.linear_attn.forward_tree(_normed.materialize(x), state, layout, backend=backend)
         else:
             y, cache = self.self_attn.forward_fused(x, state, layout, write_lengths=False, reserve=not static)
         y, resid = self._mlp_fused(y, resid)
@@ -285,7 +288,7 @@ class GDNForCausalLM(nn.Module):
             for layer, s in zip(self.layers, state.layers):
                 y, resid = layer.decode_fused(y, resid, s, reserve_kv=reserve_kv)
             x, h = add_norm(self.norm, y, resid)
-            logits = small_linear(x, self.lm_head.weight, self.lm_head.bias)
+            logits = _normed.linear_in(x, self.lm_head.weight, self.lm_head.bias)
             return CausalLMOutput(logits=logits, hidden_states=h, state=state)
         chunk = self.prefill_chunk_size
         capturing = h.is_cuda and torch.cuda.is_current_stream_capturing()
@@ -340,7 +343,10 @@ class GDNForCausalLM(nn.Module):
                                                    window_index=wi)
                 caches.append(cache)
             x, h = add_norm(self.norm, y, resid)
-            return TreeVerifyOutput(logits=self.lm_head(x), hidden_states=h, layer_caches=caches)
+            # the final norm folded into the lm_head GEMV where the last layer's output projection took the residual
+            logits = _normed.linear_in(x, self.lm_head.weight, self.lm_head.bias) if isinstance(x, _normed.NormedInput) \
+                else self.lm_head(x)
+            return TreeVerifyOutput(logits=logits, hidden_states=h, layer_caches=caches)
         for layer, s in zip(self.layers, state.layers):
             h, cache = layer.forward_tree(h, s, layout, backend, not validate)
             caches.append(cache)

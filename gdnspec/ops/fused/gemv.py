@@ -9,6 +9,19 @@ program BN output columns and streams its (BN, K) weight slab once, with the M r
 tensor-core tile, software-pipelined over K; the configuration is picked by Triton's autotuner per (N, K, M bucket)
 on the first call (before CUDA-graph capture). Reference: F.linear (used for larger M, float64, and where Triton
 cannot run).
+
+The residual add + RMSNorm between two GEMVs is folded into them (ops/fused/normed.py wires it up):
+
+    h, sumsq = linear_residual(x, W_out, b, residual)   # h = round(round(x @ W_out^T + b) + residual), and the
+                                                        # float32 sums of squares of h per 16 columns (M, ceil(N/16))
+    y = normed_linear(h, sumsq, w, eps, offset, W_in)   # (rmsnorm(h) * (1 + w or w)) @ W_in^T, normalised on the fly
+
+linear_residual splits K like small_linear_partials; the last split to arrive at a column block (an int32 arrival
+counter, ops/fused/_sync.py) adds the float32 partials in the fixed order 0 .. S-1 and runs the epilogue, so the
+result is deterministic and bit-identical to small_linear_partials + add_rms_norm. References:
+linear_residual_reference, normed_linear_reference. A/B switches: GDNSPEC_NORM_GEMV=0 restores output GEMV ->
+add_rms_norm -> input GEMV (today's kernels exactly); GDNSPEC_TRITON_GEMV=0 uses cuBLAS and add_rms_norm everywhere;
+GDNSPEC_GEMV_SPLITS=S forces S K splits (tests).
 """
 from __future__ import annotations
 
