@@ -107,9 +107,10 @@ class DecoderLayer(nn.Module):
         m = self.mlp.forward_fused(x) if isinstance(self.mlp, SwiGLUMLP) else self.mlp(_normed.materialize(x))
         return m, resid
 
-    def decode_fused(self, y: torch.Tensor, resid: torch.Tensor | None, state, *, reserve_kv: bool):
-        """One token per row: y (B, 1, hidden) the previous layer's output (the embedding when resid is None), resid
-        the residual stream before it. Returns (this layer's output, residual stream), both (B, 1, hidden)."""
+    def decode_fused(self, y, resid: torch.Tensor | None, state, *, reserve_kv: bool):
+        """One token per row: y the previous layer's output (B, 1, hidden) (the embedding when resid is None; else
+        possibly a ResidualProjection or split-K partial sums, see above), resid the residual stream before it.
+        Returns (this layer's output in the same forms, residual stream (B, 1, hidden)) for the next add_norm."""
         x, resid = add_norm(self.input_layernorm, y, resid)
         if self.layer_type == "linear_attention":
             y = self.linear_attn.decode_fused(x, state)
