@@ -24,6 +24,9 @@ import torch.nn.functional as F  # noqa: E402
 
 from conftest import interpreter_modules, randomize_, rel_err, tiny_config  # noqa: E402
 
+interpreter_modules(["gdnspec.ops.gated_delta_rule.triton_tree", "gdnspec.ops.gated_delta_rule.triton_commit",
+                     "gdnspec.ops.gated_delta_rule.triton_decode", "gdnspec.ops.fused.gdn_decode",
+                     "gdnspec.ops.fused.attention", "gdnspec.ops.fused.gdn_tree"])
 ew, gm = interpreter_modules(["gdnspec.ops.fused.elementwise", "gdnspec.ops.fused.gemv"])
 from gdnspec.ops.fused import normed  # noqa: E402  (calls the kernels through their modules: reload-safe)
 
@@ -233,20 +236,35 @@ def test_folded_kernels_refuse_shapes_they_cannot_run(case):
 
 @pytest.mark.parametrize("norm_gemv,launches", [("1", 1), ("0", 9)])
 @torch.inference_mode()
-def test_fused_decode_runs_add_rms_norm_for_the_first_layer_only(norm_gemv, launches, monkeypatch):
-    """4 layers (GDN and attention, each with an MLP): folded, the only add_rms_norm left is the first layer's input
-    norm (its input is the embedding); GDNSPEC_NORM_GEMV=0 gives back today's 2 per layer + the final norm."""
+def test_fused_steps_run_add_rms_norm_for_the_first_layer_only(norm_gemv, launches, monkeypatch):
+    """4 layers (GDN and attention, each with an MLP; intermediate 520 so that down_proj really splits K in two):
+    folded, the only add_rms_norm left in a decode or verify step is the first layer's input norm (its input is the
+    embedding); GDNSPEC_NORM_GEMV=0 gives back today's 2 per layer + the final norm. Both equal the module path."""
+    from conftest import random_parents
+    from gdnspec.layers.layout import TokenLayout
     from gdnspec.models.lm import GDNForCausalLM
 
     monkeypatch.setenv("GDNSPEC_NORM_GEMV", norm_gemv)
-    model = randomize_(GDNForCausalLM(tiny_config(num_hidden_layers=4, full_attention_interval=2))).eval()
+    monkeypatch.setenv("GDNSPEC_GEMV_SPLITS", "2")
+    cfg = tiny_config(num_hidden_layers=4, full_attention_interval=2, intermediate_size=520)
+    model = randomize_(GDNForCausalLM(cfg)).eval()
     model.gdn_backend = "triton"
-    state = model.new_state(2)
+    g = torch.Generator().manual_seed(2)
+    model.fused_steps = False
+    state = model(torch.randint(0, model.vocab_size, (2, 4), generator=g)).state
     calls = []
     real = ew.add_rms_norm
     monkeypatch.setattr(ew, "add_rms_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
-    out = model(torch.tensor([[3], [7]]), state, mode="fused_decode")
-    assert len(calls) == launches
-    model.fused_steps = False
-    ref = model(torch.tensor([[3], [7]]), model.new_state(2), mode="fused_decode")
-    assert rel(out.logits, ref.logits) < 1e-5 and rel(out.hidden_states, ref.hidden_states) < 1e-5
+    ids = torch.randint(0, model.vocab_size, (2, 1), generator=g)
+    tree = torch.randint(0, model.vocab_size, (2, 5), generator=g)
+    lay = TokenLayout.from_parents(random_parents(2, 5, "random", seed=3))
+    outs = []
+    for fused in (True, False):
+        model.fused_steps = fused
+        calls.clear()
+        outs.append((model(ids, state.clone(), mode="fused_decode"), model.forward_tree(tree, state=state, layout=lay)))
+        if fused:
+            assert len(calls) == 2 * launches  # one decode step + one verify
+    (dec, ver), (dec_ref, ver_ref) = outs
+    assert rel(dec.logits, dec_ref.logits) < 1e-5 and rel(dec.hidden_states, dec_ref.hidden_states) < 1e-5
+    assert rel(ver.logits, ver_ref.logits) < 1e-5 and rel(ver.hidden_states, ver_ref.hidden_states) < 1e-5
