@@ -1,7 +1,15 @@
-"""Decode speed on Qwen3-Next-style checkpoints: transformers generate vs gdnspec plain vs gdnspec speculative (n-gram).
+"""Prefill and decode speed on Qwen3-Next-style checkpoints, side by side: transformers (+ fla) vs gdnspec.
 
-    python benchmarks/bench_hf.py --out results.json                       # CUDA; sizes tiny .. ~1B, batch 1
-    python benchmarks/bench_hf.py --sizes tiny --device cpu --new-tokens 16  # smoke run without a GPU
+    python benchmarks/bench_hf.py --out results.json                        # CUDA; sizes tiny .. ~1B, batch 1
+    python benchmarks/bench_hf.py --sizes 1.7b --dtype bfloat16 --prefill 16,128,512,4096 --out hf_1.7b.json
+    python benchmarks/bench_hf.py --sizes tiny --device cpu --new-tokens 16 --prefill 16  # smoke run without a GPU
+
+Per size: (1) prefill, batch 1, for each --prefill length T: transformers' forward over the prompt (use_cache=True,
+what `generate` runs first) vs gdnspec's `generate.prefill` (a CUDA graph of the chunked kernels on CUDA); the last
+position's logits must agree (same argmax, max abs difference reported) before a time is printed. (2) decoding:
+transformers `generate` vs gdnspec plain decoding (`generate_autoregressive`: CUDA-graph decode steps) vs gdnspec
+speculative (n-gram drafter), whole calls, and the decode phase alone (whole call minus the prompt's prefill,
+measured on its own), tokens/s = new tokens / seconds.
 
 For every size a random-weight checkpoint is made with transformers' own Qwen3NextForCausalLM, saved with
 save_pretrained to a temp dir and loaded by both sides from that folder. transformers runs as its users run it:
@@ -40,6 +48,10 @@ SIZES = {  # Qwen3-Next layout: 3 GDN layers then 1 gated-attention layer, parti
                 num_key_value_heads=2, head_dim=128, linear_num_key_heads=8, linear_num_value_heads=16,
                 linear_key_head_dim=128, linear_value_head_dim=128, num_experts=32, num_experts_per_tok=4,
                 moe_intermediate_size=512, shared_expert_intermediate_size=512),
+    # the 1.7B config of bench_e2e.py ("1.5b" there: 1.73B parameters with vocab 32k)
+    "1.7b": dict(hidden_size=2048, num_hidden_layers=24, intermediate_size=5632, num_attention_heads=16,
+                 num_key_value_heads=2, head_dim=256, linear_num_key_heads=16, linear_num_value_heads=32,
+                 linear_key_head_dim=128, linear_value_head_dim=128, num_experts=0),
     "1b": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=6144, num_attention_heads=16,
                num_key_value_heads=2, head_dim=256, linear_num_key_heads=16, linear_num_value_heads=32,
                linear_key_head_dim=128, linear_value_head_dim=128, num_experts=0),
@@ -102,6 +114,33 @@ def first_diff(a: torch.Tensor, b: torch.Tensor) -> int | None:
     return None if a.numel() == b.numel() else n
 
 
+def hf_prefill(hf, ids: torch.Tensor) -> torch.Tensor:
+    """transformers' prompt forward as `generate` runs it (a fresh cache); last position's logits (1, vocab)."""
+    with torch.inference_mode():
+        return hf(ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1).logits[:, -1]
+
+
+def our_prefill(model, ids: torch.Tensor) -> torch.Tensor:
+    """gdnspec's prompt prefill as `generate` runs it; last position's logits (1, vocab)."""
+    from gdnspec.generate import prefill
+
+    return prefill(model, [ids[0]])[1]
+
+
+def bench_prefill(hf, ours, T: int, args, device) -> dict:
+    """Prefill of a T-token random prompt, batch 1, both sides; times only when the last logits agree (argmax)."""
+    g = torch.Generator().manual_seed(args.seed + T)
+    ids = torch.randint(0, args.vocab, (1, T), generator=g).to(device)
+    ref, t_hf = timed(lambda: hf_prefill(hf, ids), device, args.repeats)
+    got, t_ours = timed(lambda: our_prefill(ours, ids), device, args.repeats)
+    same = bool((ref.argmax(-1) == got.argmax(-1)).all())
+    row = {"T": T, "same_argmax": same, "max_abs_logit_diff": float((ref.float() - got.float()).abs().max()),
+           "logit_scale": float(ref.float().abs().max())}
+    if same:
+        row.update(transformers_ms=t_hf * 1e3, gdnspec_ms=t_ours * 1e3, speedup=t_hf / t_ours)
+    return row
+
+
 def bench_size(size, args, device, dtype) -> dict:
     from transformers import AutoModelForCausalLM
 
@@ -136,6 +175,10 @@ def bench_size(size, args, device, dtype) -> dict:
     def run_spec():
         return worker.generate(prompt, N)
 
+    row["prefill"] = [bench_prefill(hf, ours, T, args, device) for T in args.prefill]
+    # the decode phase alone: the same prompt's prefill, timed on its own for each side
+    _, t_hf_pre = timed(lambda: hf_prefill(hf, prompt), device, args.repeats)
+    _, t_ours_pre = timed(lambda: our_prefill(ours, prompt), device, args.repeats)
     out_hf, t_hf = timed(run_hf, device, args.repeats)
     out_plain, t_plain = timed(run_plain, device, args.repeats)
     worker.reset_statistics()
@@ -146,10 +189,16 @@ def bench_size(size, args, device, dtype) -> dict:
     row["first_diff"] = diffs
     row["new_tokens"] = N
     row["spec_tokens_per_target_forward"] = stats.get("mean_accept_length")
+    row["prompt_prefill_ms"] = {"transformers": t_hf_pre * 1e3, "gdnspec": t_ours_pre * 1e3}
     if row["identical"]:
         row["tokens_per_s"] = {"transformers": N / t_hf, "gdnspec_plain": N / t_plain, "gdnspec_spec_ngram": N / t_spec}
         row["speedup_plain_vs_transformers"] = t_hf / t_plain
         row["speedup_spec_vs_transformers"] = t_hf / t_spec
+        # decode phase: N tokens, the first comes from the prefill logits, so N - 1 decode forwards on each side
+        dec_hf, dec_plain = t_hf - t_hf_pre, t_plain - t_ours_pre
+        if dec_hf > 0 and dec_plain > 0:
+            row["decode_tokens_per_s"] = {"transformers": (N - 1) / dec_hf, "gdnspec_plain": (N - 1) / dec_plain}
+            row["decode_speedup_plain_vs_transformers"] = dec_hf / dec_plain
     del hf, ours, worker
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -170,7 +219,15 @@ def main(argv=None) -> int:
     ap.add_argument("--num-steps", type=int, default=6, help="n-gram draft depth")
     ap.add_argument("--max-ngram", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prefill", default="16,128,512,4096",
+                    help="prompt lengths for the prefill comparison (comma list of ints >= 2; empty: skip)")
     args = ap.parse_args(argv)
+    try:
+        args.prefill = [int(t) for t in args.prefill.split(",") if t.strip()]
+    except ValueError:
+        ap.error(f"--prefill must be a comma list of ints, got {args.prefill!r}")
+    if any(t < 2 for t in args.prefill):
+        ap.error(f"--prefill lengths must be >= 2, got {args.prefill}")
     if args.prompt_len < 33:
         ap.error("--prompt-len must be >= 33")
     device = torch.device(args.device)
@@ -213,9 +270,28 @@ def main(argv=None) -> int:
                   f"{r['spec_tokens_per_target_forward'] or 0:>8.2f}")
         else:
             print(f"{r['size']:<8}{p:>9}  MISMATCH (first differing token index: {r['first_diff']}); no speed reported")
+    print(f"\ndecode phase alone (whole call minus the prompt's prefill), tokens/s")
+    print(f"{'size':<8}{'transformers':>13}{'gdnspec plain':>15}{'plain x':>9}")
+    for r in rows:
+        if r.get("decode_tokens_per_s"):
+            d = r["decode_tokens_per_s"]
+            print(f"{r['size']:<8}{d['transformers']:>13.1f}{d['gdnspec_plain']:>15.1f}"
+                  f"{r['decode_speedup_plain_vs_transformers']:>9.2f}")
+    if args.prefill:
+        print("\nprefill, batch 1 (ms; a length whose last-position argmax differs prints MISMATCH)")
+        print(f"{'size':<8}{'T':>7}{'transformers':>14}{'gdnspec':>10}{'speedup':>9}{'max |dlogit|':>14}")
+        for r in rows:
+            for p in r["prefill"]:
+                if p["same_argmax"]:
+                    print(f"{r['size']:<8}{p['T']:>7}{p['transformers_ms']:>14.2f}{p['gdnspec_ms']:>10.2f}"
+                          f"{p['speedup']:>9.2f}{p['max_abs_logit_diff']:>14.3g}")
+                else:
+                    print(f"{r['size']:<8}{p['T']:>7}  MISMATCH (last-position argmax differs; max |dlogit| "
+                          f"{p['max_abs_logit_diff']:.3g})")
     if args.out:
         args.out.write_text(json.dumps({"env": env, "results": rows}, indent=2))
-    return 0 if all(r["identical"] for r in rows) else 1
+    ok = all(r["identical"] and all(p["same_argmax"] for p in r["prefill"]) for r in rows)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
