@@ -84,9 +84,15 @@ def _check_verify_and_commit(gt_mod, tc_mod, B, N, H, HV, K, V, W, layout, kind,
             bad.append(f"cache {name} rel {e:.2e}")
     # commit: different accepted nodes per row; node -1 keeps the row's states
     S, cs = S0.clone(), cs0.clone()
-    assert conv_layout is None
-    tc_mod.triton_tree_conv_commit_state(x=conv_input, state=cs, window_index=kw["window_index"], node=node)
-    tc_mod.triton_tree_commit_state(state=S, cache=gdr, node=node)
+    tc_mod.triton_tree_commit(state=S, conv_state=cs, cache=gdr, conv_input=conv_input, conv_layout=conv_layout,
+                              window_index=kw["window_index"], node=node,
+                              fused=gt_mod.tree_fusion(fusion) != "off")
+    if conv_layout is None:  # the one-launch commit reading the conv inputs from the projection rows: same states
+        S2, cs2 = S0.clone(), cs0.clone()
+        tc_mod.triton_tree_commit(state=S2, conv_state=cs2, cache=gdr, conv_input=proj, conv_layout=kw["layout"],
+                                  window_index=kw["window_index"], node=node)
+        if not (torch.equal(cs2, cs) and torch.equal(S2, S)):
+            bad.append("commit from the projection rows")
     keep = node.clamp(min=0)
     S_want = tree_commit_state(initial_state=S0, cache=gdr_ref, node=keep)
     cs_want = tree_conv_commit_state(x=mixed_ref, state=cs0, window_index=kw["window_index"], node=keep)

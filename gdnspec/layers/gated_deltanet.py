@@ -398,18 +398,19 @@ class Qwen3GatedDeltaNet(nn.Module):
         is_triton_cache = isinstance(gdr, TritonTreeCache)
         use = _use_triton(backend if backend != "torch" or not is_triton_cache else "auto", state.recurrent)
         if use and state.recurrent.dtype == torch.float32 and state.recurrent.is_contiguous() and state.conv.is_contiguous():
-            from gdnspec.ops.gated_delta_rule.triton_commit import triton_tree_commit_state, triton_tree_conv_commit_state
+            from gdnspec.ops.fused.gdn_tree import tree_fusion
+            from gdnspec.ops.gated_delta_rule.triton_commit import triton_tree_commit
 
             if not is_triton_cache:
                 gdr = TritonTreeCache.from_reference(gdr, gdr.k.shape[1])  # keys kept per value head
-            triton_tree_conv_commit_state(x=cache.conv_input, state=state.conv, window_index=cache.conv_window_index,
-                                          node=node)
-            triton_tree_commit_state(state=state.recurrent, cache=gdr, node=node)
+            # one launch for the state and the conv window (GDNSPEC_TREE_FUSION=off: the two kernels, for A/B)
+            triton_tree_commit(state=state.recurrent, conv_state=state.conv, cache=gdr, conv_input=cache.conv_input,
+                               window_index=cache.conv_window_index, node=node, conv_layout=cache.conv_layout,
+                               fused=tree_fusion() != "off")
             return
-        if is_triton_cache:
-            cache = GDNTreeCache(gdr=gdr.to_reference(), conv_input=cache.conv_input,
-                                 conv_window_index=cache.conv_window_index)
-        new_conv = tree_conv_commit_state(x=cache.conv_inputs(), state=state.conv, window_index=cache.conv_window_index, node=node)
-        new_rec = tree_commit_state(initial_state=state.recurrent, cache=cache.gdr, node=node)
+        gdr = gdr.to_reference() if is_triton_cache else gdr
+        new_conv = tree_conv_commit_state(x=cache.conv_inputs(), state=state.conv, window_index=cache.conv_window_index,
+                                          node=node)
+        new_rec = tree_commit_state(initial_state=state.recurrent, cache=gdr, node=node)
         state.conv.copy_(new_conv)
         state.recurrent.copy_(new_rec)
