@@ -73,6 +73,8 @@ def _check_verify_and_commit(gt_mod, tc_mod, B, N, H, HV, K, V, W, layout, kind,
     bad = []
     if not (torch.equal(kw["recurrent_state"], S0) and torch.equal(kw["conv_state"], cs0)):
         bad.append("verify wrote a committed state")
+    if gd._arrival_counters(1, proj.device).any():  # every launch leaves the arrival counters at zero for the next one
+        bad.append("arrival counters left non-zero")
     if y.shape != (B, N, HV * V) or y.dtype != dtype:
         bad.append(f"y {tuple(y.shape)} {y.dtype}")
     elif rel(y, y_ref) >= _bound(dtype):
@@ -109,8 +111,6 @@ def _check_verify_and_commit(gt_mod, tc_mod, B, N, H, HV, K, V, W, layout, kind,
 def test_gdn_tree_verify_and_commit_match_reference(B, N, H, HV, K, V, W, layout, kind, dtype, block_v, fusion):
     bad = _check_verify_and_commit(gt, tc, B, N, H, HV, K, V, W, layout, kind, dtype, block_v, fusion)
     assert not bad, bad
-    if fusion != "off":  # every launch leaves the arrival counters at zero for the next one
-        assert not gd._arrival_counters(B * HV, torch.device("cpu"))[: B * HV].any()
 
 
 def test_fusion_switch_and_shape_errors(monkeypatch):
@@ -136,3 +136,52 @@ def test_fusion_switch_and_shape_errors(monkeypatch):
     p65, kw65, _ = _inputs(1, 65, 1, 1, 8, 8, 4, "qwen3_5", "chain", torch.float32)
     with pytest.raises(ValueError, match="N=65"):
         gt.gdn_tree_verify(p65, **kw65)
+
+
+# ------------------------------------------------------------------------------------------------------------ mutants
+MUTANTS = [  # (module, snippet of the kernel source, deliberately broken replacement): each must fail the checks
+    # arrival counted per batch row instead of per (row, value head): heads normalised before all their tiles arrived
+    ("gdnspec.ops.fused.gdn_tree", "tl.atomic_add(counter + i_bh, 1,", "tl.atomic_add(counter + i_b, 1,"),
+    ("gdnspec.ops.fused.gdn_tree", "tl.store(counter + i_bh, 0)", "pass"),  # counters not reset for the next launch
+    ("gdnspec.ops.fused.gdn_tree", "wv = tl.load(wgt + chan * W + w,", "wv = tl.load(wgt + chan * W + (W - 1 - w),"),
+    ("gdnspec.ops.fused.gdn_tree", "z_base + i_h * z_hs + l * V  #", "z_base + i_h * z_hs  #"),  # z of the wrong head
+    ("gdnspec.ops.fused.gdn_tree", "b_k = b_k * tl.rsqrt(tl.sum(b_k * b_k, 1) + 1e-6)[:, None]\n",
+     "b_k = b_k * tl.rsqrt(tl.sum(b_k * b_k, 1) + 1e-6)[:, None] * 1.001\n"),  # a small error in the keys only
+    ("gdnspec.ops.gated_delta_rule.triton_commit", "v_base + (hv // R) * v_hs + (hv % R) * V + c_v % V",
+     "v_base + (hv // R) * v_hs + c_v % V"),  # conv commit: v column of the first value head of the key head
+    ("gdnspec.ops.gated_delta_rule.triton_commit", "pid % NKV, pid // NKV,", "pid // NKV, pid % NKV,"),
+    # conv commit off by one: the window after the node keeps its oldest input instead of the node's own
+    ("gdnspec.ops.gated_delta_rule.triton_commit", "(i_b * N + a_c) * W + 1 + rw,", "(i_b * N + a_c) * W + rw,"),
+]
+
+
+def _mutant_module(name: str, old: str, new: str, tmp_path, tag: int):
+    import importlib
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    src = Path(importlib.import_module(name).__file__).read_text()
+    assert src.count(old) == 1, f"mutant snippet not found once in {name}: {old!r}"
+    path = tmp_path / f"gdnspec_mutant_{tag}.py"
+    path.write_text(src.replace(old, new))
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("i", range(len(MUTANTS)), ids=[f"{m[0].rsplit('.', 1)[1]}-{j}" for j, m in enumerate(MUTANTS)])
+def test_deliberately_broken_kernels_fail_the_same_checks(i, tmp_path):
+    import sys
+
+    name, old, new = MUTANTS[i]
+    mut = _mutant_module(name, old, new, tmp_path, i)
+    gt_mod, tc_mod = (mut, tc) if name.endswith("gdn_tree") else (gt, mut)
+    try:
+        bad = _check_verify_and_commit(gt_mod, tc_mod, *CASES[0], "full")
+    finally:
+        gd._arrival_counters(1, torch.device("cpu")).zero_()  # a broken arrival leaves the shared counters dirty
+        sys.modules.pop(mut.__name__, None)
+    assert bad, f"mutant {i} ({new!r}) passed the checks"
