@@ -86,8 +86,15 @@ class GDNTreeCache:
     """What `commit_tree` needs after `forward_tree`: the tree-WY terms and the conv inputs/window index."""
 
     gdr: TreeGDRCache
-    conv_input: torch.Tensor  # (B, N, conv_dim)
+    conv_input: torch.Tensor  # (B, N, conv_dim), or the projection rows (B, N, P) when conv_layout is set
     conv_window_index: torch.Tensor  # (B, N, W)
+    conv_layout: object = None  # ops.fused.gdn_decode.ProjLayout of conv_input's projection rows, or None
+
+    def conv_inputs(self) -> torch.Tensor:
+        """The conv inputs (B, N, conv_dim), gathered from the projection rows when conv_layout is set."""
+        if self.conv_layout is None:
+            return self.conv_input
+        return self.conv_input[..., self.conv_layout.conv_index(self.conv_input.device)]
 
 
 class Qwen3GatedDeltaNet(nn.Module):
@@ -263,24 +270,26 @@ class Qwen3GatedDeltaNet(nn.Module):
                              norm_weight=self.norm.weight, norm_eps=self.norm.eps)  # (B, HV*V)
         return output_projection(y[:, None], self.out_proj.weight, self.out_proj.bias)
 
-    def forward_tree_fused(self, x, state: GDNLayerState, layout: TokenLayout, *, window_index: torch.Tensor):
-        """forward_tree in five kernels: fused in-projection GEMM (x a tensor or a NormedInput, as decode_fused),
-        `gdn_tree_prep` (tree conv + gates, no copies), the tree-WY kernel, `gated_rms_norm_rows`, out_proj (for
-        `add_norm`, as decode_fused). window_index (B, N, W) from `tree_conv_window_index`, shared by all layers of
-        one verify. Needs the Triton backend, a float32 state and N <= 64 (forward_tree otherwise)."""
-        from gdnspec.ops.fused.gdn_tree import gated_rms_norm_rows, gdn_tree_prep
+    def forward_tree_fused(self, x: torch.Tensor, state: GDNLayerState, layout: TokenLayout, *,
+                           window_index: torch.Tensor):
+        """forward_tree in three kernels (GDNSPEC_TREE_FUSION=full, the default): fused in-projection GEMM,
+        `gdn_tree_verify` (tree conv + gates + tree-WY + gated RMSNorm in one kernel), out_proj (for `add_norm`, as
+        decode_fused); "norm": four, "off": five (gdn_tree_prep, tree-WY, gated_rms_norm_rows). x a tensor or a
+        NormedInput (the in-projection then normalises on the fly, ops/fused/normed.py). window_index (B, N, W) from `tree_conv_window_index`, shared by all layers of one verify.
+        Needs the Triton backend, a float32 state and N <= 64 (forward_tree otherwise)."""
+        from gdnspec.ops.fused.gdn_tree import gdn_tree_verify
         from gdnspec.ops.fused.normed import linear_in, output_projection
-        from gdnspec.ops.gated_delta_rule.triton_tree import triton_tree_gated_delta_rule
 
         L = self.proj_layout()
-        proj = linear_in(x, self.fused_in_proj())  # (B, N, P)
-        q, k, v, g, beta, mixed = gdn_tree_prep(proj, layout=L, conv_weight=self.conv_weight, conv_state=state.conv,
-                                                window_index=window_index, A_log=self.A_log, dt_bias=self.dt_bias)
-        o, gdr = triton_tree_gated_delta_rule(q, k, v, g=g, beta=beta, ancestor_mask=layout.ancestor_mask,
-                                              initial_state=state.recurrent, use_qk_l2norm=True)
-        y = gated_rms_norm_rows(o, proj, layout=L, weight=self.norm.weight, eps=self.norm.eps)
+        proj = linear_in(x, self.fused_in_proj())  # (B, N, P); x a tensor or a NormedInput, as decode_fused
+
+        y, gdr, conv_input, conv_layout = gdn_tree_verify(
+            proj, layout=L, conv_weight=self.conv_weight, conv_state=state.conv, window_index=window_index,
+            A_log=self.A_log, dt_bias=self.dt_bias, ancestor_mask=layout.ancestor_mask, recurrent_state=state.recurrent,
+            norm_weight=self.norm.weight, norm_eps=self.norm.eps)
+
         out = output_projection(y, self.out_proj.weight, self.out_proj.bias)
-        return out, GDNTreeCache(gdr=gdr, conv_input=mixed, conv_window_index=window_index)
+        return out, GDNTreeCache(gdr=gdr, conv_input=conv_input, conv_window_index=window_index, conv_layout=conv_layout)
 
     # ------------------------------------------------------------------ causal forwards
     def forward_state(self, hidden_states: torch.Tensor, state: GDNLayerState | None, *, mode: str = "auto",
@@ -390,18 +399,19 @@ class Qwen3GatedDeltaNet(nn.Module):
         is_triton_cache = isinstance(gdr, TritonTreeCache)
         use = _use_triton(backend if backend != "torch" or not is_triton_cache else "auto", state.recurrent)
         if use and state.recurrent.dtype == torch.float32 and state.recurrent.is_contiguous() and state.conv.is_contiguous():
-            from gdnspec.ops.gated_delta_rule.triton_commit import triton_tree_commit_state, triton_tree_conv_commit_state
+            from gdnspec.ops.fused.gdn_tree import tree_fusion
+            from gdnspec.ops.gated_delta_rule.triton_commit import triton_tree_commit
 
             if not is_triton_cache:
                 gdr = TritonTreeCache.from_reference(gdr, gdr.k.shape[1])  # keys kept per value head
-            triton_tree_conv_commit_state(x=cache.conv_input, state=state.conv, window_index=cache.conv_window_index,
-                                          node=node)
-            triton_tree_commit_state(state=state.recurrent, cache=gdr, node=node)
+            # one launch for the state and the conv window (GDNSPEC_TREE_FUSION=off: the two kernels, for A/B)
+            triton_tree_commit(state=state.recurrent, conv_state=state.conv, cache=gdr, conv_input=cache.conv_input,
+                               window_index=cache.conv_window_index, node=node, conv_layout=cache.conv_layout,
+                               fused=tree_fusion() != "off")
             return
-        if is_triton_cache:
-            cache = GDNTreeCache(gdr=gdr.to_reference(), conv_input=cache.conv_input,
-                                 conv_window_index=cache.conv_window_index)
-        new_conv = tree_conv_commit_state(x=cache.conv_input, state=state.conv, window_index=cache.conv_window_index, node=node)
-        new_rec = tree_commit_state(initial_state=state.recurrent, cache=cache.gdr, node=node)
+        gdr = gdr.to_reference() if is_triton_cache else gdr
+        new_conv = tree_conv_commit_state(x=cache.conv_inputs(), state=state.conv, window_index=cache.conv_window_index,
+                                          node=node)
+        new_rec = tree_commit_state(initial_state=state.recurrent, cache=gdr, node=node)
         state.conv.copy_(new_conv)
         state.recurrent.copy_(new_rec)

@@ -84,6 +84,10 @@ class ProjLayout:
         h = torch.arange(self.H, device=device)[:, None]
         return (base + h * hs + torch.arange(n, device=device)[None, :]).reshape(-1)
 
+    def conv_index(self, device=None) -> torch.Tensor:
+        """Column indices of the conv inputs concat(q, k, v) (conv_dim,) in the projection row."""
+        return torch.cat([self.gather_index(p, device) for p in ("q", "k", "v")])
+
 
 def check_proj_conv_gates(proj: torch.Tensor, *, layout: ProjLayout, conv_weight: torch.Tensor, A_log: torch.Tensor,
                           dt_bias: torch.Tensor, dims: str) -> tuple[int, int]:
@@ -137,11 +141,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _gated_rms_norm(x, m, wn, gz, V, eps):
-        """Gated RMSNorm of one value head: x (BV,) o in the activation dtype, m its mask, wn the norm weight, gz the
-        gate z in float32 -> rmsnorm(x) * w * silu(z) in float32, rounded at the torch module's points (activation
-        dtype after the norm and the weight). Shared by the decode kernel and gdn_tree's gated_rms_norm_rows."""
+        """Gated RMSNorm over the LAST axis: x (BV,) one value head or (BN, BV) one head of BN nodes, o in the
+        activation dtype, m its mask, wn (BV,) the norm weight, gz the gate z in float32 (x's shape) -> rmsnorm(x) * w
+        * silu(z) in float32, rounded at the torch module's points (activation dtype after the norm and the weight).
+        Shared by the decode kernel, gdn_tree's gated_rms_norm_rows and its fused verify kernel's epilogue."""
         xf = tl.where(m, x.to(tl.float32), 0.0)
-        rstd = tl.rsqrt(tl.sum(xf * xf, 0) / V + eps)
+        rstd = tl.rsqrt(tl.sum(xf * xf, -1, keep_dims=True) / V + eps)
         y = (xf * rstd).to(x.dtype).to(tl.float32) * wn.to(x.dtype).to(tl.float32)
         return y.to(x.dtype).to(tl.float32) * (gz * tl.sigmoid(gz))
 

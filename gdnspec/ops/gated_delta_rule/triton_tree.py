@@ -84,6 +84,36 @@ class TritonTreeCache:
 if HAS_TRITON:
 
     @triton.jit
+    def _tree_solve(b_k, b_g, b_beta, b_A, rn, N, PREC: tl.constexpr):
+        """The N x N part of tree-WY for one value head: b_k (BN, BK) normalised keys, b_g, b_beta (BN,) gates, b_A
+        (BN, BN) ancestor mask (row i = path of node i) -> T = (I + L)^-1 (BN, BN), Gamma (BN, BN), gamma (BN,), all
+        float32. Shared by `_tree_verify_kernel` and gdn_tree's fused verify kernel."""
+        b_gamma = tl.sum(tl.where(b_A, b_g[None, :], 0.0), 1)  # (BN,) cumulative g along the path
+        b_Gam = tl.where(b_A, tl.exp(b_gamma[:, None] - b_gamma[None, :]), 0.0)  # (BN, BN)
+        b_kk = tl.dot(b_k, tl.trans(b_k), input_precision=PREC)  # (BN, BN)
+        b_L = tl.where(rn[:, None] > rn[None, :], b_beta[:, None] * b_kk * b_Gam, 0.0)  # strictly lower, ancestors only
+        # T = (I + L)^-1 by forward substitution over rows: T_i = e_i - sum_{j<i} L_ij T_j
+        b_T = tl.where(rn[:, None] == rn[None, :], 1.0, 0.0)
+        for i in range(1, N):
+            l_i = tl.sum(tl.where(rn[:, None] == i, b_L, 0.0), 0)  # (BN,) row i of L (over j)
+            t_i = tl.sum(l_i[:, None] * b_T, 0)  # (BN,)
+            b_T = tl.where(rn[:, None] == i, b_T - t_i[None, :], b_T)
+        return b_T, b_Gam, b_gamma
+
+    @triton.jit
+    def _tree_apply(b_q, b_k, b_v, b_beta, b_S, b_T, b_Gam, b_gamma, PREC: tl.constexpr):
+        """The value-tile part of tree-WY: b_q (BN, BK) normalised and scaled, b_v (BN, BV), b_S (BK, BV) the committed
+        state tile, all float32 -> (o (BN, BV), v_new (BN, BV)) float32:
+        v_new = T (beta (V - e^gamma K S0)),  O = e^gamma Q S0 + ((Q K^T) * Gamma) v_new."""
+        b_eg = tl.exp(b_gamma)
+        b_kS = tl.dot(b_k, b_S, input_precision=PREC)  # (BN, BV)
+        b_R = b_beta[:, None] * (b_v - b_eg[:, None] * b_kS)
+        b_vnew = tl.dot(b_T, b_R, input_precision=PREC)  # (BN, BV)
+        b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * b_Gam  # (BN, BN)
+        b_o = b_eg[:, None] * tl.dot(b_q, b_S, input_precision=PREC) + tl.dot(b_qk, b_vnew, input_precision=PREC)
+        return b_o, b_vnew
+
+    @triton.jit
     def _tree_verify_kernel(
         q, k, v, g, beta, amask, s0, o, k_out, vnew_out, gamma_out,
         N, scale, eps,
@@ -117,31 +147,14 @@ if HAS_TRITON:
         b_beta = tl.load(beta + gb_off, mask=mn, other=0.0).to(tl.float32)
         m_nn = mn[:, None] & mn[None, :]
         b_A = tl.load(amask + (i_b * N + rn[:, None]) * N + rn[None, :], mask=m_nn, other=0) != 0  # (BN, BN)
-
-        b_gamma = tl.sum(tl.where(b_A, b_g[None, :], 0.0), 1)  # (BN,) cumulative g along the path
-        b_Gam = tl.where(b_A, tl.exp(b_gamma[:, None] - b_gamma[None, :]), 0.0)  # (BN, BN)
-        b_kk = tl.dot(b_k, tl.trans(b_k), input_precision=PREC)  # (BN, BN)
-        b_L = tl.where(rn[:, None] > rn[None, :], b_beta[:, None] * b_kk * b_Gam, 0.0)  # strictly lower, ancestors only
-
-        # T = (I + L)^-1 by forward substitution over rows: T_i = e_i - sum_{j<i} L_ij T_j
-        b_T = tl.where(rn[:, None] == rn[None, :], 1.0, 0.0)
-        for i in range(1, N):
-            l_i = tl.sum(tl.where(rn[:, None] == i, b_L, 0.0), 0)  # (BN,) row i of L (over j)
-            t_i = tl.sum(l_i[:, None] * b_T, 0)  # (BN,)
-            b_T = tl.where(rn[:, None] == i, b_T - t_i[None, :], b_T)
+        b_T, b_Gam, b_gamma = _tree_solve(b_k, b_g, b_beta, b_A, rn, N, PREC)
 
         s_off = ((i_b * HV + i_hv) * K + rk[:, None]) * V + rv[None, :]  # (BK, BV) into (B, HV, K, V)
         b_S = tl.load(s0 + s_off, mask=mk[:, None] & mv[None, :], other=0.0).to(tl.float32)
         v_off = ((i_b * N + rn[:, None]) * HV + i_hv) * V + rv[None, :]  # (BN, BV) into (B, N, HV, V)
         m_nv = mn[:, None] & mv[None, :]
         b_v = tl.load(v + v_off, mask=m_nv, other=0.0).to(tl.float32)
-
-        b_eg = tl.exp(b_gamma)
-        b_kS = tl.dot(b_k, b_S, input_precision=PREC)  # (BN, BV)
-        b_R = b_beta[:, None] * (b_v - b_eg[:, None] * b_kS)
-        b_vnew = tl.dot(b_T, b_R, input_precision=PREC)  # (BN, BV)
-        b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * b_Gam  # (BN, BN)
-        b_o = b_eg[:, None] * tl.dot(b_q, b_S, input_precision=PREC) + tl.dot(b_qk, b_vnew, input_precision=PREC)
+        b_o, b_vnew = _tree_apply(b_q, b_k, b_v, b_beta, b_S, b_T, b_Gam, b_gamma, PREC)
 
         tl.store(o + v_off, b_o.to(o.dtype.element_ty), mask=m_nv)
         tl.store(vnew_out + v_off, b_vnew, mask=m_nv)
