@@ -217,10 +217,15 @@ def _states_close(a, b, tol_):
                 assert rel(ta, tb) < tol_, name
 
 
-@pytest.mark.parametrize("layout,splits", [("qwen3_next", "0"), ("qwen3_5", "2")])
+@pytest.mark.parametrize("layout,splits,norm_gemv,tree_fusion", [("qwen3_next", "0", "0", "off"),
+                                                                  ("qwen3_5", "2", "0", "off"),
+                                                                  ("qwen3_next", "2", "1", "full"),
+                                                                  ("qwen3_5", "0", "1", "norm")])
 @torch.inference_mode()
-def test_fused_decode_and_verify_steps_match_module_path(layout, splits, monkeypatch):
+def test_fused_decode_and_verify_steps_match_module_path(layout, splits, norm_gemv, tree_fusion, monkeypatch):
     monkeypatch.setenv("GDNSPEC_GEMV_SPLITS", splits)  # "2": every output projection as split-K partial sums
+    monkeypatch.setenv("GDNSPEC_NORM_GEMV", norm_gemv)  # the opt-in kernel sequences, whole model against the module path
+    monkeypatch.setenv("GDNSPEC_TREE_FUSION", tree_fusion)
     model = _hybrid(torch.float32, layout)
     g = torch.Generator().manual_seed(3)
     B = 3

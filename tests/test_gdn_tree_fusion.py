@@ -114,9 +114,9 @@ def test_gdn_tree_verify_and_commit_match_reference(B, N, H, HV, K, V, W, layout
 
 
 def test_fusion_switch_and_shape_errors(monkeypatch):
-    assert gt.tree_fusion() == "full"
-    monkeypatch.setenv("GDNSPEC_TREE_FUSION", "off")
-    assert gt.tree_fusion() == "off" and gt.tree_fusion("norm") == "norm"
+    assert gt.tree_fusion() == "off"  # the default: measured fastest on the H200
+    monkeypatch.setenv("GDNSPEC_TREE_FUSION", "full")
+    assert gt.tree_fusion() == "full" and gt.tree_fusion("norm") == "norm"
     monkeypatch.setenv("GDNSPEC_TREE_FUSION", "fused")
     with pytest.raises(ValueError, match="GDNSPEC_TREE_FUSION"):
         gt.tree_fusion()
