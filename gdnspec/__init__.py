@@ -8,6 +8,15 @@ Public API (see README.md):
 """
 import importlib
 import importlib.util
+import os
+
+# MKL's conditional-numerical-reproducibility mode, before torch's first MKL call: with MKL_CBWR unset, MKL picks a
+# slower float32 GEMM path for small row counts on AMD CPUs. Measured on the 2-core AMD EPYC of benchmarks (2 threads,
+# the default model): verify N = 5 / 16 11.1 / 13.7 ms instead of 13.4 / 15.7 ms, and `gdnspec eval --threads 2`
+# n-gram 1.37x instead of 1.20x, EAGLE 0.97-1.00x instead of 0.87x; neutral at 1 thread and for M = 1 (decode). AUTO
+# keeps MKL's best code path for the CPU and makes results run-to-run reproducible. A value the user set wins; it has
+# no effect when MKL already ran in this process before gdnspec was imported.
+os.environ.setdefault("MKL_CBWR", "AUTO")
 
 # public name -> the module that defines it; imported on first use (PEP 562), so that `gdnspec` and the command line
 # (`gdnspec ...`, `python -m gdnspec`) start without importing torch: the CLI checks its flags, and handles Ctrl-C,
