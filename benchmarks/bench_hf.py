@@ -199,6 +199,9 @@ def bench_size(size, args, device, dtype) -> dict:
         if dec_hf > 0 and dec_plain > 0:
             row["decode_tokens_per_s"] = {"transformers": (N - 1) / dec_hf, "gdnspec_plain": (N - 1) / dec_plain}
             row["decode_speedup_plain_vs_transformers"] = dec_hf / dec_plain
+        else:  # timing noise: the prefill measured alone took as long as the whole call
+            row["decode_phase_note"] = ("n/a: the prompt's prefill measured alone took as long as the whole call "
+                                        "(noise; raise --new-tokens or --repeats)")
     del hf, ours, worker
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -230,6 +233,13 @@ def main(argv=None) -> int:
         ap.error(f"--prefill lengths must be >= 2, got {args.prefill}")
     if args.prompt_len < 33:
         ap.error("--prompt-len must be >= 33")
+    for flag in ("new_tokens", "repeats", "topk", "num_steps", "max_ngram", "vocab"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    try:
+        torch.device(args.device)
+    except (RuntimeError, ValueError) as e:
+        ap.error(f"--device: cannot use {args.device!r} ({str(e).splitlines()[0]})")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("CUDA is not available: run on a GPU, or pass --device cpu for a smoke run", file=sys.stderr)
@@ -277,6 +287,10 @@ def main(argv=None) -> int:
             d = r["decode_tokens_per_s"]
             print(f"{r['size']:<8}{d['transformers']:>13.1f}{d['gdnspec_plain']:>15.1f}"
                   f"{r['decode_speedup_plain_vs_transformers']:>9.2f}")
+        elif not r["identical"]:
+            print(f"{r['size']:<8}  MISMATCH: no speed reported")
+        else:
+            print(f"{r['size']:<8}  {r['decode_phase_note']}")
     if args.prefill:
         print("\nprefill, batch 1 (ms; a length whose last-position argmax differs prints MISMATCH)")
         print(f"{'size':<8}{'T':>7}{'transformers':>14}{'gdnspec':>10}{'speedup':>9}{'max |dlogit|':>14}")

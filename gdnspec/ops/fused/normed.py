@@ -33,11 +33,14 @@ __all__ = ["NormedInput", "ResidualProjection", "add_norm", "enabled", "linear_i
 
 def enabled() -> bool:
     """GDNSPEC_NORM_GEMV=1 turns the folding on. OFF by default: measured on an H200 (1.7B config, bf16, same run) the
-    folded decode step is SLOWER, 1.68-1.70 ms against 1.51 ms at B = 1 (159 kernels against 207) and 3.00 against
+    folded decode step is SLOWER, 1.65-1.70 ms against 1.51 ms at B = 1 (159 kernels against 207) and 3.00 against
     2.51 ms at B = 32; verify N = 16 at B = 1 2.34 against 2.22 ms. The residual epilogue's last-arriver wait costs
     about what the add_rms_norm launch it removes cost, and the folded kernels lose GEMV efficiency (untuned configs).
     Kept, tested, as the starting point for tuning (docs/triton_kernels.md)."""
-    return os.environ.get("GDNSPEC_NORM_GEMV", "0") == "1"
+    v = os.environ.get("GDNSPEC_NORM_GEMV", "0") or "0"
+    if v not in ("0", "1"):
+        raise ValueError(f"GDNSPEC_NORM_GEMV must be 0 or 1 (unset = 0), got {v!r}")
+    return v == "1"
 
 
 def _kernel_rows_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
