@@ -183,9 +183,17 @@ def test_folded_chain_matches_the_unfolded_chain(S, dtype, monkeypatch):
     assert rel(y, y0) < (2e-6 if dtype == torch.float32 else 1e-2)
 
 
-def test_dispatch_falls_back_where_the_folded_kernels_do_not_run():
-    """Plain add_rms_norm / small_linear (tensors, no NormedInput) for: no residual, a computed tensor, more rows
-    than gemv.MAX_ROWS, float64; a NormedInput the normed kernel cannot take is materialised first."""
+def test_dispatch_falls_back_where_the_folded_kernels_do_not_run(monkeypatch):
+    """With the folding on (GDNSPEC_NORM_GEMV=1; off by default): plain add_rms_norm / small_linear (tensors, no
+    NormedInput) for: no residual, a computed tensor, more rows than gemv.MAX_ROWS, float64; a NormedInput the normed
+    kernel cannot take is materialised first. Unset, nothing is folded."""
+    x, r = torch.randn(3, 300), torch.randn(3, 40)
+    monkeypatch.delenv("GDNSPEC_NORM_GEMV", raising=False)
+    assert isinstance(normed.output_projection(x, torch.randn(40, 300)), torch.Tensor)  # the default: not folded
+    monkeypatch.setenv("GDNSPEC_NORM_GEMV", "yes")
+    with pytest.raises(ValueError, match="GDNSPEC_NORM_GEMV must be 0 or 1"):
+        normed.enabled()
+    monkeypatch.setenv("GDNSPEC_NORM_GEMV", "1")
     nw = torch.randn(40) * 0.2
     w = torch.randn(40, 300) / 17
     for M, dtype in ((gm.MAX_ROWS + 1, torch.float32), (3, torch.float64)):
