@@ -376,9 +376,13 @@ def add_distill_parser(subparsers) -> None:
     p.add_argument("--target", type=model_dir_arg, required=True, help="target checkpoint folder")
     _add_data_options(p)
     p.add_argument("--out", type=path_arg, required=True, help="drafter checkpoint folder")
-    p.add_argument("--preset", type=one_of(_presets), default="default-draft", help="(--kind model) draft config preset")
+    p.add_argument("--preset", type=one_of(_presets), default=None,
+                   help="(--kind model) draft config preset (default: default-draft)")
     p.add_argument("--set", type=key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="draft/head GDNConfig override (repeatable)")
+    p.add_argument("--init", type=model_dir_arg, default=None, metavar="FOLDER",
+                   help="start from this drafter checkpoint of the same --kind (continue a distillation; its config "
+                        "is used, so --preset, --set and --eagle-intermediate-size must be left out)")
     p.add_argument("--ce-weight", type=NON_NEGATIVE_FLOAT, default=0.1,
                    help="(model) weight of the data cross-entropy next to KL")
     p.add_argument("--eagle-intermediate-size", type=POSITIVE_INT, default=None,
@@ -405,6 +409,35 @@ def _drafter_config(args, target):
         raise UsageError(f"--set: {e}") from None
 
 
+def _init_drafter(args, target):
+    """The --init checkpoint (float32, trainable) after checking that it fits --kind and the target."""
+    import torch
+
+    from gdnspec.models.checkpoint import load_checkpoint
+    from gdnspec.models.eagle import EagleHead
+    from gdnspec.models.lm import GDNForCausalLM
+
+    given = [flag for flag, v in (("--preset", args.preset), ("--set", args.set),
+                                  ("--eagle-intermediate-size", args.eagle_intermediate_size)) if v]
+    if given:
+        raise UsageError(f"--init: the checkpoint's config is used; leave out {', '.join(given)}")
+    try:
+        drafter, _ = load_checkpoint(args.init, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError(f"--init: cannot load {args.init}: {e}") from None
+    want = GDNForCausalLM if args.kind == "model" else EagleHead
+    if type(drafter) is not want:
+        raise UsageError(f"--init: {args.init} holds a {type(drafter).__name__}, --kind {args.kind} needs a "
+                         f"{want.__name__}")
+    if drafter.config.vocab_size != target.vocab_size:
+        raise UsageError(f"--init: {args.init} has a vocabulary of {drafter.config.vocab_size}, the target "
+                         f"{target.vocab_size}")
+    if args.kind == "eagle" and drafter.config.hidden_size != target.config.hidden_size:
+        raise UsageError(f"--init: {args.init} has hidden size {drafter.config.hidden_size}, the target "
+                         f"{target.config.hidden_size}")
+    return drafter.requires_grad_(True)
+
+
 def cmd_distill(args) -> int:
     import torch
 
@@ -418,7 +451,9 @@ def cmd_distill(args) -> int:
         target, _ = load_checkpoint(args.target)
     except (OSError, ValueError, KeyError) as e:
         raise UsageError(f"--target: cannot load {args.target}: {e}") from None
-    config = _drafter_config(args, target)  # a bad --set fails now, not after the data folder is built
+    init = _init_drafter(args, target) if args.init is not None else None
+    args.preset = args.preset or "default-draft"
+    config = init.config if init is not None else _drafter_config(args, target)  # a bad --set fails now
     data = _load_data(args)
     tgt_tok = Path(args.target) / "tokenizer.json"
     if tgt_tok.exists() and tgt_tok.read_text() != data.tokenizer_path.read_text():
@@ -430,11 +465,13 @@ def cmd_distill(args) -> int:
     target.to(device)
     torch.manual_seed(args.seed)
     extra = {"kind": args.kind, "target": str(args.target), "overrides": args.set, "command": " ".join(sys.argv)}
+    if init is not None:
+        extra["init"] = str(args.init)
     if args.kind == "model":
-        drafter = GDNForCausalLM(config)
-        extra["preset"] = args.preset
+        drafter = init if init is not None else GDNForCausalLM(config)
+        extra["preset"] = args.preset if init is None else None
     else:
-        drafter = EagleHead(config)
+        drafter = init if init is not None else EagleHead(config)
         extra.update(unroll_steps=args.unroll_steps, reg_weight=args.reg_weight, step_decay=args.step_decay)
     print(f"[distill] {args.kind}: {count_params(drafter) / 1e6:.2f}M params (target {count_params(target) / 1e6:.2f}M)",
           flush=True)

@@ -284,3 +284,38 @@ def test_a_character_cut_by_the_end_of_generation_is_still_shown(capsys, monkeyp
     monkeypatch.setattr(cli._Generation, "chosen", lambda self: iter([new[:k] for k in range(1, len(new) + 1)]))
     rc, out, _ = run_main(["generate", "--prompt", "x = ", "--max-new-tokens", "9", "--drafter", "none"], capsys)
     assert rc == 0 and out == tok.decode(tok.encode("x = ").ids + new) + "\n" and out.rstrip("\n").endswith("\ufffd")
+
+
+def test_distill_init_continues_from_a_checkpoint_and_checks_it(tmp_path, capsys):
+    """`gdnspec distill --init FOLDER` continues a distillation from that drafter's weights (the retrain of the
+    default EAGLE head stopped while its held-out KL was still falling); a checkpoint of the wrong kind or --set next
+    to --init is a usage error naming --init."""
+    from safetensors.torch import load_file
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"m{i}.py").write_text(f"def f{i}(x):\n    return x + {i}\n\nclass C{i}:\n    pass\n" * 8)
+    common = ["--batch-size", "2", "--seq-len", "32", "--device", "cpu", "--warmup-steps", "0", "--log-every", "1"]
+    steps = [["data", "--out", f"{tmp_path}/d", "--no-stdlib", "--extra", str(corpus), "--vocab-size", "300"],
+             ["train", "--data", f"{tmp_path}/d", "--preset", "tiny", "--out", f"{tmp_path}/t", "--steps", "2", *common],
+             ["distill", "--kind", "eagle", "--target", f"{tmp_path}/t", "--data", f"{tmp_path}/d", "--out",
+              f"{tmp_path}/e1", "--steps", "2", *common],
+             ["distill", "--kind", "eagle", "--target", f"{tmp_path}/t", "--data", f"{tmp_path}/d", "--out",
+              f"{tmp_path}/e2", "--init", f"{tmp_path}/e1", "--steps", "1", "--lr", "1e-12", *common]]
+    for argv in steps:
+        rc, out, err = run_main(argv, capsys)
+        assert rc == 0, (argv, err[-2000:])
+    w1 = load_file(str(tmp_path / "e1" / "model.safetensors"))
+    w2 = load_file(str(tmp_path / "e2" / "model.safetensors"))
+    assert w1.keys() == w2.keys()
+    for k in w1:  # lr 1e-12: the continued head is the --init head (a fresh head would be re-initialised)
+        assert torch.allclose(w1[k].float(), w2[k].float(), atol=1e-3), k
+    assert json.loads((tmp_path / "e2" / "training.json").read_text()).get("init") == f"{tmp_path}/e1"
+    base = ["distill", "--kind", "eagle", "--target", f"{tmp_path}/t", "--data", f"{tmp_path}/d", "--out",
+            f"{tmp_path}/e3"]
+    assert_one_line_error(*run_main(base + ["--init", f"{tmp_path}/t"], capsys), "--init", "GDNForCausalLM",
+                          "EagleHead")
+    assert_one_line_error(*run_main(base + ["--init", f"{tmp_path}/e1", "--set", "hidden_size=8"], capsys),
+                          "--init", "--set")
+    assert not (tmp_path / "e3").exists()
