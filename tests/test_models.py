@@ -328,3 +328,28 @@ def test_chunked_prefill_equals_one_pass_and_cuda_auto_mode_is_chunk():
     assert resolve_mode("auto", 2, "cuda") == "chunk" and resolve_mode("auto", 128, "cuda") == "chunk"
     assert resolve_mode("auto", 2, "cpu") == "recurrent" and resolve_mode("auto", 129, "cpu") == "chunk"
     assert resolve_mode("auto", 1, "cuda") == "fused_decode"
+
+
+@pytest.mark.parametrize("T,expected", [(31, "recurrent"), (32, "chunk")])
+@torch.inference_mode()
+def test_model_auto_mode_on_the_cpu_chunks_from_32_tokens(monkeypatch, T, expected):
+    """A model forward on the CPU takes the chunked GDN form from CPU_CHUNK_MIN_TOKENS tokens (measured faster there),
+    the token loop below; the layer API keeps the seed's rule (T > 128). Same result either way."""
+    import gdnspec.layers.gated_deltanet as gdn_module
+    from gdnspec.models.lm import CPU_CHUNK_MIN_TOKENS
+
+    assert CPU_CHUNK_MIN_TOKENS == 32
+    cfg = tiny_config(num_hidden_layers=2, full_attention_interval=2)
+    model = randomize_(GDNForCausalLM(cfg, dtype=torch.float64)).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(1))
+    ref = model(ids, mode="recurrent" if expected == "chunk" else "chunk")
+    calls = []
+    for name, tag in (("chunk_gated_delta_rule", "chunk"), ("fused_recurrent_gated_delta_rule", "recurrent")):
+        orig = getattr(gdn_module, name)
+        monkeypatch.setattr(gdn_module, name, lambda *a, _o=orig, _t=tag, **k: (calls.append(_t), _o(*a, **k))[1])
+    out = model(ids)
+    assert calls == [expected]
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-9, atol=1e-9)
+    for a, b in zip(out.state.layers, ref.state.layers):
+        for name, t in vars(a).items():
+            torch.testing.assert_close(t, getattr(b, name), rtol=1e-9, atol=1e-9)
