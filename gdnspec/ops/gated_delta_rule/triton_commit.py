@@ -160,6 +160,31 @@ def _state_tiles(N: int, K: int, V: int, block_k: int | None, block_v: int | Non
     return BN, BK, BV
 
 
+def _check_state_commit(state: torch.Tensor, cache, node: torch.Tensor) -> tuple[int, int, int, int, int, int]:
+    """(B, N, H, K, HV, V) of a recurrent-state commit after checking cache, state and node."""
+    if not isinstance(cache, _triton_tree.TritonTreeCache):  # the class through its module (test reloads)
+        raise TypeError(f"cache must be a TritonTreeCache (see TritonTreeCache.from_reference), got {type(cache).__name__}")
+    B, N, H, K = cache.k.shape
+    HV, V = cache.v_new.shape[2], cache.v_new.shape[3]
+    if state.dtype != torch.float32 or tuple(state.shape) != (B, HV, K, V) or not state.is_contiguous():
+        raise ValueError(f"state must be a contiguous float32 tensor (B, HV, K, V) = {(B, HV, K, V)}, "
+                         f"got {state.dtype} {tuple(state.shape)}")
+    _check_node(node, B)
+    return B, N, H, K, HV, V
+
+
+def _check_conv_window(conv_state: torch.Tensor, window_index: torch.Tensor, B: int, N: int, D: int, *,
+                       name: str) -> None:
+    """A conv-window commit's committed window `name` (B, D, W-1) and window_index (B, N, W) long."""
+    W = window_index.shape[-1]
+    if tuple(conv_state.shape) != (B, D, W - 1) or not conv_state.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous tensor (B, conv_dim, W-1) = {(B, D, W - 1)}, "
+                         f"got {tuple(conv_state.shape)}")
+    if window_index.dtype != torch.long or tuple(window_index.shape) != (B, N, W):
+        raise ValueError(f"window_index must be a long tensor (B, N, W) = {(B, N, W)}, got {window_index.dtype} "
+                         f"{tuple(window_index.shape)}")
+
+
 def triton_tree_commit_state(
     *,
     state: torch.Tensor,
@@ -174,14 +199,7 @@ def triton_tree_commit_state(
     `out` (default: `state` itself, IN PLACE) and returns it."""
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed; use gdnspec.ops.gated_delta_rule.tree.tree_commit_state")
-    if not isinstance(cache, _triton_tree.TritonTreeCache):
-        raise TypeError(f"cache must be a TritonTreeCache (see TritonTreeCache.from_reference), got {type(cache).__name__}")
-    B, N, H, K = cache.k.shape
-    HV, V = cache.v_new.shape[2], cache.v_new.shape[3]
-    if state.dtype != torch.float32 or tuple(state.shape) != (B, HV, K, V) or not state.is_contiguous():
-        raise ValueError(f"state must be a contiguous float32 tensor (B, HV, K, V) = {(B, HV, K, V)}, "
-                         f"got {state.dtype} {tuple(state.shape)}")
-    _check_node(node, B)
+    B, N, H, K, HV, V = _check_state_commit(state, cache, node)
     out = state if out is None else out
     if out.shape != state.shape or out.dtype != state.dtype or not out.is_contiguous():
         raise ValueError("out must be a contiguous tensor like state")
@@ -210,11 +228,7 @@ def triton_tree_conv_commit_state(
         raise RuntimeError("triton is not installed; use gdnspec.ops.conv1d.tree.tree_conv_commit_state")
     B, N, D = x.shape
     W = window_index.shape[-1]
-    if tuple(state.shape) != (B, D, W - 1) or not state.is_contiguous():
-        raise ValueError(f"state must be a contiguous tensor (B, D, W-1) = {(B, D, W - 1)}, got {tuple(state.shape)}")
-    if window_index.dtype != torch.long or tuple(window_index.shape) != (B, N, W):
-        raise ValueError(f"window_index must be a long tensor (B, N, W) = {(B, N, W)}, got {window_index.dtype} "
-                         f"{tuple(window_index.shape)}")
+    _check_conv_window(state, window_index, B, N, D, name="state")
     _check_node(node, B)
     out = state if out is None else out
     BD = 256
@@ -249,22 +263,10 @@ def triton_tree_commit(
     References: tree.tree_commit_state and conv1d.tree.tree_conv_commit_state."""
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed; use tree.tree_commit_state and conv1d.tree.tree_conv_commit_state")
-    if not isinstance(cache, _triton_tree.TritonTreeCache):  # the class through its module (test reloads)
-        raise TypeError(f"cache must be a TritonTreeCache (see TritonTreeCache.from_reference), got {type(cache).__name__}")
-    B, N, H, K = cache.k.shape
-    HV, V = cache.v_new.shape[2], cache.v_new.shape[3]
-    if state.dtype != torch.float32 or tuple(state.shape) != (B, HV, K, V) or not state.is_contiguous():
-        raise ValueError(f"state must be a contiguous float32 tensor (B, HV, K, V) = {(B, HV, K, V)}, "
-                         f"got {state.dtype} {tuple(state.shape)}")
-    _check_node(node, B)
+    B, N, H, K, HV, V = _check_state_commit(state, cache, node)
     W = window_index.shape[-1]
     D = 2 * H * K + HV * V
-    if tuple(conv_state.shape) != (B, D, W - 1) or not conv_state.is_contiguous():
-        raise ValueError(f"conv_state must be a contiguous tensor (B, conv_dim, W-1) = {(B, D, W - 1)}, "
-                         f"got {tuple(conv_state.shape)}")
-    if window_index.dtype != torch.long or tuple(window_index.shape) != (B, N, W):
-        raise ValueError(f"window_index must be a long tensor (B, N, W) = {(B, N, W)}, got {window_index.dtype} "
-                         f"{tuple(window_index.shape)}")
+    _check_conv_window(conv_state, window_index, B, N, D, name="conv_state")
     L = conv_layout
     if L is not None and (L.H, L.HV, L.K, L.V) != (H, HV, K, V):
         raise ValueError(f"conv_layout has heads (H, HV, K, V) = {(L.H, L.HV, L.K, L.V)}, the cache {(H, HV, K, V)}")
