@@ -37,7 +37,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-__all__ = ["MAX_ROWS", "enabled", "linear_for_residual", "linear_residual", "linear_residual_reference", "normed_linear",
+__all__ = ["MAX_ROWS", "enabled", "kernel_applies", "linear_for_residual", "linear_residual", "linear_residual_reference", "normed_linear",
            "normed_linear_reference", "small_linear", "small_linear_partials", "split_count"]
 
 MAX_ROWS = 64
@@ -181,15 +181,22 @@ if HAS_TRITON:
     _norm_tuned = triton.autotune(configs=_CONFIGS, key=["N", "K", "BM"])(_gemv_norm_kernel)
 
 
+def kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the GEMV kernels of this module take x (..., K) @ weight^T: Triton on x's device, the kernels on
+    (GDNSPEC_TRITON_GEMV), 1 .. MAX_ROWS rows, a contiguous weight, x and weight alike in bf16 / fp16, or float32
+    off CUDA (the interpreter; CUDA float32 stays with cuBLAS). Shapes are checked by the callers."""
+    K = x.shape[-1]
+    M = x.numel() // K if K else 0
+    return (HAS_TRITON and enabled() and available(x) and 1 <= M <= MAX_ROWS and weight.is_contiguous()
+            and _act_dtypes_ok(x, weight) and not (x.is_cuda and x.dtype == torch.float32))
+
+
 def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for x (..., K) with at most MAX_ROWS rows, by the Triton kernel on CUDA bf16/fp16
     (and under TRITON_INTERPRET for tests); F.linear otherwise. weight (N, K) contiguous."""
     K = x.shape[-1]
     M = x.numel() // K if K else 0
-    use = (HAS_TRITON and enabled() and available(x) and M <= MAX_ROWS and M > 0 and weight.is_contiguous()
-           and x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
-           and (x.dtype != torch.float32 or not x.is_cuda))
-    if not use:
+    if not kernel_applies(x, weight):
         return F.linear(x, weight, bias)
     N = weight.shape[0]
     if weight.dim() != 2 or weight.shape[1] != K:

@@ -25,7 +25,6 @@ import torch
 
 from gdnspec.ops.fused import elementwise as _ew
 from gdnspec.ops.fused import gemv as _gemv
-from gdnspec.ops.gated_delta_rule.triton_tree import HAS_TRITON, available
 
 __all__ = ["NormedInput", "ResidualProjection", "add_norm", "enabled", "linear_in", "materialize",
            "output_projection"]
@@ -44,14 +43,9 @@ def enabled() -> bool:
 
 
 def _kernel_rows_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """The folded GEMV kernels run this product: Triton on x's device, the GEMV kernels on, x and weight alike in
-    bf16 / fp16 (float32 under the interpreter only: cuBLAS takes CUDA float32), 1 .. MAX_ROWS rows, weight (N, K)
-    contiguous."""
-    K = x.shape[-1]
-    M = x.numel() // K if K else 0
-    return (HAS_TRITON and enabled() and _gemv.enabled() and available(x) and 1 <= M <= _gemv.MAX_ROWS
-            and weight.dim() == 2 and weight.shape[1] == K and weight.is_contiguous() and x.dtype == weight.dtype
-            and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and not (x.is_cuda and x.dtype == torch.float32))
+    """The folded GEMV kernels run this product: the folding on, weight (N, K) for x (..., K), and what the GEMV
+    kernels take (`gemv.kernel_applies`)."""
+    return enabled() and weight.dim() == 2 and weight.shape[1] == x.shape[-1] and _gemv.kernel_applies(x, weight)
 
 
 @dataclass(frozen=True)
