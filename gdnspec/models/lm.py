@@ -143,10 +143,10 @@ class DecoderLayer(nn.Module):
 
 
 # mode="auto" of a MODEL forward on the CPU takes the chunked GDN form from this many tokens per call (the layer API
-# keeps the seed's rule, T > 128). Measured on the 2-core AMD EPYC of benchmarks, float32, whole forward of the
-# default target (draft model) at 1 / 2 threads: T = 32 chunk 32.3 / 24.3 ms (7.1 / 5.6) against token loop
-# 41.1 / 32.9 ms (8.1 / 8.4); T = 128 77.8 / 54.0 ms (17.5 / 12.3) against 123.4 / 100.5 ms (25.5 / 28.0); at T = 16
-# the two are within 10% either way, at T = 8 the loop wins. Prompts, draft-model catch-ups and verifies of chains.
+# keeps the seed's rule, T > 128). Measured by benchmarks/bench_cpu_prefill_modes.py on the 2-core AMD EPYC
+# (results/cpu_prefill_modes.json; default target, float32, 1 / 2 threads): token loop / chunk = 0.93 / 0.90 at
+# T = 8, 1.07 / 1.03 at 16, 1.27 / 1.21 at 32, 1.59 / 1.85 at 128 (draft model: 1.08 / 1.49 at 32). Prompts,
+# draft-model catch-ups and verifies of chains.
 CPU_CHUNK_MIN_TOKENS = 32
 
 
