@@ -4,10 +4,13 @@
 
 float32: greedy plain decoding (CUDA graphs) and speculative decoding (n-gram drafter) must equal the unfused eager
 path token for token; decode / verify logits and committed states are compared by relative error. bf16: relative
-errors only (near-ties may flip a greedy token; see the README).
+errors only (near-ties may flip a greedy token; see the README). PDL (ops/pdl.py): the fused decode and verify steps
+launched with programmatic dependent launch must give BIT-identical logits to plain launches (GDNSPEC_PDL=0), in
+float32 and bf16, on the tiny model and (bf16, B = 2) on the 1.5B config of bench_e2e (a race would show up as a difference).
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -85,7 +88,43 @@ def main() -> int:
             same = all(torch.equal(a, b) for o in outs.values() for a, b in zip(o, want))
             failed += not same
             print(f"float32 greedy: EAGLE speculative (graph, fused and unfused head) == plain: {'ok' if same else 'FAIL'}")
-    return 1 if failed else 0
+    return failed + check_pdl()
+
+
+def check_pdl() -> int:
+    """PDL on == PDL off, bitwise: 4 fused decode steps + one tree verify (fresh launches, eager), same kernels and
+    autotuned configurations (the autotuner's cache key ignores PDL), so any difference is a missing wait."""
+    from gdnspec.ops import pdl
+
+    if not pdl.enabled(torch.empty(1, device="cuda")):
+        print("PDL: not available on this GPU / Triton (sm_90+ and gdc_wait needed): skipped")
+        return 0
+    failed = 0
+    for size, dtype, B in (("tiny", torch.float32, 3), ("tiny", torch.bfloat16, 3), ("1.5b", torch.bfloat16, 2)):
+        model = build_model(size, "cuda").to(dtype)
+        model.fused_steps = True
+        g = torch.Generator(device="cuda").manual_seed(1)
+        prompt = torch.randint(0, model.vocab_size, (B, 33), device="cuda", generator=g)
+        steps = [torch.randint(0, model.vocab_size, (B, 1), device="cuda", generator=g) for _ in range(4)]
+        parents = torch.tensor([-1, 0, 0, 1, 1, 2, 3, 6, 7, 7, 8, 9, 0, 12, 13, 4], device="cuda")
+        lay = TokenLayout.from_parents(parents.expand(B, 16).contiguous())
+        tree = torch.randint(0, model.vocab_size, (B, 16), device="cuda", generator=g)
+        s0 = model(prompt).state
+        res = {}
+        for flag in ("0", "1", "0", "1"):
+            os.environ["GDNSPEC_PDL"] = flag
+            s = s0.clone()
+            outs = [model(ids, s).logits for ids in steps]
+            outs.append(model.forward_tree(tree, state=s, layout=lay).logits)
+            torch.cuda.synchronize()
+            got = torch.cat([o.reshape(-1) for o in outs])
+            res.setdefault(flag, []).append(got)
+        os.environ.pop("GDNSPEC_PDL", None)
+        same = all(torch.equal(r, res["0"][0]) for rs in res.values() for r in rs)
+        failed += not same
+        print(f"PDL on == off, bitwise, {size} {dtype} B={B}: 4 decode steps + verify N=16: "
+              f"{'ok' if same else 'FAIL'}")
+    return failed
 
 
 if __name__ == "__main__":

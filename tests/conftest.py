@@ -139,6 +139,8 @@ def interpreter_modules(names: list[str]) -> list:
 
     os.environ["TRITON_INTERPRET"] = "1"
     mods = []
+    if "gdnspec.ops.pdl" in sys.modules:  # the jit helpers every kernel module imports (enter, prefetch_l2)
+        importlib.reload(sys.modules["gdnspec.ops.pdl"])
     for name in names:
         mods.append(importlib.reload(sys.modules[name]) if name in sys.modules else importlib.import_module(name))
     return mods

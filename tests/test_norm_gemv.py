@@ -112,7 +112,7 @@ def _mutant(tmp_path, name: str, subs: list[tuple[str, str]]):
         src = src.replace(a, b)
     path = tmp_path / f"mutant_{name}.py"
     path.write_text("import triton\nimport triton.language as tl\n"
-                    "from gdnspec.ops.fused.gemv import _dot_tile, _residual_epilogue\n\n" + src)
+                    "from gdnspec.ops.fused.gemv import _dot_tile, _pdl_prologue, _residual_epilogue\n\n" + src)
     spec = importlib.util.spec_from_file_location(f"mutant_{name}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

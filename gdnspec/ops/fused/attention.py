@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import torch
 
+from gdnspec.ops import pdl
 from gdnspec.ops.fused._checks import check_shape
 from gdnspec.ops.gated_delta_rule.triton_tree import HAS_TRITON, available
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from gdnspec.ops.pdl import enter
 
 __all__ = ["attention_prep", "attention_prep_reference", "kv_commit_path", "kv_commit_path_reference", "tree_attention",
            "tree_attention_reference"]
@@ -87,7 +90,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _prep_kernel(qkv, sq, qn_w, kn_w, table, n_table, perm, lengths, depth, ck, cv, q_out, eps, cap,
-                     T, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, HAS_DEPTH: tl.constexpr):
+                     T, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, HAS_DEPTH: tl.constexpr, PDL: tl.constexpr = False):
+        enter(PDL)  # ops/pdl.py: before any load or store
         i_bt = tl.program_id(0)
         i_head = tl.program_id(1)  # 0..H-1: query heads, H..H+HKV-1: key/value heads
         i_b = i_bt // T
@@ -132,7 +136,8 @@ if HAS_TRITON:
     def _attn_split_kernel(q, ck, cv, lengths, anc, o_part, ml_part, scale, cap, T, SPLIT_LEN,
                            NSPLIT: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                            BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_ANC: tl.constexpr,
-                           F32: tl.constexpr):
+                           F32: tl.constexpr, PDL: tl.constexpr = False):
+        enter(PDL)  # ops/pdl.py: before any load or store
         i_b = tl.program_id(0)
         i_hm = tl.program_id(1)
         i_s = tl.program_id(2)
@@ -196,7 +201,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _attn_combine_kernel(o_part, ml_part, gate, sg, out, lengths, T, H: tl.constexpr, D: tl.constexpr,
-                             BD: tl.constexpr, NSPLIT: tl.constexpr, BS: tl.constexpr, INC_LEN: tl.constexpr):
+                             BD: tl.constexpr, NSPLIT: tl.constexpr, BS: tl.constexpr, INC_LEN: tl.constexpr, PDL: tl.constexpr = False):
+        enter(PDL)  # ops/pdl.py: before any load or store
         i_bt = tl.program_id(0)
         i_h = tl.program_id(1)
         if INC_LEN:  # a causal step: the new tokens join the prefix (the split kernel, which reads lengths, is done)
@@ -271,7 +277,7 @@ def attention_prep(qkv: torch.Tensor, *, num_heads: int, num_kv_heads: int, head
         _prep_kernel[(B * T, H + Hkv)](rows, rows.stride(0), q_norm_weight, k_norm_weight, table, table.shape[1], perm,
                                        lengths, dep, cache_k, cache_v, q, float(eps), cap, T,
                                        H=H, HKV=Hkv, D=D, BD=triton.next_power_of_2(D), HAS_DEPTH=depth is not None,
-                                       num_warps=2)
+                                       num_warps=2, **pdl.launch_args(rows))
     # the table spans positions < table.shape[1]; positions are clamped by the caller
     return q
 
@@ -337,10 +343,10 @@ def tree_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor
         _attn_split_kernel[(B, Hkv * n_mb, ns)](
             q.contiguous(), cache_k, cache_v, lengths, anc, o_part, ml_part, float(scale), cap, T, split_len,
             NSPLIT=ns, H=H, HKV=Hkv, D=D, BD=BD, BM=BM, BN=BN, HAS_ANC=ancestor_mask is not None, F32=f32,
-            num_warps=4)
+            num_warps=4, **pdl.launch_args(o_part))
         _attn_combine_kernel[(B * T, H)](o_part, ml_part, g2, g2.stride(0), out, lengths, T, H=H, D=D, BD=BD,
                                          NSPLIT=ns, BS=max(2, triton.next_power_of_2(ns)), INC_LEN=advance_lengths,
-                                         num_warps=4)
+                                         num_warps=4, **pdl.launch_args(o_part))
     return out
 
 
@@ -370,7 +376,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _kv_commit_kernel(ck, cv, lengths, path, counts, cap, N, L, Hkv: tl.constexpr, D: tl.constexpr,
-                          BL: tl.constexpr, BD: tl.constexpr):
+                          BL: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr = False):
+        enter(PDL)  # ops/pdl.py: before any load or store
         i_b = tl.program_id(0)
         rl = tl.arange(0, BL)
         rd = tl.arange(0, BD)
@@ -411,6 +418,6 @@ def kv_commit_path(cache_k: torch.Tensor, cache_v: torch.Tensor, lengths: torch.
     if B and L:
         _kv_commit_kernel[(B,)](cache_k, cache_v, lengths, path.contiguous(), counts.contiguous(), cap, num_nodes, L,
                                 Hkv=Hkv, D=D, BL=max(triton.next_power_of_2(L), 2), BD=triton.next_power_of_2(D),
-                                num_warps=4)
+                                num_warps=4, **pdl.launch_args(cache_k))
     elif B:
         lengths += counts

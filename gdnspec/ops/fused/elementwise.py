@@ -13,11 +13,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from gdnspec.ops import pdl
 from gdnspec.ops.gated_delta_rule.triton_tree import HAS_TRITON, available
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from gdnspec.ops.pdl import enter
 
 __all__ = ["add_rms_norm", "add_rms_norm_reference", "silu_mul", "silu_mul_reference"]
 
@@ -43,7 +46,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _add_rms_norm_kernel(x, sx, r, sr, w, y, sy, h, sh, D, eps, n_rows,
-                             HAS_RES: tl.constexpr, OFFSET: tl.constexpr, BD: tl.constexpr, NPART: tl.constexpr):
+                             HAS_RES: tl.constexpr, OFFSET: tl.constexpr, BD: tl.constexpr, NPART: tl.constexpr,
+                             PDL: tl.constexpr = False):
+        enter(PDL)  # ops/pdl.py: before any load or store
         row = tl.program_id(0)
         cols = tl.arange(0, BD)
         m = cols < D
@@ -69,7 +74,8 @@ if HAS_TRITON:
         tl.store(y + row * sy + cols, (s * rstd * wv).to(y.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _silu_mul_kernel(gu, sg, out, so, I, BI: tl.constexpr):
+    def _silu_mul_kernel(gu, sg, out, so, I, BI: tl.constexpr, PDL: tl.constexpr = False):
+        enter(PDL)
         row = tl.program_id(0)
         cols = tl.program_id(1) * BI + tl.arange(0, BI)
         m = cols < I
@@ -116,7 +122,8 @@ def add_rms_norm(x: torch.Tensor, *, residual: torch.Tensor | None, weight: torc
     if x2.shape[0]:
         _add_rms_norm_kernel[(x2.shape[0],)](x2, x2.stride(0), r2, r2.stride(0), weight, y, y.stride(0), h, h.stride(0),
                                              D, float(eps), x2.shape[0], HAS_RES=residual is not None,
-                                             OFFSET=bool(offset), BD=BD, NPART=0, num_warps=4 if BD <= 4096 else 8)
+                                             OFFSET=bool(offset), BD=BD, NPART=0, num_warps=4 if BD <= 4096 else 8,
+                                             **pdl.launch_args(x2))
     return y.view(x.shape), (h.view(x.shape) if residual is not None else x)
 
 
@@ -139,7 +146,7 @@ def _add_rms_norm_partials(parts: torch.Tensor, *, residual: torch.Tensor, weigh
     if n:
         _add_rms_norm_kernel[(n,)](p2, p2.stride(1), r2, r2.stride(0), weight, y, y.stride(0), h, h.stride(0), D,
                                    float(eps), n, HAS_RES=True, OFFSET=bool(offset), BD=BD, NPART=S,
-                                   num_warps=4 if BD <= 4096 else 8)
+                                   num_warps=4 if BD <= 4096 else 8, **pdl.launch_args(p2))
     return y.view(residual.shape), h.view(residual.shape)
 
 
@@ -155,5 +162,6 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(gu.shape[0], I, dtype=gate_up.dtype, device=gate_up.device)
     BI = min(triton.next_power_of_2(I), 1024)
     if gu.shape[0]:
-        _silu_mul_kernel[(gu.shape[0], triton.cdiv(I, BI))](gu, gu.stride(0), out, out.stride(0), I, BI=BI, num_warps=4)
+        _silu_mul_kernel[(gu.shape[0], triton.cdiv(I, BI))](gu, gu.stride(0), out, out.stride(0), I, BI=BI, num_warps=4,
+                                                             **pdl.launch_args(gu))
     return out.view(*gate_up.shape[:-1], I)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from gdnspec.ops import pdl
 from gdnspec.ops.conv1d.causal_conv1d import causal_conv1d_update
 from gdnspec.ops.fused._checks import check_layout, check_shape
 from gdnspec.ops.fused._sync import arrival_counters as _arrival_counters
@@ -38,6 +39,8 @@ from gdnspec.ops.gated_delta_rule.triton_tree import HAS_TRITON, available
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from gdnspec.ops.pdl import enter
 
 __all__ = ["ProjLayout", "gdn_decode_fused", "gdn_decode_reference"]
 
@@ -175,8 +178,9 @@ if HAS_TRITON:
         q_base, q_hs, k_base, k_hs, v_base, v_hs, z_base, z_hs, b_base, b_hs, a_base, a_hs,
         scale, norm_eps,
         H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
-        BK: tl.constexpr, BVB: tl.constexpr, NV: tl.constexpr, BV: tl.constexpr, BW: tl.constexpr,
+        BK: tl.constexpr, BVB: tl.constexpr, NV: tl.constexpr, BV: tl.constexpr, BW: tl.constexpr, PDL: tl.constexpr = False,
     ):
+        enter(PDL)  # ops/pdl.py: before any load or store
         i_bh = tl.program_id(0)  # (batch row, key head)
         i_rv = tl.program_id(1)  # (value head of this key head, block of BVB value columns)
         i_b = i_bh // H
@@ -287,6 +291,6 @@ def gdn_decode_fused(proj: torch.Tensor, *, layout: ProjLayout, conv_weight: tor
             proj, proj.stride(0), conv_weight.contiguous(), conv_state, A_log, dt_bias, norm_weight, recurrent_state,
             y, y.stride(0), o_buf, counter, *L.q, *L.k, *L.v, *L.z, *L.b, *L.a, L.K**-0.5, float(norm_eps),
             H=L.H, HV=L.HV, K=L.K, V=L.V, W=W, BK=BK, BVB=block_v, NV=NV, BV=BV, BW=triton.next_power_of_2(W),
-            num_warps=num_warps,
+            num_warps=num_warps, **pdl.launch_args(proj),
         )
     return y

@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from gdnspec.ops import pdl
 from gdnspec.ops.conv1d.tree import tree_causal_conv1d
 from gdnspec.ops.fused._checks import check_layout, check_shape
 from gdnspec.ops.fused.gdn_decode import ProjLayout, check_proj_conv_gates
@@ -50,6 +51,8 @@ from gdnspec.ops.gated_delta_rule.triton_tree import (
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from gdnspec.ops.pdl import enter
 
     from gdnspec.ops.fused._sync import arrival_counters as _arrival_counters
     from gdnspec.ops.fused.gdn_decode import _gated_rms_norm
@@ -135,7 +138,8 @@ if HAS_TRITON:
     def _tree_prep_kernel(proj, sp, wgt, cstate, widx, A_log, dt_bias, q_out, k_out, v_out, g_out, b_out, mixed,
                           N, q_base, q_hs, k_base, k_hs, v_base, v_hs, b_base, b_hs, a_base, a_hs,
                           H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
-                          BK: tl.constexpr, BV: tl.constexpr, BW: tl.constexpr):
+                          BK: tl.constexpr, BV: tl.constexpr, BW: tl.constexpr, PDL: tl.constexpr = False):
+        enter(PDL)  # ops/pdl.py: before any load or store
         i_bn = tl.program_id(0)
         i_h = tl.program_id(1)
         i_b = i_bn // N
@@ -171,7 +175,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _gated_norm_rows_kernel(o, proj, sp, nw, y, eps, z_base, z_hs, H: tl.constexpr, HV: tl.constexpr,
-                                V: tl.constexpr, BV: tl.constexpr):
+                                V: tl.constexpr, BV: tl.constexpr, PDL: tl.constexpr = False):
+        enter(PDL)  # ops/pdl.py: before any load or store
         i_bn = tl.program_id(0)
         i_h = tl.program_id(1)
         R: tl.constexpr = HV // H
@@ -214,10 +219,11 @@ if HAS_TRITON:
         N, scale, norm_eps, q_base, q_hs, k_base, k_hs, v_base, v_hs, z_base, z_hs, b_base, b_hs, a_base, a_hs,
         H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
         BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BVN: tl.constexpr, NV: tl.constexpr,
-        PREP: tl.constexpr, PREC: tl.constexpr,
+        PREP: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False,
     ):
         """[tree conv + gates from the projection rows (PREP)] + tree-WY of one (value tile, batch row, value head)
         + the gated RMSNorm epilogue (see gdn_tree_verify). Without PREP, q, k, v, g, beta come from gdn_tree_prep."""
+        enter(PDL)  # ops/pdl.py: before any load or store
         i_v = tl.program_id(0)
         i_bh = tl.program_id(1)
         i_b = i_bh // HV
@@ -335,7 +341,7 @@ def gdn_tree_prep(proj: torch.Tensor, *, layout: ProjLayout, conv_weight: torch.
             p2, p2.stride(0), conv_weight.contiguous(), conv_state.contiguous(), window_index.contiguous(), A_log,
             dt_bias, q, k, v, g, beta, mixed, N, *L.q, *L.k, *L.v, *L.b, *L.a,
             H=L.H, HV=L.HV, K=L.K, V=L.V, W=W, BK=triton.next_power_of_2(L.K), BV=triton.next_power_of_2(L.V),
-            BW=triton.next_power_of_2(W), num_warps=4)
+            BW=triton.next_power_of_2(W), num_warps=4, **pdl.launch_args(p2))
     return q, k, v, g, beta, mixed
 
 
@@ -359,7 +365,7 @@ def gated_rms_norm_rows(o: torch.Tensor, proj: torch.Tensor, *, layout: ProjLayo
     y = torch.empty(B, N, L.HV * L.V, dtype=o.dtype, device=o.device)
     if B * N:
         _gated_norm_rows_kernel[(B * N, L.H)](oc, p2, p2.stride(0), weight, y, float(eps), *L.z, H=L.H, HV=L.HV,
-                                             V=L.V, BV=triton.next_power_of_2(L.V), num_warps=2)
+                                             V=L.V, BV=triton.next_power_of_2(L.V), num_warps=2, **pdl.launch_args(oc))
     return y
 
 
@@ -460,6 +466,6 @@ def gdn_tree_verify(proj: torch.Tensor, *, layout: ProjLayout, conv_weight: torc
         conv_weight.contiguous(), conv_state.contiguous(), window_index.contiguous(), A_log, dt_bias,
         N, L.K**-0.5, float(norm_eps), *L.q, *L.k, *L.v, *L.z, *L.b, *L.a,
         H=L.H, HV=L.HV, K=L.K, V=L.V, W=W, BN=BN, BK=BK, BV=BV, BVN=_pow2(L.V), NV=NV, PREP=mode == "full",
-        PREC=precision or default_precision(proj), num_warps=num_warps or warps)
+        PREC=precision or default_precision(proj), num_warps=num_warps or warps, **pdl.launch_args(q))
     # the class through its module: a test's reload of triton_tree must not leave gdn_tree making a stale class
     return y, _triton_tree.TritonTreeCache(k=k_out, v_new=vnew, gamma=gamma, ancestor_mask=ancestor_mask), mixed, conv_layout

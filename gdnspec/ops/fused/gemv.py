@@ -30,12 +30,15 @@ import os
 import torch
 import torch.nn.functional as F
 
+from gdnspec.ops import pdl
 from gdnspec.ops.fused._sync import arrival_counters
 from gdnspec.ops.gated_delta_rule.triton_tree import HAS_TRITON, available
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from gdnspec.ops.pdl import enter, prefetch_l2
 
 __all__ = ["MAX_ROWS", "enabled", "kernel_applies", "linear_for_residual", "linear_residual", "linear_residual_reference", "normed_linear",
            "normed_linear_reference", "small_linear", "small_linear_partials", "split_count"]
@@ -48,7 +51,33 @@ def enabled() -> bool:
     return os.environ.get("GDNSPEC_TRITON_GEMV", "1") != "0"
 
 
+PREFETCH_BYTES = 8 << 20  # L2 prefetch budget of one GEMV launch under PDL (of 50 MB of L2 on an H100 / H200)
+
+
+def _launch_args(x: torch.Tensor, N: int, k_range: int) -> dict:
+    """PDL launch arguments (ops/pdl.py) plus the weight prefetch of a GEMV launch: PF_LINES 128-byte lines of each
+    weight row (from the start of the program's K range) go to L2 before the kernel waits for its predecessor, as
+    many as fit PREFETCH_BYTES over all N rows (a power of two, 0 = none). LINE = elements per 128-byte line."""
+    kw = pdl.launch_args(x)
+    line = 128 // x.element_size()
+    lines = 0
+    if kw["PDL"] and pdl.prefetch_enabled(x):
+        lines = min(k_range, PREFETCH_BYTES // max(1, N * x.element_size())) // line
+        lines = 1 << (lines.bit_length() - 1) if lines > 0 else 0
+    return {**kw, "PF_LINES": lines, "LINE": line}
+
+
 if HAS_TRITON:
+
+    @triton.jit
+    def _pdl_prologue(w, rn, N, K, k_lo, PDL: tl.constexpr, PF_LINES: tl.constexpr, LINE: tl.constexpr):
+        """PDL entry of a GEMV program: prefetch the first PF_LINES lines of its weight rows rn (from column k_lo)
+        into L2 (weights only: allowed before the wait, ops/pdl.py rule 2), then `enter` (wait for the previous
+        kernel, let the next one launch). Nothing at all when PDL is False."""
+        if PF_LINES > 0:
+            rl = k_lo + tl.arange(0, PF_LINES) * LINE
+            prefetch_l2(w + tl.minimum(rn, N - 1)[:, None] * K + tl.minimum(rl, K - 1)[None, :])
+        enter(PDL)
 
     @triton.jit
     def _dot_tile(x, sx, w, rm, rn, mm, mn, K, k_lo, k_hi, F32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -69,7 +98,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _gemv_kernel(x, sx, w, b, y, sy, M, N, K, K_SPLIT, HAS_BIAS: tl.constexpr, F32: tl.constexpr,
-                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr = False,
+                     PF_LINES: tl.constexpr = 0, LINE: tl.constexpr = 64):
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)  # K split: program s covers K_SPLIT columns and writes partial sums y[s] (float32)
         rm = tl.arange(0, BM)
@@ -77,6 +107,7 @@ if HAS_TRITON:
         mm = rm < M
         mn = rn < N
         k_lo = pid_s * K_SPLIT
+        _pdl_prologue(w, rn, N, K, k_lo, PDL, PF_LINES, LINE)
         y += pid_s * M * N
         acc = _dot_tile(x, sx, w, rm, rn, mm, mn, K, k_lo, tl.minimum(k_lo + K_SPLIT, K), F32, BM, BN, BK)
         if HAS_BIAS:
@@ -105,7 +136,8 @@ if HAS_TRITON:
     @triton.jit
     def _gemv_res_kernel(x, sx, w, b, r, sr, h, sh, ssq, part, counter, M, N, K, K_SPLIT, G,
                          HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, F32: tl.constexpr,
-                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr = False,
+                         PF_LINES: tl.constexpr = 0, LINE: tl.constexpr = 64):
         """Output projection + residual add (see linear_residual). Grid (column blocks, K splits). SPLIT: each split
         stores its float32 partial sums to part[s], then takes an arrival ticket on its column block's counter; the
         last to arrive adds the S partials in the fixed order 0 .. S-1 (the order add_rms_norm adds them in), runs
@@ -117,6 +149,7 @@ if HAS_TRITON:
         mm = rm < M
         mn = rn < N
         k_lo = pid_s * K_SPLIT
+        _pdl_prologue(w, rn, N, K, k_lo, PDL, PF_LINES, LINE)
         acc = _dot_tile(x, sx, w, rm, rn, mm, mn, K, k_lo, tl.minimum(k_lo + K_SPLIT, K), F32, BM, BN, BK)
         if SPLIT:
             S = tl.num_programs(1)
@@ -138,7 +171,8 @@ if HAS_TRITON:
     @triton.jit
     def _gemv_norm_kernel(h, sh, ssq, nw, w, b, y, sy, M, N, K, G, eps, OFFSET: tl.constexpr,
                           HAS_BIAS: tl.constexpr, F32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                          BK: tl.constexpr, BG: tl.constexpr):
+                          BK: tl.constexpr, BG: tl.constexpr, PDL: tl.constexpr = False, PF_LINES: tl.constexpr = 0,
+                          LINE: tl.constexpr = 64):
         """rmsnorm(h) * (1 + nw or nw) @ w^T (see normed_linear): rstd from the producer's group sums of squares, each
         (BM, BK) chunk of h normalised and rounded to the activation dtype on the fly, then the dot."""
         pid_n = tl.program_id(0)
@@ -146,6 +180,7 @@ if HAS_TRITON:
         rn = pid_n * BN + tl.arange(0, BN)
         mm = rm < M
         mn = rn < N
+        _pdl_prologue(w, rn, N, K, 0, PDL, PF_LINES, LINE)
         tot = tl.zeros([BM], dtype=tl.float32)
         for g0 in range(0, G, BG):  # fixed order: chunks of BG groups, each a fixed reduction tree
             rg = g0 + tl.arange(0, BG)
@@ -211,7 +246,7 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     args = (x2, x2.stride(0), weight, bias if bias is not None else weight, y, y.stride(0), M, N, K, K)
     kw = dict(HAS_BIAS=bias is not None, F32=x.dtype == torch.float32 or not x.is_cuda, BM=BM)
     if x.is_cuda:
-        _gemv_tuned[lambda meta: (triton.cdiv(N, meta["BN"]), 1)](*args, **kw)
+        _gemv_tuned[lambda meta: (triton.cdiv(N, meta["BN"]), 1)](*args, **kw, **_launch_args(x, N, K))
     else:  # interpreter: one fixed configuration
         _gemv_kernel[(triton.cdiv(N, 16), 1)](*args, **kw, BN=16, BK=64)
     return y.view(*x.shape[:-1], N)
@@ -258,7 +293,7 @@ def small_linear_partials(x: torch.Tensor, weight: torch.Tensor, splits: int) ->
     args = (x2, x2.stride(0), weight, weight, y, N, M, N, K, k_split)
     kw = dict(HAS_BIAS=False, F32=x.dtype == torch.float32 or not x.is_cuda, BM=BM)
     if x.is_cuda:
-        _gemv_split_tuned[lambda meta: (triton.cdiv(N, meta["BN"]), splits)](*args, **kw)
+        _gemv_split_tuned[lambda meta: (triton.cdiv(N, meta["BN"]), splits)](*args, **kw, **_launch_args(x, N, k_split))
     else:
         _gemv_kernel[(triton.cdiv(N, 16), splits)](*args, **kw, BN=16, BK=64)
     return y.view(splits, *x.shape[:-1], N)
@@ -376,7 +411,7 @@ def linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     kw = dict(HAS_BIAS=bias is not None, SPLIT=S > 1, F32=x.dtype == torch.float32 or not x.is_cuda, BM=BM)
     if x.is_cuda:
         tuned = _res_split_tuned if S > 1 else _res_tuned
-        tuned[lambda meta: (triton.cdiv(N, meta["BN"]), S)](*args, **kw)
+        tuned[lambda meta: (triton.cdiv(N, meta["BN"]), S)](*args, **kw, **_launch_args(x, N, k_split))
     else:  # interpreter: the configuration small_linear / small_linear_partials use there (bit-identical sums)
         _gemv_res_kernel[(triton.cdiv(N, 16), S)](*args, **kw, BN=16, BK=64)
     return h.view(*x.shape[:-1], N), ssq
@@ -422,7 +457,7 @@ def normed_linear(h: torch.Tensor, sumsq: torch.Tensor, norm_weight: torch.Tenso
     kw = dict(OFFSET=bool(offset), HAS_BIAS=bias is not None, F32=h.dtype == torch.float32 or not h.is_cuda, BM=BM,
               BG=min(64, triton.next_power_of_2(G)))
     if h.is_cuda:
-        _norm_tuned[lambda meta: (triton.cdiv(N, meta["BN"]),)](*args, **kw)
+        _norm_tuned[lambda meta: (triton.cdiv(N, meta["BN"]),)](*args, **kw, **_launch_args(h, N, D))
     else:
         _gemv_norm_kernel[(triton.cdiv(N, 16),)](*args, **kw, BN=16, BK=64)
     return y.view(*h.shape[:-1], N)

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import torch
 
+from gdnspec.ops import pdl
 from gdnspec.ops.gated_delta_rule import triton_tree as _triton_tree
 from gdnspec.ops.gated_delta_rule.triton_tree import HAS_TRITON, TritonTreeCache, available, default_precision
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from gdnspec.ops.pdl import enter
 
 __all__ = ["available", "triton_tree_commit", "triton_tree_commit_state", "triton_tree_conv_commit_state"]
 
@@ -113,16 +116,18 @@ if HAS_TRITON:
     def _commit_kernel(
         s0, out, k, vnew, gamma, amask, node, N,
         H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-        BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+        BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False,
     ):
+        enter(PDL)  # ops/pdl.py: before any load or store
         _commit_state_tile(s0, out, k, vnew, gamma, amask, node, N, tl.program_id(0), tl.program_id(1),
                            H, HV, K, V, BN, BK, BV, PREC)
 
     @triton.jit
     def _conv_commit_kernel(
         x, state, out, widx, node, N, D,
-        W: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr,
+        W: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr = False,
     ):
+        enter(PDL)  # ops/pdl.py: before any load or store
         _conv_commit_tile(x, D, state, out, widx, node, N, D, tl.program_id(0), tl.program_id(1), 0, 0, 0, 0, 0, 0,
                           W, BW, BD, False, 1, 1, 1, 1)
 
@@ -132,9 +137,10 @@ if HAS_TRITON:
         q_base, q_hs, k_base, k_hs, v_base, v_hs,
         H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
         BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-        W: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr, PROJ: tl.constexpr,
+        W: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr, PROJ: tl.constexpr, PDL: tl.constexpr = False,
     ):
         """One launch: programs [0, n_state) commit recurrent-state tiles, the rest conv-window channel blocks."""
+        enter(PDL)  # ops/pdl.py: before any load or store
         pid = tl.program_id(0)
         NKV: tl.constexpr = ((K + BK - 1) // BK) * ((V + BV - 1) // BV)
         ND = (D + BD - 1) // BD
@@ -208,7 +214,7 @@ def triton_tree_commit_state(
     _commit_kernel[grid](
         state, out, cache.k.contiguous(), cache.v_new.contiguous(), cache.gamma.contiguous(),
         cache.ancestor_mask.contiguous().view(torch.uint8), node.contiguous(), N,
-        H=H, HV=HV, K=K, V=V, BN=BN, BK=BK, BV=BV, PREC=precision or default_precision(state), num_warps=4,
+        H=H, HV=HV, K=K, V=V, BN=BN, BK=BK, BV=BV, PREC=precision or default_precision(state), num_warps=4, **pdl.launch_args(state),
     )
     return out
 
@@ -234,7 +240,7 @@ def triton_tree_conv_commit_state(
     BD = 256
     BW = max(2, triton.next_power_of_2(W - 1))
     _conv_commit_kernel[(B, triton.cdiv(D, BD))](
-        x.contiguous(), state, out, window_index.contiguous(), node.contiguous(), N, D, W=W, BW=BW, BD=BD, num_warps=4,
+        x.contiguous(), state, out, window_index.contiguous(), node.contiguous(), N, D, W=W, BW=BW, BD=BD, num_warps=4, **pdl.launch_args(state),
     )
     return out
 
@@ -292,5 +298,5 @@ def triton_tree_commit(
         cache.ancestor_mask.contiguous().view(torch.uint8), node.contiguous(), x, x.stride(0), conv_state, conv_state,
         window_index.contiguous(), N, D, n_state, *cols,
         H=H, HV=HV, K=K, V=V, BN=BN, BK=BK, BV=BV, PREC=precision or default_precision(state),
-        W=W, BW=max(2, triton.next_power_of_2(W - 1)), BD=BD, PROJ=L is not None, num_warps=4,
+        W=W, BW=max(2, triton.next_power_of_2(W - 1)), BD=BD, PROJ=L is not None, num_warps=4, **pdl.launch_args(state),
     )

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gdnspec.ops import pdl
 from gdnspec.ops.gated_delta_rule.common import check_gdr_inputs
 from gdnspec.ops.gated_delta_rule.tree import TreeGDRCache, _check_tree
 
@@ -82,6 +83,7 @@ class TritonTreeCache:
 
 
 if HAS_TRITON:
+    from gdnspec.ops.pdl import enter
 
     @triton.jit
     def _tree_solve(b_k, b_g, b_beta, b_A, rn, N, PREC: tl.constexpr):
@@ -119,8 +121,9 @@ if HAS_TRITON:
         N, scale, eps,
         H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
         BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-        L2NORM: tl.constexpr, PREC: tl.constexpr,
+        L2NORM: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False,
     ):
+        enter(PDL)  # ops/pdl.py: before any load or store
         i_v = tl.program_id(0)
         i_bh = tl.program_id(1)
         i_b = i_bh // HV
@@ -231,6 +234,6 @@ def triton_tree_gated_delta_rule(
         N, scale, eps,
         H=H, HV=HV, K=K, V=V, BN=BN, BK=BK, BV=BV,
         L2NORM=bool(use_qk_l2norm), PREC=precision or default_precision(v),
-        num_warps=warps,
+        num_warps=warps, **pdl.launch_args(q),
     )
     return o, TritonTreeCache(k=k_out, v_new=vnew, gamma=gamma, ancestor_mask=ancestor_mask)
