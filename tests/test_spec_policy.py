@@ -1,8 +1,8 @@
 """Adaptive speculation (issue 10, item 4): spec/policy.StepPolicy and SpeculativeEngine(adaptive=True).
 
 The policy runs the kind of step (speculative or plain) measured faster per emitted token for the batch size, after
-two measurements of each, and re-measures the slower kind every `explore_every` steps; greedy output never depends
-on the choices (every step, either kind, emits the target's greedy tokens)."""
+two measurements of each, and re-measures the slower kind with a burst of `explore_steps` steps every `explore_every`
+steps; greedy output never depends on the choices (every step, either kind, emits the target's greedy tokens)."""
 from __future__ import annotations
 
 import pytest
@@ -17,9 +17,9 @@ from spec_helpers import noisy_copy, prompts_of, tiny_model
 
 
 def test_policy_runs_the_faster_kind_and_explores_the_other():
-    p = StepPolicy(explore_every=5)
+    p = StepPolicy(explore_every=5, explore_steps=2)
     kinds = []
-    for _ in range(40):
+    for _ in range(60):
         k = p.choose(1)
         kinds.append(k)
         # speculative: 4 ms for 2 tokens (2 ms / token); plain: 1 ms for 1 token (1 ms / token): plain wins
@@ -28,12 +28,14 @@ def test_policy_runs_the_faster_kind_and_explores_the_other():
     later = kinds[4:]
     assert later.count(False) > 0.7 * len(later) and later.count(True) >= 1  # plain wins; speculation re-measured
     s = p.summary()
-    assert s["speculative_steps"] + s["plain_steps"] == 40 and s["plain_steps"] == kinds.count(False)
+    assert s["speculative_steps"] + s["plain_steps"] == 60 and s["plain_steps"] == kinds.count(False)
     assert s["by_batch_bucket"][1]["seconds_per_token"]["plain"] == pytest.approx(0.001)
-    # a loser confirmed again and again is re-measured ever less often: intervals 5, 10, 20, 40 ...
-    explored = [i for i, k in enumerate(later) if k]
-    gaps = [b - a for a, b in zip(explored, explored[1:])]
-    assert gaps == sorted(gaps) and gaps[-1] > gaps[0] and p.interval[1] >= 20
+    # the loser is re-measured by bursts of explore_steps = 2 steps, ever less often: intervals 5, 10, 20, 40 ...
+    starts = [i for i, k in enumerate(later) if k and (i == 0 or not later[i - 1])]
+    assert all(later[i:i + 2] == [True, True] for i in starts if i + 2 <= len(later))
+    assert later.count(True) == 2 * len(starts) - (1 if later[-1] and not later[-2] else 0)
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert len(gaps) >= 2 and gaps == sorted(gaps) and gaps[-1] > gaps[0] and p.interval[1] >= 20
     # when speculation is the faster kind it runs almost every step
     q = StepPolicy(explore_every=5)
     for _ in range(40):
@@ -51,6 +53,86 @@ def test_policy_runs_the_faster_kind_and_explores_the_other():
             slow_spec = False  # from here speculation is 4x cheaper per token
         r.record(1, k, (0.004 if slow_spec else 0.001) if k else 0.002, 1)
     assert kinds[-20:].count(True) > 15  # speculating again at the end
+
+
+@pytest.mark.parametrize("estimator", ["ratio_of_averages", "average_of_ratios_mutant"])
+def test_policy_prefers_speculation_whose_acceptance_varies_when_it_is_faster_on_average(estimator, monkeypatch):
+    """A speculative step costs 4 ms and emits 1 or 7 tokens (4 on average: 1 ms per token); a plain step emits 1
+    token in 1.25 ms. Speculation is the faster kind (throughput E[tokens] / E[seconds]); an average of per-step
+    seconds / tokens (4 ms and 0.57 ms per token: 2.3 on average) would pick plain. The mutant estimator must fail."""
+    p = StepPolicy(explore_every=4)
+    if estimator != "ratio_of_averages":
+        def _update_mutant(b):  # the per-step ratio averaged instead of the ratio of the averages
+            per = p.per_token.setdefault(b, {})
+            for kind in (True, False):
+                if (b, kind) in p.sec:
+                    last = p._last[(b, kind)]
+                    per[kind] = last if kind not in per else 0.75 * per[kind] + 0.25 * last
+        rec = p._record
+
+        def _record_mutant(n, speculative, seconds, tokens):
+            p.__dict__.setdefault("_last", {})[(1, speculative)] = seconds / tokens
+            rec(n, speculative, seconds, tokens)
+        monkeypatch.setattr(p, "_update", _update_mutant)
+        monkeypatch.setattr(p, "_record", _record_mutant)
+    spec_steps = 0
+    for i in range(200):
+        k = p.choose(1)
+        if k:
+            spec_steps += 1
+            p.record(1, True, 0.004, 1 if spec_steps % 2 else 7)
+        else:
+            p.record(1, False, 0.00125, 1)
+    share = p.summary()["speculative_steps"] / 200
+    if estimator == "ratio_of_averages":
+        assert share > 0.7, share
+    else:
+        assert share < 0.5, share  # the biased estimator loses the faster kind: this test can tell them apart
+
+
+def test_deferred_catch_up_is_charged_to_the_plain_steps():
+    """Plain steps leave the drafter's catch-up for later; its cost belongs to them. Plain 1 ms per token plus 0.5 ms
+    of deferred catch-up per step vs speculation 1.3 ms per token: speculation is the faster kind only when the
+    charge is counted; without `charge` (the mutant) plain keeps winning."""
+    for charged in (True, False):
+        p = StepPolicy(explore_every=4)
+        pending = 0
+        for _ in range(200):
+            k = p.choose(1)
+            if k:
+                if pending and charged:
+                    p.charge(1, False, 0.0005 * pending, pending)
+                pending = 0
+                p.record(1, True, 0.0039, 3)
+            else:
+                pending += 1
+                p.record(1, False, 0.001, 1)
+        share = p.summary()["speculative_steps"] / 200
+        assert (share > 0.7) if charged else (share < 0.3), (charged, share)
+    assert p.extra == {} and StepPolicy(adaptive=False).charge(1, False, 1.0, 3) is None
+
+
+def test_adaptive_step_charges_the_drafter_catch_up_to_plain_steps():
+    target = tiny_model(seed=2, hybrid=True, init_scale=4.0)
+    eng = SpeculativeEngine(target, ModelDrafter(noisy_copy(target, noise=0.05)), TreeConfig(builder="chain", num_steps=3),
+                            adaptive=True, static=False)
+    eng.policy = StepPolicy(explore_every=2, explore_steps=1)  # switch often
+    session = eng.session()
+    session.add(prompts_of([5], target.vocab_size), max_new_tokens=60)
+    kinds = []
+    while session.active and not (len(kinds) > 4 and kinds[-1] and not kinds[-2]):
+        _, k = session.adaptive_step(eng.policy)
+        kinds.append(k)
+    assert kinds[:4] == [True, True, False, False]  # the warm-up order: two of each
+    assert kinds[-1] and not kinds[-2], kinds  # a speculative step after plain ones happened
+    assert eng.policy.extra[(1, False)] > 0  # ... and the plain steps' deferred catch-up was charged to them
+    assert not session._pending_tokens  # caught up
+
+
+def test_policy_rejects_bad_settings():
+    for kw in (dict(explore_every=0), dict(explore_steps=0), dict(smoothing=0.0), dict(smoothing=1.5)):
+        with pytest.raises(ValueError, match="explore_every and explore_steps"):
+            StepPolicy(**kw)
 
 
 @torch.inference_mode()

@@ -232,11 +232,8 @@ class EngineLoop:
         rows = list(self.session.rows)
         seqs = [self.session.sequences[i] for i in rows]
         before = [(s.draft_tokens, s.accepted_tokens) for s in seqs]
-        speculate = self.policy.choose(len(rows))
-        t0 = time.perf_counter()
-        new = self.session.step(speculate=speculate)
+        new, speculate = self.session.adaptive_step(self.policy)
         now = time.perf_counter()
-        self.policy.record(len(rows), speculate, now - t0, sum(len(t) for t in new.values()))
         if speculate and not getattr(self.engine.drafter, "plain", False):
             self.metrics.record_spec(drafted=[s.draft_tokens - d for s, (d, _) in zip(seqs, before)],
                                      accepted=[s.accepted_tokens - a for s, (_, a) in zip(seqs, before)])

@@ -183,12 +183,8 @@ class SpeculativeEngine:
         while session.active:
             if self.policy is None:
                 session.step()
-                continue
-            n = len(session.rows)
-            kind = self.policy.choose(n)
-            t0 = time.perf_counter()
-            new = session.step(speculate=kind)
-            self.policy.record(n, kind, time.perf_counter() - t0, sum(len(t) for t in new.values()))
+            else:
+                session.adaptive_step(self.policy)
         pad = next((s[0] for s in stops if s), None)
         return pack_outputs([session.sequence(i) for i in ids], as_tensor, pad)
 
@@ -515,6 +511,23 @@ class SpecSession:
         self.verified = acc.bonus
         self._compact()
         return new
+
+    @exclusive
+    def adaptive_step(self, policy) -> tuple[dict[int, list[int]], bool]:
+        """One step of the kind `policy` (spec/policy.StepPolicy) chooses for the active rows, timed and recorded
+        with it; returns (new tokens per sequence, speculative). Before a speculative step the drafter's pending
+        catch-up (left by plain steps) runs on its own and is charged to those plain steps (`policy.charge`)."""
+        n = len(self.rows)
+        kind = policy.choose(n)
+        if kind and self._pending_tokens and not getattr(self.engine.drafter, "plain", False):
+            steps = len(self._pending_tokens)
+            t0 = time.perf_counter()
+            self._flush_drafter()
+            policy.charge(n, False, time.perf_counter() - t0, steps)
+        t0 = time.perf_counter()
+        new = self.step(speculate=kind)
+        policy.record(n, kind, time.perf_counter() - t0, sum(len(t) for t in new.values()))
+        return new, kind
 
     def _plain_step(self) -> dict[int, list[int]]:
         eng = self.engine
