@@ -88,6 +88,13 @@ def main() -> int:
             same = all(torch.equal(a, b) for o in outs.values() for a, b in zip(o, want))
             failed += not same
             print(f"float32 greedy: EAGLE speculative (graph, fused and unfused head) == plain: {'ok' if same else 'FAIL'}")
+            # reduced draft vocabulary (models/eagle.py): every other token id; fused head in the graph
+            head.set_draft_vocab(torch.arange(0, model.vocab_size, 2, device="cuda"))
+            got = SpeculativeEngine(model, EagleDrafter(head, model), TreeConfig(topk=4, num_steps=5, num_draft_tokens=16),
+                                    static=True).generate(prompts, 40)
+            same = all(torch.equal(a, b) for a, b in zip(got, want))
+            failed += not same
+            print(f"float32 greedy: EAGLE with a reduced draft vocabulary (graph) == plain: {'ok' if same else 'FAIL'}")
     return failed + check_pdl()
 
 

@@ -390,6 +390,9 @@ def add_distill_parser(subparsers) -> None:
     p.add_argument("--unroll-steps", type=POSITIVE_INT, default=3, help="(eagle) training-time unroll depth")
     p.add_argument("--reg-weight", type=NON_NEGATIVE_FLOAT, default=0.2, help="(eagle) feature regression weight")
     p.add_argument("--step-decay", type=POSITIVE_FLOAT, default=0.8, help="(eagle) loss weight decay per unroll step")
+    p.add_argument("--draft-vocab", type=POSITIVE_INT, default=None, metavar="N",
+                   help="(eagle) draft over the N most frequent tokens of --data only (EAGLE-3's draft_vocab_size; "
+                        "stored with the head; lossless): a cheaper lm_head per drafting step")
     _add_train_options(p, steps=1000, lr=2e-3)
 
 
@@ -451,6 +454,10 @@ def cmd_distill(args) -> int:
         target, _ = load_checkpoint(args.target)
     except (OSError, ValueError, KeyError) as e:
         raise UsageError(f"--target: cannot load {args.target}: {e}") from None
+    if args.draft_vocab is not None and args.kind != "eagle":
+        raise UsageError(f"--draft-vocab: a reduced draft vocabulary is for --kind eagle heads, got --kind {args.kind}")
+    if args.draft_vocab is not None and args.draft_vocab > target.vocab_size:
+        raise UsageError(f"--draft-vocab: at most the target's vocabulary ({target.vocab_size}), got {args.draft_vocab}")
     init = _init_drafter(args, target) if args.init is not None else None
     args.preset = args.preset or "default-draft"
     config = init.config if init is not None else _drafter_config(args, target)  # a bad --set fails now
@@ -473,6 +480,9 @@ def cmd_distill(args) -> int:
     else:
         drafter = init if init is not None else EagleHead(config)
         extra.update(unroll_steps=args.unroll_steps, reg_weight=args.reg_weight, step_decay=args.step_decay)
+        if args.draft_vocab is not None:
+            drafter.set_draft_vocab(data.frequent_tokens(args.draft_vocab))
+            extra["draft_vocab"] = args.draft_vocab
     print(f"[distill] {args.kind}: {count_params(drafter) / 1e6:.2f}M params (target {count_params(target) / 1e6:.2f}M)",
           flush=True)
     tc = _train_config(args, extra)

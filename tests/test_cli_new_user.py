@@ -319,3 +319,17 @@ def test_distill_init_continues_from_a_checkpoint_and_checks_it(tmp_path, capsys
     assert_one_line_error(*run_main(base + ["--init", f"{tmp_path}/e1", "--set", "hidden_size=8"], capsys),
                           "--init", "--set")
     assert not (tmp_path / "e3").exists()
+    # --draft-vocab N: the continued head drafts over the N most frequent tokens of --data; saved and reloaded
+    from gdnspec.models.checkpoint import load_checkpoint
+    from gdnspec.train.data import TokenData
+
+    rc, out, err = run_main(base + ["--init", f"{tmp_path}/e1", "--draft-vocab", "50", "--steps", "1", *common], capsys)
+    assert rc == 0, err[-2000:]
+    head, _ = load_checkpoint(tmp_path / "e3")
+    assert head.config.draft_vocab_size == 50
+    assert torch.equal(head.draft_ids, TokenData.load(tmp_path / "d").frequent_tokens(50))
+    assert json.loads((tmp_path / "e3" / "training.json").read_text()).get("draft_vocab") == 50
+    assert_one_line_error(*run_main(["distill", "--kind", "model", "--target", f"{tmp_path}/t", "--data",
+                                     f"{tmp_path}/d", "--out", f"{tmp_path}/m9", "--draft-vocab", "50"], capsys),
+                          "--draft-vocab", "--kind eagle")
+    assert_one_line_error(*run_main(base + ["--draft-vocab", "100000"], capsys), "--draft-vocab", "at most")

@@ -67,9 +67,14 @@ class GDNConfig:
     decoder_sparse_step: int = 1
     mlp_only_layers: list[int] = field(default_factory=list)
     rms_norm_offset: bool = True
+    draft_vocab_size: int | None = None  # EAGLE heads (EAGLE-3's field): draft over this many target token ids only
 
     def __post_init__(self):
         self._check_types()
+        if self.draft_vocab_size is not None and not (_is_int(self.draft_vocab_size)
+                                                      and 1 <= self.draft_vocab_size <= self.vocab_size):
+            raise ValueError(f"draft_vocab_size must be None or an int in [1, vocab_size={self.vocab_size}], got "
+                             f"{self.draft_vocab_size!r}")
         if self.layer_types is None:
             n = self.full_attention_interval
             self.layer_types = ["full_attention" if n and (i + 1) % n == 0 else "linear_attention"

@@ -499,7 +499,7 @@ def eagle_decode_step(head, hidden: torch.Tensor, token_embeds: torch.Tensor, st
     h = h + gdn_decode(layer.linear_attn, _rms(layer.input_layernorm, h), state.layers[0])
     if layer.mlp is not None:
         h = h + _mlp(layer.mlp, _rms(layer.post_attention_layernorm, h))
-    return h, target.lm_head(_rms(target.norm, h[:, 0]))
+    return h, F.linear(_rms(target.norm, h[:, 0]), *head.draft_lm_head(target))  # lm_head, or its draft_ids rows
 
 
 _CHAIN_SETUPS: dict = {}

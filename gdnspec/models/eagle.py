@@ -10,6 +10,15 @@ e_{t+1} = target.embed_tokens(x_{t+1})) and the output predicts f_{t+1}, whose l
 is fc(concat(norm_e(e), norm_h(f))) (EAGLE-3 style norms); the head holds no embedding or lm_head: it reuses the
 target's, so its checkpoint (model_type "gdnspec_eagle") needs the target to draft. Because the mixer is a GDN
 layer, a drafting step costs the same at any context length. Training: gdnspec/train/distill.py.
+
+Reduced draft vocabulary (the EAGLE-3 idea, optional): `head.set_draft_vocab(ids)` stores `draft_ids` (Vd,) int64,
+the target token ids the head drafts over (config.draft_vocab_size = Vd, saved with the head). `decode_step` then
+returns logits over those ids only, (B, Vd), from the matching rows of the target's lm_head (gathered once and
+cached): the lm_head GEMV of every expansion reads Vd / vocab of the bytes. `scatter_draft_logprobs` puts the
+drafter's log-probabilities back on the target's ids (-inf elsewhere), so tree building, stochastic drafts and the
+acceptance rule see a draft distribution q over the full vocabulary that is zero outside draft_ids: verification is
+unchanged and stays exact. `gdnspec distill --kind eagle --draft-vocab N` keeps the N most frequent tokens of the
+training data (the head is still trained against the full-vocabulary target distribution).
 """
 from __future__ import annotations
 
@@ -37,6 +46,8 @@ class EagleHead(nn.Module):
         self.norm_h = RMSNorm(H, config.rms_norm_eps, **kw)
         self.fc = nn.Linear(2 * H, H, bias=False, **kw)
         self.layer = DecoderLayer(config, "linear_attention", **kw)
+        Vd = config.draft_vocab_size
+        self.register_buffer("draft_ids", None if Vd is None else torch.arange(Vd, device=device))
         with torch.no_grad():
             for m in self.modules():
                 if isinstance(m, nn.Linear):
@@ -53,6 +64,50 @@ class EagleHead(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.fc.weight.device
+
+    def set_draft_vocab(self, ids: torch.Tensor | None) -> None:
+        """Draft over the target token ids `ids` only (1-D, distinct, in [0, vocab_size); None: the whole vocabulary).
+        Sets config.draft_vocab_size; the ids are saved with the head."""
+        if ids is None:
+            self.draft_ids = None
+            self.config.draft_vocab_size = None
+            return
+        V = self.config.vocab_size
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.numel() < 1 or ids.is_floating_point():
+            raise ValueError(f"draft vocabulary ids must be a non-empty 1-D integer tensor, got {getattr(ids, 'shape', ids)!r}")
+        ids = ids.to(torch.long).cpu()
+        if int(ids.min()) < 0 or int(ids.max()) >= V or ids.unique().numel() != ids.numel():
+            raise ValueError(f"draft vocabulary ids must be distinct token ids in [0, vocab_size={V}), got min "
+                             f"{int(ids.min())}, max {int(ids.max())}, {ids.numel() - ids.unique().numel()} repeated")
+        self.draft_ids = ids.to(self.device)
+        self.config.draft_vocab_size = int(ids.numel())
+
+    def draft_lm_head(self, target: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight (Vd or vocab, H), bias or None) of the logits this head drafts with: the target's lm_head, or its
+        rows draft_ids (gathered once per weight version and cached on the head)."""
+        w, b = target.lm_head.weight, target.lm_head.bias
+        ids = self.draft_ids
+        if ids is None:
+            return w, b
+        if ids.device != w.device:
+            raise ValueError(f"the head's draft_ids are on {ids.device}, the target's lm_head on {w.device}: move both")
+        return _cpu_fast._cached(self, "_draft_lm_head", (w, ids) if b is None else (w, ids, b),
+                                 lambda: (w.index_select(0, ids), None if b is None else b.index_select(0, ids)))
+
+    def head_logits(self, target: nn.Module, out: torch.Tensor) -> torch.Tensor:
+        """Draft logits over this head's vocabulary (draft_ids, or all of the target's): (..., Vd or vocab)."""
+        if self.draft_ids is None:
+            return self.draft_logits(target, out)
+        w, b = self.draft_lm_head(target)
+        return torch.nn.functional.linear(target.norm(out if out.dtype == target.dtype else out.to(target.dtype)), w, b)
+
+    def scatter_draft_logprobs(self, logp: torch.Tensor) -> torch.Tensor:
+        """(..., Vd) log-probabilities over draft_ids -> (..., vocab) on the target's ids, -inf elsewhere (identity
+        without a reduced vocabulary)."""
+        if self.draft_ids is None:
+            return logp
+        full = logp.new_full((*logp.shape[:-1], self.config.vocab_size), float("-inf"))
+        return full.index_copy_(-1, self.draft_ids, logp)
 
     def new_state(self, batch_size: int) -> ModelState:
         """Zero state: ModelState([GDNLayerState]) for the one layer."""
@@ -93,8 +148,8 @@ class EagleHead(nn.Module):
 
     def decode_step(self, hidden: torch.Tensor, token_embeds: torch.Tensor, state: ModelState, *, target: nn.Module
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One drafting step, one token per row: (features (B, 1, H) as `forward`, draft logits (B, vocab) as
-        `draft_logits`); `state` advanced in place.
+        """One drafting step, one token per row: (features (B, 1, H) as `forward`, draft logits (B, Vd or vocab) as
+        `head_logits`: over draft_ids when the head has a reduced vocabulary); `state` advanced in place.
 
         hidden, token_embeds (B, 1, H). With the target's fused steps (CUDA / Triton backend, float32 GDN state, no
         autograd) this is the target's fused decode layer (issue 9) around fc: norm_e and norm_h (one add_rms_norm
@@ -113,7 +168,7 @@ class EagleHead(nn.Module):
                                                target=target)
         if not self._fused_ok(hidden, s, target):
             out, state = self(hidden, token_embeds, state, mode="fused_decode")
-            return out, self.draft_logits(target, out[:, -1])
+            return out, self.head_logits(target, out[:, -1])
         from gdnspec.models.lm import add_norm
         from gdnspec.ops.fused.gemv import small_linear
         from gdnspec.ops.fused.normed import linear_in
@@ -124,7 +179,7 @@ class EagleHead(nn.Module):
         x = small_linear(torch.cat([e, f], dim=-1)[:, 0], self.fc.weight, self.fc.bias)[:, None]  # (B, 1, H)
         y, resid = self.layer.decode_fused(x, None, s, reserve_kv=False)
         xn, out = add_norm(target.norm, y, resid)  # out = resid + y in the down GEMV; target.norm folded into lm_head
-        logits = linear_in(xn, target.lm_head.weight, target.lm_head.bias)[:, 0]
+        logits = linear_in(xn, *self.draft_lm_head(target))[:, 0]
         return out, logits
 
     def _cpu_fast_ok(self, s, target: nn.Module) -> bool:

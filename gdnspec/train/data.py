@@ -157,6 +157,16 @@ class TokenData:
     def tokenizer_path(self) -> Path:
         return self.folder / "tokenizer.json"
 
+    def frequent_tokens(self, n: int) -> torch.Tensor:
+        """The n most frequent token ids of the train split (ties: the smaller id first), as int64 (n,): the reduced
+        draft vocabulary of an EAGLE head (`gdnspec distill --draft-vocab n`)."""
+        V = self.vocab_size
+        if not 1 <= n <= V:
+            raise ValueError(f"n must be in [1, vocab_size={V}], got {n}")
+        counts = torch.from_numpy(np.bincount(self.train.astype(np.int64), minlength=V)[:V])
+        order = torch.argsort(-counts, stable=True)  # descending counts, ascending ids among equal counts
+        return order[:n].clone()
+
     def sample_batch(self, batch_size: int, seq_len: int, *, generator: torch.Generator, split: str = "train"):
         """Random windows: input (B, seq_len) long and next-token targets (B, seq_len) long."""
         stream = self.train if split == "train" else self.heldout

@@ -104,7 +104,8 @@ class EagleDrafter:
             out, logits = head.decode_step(feats, self._embed(frontier_tokens.reshape(B * F, 1)), prev_state,
                                            target=self.target)  # prev_state advanced in place
             cur["state"], cur["feat"], cur["width"] = prev_state, out.view(B, F, -1), F
-            return torch.log_softmax(logits if logits.dtype == torch.float32 else logits.float(), dim=-1).view(B, F, -1)
+            logp = torch.log_softmax(logits if logits.dtype == torch.float32 else logits.float(), dim=-1)
+            return head.scatter_draft_logprobs(logp).view(B, F, -1)  # on the target's ids (reduced draft vocab)
 
         roots = root_tokens if root_tokens.device == head.device else root_tokens.to(head.device)
         return build_tree(roots, expand, config, sync_free=sync_free, draft=draft)[0]
