@@ -29,6 +29,12 @@ def cli_env() -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
+def default_sigint() -> None:
+    """Popen preexec_fn: SIGINT back to its default in the child. A test run started in the background of a
+    non-interactive shell (`cmd &`) inherits SIGINT as ignored, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def assert_usage_error(rc, out, err, *needles):
     assert rc == 2, (rc, err)
     assert out == "", "nothing may be printed before the arguments are checked"
@@ -130,7 +136,7 @@ def test_generate_ctrl_c_subprocess_ends_cleanly():
     """A real SIGINT while the text streams: exit code 130, the text so far, the statistics, no traceback."""
     proc = subprocess.Popen([sys.executable, "-m", "gdnspec", "generate", "--prompt", PROMPT, "--max-new-tokens",
                              "3000", "--drafter", "none"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=cli_env(), cwd=REPO)
+                            env=cli_env(), cwd=REPO, preexec_fn=default_sigint)
     try:
         seen = b""
         while len(seen) <= len(PROMPT) + 8:  # wait until generated text streams

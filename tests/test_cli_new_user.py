@@ -41,6 +41,12 @@ def cli_env() -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
+def default_sigint() -> None:
+    """Popen preexec_fn: SIGINT back to its default in the child. A test run started in the background of a
+    non-interactive shell (`cmd &`) inherits SIGINT as ignored, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("argv,needles", [
     # torch.set_num_threads(100000) crashed the process (segmentation fault)
     (GEN + ["--threads", "100000"], ["--threads", f"an integer from 1 to {os.cpu_count()}"]),
@@ -207,7 +213,8 @@ def test_ctrl_c_while_starting_ends_cleanly(first_signal_s):
     torch before main() could catch it). SIGINT is repeated every second until the process ends (torch's own import
     swallows one that lands at a certain moment)."""
     proc = subprocess.Popen([sys.executable, "-m", "gdnspec", *GEN[:3], "--max-new-tokens", "3000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(), cwd=REPO)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(), cwd=REPO,
+                            preexec_fn=default_sigint)
     try:
         time.sleep(first_signal_s)
         for _ in range(30):
