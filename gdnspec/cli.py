@@ -301,7 +301,17 @@ def _load_data(args):
     if not (folder / "train.npy").exists():
         build_dataset(folder, vocab_size=args.vocab_size, heldout_fraction=args.heldout_fraction, extra_paths=args.extra,
                       tokenizer_path=getattr(args, "tokenizer", None))
-    return TokenData.load(folder)
+    data = TokenData.load(folder)
+    T = args.seq_len  # an empty held-out split crashed distillation (ZeroDivisionError) and made train's best silent
+    if data.train.size < T + 2:
+        raise UsageError(f"--data: {folder} has {data.train.size:,} train tokens, fewer than --seq-len + 2 = {T + 2}: "
+                         f"lower --seq-len or add files to the corpus")
+    if data.heldout.size < T + 1:
+        raise UsageError(f"--data: {folder} has {data.heldout.size:,} held-out tokens, fewer than --seq-len + 1 = "
+                         f"{T + 1} (one evaluation window; the checkpoint kept is the best on held-out text): rebuild "
+                         f"it with more files or a larger --heldout-fraction (files are held out by a hash of their "
+                         f"names), or lower --seq-len")
+    return data
 
 
 def _finish(summary: dict, out: str) -> int:
