@@ -281,10 +281,18 @@ def _train_config(args, extra: dict):
                        autocast=args.autocast, extra=extra)
 
 
+def _refuse_draft_vocab_set(args) -> None:
+    """--set draft_vocab_size=N made a head drafting over the placeholder ids 0..N-1 (a model: a field nothing reads)."""
+    if any(item.partition("=")[0].strip() == "draft_vocab_size" for item in args.set):
+        raise UsageError("--set: draft_vocab_size is chosen from the data: use `gdnspec distill --kind eagle "
+                         "--draft-vocab N` (the N most frequent tokens of --data)")
+
+
 def _make_config(args, vocab_size: int):
     """make_config(--preset, vocab_size, --set); a config it rejects is a --set usage error."""
     from gdnspec.train.train import make_config
 
+    _refuse_draft_vocab_set(args)
     if any(item.partition("=")[0].strip() == "vocab_size" for item in args.set):
         raise UsageError("--set: vocab_size comes from the --data folder's tokenizer (give --vocab-size when the data "
                          "folder is built)")
@@ -414,6 +422,7 @@ def _drafter_config(args, target):
 
     if args.kind == "model":
         return _make_config(args, target.vocab_size)  # the --data folder's vocabulary is checked to match
+    _refuse_draft_vocab_set(args)
     overrides = dict(item.split("=", 1) for item in args.set)
     try:
         return eagle_config_for(target.config, intermediate_size=args.eagle_intermediate_size,

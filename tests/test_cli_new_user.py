@@ -82,6 +82,7 @@ def test_bad_flag_values_found_by_a_new_user(argv, needles, capsys):
     (["train", "--out", "{tmp}/file"], ["--out", "is a file"]),
     # the vocabulary comes from the data's tokenizer: overriding it crashed training with an IndexError
     (["train", "--out", "{tmp}/t", "--data", "{tmp}/none", "--set", "vocab_size=5"], ["--set", "vocab_size comes from"]),
+    (["train", "--out", "{tmp}/t", "--data", "{tmp}/none", "--set", "draft_vocab_size=5"], ["--set", "--draft-vocab"]),
 ])
 def test_data_and_training_mistakes(argv, needles, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
@@ -92,7 +93,12 @@ def test_data_and_training_mistakes(argv, needles, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("kind, override, needle", [("eagle", "bogus=1", "unknown GDNConfig fields: ['bogus']"),
-                                                     ("model", "num_hidden_layers=0", "num_hidden_layers must be >= 1")])
+                                                     ("model", "num_hidden_layers=0", "num_hidden_layers must be >= 1"),
+                                                     # an EAGLE head then drafted over token ids 0..49 (the placeholder
+                                                     # ids), not the most frequent ones; a draft model kept a field
+                                                     # that nothing reads
+                                                     ("eagle", "draft_vocab_size=50", "--draft-vocab"),
+                                                     ("model", "draft_vocab_size=50", "--draft-vocab")])
 def test_distill_set_is_checked_before_the_data_folder_is_built(kind, override, needle, tmp_path, capsys):
     """A bad --set for an EAGLE head was found only after the data folder had been built (minutes)."""
     target = tiny_folder(tmp_path / "target")
