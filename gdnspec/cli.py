@@ -281,10 +281,18 @@ def _train_config(args, extra: dict):
                        autocast=args.autocast, extra=extra)
 
 
+def _refuse_draft_vocab_set(args) -> None:
+    """--set draft_vocab_size=N made a head drafting over the placeholder ids 0..N-1 (a model: a field nothing reads)."""
+    if any(item.partition("=")[0].strip() == "draft_vocab_size" for item in args.set):
+        raise UsageError("--set: draft_vocab_size is chosen from the data: use `gdnspec distill --kind eagle "
+                         "--draft-vocab N` (the N most frequent tokens of --data)")
+
+
 def _make_config(args, vocab_size: int):
     """make_config(--preset, vocab_size, --set); a config it rejects is a --set usage error."""
     from gdnspec.train.train import make_config
 
+    _refuse_draft_vocab_set(args)
     if any(item.partition("=")[0].strip() == "vocab_size" for item in args.set):
         raise UsageError("--set: vocab_size comes from the --data folder's tokenizer (give --vocab-size when the data "
                          "folder is built)")
@@ -301,7 +309,17 @@ def _load_data(args):
     if not (folder / "train.npy").exists():
         build_dataset(folder, vocab_size=args.vocab_size, heldout_fraction=args.heldout_fraction, extra_paths=args.extra,
                       tokenizer_path=getattr(args, "tokenizer", None))
-    return TokenData.load(folder)
+    data = TokenData.load(folder)
+    T = args.seq_len  # an empty held-out split crashed distillation (ZeroDivisionError) and made train's best silent
+    if data.train.size < T + 2:
+        raise UsageError(f"--data: {folder} has {data.train.size:,} train tokens, fewer than --seq-len + 2 = {T + 2}: "
+                         f"lower --seq-len or add files to the corpus")
+    if data.heldout.size < T + 1:
+        raise UsageError(f"--data: {folder} has {data.heldout.size:,} held-out tokens, fewer than --seq-len + 1 = "
+                         f"{T + 1} (one evaluation window; the checkpoint kept is the best on held-out text): rebuild "
+                         f"it with more files or a larger --heldout-fraction (files are held out by a hash of their "
+                         f"names), or lower --seq-len")
+    return data
 
 
 def _finish(summary: dict, out: str) -> int:
@@ -404,6 +422,7 @@ def _drafter_config(args, target):
 
     if args.kind == "model":
         return _make_config(args, target.vocab_size)  # the --data folder's vocabulary is checked to match
+    _refuse_draft_vocab_set(args)
     overrides = dict(item.split("=", 1) for item in args.set)
     try:
         return eagle_config_for(target.config, intermediate_size=args.eagle_intermediate_size,

@@ -88,6 +88,7 @@ def test_bad_flag_values_found_by_a_new_user(argv, needles, capsys):
     (["train", "--out", "{tmp}/file"], ["--out", "is a file"]),
     # the vocabulary comes from the data's tokenizer: overriding it crashed training with an IndexError
     (["train", "--out", "{tmp}/t", "--data", "{tmp}/none", "--set", "vocab_size=5"], ["--set", "vocab_size comes from"]),
+    (["train", "--out", "{tmp}/t", "--data", "{tmp}/none", "--set", "draft_vocab_size=5"], ["--set", "--draft-vocab"]),
 ])
 def test_data_and_training_mistakes(argv, needles, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
@@ -98,7 +99,12 @@ def test_data_and_training_mistakes(argv, needles, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("kind, override, needle", [("eagle", "bogus=1", "unknown GDNConfig fields: ['bogus']"),
-                                                     ("model", "num_hidden_layers=0", "num_hidden_layers must be >= 1")])
+                                                     ("model", "num_hidden_layers=0", "num_hidden_layers must be >= 1"),
+                                                     # an EAGLE head then drafted over token ids 0..49 (the placeholder
+                                                     # ids), not the most frequent ones; a draft model kept a field
+                                                     # that nothing reads
+                                                     ("eagle", "draft_vocab_size=50", "--draft-vocab"),
+                                                     ("model", "draft_vocab_size=50", "--draft-vocab")])
 def test_distill_set_is_checked_before_the_data_folder_is_built(kind, override, needle, tmp_path, capsys):
     """A bad --set for an EAGLE head was found only after the data folder had been built (minutes)."""
     target = tiny_folder(tmp_path / "target")
@@ -340,3 +346,29 @@ def test_distill_init_continues_from_a_checkpoint_and_checks_it(tmp_path, capsys
                                      f"{tmp_path}/d", "--out", f"{tmp_path}/m9", "--draft-vocab", "50"], capsys),
                           "--draft-vocab", "--kind eagle")
     assert_one_line_error(*run_main(base + ["--draft-vocab", "100000"], capsys), "--draft-vocab", "at most")
+
+
+def test_a_data_folder_without_held_out_text_is_a_usage_error(tmp_path, capsys):
+    """A small corpus (or --heldout-fraction 0) gave a data folder with no held-out file: `gdnspec train` reported a
+    held-out loss of 0.0 (and kept only its first evaluation's checkpoint: nothing beats 0.0), `gdnspec distill` ended
+    in a ZeroDivisionError traceback after training. Both now say so before training, naming --data."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"m{i}.py").write_text(f"def f{i}(x):\n    return x + {i}\n" * 20)
+    common = ["--batch-size", "2", "--device", "cpu", "--steps", "1"]
+    rc, _, err = run_main(["data", "--out", f"{tmp_path}/d", "--no-stdlib", "--extra", str(corpus), "--vocab-size",
+                           "300", "--heldout-fraction", "0"], capsys)
+    assert rc == 0, err
+    assert_one_line_error(*run_main(["train", "--data", f"{tmp_path}/d", "--preset", "tiny", "--out", f"{tmp_path}/t",
+                                     "--seq-len", "16", *common], capsys), "--data", "0 held-out tokens",
+                          "--heldout-fraction")
+    assert not (tmp_path / "t").exists()
+    assert_one_line_error(*run_main(["train", "--data", f"{tmp_path}/d", "--preset", "tiny", "--out", f"{tmp_path}/t",
+                                     "--seq-len", "100000", *common], capsys), "--data", "train tokens", "--seq-len")
+    target = tiny_folder(tmp_path / "target", tiny_model(seed=0, vocab_size=300))
+    (target / "tokenizer.json").write_text((tmp_path / "d" / "tokenizer.json").read_text())
+    assert_one_line_error(*run_main(["distill", "--kind", "eagle", "--target", str(target), "--data", f"{tmp_path}/d",
+                                     "--out", f"{tmp_path}/e", "--seq-len", "16", *common], capsys),
+                          "--data", "held-out tokens")
+    assert not (tmp_path / "e").exists()

@@ -146,3 +146,34 @@ def test_frequent_tokens_counts_the_train_split(tmp_path):
     for bad in (0, 13):
         with pytest.raises(ValueError, match="vocab_size"):
             data.frequent_tokens(bad)
+
+
+def test_replacing_the_draft_vocabulary_never_reuses_stale_lm_head_rows():
+    """The gathered lm_head rows are cached by the ids tensor's data pointer and version: a new ids tensor allocated
+    where a freed one lived (set_draft_vocab twice with temporaries, version 0 again) must not hit the old cache entry;
+    and the head keeps its own copy of the ids (editing the caller's tensor afterwards changes nothing)."""
+    target = tiny_model(seed=2)
+    head = _head(target, dtype=torch.float32)
+    V = target.vocab_size
+    g = torch.Generator().manual_seed(0)
+    for k in (5, 20, V // 2):  # whether the allocator hands the freed block back depends on its size
+        for _ in range(40):
+            head.set_draft_vocab(torch.randperm(V, generator=g)[:k].clone())
+            head.draft_lm_head(target)
+            head.set_draft_vocab(torch.randperm(V, generator=g)[:k].clone())
+            head.set_draft_vocab(torch.randperm(V, generator=g)[:k].clone())  # often where the first one was
+            w, _ = head.draft_lm_head(target)
+            assert torch.equal(w, target.lm_head.weight.index_select(0, head.draft_ids))
+    ids = torch.tensor([3, 1, 4])
+    head.set_draft_vocab(ids)
+    ids[0] = 1  # now repeated: the head must not see it
+    assert head.draft_ids.tolist() == [3, 1, 4]
+    assert torch.equal(head.draft_lm_head(target)[0], target.lm_head.weight[[3, 1, 4]])
+
+
+def test_non_integer_dtypes_are_refused_as_draft_vocabularies():
+    head = _head(tiny_model(seed=2), dtype=torch.float32)
+    for bad in (torch.tensor([True, False]), torch.tensor([1 + 0j, 2 + 0j]), torch.tensor([1.0, 2.0])):
+        with pytest.raises(ValueError, match=f"integer.*{bad.dtype}"):
+            head.set_draft_vocab(bad)
+    assert head.draft_ids is None

@@ -157,3 +157,23 @@ def test_adaptive_engine_refuses_static_steps_and_a_non_bool():
         SpeculativeEngine(target, drafter, TreeConfig(), adaptive=True, static=True)
     with pytest.raises(TypeError, match="adaptive"):
         SpeculativeEngine(target, drafter, TreeConfig(), adaptive="yes", static=False)
+
+
+@torch.inference_mode()
+def test_adaptive_engine_with_a_null_drafter_counts_only_plain_steps():
+    """With a NullDrafter every step is a plain step; the adaptive engine's policy counted half of them as speculative
+    (the warm-up and every 'speculative' choice ran a plain step), and an adaptive_step of a session without rows
+    counted a step that did not happen."""
+    from gdnspec.spec.drafters.null import NullDrafter
+
+    target = tiny_model(seed=2, hybrid=True)
+    prompts = prompts_of([5, 9, 3], target.vocab_size)
+    want = generate_autoregressive(target, prompts, 12)
+    eng = SpeculativeEngine(target, NullDrafter(), TreeConfig(), adaptive=True, static=False)
+    got = eng.generate(prompts, 12)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    s = eng.policy.summary()
+    assert s["speculative_steps"] == 0 and s["plain_steps"] >= 11, s
+    before = eng.policy.summary()
+    assert eng.session().adaptive_step(eng.policy) == ({}, False)
+    assert eng.policy.summary() == before

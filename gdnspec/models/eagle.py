@@ -71,16 +71,22 @@ class EagleHead(nn.Module):
         if ids is None:
             self.draft_ids = None
             self.config.draft_vocab_size = None
+            self.__dict__.pop("_draft_lm_head", None)
             return
         V = self.config.vocab_size
-        if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.numel() < 1 or ids.is_floating_point():
-            raise ValueError(f"draft vocabulary ids must be a non-empty 1-D integer tensor, got {getattr(ids, 'shape', ids)!r}")
-        ids = ids.to(torch.long).cpu()
+        if (not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.numel() < 1 or ids.is_floating_point()
+                or ids.is_complex() or ids.dtype == torch.bool):
+            what = (f"a {ids.dtype} tensor of shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor)
+                    else f"{type(ids).__name__} {ids!r}")
+            raise ValueError(f"draft vocabulary ids must be a non-empty 1-D integer tensor, got {what}")
+        ids = ids.to("cpu", torch.long, copy=True)  # the head's own copy: editing the caller's tensor changes nothing
         if int(ids.min()) < 0 or int(ids.max()) >= V or ids.unique().numel() != ids.numel():
             raise ValueError(f"draft vocabulary ids must be distinct token ids in [0, vocab_size={V}), got min "
                              f"{int(ids.min())}, max {int(ids.max())}, {ids.numel() - ids.unique().numel()} repeated")
         self.draft_ids = ids.to(self.device)
         self.config.draft_vocab_size = int(ids.numel())
+        # the cached rows are keyed by the ids' data pointer and version: a new tensor may sit where a freed one did
+        self.__dict__.pop("_draft_lm_head", None)
 
     def draft_lm_head(self, target: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight (Vd or vocab, H), bias or None) of the logits this head drafts with: the target's lm_head, or its

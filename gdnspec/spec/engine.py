@@ -156,7 +156,8 @@ class SpeculativeEngine:
         self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
         self.trim_trees = trim_trees
         self.stats = SpecStats()
-        self.policy = StepPolicy() if adaptive else None
+        # a NullDrafter only makes plain steps: its policy must not count (or time) any step as speculative
+        self.policy = StepPolicy(speculative=not getattr(drafter, "plain", False)) if adaptive else None
         # static=None: fixed-shape steps replayed from CUDA graphs (gdnspec.runtime) on CUDA
         self.static = target.device.type == "cuda" if static is None else static
         if adaptive and self.static:
@@ -517,6 +518,8 @@ class SpecSession:
         """One step of the kind `policy` (spec/policy.StepPolicy) chooses for the active rows, timed and recorded
         with it; returns (new tokens per sequence, speculative). Before a speculative step the drafter's pending
         catch-up (left by plain steps) runs on its own and is charged to those plain steps (`policy.charge`)."""
+        if not self.rows:
+            return {}, False
         n = len(self.rows)
         kind = policy.choose(n)
         if kind and self._pending_tokens and not getattr(self.engine.drafter, "plain", False):
