@@ -133,6 +133,12 @@ def test_policy_rejects_bad_settings():
     for kw in (dict(explore_every=0), dict(explore_steps=0), dict(smoothing=0.0), dict(smoothing=1.5)):
         with pytest.raises(ValueError, match="explore_every and explore_steps"):
             StepPolicy(**kw)
+    for kw in (dict(explore_every=2.5), dict(explore_steps=True)):
+        with pytest.raises(ValueError, match="ints >= 1"):
+            StepPolicy(**kw)
+    for bad in (0, -1, 2.0):
+        with pytest.raises(ValueError, match="disable_by_batch_size"):
+            StepPolicy(disable_by_batch_size=bad)
 
 
 @torch.inference_mode()

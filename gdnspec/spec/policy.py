@@ -44,9 +44,14 @@ class StepPolicy:
 
     def __init__(self, *, speculative: bool = True, disable_by_batch_size: int | None = None, adaptive: bool = True,
                  explore_every: int = 16, explore_steps: int = 4, smoothing: float = 0.25):
-        if explore_every < 1 or explore_steps < 1 or not 0.0 < smoothing <= 1.0:
-            raise ValueError(f"explore_every and explore_steps must be >= 1 and smoothing in (0, 1], got "
-                             f"{explore_every}, {explore_steps}, {smoothing}")
+        counts_ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (explore_every, explore_steps))
+        if not counts_ok or not 0.0 < smoothing <= 1.0:
+            raise ValueError(f"explore_every and explore_steps must be ints >= 1 and smoothing in (0, 1], got "
+                             f"{explore_every!r}, {explore_steps!r}, {smoothing!r}")
+        if disable_by_batch_size is not None and not (isinstance(disable_by_batch_size, int)
+                                                      and not isinstance(disable_by_batch_size, bool)
+                                                      and disable_by_batch_size >= 1):
+            raise ValueError(f"disable_by_batch_size must be None or an int >= 1, got {disable_by_batch_size!r}")
         self.speculative, self.disable_by_batch_size, self.adaptive = speculative, disable_by_batch_size, adaptive
         self.explore_every, self.explore_steps, self.smoothing = explore_every, explore_steps, smoothing
         self.per_token: dict[int, dict[bool, float]] = {}  # bucket -> kind -> seconds per token (sec / tok)
