@@ -986,6 +986,9 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--adaptive", action="store_true",
                    help="speculative engines fall back to plain steps where those are measured faster (eager steps; "
                         "the table adds the share of plain steps)")
+    p.add_argument("--sample-drafts", action="store_true",
+                   help="with --temperature > 0: stochastic trees (drafts sampled from the drafter's q, accepted with "
+                        "min(1, p/q); TreeConfig.sample_drafts) instead of the top-k of q")
     p.add_argument("--out", type=path_arg, default="runs/eval", help="folder for <tag>.json and <tag>.png")
     p.add_argument("--tag", type=file_stem_arg, default="eval",
                    help="file name stem: writes <out>/<tag>.json and <out>/<tag>.png")
@@ -1057,6 +1060,16 @@ def cmd_eval(args) -> int:
     if bundle.tokenizer is None:
         raise UsageError(f"--model: {bundle.path} has no tokenizer.json: eval needs one to encode its prompts")
     shapes = SHAPES if args.shapes is None else {k: SHAPES[k] for k in args.shapes}
+    if args.sample_drafts:
+        import dataclasses
+
+        if args.temperature <= 0:
+            raise UsageError("--sample-drafts: stochastic trees need --temperature > 0 (greedy drafts are the top-k)")
+        plain = [n for n in args.drafters if not getattr(bundle.drafters[n], "supports_draft_sampling", False)]
+        if plain:
+            raise UsageError(f"--sample-drafts: the drafter(s) {', '.join(plain)} draft deterministically; use "
+                             f"--drafters with {', '.join(n for n in bundle.drafters if n not in plain) or 'model or eagle'}")
+        shapes = {k: dataclasses.replace(v, sample_drafts=True) for k, v in shapes.items()}
     prompts = heldout_prompts(bundle.tokenizer, num_prompts=args.num_prompts, prompt_tokens=args.prompt_tokens)
     print(_eval_intro(args, prompts, shapes), flush=True)
     try:
@@ -1066,7 +1079,8 @@ def cmd_eval(args) -> int:
         raise _non_finite_error(args, e) from None
     dev = _device_name(args)
     res.update(device=dev, torch=torch.__version__, model=str(bundle.path), dtype=str(bundle.model.dtype),
-               threads=torch.get_num_threads(), title=f"gdnspec eval on {dev}, T={args.temperature}")
+               threads=torch.get_num_threads(), sample_drafts=args.sample_drafts,
+               title=f"gdnspec eval on {dev}, T={args.temperature}" + (", sampled drafts" if args.sample_drafts else ""))
     json_path.write_text(json.dumps(res, indent=2, default=str))
     plotted = plot(res, str(png_path))
     _print_eval_table(res)
