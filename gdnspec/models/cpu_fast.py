@@ -499,7 +499,12 @@ def eagle_decode_step(head, hidden: torch.Tensor, token_embeds: torch.Tensor, st
     h = h + gdn_decode(layer.linear_attn, _rms(layer.input_layernorm, h), state.layers[0])
     if layer.mlp is not None:
         h = h + _mlp(layer.mlp, _rms(layer.post_attention_layernorm, h))
-    return h, F.linear(_rms(target.norm, h[:, 0]), *head.draft_lm_head(target))  # lm_head, or its draft_ids rows
+    x = _rms(target.norm, h[:, 0])
+    if head.draft_ids is None:
+        return h, target.lm_head(x)  # VocabProjection: one row times its cached transposed weight
+    wt, b = head.draft_lm_head(target, transposed=True)  # (H, Vd): the same one-row product over draft_ids
+    logits = x @ wt
+    return h, logits if b is None else logits + b
 
 
 _CHAIN_SETUPS: dict = {}

@@ -72,6 +72,7 @@ class EagleHead(nn.Module):
             self.draft_ids = None
             self.config.draft_vocab_size = None
             self.__dict__.pop("_draft_lm_head", None)
+            self.__dict__.pop("_draft_lm_head_t", None)
             return
         V = self.config.vocab_size
         if (not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.numel() < 1 or ids.is_floating_point()
@@ -87,18 +88,24 @@ class EagleHead(nn.Module):
         self.config.draft_vocab_size = int(ids.numel())
         # the cached rows are keyed by the ids' data pointer and version: a new tensor may sit where a freed one did
         self.__dict__.pop("_draft_lm_head", None)
+        self.__dict__.pop("_draft_lm_head_t", None)
 
-    def draft_lm_head(self, target: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(weight (Vd or vocab, H), bias or None) of the logits this head drafts with: the target's lm_head, or its
-        rows draft_ids (gathered once per weight version and cached on the head)."""
+    def draft_lm_head(self, target: nn.Module, *, transposed: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight (Vd, H), bias or None) of the logits this head drafts with: the rows draft_ids of the target's
+        lm_head (gathered once per weight version and cached on the head), or the lm_head itself without a reduced
+        vocabulary. transposed=True: the weight as a contiguous (H, Vd) matrix (the CPU's one-row product
+        `x @ W^T`, as layers/linear.VocabProjection does for the full vocabulary)."""
         w, b = target.lm_head.weight, target.lm_head.bias
         ids = self.draft_ids
         if ids is None:
-            return w, b
+            return (w.t().contiguous() if transposed else w), b
         if ids.device != w.device:
             raise ValueError(f"the head's draft_ids are on {ids.device}, the target's lm_head on {w.device}: move both")
-        return _cpu_fast._cached(self, "_draft_lm_head", (w, ids) if b is None else (w, ids, b),
-                                 lambda: (w.index_select(0, ids), None if b is None else b.index_select(0, ids)))
+        name = "_draft_lm_head_t" if transposed else "_draft_lm_head"
+        return _cpu_fast._cached(self, name, (w, ids) if b is None else (w, ids, b),
+                                 lambda: ((w.index_select(0, ids).t().contiguous() if transposed else
+                                           w.index_select(0, ids)), None if b is None else b.index_select(0, ids)))
 
     def head_logits(self, target: nn.Module, out: torch.Tensor) -> torch.Tensor:
         """Draft logits over this head's vocabulary (draft_ids, or all of the target's): (..., Vd or vocab)."""
