@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import statistics
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+from common import time_host  # benchmarks/common.py (the script's folder is on sys.path)
 
 
 def count_ops(fn) -> tuple[int, dict]:
@@ -38,17 +38,6 @@ def count_ops(fn) -> tuple[int, dict]:
             continue
         c[e.name] += 1
     return sum(c.values()), dict(c.most_common())
-
-
-def median_ms(fn, repeats: int) -> float:
-    for _ in range(max(3, repeats // 10)):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(ts)
 
 
 def build_steps(bundle, prompt_len: int = 128):
@@ -156,7 +145,7 @@ def _run(bundle, args) -> int:
             row = results.setdefault(name, {})
             row[mode] = {"ops": n, "by_op": by_op}
             if not args.no_time:
-                row[mode]["ms"] = median_ms(make(), args.repeats)
+                row[mode]["ms"] = time_host(make(), warmup=max(3, args.repeats // 10), iters=args.repeats)
     for m in models:
         m.fused_steps = True
     dec = results["decode"]

@@ -12,26 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment  # noqa: E402
-
-
-def median_ms(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+from common import environment, time_host  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -71,8 +58,8 @@ def main(argv=None) -> int:
                     err = float((a - b).norm() / a.norm())
                     row = {"threads": n, "model": name, "T": T, "rel_err": err}
                     if err < 1e-4:
-                        row["recurrent_ms"] = median_ms(lambda: model(ids, mode="recurrent"), args.repeats)
-                        row["chunk_ms"] = median_ms(lambda: model(ids, mode="chunk"), args.repeats)
+                        row["recurrent_ms"] = time_host(lambda: model(ids, mode="recurrent"), iters=args.repeats)
+                        row["chunk_ms"] = time_host(lambda: model(ids, mode="chunk"), iters=args.repeats)
                 rows.append(row)
     print(f"CPU ({environment()['machine']}), float32, batch 1; model forward over T tokens; "
           f"auto picks chunk from T >= {CPU_CHUNK_MIN_TOKENS}")

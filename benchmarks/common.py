@@ -26,23 +26,32 @@ def environment() -> dict:
     return env
 
 
-def time_cuda(fn, *, warmup: int = 3, iters: int = 20) -> float:
-    """Median milliseconds of fn() over iters runs, timed with CUDA events (host clock on CPU)."""
+def time_host(fn, *, warmup: int = 3, iters: int = 20) -> float:
+    """Median wall-clock milliseconds of fn() over iters runs after warmup runs (host clock: CPU work)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(iters):
-        if torch.cuda.is_available():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def time_cuda(fn, *, warmup: int = 3, iters: int = 20) -> float:
+    """Median milliseconds of fn() over iters runs, timed with CUDA events (host clock without CUDA: time_host)."""
+    if not torch.cuda.is_available():
+        return time_host(fn, warmup=warmup, iters=iters)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
     return statistics.median(times)
 
 
