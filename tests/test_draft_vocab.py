@@ -119,6 +119,22 @@ def test_save_load_keeps_the_draft_vocabulary(tmp_path):
     assert load_checkpoint(tmp_path / "plain")[0].draft_ids is None
 
 
+def test_draft_lm_head_forms_are_cached_per_weight_version():
+    target = tiny_model(seed=2)
+    head = _head(target, dtype=torch.float32)
+    w = target.lm_head.weight
+    assert head.draft_lm_head(target)[0] is w  # no reduced vocabulary: the lm_head itself
+    wt = head.draft_lm_head(target, transposed=True)[0]
+    assert torch.equal(wt, w.t()) and wt.is_contiguous() and head.draft_lm_head(target, transposed=True)[0] is wt
+    ids = torch.tensor([5, 1, 9])
+    head.set_draft_vocab(ids)
+    rows, rows_t = head.draft_lm_head(target)[0], head.draft_lm_head(target, transposed=True)[0]
+    assert torch.equal(rows, w[ids]) and torch.equal(rows_t, w[ids].t()) and head.draft_lm_head(target)[0] is rows
+    with torch.no_grad():
+        w.add_(1.0)  # a new weight version: rebuilt
+    assert torch.equal(head.draft_lm_head(target)[0], w[ids])
+
+
 def test_bad_draft_vocabularies_are_refused():
     target = tiny_model(seed=2)
     head = _head(target, dtype=torch.float32)

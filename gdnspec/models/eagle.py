@@ -94,18 +94,21 @@ class EagleHead(nn.Module):
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight (Vd, H), bias or None) of the logits this head drafts with: the rows draft_ids of the target's
         lm_head (gathered once per weight version and cached on the head), or the lm_head itself without a reduced
-        vocabulary. transposed=True: the weight as a contiguous (H, Vd) matrix (the CPU's one-row product
-        `x @ W^T`, as layers/linear.VocabProjection does for the full vocabulary)."""
+        vocabulary. transposed=True: the weight as a contiguous (H, Vd or vocab) matrix, cached the same way (the CPU's
+        one-row product `x @ W^T`, as layers/linear.VocabProjection does for the full vocabulary)."""
         w, b = target.lm_head.weight, target.lm_head.bias
         ids = self.draft_ids
-        if ids is None:
-            return (w.t().contiguous() if transposed else w), b
-        if ids.device != w.device:
+        if ids is None and not transposed:
+            return w, b
+        if ids is not None and ids.device != w.device:
             raise ValueError(f"the head's draft_ids are on {ids.device}, the target's lm_head on {w.device}: move both")
-        name = "_draft_lm_head_t" if transposed else "_draft_lm_head"
-        return _cpu_fast._cached(self, name, (w, ids) if b is None else (w, ids, b),
-                                 lambda: ((w.index_select(0, ids).t().contiguous() if transposed else
-                                           w.index_select(0, ids)), None if b is None else b.index_select(0, ids)))
+
+        def build():
+            rows = w if ids is None else w.index_select(0, ids)
+            return (rows.t().contiguous() if transposed else rows), (b if b is None or ids is None else b.index_select(0, ids))
+
+        sources = tuple(t for t in (w, ids, b) if t is not None)
+        return _cpu_fast._cached(self, "_draft_lm_head_t" if transposed else "_draft_lm_head", sources, build)
 
     def head_logits(self, target: nn.Module, out: torch.Tensor) -> torch.Tensor:
         """Draft logits over this head's vocabulary (draft_ids, or all of the target's): (..., Vd or vocab)."""
