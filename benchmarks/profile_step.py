@@ -1,6 +1,7 @@
 """Profile one decode step, one verify step and one prefill of the bench_e2e model: kernels by name, count and time.
 
-    python benchmarks/profile_step.py [--size 1.5b] [--out DIR]      # needs CUDA; prints tables, writes traces' tables
+    python benchmarks/profile_step.py [--size 1.5b] [--out DIR] [--batches 1,32] [--nodes 16]
+                                      # needs CUDA; prints tables, writes them to DIR/profile_<part>_b<B>[_n<N>].txt
 
 The torch profiler (CPU + CUDA) around an eager call, after warm-up; the tables are what the speed work reads to see
 where a step's kernels and host time go.
@@ -15,7 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_e2e import FixedTreeDrafter, _cfg_for, build_model  # noqa: E402
+from bench_e2e import FixedTreeDrafter, _cfg_for, build_model, comma_list  # noqa: E402
 
 from gdnspec.runtime import StaticDecoder, StaticSpecRunner  # noqa: E402
 from gdnspec.spec.tree import DraftTree  # noqa: E402
@@ -43,22 +44,28 @@ def main() -> int:
     ap.add_argument("--size", default="1.5b")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--parts", default="decode,verify,prefill")
+    ap.add_argument("--batches", default=[1], type=comma_list(int, low=1, high=64))
+    ap.add_argument("--nodes", default=[16], type=comma_list(int, low=1, high=64))
+    ap.add_argument("--graph", action="store_true", help="profile CUDA-graph replays (kernel times inside the graph, "
+                    "as the step runs) instead of eager calls")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = build_model(args.size, "cuda")
     parts = set(args.parts.split(","))
-    if "decode" in parts:
-        dec = StaticDecoder(model, batch_size=1, max_len=1024, use_graph=False)
-        ids = torch.randint(0, model.vocab_size, (1,), device="cuda")
-        prof(lambda: dec.step(ids), "decode_b1", out)
-    if "verify" in parts:
-        N = 16
-        run = StaticSpecRunner(model, FixedTreeDrafter(N), _cfg_for(N), batch_size=1, max_len=1024, use_graph=False)
-        parents = torch.tensor([-1] + [max(0, i - 1 - (i % 3)) for i in range(1, N)], device="cuda")[None]
-        run.set_tree(DraftTree(torch.randint(0, model.vocab_size, (1, N), device="cuda"), parents.clone(),
-                               torch.zeros(1, N, device="cuda"), torch.ones(1, N, dtype=torch.bool, device="cuda")))
-        prof(lambda: run._run(), "verify_b1_n16", out)
+    for B in args.batches if "decode" in parts else ():
+        dec = StaticDecoder(model, batch_size=B, max_len=1024, use_graph=args.graph)
+        ids = torch.randint(0, model.vocab_size, (B,), device="cuda")
+        prof(lambda: dec.step(ids), f"decode_b{B}" + ("_graph" if args.graph else ""), out)
+        del dec
+    for B, N in [(b, n) for b in args.batches for n in args.nodes] if "verify" in parts else ():
+        run = StaticSpecRunner(model, FixedTreeDrafter(N), _cfg_for(N), batch_size=B, max_len=1024,
+                               use_graph=args.graph)
+        parents = torch.tensor([-1] + [max(0, i - 1 - (i % 3)) for i in range(1, N)], device="cuda")
+        tree = DraftTree(torch.randint(0, model.vocab_size, (B, N), device="cuda"), parents.expand(B, N).contiguous(),
+                         torch.zeros(B, N, device="cuda"), torch.ones(B, N, dtype=torch.bool, device="cuda"))
+        prof(lambda: run.step(tree), f"verify_b{B}_n{N}" + ("_graph" if args.graph else ""), out)
+        del run
     if "prefill" in parts:
         for T in (16, 128):
             ids = torch.randint(0, model.vocab_size, (1, T), device="cuda")

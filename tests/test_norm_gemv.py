@@ -276,3 +276,18 @@ def test_fused_steps_run_add_rms_norm_for_the_first_layer_only(norm_gemv, launch
     (dec, ver), (dec_ref, ver_ref) = outs
     assert rel(dec.logits, dec_ref.logits) < 1e-5 and rel(dec.hidden_states, dec_ref.hidden_states) < 1e-5
     assert rel(ver.logits, ver_ref.logits) < 1e-5 and rel(ver.hidden_states, ver_ref.hidden_states) < 1e-5
+
+
+def test_gemv_tile_table_shapes():
+    """gemv_tile's tiles must suit every kernel they launch: BN a multiple of the 16-column sum-of-squares group
+    (linear_residual's epilogue), BK and BN powers of two >= 16 (tl.dot), and split-K tiles identical for
+    small_linear_partials and linear_residual (bit-identical sums need the same BK over the same K ranges)."""
+    from gdnspec.ops.fused import gemv
+
+    for N, K, M, S in [(12352, 2048, 1, 1), (2048, 4096, 32, 4), (32000, 2048, 16, 1), (32000, 2048, 32, 1),
+                       (9216, 2048, 17, 1), (64, 64, 1, 0), (2048, 5632, 1, 4)]:
+        bn, bk, warps, stages = gemv.gemv_tile(N, K, M, S)
+        for v in (bn, bk):
+            assert v >= 16 and v & (v - 1) == 0, (N, K, M, S, bn, bk)
+        assert bn % gemv.GROUP == 0 and warps in (2, 4, 8) and stages >= 1
+    assert gemv.gemv_tile(2048, 4096, 1, 4) == gemv.gemv_tile(2048, 4096, 32, 4)

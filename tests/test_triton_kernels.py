@@ -194,3 +194,25 @@ def test_available_and_argument_errors():
     with pytest.raises(ValueError, match="float32"):
         tt.triton_tree_gated_delta_rule(q[:, :4], k[:, :4], v[:, :4], g=g[:, :4], beta=beta[:, :4],
                                         ancestor_mask=mask[:, :4, :4], initial_state=S0.double())
+
+
+def test_dot_precisions_and_mixed_precision_path():
+    """'mixed' = tf32x3 for the N x N products, tf32 for the products with S0; bad names are refused by name. The
+    interpreter computes every precision exactly, so the mixed kernel must match the reference (the plumbing of
+    PREC_S through the verify kernel and the commit, which takes the N x N precision)."""
+    assert tt.dot_precisions("mixed") == ("tf32x3", "tf32")
+    for p in ("ieee", "tf32", "tf32x3"):
+        assert tt.dot_precisions(p) == (p, p)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        tt.dot_precisions("bf16")
+    B, N, H, HV, K, V = 2, 6, 1, 2, 16, 16
+    q, k, v, g, beta, S0 = gdr_inputs(B, N, H, HV, K, V, seed=11)
+    layout = TokenLayout.from_parents(random_parents(B, N, "random", seed=11))
+    o_ref, c_ref = tree_gated_delta_rule(q, k, v, g=g, beta=beta, ancestor_mask=layout.ancestor_mask,
+                                         initial_state=S0, use_qk_l2norm=True)
+    o, cache = tt.triton_tree_gated_delta_rule(q, k, v, g=g, beta=beta, ancestor_mask=layout.ancestor_mask,
+                                               initial_state=S0, use_qk_l2norm=True, precision="mixed")
+    assert rel(o, o_ref) < 1e-5
+    node = torch.tensor([5, 1])
+    got = tc.triton_tree_commit_state(state=S0.clone(), cache=cache, node=node, precision="mixed")
+    assert rel(got, tree_commit_state(initial_state=S0, cache=c_ref, node=node)) < 1e-5

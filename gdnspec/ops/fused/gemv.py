@@ -6,8 +6,8 @@ At batch 1-32 a decode step is a chain of matrix-vector products whose cost is t
 split-K kernels plus a reduction kernel for the tall-K shapes of out_proj / o_proj / down_proj (K >= 2N) and reaches
 about half the copy bandwidth there on an H200 (benchmarks/results: profile_decode_b1.txt). This kernel gives each
 program BN output columns and streams its (BN, K) weight slab once, with the M rows of x padded to one 16-row
-tensor-core tile, software-pipelined over K; the configuration is picked by Triton's autotuner per (N, K, M bucket)
-on the first call (before CUDA-graph capture). Reference: F.linear (used for larger M, float64, and where Triton
+tensor-core tile, software-pipelined over K; the tile comes from `gemv_tile`'s table (measured on an H200 with
+benchmarks/bench_tiles.py), or from Triton's autotuner with GDNSPEC_GEMV_AUTOTUNE=1. Reference: F.linear (used for larger M, float64, and where Triton
 cannot run).
 
 The residual add + RMSNorm between two GEMVs is folded into them (ops/fused/normed.py wires it up):
@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from gdnspec.ops import pdl
+from gdnspec.ops.fused._bench import graph_bench
 from gdnspec.ops.fused._sync import arrival_counters
 from gdnspec.ops.gated_delta_rule.triton_tree import HAS_TRITON, available
 
@@ -205,15 +206,58 @@ if HAS_TRITON:
             acc += tl.load(b + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
         tl.store(y + rm[:, None] * sy + rn[None, :], acc.to(y.dtype.element_ty), mask=mm[:, None] & mn[None, :])
 
-    _CONFIGS = [triton.Config({"BN": bn, "BK": bk}, num_warps=4, num_stages=s)
-                for bn, bk, s in ((16, 256, 4), (16, 128, 6), (32, 128, 4), (32, 256, 3), (64, 128, 4), (16, 512, 3))]
-    _gemv_tuned = triton.autotune(configs=_CONFIGS, key=["N", "K", "BM"])(_gemv_kernel)
+    _CONFIGS = [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=s)
+                for bn, bk, w, s in ((16, 256, 4, 4), (16, 128, 4, 6), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4),
+                                     (16, 512, 4, 3), (64, 64, 4, 6), (128, 64, 4, 4), (128, 128, 8, 3))]
     _SPLIT_CONFIGS = [triton.Config({"BN": bn, "BK": bk}, num_warps=4, num_stages=s)
-                      for bn, bk, s in ((16, 128, 4), (16, 256, 3), (32, 128, 4), (16, 64, 6))]
-    _gemv_split_tuned = triton.autotune(configs=_SPLIT_CONFIGS, key=["N", "K", "BM", "K_SPLIT"])(_gemv_kernel)
-    _res_tuned = triton.autotune(configs=_CONFIGS, key=["N", "K", "BM"])(_gemv_res_kernel)
-    _res_split_tuned = triton.autotune(configs=_SPLIT_CONFIGS, key=["N", "K", "BM", "K_SPLIT"])(_gemv_res_kernel)
-    _norm_tuned = triton.autotune(configs=_CONFIGS, key=["N", "K", "BM"])(_gemv_norm_kernel)
+                      for bn, bk, s in ((16, 128, 4), (16, 256, 3), (32, 128, 4), (16, 64, 6), (64, 128, 4), (64, 64, 6))]
+    # Timed by graph_bench (CUDA graph, L2 flushed before each launch): Triton's default benchmark times launches one
+    # by one, so at ~15 us per kernel the host's launch cost (~20-60 us here) was what it measured and the pick was
+    # arbitrary (benchmarks/bench_tiles.py, H200: up to 1.5x between the pick and the best tile at 32 rows).
+    _gemv_tuned = triton.autotune(configs=_CONFIGS, key=["N", "K", "BM"], do_bench=graph_bench)(_gemv_kernel)
+    _gemv_split_tuned = triton.autotune(configs=_SPLIT_CONFIGS, key=["N", "K", "BM", "K_SPLIT"],
+                                        do_bench=graph_bench)(_gemv_kernel)
+    _res_tuned = triton.autotune(configs=_CONFIGS, key=["N", "K", "BM"], do_bench=graph_bench)(_gemv_res_kernel)
+    _res_split_tuned = triton.autotune(configs=_SPLIT_CONFIGS, key=["N", "K", "BM", "K_SPLIT"],
+                                       do_bench=graph_bench)(_gemv_res_kernel)
+    _norm_tuned = triton.autotune(configs=_CONFIGS, key=["N", "K", "BM"], do_bench=graph_bench)(_gemv_norm_kernel)
+
+
+def autotune_enabled() -> bool:
+    """GDNSPEC_GEMV_AUTOTUNE=1: Triton's autotuner (timed by graph_bench) picks each GEMV's tile per shape instead of
+    `gemv_tile`'s table. Off by default: even timed in CUDA graphs its picks varied from process to process and
+    missed the best tile by up to 1.6x on an H200 (benchmarks/bench_tiles.py), and a step's speed then depended on
+    the run."""
+    return os.environ.get("GDNSPEC_GEMV_AUTOTUNE", "0") == "1"
+
+
+def gemv_tile(N: int, K: int, M: int, splits: int) -> tuple[int, int, int, int]:
+    """(BN, BK, num_warps, num_stages) of a GEMV launch with N output columns, K inputs, M rows, `splits` K ranges
+    (0: the normed kernel, which never splits). The best or within 3% of the best of 12 candidate tiles on every
+    shape of the 1.7B decode step on an H200 (benchmarks/bench_tiles.py, CUDA graphs, weights streamed from HBM):
+
+        split-K (out_proj, o_proj, down_proj)       BN 64, BK 128, 4 warps, 4 stages   (M = 1 and 32)
+        N >= 16384 (lm_head)                        BN 128, BK 64, 4 warps, 4 stages   (M <= 16)
+                                                    BN 128, BK 128, 8 warps, 3 stages  (M > 16)
+        others (in_proj, qkv, gate_up)              BN 32, BK 128, 4 warps, 4 stages   (M <= 16: one 16-row tile)
+                                                    BN 64, BK 128, 4 warps, 4 stages   (M > 16: x re-read per program
+                                                                                        halves with BN 64)"""
+    if splits > 1:
+        return 64, 128, 4, 4
+    if N >= 16384:
+        return (128, 64, 4, 4) if M <= 16 else (128, 128, 8, 3)
+    return (32, 128, 4, 4) if M <= 16 else (64, 128, 4, 4)
+
+
+def _launch(kernel, tuned, N: int, K: int, M: int, splits: int, args: tuple, kw: dict) -> None:
+    """One CUDA launch of a GEMV kernel: the tile of `gemv_tile`, or the autotuner's (GDNSPEC_GEMV_AUTOTUNE=1)."""
+    cols = max(1, splits)
+    if autotune_enabled():
+        tuned[lambda meta: (triton.cdiv(N, meta["BN"]), cols) if splits else (triton.cdiv(N, meta["BN"]),)](*args, **kw)
+        return
+    bn, bk, warps, stages = gemv_tile(N, K, M, splits)
+    grid = (triton.cdiv(N, bn), cols) if splits else (triton.cdiv(N, bn),)
+    kernel[grid](*args, **kw, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
 
 
 def kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -246,7 +290,7 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     args = (x2, x2.stride(0), weight, bias if bias is not None else weight, y, y.stride(0), M, N, K, K)
     kw = dict(HAS_BIAS=bias is not None, F32=x.dtype == torch.float32 or not x.is_cuda, BM=BM)
     if x.is_cuda:
-        _gemv_tuned[lambda meta: (triton.cdiv(N, meta["BN"]), 1)](*args, **kw, **_launch_args(x, N, K))
+        _launch(_gemv_kernel, _gemv_tuned, N, K, M, 1, args, {**kw, **_launch_args(x, N, K)})
     else:  # interpreter: one fixed configuration
         _gemv_kernel[(triton.cdiv(N, 16), 1)](*args, **kw, BN=16, BK=64)
     return y.view(*x.shape[:-1], N)
@@ -293,7 +337,7 @@ def small_linear_partials(x: torch.Tensor, weight: torch.Tensor, splits: int) ->
     args = (x2, x2.stride(0), weight, weight, y, N, M, N, K, k_split)
     kw = dict(HAS_BIAS=False, F32=x.dtype == torch.float32 or not x.is_cuda, BM=BM)
     if x.is_cuda:
-        _gemv_split_tuned[lambda meta: (triton.cdiv(N, meta["BN"]), splits)](*args, **kw, **_launch_args(x, N, k_split))
+        _launch(_gemv_kernel, _gemv_split_tuned, N, K, M, splits, args, {**kw, **_launch_args(x, N, k_split)})
     else:
         _gemv_kernel[(triton.cdiv(N, 16), splits)](*args, **kw, BN=16, BK=64)
     return y.view(splits, *x.shape[:-1], N)
@@ -410,8 +454,8 @@ def linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
             part, counter, M, N, K, k_split, G)
     kw = dict(HAS_BIAS=bias is not None, SPLIT=S > 1, F32=x.dtype == torch.float32 or not x.is_cuda, BM=BM)
     if x.is_cuda:
-        tuned = _res_split_tuned if S > 1 else _res_tuned
-        tuned[lambda meta: (triton.cdiv(N, meta["BN"]), S)](*args, **kw, **_launch_args(x, N, k_split))
+        _launch(_gemv_res_kernel, _res_split_tuned if S > 1 else _res_tuned, N, K, M, S, args,
+                {**kw, **_launch_args(x, N, k_split)})
     else:  # interpreter: the configuration small_linear / small_linear_partials use there (bit-identical sums)
         _gemv_res_kernel[(triton.cdiv(N, 16), S)](*args, **kw, BN=16, BK=64)
     return h.view(*x.shape[:-1], N), ssq
@@ -457,7 +501,7 @@ def normed_linear(h: torch.Tensor, sumsq: torch.Tensor, norm_weight: torch.Tenso
     kw = dict(OFFSET=bool(offset), HAS_BIAS=bias is not None, F32=h.dtype == torch.float32 or not h.is_cuda, BM=BM,
               BG=min(64, triton.next_power_of_2(G)))
     if h.is_cuda:
-        _norm_tuned[lambda meta: (triton.cdiv(N, meta["BN"]),)](*args, **kw, **_launch_args(h, N, D))
+        _launch(_gemv_norm_kernel, _norm_tuned, N, D, M, 0, args, {**kw, **_launch_args(h, N, D)})
     else:
         _gemv_norm_kernel[(triton.cdiv(N, 16),)](*args, **kw, BN=16, BK=64)
     return y.view(*h.shape[:-1], N)

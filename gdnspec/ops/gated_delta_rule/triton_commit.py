@@ -21,7 +21,7 @@ import torch
 
 from gdnspec.ops import pdl
 from gdnspec.ops.gated_delta_rule import triton_tree as _triton_tree
-from gdnspec.ops.gated_delta_rule.triton_tree import HAS_TRITON, TritonTreeCache, available, default_precision
+from gdnspec.ops.gated_delta_rule.triton_tree import HAS_TRITON, TritonTreeCache, available, default_precision, dot_precisions
 
 if HAS_TRITON:
     import triton
@@ -214,7 +214,7 @@ def triton_tree_commit_state(
     _commit_kernel[grid](
         state, out, cache.k.contiguous(), cache.v_new.contiguous(), cache.gamma.contiguous(),
         cache.ancestor_mask.contiguous().view(torch.uint8), node.contiguous(), N,
-        H=H, HV=HV, K=K, V=V, BN=BN, BK=BK, BV=BV, PREC=precision or default_precision(state), num_warps=4, **pdl.launch_args(state),
+        H=H, HV=HV, K=K, V=V, BN=BN, BK=BK, BV=BV, PREC=dot_precisions(precision or default_precision(state))[0], num_warps=4, **pdl.launch_args(state),
     )
     return out
 
@@ -297,6 +297,6 @@ def triton_tree_commit(
         state, state, cache.k.contiguous(), cache.v_new.contiguous(), cache.gamma.contiguous(),
         cache.ancestor_mask.contiguous().view(torch.uint8), node.contiguous(), x, x.stride(0), conv_state, conv_state,
         window_index.contiguous(), N, D, n_state, *cols,
-        H=H, HV=HV, K=K, V=V, BN=BN, BK=BK, BV=BV, PREC=precision or default_precision(state),
+        H=H, HV=HV, K=K, V=V, BN=BN, BK=BK, BV=BV, PREC=dot_precisions(precision or default_precision(state))[0],
         W=W, BW=max(2, triton.next_power_of_2(W - 1)), BD=BD, PROJ=L is not None, num_warps=4, **pdl.launch_args(state),
     )

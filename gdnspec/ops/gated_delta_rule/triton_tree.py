@@ -49,10 +49,37 @@ def available(tensor: torch.Tensor) -> bool:
     return bool(tensor.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
+PRECISIONS = ("ieee", "tf32x3", "tf32", "mixed")
+
+
 def default_precision(tensor: torch.Tensor) -> str:
-    """tl.dot precision for float32 operands: 'tf32x3' (about float32 accuracy on tensor cores) on CUDA, 'ieee' else;
-    the environment variable GDNSPEC_TRITON_PRECISION overrides it."""
-    return os.environ.get("GDNSPEC_TRITON_PRECISION") or ("tf32x3" if tensor.is_cuda else "ieee")
+    """tl.dot precision of the tree-WY kernels for the activations `tensor` (q / k / v or the projection rows; the
+    committed state for the commit): 'ieee' off CUDA (the interpreter); on CUDA 'tf32x3' (about float32 accuracy)
+    for float32 activations and 'mixed' (see dot_precisions) for bf16 / fp16 ones. The environment variable
+    GDNSPEC_TRITON_PRECISION overrides it (one of PRECISIONS).
+
+    Why 'mixed' for 16-bit models (benchmarks/bench_tiles.py, H200, 1.7B shapes, N = 16): the tree-WY kernel takes
+    140 us at B = 32 with tf32x3, 72 us with mixed, 56 us with tf32; its output's error against the IEEE float32
+    kernel is 4e-5, 1.4e-3 and 2.7e-3 (relative norm), against ~2e-3 for rounding that output to bf16 at all. fla's
+    chunked kernels, which the bf16 prefill of gdnspec and of vLLM / SGLang runs, cast the state to bf16 for the
+    same products (~4e-3). float32 models keep tf32x3: their greedy outputs are tested token-identical."""
+    env = os.environ.get("GDNSPEC_TRITON_PRECISION")
+    if env:
+        return env
+    if not tensor.is_cuda:
+        return "ieee"
+    return "mixed" if tensor.dtype in (torch.bfloat16, torch.float16) else "tf32x3"
+
+
+def dot_precisions(precision: str) -> tuple[str, str]:
+    """(PREC, PREC_S): the tl.dot input precisions of the tree-WY kernels for the N x N products and for the products
+    with the committed state S0 (k S0, q S0: K x V per node, most of the kernel's MMA work). 'mixed' = tf32x3 for
+    the N x N products, tf32 (one MMA instead of three) for the state products; the others use one precision for
+    both. Raises ValueError for anything but PRECISIONS."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS} (argument or GDNSPEC_TRITON_PRECISION), "
+                         f"got {precision!r}")
+    return ("tf32x3", "tf32") if precision == "mixed" else (precision, precision)
 
 
 @dataclass
@@ -103,16 +130,17 @@ if HAS_TRITON:
         return b_T, b_Gam, b_gamma
 
     @triton.jit
-    def _tree_apply(b_q, b_k, b_v, b_beta, b_S, b_T, b_Gam, b_gamma, PREC: tl.constexpr):
+    def _tree_apply(b_q, b_k, b_v, b_beta, b_S, b_T, b_Gam, b_gamma, PREC: tl.constexpr, PREC_S: tl.constexpr):
         """The value-tile part of tree-WY: b_q (BN, BK) normalised and scaled, b_v (BN, BV), b_S (BK, BV) the committed
         state tile, all float32 -> (o (BN, BV), v_new (BN, BV)) float32:
-        v_new = T (beta (V - e^gamma K S0)),  O = e^gamma Q S0 + ((Q K^T) * Gamma) v_new."""
+        v_new = T (beta (V - e^gamma K S0)),  O = e^gamma Q S0 + ((Q K^T) * Gamma) v_new.
+        PREC_S: the precision of the two products with S0; PREC: the others (see dot_precisions)."""
         b_eg = tl.exp(b_gamma)
-        b_kS = tl.dot(b_k, b_S, input_precision=PREC)  # (BN, BV)
+        b_kS = tl.dot(b_k, b_S, input_precision=PREC_S)  # (BN, BV)
         b_R = b_beta[:, None] * (b_v - b_eg[:, None] * b_kS)
         b_vnew = tl.dot(b_T, b_R, input_precision=PREC)  # (BN, BV)
         b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * b_Gam  # (BN, BN)
-        b_o = b_eg[:, None] * tl.dot(b_q, b_S, input_precision=PREC) + tl.dot(b_qk, b_vnew, input_precision=PREC)
+        b_o = b_eg[:, None] * tl.dot(b_q, b_S, input_precision=PREC_S) + tl.dot(b_qk, b_vnew, input_precision=PREC)
         return b_o, b_vnew
 
     @triton.jit
@@ -121,7 +149,7 @@ if HAS_TRITON:
         N, scale, eps,
         H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
         BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-        L2NORM: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False,
+        L2NORM: tl.constexpr, PREC: tl.constexpr, PREC_S: tl.constexpr, PDL: tl.constexpr = False,
     ):
         enter(PDL)  # ops/pdl.py: before any load or store
         i_v = tl.program_id(0)
@@ -157,7 +185,7 @@ if HAS_TRITON:
         v_off = ((i_b * N + rn[:, None]) * HV + i_hv) * V + rv[None, :]  # (BN, BV) into (B, N, HV, V)
         m_nv = mn[:, None] & mv[None, :]
         b_v = tl.load(v + v_off, mask=m_nv, other=0.0).to(tl.float32)
-        b_o, b_vnew = _tree_apply(b_q, b_k, b_v, b_beta, b_S, b_T, b_Gam, b_gamma, PREC)
+        b_o, b_vnew = _tree_apply(b_q, b_k, b_v, b_beta, b_S, b_T, b_Gam, b_gamma, PREC, PREC_S)
 
         tl.store(o + v_off, b_o.to(o.dtype.element_ty), mask=m_nv)
         tl.store(vnew_out + v_off, b_vnew, mask=m_nv)
@@ -229,11 +257,12 @@ def triton_tree_gated_delta_rule(
     BV = block_v or min(_pow2(V), bv)
     warps = num_warps or warps
     grid = (triton.cdiv(V, BV), B * HV)
+    prec, prec_s = dot_precisions(precision or default_precision(v))
     _tree_verify_kernel[grid](
         q, k, v, g, beta, amask, s0, o, k_out, vnew, gamma,
         N, scale, eps,
         H=H, HV=HV, K=K, V=V, BN=BN, BK=BK, BV=BV,
-        L2NORM=bool(use_qk_l2norm), PREC=precision or default_precision(v),
+        L2NORM=bool(use_qk_l2norm), PREC=prec, PREC_S=prec_s,
         num_warps=warps, **pdl.launch_args(q),
     )
     return o, TritonTreeCache(k=k_out, v_new=vnew, gamma=gamma, ancestor_mask=ancestor_mask)
