@@ -234,8 +234,13 @@ def main() -> int:
     ap.add_argument("--rows", default=[1, 16, 32], type=comma_list(int, low=1, high=32))
     ap.add_argument("--out", default="benchmarks/results/tiles.json")
     args = ap.parse_args()
-    bw = copy_bandwidth_gbs()
     parts = set(args.parts.split(","))
+    if not parts <= {"gemv", "decode", "tree"}:
+        ap.error(f"--parts takes a comma list of gemv, decode, tree; got {args.parts!r}")
+    if not torch.cuda.is_available():
+        print("bench_tiles needs a CUDA GPU (it times GPU kernels in CUDA graphs)", file=sys.stderr)
+        return 2
+    bw = copy_bandwidth_gbs()
     out = {"gpu": torch.cuda.get_device_name(), "copy_bandwidth_gbs": bw, "size": args.size}
     if "gemv" in parts:
         out["gemv"] = sweep_gemv(build_model(args.size, "cuda"), args.rows, bw)

@@ -49,6 +49,9 @@ def main() -> int:
     ap.add_argument("--graph", action="store_true", help="profile CUDA-graph replays (kernel times inside the graph, "
                     "as the step runs) instead of eager calls")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("profile_step needs a CUDA GPU (it profiles CUDA kernels)", file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = build_model(args.size, "cuda")

@@ -22,16 +22,27 @@ from gdnspec.ops import pdl
 OPS = Path(__file__).resolve().parent.parent / "gdnspec" / "ops"
 
 
+def _is_pdl_args(node: ast.AST) -> bool:
+    return isinstance(node, ast.Call) and ast.unparse(node.func).endswith(("pdl.launch_args", "_launch_args"))
+
+
 def _launched_kernels(tree: ast.Module) -> set[str]:
-    """Names of the kernels launched as NAME[grid](..., **pdl.launch_args(x)) or with gemv's **_launch_args(...)."""
+    """Names of the kernels launched as NAME[grid](..., **pdl.launch_args(x)) or with gemv's **_launch_args(...), and
+    gemv's `_launch(KERNEL, TUNED, ..., {..., **_launch_args(...)})` (both the kernel and its autotuned wrapper)."""
     names = set()
     for node in ast.walk(tree):
-        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript)):
+        if not isinstance(node, ast.Call):
             continue
-        pdl_kw = any(k.arg is None and isinstance(k.value, ast.Call) and ast.unparse(k.value.func).endswith(
-            ("pdl.launch_args", "_launch_args")) for k in node.keywords)
-        if pdl_kw:
-            names.add(ast.unparse(node.func.value))
+        if isinstance(node.func, ast.Subscript):
+            if any(k.arg is None and _is_pdl_args(k.value) for k in node.keywords):
+                names.add(ast.unparse(node.func.value))
+        elif ast.unparse(node.func) == "_launch" and len(node.args) >= 2:
+            pdl_dict = any(isinstance(a, ast.Dict) and any(key is None and _is_pdl_args(v)
+                                                           for key, v in zip(a.keys, a.values)) for a in node.args)
+            if pdl_dict:
+                for a in node.args[:2]:  # NAME, or `A if cond else B` (both launched)
+                    names.update([ast.unparse(a.body), ast.unparse(a.orelse)] if isinstance(a, ast.IfExp)
+                                 else [ast.unparse(a)])
     return names
 
 

@@ -272,7 +272,7 @@ class Qwen3GatedDeltaNet(nn.Module):
 
     def forward_tree_fused(self, x: torch.Tensor, state: GDNLayerState, layout: TokenLayout, *,
                            window_index: torch.Tensor):
-        """forward_tree in five kernels by default (GDNSPEC_TREE_FUSION=off, measured fastest, see
+        """forward_tree in four kernels by default (GDNSPEC_TREE_FUSION=norm, measured fastest, see
         ops/fused/gdn_tree.tree_fusion); with "full" in three: fused in-projection GEMM,
         `gdn_tree_verify` (tree conv + gates + tree-WY + gated RMSNorm in one kernel), out_proj (for `add_norm`, as
         decode_fused); "norm": four, "off": five (gdn_tree_prep, tree-WY, gated_rms_norm_rows). x a tensor or a
@@ -405,7 +405,7 @@ class Qwen3GatedDeltaNet(nn.Module):
 
             if not is_triton_cache:
                 gdr = TritonTreeCache.from_reference(gdr, gdr.k.shape[1])  # keys kept per value head
-            # GDNSPEC_TREE_FUSION=norm/full: one launch for the state and the conv window; off (default): the two kernels
+            # GDNSPEC_TREE_FUSION=norm (default) / full: one launch for the state and the conv window; off: two kernels
             triton_tree_commit(state=state.recurrent, conv_state=state.conv, cache=gdr, conv_input=cache.conv_input,
                                window_index=cache.conv_window_index, node=node, conv_layout=cache.conv_layout,
                                fused=tree_fusion() != "off")

@@ -12,7 +12,8 @@ value columns straight from the projection rows and the committed window, the ga
 _tree_solve / _tree_apply), then the gated RMSNorm (in registers when its tile covers V, else by the last program of
 the value head to arrive). No q/k/v/mixed/o tensors in memory; the conv commit reads the projection rows.
 
-The previous sequence is the default (GDNSPEC_TREE_FUSION=off, measured faster; "norm" keeps only the prep kernel separate):
+The default (GDNSPEC_TREE_FUSION=norm, measured fastest) keeps gdn_tree_prep separate and folds the gated norm into
+the tree-WY kernel, with one commit launch; "off" is the three-kernel sequence, kept for A/B:
     q, k, v, g, beta, mixed = gdn_tree_prep(proj, layout=ProjLayout..., conv_weight=w, conv_state=cs,
                                             window_index=idx, A_log=A_log, dt_bias=dt_bias)
     o, cache = triton_tree_gated_delta_rule(q, k, v, g=g, beta=beta, ..., use_qk_l2norm=True)   (triton_tree.py)
@@ -65,16 +66,18 @@ FUSIONS = ("full", "norm", "off")
 
 
 def tree_fusion(fusion: str | None = None) -> str:
-    """The verify/commit kernel sequence: `fusion`, else the environment variable GDNSPEC_TREE_FUSION, else "off".
-    "off" is the default because it is measured fastest on an H200 (1.7B config, bf16, same run, verify N = 16): B = 1
-    2.22 ms with "off" against 2.40 ms with "full"; B = 32 about 8.1 ms against 12.2 ms (the q/k tree conv that every
-    program of a key head recomputes and the larger register footprint cost more than the launches they save).
+    """The verify/commit kernel sequence: `fusion`, else the environment variable GDNSPEC_TREE_FUSION, else "norm".
+    "norm" is the default because it is measured fastest on an H200 (1.7B config, bf16, verify N = 16 with the
+    commit, one session each, benchmarks/results/stop17/e2e_fusion_*.json): B = 1 / 8 / 32 1.97 / 3.38 / 6.69 ms
+    against 2.03 / 3.56 / 7.08 ms with "off". "full" was slower than "off" (an earlier session: B = 1 2.40 against
+    2.22 ms, B = 32 12.2 against 8.1 ms: the q/k tree conv that every program of a key head recomputes and the larger
+    register footprint cost more than the launches they save).
     "full": one verify kernel per GDN layer (tree conv + gates + tree-WY + gated RMSNorm) and one commit kernel;
     "norm": gdn_tree_prep, then tree-WY + gated RMSNorm in one kernel; one commit kernel;
     "off": the previous sequence (gdn_tree_prep, tree-WY, gated_rms_norm_rows; state commit + conv commit), for A/B."""
     import os
 
-    f = fusion if fusion is not None else (os.environ.get("GDNSPEC_TREE_FUSION") or "off")
+    f = fusion if fusion is not None else (os.environ.get("GDNSPEC_TREE_FUSION") or "norm")
     if f not in FUSIONS:
         raise ValueError(f"tree fusion must be one of {FUSIONS}, got {f!r} (argument or GDNSPEC_TREE_FUSION)")
     return f
@@ -400,7 +403,7 @@ def gdn_tree_verify(proj: torch.Tensor, *, layout: ProjLayout, conv_weight: torc
     conv_input (B, N, conv_dim) the conv inputs, or proj itself when conv_layout is not None (the commit then reads the
     conv inputs from the projection rows through that layout).
 
-    fusion (`tree_fusion`; default env GDNSPEC_TREE_FUSION, else "off"):
+    fusion (`tree_fusion`; default env GDNSPEC_TREE_FUSION, else "norm"):
       "full": ONE kernel: tree conv + SiLU + gates from the projection rows (as gdn_tree_prep computes them; q, k
               recomputed by each program of the key head), tree-WY, gated RMSNorm as below. conv_input is proj and
               conv_layout the layout: no conv-input copy is written.
