@@ -291,3 +291,59 @@ def test_gemv_tile_table_shapes():
             assert v >= 16 and v & (v - 1) == 0, (N, K, M, S, bn, bk)
         assert bn % gemv.GROUP == 0 and warps in (2, 4, 8) and stages >= 1
     assert gemv.gemv_tile(2048, 4096, 1, 4) == gemv.gemv_tile(2048, 4096, 32, 4)
+
+
+class _FakeLaunch:
+    """Stands in for a Triton kernel / autotuned wrapper: records the grid (resolved with meta BN = 64 when it is a
+    callable, as the autotuner resolves it) and the launch keywords."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        def run(*args, **kw):
+            self.calls.append((grid({"BN": 64}) if callable(grid) else grid, kw))
+        return run
+
+
+@pytest.mark.parametrize("autotune", ["0", "1"])
+def test_launch_grids_table_and_autotuner(autotune, monkeypatch):
+    """_launch's grid: 2-D (column blocks, K splits) for the plain / split kernels, 1-D for the normed kernel
+    (splits = 0), the same with the table's tile and with the autotuner's (its grid lambda); the table's tile reaches
+    the kernel as BN / BK / num_warps / num_stages, the autotuner gets none of them."""
+    monkeypatch.setenv("GDNSPEC_GEMV_AUTOTUNE", autotune)
+    for N, K, M, S, want_cols in [(1000, 2048, 1, 1, (1,)), (2048, 4096, 32, 4, (4,)), (1000, 2048, 3, 0, ())]:
+        kernel, tuned = _FakeLaunch(), _FakeLaunch()
+        gm._launch(kernel, tuned, N, K, M, S, ("args",), {"BM": 16})
+        (grid, kw), = (tuned if autotune == "1" else kernel).calls
+        assert not (kernel.calls if autotune == "1" else tuned.calls)
+        bn = 64 if autotune == "1" else gm.gemv_tile(N, K, M, S)[0]
+        assert grid == (-(-N // bn), *want_cols), (N, K, M, S, grid)
+        if autotune == "1":
+            assert kw == {"BM": 16}
+        else:
+            assert (kw["BN"], kw["BK"], kw["num_warps"], kw["num_stages"]) == gm.gemv_tile(N, K, M, S)
+
+
+def test_gemv_autotune_switch_is_validated(monkeypatch):
+    monkeypatch.delenv("GDNSPEC_GEMV_AUTOTUNE", raising=False)
+    assert not gm.autotune_enabled()
+    for v, want in (("", False), ("0", False), ("1", True)):
+        monkeypatch.setenv("GDNSPEC_GEMV_AUTOTUNE", v)
+        assert gm.autotune_enabled() is want
+    for v in ("true", "yes", " 1"):
+        monkeypatch.setenv("GDNSPEC_GEMV_AUTOTUNE", v)
+        with pytest.raises(ValueError, match="GDNSPEC_GEMV_AUTOTUNE"):
+            gm.autotune_enabled()
+
+
+def test_graph_bench_refuses_to_run_inside_a_capture(monkeypatch):
+    """The autotuner meeting a new shape inside the caller's CUDA graph capture gets one clear error, before any
+    launch or synchronize (which would invalidate the caller's capture)."""
+    from gdnspec.ops.fused import _bench
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    calls = []
+    with pytest.raises(RuntimeError, match="CUDA graph capture"):
+        _bench.graph_bench(lambda: calls.append(1), quantiles=(0.5, 0.2, 0.8))
+    assert calls == []

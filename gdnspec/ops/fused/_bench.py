@@ -42,6 +42,11 @@ def graph_bench(kernel_call, quantiles=None, *, iters: int = 10, replays: int = 
     """Milliseconds per call of `kernel_call` (a no-argument launch), measured in CUDA graphs with the L2 flushed
     before each call; the median of `replays` replays. Returns a float, or [t] * len(quantiles) when the autotuner
     asks for quantiles (the graph gives one figure). Needs CUDA; not callable during a CUDA graph capture."""
+    if torch.cuda.is_current_stream_capturing():
+        # the autotuner ran for a new shape inside the caller's capture: synchronize / a nested capture would fail
+        # there with an opaque CUDA error (and invalidate the caller's capture)
+        raise RuntimeError("graph_bench (GDNSPEC_GEMV_AUTOTUNE=1) cannot time a kernel during a CUDA graph capture: "
+                           "run each GEMV shape once eagerly before capturing, or unset GDNSPEC_GEMV_AUTOTUNE")
     kernel_call()  # compiles (no module load inside the capture)
     torch.cuda.synchronize()
     flush = _flush_buffer(torch.device("cuda", torch.cuda.current_device()))

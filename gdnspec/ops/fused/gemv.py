@@ -227,8 +227,12 @@ def autotune_enabled() -> bool:
     """GDNSPEC_GEMV_AUTOTUNE=1: Triton's autotuner (timed by graph_bench) picks each GEMV's tile per shape instead of
     `gemv_tile`'s table. Off by default: even timed in CUDA graphs its picks varied from process to process and
     missed the best tile by up to 1.6x on an H200 (benchmarks/bench_tiles.py), and a step's speed then depended on
-    the run."""
-    return os.environ.get("GDNSPEC_GEMV_AUTOTUNE", "0") == "1"
+    the run. Any value but unset / "" / 0 / 1 raises ValueError (a typo such as "true" must not silently A/B the
+    table against itself)."""
+    v = os.environ.get("GDNSPEC_GEMV_AUTOTUNE", "0") or "0"
+    if v not in ("0", "1"):
+        raise ValueError(f"GDNSPEC_GEMV_AUTOTUNE must be 0 or 1 (unset = 0), got {v!r}")
+    return v == "1"
 
 
 def gemv_tile(N: int, K: int, M: int, splits: int) -> tuple[int, int, int, int]:
