@@ -114,6 +114,7 @@ def test_gdn_tree_verify_and_commit_match_reference(B, N, H, HV, K, V, W, layout
 
 
 def test_fusion_switch_and_shape_errors(monkeypatch):
+    monkeypatch.delenv("GDNSPEC_TREE_FUSION", raising=False)  # the default, whatever the caller's shell sets
     assert gt.tree_fusion() == "norm"  # the default: measured fastest on the H200
     monkeypatch.setenv("GDNSPEC_TREE_FUSION", "full")
     assert gt.tree_fusion() == "full" and gt.tree_fusion("norm") == "norm"
@@ -185,3 +186,43 @@ def test_deliberately_broken_kernels_fail_the_same_checks(i, tmp_path):
         gd._arrival_counters(1, torch.device("cpu")).zero_()  # a broken arrival leaves the shared counters dirty
         sys.modules.pop(mut.__name__, None)
     assert bad, f"mutant {i} ({new!r}) passed the checks"
+
+
+@pytest.mark.parametrize("fusion", ["full", "norm", "off"])
+def test_mixed_precision_reaches_every_kernel_as_valid_dot_precisions(fusion):
+    """'mixed' (the CUDA default for bf16 / fp16 activations, never the interpreter's) must reach tl.dot as two valid
+    precisions in every verify kernel sequence and in the one-launch commit: an unsplit 'mixed' string there fails
+    only on the GPU otherwise. The interpreter computes every precision exactly: same results as the default."""
+    B, N, H, HV, K, V, W, layout, kind, dtype, block_v = CASES[3]
+    proj, kw, node = _inputs(B, N, H, HV, K, V, W, layout, kind, dtype)
+    outs = []
+    for precision in (None, "mixed"):
+        y, gdr, conv_input, conv_layout = gt.gdn_tree_verify(proj, fusion=fusion, block_v=block_v,
+                                                             precision=precision, **kw)
+        S, cs = kw["recurrent_state"].clone(), kw["conv_state"].clone()
+        tc.triton_tree_commit(state=S, conv_state=cs, cache=gdr, conv_input=conv_input, conv_layout=conv_layout,
+                              window_index=kw["window_index"], node=node, fused=fusion != "off", precision=precision)
+        outs.append((y, S, cs))
+    for a, b in zip(*outs):
+        assert rel(a, b) < 1e-6
+
+
+def test_state_products_take_prec_s():
+    """_tree_apply: the two products with the committed state S0 (k S0, q S0) run at PREC_S, the N x N ones at PREC;
+    both verify kernels pass PREC_S through. (The interpreter cannot tell precisions apart, so this is checked on the
+    source: a kernel that ignored PREC_S would pass every numeric test on the CPU.)"""
+    import ast
+    import inspect
+
+    fns = {n.name: n for n in ast.walk(ast.parse(inspect.getsource(tt))) if isinstance(n, ast.FunctionDef)}
+    fns.update({n.name: n for n in ast.walk(ast.parse(inspect.getsource(gt))) if isinstance(n, ast.FunctionDef)})
+    precs = {}
+    for node in ast.walk(fns["_tree_apply"]):
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "tl.dot":
+            prec = next(ast.unparse(k.value) for k in node.keywords if k.arg == "input_precision")
+            precs[ast.unparse(node.args[1])] = precs.get(ast.unparse(node.args[1]), set()) | {prec}
+    assert precs.pop("b_S") == {"PREC_S"} and precs and all(p == {"PREC"} for p in precs.values()), precs
+    for kernel in ("_tree_verify_kernel", "_gdn_tree_verify_kernel"):
+        calls = [ast.unparse(n) for n in ast.walk(fns[kernel]) if isinstance(n, ast.Call)
+                 and ast.unparse(n.func) == "_tree_apply"]
+        assert calls and all(c.endswith("PREC, PREC_S)") for c in calls), (kernel, calls)
