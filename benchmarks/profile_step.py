@@ -49,13 +49,15 @@ def main() -> int:
     ap.add_argument("--graph", action="store_true", help="profile CUDA-graph replays (kernel times inside the graph, "
                     "as the step runs) instead of eager calls")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
+    if not parts <= {"decode", "verify", "prefill"}:
+        ap.error(f"--parts takes a comma list of decode, verify, prefill; got {args.parts!r}")
     if not torch.cuda.is_available():
         print("profile_step needs a CUDA GPU (it profiles CUDA kernels)", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = build_model(args.size, "cuda")
-    parts = set(args.parts.split(","))
     for B in args.batches if "decode" in parts else ():
         dec = StaticDecoder(model, batch_size=B, max_len=1024, use_graph=args.graph)
         ids = torch.randint(0, model.vocab_size, (B,), device="cuda")
