@@ -100,7 +100,7 @@ def main() -> int:
 
 def check_pdl() -> int:
     """PDL on == PDL off, bitwise: 4 fused decode steps + one tree verify (fresh launches, eager), same kernels and
-    autotuned configurations (the autotuner's cache key ignores PDL), so any difference is a missing wait."""
+    GEMV tiles (gemv_tile's table; with GDNSPEC_GEMV_AUTOTUNE=1 the autotuner's cache key ignores PDL), so any difference is a missing wait."""
     from gdnspec.ops import pdl
 
     if not pdl.enabled(torch.empty(1, device="cuda")):

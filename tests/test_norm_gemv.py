@@ -347,3 +347,43 @@ def test_graph_bench_refuses_to_run_inside_a_capture(monkeypatch):
     with pytest.raises(RuntimeError, match="CUDA graph capture"):
         _bench.graph_bench(lambda: calls.append(1), quantiles=(0.5, 0.2, 0.8))
     assert calls == []
+
+
+class _SmallGPU(_FakeLaunch):
+    """A kernel on a GPU with less shared memory: launches with more than `max_stages` stages or BN above `max_bn`
+    raise Triton's OutOfResources (as a compile that does not fit does)."""
+
+    def __init__(self, max_stages, max_bn):
+        super().__init__()
+        self.max_stages, self.max_bn, self.tried = max_stages, max_bn, []
+
+    def __getitem__(self, grid):
+        def run(*args, **kw):
+            self.tried.append((kw["BN"], kw["BK"], kw["num_warps"], kw["num_stages"]))
+            if kw["num_stages"] > self.max_stages or kw["BN"] > self.max_bn:
+                raise gm.OutOfResources(200000, 101376, "shared memory")
+            self.calls.append((grid, kw))
+        return run
+
+
+def test_launch_falls_back_to_a_tile_that_fits_and_keeps_bk(monkeypatch):
+    """gemv_tile's table was measured on an H200; on a GPU where its tile does not fit, _launch takes the first of
+    fallback_tiles that does (fewer stages, then narrower BN; BK never changes, so split-K sums stay bit-identical
+    between small_linear_partials and linear_residual), remembers it for the shape, and re-raises when none fits."""
+    monkeypatch.setenv("GDNSPEC_GEMV_AUTOTUNE", "0")
+    monkeypatch.setattr(gm, "_TILES", {})
+    N, K, M, S = 32000, 2048, 32, 1
+    bn0, bk0, _, _ = gm.gemv_tile(N, K, M, S)
+    k = _SmallGPU(max_stages=2, max_bn=64)
+    gm._launch(k, None, N, K, M, S, ("args",), {"BM": 32})
+    (grid, kw), = k.calls
+    assert kw["BK"] == bk0 and kw["BN"] <= 64 and kw["num_stages"] <= 2 and grid == (-(-N // kw["BN"]), 1)
+    assert all(t[1] == bk0 for t in k.tried) and len(k.tried) > 1
+    k.tried.clear()
+    gm._launch(k, None, N, K, M, S, ("args",), {"BM": 32})  # remembered: one launch, the working tile
+    assert k.tried == [(kw["BN"], kw["BK"], kw["num_warps"], kw["num_stages"])]
+    with pytest.raises(gm.OutOfResources):
+        gm._launch(_SmallGPU(max_stages=0, max_bn=0), None, 1000, 2048, 1, 1, ("args",), {"BM": 16})
+    for tile in [gm.gemv_tile(*c) for c in [(12352, 2048, 1, 1), (2048, 4096, 32, 4), (32000, 2048, 32, 1)]]:
+        fb = gm.fallback_tiles(tile)
+        assert fb[0] == tile and all(t[1] == tile[1] and t[0] >= 16 and t[0] % gm.GROUP == 0 for t in fb)

@@ -50,6 +50,7 @@ from gdnspec.layers.gated_deltanet import GDNTreeCache
 from gdnspec.layers.layout import TokenLayout
 from gdnspec.layers.mlp import SwiGLUMLP
 from gdnspec.ops.conv1d.tree import tree_conv_window_index
+from gdnspec.ops.cpu_linear import linear as _linear
 from gdnspec.ops.gated_delta_rule.tree import TreeGDRCache
 
 __all__ = ["applies", "decode_step", "verify_step", "eagle_decode_step", "eagle_catch_up", "gdn_tree_mixer"]
@@ -166,7 +167,7 @@ class _GDNPack:
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., hidden) -> (..., P) with columns [q | k | v | z | b | a]."""
-        y = F.linear(x, self.w_in)
+        y = _linear(x, self.w_in, holder=self, name="_packed_in")
         return y if self.perm is None else y.index_select(-1, self.perm)
 
 
@@ -199,7 +200,7 @@ class _AttnPack:
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., hidden) -> (..., (2H + 2Hkv) D) with columns [q | k | v | gate]."""
-        return F.linear(x, self.w, self.b).index_select(-1, self.perm)
+        return _linear(x, self.w, self.b, holder=self, name="_packed_qkv").index_select(-1, self.perm)
 
 
 def attn_pack(m) -> _AttnPack:
@@ -218,8 +219,8 @@ def _mlp(mlp, x: torch.Tensor) -> torch.Tensor:
     """The layer's MLP on normed x: [gate | up] GEMM, silu * up, down GEMM (5 ops); a MoE block runs as a module."""
     if not isinstance(mlp, SwiGLUMLP):
         return mlp(x)
-    g, u = F.linear(x, mlp_weights(mlp)).chunk(2, dim=-1)
-    return F.linear(F.silu(g) * u, mlp.down_proj.weight)
+    g, u = _linear(x, mlp_weights(mlp), holder=mlp, name="_packed_gate_up").chunk(2, dim=-1)
+    return _linear(F.silu(g) * u, mlp.down_proj.weight, holder=mlp, name="_packed_down")
 
 
 def _rms(norm, x: torch.Tensor) -> torch.Tensor:
@@ -251,7 +252,7 @@ def gdn_decode(m, x: torch.Tensor, state: GDNLayerState) -> torch.Tensor:
     S.addcmul_(k.mT, u)  # S += k u^T
     o = q @ S  # (B, HV, 1, V), without the K^-0.5 of q (folded into the norm's eps)
     y = F.rms_norm(o, (V,), p.norm_w, p.norm_eps) * F.silu(z.view(B, HV, 1, V))
-    return F.linear(y.view(B, 1, p.VD), p.out_w, p.out_b)
+    return _linear(y.view(B, 1, p.VD), p.out_w, p.out_b, holder=p, name="_packed_out")
 
 
 # --------------------------------------------------------------------------------------------- GDN: tree of N nodes
@@ -304,7 +305,7 @@ def gdn_tree_mixer(m, x: torch.Tensor, state: GDNLayerState, setup: TreeSetup, *
         return None, cache
     o = qS + QKG @ v_new  # (B, HV, N, V), without q's K^-0.5 (folded into the norm's eps)
     y = F.rms_norm(o.transpose(1, 2), (V,), p.norm_w, p.norm_eps) * F.silu(z.view(B, N, HV, V))
-    return F.linear(y.reshape(B, N, p.VD), p.out_w, p.out_b), cache
+    return _linear(y.reshape(B, N, p.VD), p.out_w, p.out_b, holder=p, name="_packed_out"), cache
 
 
 # --------------------------------------------------------------------------------------------- attention
@@ -371,7 +372,7 @@ def attn_decode(m, x: torch.Tensor, cache: KVCache, st: _AttnStep) -> torch.Tens
     # the r query heads of a key head attend as r query rows of that head (no repeated keys)
     attn = F.scaled_dot_product_attention(q.view(B, Hkv, pa.r, D), cache.k[:, :, : n + 1], cache.v[:, :, : n + 1],
                                           attn_mask=st.mask, scale=pa.scale)
-    return F.linear(attn.view(B, 1, H * D) * torch.sigmoid(gate), pa.o_w, pa.o_b)
+    return _linear(attn.view(B, 1, H * D) * torch.sigmoid(gate), pa.o_w, pa.o_b, holder=pa, name="_packed_o")
 
 
 def _tree_attn_setup(m, cache: KVCache, lens: list[int], layout: TokenLayout) -> _AttnStep:
@@ -409,7 +410,7 @@ def attn_tree(m, x: torch.Tensor, cache: KVCache, st: _AttnStep):
     qr = q.transpose(1, 2).reshape(B, Hkv, pa.r * N, D)
     attn = F.scaled_dot_product_attention(qr, keys, values, attn_mask=st.mask, scale=pa.scale)  # (B, Hkv, rN, D)
     attn = attn.view(B, H, N, D).transpose(1, 2).reshape(B, N, H * D)
-    return F.linear(attn * torch.sigmoid(gate), pa.o_w, pa.o_b), (k, v)
+    return _linear(attn * torch.sigmoid(gate), pa.o_w, pa.o_b, holder=pa, name="_packed_o"), (k, v)
 
 
 # --------------------------------------------------------------------------------------------- whole steps
@@ -488,7 +489,7 @@ def verify_step(model, input_ids: torch.Tensor, state, layout: TokenLayout):
 def eagle_fuse(head, hidden: torch.Tensor, token_embeds: torch.Tensor) -> torch.Tensor:
     """fc(cat(norm_e(e), norm_h(f))): (B, T, H) x 2 -> (B, T, H)."""
     x = torch.cat([_rms(head.norm_e, token_embeds), _rms(head.norm_h, hidden)], dim=-1)
-    return F.linear(x, head.fc.weight, head.fc.bias)
+    return _linear(x, head.fc.weight, head.fc.bias, holder=head, name="_packed_fc")
 
 
 def eagle_decode_step(head, hidden: torch.Tensor, token_embeds: torch.Tensor, state, *, target):

@@ -36,11 +36,20 @@ from gdnspec.ops.fused._bench import graph_bench
 from gdnspec.ops.fused._sync import arrival_counters
 from gdnspec.ops.gated_delta_rule.triton_tree import HAS_TRITON, available
 
+if not HAS_TRITON:
+    class OutOfResources(Exception):  # noqa: N818 (Triton's name; never raised without Triton)
+        pass
+
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
     from gdnspec.ops.pdl import enter, prefetch_l2
+
+    try:
+        from triton.runtime.errors import OutOfResources
+    except ImportError:  # older Triton layouts
+        from triton.runtime.autotuner import OutOfResources
 
 __all__ = ["MAX_ROWS", "enabled", "kernel_applies", "linear_for_residual", "linear_residual", "linear_residual_reference", "normed_linear",
            "normed_linear_reference", "small_linear", "small_linear_partials", "split_count"]
@@ -254,15 +263,41 @@ def gemv_tile(N: int, K: int, M: int, splits: int) -> tuple[int, int, int, int]:
     return (32, 128, 4, 4) if M <= 16 else (64, 128, 4, 4)
 
 
+def fallback_tiles(tile: tuple[int, int, int, int]) -> list[tuple[int, int, int, int]]:
+    """The tiles `_launch` tries, in order, when `tile` does not fit the GPU (Triton OutOfResources: the table was
+    measured on an H200, 227 KB of shared memory per SM; consumer cards have ~100 KB): fewer pipeline stages, then
+    narrower column blocks. BK never changes, so the split-K sums stay bit-identical between small_linear_partials
+    and linear_residual whatever the GPU."""
+    bn, bk, warps, stages = tile
+    out = [tile] + [(bn, bk, warps, s) for s in (2, 1) if s < stages]
+    while bn > 16:
+        bn //= 2
+        out.append((bn, bk, 4, 2))
+    return out
+
+
+_TILES: dict = {}  # (kernel, N, K, M, splits, device) -> the tile that launched (after any fallback)
+
+
 def _launch(kernel, tuned, N: int, K: int, M: int, splits: int, args: tuple, kw: dict) -> None:
-    """One CUDA launch of a GEMV kernel: the tile of `gemv_tile`, or the autotuner's (GDNSPEC_GEMV_AUTOTUNE=1)."""
+    """One CUDA launch of a GEMV kernel: the tile of `gemv_tile` (or the first of its `fallback_tiles` that fits the
+    GPU, remembered per shape), or the autotuner's (GDNSPEC_GEMV_AUTOTUNE=1)."""
     cols = max(1, splits)
     if autotune_enabled():
         tuned[lambda meta: (triton.cdiv(N, meta["BN"]), cols) if splits else (triton.cdiv(N, meta["BN"]),)](*args, **kw)
         return
-    bn, bk, warps, stages = gemv_tile(N, K, M, splits)
-    grid = (triton.cdiv(N, bn), cols) if splits else (triton.cdiv(N, bn),)
-    kernel[grid](*args, **kw, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+    key = (kernel, N, K, M, splits, getattr(args[0], "device", None))
+    tiles = [_TILES[key]] if key in _TILES else fallback_tiles(gemv_tile(N, K, M, splits))
+    for i, (bn, bk, warps, stages) in enumerate(tiles):
+        grid = (triton.cdiv(N, bn), cols) if splits else (triton.cdiv(N, bn),)
+        try:
+            kernel[grid](*args, **kw, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+        except OutOfResources:
+            if i == len(tiles) - 1:
+                raise
+            continue
+        _TILES[key] = (bn, bk, warps, stages)
+        return
 
 
 def kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -1,0 +1,81 @@
+"""ops/cpu_linear.py: the oneDNN packed-weight linear of the CPU fast path against F.linear (float32, the shapes where
+it is taken and where it is not), its weight cache (in-place updates repack; inference tensors are never packed),
+the GDNSPEC_CPU_ONEDNN switch and the process-wide packing budget.
+
+Run: python -m pytest -q tests/test_cpu_linear.py
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gdnspec.ops import cpu_linear as cl
+
+pytestmark = pytest.mark.skipif(not cl.available(), reason="this torch build has no oneDNN packed linear")
+
+
+class _Holder:
+    pass
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("rows,N,K,bias", [(1, 2048, 384, False), (5, 1032, 384, True), (16, 8192, 96, False),
+                                           (3, 600, 320, True), (1, 384, 256, False), (7, 17, 33, False)])
+def test_matches_f_linear_and_takes_the_packed_path_where_it_pays(rows, N, K, bias, monkeypatch):
+    monkeypatch.delenv("GDNSPEC_CPU_ONEDNN", raising=False)
+    g = torch.Generator().manual_seed(rows + N)
+    w = torch.randn(N, K, generator=g)
+    b = torch.randn(N, generator=g) if bias else None
+    x = torch.randn(2, rows, K, generator=g)[:1]  # (1, rows, K)
+    h = _Holder()
+    with torch.no_grad():
+        y = cl.linear(x, w, b, holder=h, name="_p")
+    ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+    assert y.shape == (1, rows, N) and y.dtype == torch.float32
+    assert _rel(y, ref) < 1e-6
+    assert ("_p" in h.__dict__) == cl.packed_pays(rows, N, K)
+
+
+def test_in_place_update_repacks_and_float64_inference_grad_fall_back(monkeypatch):
+    monkeypatch.delenv("GDNSPEC_CPU_ONEDNN", raising=False)
+    w = torch.randn(2048, 384)
+    x = torch.randn(5, 384)
+    h = _Holder()
+    with torch.no_grad():
+        cl.linear(x, w, holder=h, name="_p")
+        w.mul_(2.0)  # in place: the version counter moves, the packed copy must follow
+        y = cl.linear(x, w, holder=h, name="_p")
+    assert _rel(y, F.linear(x.double(), w.double())) < 1e-6
+    # float64: the reference precision, F.linear exactly
+    y64 = cl.linear(x.double(), w.double(), holder=h, name="_p64")
+    assert torch.equal(y64, F.linear(x.double(), w.double())) and "_p64" not in h.__dict__
+    # inference tensors have no version counter: never packed
+    with torch.inference_mode():
+        wi = torch.randn(2048, 384)
+        yi = cl.linear(x, wi, holder=h, name="_pi")
+    assert "_pi" not in h.__dict__ and _rel(yi, F.linear(x.double(), wi.double())) < 1e-6
+    # autograd: F.linear, gradients flow
+    wg = torch.randn(2048, 384, requires_grad=True)
+    cl.linear(x, wg, holder=h, name="_pg").sum().backward()
+    assert wg.grad is not None and "_pg" not in h.__dict__
+
+
+def test_switch_and_budget(monkeypatch):
+    x, w = torch.randn(5, 384), torch.randn(2048, 384)
+    monkeypatch.setenv("GDNSPEC_CPU_ONEDNN", "0")
+    h = _Holder()
+    with torch.no_grad():
+        assert torch.equal(cl.linear(x, w, holder=h, name="_p"), F.linear(x, w)) and "_p" not in h.__dict__
+    for bad in ("true", "2", " 1"):
+        monkeypatch.setenv("GDNSPEC_CPU_ONEDNN", bad)
+        with pytest.raises(ValueError, match="GDNSPEC_CPU_ONEDNN"):
+            cl.enabled()
+    monkeypatch.setenv("GDNSPEC_CPU_ONEDNN", "1")
+    monkeypatch.setattr(cl, "_packed_bytes", cl.PACK_BUDGET_BYTES - 10)  # budget spent: F.linear, nothing packed
+    with torch.no_grad():
+        y = cl.linear(x, w, holder=h, name="_p")
+    assert "_p" not in h.__dict__ and _rel(y, F.linear(x.double(), w.double())) < 1e-6
