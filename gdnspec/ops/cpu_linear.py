@@ -6,16 +6,18 @@ A small model's CPU step is a chain of skinny products: 1 row at decode, N rows 
 rows at a drafter's catch-up. On the 2-core AMD EPYC machines of this project (torch 2.13, 2 threads) MKL's sgemm
 for 2-16 rows costs 2-3x its 1-row GEMV, while oneDNN's inner product on a weight reordered once into its blocked
 layout (`torch.ops.mkldnn._reorder_linear_weight` / `_linear_pointwise`, the ops torch's inductor uses for frozen
-CPU linears) costs a fixed ~30 us plus far less per row. Measured (us, MKL / packed oneDNN; benchmarks/
-bench_cpu_linear.py):
+CPU linears) costs a fixed ~30 us plus far less per row. Measured (us, MKL / packed oneDNN, weights cache-resident
+"hot" and rotated past the L3 "cold", as a 67 MB model's are in a step; benchmarks/bench_cpu_linear.py,
+results/stop17/cpu_linear_threads2.json):
 
-    weight (N x K)   1 row          5 rows         16 rows
-    2048 x 384       77 / 61        186 / 93       298 / 201
-    384 x 1024       37 / 51        142 / 65       181 / 124
-    8192 x 384       311 / 188      934 / 287      1342 / 728
-    384 x 256        13 / 31        30 / 35        40 / 49
+    weight (N x K)   1 row hot / cold            5 rows hot / cold          16 rows hot / cold
+    2048 x 384       79/62  269/138              131/89  289/169            200/196  358/274
+    384 x 1024       36/50  93/80                89/65   118/103            129/122  155/163
+    8192 x 384       364/173  1057/511           709/299  1225/582          1044/796  1538/1005
+    384 x 256        12/33  39/42                21/36   49/49              32/50  62/64
 
-so `packed_pays` takes oneDNN for weights of >= 180k elements at 2+ rows and >= 600k at one row, MKL otherwise.
+so `packed_pays` takes oneDNN for weights of >= 180k elements at 2+ rows and >= 600k at one row, MKL otherwise
+(a 180k threshold at one row too made the draft model's expansion 1.6 -> 1.8 ms: its small weights stay hot).
 float32 only (oneDNN has no float64 inner product; float64 stays F.linear, the reference precision); both are
 float32-accurate (max relative error against float64 ~7e-7 vs ~3e-7 for MKL on 1032 x 384), but they round
 differently in the last bits. The packed copy is cached on `holder` per (weight pointer, version counter), so an
