@@ -79,3 +79,20 @@ def test_switch_and_budget(monkeypatch):
     with torch.no_grad():
         y = cl.linear(x, w, holder=h, name="_p")
     assert "_p" not in h.__dict__ and _rel(y, F.linear(x.double(), w.double())) < 1e-6
+
+
+@pytest.mark.parametrize("rows,N,K", [(5, 1032, 384), (1, 1032, 384), (1, 2048, 384), (3, 40, 24)])
+def test_out_perm_reorders_the_output_columns(rows, N, K, monkeypatch):
+    """out_perm: the packed path packs the weight's rows in that order (no gather of the output), the F.linear path
+    gathers; both must equal F.linear(...)[..., perm], bias included."""
+    monkeypatch.delenv("GDNSPEC_CPU_ONEDNN", raising=False)
+    g = torch.Generator().manual_seed(N + rows)
+    w, b, x = torch.randn(N, K, generator=g), torch.randn(N, generator=g), torch.randn(1, rows, K, generator=g)
+    perm = torch.randperm(N, generator=g)
+    h = _Holder()
+    with torch.no_grad():
+        y = cl.linear(x, w, b, holder=h, name="_p", out_perm=perm)
+        y2 = cl.linear(x, w, b, holder=h, name="_p", out_perm=perm)  # cached packed copy
+    want = F.linear(x.double(), w.double(), b.double())[..., perm]
+    assert _rel(y, want) < 1e-6 and torch.equal(y, y2)
+    assert ("_p" in h.__dict__) == cl.packed_pays(rows, N, K)

@@ -167,8 +167,7 @@ class _GDNPack:
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., hidden) -> (..., P) with columns [q | k | v | z | b | a]."""
-        y = _linear(x, self.w_in, holder=self, name="_packed_in")
-        return y if self.perm is None else y.index_select(-1, self.perm)
+        return _linear(x, self.w_in, holder=self, name="_packed_in", out_perm=self.perm)
 
 
 def gdn_pack(m) -> _GDNPack:
@@ -200,7 +199,7 @@ class _AttnPack:
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., hidden) -> (..., (2H + 2Hkv) D) with columns [q | k | v | gate]."""
-        return _linear(x, self.w, self.b, holder=self, name="_packed_qkv").index_select(-1, self.perm)
+        return _linear(x, self.w, self.b, holder=self, name="_packed_qkv", out_perm=self.perm)
 
 
 def attn_pack(m) -> _AttnPack:

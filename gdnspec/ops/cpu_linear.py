@@ -66,12 +66,13 @@ def packed_pays(rows: int, N: int, K: int) -> bool:
     return N * K >= (600_000 if rows <= 1 else 180_000)
 
 
-def _packed(holder, name: str, w: torch.Tensor) -> torch.Tensor | None:
-    """The oneDNN-packed copy of w cached on holder.__dict__[name]; None for weights without a version counter."""
+def _packed(holder, name: str, w: torch.Tensor, out_perm: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The oneDNN-packed copy of w (its rows in out_perm's order when given) cached on holder.__dict__[name]; None for
+    weights without a version counter or beyond the packing budget."""
+    global _packed_bytes
     if w.is_inference() or w.requires_grad and torch.is_grad_enabled():
         return None
-    global _packed_bytes
-    key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype)
+    key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype, None if out_perm is None else out_perm.data_ptr())
     ent = holder.__dict__.get(name)
     if ent is None or ent[0] != key:
         nbytes = w.numel() * w.element_size()
@@ -79,24 +80,32 @@ def _packed(holder, name: str, w: torch.Tensor) -> torch.Tensor | None:
             return None
         _packed_bytes += nbytes
         with torch.no_grad():
-            ent = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), None))
+            src = w.detach() if out_perm is None else w.detach().index_select(0, out_perm)
+            ent = (key, torch.ops.mkldnn._reorder_linear_weight(src.contiguous(), None))
         holder.__dict__[name] = ent
     return ent[1]
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, holder, name: str) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, holder, name: str,
+           out_perm: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias), through oneDNN with a packed weight cached on `holder` under `name` when the shape
     pays (`packed_pays`), x and weight are float32 CPU tensors and no gradient is needed; F.linear otherwise.
-    x (..., K), weight (N, K), bias (N,) or None -> (..., N)."""
+    x (..., K), weight (N, K), bias (N,) or None -> (..., N). out_perm (N,) long: return the output's columns in that
+    order (y[..., out_perm]); the packed path packs the weight's rows in that order, so the reordering costs nothing
+    (an index_select over the last dim of a multi-row output costs ~50 us on the CPU)."""
     K = x.shape[-1]
-    if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or weight.dim() != 2
-            or weight.shape[1] != K or (bias is not None and bias.dtype != torch.float32)
-            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
-        return F.linear(x, weight, bias)
     rows = x.numel() // K if K else 0
-    if rows == 0 or not packed_pays(rows, weight.shape[0], K) or not enabled():
-        return F.linear(x, weight, bias)
-    p = _packed(holder, name, weight)
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or weight.dim() != 2
+            or weight.shape[1] != K or (bias is not None and bias.dtype != torch.float32) or rows == 0
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            or not packed_pays(rows, weight.shape[0], K) or not enabled()):
+        p = None
+    else:
+        p = _packed(holder, name, weight, out_perm)
     if p is None:
-        return F.linear(x, weight, bias)
-    return torch.ops.mkldnn._linear_pointwise(x, p, bias, "none", [], "")
+        y = F.linear(x, weight, bias)
+        if out_perm is None:
+            return y
+        return y.index_select(-1, out_perm) if rows == 1 else y[..., out_perm]
+    b = bias if bias is None or out_perm is None else bias.index_select(0, out_perm)
+    return torch.ops.mkldnn._linear_pointwise(x, p, b, "none", [], "")
