@@ -96,3 +96,23 @@ def test_out_perm_reorders_the_output_columns(rows, N, K, monkeypatch):
     want = F.linear(x.double(), w.double(), b.double())[..., perm]
     assert _rel(y, want) < 1e-6 and torch.equal(y, y2)
     assert ("_p" in h.__dict__) == cl.packed_pays(rows, N, K)
+
+
+def test_modules_with_packed_weights_still_deepcopy_and_pickle(tmp_path, monkeypatch):
+    """oneDNN's packed tensors are opaque (no storage); a module that cached one must still deepcopy and torch.save
+    (the copy drops the cache and repacks on first use, with the same result)."""
+    import copy
+
+    monkeypatch.delenv("GDNSPEC_CPU_ONEDNN", raising=False)
+    from gdnspec.layers.linear import VocabProjection
+
+    head = VocabProjection(384, 8192, bias=False)
+    x = torch.randn(5, 384)
+    with torch.no_grad():
+        y = head(x)
+    assert "_packed_w" in head.__dict__  # 8192 x 384 at 5 rows takes the packed path
+    twin = copy.deepcopy(head)
+    torch.save(head, tmp_path / "head.pt")
+    loaded = torch.load(tmp_path / "head.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(twin(x), y) and torch.equal(loaded(x), y)

@@ -66,6 +66,24 @@ def packed_pays(rows: int, N: int, K: int) -> bool:
     return N * K >= (600_000 if rows <= 1 else 180_000)
 
 
+def _dropped() -> None:
+    return None
+
+
+class _PackedEntry:
+    """(key, packed weight) cached on a module. oneDNN's packed tensors are opaque (no storage): copy.deepcopy and
+    pickling (torch.save of a whole module) would fail on them, so a copy or a pickle of the cache is None (the copy
+    repacks on first use)."""
+
+    __slots__ = ("key", "packed")
+
+    def __init__(self, key, packed):
+        self.key, self.packed = key, packed
+
+    def __reduce__(self):
+        return (_dropped, ())
+
+
 def _packed(holder, name: str, w: torch.Tensor, out_perm: torch.Tensor | None = None) -> torch.Tensor | None:
     """The oneDNN-packed copy of w (its rows in out_perm's order when given) cached on holder.__dict__[name]; None for
     weights without a version counter or beyond the packing budget."""
@@ -74,16 +92,16 @@ def _packed(holder, name: str, w: torch.Tensor, out_perm: torch.Tensor | None = 
         return None
     key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype, None if out_perm is None else out_perm.data_ptr())
     ent = holder.__dict__.get(name)
-    if ent is None or ent[0] != key:
+    if ent is None or ent.key != key:
         nbytes = w.numel() * w.element_size()
         if _packed_bytes + nbytes > PACK_BUDGET_BYTES:
             return None
         _packed_bytes += nbytes
         with torch.no_grad():
             src = w.detach() if out_perm is None else w.detach().index_select(0, out_perm)
-            ent = (key, torch.ops.mkldnn._reorder_linear_weight(src.contiguous(), None))
+            ent = _PackedEntry(key, torch.ops.mkldnn._reorder_linear_weight(src.contiguous(), None))
         holder.__dict__[name] = ent
-    return ent[1]
+    return ent.packed
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, holder, name: str,
