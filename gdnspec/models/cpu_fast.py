@@ -6,9 +6,10 @@ shape handling, casts, checks and per-layer recomputation of step constants. Thi
 
 - one GEMM per projection group, on the fused weight buffers of layers/fusion.py (views of one buffer, no copies):
   the GDN in-projection (qkvz|ba or qkv|z|b|a), attention q|k|v, MLP gate|up; where the checkpoint's row order
-  interleaves heads (qwen3_next in-projection; q|gate per attention head) one index_select of the small output puts it
-  in [q | k | v | z | b | a] / [q | k | v | gate] order (q and k adjacent: normed and rotated together); pieces are
-  split views;
+  interleaves heads (qwen3_next in-projection; q|gate per attention head) the output comes in [q | k | v | z | b | a]
+  / [q | k | v | gate] order (q and k adjacent: normed and rotated together): from a weight packed in that row order
+  where the product takes oneDNN (ops/cpu_linear.py: float32, shapes that pay), else one index_select of the output;
+  pieces are split views;
 - the single-token GDN step as: conv update (cat + one vecdot over the window), q/k L2 norm as ONE rms_norm
   (x * rsqrt(sum x^2 + eps) == rms_norm(x, eps / K) * K^-0.5 exactly), gates, the recurrence on the state in place
   (mul_, matmul, addcmul_, matmul), the q scale K^-0.5 folded into the gated RMSNorm's eps (rms_norm(c o, eps) ==
