@@ -175,5 +175,11 @@ def test_fast_path_mlp_follows_updates_through_its_parameters(monkeypatch):
         ref = mlp(x)
         assert _rel(y, ref) < 1e-5
         mlp.up_proj.weight.mul_(-1.0)  # in place through the Parameter (an optimizer step does the same)
-        y = cpu_fast._mlp(mlp, x)
-    assert _rel(y, mlp(x)) < 1e-5
+        y, ref = cpu_fast._mlp(mlp, x), mlp(x)
+    assert _rel(y, ref) < 1e-5
+
+
+def test_packed_pays_thresholds():
+    """The measured thresholds (module table): >= 600k elements at one row, >= 180k at 2+ rows."""
+    assert cl.packed_pays(1, 2048, 384) and not cl.packed_pays(1, 1032, 384)
+    assert cl.packed_pays(2, 600, 320) and not cl.packed_pays(16, 384, 256) and not cl.packed_pays(5, 17, 33)
