@@ -116,3 +116,70 @@ def test_modules_with_packed_weights_still_deepcopy_and_pickle(tmp_path, monkeyp
     loaded = torch.load(tmp_path / "head.pt", weights_only=False)
     with torch.no_grad():
         assert torch.equal(twin(x), y) and torch.equal(loaded(x), y)
+
+
+def test_new_tensor_at_the_same_address_repacks(monkeypatch):
+    """A weight freed and replaced by another tensor at the same address (same data pointer, a fresh version counter
+    at 0) must not reuse the old packed copy. Made deterministic with two tensors over one buffer, written outside
+    torch in between (so neither version counter moves)."""
+    import numpy as np
+
+    monkeypatch.delenv("GDNSPEC_CPU_ONEDNN", raising=False)
+    N, K = 2048, 384
+    buf = bytearray(N * K * 4)
+    arr = np.frombuffer(buf, dtype=np.float32)
+    arr[:] = np.random.default_rng(0).standard_normal(N * K)
+    x, h = torch.randn(5, K), _Holder()
+    with torch.no_grad():
+        w1 = torch.frombuffer(buf, dtype=torch.float32).view(N, K)
+        cl.linear(x, w1, holder=h, name="_p")
+        assert "_p" in h.__dict__
+        arr *= -1.0
+        w2 = torch.frombuffer(buf, dtype=torch.float32).view(N, K)  # same pointer, same version, another storage
+        assert w2.data_ptr() == w1.data_ptr() and w2._version == w1._version
+        y = cl.linear(x, w2, holder=h, name="_p")
+    assert _rel(y, F.linear(x.double(), w2.double())) < 1e-6
+
+
+def test_out_perm_changed_in_place_or_replaced_repacks(monkeypatch):
+    monkeypatch.delenv("GDNSPEC_CPU_ONEDNN", raising=False)
+    g = torch.Generator().manual_seed(3)
+    w, x = torch.randn(2048, 384, generator=g), torch.randn(5, 384, generator=g)
+    perm, h = torch.randperm(2048, generator=g), _Holder()
+    with torch.no_grad():
+        cl.linear(x, w, holder=h, name="_p", out_perm=perm)
+        perm.copy_(torch.randperm(2048, generator=g))  # same tensor, new order
+        y = cl.linear(x, w, holder=h, name="_p", out_perm=perm)
+        assert _rel(y, F.linear(x.double(), w.double())[..., perm]) < 1e-6
+        y = cl.linear(x, w, holder=h, name="_p")  # no perm any more
+    assert _rel(y, F.linear(x.double(), w.double())) < 1e-6
+
+
+def test_fast_path_mlp_follows_updates_through_its_parameters(monkeypatch):
+    """cpu_fast's MLP reads [gate | up] from the fused buffer (layers/fusion.py) whose Parameters are `.data` views
+    with version counters of their own: load_state_dict / optimizer steps update them in place without moving the
+    buffer's counter. The packed copy must follow."""
+    from gdnspec.layers.mlp import SwiGLUMLP
+    from gdnspec.models import cpu_fast
+
+    monkeypatch.delenv("GDNSPEC_CPU_ONEDNN", raising=False)
+    torch.manual_seed(0)
+    mlp = SwiGLUMLP(384, 512)
+    x = torch.randn(1, 5, 384)
+    with torch.no_grad():
+        cpu_fast._mlp(mlp, x)
+        assert cl.packed_pays(5, 1024, 384)
+        sd = {k: torch.randn_like(v) for k, v in mlp.state_dict().items()}
+        mlp.load_state_dict(sd)
+        y = cpu_fast._mlp(mlp, x)
+        ref = mlp(x)
+        assert _rel(y, ref) < 1e-5
+        mlp.up_proj.weight.mul_(-1.0)  # in place through the Parameter (an optimizer step does the same)
+        y, ref = cpu_fast._mlp(mlp, x), mlp(x)
+    assert _rel(y, ref) < 1e-5
+
+
+def test_packed_pays_thresholds():
+    """The measured thresholds (module table): >= 600k elements at one row, >= 180k at 2+ rows."""
+    assert cl.packed_pays(1, 2048, 384) and not cl.packed_pays(1, 1032, 384)
+    assert cl.packed_pays(2, 600, 320) and not cl.packed_pays(16, 384, 256) and not cl.packed_pays(5, 17, 33)

@@ -210,16 +210,31 @@ def attn_pack(m) -> _AttnPack:
     return _cached(m, "_cpu_pack", src, lambda: _AttnPack(m))
 
 
+class _GateUp:
+    """[gate | up] of a SwiGLUMLP: the fused view buffer `w` (layers/fusion.py), and the holder of its packed copy
+    (ops/cpu_linear.py). Rebuilt (by _cached) when gate_proj / up_proj change: the Parameters are `.data` views of the
+    buffer with version counters of their own, so an in-place update through them (load_state_dict, an optimizer
+    step) moves their counters but not the buffer's, and a packed copy keyed on the buffer alone would go stale."""
+
+    def __init__(self, mlp: SwiGLUMLP):
+        self.w = mlp.fused_gate_up()
+
+
+def _gate_up(mlp: SwiGLUMLP) -> _GateUp:
+    return _cached(mlp, "_cpu_gate_up", (mlp.gate_proj.weight, mlp.up_proj.weight), lambda: _GateUp(mlp))
+
+
 def mlp_weights(mlp: SwiGLUMLP) -> torch.Tensor:
     """[gate | up] as one (2I, hidden) matrix: the fused view buffer (layers/fusion.py), checked cheaply."""
-    return _cached(mlp, "_cpu_gate_up", (mlp.gate_proj.weight, mlp.up_proj.weight), mlp.fused_gate_up)
+    return _gate_up(mlp).w
 
 
 def _mlp(mlp, x: torch.Tensor) -> torch.Tensor:
     """The layer's MLP on normed x: [gate | up] GEMM, silu * up, down GEMM (5 ops); a MoE block runs as a module."""
     if not isinstance(mlp, SwiGLUMLP):
         return mlp(x)
-    g, u = _linear(x, mlp_weights(mlp), holder=mlp, name="_packed_gate_up").chunk(2, dim=-1)
+    gu = _gate_up(mlp)
+    g, u = _linear(x, gu.w, holder=gu, name="_packed").chunk(2, dim=-1)
     return _linear(F.silu(g) * u, mlp.down_proj.weight, holder=mlp, name="_packed_down")
 
 

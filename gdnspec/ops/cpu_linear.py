@@ -20,8 +20,10 @@ so `packed_pays` takes oneDNN for weights of >= 180k elements at 2+ rows and >= 
 (a 180k threshold at one row too made the draft model's expansion 1.6 -> 1.8 ms: its small weights stay hot).
 float32 only (oneDNN has no float64 inner product; float64 stays F.linear, the reference precision); both are
 float32-accurate (max relative error against float64 ~7e-7 vs ~3e-7 for MKL on 1032 x 384), but they round
-differently in the last bits. The packed copy is cached on `holder` per (weight pointer, version counter), so an
-in-place weight update repacks; weights without a version counter (inference tensors) are never packed (F.linear).
+differently in the last bits. The packed copy is cached on `holder` per (weight storage, pointer, version counter, shape, strides;
+out_perm tensor and its version), so an in-place weight update or a new tensor at the same address repacks (a
+Parameter made a `.data` view of another buffer has its own version counter: pass the tensor that is updated, or
+rebuild the holder when it changes, as models/cpu_fast.py does); weights without a version counter (inference tensors) are never packed (F.linear).
 GDNSPEC_CPU_ONEDNN=0 turns the packed path off (A/B timing); any value but 0 / 1 / unset raises ValueError.
 
 Cost: one packed copy of each weight that takes this path (default bundle: +70 MB peak), at most PACK_BUDGET_BYTES
@@ -33,6 +35,7 @@ speculative decoding gain alike, so the eval's speedup ratios stay where they we
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -73,12 +76,19 @@ def _dropped() -> None:
 class _PackedEntry:
     """(key, packed weight) cached on a module. oneDNN's packed tensors are opaque (no storage): copy.deepcopy and
     pickling (torch.save of a whole module) would fail on them, so a copy or a pickle of the cache is None (the copy
-    repacks on first use)."""
+    repacks on first use). `storage` is a weak reference to the weight's storage: a weight freed and replaced by
+    another tensor at the same address (same data pointer, a fresh version counter) does not match. `perm` is the
+    out_perm tensor itself (held: its address could be reused the same way) and `perm_version` its version."""
 
-    __slots__ = ("key", "packed")
+    __slots__ = ("key", "packed", "storage", "perm", "perm_version")
 
-    def __init__(self, key, packed):
-        self.key, self.packed = key, packed
+    def __init__(self, key, packed, storage, perm):
+        self.key, self.packed, self.storage = key, packed, storage
+        self.perm, self.perm_version = perm, None if perm is None else perm._version
+
+    def matches(self, key, w: torch.Tensor, perm: torch.Tensor | None) -> bool:
+        return (self.key == key and self.storage() is w.untyped_storage() and self.perm is perm
+                and (perm is None or self.perm_version == perm._version))
 
     def __reduce__(self):
         return (_dropped, ())
@@ -90,16 +100,17 @@ def _packed(holder, name: str, w: torch.Tensor, out_perm: torch.Tensor | None = 
     global _packed_bytes
     if w.is_inference() or w.requires_grad and torch.is_grad_enabled():
         return None
-    key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype, None if out_perm is None else out_perm.data_ptr())
+    key = (w.data_ptr(), w._version, tuple(w.shape), w.stride(), w.dtype)
     ent = holder.__dict__.get(name)
-    if ent is None or ent.key != key:
+    if ent is None or not ent.matches(key, w, out_perm):
         nbytes = w.numel() * w.element_size()
         if _packed_bytes + nbytes > PACK_BUDGET_BYTES:
             return None
         _packed_bytes += nbytes
         with torch.no_grad():
             src = w.detach() if out_perm is None else w.detach().index_select(0, out_perm)
-            ent = _PackedEntry(key, torch.ops.mkldnn._reorder_linear_weight(src.contiguous(), None))
+            ent = _PackedEntry(key, torch.ops.mkldnn._reorder_linear_weight(src.contiguous(), None),
+                               weakref.ref(w.untyped_storage()), out_perm)
         holder.__dict__[name] = ent
     return ent.packed
 
