@@ -183,3 +183,25 @@ def test_packed_pays_thresholds():
     """The measured thresholds (module table): >= 600k elements at one row, >= 180k at 2+ rows."""
     assert cl.packed_pays(1, 2048, 384) and not cl.packed_pays(1, 1032, 384)
     assert cl.packed_pays(2, 600, 320) and not cl.packed_pays(16, 384, 256) and not cl.packed_pays(5, 17, 33)
+
+
+def test_replaced_and_freed_entries_give_their_bytes_back(monkeypatch):
+    """The packing budget counts live packed copies only: repacking after an in-place update, or dropping the holder,
+    returns the bytes (else every reload of the weights would eat the budget until packing silently stopped)."""
+    import gc
+
+    monkeypatch.delenv("GDNSPEC_CPU_ONEDNN", raising=False)
+    gc.collect()
+    base = cl._packed_bytes
+    w, x = torch.randn(2048, 384), torch.randn(5, 384)
+    h = _Holder()
+    with torch.no_grad():
+        cl.linear(x, w, holder=h, name="_p")
+        assert cl._packed_bytes == base + w.numel() * 4
+        for _ in range(3):
+            w.add_(1.0)
+            cl.linear(x, w, holder=h, name="_p")  # repacked: the old entry is replaced
+        assert cl._packed_bytes == base + w.numel() * 4
+    del h
+    gc.collect()
+    assert cl._packed_bytes == base

@@ -5,8 +5,9 @@ times slower than other formulations of the same product; measured on the 2-core
 (torch 2.13 CPU, MKL), for an 8192 x 384 weight: 1 row 2.5 ms with F.linear vs 0.64 ms as x @ W^T (contiguous copy
 of W^T), 4 rows 3.4 ms vs 0.97 ms as (W @ x^T)^T. The head is the largest matmul of a small model's decode step and
 of every drafting step, so this path picks the faster form. Same product, float rounding may differ in the last
-bits. float32 heads whose shape pays take oneDNN with a packed weight first (ops/cpu_linear.py: 8192 x 384, 1 row
-0.31 -> 0.19 ms, 5 rows 0.93 -> 0.29 ms on those machines). Autograd, CUDA and biased layers use F.linear unchanged.
+bits. float32 heads whose shape pays take oneDNN with a packed weight first (ops/cpu_linear.py; 8192 x 384 against
+F.linear, benchmarks/results/stop17/cpu_linear_threads2.json: 1 row 364 -> 173 us hot, 1057 -> 511 us cold; 5 rows
+709 -> 299 us hot). Autograd, CUDA and biased layers use F.linear unchanged.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
 
 A small model's CPU step is a chain of skinny products: 1 row at decode, N rows (the tree's nodes) at verify, a few
 rows at a drafter's catch-up. On the 2-core AMD EPYC machines of this project (torch 2.13, 2 threads) MKL's sgemm
-for 2-16 rows costs 2-3x its 1-row GEMV, while oneDNN's inner product on a weight reordered once into its blocked
+costs 1.0-1.1x its 1-row GEMV at 2 rows, 1.6-1.9x at 5 and 2.5-2.9x at 16 (hot weights), while oneDNN's inner product on a weight reordered once into its blocked
 layout (`torch.ops.mkldnn._reorder_linear_weight` / `_linear_pointwise`, the ops torch's inductor uses for frozen
 CPU linears) costs a fixed ~30 us plus far less per row. Measured (us, MKL / packed oneDNN, weights cache-resident
 "hot" and rotated past the L3 "cold", as a 67 MB model's are in a step; benchmarks/bench_cpu_linear.py,
@@ -43,7 +43,7 @@ import torch.nn.functional as F
 __all__ = ["PACK_BUDGET_BYTES", "available", "enabled", "linear", "packed_pays"]
 
 PACK_BUDGET_BYTES = 1 << 30
-_packed_bytes = 0  # bytes of packed copies made by this process (re-packs of an updated weight included)
+_packed_bytes = 0  # bytes of the packed copies alive in this process (an entry gives them back when replaced / freed)
 
 
 def available() -> bool:
@@ -80,11 +80,16 @@ class _PackedEntry:
     another tensor at the same address (same data pointer, a fresh version counter) does not match. `perm` is the
     out_perm tensor itself (held: its address could be reused the same way) and `perm_version` its version."""
 
-    __slots__ = ("key", "packed", "storage", "perm", "perm_version")
+    __slots__ = ("key", "packed", "storage", "perm", "perm_version", "nbytes")
 
-    def __init__(self, key, packed, storage, perm):
+    def __init__(self, key, packed, storage, perm, nbytes: int):
         self.key, self.packed, self.storage = key, packed, storage
         self.perm, self.perm_version = perm, None if perm is None else perm._version
+        self.nbytes = nbytes
+
+    def __del__(self):  # a replaced or freed entry gives its bytes back to the packing budget
+        global _packed_bytes
+        _packed_bytes -= getattr(self, "nbytes", 0)
 
     def matches(self, key, w: torch.Tensor, perm: torch.Tensor | None) -> bool:
         return (self.key == key and self.storage() is w.untyped_storage() and self.perm is perm
@@ -110,7 +115,7 @@ def _packed(holder, name: str, w: torch.Tensor, out_perm: torch.Tensor | None = 
         with torch.no_grad():
             src = w.detach() if out_perm is None else w.detach().index_select(0, out_perm)
             ent = _PackedEntry(key, torch.ops.mkldnn._reorder_linear_weight(src.contiguous(), None),
-                               weakref.ref(w.untyped_storage()), out_perm)
+                               weakref.ref(w.untyped_storage()), out_perm, nbytes)
         holder.__dict__[name] = ent
     return ent.packed
 
