@@ -24,7 +24,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 import time
 
@@ -43,6 +42,7 @@ from gdnspec.ops.gated_delta_rule.recurrent import fused_recurrent_gated_delta_r
 from gdnspec.ops.gated_delta_rule.tree import tree_commit_state, tree_gated_delta_rule  # noqa: E402
 from gdnspec.ops.gated_delta_rule.triton_commit import triton_tree_commit_state  # noqa: E402
 from gdnspec.ops.gated_delta_rule.triton_tree import triton_tree_gated_delta_rule  # noqa: E402
+from gdnspec.ops.fused._bench import replay_ms  # noqa: E402
 
 H, HV, K, V = 16, 32, 128, 128
 L2_BYTES = 50 * 2**20
@@ -108,16 +108,9 @@ def time_graph(calls, min_calls=20, reps=15):
             c()
     graph.replay()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1000.0 / len(calls))
+    us = replay_ms(graph, reps) * 1000.0 / len(calls)
     del graph
-    return statistics.median(times)
+    return us
 
 
 def copy_bandwidth():

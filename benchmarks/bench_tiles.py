@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_e2e import build_model, comma_list, copy_bandwidth_gbs  # noqa: E402
 
 import gdnspec.ops.fused.gemv as G  # noqa: E402
+from gdnspec.ops.fused._bench import replay_ms  # noqa: E402
 from gdnspec.runtime import StaticDecoder  # noqa: E402
 
 CANDIDATES = [(16, 256, 4, 4), (16, 128, 4, 6), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4), (16, 512, 4, 3),
@@ -68,16 +69,9 @@ def time_launch(fn, ws, iters: int = 40, replays: int = 5) -> float:
             fn(ws[i % len(ws)])
     g.replay()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / iters)
+    ms = replay_ms(g, replays) / iters
     del g
-    return sorted(times)[len(times) // 2]
+    return ms
 
 
 def sweep_gemv(model, rows, bw) -> list[dict]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["graph_bench"]
+__all__ = ["graph_bench", "replay_ms"]
 
 _FLUSH: dict = {}
 
@@ -26,7 +26,8 @@ def _flush_buffer(device: torch.device) -> torch.Tensor:
     return buf
 
 
-def _replay_ms(graph: torch.cuda.CUDAGraph, replays: int) -> float:
+def replay_ms(graph: torch.cuda.CUDAGraph, replays: int) -> float:
+    """Median milliseconds of `replays` replays of a captured CUDA graph (CUDA events around each replay)."""
     times = []
     for _ in range(replays):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -60,6 +61,6 @@ def graph_bench(kernel_call, quantiles=None, *, iters: int = 10, replays: int = 
             kernel_call()
     both.replay()
     torch.cuda.synchronize()
-    t = max(0.0, (_replay_ms(both, replays) - _replay_ms(alone, replays)) / iters)
+    t = max(0.0, (replay_ms(both, replays) - replay_ms(alone, replays)) / iters)
     del both, alone
     return [t] * len(quantiles) if quantiles else t
