@@ -25,9 +25,8 @@ class VocabProjection(nn.Linear):
         flat = x.reshape(-1, x.shape[-1])  # (M, hidden)
         if flat.dtype != w.dtype:
             return super().forward(x)
-        if flat.dtype == torch.float32 and _cpu_linear.packed_pays(flat.shape[0], *w.shape) and _cpu_linear.enabled():
-            y = _cpu_linear.linear(flat, w, holder=self, name="_packed_w")  # oneDNN, packed weight (ops/cpu_linear.py)
-        else:
+        y = _cpu_linear.packed_linear(flat, w, holder=self, name="_packed_w")  # oneDNN where it pays, else None
+        if y is None:
             y = flat @ self._transposed() if flat.shape[0] == 1 else (w @ flat.T).T  # (M, vocab)
         return y.reshape(*x.shape[:-1], w.shape[0])
 

@@ -29,8 +29,9 @@ GDNSPEC_CPU_ONEDNN=0 turns the packed path off (A/B timing); any value but 0 / 1
 Cost: one packed copy of each weight that takes this path (default bundle: +70 MB peak), at most PACK_BUDGET_BYTES
 per process (1 GiB; weights beyond it stay with F.linear, so a large float32 model on the CPU is not doubled).
 Measured whole-process (`farm-bench -n 4`, `gdnspec eval --threads 2 --drafters eagle,model --shapes chain-4
---num-prompts 3`, paired A/B against GDNSPEC_CPU_ONEDNN=0): wall time 0.960x (every pair 0.91-0.985x); plain and
-speculative decoding gain alike, so the eval's speedup ratios stay where they were.
+--num-prompts 3`, paired A/B against GDNSPEC_CPU_ONEDNN=0): wall time 0.960x (every pair 0.91-0.985x). The full eval
+(README, 6 prompts) gains more on plain decoding (+10%) than on speculative decoding (EAGLE +9-14%, the draft model
+~0), so its speedup ratios fell slightly.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-__all__ = ["PACK_BUDGET_BYTES", "available", "enabled", "linear", "packed_pays"]
+__all__ = ["PACK_BUDGET_BYTES", "available", "enabled", "linear", "packed_linear", "packed_pays"]
 
 PACK_BUDGET_BYTES = 1 << 30
 _packed_bytes = 0  # bytes of the packed copies alive in this process (an entry gives them back when replaced / freed)
@@ -120,6 +121,25 @@ def _packed(holder, name: str, w: torch.Tensor, out_perm: torch.Tensor | None = 
     return ent.packed
 
 
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, holder, name: str,
+                  out_perm: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The oneDNN product of `linear` when it applies (float32 CPU tensors, no gradient needed, a shape that pays,
+    the switch on, a packable weight within the budget), else None: callers with a fallback of their own (the LM
+    head's cached-transpose forms) take it; `linear` falls back to F.linear."""
+    K = x.shape[-1]
+    rows = x.numel() // K if K else 0
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or weight.dim() != 2
+            or weight.shape[1] != K or (bias is not None and bias.dtype != torch.float32) or rows == 0
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            or not packed_pays(rows, weight.shape[0], K) or not enabled()):
+        return None
+    p = _packed(holder, name, weight, out_perm)
+    if p is None:
+        return None
+    b = bias if bias is None or out_perm is None else bias.index_select(0, out_perm)
+    return torch.ops.mkldnn._linear_pointwise(x, p, b, "none", [], "")
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, holder, name: str,
            out_perm: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias), through oneDNN with a packed weight cached on `holder` under `name` when the shape
@@ -127,19 +147,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     x (..., K), weight (N, K), bias (N,) or None -> (..., N). out_perm (N,) long: return the output's columns in that
     order (y[..., out_perm]); the packed path packs the weight's rows in that order, so the reordering costs nothing
     (an index_select over the last dim of a multi-row output costs ~50 us on the CPU)."""
+    y = packed_linear(x, weight, bias, holder=holder, name=name, out_perm=out_perm)
+    if y is not None:
+        return y
+    y = F.linear(x, weight, bias)
+    if out_perm is None:
+        return y
     K = x.shape[-1]
     rows = x.numel() // K if K else 0
-    if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or weight.dim() != 2
-            or weight.shape[1] != K or (bias is not None and bias.dtype != torch.float32) or rows == 0
-            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            or not packed_pays(rows, weight.shape[0], K) or not enabled()):
-        p = None
-    else:
-        p = _packed(holder, name, weight, out_perm)
-    if p is None:
-        y = F.linear(x, weight, bias)
-        if out_perm is None:
-            return y
-        return y.index_select(-1, out_perm) if rows == 1 else y[..., out_perm]
-    b = bias if bias is None or out_perm is None else bias.index_select(0, out_perm)
-    return torch.ops.mkldnn._linear_pointwise(x, p, b, "none", [], "")
+    return y.index_select(-1, out_perm) if rows == 1 else y[..., out_perm]

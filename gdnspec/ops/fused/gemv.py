@@ -223,7 +223,7 @@ if HAS_TRITON:
                       for bn, bk, s in ((16, 128, 4), (16, 256, 3), (32, 128, 4), (16, 64, 6), (64, 128, 4), (64, 64, 6))]
     # Timed by graph_bench (CUDA graph, L2 flushed before each launch): Triton's default benchmark times launches one
     # by one, so at ~15 us per kernel the host's launch cost (~20-60 us here) was what it measured and the pick was
-    # arbitrary (benchmarks/bench_tiles.py, H200: up to 1.5x between the pick and the best tile at 32 rows).
+    # arbitrary (benchmarks/bench_tiles.py, H200: up to 1.6x between the pick and the best tile at 32 rows).
     _gemv_tuned = triton.autotune(configs=_CONFIGS, key=["N", "K", "BM"], do_bench=graph_bench)(_gemv_kernel)
     _gemv_split_tuned = triton.autotune(configs=_SPLIT_CONFIGS, key=["N", "K", "BM", "K_SPLIT"],
                                         do_bench=graph_bench)(_gemv_kernel)
