@@ -1243,6 +1243,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _check_env_switches() -> None:
+    """A bad GDNSPEC_* switch value as one usage line before any work (gdnspec.ops.check_env_switches), not as a
+    traceback from the first step that reads it."""
+    from gdnspec.ops import check_env_switches
+
+    try:
+        check_env_switches()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
 def main(argv=None) -> int:
     """Parse argv and run the subcommand. User mistakes end with one `gdnspec <command>: error: ...` line and exit
     code 2 (argparse's own errors do the same); Ctrl-C ends with exit code 130 and no traceback."""
@@ -1252,6 +1263,7 @@ def main(argv=None) -> int:
         return _interrupted("gdnspec: interrupted while starting: nothing ran")
     handler = {name: cmd for name, _, cmd in SUBCOMMANDS}[args.command]
     try:
+        _check_env_switches()
         return handler(args) or 0
     except UsageError as e:
         print(f"gdnspec {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line

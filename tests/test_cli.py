@@ -295,3 +295,15 @@ def test_eval_plot_draws_the_spread(tmp_path):
            "speedup_max": 1.3}
     assert plot({"rows": [row, dict(row, shape="tree-4x5")], "title": "t"}, str(tmp_path / "eval.png"))
     assert (tmp_path / "eval.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("var,value", [("GDNSPEC_CPU_ONEDNN", "bogus"), ("GDNSPEC_GEMV_AUTOTUNE", "true"),
+                                       ("GDNSPEC_NORM_GEMV", "2"), ("GDNSPEC_TREE_FUSION", "fused"),
+                                       ("GDNSPEC_TRITON_PRECISION", "bf16")])
+def test_bad_env_switch_is_one_usage_line(var, value, capsys, monkeypatch):
+    """A GDNSPEC_* switch with a value it does not take ends the command before any work with one line naming the
+    variable and exit code 2 (the switches are otherwise read on the first step that reaches their path)."""
+    monkeypatch.setenv(var, value)
+    rc, out, err = run_main(["generate", "--prompt", PROMPT, "--max-new-tokens", "2"], capsys)
+    assert rc == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("gdnspec generate: error:") and var in err, err

@@ -12,6 +12,7 @@ from gdnspec.ops.gated_delta_rule import (
 )
 
 __all__ = [
+    "check_env_switches",
     "causal_conv1d",
     "causal_conv1d_update",
     "naive_causal_conv1d",
@@ -20,3 +21,22 @@ __all__ = [
     "gated_delta_rule_decode_step",
     "naive_recurrent_gated_delta_rule",
 ]
+
+
+def check_env_switches() -> None:
+    """Validate the GDNSPEC_* switches that take a fixed set of values (GDNSPEC_CPU_ONEDNN, GDNSPEC_GEMV_AUTOTUNE,
+    GDNSPEC_NORM_GEMV, GDNSPEC_TREE_FUSION, GDNSPEC_TRITON_PRECISION) at once, through the functions that read them:
+    each is otherwise read lazily, on the first step that reaches its path. Raises the ValueError of the first bad
+    one (it names the variable and the values it takes)."""
+    import os
+
+    from gdnspec.ops import cpu_linear
+    from gdnspec.ops.fused import gdn_tree, gemv, normed
+    from gdnspec.ops.gated_delta_rule.triton_tree import dot_precisions
+
+    cpu_linear.enabled()
+    gemv.autotune_enabled()
+    normed.enabled()
+    gdn_tree.tree_fusion()
+    if os.environ.get("GDNSPEC_TRITON_PRECISION"):
+        dot_precisions(os.environ["GDNSPEC_TRITON_PRECISION"])
