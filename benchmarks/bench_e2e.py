@@ -14,6 +14,8 @@ Measures, with CUDA graphs for both the baseline and speculative decoding:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -137,6 +139,10 @@ def main(argv=None) -> int:
     ap.add_argument("--chains", default=[1, 2, 3, 5], type=comma_list(int, low=1),
                     help="oracle chain lengths (accept length = chain + 1 without errors)")
     ap.add_argument("--errors", default=[0.0], type=comma_list(float, low=0.0, high=1.0), help="oracle error rates")
+    ap.add_argument("--ab-env", default=None, metavar="NAME=VALUE",
+                    help="also time every verify row with this environment setting (e.g. GDNSPEC_TREE_INDEX=0), "
+                         "alternating --ab-reps times with the default in this process (medians)")
+    ap.add_argument("--ab-reps", type=int, default=3, help="alternations of --ab-env (medians over them)")
     ap.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"], help="GDN kernels (model.gdn_backend)")
     args = ap.parse_args(argv)
     dev = args.device
@@ -215,29 +221,42 @@ def main(argv=None) -> int:
         print_table(results["prefill"], ["T", "prefill_ms", "graph_ms", "graph_rel_err", "tokens_per_s"])
 
     write_json(args.out, results)
-    # 2. verify step vs N
+    # 2. verify step vs N (with --ab-env NAME=VALUE also under that setting, alternating, in this process)
     g = torch.Generator().manual_seed(0)
+    settings = [None] + ([tuple(args.ab_env.split("=", 1))] if args.ab_env else [])
     for B in batches if "verify" in parts else []:
         for N in nodes:
-            run = StaticSpecRunner(model, FixedTreeDrafter(N), _cfg_for(N), batch_size=B, max_len=max_len)
             parents = torch.tensor([-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, N)])
             from gdnspec.spec.tree import DraftTree
             tree = DraftTree(torch.randint(0, model.vocab_size, (B, N), device=dev), parents.expand(B, N).to(dev).clone(),
                              torch.zeros(B, N, device=dev), torch.ones(B, N, dtype=torch.bool, device=dev))
-            run.set_tree(tree)
-            lengths = [l for l in run.target_state.layers if hasattr(l, "lengths")]
+            times = {s: [] for s in settings}
+            kernels = {}
+            for rep in range(args.ab_reps if len(settings) > 1 else 1):
+                for setting in settings:
+                    with _env(setting):
+                        run = StaticSpecRunner(model, FixedTreeDrafter(N), _cfg_for(N), batch_size=B, max_len=max_len)
+                        run.set_tree(tree)
+                        lengths = [l for l in run.target_state.layers if hasattr(l, "lengths")]
+                        for l in lengths:  # 512 cached positions; each timed step commits ~1 more (random tokens)
+                            l.lengths.fill_(512)
 
-            def one():
-                for l in lengths:
-                    l.lengths.fill_(512)
-                run.graph.replay() if run.graph is not None else run._run()
+                        def one():
+                            run.graph.replay() if run.graph is not None else run._run()
 
-            ms = time_cuda(one, warmup=3, iters=30)
-            results["verify"].append({"batch": B, "N": N, "verify_ms": ms, "x_decode_step": ms / decode_ms[B]})
-            del run
-            torch.cuda.empty_cache()
-    print("\n## verify step (tree verify + accept + commit, CUDA graph) relative to one decode step")
-    print_table(results["verify"], ["batch", "N", "verify_ms", "x_decode_step"])
+                        times[setting].append(time_cuda(one, warmup=3, iters=40))
+                        if rep == 0 and dev == "cuda":  # the eager step (it advances the state: timed before)
+                            kernels[setting] = count_kernels(run._run)
+                    del run
+                    torch.cuda.empty_cache()
+            for setting in settings:
+                ms = sorted(times[setting])[len(times[setting]) // 2]
+                results["verify"].append({"batch": B, "N": N, "setting": "default" if setting is None else "=".join(setting),
+                                          "verify_ms": ms, "x_decode_step": ms / decode_ms[B],
+                                          "kernels": kernels.get(setting), "reps_ms": times[setting]})
+    print("\n## verify step (tree verify + accept + commit, CUDA graph) relative to one decode step; kernels of one "
+          "eager step (torch profiler)")
+    print_table(results["verify"], ["batch", "N", "setting", "verify_ms", "x_decode_step", "kernels"])
 
     write_json(args.out, results)
     # 3. speedup at controlled acceptance, prefill included and decode phase alone
@@ -276,6 +295,24 @@ def main(argv=None) -> int:
     write_json(args.out, results)
     print(f"\nwrote {args.out}")
     return 0 if all(r["correct"] for r in results["speedup"]) else 1
+
+
+@contextlib.contextmanager
+def _env(setting):
+    """Set one environment variable (NAME, VALUE) for the block; None: nothing."""
+    if setting is None:
+        yield
+        return
+    name, value = setting
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def _cfg_for(N: int) -> TreeConfig:

@@ -95,7 +95,42 @@ def main() -> int:
             same = all(torch.equal(a, b) for a, b in zip(got, want))
             failed += not same
             print(f"float32 greedy: EAGLE with a reduced draft vocabulary (graph) == plain: {'ok' if same else 'FAIL'}")
-    return failed + check_pdl()
+    return failed + check_tree_index() + check_pdl()
+
+
+def check_tree_index() -> int:
+    """The verify step's index kernels (ops/tree_index.py) on CUDA against their torch forms: random, chain and star
+    trees with padding nodes, N = 1 .. 64, B = 5."""
+    from gdnspec.ops import tree_index
+    from gdnspec.ops.conv1d.tree import tree_conv_window_index
+    from gdnspec.spec.accept import _accept_greedy_torch
+    from gdnspec.spec.tree import DraftTree
+
+    g = torch.Generator().manual_seed(5)
+    bad = 0
+    for N in (1, 2, 5, 16, 17, 33, 64):
+        for kind in ("random", "chain", "star"):
+            B = 5
+            par = torch.full((B, N), -1, dtype=torch.long)
+            for i in range(1, N):
+                par[:, i] = {"chain": i - 1, "star": 0}.get(kind, -1)
+                if kind == "random":
+                    par[:, i] = torch.randint(0, i, (B,), generator=g)
+            tokens, target = torch.randint(0, 3, (B, N), generator=g), torch.randint(0, 3, (B, N), generator=g)
+            valid = torch.rand(B, N, generator=g) > 0.2
+            valid[:, 0] = True
+            ref = TokenLayout.from_parents_reference(par)
+            mask, depth, window = tree_index.tree_layout(par.cuda(), conv_width=4)
+            bad += not (torch.equal(mask.cpu(), ref.ancestor_mask) and torch.equal(depth.cpu(), ref.depth)
+                        and torch.equal(window.cpu(), tree_conv_window_index(par, 4)))
+            want = _accept_greedy_torch(DraftTree(tokens, par, torch.zeros(B, N), valid), target, ref, width=N)
+            got = tree_index.greedy_accept(target.cuda(), tokens=tokens.cuda(), parents=par.cuda(), valid=valid.cuda(),
+                                           ancestor_mask=mask, depth=depth, width=N, extra=True)
+            bad += not all(torch.equal(a.cpu(), w) for a, w in zip(got[:3], (want.path, want.counts, want.bonus)))
+            bad += not torch.equal(got[4].cpu(), tokens.gather(1, want.path))
+    print(f"tree index kernels (layout, window index, greedy accept) == torch forms on CUDA, 21 tree shapes: "
+          f"{'ok' if not bad else f'FAIL ({bad})'}")
+    return int(bad > 0)
 
 
 def check_pdl() -> int:

@@ -122,7 +122,8 @@ def check_source(src: str) -> list[str]:
 
 
 PDL_MODULES = ["fused/gemv.py", "fused/elementwise.py", "fused/gdn_decode.py", "fused/attention.py",
-               "fused/gdn_tree.py", "gated_delta_rule/triton_commit.py", "gated_delta_rule/triton_tree.py"]
+               "fused/gdn_tree.py", "fused/gdn_tree_proj.py", "gated_delta_rule/triton_commit.py",
+               "gated_delta_rule/triton_tree.py"]
 
 
 @pytest.mark.parametrize("rel", PDL_MODULES)

@@ -172,3 +172,30 @@ def test_stochastic_tree_shape_and_q(builder, topk, steps, n):
         depth = tree.layout().depth[b]
         valid_depths = depth[tree.valid[b]].tolist()
         assert valid_depths == sorted(valid_depths)
+
+
+@pytest.mark.parametrize("steps,n,floor,sync_free", [(4, None, None, True), (5, 4, None, True), (6, None, 0.3, True),
+                                                     (6, None, 0.3, False), (1, None, None, False), (3, 3, 0.9, True)])
+def test_chain_fast_builder_equals_the_general_loop(steps, n, floor, sync_free):
+    """The greedy chain's own builder (no frontier top-k, gathers or final sort) gives the tree of the general EAGLE-2
+    loop with topk = 1, which builds the same chain through the generic machinery; rows stop at different depths."""
+    vocab = 9
+    g = torch.Generator().manual_seed(steps)
+    table = torch.log_softmax(2.5 * torch.randn(vocab, vocab, generator=g, dtype=torch.float64), -1)
+    roots = torch.arange(vocab)
+    calls = []
+
+    def expand(tokens, parent_slot):
+        calls.append(parent_slot)
+        return table[tokens]
+
+    chain, order = build_tree(roots, expand, TreeConfig(builder="chain", num_steps=steps, num_draft_tokens=n,
+                                                        min_frontier_prob=floor), sync_free=sync_free)
+    assert all(c is None for c in calls)  # nothing to gather along a chain
+    ref, ref_order = build_tree(roots, expand, TreeConfig(builder="eagle2", topk=1, num_steps=steps, num_draft_tokens=n,
+                                                          min_frontier_prob=floor), sync_free=sync_free)
+    for f in ("tokens", "parents", "scores", "valid"):
+        assert torch.equal(getattr(chain, f), getattr(ref, f)), f
+    assert torch.equal(order, ref_order)
+    if floor is not None and floor < 0.5:
+        assert 0 < int(chain.valid.sum(1).min()) < int(chain.valid.sum(1).max())  # rows did stop at different depths

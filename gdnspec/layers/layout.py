@@ -10,6 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
+from gdnspec.ops import tree_index
+from gdnspec.ops.conv1d.tree import tree_conv_window_index
+
 
 @dataclass
 class TokenLayout:
@@ -18,6 +21,20 @@ class TokenLayout:
     depth: torch.Tensor  # (B, T) long
     is_chain: bool = False
     known_prefix: int | None = None  # host-known KV prefix length of every row (spares a device read; CUDA graphs)
+    window_index: torch.Tensor | None = None  # (B, T, W) long: the tree conv's window index, when already computed
+
+    def conv_window_index(self, width: int) -> torch.Tensor:
+        """(B, T, width) long: `ops.conv1d.tree.tree_conv_window_index(parents, width)`, the one computed with the
+        layout (from_parents(conv_width=width)) when there is one, else computed now and kept."""
+        if self.window_index is None or self.window_index.shape[-1] != width:
+            if self.is_chain:  # node i's window is positions i .. i + width - 1 of [window | nodes]
+                B, T = self.parents.shape
+                dev = self.parents.device
+                idx = torch.arange(T, device=dev)[:, None] + torch.arange(width, device=dev)
+                self.window_index = idx.expand(B, T, width)
+            else:
+                self.window_index = tree_conv_window_index(self.parents, width)
+        return self.window_index
 
     @staticmethod
     def chain(batch_size: int, num_tokens: int, device=None, *, known_prefix: int | None = None) -> "TokenLayout":
@@ -28,15 +45,30 @@ class TokenLayout:
                            known_prefix=known_prefix)
 
     @staticmethod
-    def from_parents(parents: torch.Tensor, *, validate: bool = True) -> "TokenLayout":
+    def from_parents(parents: torch.Tensor, *, validate: bool = True, conv_width: int | None = None) -> "TokenLayout":
         """Build the mask and depths of a tree given parents (B, N) in topological order (checked unless
-        validate=False, which makes the call free of host syncs for CUDA graphs)."""
+        validate=False, which makes the call free of host syncs for CUDA graphs). conv_width: also the tree conv's
+        window index for that kernel width (`conv_window_index`). On CUDA (N <= 64) one Triton kernel computes all
+        three (ops/tree_index.py); elsewhere the torch ops below, which it is tested against."""
         if parents.dim() != 2 or parents.dtype != torch.long:
             raise ValueError(f"parents must be a long tensor (B, N), got {parents.dtype} {tuple(parents.shape)}")
         B, N = parents.shape
         idx = torch.arange(N, device=parents.device)
         if validate and bool(((parents >= idx) | (parents < -1)).any()):
             raise ValueError("parents must be in topological order: -1 <= parents[b, i] < i for every node")
+        if tree_index.runs_on(parents):
+            mask, depth, window = tree_index.tree_layout(parents, conv_width=conv_width)
+            return TokenLayout(parents=parents, ancestor_mask=mask, depth=depth, window_index=window)
+        lay = TokenLayout._from_parents_torch(parents)
+        if conv_width is not None:
+            lay.conv_window_index(conv_width)
+        return lay
+
+    @staticmethod
+    def _from_parents_torch(parents: torch.Tensor) -> "TokenLayout":
+        """from_parents' torch form (no host sync)."""
+        B, N = parents.shape
+        idx = torch.arange(N, device=parents.device)
         # ancestor-or-self closure by repeated squaring of A0 = I + (edge to the parent): after s squarings A holds
         # every ancestor within 2^s steps, so ceil(log2(N)) squarings (no host sync) reach the whole path
         A = (parents[:, :, None] == idx).to(torch.float32)  # (B, N, N): A[b, i, parent(i)] = 1 (none for roots)

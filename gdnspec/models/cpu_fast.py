@@ -50,7 +50,6 @@ from gdnspec.cache import GDNLayerState, KVCache
 from gdnspec.layers.gated_deltanet import GDNTreeCache
 from gdnspec.layers.layout import TokenLayout
 from gdnspec.layers.mlp import SwiGLUMLP
-from gdnspec.ops.conv1d.tree import tree_conv_window_index
 from gdnspec.ops.cpu_linear import linear as _linear
 from gdnspec.ops.gated_delta_rule.tree import TreeGDRCache
 
@@ -282,7 +281,7 @@ class TreeSetup:
         self.A = anc.to(dtype)[:, None]
         self.not_A = ~anc[:, None]
         self.anc = anc
-        self.window_index = tree_conv_window_index(layout.parents, W)  # (B, N, W)
+        self.window_index = layout.conv_window_index(W)  # (B, N, W)
         off = torch.arange(B, device=anc.device)[:, None, None] * (W - 1 + N)
         self.flat = (self.window_index + off).view(-1)
 

@@ -238,10 +238,9 @@ class EagleHead(nn.Module):
         mixer = self.layer.linear_attn
         if self._fused_ok(x, s, target) and L <= 64:
             from gdnspec.models.lm import add_norm
-            from gdnspec.ops.conv1d.tree import tree_conv_window_index
 
             xn, _ = add_norm(self.layer.input_layernorm, x, None)
-            wi = tree_conv_window_index(layout.parents, self.config.linear_conv_kernel_dim)
+            wi = layout.conv_window_index(self.config.linear_conv_kernel_dim)
             _, cache = mixer.forward_tree_fused(xn, s, layout, window_index=wi)
             mixer.commit_tree(s, cache, last, backend="triton")
             return

@@ -355,6 +355,7 @@ class StaticSpecRunner(_StaticStep, _SamplingStep):
         self.tree = DraftTree(self.tree_buf[0], self.tree_buf[1], torch.zeros(B, N, device=dev),
                               torch.ones(B, N, dtype=torch.bool, device=dev))
         self.needs_hidden = bool(getattr(drafter, "needs_target_hidden", False))
+        self.conv_width = getattr(target.config, "linear_conv_kernel_dim", None)  # the layout's window index too
         self.rows = _RowSettings(B, target.vocab_size, dev, filtered=filtered) if sampling else None
         use_graph = dev.type == "cuda" if use_graph is None else use_graph
         restore = [self.target_state] + ([self.draft_state] if self.draft_state is not None else [])
@@ -378,7 +379,7 @@ class StaticSpecRunner(_StaticStep, _SamplingStep):
         else:
             tree.valid.copy_(self.tree_buf[2] != 0)
             tree.tokens[:, 0] = self.verified
-        layout = TokenLayout.from_parents(tree.parents, validate=False)
+        layout = TokenLayout.from_parents(tree.parents, validate=False, conv_width=self.conv_width)
         ver = self.target.forward_tree(tree.tokens, state=self.target_state, layout=layout, validate=False)
         if rs is None:
             acc = accept_greedy(tree, ver.logits, layout, width=self.path_width)
@@ -387,8 +388,8 @@ class StaticSpecRunner(_StaticStep, _SamplingStep):
                               sampling=rs, width=self.path_width, max_children=self.config.topk)
             self.rows.counters.add_(1)
         self.target.commit_tree(self.target_state, ver, path=acc.path, counts=acc.counts, reserve=False,
-                                all_rows_accept=True)  # accept: counts >= 1
-        path_tokens = tree.tokens.gather(1, acc.path)
+                                all_rows_accept=True, last=acc.last)  # accept: counts >= 1
+        path_tokens = acc.path_tokens(tree)
         hidden = None
         if self.needs_hidden:
             H = ver.hidden_states.shape[-1]
@@ -396,9 +397,12 @@ class StaticSpecRunner(_StaticStep, _SamplingStep):
         if self.in_graph_drafter:
             self.drafter.advance(self.draft_state, tokens=path_tokens, counts=acc.counts, target_hidden=hidden, sync_free=True)
         self.verified.copy_(acc.bonus)
-        drafted = tree.valid[:, 1:].sum(-1)
         # everything the host reads per step in one buffer: one device-to-host copy (B, path_width + 3)
-        packed = torch.cat([path_tokens, acc.counts[:, None], acc.bonus[:, None], drafted[:, None]], dim=1)
+        packed = acc.packed
+        if packed is None:
+            packed = torch.cat([path_tokens, acc.counts[:, None], acc.bonus[:, None], tree.valid[:, 1:].sum(-1)[:, None]],
+                               dim=1)
+        drafted = packed[:, -1]
         return path_tokens, acc.counts, acc.bonus, hidden, drafted, packed
 
     def load(self, target_state: ModelState, draft_state=None, verified: torch.Tensor | None = None) -> None:

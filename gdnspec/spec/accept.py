@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import torch
 
 from gdnspec.layers.layout import TokenLayout
+from gdnspec.ops import tree_index
 from gdnspec.sampling import SLOT_ACCEPT, RowSampling, generator_uniforms, logits_to_probs, sample_from_probs
 from gdnspec.spec.tree import DraftTree
 
@@ -57,10 +58,15 @@ class Acceptance:
     path: torch.Tensor  # (B, L) long, node indices, root first
     counts: torch.Tensor  # (B,) long, >= 1
     bonus: torch.Tensor  # (B,) long
+    # computed on the way by the fused greedy kernel (None otherwise): the last node (B,), the path's tokens (B, L),
+    # packed (B, L + 3) = [path tokens | counts | bonus | valid drafted nodes] (what a static step hands the host)
+    last: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
+    packed: torch.Tensor | None = None
 
     def path_tokens(self, tree: DraftTree) -> torch.Tensor:
         """(B, L) committed tokens of the step (root first)."""
-        return tree.tokens.gather(1, self.path)
+        return self.tokens if self.tokens is not None else tree.tokens.gather(1, self.path)
 
     def emitted(self, tree: DraftTree) -> list[list[int]]:
         """Per row: accepted draft tokens then the bonus token."""
@@ -87,9 +93,23 @@ def path_to_node(layout: TokenLayout, node: torch.Tensor, *, width: int | None =
 
 
 def accept_greedy(tree: DraftTree, logits: torch.Tensor, layout: TokenLayout, *, width: int | None = None) -> Acceptance:
-    """logits (B, N, vocab) of the target at every node. width: fixed path width (see path_to_node)."""
+    """logits (B, N, vocab) of the target at every node. width: fixed path width (see path_to_node).
+
+    With a width (the static steps) on CUDA, everything after the argmax is one Triton kernel
+    (ops.tree_index.greedy_accept, tested equal to the torch ops below)."""
     B, N = tree.tokens.shape
     target = logits.argmax(-1)  # (B, N)
+    if width is not None and tree_index.runs_on(target):
+        path, counts, bonus, last, toks, packed = tree_index.greedy_accept(
+            target, tokens=tree.tokens, parents=tree.parents, valid=tree.valid, ancestor_mask=layout.ancestor_mask,
+            depth=layout.depth, width=width, extra=True)
+        return Acceptance(path=path, counts=counts, bonus=bonus, last=last, tokens=toks, packed=packed)
+    return _accept_greedy_torch(tree, target, layout, width=width)
+
+
+def _accept_greedy_torch(tree: DraftTree, target: torch.Tensor, layout: TokenLayout, *, width: int | None
+                         ) -> Acceptance:
+    """accept_greedy's torch form from the argmax target (B, N)."""
     parent = tree.parents.clamp(min=0)
     match = tree.valid & (tree.tokens == target.gather(1, parent))  # (B, N)
     match[:, 0] = True

@@ -204,9 +204,10 @@ def build_tree(root_tokens: torch.Tensor, expand: ExpandFn, config: TreeConfig, 
     """Grow a draft tree from root_tokens (B,) with a draft model.
 
     expand(frontier_tokens (B, F), parent_slot (B, F) or None) -> draft log-probs (B, F, vocab) for the children of the
-    frontier nodes; parent_slot[b, f] is the index, in the previous call's frontier, of node f's parent (None on the
-    first call, whose frontier is the root). The drafter keeps whatever per-node state it needs and gathers it by
-    parent_slot. sync_free=True never reads device values on the host (no early stop): CUDA graphs. Returns (tree, selected pool indices (B, N-1) of the kept nodes, for the seed's top_scores_index).
+    frontier nodes; parent_slot[b, f] is the index, in the previous call's frontier, of node f's parent (None when
+    there is nothing to gather: the first call, whose frontier is the root, and every call of a greedy chain, whose
+    one frontier node is the child of the previous one). The drafter keeps whatever per-node state it needs and
+    gathers it by parent_slot. sync_free=True never reads device values on the host (no early stop): CUDA graphs. Returns (tree, selected pool indices (B, N-1) of the kept nodes, for the seed's top_scores_index).
     draft: per-row sampling settings and uniforms; with config.sample_drafts the tree is stochastic for the rows
     with temperature > 0 (module docstring) and carries draft_probs / draft_index.
     """
@@ -222,6 +223,8 @@ def build_tree(root_tokens: torch.Tensor, expand: ExpandFn, config: TreeConfig, 
     parent_slot = None
     pool_size = 1
     sample = draft is not None and config.sample_drafts
+    if config.builder == "chain" and not sample:
+        return _build_chain(root_tokens, expand, config, sync_free=sync_free)
     sampled_rows = draft.temperature > 0 if sample else None  # (B,)
     pool_q, pool_q_at = [], []  # per step: q at the frontier nodes (B, F, V), their pool indices (B, F)
     for step in range(config.num_steps):
@@ -287,6 +290,44 @@ def build_tree(root_tokens: torch.Tensor, expand: ExpandFn, config: TreeConfig, 
     return tree, order
 
 
+def _build_chain(root_tokens: torch.Tensor, expand: ExpandFn, config: TreeConfig, *, sync_free: bool
+                 ) -> tuple[DraftTree, torch.Tensor]:
+    """build_tree for a greedy chain in the fewest ops (the general loop's frontier top-k, gathers and the final sort
+    are identities for one node per layer): node s + 1 is the top token below node s, score = its cumulative
+    log-prob; a node is valid while the scores stay finite (and above min_frontier_prob); the first N - 1 are kept
+    (scores never increase along the chain, so they are also the best). Equal to the general builder (tested)."""
+    B = root_tokens.shape[0]
+    device = root_tokens.device
+    n_keep = config.num_draft_tokens - 1
+    floor = math.log(max(config.min_frontier_prob, 1e-30)) if config.min_frontier_prob is not None else None
+    toks, scores = [], []
+    frontier, score = root_tokens[:, None], None  # (B, 1)
+    for step in range(min(config.num_steps, n_keep)):
+        logp = expand(frontier, None)  # (B, 1, vocab)
+        top_lp, top_tok = (logp if logp.dtype == torch.float32 else logp.float()).topk(1, dim=-1)  # (B, 1, 1)
+        top_lp, top_tok = top_lp[:, 0], top_tok[:, 0]  # (B, 1); topk as the general builder (same tie rule)
+        score = top_lp if score is None else score + top_lp
+        toks.append(top_tok)
+        scores.append(score)
+        if floor is not None:  # adaptive depth: the children of an unlikely node are not drafted
+            score = score.masked_fill(score < floor, float("-inf"))
+        frontier = top_tok
+        if not sync_free and step + 1 < min(config.num_steps, n_keep) and bool(torch.isinf(score).all()):
+            break
+    kept = torch.cat(scores, 1)  # (B, S)
+    S = kept.shape[1]
+    valid = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=device), torch.isfinite(kept)], 1)  # (B, S + 1)
+    # valid is a prefix of each row: below a -inf score every score is -inf; invalid nodes hang off the root
+    tree = DraftTree(
+        tokens=torch.where(valid, torch.cat([root_tokens[:, None], *toks], 1), 0),
+        parents=torch.where(valid, torch.arange(-1, S, device=device), 0),
+        scores=torch.where(valid, torch.cat([torch.zeros(B, 1, device=device), kept], 1), float("-inf")),
+        valid=valid,
+    )
+    tree = _pad_nodes(tree, config.num_draft_tokens)  # stopped early (host-sync mode) or fewer steps than nodes
+    return tree, torch.arange(1, S + 1, device=device).expand(B, S)
+
+
 def _select_best(tokens, parents, scores, N, *, key=None) -> tuple[DraftTree, torch.Tensor]:
     """Keep the root and the N-1 best pool nodes by `key` (default: the scores), in topological (pool) order,
     remapping parents.
@@ -317,12 +358,17 @@ def _select_best(tokens, parents, scores, N, *, key=None) -> tuple[DraftTree, to
         scores=torch.cat([torch.zeros(B, 1, device=device), kept_scores.masked_fill(~valid, float("-inf"))], 1),
         valid=torch.cat([torch.ones(B, 1, dtype=torch.bool, device=device), valid], 1),
     )
-    if tree.num_nodes < N:  # the pool was smaller than asked: pad
-        pad = N - tree.num_nodes
-        tree = DraftTree(
-            torch.cat([tree.tokens, torch.zeros(B, pad, dtype=torch.long, device=device)], 1),
-            torch.cat([tree.parents, torch.zeros(B, pad, dtype=torch.long, device=device)], 1),
-            torch.cat([tree.scores, torch.full((B, pad), float("-inf"), device=device)], 1),
-            torch.cat([tree.valid, torch.zeros(B, pad, dtype=torch.bool, device=device)], 1),
-        )
-    return tree, order
+    return _pad_nodes(tree, N), order  # the pool may be smaller than asked
+
+
+def _pad_nodes(tree: DraftTree, N: int) -> DraftTree:
+    """The tree padded to N nodes with invalid ones (token 0, parent 0, score -inf)."""
+    if tree.num_nodes >= N:
+        return tree
+    B, pad, device = tree.batch_size, N - tree.num_nodes, tree.tokens.device
+    return DraftTree(
+        torch.cat([tree.tokens, torch.zeros(B, pad, dtype=torch.long, device=device)], 1),
+        torch.cat([tree.parents, torch.zeros(B, pad, dtype=torch.long, device=device)], 1),
+        torch.cat([tree.scores, torch.full((B, pad), float("-inf"), device=device)], 1),
+        torch.cat([tree.valid, torch.zeros(B, pad, dtype=torch.bool, device=device)], 1),
+    )

@@ -392,7 +392,7 @@ def gdn_tree_verify(proj: torch.Tensor, *, layout: ProjLayout, conv_weight: torc
                     window_index: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor,
                     ancestor_mask: torch.Tensor, recurrent_state: torch.Tensor, norm_weight: torch.Tensor,
                     norm_eps: float, fusion: str | None = None, block_v: int | None = None,
-                    num_warps: int | None = None, precision: str | None = None):
+                    num_warps: int | None = None, precision: str | None = None, prep: tuple | None = None):
     """The GDN layer's verify step between its in- and out-projection, over N tree nodes.
 
     proj (B, N, P) the fused in-projection rows (any `layout`), conv_weight (conv_dim, W), conv_state (B, conv_dim,
@@ -412,6 +412,9 @@ def gdn_tree_verify(proj: torch.Tensor, *, layout: ProjLayout, conv_weight: torc
               covers V normalises in registers; otherwise (block_v < V, e.g. the 4 tiles of 32 at B = 1) the last of
               the V / block_v programs of a value head to arrive normalises the head (atomic arrival counter).
       "off":  gdn_tree_prep, triton_tree_gated_delta_rule, gated_rms_norm_rows (three kernels; for A/B measurements).
+    prep: (q, k, v, g, beta) already computed from proj (gdn_tree_proj.tree_in_projection, the in-projection with
+    the tree prep in its epilogue); with "norm" the kernel then reads them and the conv commit reads the projection
+    rows (conv_input = proj, conv_layout = layout), so no gdn_tree_prep launch and no conv-input copy.
     Reference: `gdn_tree_verify_reference` (and the torch path where Triton cannot run: CPU without TRITON_INTERPRET,
     float64, a non-float32 state); its gdr is then a TreeGDRCache.
     """
@@ -441,7 +444,10 @@ def gdn_tree_verify(proj: torch.Tensor, *, layout: ProjLayout, conv_weight: torc
     BV = block_v or min(_pow2(L.V), bv)
     if BV < 16 or BV & (BV - 1):
         raise ValueError(f"block_v must be a power of two >= 16 (tl.dot tiles), got {BV}")
-    if mode != "full":
+    if prep is not None and mode == "norm":
+        q, k, v, g, beta = prep
+        mixed = None
+    elif mode != "full":
         q, k, v, g, beta, mixed = gdn_tree_prep(proj, **kw)
     if mode == "off":
         o, gdr = triton_tree_gated_delta_rule(q, k, v, g=g, beta=beta, ancestor_mask=ancestor_mask,
@@ -453,6 +459,8 @@ def gdn_tree_verify(proj: torch.Tensor, *, layout: ProjLayout, conv_weight: torc
         p2 = p2.contiguous()
     if mode == "full":  # q, k, v, g, beta are not read (PREP); the conv commit reads the projection rows
         q = k = v = g = beta = p2
+        mixed, conv_layout = p2.view(B, N, P), L
+    elif mixed is None:  # prep given: the conv commit reads the projection rows
         mixed, conv_layout = p2.view(B, N, P), L
     else:
         conv_layout = None
