@@ -54,7 +54,7 @@ CASES = [
 @pytest.mark.parametrize("B,N,H,HV,K,V,W,layout,kind,dtype", CASES)
 def test_tree_in_projection_matches_reference(B, N, H, HV, K, V, W, layout, kind, dtype):
     x, weight, kw = _case(B, N, H, HV, K, V, W, layout, kind, dtype)
-    got = gp.tree_in_projection(x, weight, **kw)
+    got = gp.tree_in_projection(x, weight, max_rows=64, **kw)  # the kernel's whole range (the layer takes <= 8 rows)
     assert got is not None
     proj, prep = got
     want_proj, want = gp.tree_in_projection_reference(x, weight, **kw)
@@ -79,7 +79,7 @@ def test_verify_with_the_epilogue_prep_equals_the_two_launches(B, N, H, HV, K, V
     mask = TokenLayout.from_parents_reference(parents).ancestor_mask
     S = torch.randn(B, HV, K, V) * 0.3
     nw = 1 + 0.1 * torch.randn(V)
-    proj, prep = gp.tree_in_projection(x, weight, **kw)
+    proj, prep = gp.tree_in_projection(x, weight, max_rows=64, **kw)
     common = dict(ancestor_mask=mask, recurrent_state=S, norm_weight=nw.to(dtype), norm_eps=1e-6, fusion="norm", **kw)
     y1, c1, mixed1, lay1 = gt.gdn_tree_verify(proj, prep=prep, **common)
     y2, c2, mixed2, lay2 = gt.gdn_tree_verify(proj, **common)
@@ -92,8 +92,11 @@ def test_verify_with_the_epilogue_prep_equals_the_two_launches(B, N, H, HV, K, V
 
 def test_tree_in_projection_declines_what_it_cannot_run_and_names_bad_shapes(monkeypatch):
     x, weight, kw = _case(5, 16, 2, 4, 8, 8, 4, "qwen3_next", "chain", torch.float32)  # 80 rows > one tile
-    assert gp.tree_in_projection(x, weight, **kw) is None
+    assert gp.tree_in_projection(x, weight, max_rows=100, **kw) is None
+    x, weight, kw = _case(3, 3, 2, 4, 8, 8, 4, "qwen3_next", "chain", torch.float32)
+    assert gp.tree_in_projection(x, weight, **kw) is None  # 9 rows: more than the layer's MAX_ROWS
     x, weight, kw = _case(2, 3, 2, 4, 8, 8, 4, "qwen3_next", "chain", torch.float32)
+    assert gp.tree_in_projection(x, weight, **kw) is not None
     assert gp.tree_in_projection(x.double(), weight.double(), **kw) is None  # float64: the GEMV kernel declines
     with pytest.raises(ValueError, match="window_index"):
         gp.tree_in_projection(x, weight, **{**kw, "window_index": kw["window_index"][:, :2]})

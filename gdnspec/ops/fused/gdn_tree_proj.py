@@ -9,15 +9,15 @@ Why: at batch 1 the verify step's `gdn_tree_prep` is a separate ~5 us kernel per
 config of bench_e2e, H200, bf16, PDL off: 91 us of a 1.77 ms step), yet everything it needs is in the
 in-projection's own output tile. The tree conv is depthwise: channel c of node i needs column c of the W-1 nodes on
 i's ancestor path (or of the committed conv window above the root), all of which the GEMV program that computes
-column c holds when one row tile covers every node (M = B * N <= the GEMV's 64 rows: B <= 4 at N = 16). So each
-program stores its projection tile, waits for its own threads (a CTA barrier: the rows it re-reads are its own
-stores), and computes for its columns: SiLU(tree conv) into q / k / v (B, N, H, K) / (B, N, HV, V), and the gates
+column c holds when one row tile covers every node (the kernel takes up to the GEMV's 64 rows; the layer uses it for
+M = B * N <= MAX_ROWS = 8, where it measured faster). So each program stores its projection tile, waits for its own
+threads (a CTA barrier: the rows it re-reads are its own stores), and computes for its columns: SiLU(tree conv) into q / k / v (B, N, H, K) / (B, N, HV, V), and the gates
 g = -exp(A_log) softplus(a + dt_bias), beta = sigmoid(b) (B, N, HV) float32, with gdn_tree_prep's rounding points
 (inputs rounded to the activation dtype, the conv summed in float32, rounded after SiLU). The conv commit then
 reads its inputs from the projection rows (conv_layout), as with GDNSPEC_TREE_FUSION=full.
 
 Applies on CUDA (and under TRITON_INTERPRET for the tests) where the GEMV kernel of gemv.py takes the product
-(bf16 / fp16 on CUDA, float32 only in the interpreter; 1..64 rows) and x is a plain tensor (not a NormedInput);
+(bf16 / fp16 on CUDA, float32 only in the interpreter), M <= MAX_ROWS and x is a plain tensor (not a NormedInput);
 otherwise (and with GDNSPEC_TREE_PROJ=0) `tree_in_projection` returns None and the caller runs linear_in +
 gdn_tree_prep. Reference:
 `tree_in_projection_reference` (F.linear rounded to the activation dtype, then gdn_tree_prep_reference).
@@ -55,6 +55,12 @@ def enabled() -> bool:
 
 # kinds of a projection column (low 2 bits of its code; the rest is the conv channel or the value head)
 _CONV, _NONE, _BETA, _GATE = 0, 1, 2, 3
+# The most rows (B * N) the fused launch takes. Measured on an H200 (1.7B config, bf16, verify with accept + commit,
+# bench_e2e --ab-env GDNSPEC_TREE_PROJ=0 --ab-reps 5, one process, medians; results/stop18/ab_tree_proj_*.json):
+# B = 1, N = 4 (4 rows) 1.80 vs 1.83 ms and B = 2, N = 4 (8 rows) 1.78 vs 1.82 ms with the epilogue, but 16 rows
+# 1.86 vs 1.81 ms, 32 rows (B = 2, N = 16) 2.35 vs 2.22 ms and 64 rows 4.45 vs 3.18 ms: the epilogue's gathered
+# taps over many rows lengthen every program of a bandwidth-bound GEMV more than the separate launch costs.
+MAX_ROWS = 8
 _CODES: dict = {}
 
 
@@ -142,14 +148,14 @@ if HAS_TRITON:
 
 def tree_in_projection(x, weight: torch.Tensor, *, layout: ProjLayout, conv_weight: torch.Tensor,
                        conv_state: torch.Tensor, window_index: torch.Tensor, A_log: torch.Tensor,
-                       dt_bias: torch.Tensor):
+                       dt_bias: torch.Tensor, max_rows: int = MAX_ROWS):
     """x (B, N, D) the normalised hidden states of the N tree nodes, weight (P, D) the fused in-projection,
     conv_weight (conv_dim, W), conv_state (B, conv_dim, W-1) in x's dtype (only read), window_index (B, N, W) long,
     A_log, dt_bias (HV,). Returns (proj (B, N, P), (q, k, v, g, beta)) - proj as `linear_in(x, weight)`, the rest as
-    `gdn_tree_prep(proj, ...)` - in ONE launch, or None where the kernel does not apply (module docstring): the
-    caller then runs the two. Raises ValueError naming a tensor of the wrong shape."""
+    `gdn_tree_prep(proj, ...)` - in ONE launch, or None where the kernel does not apply (module docstring; more than
+    max_rows <= 64 rows B * N): the caller then runs the two. Raises ValueError naming a tensor of the wrong shape."""
     if not (isinstance(x, torch.Tensor) and HAS_TRITON and x.dim() == 3 and enabled()
-            and _gemv.kernel_applies(x, weight)):
+            and x.shape[0] * x.shape[1] <= min(max_rows, 64) and _gemv.kernel_applies(x, weight)):
         return None
     L = layout
     B, N, D = x.shape
