@@ -142,6 +142,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ab-env", default=None, metavar="NAME=VALUE",
                     help="also time every verify row with this environment setting (e.g. GDNSPEC_TREE_INDEX=0), "
                          "alternating --ab-reps times with the default in this process (medians)")
+    ap.add_argument("--mamba-ssm-cache-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="storage dtype of the GDN recurrent states (GDNForCausalLM.mamba_ssm_cache_dtype)")
     ap.add_argument("--ab-reps", type=int, default=3, help="alternations of --ab-env (medians over them)")
     ap.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"], help="GDN kernels (model.gdn_backend)")
     args = ap.parse_args(argv)
@@ -151,17 +153,19 @@ def main(argv=None) -> int:
         return 2
     model = build_model(args.size, dev)
     model.gdn_backend = args.backend
+    model.mamba_ssm_cache_dtype = args.mamba_ssm_cache_dtype
     n_params = sum(p.numel() for p in model.parameters())
     wbytes = weight_bytes(model)
     bw = copy_bandwidth_gbs() if dev == "cuda" else float("nan")
     env = environment()
-    print(f"# {env['gpu']} | torch {env['torch']} | triton {env['triton']} | params {n_params / 1e9:.2f}B | copy bw {bw:.0f} GB/s")
+    print(f"# {env['gpu']} | torch {env['torch']} | triton {env['triton']} | params {n_params / 1e9:.2f}B | copy bw {bw:.0f} GB/s"
+          f" | GDN state {args.mamba_ssm_cache_dtype}")
     batches, nodes = args.batches, args.nodes
     max_len = 1024
     parts = set(args.parts.split(","))
     from gdnspec.runtime.static import compile_enabled
 
-    results = {"env": env, "backend": args.backend, "compiled": compile_enabled(), "size": args.size, "params": n_params, "weight_bytes": wbytes, "copy_bandwidth_gbs": bw, "decode": [], "verify": [],
+    results = {"env": env, "backend": args.backend, "mamba_ssm_cache_dtype": args.mamba_ssm_cache_dtype, "compiled": compile_enabled(), "size": args.size, "params": n_params, "weight_bytes": wbytes, "copy_bandwidth_gbs": bw, "decode": [], "verify": [],
                "speedup": [], "prefill": []}
 
     # 1. plain decode step: fused (default) and module-by-module, graph-replayed; kernels counted on the eager step

@@ -95,7 +95,48 @@ def main() -> int:
             same = all(torch.equal(a, b) for a, b in zip(got, want))
             failed += not same
             print(f"float32 greedy: EAGLE with a reduced draft vocabulary (graph) == plain: {'ok' if same else 'FAIL'}")
-    return failed + check_tree_index() + check_pdl()
+    return failed + check_tree_index() + check_ssm_state_dtype() + check_pdl()
+
+
+def check_ssm_state_dtype() -> int:
+    """A bf16 recurrent state (mamba_ssm_cache_dtype): the fused decode / verify / commit kernels against the module
+    path with the same state dtype (both compute in float32 and round the stored state at the same points), tiny
+    model in float32 and bf16 activations."""
+    failed = 0
+    for dtype in (torch.float32, torch.bfloat16):
+        model = build_model("tiny", "cuda").to(dtype)
+        model.mamba_ssm_cache_dtype = "bfloat16"
+        g = torch.Generator(device="cuda").manual_seed(2)
+        B = 3
+        prompt = torch.randint(0, model.vocab_size, (B, 21), device="cuda", generator=g)
+        model.fused_steps = False
+        s_ref = model(prompt).state
+        s = s_ref.clone()
+        errs = []
+        for _ in range(4):
+            ids = torch.randint(0, model.vocab_size, (B, 1), device="cuda", generator=g)
+            model.fused_steps = False
+            ref = model(ids, s_ref)
+            model.fused_steps = True
+            errs.append(rel(model(ids, s).logits, ref.logits))
+        parents = torch.tensor([-1, 0, 0, 1, 1, 2, 3, 6], device="cuda").expand(B, 8).contiguous()
+        lay = TokenLayout.from_parents(parents)
+        ids = torch.randint(0, model.vocab_size, (B, 8), device="cuda", generator=g)
+        model.fused_steps = False
+        ref = model.forward_tree(ids, state=s_ref, layout=lay)
+        model.fused_steps = True
+        out = model.forward_tree(ids, state=s, layout=lay)
+        errs.append(rel(out.logits, ref.logits))
+        path, counts = torch.tensor([[0, 1, 3]] * B, device="cuda"), torch.tensor([3, 2, 1], device="cuda")
+        model.commit_tree(s_ref, ref, path=path, counts=counts)
+        model.commit_tree(s, out, path=path, counts=counts)
+        errs += [rel(a.recurrent, b.recurrent) for a, b in zip(s.layers, s_ref.layers) if hasattr(a, "recurrent")]
+        bf16 = all(t.recurrent.dtype == torch.bfloat16 for t in s.layers if hasattr(t, "recurrent"))
+        ok = bf16 and max(errs) < 2e-2
+        failed += not ok
+        print(f"bf16 GDN state, {dtype} model: fused decode / verify / commit vs module path rel err max "
+              f"{max(errs):.2e} (bound 2e-2), states bf16: {bf16}: {'ok' if ok else 'FAIL'}")
+    return failed
 
 
 def check_tree_index() -> int:

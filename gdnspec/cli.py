@@ -525,6 +525,10 @@ def _add_model_options(p: argparse.ArgumentParser, *, cuda_dtype: str = "bfloat1
     p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda, cuda:1 ...")
     auto = "float32" if cuda_dtype == "float32" else f"float32 on the CPU, {cuda_dtype} on CUDA"
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"], help=f"auto = {auto}")
+    p.add_argument("--mamba-ssm-cache-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="storage dtype of the GDN layers' recurrent states (vLLM's flag): a 16-bit state halves their "
+                        "memory and bytes per step (the maths stays float32); greedy speculative output may then "
+                        "differ from plain decoding at near-ties. float64 models keep float64")
     p.add_argument("--threads", type=threads_arg, default=None,
                    help="CPU threads for torch (default: 1 for models under 100M parameters on the CPU, else torch's "
                         "default; OMP_NUM_THREADS, when set, is respected)")
@@ -559,10 +563,12 @@ def _load_bundle(args):
 
     dtype = args.dtype if args.dtype != "auto" else (args.cuda_dtype if args.device.startswith("cuda") else "float32")
     try:
-        return gdnspec.load(args.model, dtype=getattr(torch, dtype), device=args.device)
+        bundle = gdnspec.load(args.model, dtype=getattr(torch, dtype), device=args.device)
     except (OSError, ValueError, KeyError) as e:  # missing / unreadable files, bad config or weights
         where = args.model or "the embedded default model"
         raise UsageError(f"--model: cannot load {where}: {e}") from None
+    bundle.model.mamba_ssm_cache_dtype = args.mamba_ssm_cache_dtype  # the target's states (drafters keep theirs)
+    return bundle
 
 
 def _drafter(bundle, name: str, flag: str = "--drafter"):

@@ -308,3 +308,25 @@ def test_bad_env_switch_is_one_usage_line(var, value, capsys, monkeypatch):
     rc, out, err = run_main(["generate", "--prompt", PROMPT, "--max-new-tokens", "2"], capsys)
     assert rc == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("gdnspec generate: error:") and var in err, err
+
+
+def test_mamba_ssm_cache_dtype_flag_stores_the_target_states_in_16_bits(capsys, monkeypatch):
+    """--mamba-ssm-cache-dtype bfloat16 (vLLM's flag) makes the target's GDN states bf16 and generation still runs;
+    a value it does not take is one usage line naming the flag."""
+    import gdnspec.cli as cli
+
+    seen = []
+    real = cli._load_bundle
+
+    def spy(args):
+        b = real(args)
+        seen.append({s.recurrent.dtype for s in b.model.new_state(1).layers if hasattr(s, "recurrent")})
+        return b
+
+    monkeypatch.setattr(cli, "_load_bundle", spy)
+    rc, out, err = run_main(["generate", "--prompt", PROMPT, "--max-new-tokens", "4", "--mamba-ssm-cache-dtype",
+                             "bfloat16"], capsys)
+    assert rc == 0 and out.strip(), err
+    assert seen == [{torch.bfloat16}]
+    rc, out, err = run_main(["generate", "--prompt", PROMPT, "--mamba-ssm-cache-dtype", "int8"], capsys)
+    assert rc == 2 and "--mamba-ssm-cache-dtype" in err and "Traceback" not in err

@@ -129,6 +129,9 @@ class Qwen3GatedDeltaNet(nn.Module):
         self.conv_dim = 2 * self.key_dim + self.value_dim
         self.conv_kernel_size = conv_kernel_size
         self.layout = layout
+        # storage dtype of the recurrent state (None: float32, float64 for float64 models); see state_dtype and
+        # GDNForCausalLM.mamba_ssm_cache_dtype
+        self.ssm_state_dtype: torch.dtype | None = None
         kw = dict(dtype=dtype, device=device)
         if layout == "qwen3_next":
             self.in_proj_qkvz = nn.Linear(hidden_size, 2 * self.key_dim + 2 * self.value_dim, bias=False, **kw)
@@ -150,13 +153,22 @@ class Qwen3GatedDeltaNet(nn.Module):
     def conv_weight(self) -> torch.Tensor:
         return self.conv1d.weight.squeeze(1)  # (conv_dim, W)
 
+    def state_dtype(self, act_dtype: torch.dtype) -> torch.dtype:
+        """The recurrent state's storage dtype for activations of `act_dtype`: `ssm_state_dtype` when set (vLLM's
+        --mamba-ssm-cache-dtype; not for float64 models), else float32 (float64 for float64). The state's maths
+        always runs in float32 / float64: a 16-bit state is rounded once where it is stored."""
+        if self.ssm_state_dtype is not None and act_dtype != torch.float64:
+            return self.ssm_state_dtype
+        return state_dtype_for(act_dtype)
+
     def new_state(self, batch_size: int, *, dtype: torch.dtype | None = None, device=None) -> GDNLayerState:
-        """Zero state for `batch_size` sequences: recurrent (B, HV, K, V) float32/64, conv (B, conv_dim, W-1)."""
+        """Zero state for `batch_size` sequences: recurrent (B, HV, K, V) in `state_dtype` (float32/64 by default),
+        conv (B, conv_dim, W-1) in the activation dtype."""
         p = self.out_proj.weight
         act_dtype = dtype or p.dtype
         device = device or p.device
         rec = torch.zeros(batch_size, self.num_v_heads, self.head_k_dim, self.head_v_dim,
-                          dtype=state_dtype_for(act_dtype), device=device)
+                          dtype=self.state_dtype(act_dtype), device=device)
         conv = torch.zeros(batch_size, self.conv_dim, self.conv_kernel_size - 1, dtype=act_dtype, device=device)
         return GDNLayerState(rec, conv)
 
@@ -170,8 +182,9 @@ class Qwen3GatedDeltaNet(nn.Module):
         want = (batch_size, self.num_v_heads, self.head_k_dim, self.head_v_dim)
         if tuple(state.recurrent.shape) != want:
             raise ValueError(f"recurrent state must have shape (B, HV, K, V) = {want}, got {tuple(state.recurrent.shape)}")
-        if state.recurrent.dtype != state_dtype_for(dtype):
-            raise ValueError(f"recurrent state must be {state_dtype_for(dtype)} for {dtype} activations, got {state.recurrent.dtype}")
+        if state.recurrent.dtype != self.state_dtype(dtype):
+            raise ValueError(f"recurrent state must be {self.state_dtype(dtype)} for {dtype} activations, got "
+                             f"{state.recurrent.dtype}")
         want_conv = (batch_size, self.conv_dim, self.conv_kernel_size - 1)
         if tuple(state.conv.shape) != want_conv:
             raise ValueError(f"conv state must have shape (B, conv_dim, W-1) = {want_conv}, got {tuple(state.conv.shape)}")
@@ -314,7 +327,9 @@ class Qwen3GatedDeltaNet(nn.Module):
             state = self.new_state(B, dtype=x.dtype, device=x.device)
         self._check_state(state, B, x.dtype)
         mixed, z, b, a = self._project(x)
-        if mode == "fused_decode" and _use_triton(backend, x) and state.recurrent.dtype == torch.float32:
+        S = state.recurrent
+        Sc = _as(S, state_dtype_for(x.dtype))  # the state's maths in float32 / float64 (a 16-bit state is upcast)
+        if mode == "fused_decode" and _use_triton(backend, x) and S.dtype == torch.float32:
             from gdnspec.ops.gated_delta_rule.triton_decode import triton_gdn_decode_step
 
             y = triton_gdn_decode_step(mixed[:, 0], z[:, 0], b[:, 0], a[:, 0], conv_weight=self.conv_weight,
@@ -326,13 +341,15 @@ class Qwen3GatedDeltaNet(nn.Module):
         if mode == "fused_decode":
             mixed_c = causal_conv1d_update(mixed[:, 0], weight=self.conv_weight, state=state.conv)  # (B, conv_dim)
             q, k, v = self._split_qkv_normed(mixed_c[:, None])
-            o = gated_delta_rule_decode_step(q[:, 0], k[:, 0], v[:, 0], g=g[:, 0], beta=beta[:, 0], state=state.recurrent,
+            o = gated_delta_rule_decode_step(q[:, 0], k[:, 0], v[:, 0], g=g[:, 0], beta=beta[:, 0], state=Sc,
                                              use_qk_l2norm=False)[:, None]
+            if Sc is not S:  # a 16-bit state: the step ran on a float32 copy, stored rounded
+                S.copy_(Sc)
         else:
             mixed_c, conv_final = causal_conv1d(mixed, weight=self.conv_weight, initial_state=state.conv, output_final_state=True)
             q, k, v = self._split_qkv(mixed_c)
             op = chunk_gated_delta_rule if mode == "chunk" else fused_recurrent_gated_delta_rule
-            o, final = op(q, k, v, g=g, beta=beta, initial_state=state.recurrent, output_final_state=True, use_qk_l2norm=True)
+            o, final = op(q, k, v, g=g, beta=beta, initial_state=Sc, output_final_state=True, use_qk_l2norm=True)
             state.conv.copy_(conv_final)
             state.recurrent.copy_(final)
         return self._finish(o, z), state
@@ -383,7 +400,7 @@ class Qwen3GatedDeltaNet(nn.Module):
         mixed, z, b, a = self._project(x)
         g, beta = self._gates(b, a)
         mixed_c, window_index = tree_causal_conv1d(mixed, weight=self.conv_weight, parents=layout.parents, state=state.conv)
-        if _use_triton(backend, x) and state.recurrent.dtype == torch.float32 and N <= 64:
+        if _use_triton(backend, x) and state.recurrent.dtype != torch.float64 and N <= 64:
             from gdnspec.ops.gated_delta_rule.triton_tree import triton_tree_gated_delta_rule
 
             q, k, v = self._split_qkv(mixed_c)  # the kernel normalises q, k itself
@@ -392,7 +409,8 @@ class Qwen3GatedDeltaNet(nn.Module):
         else:
             q, k, v = self._split_qkv_normed(mixed_c)  # one l2norm for q and k: the op skips its own
             o, gdr = tree_gated_delta_rule(q, k, v, g=g, beta=beta, ancestor_mask=layout.ancestor_mask,
-                                           initial_state=state.recurrent, use_qk_l2norm=False)
+                                           initial_state=_as(state.recurrent, state_dtype_for(x.dtype)),
+                                           use_qk_l2norm=False)
         return self._finish(o, z), GDNTreeCache(gdr=gdr, conv_input=mixed, conv_window_index=window_index)
 
     @staticmethod
@@ -407,7 +425,7 @@ class Qwen3GatedDeltaNet(nn.Module):
         gdr = cache.gdr
         is_triton_cache = isinstance(gdr, TritonTreeCache)
         use = _use_triton(backend if backend != "torch" or not is_triton_cache else "auto", state.recurrent)
-        if use and state.recurrent.dtype == torch.float32 and state.recurrent.is_contiguous() and state.conv.is_contiguous():
+        if use and state.recurrent.dtype != torch.float64 and state.recurrent.is_contiguous() and state.conv.is_contiguous():
             from gdnspec.ops.fused.gdn_tree import tree_fusion
             from gdnspec.ops.gated_delta_rule.triton_commit import triton_tree_commit
 
@@ -421,6 +439,6 @@ class Qwen3GatedDeltaNet(nn.Module):
         gdr = gdr.to_reference() if is_triton_cache else gdr
         new_conv = tree_conv_commit_state(x=cache.conv_inputs(), state=state.conv, window_index=cache.conv_window_index,
                                           node=node)
-        new_rec = tree_commit_state(initial_state=state.recurrent, cache=gdr, node=node)
+        new_rec = tree_commit_state(initial_state=_as(state.recurrent, gdr.v_new.dtype), cache=gdr, node=node)
         state.conv.copy_(new_conv)
         state.recurrent.copy_(new_rec)

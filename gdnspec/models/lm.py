@@ -122,7 +122,7 @@ class DecoderLayer(nn.Module):
         """forward_tree on the residual stream: (output, residual stream, layer cache for commit_tree)."""
         x, resid = add_norm(self.input_layernorm, y, resid)
         if self.layer_type == "linear_attention":
-            fits = state.recurrent.dtype == torch.float32 and x.shape[1] <= 64 and window_index is not None
+            fits = state.recurrent.dtype != torch.float64 and x.shape[1] <= 64 and window_index is not None
             if fits:
                 y, cache = self.linear_attn.forward_tree_fused(x, state, layout, window_index=window_index)
             else:
@@ -201,8 +201,8 @@ class GDNForCausalLM(nn.Module):
                 layer.mlp.fused_gate_up()
 
     def _use_fused(self, backend: str, h: torch.Tensor) -> bool:
-        """The fused decode / verify steps run with the Triton backend, float32 or bf16/fp16 activations (float32
-        GDN states) and no autograd."""
+        """The fused decode / verify steps run with the Triton backend, float32 or bf16/fp16 activations (GDN states
+        float32, or 16-bit with `mamba_ssm_cache_dtype`) and no autograd."""
         if not self.fused_steps or backend != "triton" or h.dtype == torch.float64:
             return False
         return not (torch.is_grad_enabled() and self.embed_tokens.weight.requires_grad)
@@ -234,6 +234,31 @@ class GDNForCausalLM(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
+
+    MAMBA_SSM_CACHE_DTYPES = ("float32", "bfloat16", "float16")
+
+    @property
+    def mamba_ssm_cache_dtype(self) -> str:
+        """Storage dtype of the GDN layers' recurrent states (vLLM's --mamba-ssm-cache-dtype): "float32" (default;
+        float64 models keep float64) or "bfloat16" / "float16", which halve the state's memory and the bytes a decode
+        or verify step moves for it (at batch 32 on the 1.7B config of bench_e2e the state is 1.2 GB, read and written
+        every step). Every state update is still computed in float32; a 16-bit state is rounded where it is stored,
+        once per decode step or per verify commit, so speculative and plain decoding round it at different points and
+        their greedy outputs may differ at near-ties (as with bf16 activations). Applies to states made afterwards
+        (`new_state`, the static steps built afterwards)."""
+        dts = {getattr(layer.linear_attn, "ssm_state_dtype", None) for layer in self.layers
+               if layer.layer_type == "linear_attention"}
+        dt = next(iter(dts), None) if len(dts) == 1 else None
+        return {None: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dt, "float32")
+
+    @mamba_ssm_cache_dtype.setter
+    def mamba_ssm_cache_dtype(self, value: str) -> None:
+        if value not in self.MAMBA_SSM_CACHE_DTYPES:
+            raise ValueError(f"mamba_ssm_cache_dtype must be one of {self.MAMBA_SSM_CACHE_DTYPES}, got {value!r}")
+        dt = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[value]
+        for layer in self.layers:
+            if layer.layer_type == "linear_attention":
+                layer.linear_attn.ssm_state_dtype = dt
 
     def new_state(self, batch_size: int, *, kv_capacity: int = 0) -> ModelState:
         """Zero state for `batch_size` sequences (KV caches grow on demand; kv_capacity preallocates)."""

@@ -33,7 +33,7 @@ from gdnspec.ops import pdl
 from gdnspec.ops.conv1d.causal_conv1d import causal_conv1d_update
 from gdnspec.ops.fused._checks import check_layout, check_shape
 from gdnspec.ops.fused._sync import arrival_counters as _arrival_counters
-from gdnspec.ops.gated_delta_rule.common import l2norm
+from gdnspec.ops.gated_delta_rule.common import SSM_STATE_DTYPES, l2norm
 from gdnspec.ops.gated_delta_rule.triton_tree import HAS_TRITON, available
 
 if HAS_TRITON:
@@ -119,7 +119,7 @@ def gdn_decode_reference(proj: torch.Tensor, *, layout: ProjLayout, conv_weight:
     pieces = {p: proj[:, L.gather_index(p, proj.device)] for p in ("q", "k", "v", "z", "b", "a")}
     mixed = torch.cat([pieces["q"], pieces["k"], pieces["v"]], dim=-1)
     mc = causal_conv1d_update(mixed, weight=conv_weight, state=conv_state)  # (B, conv_dim) in proj's dtype
-    cdt = recurrent_state.dtype
+    cdt = torch.float64 if recurrent_state.dtype == torch.float64 else torch.float32  # a 16-bit state: maths in fp32
     HK = L.H * L.K
     qk = l2norm(mc[:, : 2 * HK].to(cdt).reshape(B, 2 * L.H, L.K))
     r = L.HV // L.H
@@ -128,7 +128,7 @@ def gdn_decode_reference(proj: torch.Tensor, *, layout: ProjLayout, conv_weight:
     v = mc[:, 2 * HK:].to(cdt).reshape(B, L.HV, L.V)
     beta = torch.sigmoid(pieces["b"].to(cdt))
     g = F.softplus(pieces["a"].to(cdt) + dt_bias.to(cdt)) * -A_log.to(cdt).exp()
-    S = recurrent_state * g.exp()[..., None, None]
+    S = recurrent_state.to(cdt) * g.exp()[..., None, None]
     u = (v - torch.einsum("bhkv,bhk->bhv", S, k)) * beta[..., None]
     S = S + k[..., :, None] * u[..., None, :]
     recurrent_state.copy_(S)
@@ -213,11 +213,11 @@ if HAS_TRITON:
         b_beta = tl.sigmoid(b_b)
         s_off = ((i_b * HV + i_hv) * K + rk[:, None]) * V + rvb[None, :]
         m_kv = mk[:, None] & mvb[None, :]
-        b_S = tl.load(S + s_off, mask=m_kv, other=0.0) * tl.exp(b_g)
+        b_S = tl.load(S + s_off, mask=m_kv, other=0.0).to(tl.float32) * tl.exp(b_g)  # a 16-bit state: upcast
         pred = tl.sum(b_S * b_k[:, None], 0)
         u = (b_v - pred) * b_beta
         b_S = b_S + b_k[:, None] * u[None, :]
-        tl.store(S + s_off, b_S, mask=m_kv)
+        tl.store(S + s_off, b_S.to(S.dtype.element_ty), mask=m_kv)
         b_o = tl.sum(b_S * b_q[:, None], 0)  # (BVB,) float32
         tl.store(o_buf + (i_b * HV + i_hv) * V + rvb, b_o, mask=mvb)
         tl.debug_barrier()  # every read of the windows happens before they are rolled
@@ -246,8 +246,10 @@ def gdn_decode_fused(proj: torch.Tensor, *, layout: ProjLayout, conv_weight: tor
                      norm_weight: torch.Tensor, norm_eps: float, num_warps: int | None = None,
                      block_v: int | None = None) -> torch.Tensor:
     """See the module docstring. proj (B, P) with a contiguous last dim; conv_weight (conv_dim, W); conv_state
-    (B, conv_dim, W-1) contiguous in proj's dtype; recurrent_state (B, HV, K, V) float32 contiguous.
-    Falls back to `gdn_decode_reference` where Triton cannot run (CPU without TRITON_INTERPRET, float64)."""
+    (B, conv_dim, W-1) contiguous in proj's dtype; recurrent_state (B, HV, K, V) contiguous, float32 or a 16-bit
+    storage dtype (bf16 / fp16: loaded to float32, the maths in float32, stored rounded; GDNForCausalLM's
+    mamba_ssm_cache_dtype). Falls back to `gdn_decode_reference` where Triton cannot run (CPU without
+    TRITON_INTERPRET, float64)."""
     L = layout
     CD, W = check_proj_conv_gates(proj, layout=L, conv_weight=conv_weight, A_log=A_log, dt_bias=dt_bias,
                                   dims="(B, P)")
@@ -260,7 +262,7 @@ def gdn_decode_fused(proj: torch.Tensor, *, layout: ProjLayout, conv_weight: tor
                          f"got {tuple(recurrent_state.shape)}")
     kw = dict(layout=L, conv_weight=conv_weight, conv_state=conv_state, recurrent_state=recurrent_state, A_log=A_log,
               dt_bias=dt_bias, norm_weight=norm_weight, norm_eps=norm_eps)
-    if not available(proj) or recurrent_state.dtype != torch.float32 or proj.dtype == torch.float64:
+    if not available(proj) or recurrent_state.dtype not in SSM_STATE_DTYPES or proj.dtype == torch.float64:
         return gdn_decode_reference(proj, **kw)
     if conv_state.dtype != proj.dtype:
         raise ValueError(f"conv_state must be {proj.dtype} (the activation dtype, proj's), got {conv_state.dtype}")

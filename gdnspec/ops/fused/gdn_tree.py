@@ -38,6 +38,7 @@ from gdnspec.ops.conv1d.tree import tree_causal_conv1d
 from gdnspec.ops.fused._checks import check_layout, check_shape
 from gdnspec.ops.fused.gdn_decode import ProjLayout, check_proj_conv_gates
 from gdnspec.ops.gated_delta_rule import triton_tree as _triton_tree
+from gdnspec.ops.gated_delta_rule.common import SSM_STATE_DTYPES
 from gdnspec.ops.gated_delta_rule.tree import _check_tree, tree_gated_delta_rule
 from gdnspec.ops.gated_delta_rule.triton_tree import (
     HAS_TRITON,
@@ -274,7 +275,7 @@ if HAS_TRITON:
         b_T, b_Gam, b_gamma = _tree_solve(b_k, b_g, b_beta, b_A, rn, N, PREC)
 
         b_S = tl.load(s0 + ((i_b * HV + i_hv) * K + rk[:, None]) * V + rv[None, :], mask=mk[:, None] & mv[None, :],
-                      other=0.0)
+                      other=0.0).to(tl.float32)  # a 16-bit state (mamba_ssm_cache_dtype): maths in float32
         if PREP:
             b_v = _tree_conv_tile(proj, sp, row0, v_base + i_h * v_hs + l * V + rv, 2 * H * K + i_hv * V + rv, mv, rn,
                                   mn, wgt, cs, wi, W)
@@ -396,7 +397,8 @@ def gdn_tree_verify(proj: torch.Tensor, *, layout: ProjLayout, conv_weight: torc
     """The GDN layer's verify step between its in- and out-projection, over N tree nodes.
 
     proj (B, N, P) the fused in-projection rows (any `layout`), conv_weight (conv_dim, W), conv_state (B, conv_dim,
-    W-1) in proj's dtype and recurrent_state (B, HV, K, V) float32 contiguous (both only read), window_index (B, N, W)
+    W-1) in proj's dtype and recurrent_state (B, HV, K, V) contiguous, float32 or a 16-bit storage dtype (both only
+    read), window_index (B, N, W)
     long (`tree_conv_window_index`), ancestor_mask (B, N, N) bool, A_log, dt_bias (HV,), norm_weight (V,); 1 <= N <= 64.
     Returns (y, gdr, conv_input, conv_layout): y (B, N, HV*V) in proj's dtype = GatedRMSNorm(o, z), ready for the
     out-projection; gdr the TritonTreeCache for `triton_tree_commit` (the same terms as triton_tree_gated_delta_rule's);
@@ -432,7 +434,7 @@ def gdn_tree_verify(proj: torch.Tensor, *, layout: ProjLayout, conv_weight: torc
     _check_tree(ancestor_mask, B, N)
     kw = dict(layout=L, conv_weight=conv_weight, conv_state=conv_state, window_index=window_index, A_log=A_log,
               dt_bias=dt_bias)
-    if not available(proj) or proj.dtype == torch.float64 or recurrent_state.dtype != torch.float32:
+    if not available(proj) or proj.dtype == torch.float64 or recurrent_state.dtype not in SSM_STATE_DTYPES:
         y, gdr, mixed = gdn_tree_verify_reference(proj, ancestor_mask=ancestor_mask, recurrent_state=recurrent_state,
                                                   norm_weight=norm_weight, norm_eps=norm_eps, **kw)
         return y, gdr, mixed, None

@@ -23,8 +23,14 @@ def as_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def state_dtype_for(dtype: torch.dtype) -> torch.dtype:
-    """Recurrent state dtype for activations of `dtype`: float64 stays float64, everything else float32."""
+    """Recurrent state dtype for activations of `dtype`: float64 stays float64, everything else float32. It is also
+    the dtype every op here computes the state in; a model may STORE it in a 16-bit SSM_STATE_DTYPES entry
+    (GDNForCausalLM.mamba_ssm_cache_dtype), which the fused kernels load to float32 and round when they store."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# storage dtypes of the recurrent state the fused CUDA kernels take (vLLM's --mamba-ssm-cache-dtype choices)
+SSM_STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def check_gdr_inputs(q, k, v, g, beta, initial_state, *, time_dim: bool = True) -> tuple[int, int, int, int, int, int]:
@@ -65,8 +71,9 @@ def check_gdr_inputs(q, k, v, g, beta, initial_state, *, time_dim: bool = True) 
             raise TypeError(f"initial_state must be a torch.Tensor, got {type(initial_state).__name__}")
         if tuple(initial_state.shape) != (B, HV, K, V):
             raise ValueError(f"initial_state must have shape (B, HV, K, V) = {(B, HV, K, V)}, got {tuple(initial_state.shape)}")
-        if initial_state.dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"initial_state must be float32 or float64, got {initial_state.dtype}")
+        if initial_state.dtype not in (*SSM_STATE_DTYPES, torch.float64):
+            raise ValueError(f"initial_state must be float32 / float64 (or a 16-bit storage dtype, computed in float32), "
+                             f"got {initial_state.dtype}")
     return B, T, H, HV, K, V
 
 

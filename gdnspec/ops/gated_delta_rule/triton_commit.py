@@ -21,6 +21,7 @@ import torch
 
 from gdnspec.ops import pdl
 from gdnspec.ops.gated_delta_rule import triton_tree as _triton_tree
+from gdnspec.ops.gated_delta_rule.common import SSM_STATE_DTYPES
 from gdnspec.ops.gated_delta_rule.triton_tree import HAS_TRITON, TritonTreeCache, available, default_precision, dot_precisions
 
 if HAS_TRITON:
@@ -67,10 +68,10 @@ if HAS_TRITON:
         b_vn = tl.load(vnew + ((i_b * N + rn[:, None]) * HV + i_hv) * V + rv[None, :], mask=mn[:, None] & mv[None, :], other=0.0)
         s_off = ((i_b * HV + i_hv) * K + rk[:, None]) * V + rv[None, :]
         m_kv = mk[:, None] & mv[None, :]
-        b_S = tl.load(s0 + s_off, mask=m_kv, other=0.0)
+        b_S = tl.load(s0 + s_off, mask=m_kv, other=0.0).to(tl.float32)  # a 16-bit state: maths in float32
         b_kc = b_k * coeff[:, None]  # (BN, BK)
         b_S = tl.exp(gam_a) * b_S + tl.dot(tl.trans(b_kc), b_vn, input_precision=PREC)
-        tl.store(out + s_off, b_S, mask=m_kv)
+        tl.store(out + s_off, b_S.to(out.dtype.element_ty), mask=m_kv)
 
     @triton.jit
     def _conv_commit_tile(
@@ -172,9 +173,9 @@ def _check_state_commit(state: torch.Tensor, cache, node: torch.Tensor) -> tuple
         raise TypeError(f"cache must be a TritonTreeCache (see TritonTreeCache.from_reference), got {type(cache).__name__}")
     B, N, H, K = cache.k.shape
     HV, V = cache.v_new.shape[2], cache.v_new.shape[3]
-    if state.dtype != torch.float32 or tuple(state.shape) != (B, HV, K, V) or not state.is_contiguous():
-        raise ValueError(f"state must be a contiguous float32 tensor (B, HV, K, V) = {(B, HV, K, V)}, "
-                         f"got {state.dtype} {tuple(state.shape)}")
+    if state.dtype not in SSM_STATE_DTYPES or tuple(state.shape) != (B, HV, K, V) or not state.is_contiguous():
+        raise ValueError(f"state must be a contiguous float32 (or 16-bit storage) tensor (B, HV, K, V) = "
+                         f"{(B, HV, K, V)}, got {state.dtype} {tuple(state.shape)}")
     _check_node(node, B)
     return B, N, H, K, HV, V
 

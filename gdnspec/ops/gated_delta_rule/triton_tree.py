@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from gdnspec.ops import pdl
-from gdnspec.ops.gated_delta_rule.common import check_gdr_inputs
+from gdnspec.ops.gated_delta_rule.common import SSM_STATE_DTYPES, check_gdr_inputs
 from gdnspec.ops.gated_delta_rule.tree import TreeGDRCache, _check_tree
 
 try:
@@ -237,8 +237,9 @@ def triton_tree_gated_delta_rule(
     B, N, H, HV, K, V = check_gdr_inputs(q, k, v, g, beta, initial_state)
     if initial_state is None:
         raise ValueError("initial_state (the committed state S0, (B, HV, K, V)) is required for tree verification")
-    if initial_state.dtype != torch.float32:
-        raise ValueError(f"initial_state must be float32 for the Triton kernel, got {initial_state.dtype}")
+    if initial_state.dtype not in SSM_STATE_DTYPES:
+        raise ValueError(f"initial_state must be float32 (or a 16-bit storage dtype) for the Triton kernel, got "
+                         f"{initial_state.dtype}")
     if not 1 <= N <= MAX_NODES:
         raise ValueError(f"the Triton tree kernel takes 1..{MAX_NODES} nodes, got N={N}")
     _check_tree(ancestor_mask, B, N)
