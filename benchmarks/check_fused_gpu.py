@@ -31,6 +31,31 @@ def rel(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
+def compare_steps(model, g, B: int, prompt_len: int):
+    """Prefill B random prompts module by module, then 4 decode steps and one 8-node verify both fused and module by
+    module from the same state. Returns (logit rel errors, fused state, module state, module verify, fused verify)."""
+    prompt = torch.randint(0, model.vocab_size, (B, prompt_len), device="cuda", generator=g)
+    model.fused_steps = False
+    s_ref = model(prompt).state
+    s = s_ref.clone()
+    errs = []
+    for _ in range(4):
+        ids = torch.randint(0, model.vocab_size, (B, 1), device="cuda", generator=g)
+        model.fused_steps = False
+        ref = model(ids, s_ref)
+        model.fused_steps = True
+        errs.append(rel(model(ids, s).logits, ref.logits))
+    parents = torch.tensor([-1, 0, 0, 1, 1, 2, 3, 6], device="cuda").expand(B, 8).contiguous()
+    lay = TokenLayout.from_parents(parents)
+    ids = torch.randint(0, model.vocab_size, (B, 8), device="cuda", generator=g)
+    model.fused_steps = False
+    ref = model.forward_tree(ids, state=s_ref, layout=lay)
+    model.fused_steps = True
+    out = model.forward_tree(ids, state=s, layout=lay)
+    errs.append(rel(out.logits, ref.logits))
+    return errs, s, s_ref, ref, out
+
+
 @torch.inference_mode()
 def main() -> int:
     failed = 0
@@ -38,26 +63,8 @@ def main() -> int:
         model = build_model("tiny", "cuda").to(dtype)
         g = torch.Generator(device="cuda").manual_seed(0)
         B = 3
+        errs, _, _, _, _ = compare_steps(model, g, B, 37)
         prompt = torch.randint(0, model.vocab_size, (B, 37), device="cuda", generator=g)
-        model.fused_steps = False
-        s_ref = model(prompt).state
-        s = s_ref.clone()
-        errs = []
-        for _ in range(4):
-            ids = torch.randint(0, model.vocab_size, (B, 1), device="cuda", generator=g)
-            model.fused_steps = False
-            ref = model(ids, s_ref)
-            model.fused_steps = True
-            out = model(ids, s)
-            errs.append(rel(out.logits, ref.logits))
-        parents = torch.tensor([-1, 0, 0, 1, 1, 2, 3, 6], device="cuda").expand(B, 8).contiguous()
-        lay = TokenLayout.from_parents(parents)
-        ids = torch.randint(0, model.vocab_size, (B, 8), device="cuda", generator=g)
-        model.fused_steps = False
-        ref = model.forward_tree(ids, state=s_ref, layout=lay)
-        model.fused_steps = True
-        out = model.forward_tree(ids, state=s, layout=lay)
-        errs.append(rel(out.logits, ref.logits))
         bound = 1e-4 if dtype == torch.float32 else 5e-2
         ok = max(errs) < bound
         failed += not ok
@@ -108,25 +115,7 @@ def check_ssm_state_dtype() -> int:
         model.mamba_ssm_cache_dtype = "bfloat16"
         g = torch.Generator(device="cuda").manual_seed(2)
         B = 3
-        prompt = torch.randint(0, model.vocab_size, (B, 21), device="cuda", generator=g)
-        model.fused_steps = False
-        s_ref = model(prompt).state
-        s = s_ref.clone()
-        errs = []
-        for _ in range(4):
-            ids = torch.randint(0, model.vocab_size, (B, 1), device="cuda", generator=g)
-            model.fused_steps = False
-            ref = model(ids, s_ref)
-            model.fused_steps = True
-            errs.append(rel(model(ids, s).logits, ref.logits))
-        parents = torch.tensor([-1, 0, 0, 1, 1, 2, 3, 6], device="cuda").expand(B, 8).contiguous()
-        lay = TokenLayout.from_parents(parents)
-        ids = torch.randint(0, model.vocab_size, (B, 8), device="cuda", generator=g)
-        model.fused_steps = False
-        ref = model.forward_tree(ids, state=s_ref, layout=lay)
-        model.fused_steps = True
-        out = model.forward_tree(ids, state=s, layout=lay)
-        errs.append(rel(out.logits, ref.logits))
+        errs, s, s_ref, ref, out = compare_steps(model, g, B, 21)
         path, counts = torch.tensor([[0, 1, 3]] * B, device="cuda"), torch.tensor([3, 2, 1], device="cuda")
         model.commit_tree(s_ref, ref, path=path, counts=counts)
         model.commit_tree(s, out, path=path, counts=counts)
