@@ -231,7 +231,12 @@ def test_bad_inputs_name_the_argument():
         with pytest.raises(ValueError, match="initial_state"):
             fn(q, k, v, **kw, initial_state=s0[:, :, :4])
         with pytest.raises(ValueError, match="initial_state"):
-            fn(q, k, v, **kw, initial_state=s0.to(torch.bfloat16))
+            fn(q, k, v, **kw, initial_state=s0.to(torch.int32))
+        # a 16-bit storage dtype (mamba_ssm_cache_dtype) is taken and computed in float32: as its float32 upcast
+        s16 = s0.to(torch.bfloat16)
+        o16, f16 = fn(q, k, v, **kw, initial_state=s16, output_final_state=True)
+        o32, f32 = fn(q, k, v, **kw, initial_state=s16.float(), output_final_state=True)
+        assert f16.dtype == torch.float32 and torch.equal(o16, o32) and torch.equal(f16, f32)
         with pytest.raises(ValueError, match="g must"):
             fn(q, k, v, g=g[:, :3], beta=beta)
         with pytest.raises(ValueError, match="beta must"):

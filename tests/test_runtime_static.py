@@ -53,3 +53,25 @@ def test_static_prefill_equals_eager_forward():
                 if name in ("k", "v"):
                     t, u = t[:, :, :7], u[:, :, :7]
                 torch.testing.assert_close(t, u, rtol=1e-10, atol=1e-10)
+
+
+@torch.inference_mode()
+def test_a_cached_static_step_goes_stale_when_mamba_ssm_cache_dtype_changes():
+    """The static steps' state buffers take the GDN state's storage dtype when they are built: changing
+    mamba_ssm_cache_dtype afterwards must rebuild them (the cached plain decoder of generate_autoregressive(static=True)
+    used to keep its old-dtype buffers and fail with "recurrent state must be torch.float16 ..., got torch.bfloat16")."""
+    from gdnspec import generate_autoregressive
+
+    model = tiny_model(seed=2, hybrid=True, dtype=torch.float32)
+    prompt = [torch.randint(0, model.vocab_size, (4,), generator=torch.Generator().manual_seed(0))]
+    ref = generate_autoregressive(model, prompt, 6, static=False)
+    for dt in ("bfloat16", "float16", "float32"):
+        model.mamba_ssm_cache_dtype = dt
+        dec = StaticDecoder(model, batch_size=1, max_len=16)
+        assert dec.current()
+        out = generate_autoregressive(model, prompt, 6, static=True)
+        assert out[0].shape == ref[0].shape  # prompt + 6 new tokens
+        if dt == "float32":
+            assert torch.equal(out[0], ref[0])
+    model.mamba_ssm_cache_dtype = "bfloat16"
+    assert not dec.current()  # built with float32 states

@@ -171,6 +171,10 @@ def test_tree_index_errors_name_the_argument(monkeypatch):
     with pytest.raises(ValueError, match="depth"):
         ti.greedy_accept(t, tokens=t, parents=p, valid=t.bool(), ancestor_mask=lay.ancestor_mask, depth=t[:, :4],
                          width=3)
+    for bad in (dict(valid=t), dict(ancestor_mask=lay.ancestor_mask.long())):  # bytes reinterpreted: wrong paths
+        args = dict(tokens=t, parents=p, valid=t.bool(), ancestor_mask=lay.ancestor_mask, depth=lay.depth, width=3)
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be a bool"):
+            ti.greedy_accept(t, **{**args, **bad})
     with pytest.raises(ValueError, match="width"):
         ti.greedy_accept(t, tokens=t, parents=p, valid=t.bool(), ancestor_mask=lay.ancestor_mask, depth=lay.depth,
                          width=0)

@@ -286,12 +286,12 @@ class Qwen3GatedDeltaNet(nn.Module):
     def forward_tree_fused(self, x: torch.Tensor, state: GDNLayerState, layout: TokenLayout, *,
                            window_index: torch.Tensor):
         """forward_tree in four kernels by default (GDNSPEC_TREE_FUSION=norm, measured fastest, see
-        ops/fused/gdn_tree.tree_fusion), three where the in-projection takes the tree prep in its epilogue (B * N <= 64
-        rows, bf16 / fp16: ops/fused/gdn_tree_proj.py); with "full" in three: fused in-projection GEMM,
+        ops/fused/gdn_tree.tree_fusion), three where the in-projection takes the tree prep in its epilogue (B * N <=
+        gdn_tree_proj.MAX_ROWS = 8 rows, bf16 / fp16: ops/fused/gdn_tree_proj.py); with "full" in three: fused in-projection GEMM,
         `gdn_tree_verify` (tree conv + gates + tree-WY + gated RMSNorm in one kernel), out_proj (for `add_norm`, as
         decode_fused); "norm": four, "off": five (gdn_tree_prep, tree-WY, gated_rms_norm_rows). x a tensor or a
         NormedInput (the in-projection then normalises on the fly, ops/fused/normed.py). window_index (B, N, W) from `tree_conv_window_index`, shared by all layers of one verify.
-        Needs the Triton backend, a float32 state and N <= 64 (forward_tree otherwise)."""
+        Needs the Triton backend, a float32 or 16-bit state and N <= 64 (forward_tree otherwise)."""
         from gdnspec.ops.fused.gdn_tree import gdn_tree_verify, tree_fusion
         from gdnspec.ops.fused.gdn_tree_proj import tree_in_projection
         from gdnspec.ops.fused.normed import linear_in, output_projection
@@ -299,7 +299,7 @@ class Qwen3GatedDeltaNet(nn.Module):
         L = self.proj_layout()
         kw = dict(layout=L, conv_weight=self.conv_weight, conv_state=state.conv, window_index=window_index,
                   A_log=self.A_log, dt_bias=self.dt_bias)
-        # "norm" and few rows (B * N <= 64, bf16): the tree prep in the in-projection's epilogue (gdn_tree_proj.py)
+        # "norm" and few rows (B * N <= MAX_ROWS = 8, bf16): the tree prep in the in-projection's epilogue (gdn_tree_proj.py)
         both = tree_in_projection(x, self.fused_in_proj(), **kw) if tree_fusion() == "norm" else None
         if both is not None:
             proj, prep = both
@@ -391,7 +391,7 @@ class Qwen3GatedDeltaNet(nn.Module):
                      backend: str = "torch") -> tuple[torch.Tensor, GDNTreeCache]:
         """All N tree nodes in one pass; node i sees `state` and its ancestors only. `state` is only read.
 
-        backend ("torch" | "triton" | "auto"): "triton" runs the tree-WY kernel (N <= 64, float32 state); its
+        backend ("torch" | "triton" | "auto"): "triton" runs the tree-WY kernel (N <= 64, float32 or 16-bit state); its
         cache.gdr is then a TritonTreeCache, which `commit_tree` recognises."""
         x = hidden_states
         self._check_input(x)

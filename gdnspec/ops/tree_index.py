@@ -173,6 +173,9 @@ def greedy_accept(target: torch.Tensor, *, tokens: torch.Tensor, parents: torch.
                            ("ancestor_mask", ancestor_mask, (B, N, N)), ("depth", depth, (B, N))):
         if tuple(t.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    for name, t in (("valid", valid), ("ancestor_mask", ancestor_mask)):  # read as bytes: another dtype would be
+        if t.dtype != torch.bool:                                         # reinterpreted, not converted
+            raise ValueError(f"{name} must be a bool tensor, got {t.dtype}")
     if not (isinstance(width, int) and width >= 1):
         raise ValueError(f"width must be an int >= 1, got {width!r}")
     dev = parents.device

@@ -74,8 +74,9 @@ def prepare_fused(*models) -> None:
 
 def weights_signature(*modules) -> tuple:
     """What a static step depends on besides its own buffers: every parameter and buffer tensor of `modules` (address,
-    dtype, device) and the flags that pick the step's path (fused_steps, gdn_backend). A cached static step whose
-    signature changed (model.to(dtype), load_state_dict(assign=True), a replaced weight, fused_steps toggled) must be
+    dtype, device), the flags that pick the step's path (fused_steps, gdn_backend) and the GDN layers' state storage
+    dtypes (ssm_state_dtype: mamba_ssm_cache_dtype). A cached static step whose signature changed (model.to(dtype),
+    load_state_dict(assign=True), a replaced weight, fused_steps toggled, mamba_ssm_cache_dtype set) must be
     rebuilt: its state buffers have the old dtype, and its CUDA graph would replay kernels that read the old tensors
     (freed once replaced). In-place updates (load_state_dict copying, optimizer steps) keep the signature and are
     seen by the graph. Computed after the step is built, so the weights that the first fused call fuses count."""
@@ -83,7 +84,8 @@ def weights_signature(*modules) -> tuple:
     for m in modules:
         if not isinstance(m, torch.nn.Module):
             continue
-        sig.append((type(m).__name__, getattr(m, "fused_steps", None), getattr(m, "gdn_backend", None)))
+        sig.append((type(m).__name__, getattr(m, "fused_steps", None), getattr(m, "gdn_backend", None),
+                    tuple(x.ssm_state_dtype for x in m.modules() if hasattr(x, "ssm_state_dtype"))))
         sig.extend((t.data_ptr(), t.dtype, t.device) for t in (*m.parameters(), *m.buffers()))
     return tuple(sig)
 

@@ -418,7 +418,7 @@ def gdn_tree_verify(proj: torch.Tensor, *, layout: ProjLayout, conv_weight: torc
     the tree prep in its epilogue); with "norm" the kernel then reads them and the conv commit reads the projection
     rows (conv_input = proj, conv_layout = layout), so no gdn_tree_prep launch and no conv-input copy.
     Reference: `gdn_tree_verify_reference` (and the torch path where Triton cannot run: CPU without TRITON_INTERPRET,
-    float64, a non-float32 state); its gdr is then a TreeGDRCache.
+    float64, a state dtype outside SSM_STATE_DTYPES); its gdr is then a TreeGDRCache.
     """
     L = layout
     mode = tree_fusion(fusion)
