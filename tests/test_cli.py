@@ -330,3 +330,22 @@ def test_mamba_ssm_cache_dtype_flag_stores_the_target_states_in_16_bits(capsys, 
     assert seen == [{torch.bfloat16}]
     rc, out, err = run_main(["generate", "--prompt", PROMPT, "--mamba-ssm-cache-dtype", "int8"], capsys)
     assert rc == 2 and "--mamba-ssm-cache-dtype" in err and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("gdnspec generate: error:")
+
+
+def test_mamba_ssm_cache_dtype_property_refuses_what_it_cannot_store():
+    from gdnspec.models.lm import GDNForCausalLM
+
+    from conftest import tiny_config
+
+    m = GDNForCausalLM(tiny_config())
+    for bad in ("bf16", "auto", torch.bfloat16, None):
+        with pytest.raises(ValueError, match="mamba_ssm_cache_dtype"):
+            m.mamba_ssm_cache_dtype = bad
+    m.mamba_ssm_cache_dtype = "float16"
+    assert m.mamba_ssm_cache_dtype == "float16"
+    m64 = GDNForCausalLM(tiny_config(), dtype=torch.float64)
+    with pytest.raises(ValueError, match="float64 model"):
+        m64.mamba_ssm_cache_dtype = "bfloat16"
+    m64.mamba_ssm_cache_dtype = "float32"  # the default: allowed, states stay float64
+    assert {s.recurrent.dtype for s in m64.new_state(1).layers if hasattr(s, "recurrent")} == {torch.float64}

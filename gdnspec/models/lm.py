@@ -255,6 +255,9 @@ class GDNForCausalLM(nn.Module):
     def mamba_ssm_cache_dtype(self, value: str) -> None:
         if value not in self.MAMBA_SSM_CACHE_DTYPES:
             raise ValueError(f"mamba_ssm_cache_dtype must be one of {self.MAMBA_SSM_CACHE_DTYPES}, got {value!r}")
+        if value != "float32" and self.embed_tokens.weight.dtype == torch.float64:
+            raise ValueError(f"mamba_ssm_cache_dtype={value!r}: a float64 model keeps float64 GDN states (the "
+                             "reference path); convert the model to float32 / bf16 first")
         dt = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[value]
         for layer in self.layers:
             if layer.layer_type == "linear_attention":
