@@ -50,10 +50,14 @@ def test_tree_layout_ends_a_chain_at_an_out_of_order_parent():
     assert mask[0, 3].tolist() == [True, True, False, True] and int(depth[0, 3]) == 2
 
 
-def test_from_parents_dispatches_to_the_kernel_and_keeps_the_window_index():
+def test_from_parents_dispatches_to_the_kernel_and_keeps_the_window_index(monkeypatch):
+    monkeypatch.setattr(ti, "DISPATCH_ON_CPU", True)  # CPU tensors through the interpreter (CUDA takes it always)
+    calls = []
+    real = ti.tree_layout
+    monkeypatch.setattr(ti, "tree_layout", lambda *a, **k: calls.append(1) or real(*a, **k))
     parents = random_parents(3, 9, "random", seed=1)
     lay = TokenLayout.from_parents(parents, validate=False, conv_width=4)  # interpreter: the kernel path
-    assert lay.window_index is not None and torch.equal(lay.window_index, tree_conv_window_index(parents, 4))
+    assert calls == [1] and lay.window_index is not None and torch.equal(lay.window_index, tree_conv_window_index(parents, 4))
     ref = TokenLayout.from_parents_reference(parents)
     assert torch.equal(lay.ancestor_mask, ref.ancestor_mask) and torch.equal(lay.depth, ref.depth)
     assert lay.conv_window_index(4) is lay.window_index
@@ -139,6 +143,7 @@ def test_greedy_accept_equals_the_walk_when_siblings_differ(B, N, kind):
 
 
 def test_accept_greedy_dispatches_to_the_kernel_only_with_a_width(monkeypatch):
+    monkeypatch.setattr(ti, "DISPATCH_ON_CPU", True)
     B, N = 2, 7
     tokens, parents, valid, target = _case(B, N, "random", seed=3)
     logits = torch.nn.functional.one_hot(target, 3).float()
@@ -154,6 +159,10 @@ def test_accept_greedy_dispatches_to_the_kernel_only_with_a_width(monkeypatch):
     assert torch.equal(a.counts, b.counts) and torch.equal(a.bonus, b.bonus)
     assert torch.equal(a.path[:, :b.path.shape[1]], b.path)
     monkeypatch.setenv("GDNSPEC_TREE_INDEX", "0")
+    accept_mod.accept_greedy(tree, logits, lay, width=N)
+    assert calls == [1]
+    monkeypatch.delenv("GDNSPEC_TREE_INDEX")
+    monkeypatch.setattr(ti, "DISPATCH_ON_CPU", False)  # the rest of a test session: CPU tensors keep the torch forms
     accept_mod.accept_greedy(tree, logits, lay, width=N)
     assert calls == [1]
 

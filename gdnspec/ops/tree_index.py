@@ -41,17 +41,21 @@ MAX_TREE_NODES = 64  # the verify kernels' limit (triton_tree.MAX_NODES); one pr
 # the kernels below were decorated for the interpreter (this module imported, or re-imported by the tests, with
 # TRITON_INTERPRET=1): only then may they run on CPU tensors
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# CPU tensors take the kernels (through the interpreter) only when a test sets this: the kernel tests switch it on for
+# the dispatch they check, while the rest of a test session, which may run with TRITON_INTERPRET=1 set, keeps the
+# torch forms (interpreting these loops for every tree of the suite made it ~2x slower)
+DISPATCH_ON_CPU = False
 
 
 def runs_on(t: torch.Tensor) -> bool:
     """Whether TokenLayout.from_parents / accept_greedy take these kernels for the (B, N) tensor `t`: Triton, at most
-    64 nodes, and a CUDA tensor (or TRITON_INTERPRET=1 now and when this module was imported: the kernel tests).
+    64 nodes, and a CUDA tensor (CPU tensors only in the kernel tests: DISPATCH_ON_CPU under TRITON_INTERPRET=1).
     GDNSPEC_TREE_INDEX=0 keeps the torch forms (A/B switch)."""
     if not (HAS_TRITON and t.dim() == 2 and 1 <= t.shape[1] <= MAX_TREE_NODES):
         return False
     if not enabled():
         return False
-    return t.is_cuda or (_INTERPRETED and available(t))
+    return t.is_cuda or (DISPATCH_ON_CPU and _INTERPRETED and available(t))
 
 
 def enabled() -> bool:
