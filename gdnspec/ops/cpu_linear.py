@@ -35,11 +35,12 @@ Measured whole-process (`farm-bench -n 4`, `gdnspec eval --threads 2 --drafters 
 """
 from __future__ import annotations
 
-import os
 import weakref
 
 import torch
 import torch.nn.functional as F
+
+from gdnspec.ops._env import flag
 
 __all__ = ["PACK_BUDGET_BYTES", "available", "enabled", "linear", "packed_linear", "packed_pays"]
 
@@ -59,10 +60,7 @@ def available() -> bool:
 
 def enabled() -> bool:
     """GDNSPEC_CPU_ONEDNN: unset / "" / 1 = on where available, 0 = off."""
-    v = os.environ.get("GDNSPEC_CPU_ONEDNN", "1") or "1"
-    if v not in ("0", "1"):
-        raise ValueError(f"GDNSPEC_CPU_ONEDNN must be 0 or 1 (unset = 1), got {v!r}")
-    return v == "1" and available()
+    return flag("GDNSPEC_CPU_ONEDNN", default=True) and available()
 
 
 def packed_pays(rows: int, N: int, K: int) -> bool:

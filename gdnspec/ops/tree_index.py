@@ -28,6 +28,7 @@ import os
 
 import torch
 
+from gdnspec.ops._env import flag
 from gdnspec.ops.gated_delta_rule.triton_tree import HAS_TRITON, available
 
 if HAS_TRITON:
@@ -60,10 +61,7 @@ def runs_on(t: torch.Tensor) -> bool:
 
 def enabled() -> bool:
     """GDNSPEC_TREE_INDEX: "1" (default) or "0"; anything else raises a ValueError naming the variable."""
-    v = os.environ.get("GDNSPEC_TREE_INDEX") or "1"
-    if v not in ("0", "1"):
-        raise ValueError(f"GDNSPEC_TREE_INDEX must be 0 or 1, got {v!r}")
-    return v == "1"
+    return flag("GDNSPEC_TREE_INDEX", default=True)
 
 
 if HAS_TRITON:

@@ -24,11 +24,10 @@ gdn_tree_prep. Reference:
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
+from gdnspec.ops._env import flag
 from gdnspec.ops.fused import gemv as _gemv
 from gdnspec.ops.fused.gemv import _launch, _launch_args
 from gdnspec.ops.fused.gdn_decode import ProjLayout, check_proj_conv_gates
@@ -48,10 +47,7 @@ __all__ = ["column_codes", "enabled", "tree_in_projection", "tree_in_projection_
 def enabled() -> bool:
     """GDNSPEC_TREE_PROJ: "1" (default) or "0" (the in-projection and gdn_tree_prep as two launches, for A/B);
     anything else raises a ValueError naming the variable."""
-    v = os.environ.get("GDNSPEC_TREE_PROJ") or "1"
-    if v not in ("0", "1"):
-        raise ValueError(f"GDNSPEC_TREE_PROJ must be 0 or 1, got {v!r}")
-    return v == "1"
+    return flag("GDNSPEC_TREE_PROJ", default=True)
 
 # kinds of a projection column (low 2 bits of its code; the rest is the conv channel or the value head)
 _CONV, _NONE, _BETA, _GATE = 0, 1, 2, 3

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from gdnspec.ops import pdl
+from gdnspec.ops._env import flag
 from gdnspec.ops.fused._bench import graph_bench
 from gdnspec.ops.fused._sync import arrival_counters
 from gdnspec.ops.gated_delta_rule.triton_tree import HAS_TRITON, available
@@ -239,10 +240,7 @@ def autotune_enabled() -> bool:
     missed the best tile by up to 1.6x on an H200 (benchmarks/bench_tiles.py), and a step's speed then depended on
     the run. Any value but unset / "" / 0 / 1 raises ValueError (a typo such as "true" must not silently A/B the
     table against itself)."""
-    v = os.environ.get("GDNSPEC_GEMV_AUTOTUNE", "0") or "0"
-    if v not in ("0", "1"):
-        raise ValueError(f"GDNSPEC_GEMV_AUTOTUNE must be 0 or 1 (unset = 0), got {v!r}")
-    return v == "1"
+    return flag("GDNSPEC_GEMV_AUTOTUNE", default=False)
 
 
 def gemv_tile(N: int, K: int, M: int, splits: int) -> tuple[int, int, int, int]:

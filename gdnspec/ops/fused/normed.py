@@ -18,11 +18,11 @@ small_linear), GDNSPEC_TRITON_GEMV=0, or GDNSPEC_NORM_GEMV unset / 0 (the DEFAUL
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
+from gdnspec.ops._env import flag
 from gdnspec.ops.fused import elementwise as _ew
 from gdnspec.ops.fused import gemv as _gemv
 
@@ -36,10 +36,7 @@ def enabled() -> bool:
     2.51 ms at B = 32; verify N = 16 at B = 1 2.34 against 2.22 ms. The residual epilogue's last-arriver wait costs
     about what the add_rms_norm launch it removes cost, and the folded kernels lose GEMV efficiency (untuned configs).
     Kept, tested, as the starting point for tuning (docs/triton_kernels.md)."""
-    v = os.environ.get("GDNSPEC_NORM_GEMV", "0") or "0"
-    if v not in ("0", "1"):
-        raise ValueError(f"GDNSPEC_NORM_GEMV must be 0 or 1 (unset = 0), got {v!r}")
-    return v == "1"
+    return flag("GDNSPEC_NORM_GEMV", default=False)
 
 
 def _kernel_rows_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
