@@ -409,8 +409,7 @@ class Qwen3GatedDeltaNet(nn.Module):
         else:
             q, k, v = self._split_qkv_normed(mixed_c)  # one l2norm for q and k: the op skips its own
             o, gdr = tree_gated_delta_rule(q, k, v, g=g, beta=beta, ancestor_mask=layout.ancestor_mask,
-                                           initial_state=_as(state.recurrent, state_dtype_for(x.dtype)),
-                                           use_qk_l2norm=False)
+                                           initial_state=state.recurrent, use_qk_l2norm=False)  # upcasts a 16-bit S0
         return self._finish(o, z), GDNTreeCache(gdr=gdr, conv_input=mixed, conv_window_index=window_index)
 
     @staticmethod
@@ -439,6 +438,6 @@ class Qwen3GatedDeltaNet(nn.Module):
         gdr = gdr.to_reference() if is_triton_cache else gdr
         new_conv = tree_conv_commit_state(x=cache.conv_inputs(), state=state.conv, window_index=cache.conv_window_index,
                                           node=node)
-        new_rec = tree_commit_state(initial_state=_as(state.recurrent, gdr.v_new.dtype), cache=gdr, node=node)
+        new_rec = tree_commit_state(initial_state=state.recurrent, cache=gdr, node=node)  # computed in the cache's dtype
         state.conv.copy_(new_conv)
         state.recurrent.copy_(new_rec)

@@ -235,7 +235,9 @@ class GDNForCausalLM(nn.Module):
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
 
-    MAMBA_SSM_CACHE_DTYPES = ("float32", "bfloat16", "float16")
+    # mamba_ssm_cache_dtype's values -> GatedDeltaNet.ssm_state_dtype (None: the default float32 / float64)
+    _SSM_STATE_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    MAMBA_SSM_CACHE_DTYPES = tuple(_SSM_STATE_DTYPES)
 
     @property
     def mamba_ssm_cache_dtype(self) -> str:
@@ -249,7 +251,7 @@ class GDNForCausalLM(nn.Module):
         dts = {getattr(layer.linear_attn, "ssm_state_dtype", None) for layer in self.layers
                if layer.layer_type == "linear_attention"}
         dt = next(iter(dts), None) if len(dts) == 1 else None
-        return {None: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dt, "float32")
+        return next((name for name, d in self._SSM_STATE_DTYPES.items() if d == dt), "float32")
 
     @mamba_ssm_cache_dtype.setter
     def mamba_ssm_cache_dtype(self, value: str) -> None:
@@ -258,7 +260,7 @@ class GDNForCausalLM(nn.Module):
         if value != "float32" and self.embed_tokens.weight.dtype == torch.float64:
             raise ValueError(f"mamba_ssm_cache_dtype={value!r}: a float64 model keeps float64 GDN states (the "
                              "reference path); convert the model to float32 / bf16 first")
-        dt = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[value]
+        dt = self._SSM_STATE_DTYPES[value]
         for layer in self.layers:
             if layer.layer_type == "linear_attention":
                 layer.linear_attn.ssm_state_dtype = dt

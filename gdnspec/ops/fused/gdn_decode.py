@@ -33,7 +33,7 @@ from gdnspec.ops import pdl
 from gdnspec.ops.conv1d.causal_conv1d import causal_conv1d_update
 from gdnspec.ops.fused._checks import check_layout, check_shape
 from gdnspec.ops.fused._sync import arrival_counters as _arrival_counters
-from gdnspec.ops.gated_delta_rule.common import SSM_STATE_DTYPES, l2norm
+from gdnspec.ops.gated_delta_rule.common import SSM_STATE_DTYPES, l2norm, state_dtype_for
 from gdnspec.ops.gated_delta_rule.triton_tree import HAS_TRITON, available
 
 if HAS_TRITON:
@@ -119,7 +119,7 @@ def gdn_decode_reference(proj: torch.Tensor, *, layout: ProjLayout, conv_weight:
     pieces = {p: proj[:, L.gather_index(p, proj.device)] for p in ("q", "k", "v", "z", "b", "a")}
     mixed = torch.cat([pieces["q"], pieces["k"], pieces["v"]], dim=-1)
     mc = causal_conv1d_update(mixed, weight=conv_weight, state=conv_state)  # (B, conv_dim) in proj's dtype
-    cdt = torch.float64 if recurrent_state.dtype == torch.float64 else torch.float32  # a 16-bit state: maths in fp32
+    cdt = state_dtype_for(recurrent_state.dtype)  # a 16-bit state: the maths in float32
     HK = L.H * L.K
     qk = l2norm(mc[:, : 2 * HK].to(cdt).reshape(B, 2 * L.H, L.K))
     r = L.HV // L.H

@@ -446,11 +446,10 @@ def gdn_tree_verify(proj: torch.Tensor, *, layout: ProjLayout, conv_weight: torc
     BV = block_v or min(_pow2(L.V), bv)
     if BV < 16 or BV & (BV - 1):
         raise ValueError(f"block_v must be a power of two >= 16 (tl.dot tiles), got {BV}")
-    if prep is not None and mode == "norm":
-        q, k, v, g, beta = prep
-        mixed = None
-    elif mode != "full":
-        q, k, v, g, beta, mixed = gdn_tree_prep(proj, **kw)
+    # "full", or "norm" with the prep given: the conv commit reads its inputs from the projection rows
+    from_rows = mode == "full" or (mode == "norm" and prep is not None)
+    if mode != "full":
+        q, k, v, g, beta, mixed = (*prep, None) if from_rows else gdn_tree_prep(proj, **kw)
     if mode == "off":
         o, gdr = triton_tree_gated_delta_rule(q, k, v, g=g, beta=beta, ancestor_mask=ancestor_mask,
                                               initial_state=recurrent_state, use_qk_l2norm=True, precision=precision,
@@ -459,13 +458,9 @@ def gdn_tree_verify(proj: torch.Tensor, *, layout: ProjLayout, conv_weight: torc
     p2 = proj.reshape(B * N, P)
     if p2.stride(-1) != 1 or p2.stride(0) != P:
         p2 = p2.contiguous()
-    if mode == "full":  # q, k, v, g, beta are not read (PREP); the conv commit reads the projection rows
+    if mode == "full":  # q, k, v, g, beta are not read (PREP)
         q = k = v = g = beta = p2
-        mixed, conv_layout = p2.view(B, N, P), L
-    elif mixed is None:  # prep given: the conv commit reads the projection rows
-        mixed, conv_layout = p2.view(B, N, P), L
-    else:
-        conv_layout = None
+    mixed, conv_layout = (p2.view(B, N, P), L) if from_rows else (mixed, None)
     NV = triton.cdiv(L.V, BV)
     prec, prec_s = _triton_tree.dot_precisions(precision or default_precision(proj))
     y = torch.empty(B, N, L.HV * L.V, dtype=dt, device=dev)
