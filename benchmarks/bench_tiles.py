@@ -133,7 +133,7 @@ def _best_line(label: str, res: dict, nbytes: int, bw: float) -> None:
           f"({res['floor_us'] / (timed[best] * 1e3):.0%})\n    {cells}", flush=True)
 
 
-def sweep_decode(rows, bw) -> list[dict]:
+def sweep_decode(rows, bw, ssm_dtype=torch.float32) -> list[dict]:
     """gdn_decode_fused on the 1.7B GDN layer shapes (H 16, HV 32, K = V = 128, conv 4) for each (block_v, warps)."""
     from gdnspec.ops.fused.gdn_decode import ProjLayout, gdn_decode_fused, gdn_decode_reference
 
@@ -141,16 +141,16 @@ def sweep_decode(rows, bw) -> list[dict]:
     CD = 2 * L.H * L.K + L.HV * L.V
     out = []
     for B in rows:
-        per = B * L.HV * L.K * L.V * 4
+        per = B * L.HV * L.K * L.V * torch.empty((), dtype=ssm_dtype).element_size()
         copies = max(2, (256 << 20) // per)
-        states = [torch.randn(B, L.HV, L.K, L.V, device="cuda") * 0.1 for _ in range(copies)]
+        states = [(torch.randn(B, L.HV, L.K, L.V, device="cuda") * 0.1).to(ssm_dtype) for _ in range(copies)]
         proj = torch.randn(B, L.width, device="cuda", dtype=torch.bfloat16)
         cw = torch.randn(CD, 4, device="cuda", dtype=torch.bfloat16) * 0.5
         cs = torch.randn(B, CD, 3, device="cuda", dtype=torch.bfloat16)
         kw = dict(layout=L, conv_weight=cw, A_log=torch.zeros(L.HV, device="cuda"),
                   dt_bias=torch.zeros(L.HV, device="cuda"), norm_weight=torch.ones(L.V, device="cuda"), norm_eps=1e-6)
         s_init, c_init = states[0].clone(), cs.clone()  # time_launch advances states[0] and cs in place
-        ref_s = s_init.clone()
+        ref_s = s_init.to(torch.float32, copy=True)  # advanced in place by the reference (float32 maths)
         ref = gdn_decode_reference(proj.float(), conv_state=c_init.float(), recurrent_state=ref_s,
                                    **{**kw, "conv_weight": cw.float()})
         res = {"B": B}
@@ -159,7 +159,7 @@ def sweep_decode(rows, bw) -> list[dict]:
                 s0, c0 = s_init.clone(), c_init.clone()
                 try:
                     y = gdn_decode_fused(proj, conv_state=c0, recurrent_state=s0, block_v=bv, num_warps=nw, **kw)
-                    err = float((s0 - ref_s).abs().max()) + float((y.float() - ref.float()).abs().max()) / 10
+                    err = float((s0.float() - ref_s).abs().max()) + float((y.float() - ref.float()).abs().max()) / 10
                     if err > 0.5:
                         res[str((bv, nw))] = f"WRONG {err:.2e}"
                         continue
@@ -227,6 +227,8 @@ def main() -> int:
     ap.add_argument("--parts", default="gemv,decode,tree")
     ap.add_argument("--rows", default=[1, 16, 32], type=comma_list(int, low=1, high=32))
     ap.add_argument("--out", default="benchmarks/results/tiles.json")
+    ap.add_argument("--mamba-ssm-cache-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="decode part: storage dtype of the recurrent states")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
     if not parts <= {"gemv", "decode", "tree"}:
@@ -240,7 +242,7 @@ def main() -> int:
         out["gemv"] = sweep_gemv(build_model(args.size, "cuda"), args.rows, bw)
         torch.cuda.empty_cache()
     if "decode" in parts:
-        out["decode"] = sweep_decode(args.rows, bw)
+        out["decode"] = sweep_decode(args.rows, bw, getattr(torch, args.mamba_ssm_cache_dtype))
     if "tree" in parts:
         out["tree"] = sweep_tree(args.rows, bw)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

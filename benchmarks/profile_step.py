@@ -1,6 +1,7 @@
 """Profile one decode step, one verify step and one prefill of the bench_e2e model: kernels by name, count and time.
 
     python benchmarks/profile_step.py [--size 1.5b] [--out DIR] [--batches 1,32] [--nodes 16] [--rows 25] [--graph]
+                                      [--mamba-ssm-cache-dtype float32|bfloat16|float16]
                                       # needs CUDA; prints tables, writes them to DIR/profile_<part>_b<B>[_n<N>].txt
 
 The torch profiler (CPU + CUDA) around an eager call, after warm-up; the tables are what the speed work reads to see
@@ -49,6 +50,8 @@ def main() -> int:
     ap.add_argument("--rows", default=25, type=int, help="kernel table rows (by total CUDA time)")
     ap.add_argument("--graph", action="store_true", help="profile CUDA-graph replays (kernel times inside the graph, "
                     "as the step runs) instead of eager calls")
+    ap.add_argument("--mamba-ssm-cache-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="storage dtype of the GDN recurrent states (GDNForCausalLM.mamba_ssm_cache_dtype)")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
     if not parts <= {"decode", "verify", "prefill"}:
@@ -59,10 +62,12 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = build_model(args.size, "cuda")
+    model.mamba_ssm_cache_dtype = args.mamba_ssm_cache_dtype
+    tag = "" if args.mamba_ssm_cache_dtype == "float32" else f"_ssm_{args.mamba_ssm_cache_dtype}"
     for B in args.batches if "decode" in parts else ():
         dec = StaticDecoder(model, batch_size=B, max_len=1024, use_graph=args.graph)
         ids = torch.randint(0, model.vocab_size, (B,), device="cuda")
-        prof(lambda: dec.step(ids), f"decode_b{B}" + ("_graph" if args.graph else ""), out, rows=args.rows)
+        prof(lambda: dec.step(ids), f"decode_b{B}" + ("_graph" if args.graph else "") + tag, out, rows=args.rows)
         del dec
     for B, N in [(b, n) for b in args.batches for n in args.nodes] if "verify" in parts else ():
         run = StaticSpecRunner(model, FixedTreeDrafter(N), _cfg_for(N), batch_size=B, max_len=1024,
@@ -70,7 +75,7 @@ def main() -> int:
         parents = torch.tensor([-1] + [max(0, i - 1 - (i % 3)) for i in range(1, N)], device="cuda")
         tree = DraftTree(torch.randint(0, model.vocab_size, (B, N), device="cuda"), parents.expand(B, N).contiguous(),
                          torch.zeros(B, N, device="cuda"), torch.ones(B, N, dtype=torch.bool, device="cuda"))
-        prof(lambda: run.step(tree), f"verify_b{B}_n{N}" + ("_graph" if args.graph else ""), out, rows=args.rows)
+        prof(lambda: run.step(tree), f"verify_b{B}_n{N}" + ("_graph" if args.graph else "") + tag, out, rows=args.rows)
         del run
     if "prefill" in parts:
         for T in (16, 128):

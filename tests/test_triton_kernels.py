@@ -82,6 +82,32 @@ def test_tree_verify_and_commit_match_reference(B, N, H, HV, K, V, dtype, kind):
     assert rel(fresh, want) < 1e-5 and torch.equal(S0, S0_copy)
 
 
+@pytest.mark.parametrize("blocked", ["1", "0"])
+@pytest.mark.parametrize("N,kind", [(2, "chain"), (17, "chain"), (33, "random"), (64, "chain"), (64, "star")])
+def test_tree_solve_modes_match_float64(monkeypatch, blocked, N, kind):
+    """Both inverses of (I + L) (GDNSPEC_TREE_BLOCKED_SOLVE: the blocked triangular inverse, or forward substitution)
+    against the float64 reference on deep chains with nearly repeated keys (a repeated token: the worst case of
+    benchmarks/check_tree_solve_stability.py, where the doubling product lost 4 digits at N = 16 and all of them at
+    N = 64) and beta near 1, BN = 16, 32, 64."""
+    monkeypatch.setenv("GDNSPEC_TREE_BLOCKED_SOLVE", blocked)
+    q, k, v, g, beta, S0 = gdr_inputs(2, N, 1, 2, 16, 16, seed=N)
+    k = (k[:, :1] + 0.05 * k).contiguous()  # (B, N, H, K): one direction, 5% noise
+    beta = 0.5 + 0.49 * beta
+    parents = random_parents(2, N, kind, seed=N)
+    mask = TokenLayout.from_parents(parents).ancestor_mask
+    o_ref, c_ref = tree_gated_delta_rule(q.double(), k.double(), v.double(), g=g.double(), beta=beta.double(),
+                                         ancestor_mask=mask, initial_state=S0.double(), use_qk_l2norm=True)
+    o, cache = tt.triton_tree_gated_delta_rule(q, k, v, g=g, beta=beta, ancestor_mask=mask, initial_state=S0,
+                                               use_qk_l2norm=True, precision="ieee")
+    assert rel(o, o_ref) < 1e-5 and rel(cache.to_reference().v_new, c_ref.v_new) < 1e-5
+
+
+def test_tree_solve_switch_rejects_bad_value(monkeypatch):
+    monkeypatch.setenv("GDNSPEC_TREE_BLOCKED_SOLVE", "yes")
+    with pytest.raises(ValueError, match="GDNSPEC_TREE_BLOCKED_SOLVE"):
+        tt.blocked_solve()
+
+
 def test_commit_accepts_reference_cache_and_no_l2norm():
     B, N, H, HV, K, V = 2, 5, 1, 2, 16, 16
     q, k, v, g, beta, S0 = gdr_inputs(B, N, H, HV, K, V, l2norm_in_op=False, seed=3)

@@ -25,14 +25,15 @@ __all__ = [
 
 def check_env_switches() -> None:
     """Validate the GDNSPEC_* switches that take a fixed set of values (GDNSPEC_CPU_ONEDNN, GDNSPEC_GEMV_AUTOTUNE,
-    GDNSPEC_NORM_GEMV, GDNSPEC_TREE_FUSION, GDNSPEC_TREE_INDEX, GDNSPEC_TREE_PROJ, GDNSPEC_TRITON_PRECISION) at once, through the functions that read them:
+    GDNSPEC_NORM_GEMV, GDNSPEC_TREE_BLOCKED_SOLVE, GDNSPEC_TREE_FUSION, GDNSPEC_TREE_INDEX, GDNSPEC_TREE_PROJ,
+    GDNSPEC_TRITON_PRECISION) at once, through the functions that read them:
     each is otherwise read lazily, on the first step that reaches its path. Raises the ValueError of the first bad
     one (it names the variable and the values it takes)."""
     import os
 
     from gdnspec.ops import cpu_linear, tree_index
     from gdnspec.ops.fused import gdn_tree, gdn_tree_proj, gemv, normed
-    from gdnspec.ops.gated_delta_rule.triton_tree import dot_precisions
+    from gdnspec.ops.gated_delta_rule.triton_tree import blocked_solve, dot_precisions
 
     cpu_linear.enabled()
     gemv.autotune_enabled()
@@ -40,5 +41,6 @@ def check_env_switches() -> None:
     gdn_tree.tree_fusion()
     tree_index.enabled()
     gdn_tree_proj.enabled()
+    blocked_solve()
     if os.environ.get("GDNSPEC_TRITON_PRECISION"):
         dot_precisions(os.environ["GDNSPEC_TRITON_PRECISION"])

@@ -7,7 +7,7 @@
     # S (B, HV, K, V) float32 are advanced IN PLACE
 
 Grid: (batch row, key head h) x (value head of h, block of `block_v` value columns): 128 programs per row at B = 1
-for the Qwen3-Next shapes (H = 16, HV = 32, V = 128, block_v = 32; fewer, wider blocks as B grows), so the state
+for the Qwen3-Next shapes (H = 16, HV = 32, V = 128, block_v = 32; fewer, wider blocks as B grows, at most 64), so the state
 traffic spreads over the GPU (one program per
 key head, the first version, kept 16 SMs busy at B = 1 and took 12.7 us per layer on an H200). Each program computes
 q_h and k_h (conv + L2 norm) from the shared windows, its own value columns' conv (it alone rolls those windows) and
@@ -273,11 +273,14 @@ def gdn_decode_fused(proj: torch.Tensor, *, layout: ProjLayout, conv_weight: tor
     if BK * BV > 256 * 256:
         raise ValueError(f"gdn_decode_fused supports K * V <= 65536 (head dims K={L.K}, V={L.V})")
     if block_v is None:
-        # enough programs to cover the GPU twice, no more: every extra column block recomputes q/k of its head.
-        # V = 128, HV = 32: 4 blocks of 32 columns at B = 1 (128 programs), 2 at B = 8, whole heads from B = 16 on
+        # enough programs to cover the GPU twice, no more: every extra column block recomputes q/k of its head; but
+        # at most 64 columns (2 warps), measured fastest from B = 8 on (H200, 1.7B shapes, bench_tiles.py --parts
+        # decode, results/stop19/tiles_decode_*): bf16 states B = 8 / 32 9.5 / 30.1 us against 12.9 / 33.5 us
+        # with the former (64, 4) / (128, 4); float32 states 13.9 / 46.2 against 14.7 / 46.4 us.
+        # V = 128, HV = 32: 4 blocks of 32 columns at B = 1 (128 programs), 2 blocks of 64 from B = 8 on
         sms = torch.cuda.get_device_properties(proj.device).multi_processor_count if proj.is_cuda else 8
         blocks = max(1, min(triton.cdiv(L.V, 32), triton.cdiv(2 * sms, B * L.HV)))
-        block_v = triton.next_power_of_2(triton.cdiv(L.V, blocks))
+        block_v = min(64, triton.next_power_of_2(triton.cdiv(L.V, blocks)))
     if block_v < 1 or block_v & (block_v - 1):
         raise ValueError(f"block_v must be a power of two >= 1, got {block_v}")
     NV = triton.cdiv(L.V, block_v)
@@ -285,7 +288,7 @@ def gdn_decode_fused(proj: torch.Tensor, *, layout: ProjLayout, conv_weight: tor
         proj = proj.contiguous()
     y = torch.empty(B, L.HV * L.V, dtype=proj.dtype, device=proj.device)
     if num_warps is None:
-        num_warps = 4
+        num_warps = 2 if block_v >= 64 else 4
     if B:
         o_buf = torch.empty(B, L.HV, L.V, dtype=torch.float32, device=proj.device)
         counter = _arrival_counters(B * L.H, proj.device)

@@ -223,7 +223,8 @@ if HAS_TRITON:
         N, scale, norm_eps, q_base, q_hs, k_base, k_hs, v_base, v_hs, z_base, z_hs, b_base, b_hs, a_base, a_hs,
         H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
         BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BVN: tl.constexpr, NV: tl.constexpr,
-        PREP: tl.constexpr, PREC: tl.constexpr, PREC_S: tl.constexpr, PDL: tl.constexpr = False,
+        PREP: tl.constexpr, PREC: tl.constexpr, PREC_S: tl.constexpr, BLOCKED: tl.constexpr = True,
+        PDL: tl.constexpr = False,
     ):
         """[tree conv + gates from the projection rows (PREP)] + tree-WY of one (value tile, batch row, value head)
         + the gated RMSNorm epilogue (see gdn_tree_verify). Without PREP, q, k, v, g, beta come from gdn_tree_prep."""
@@ -272,8 +273,7 @@ if HAS_TRITON:
         b_k = b_k * tl.rsqrt(tl.sum(b_k * b_k, 1) + 1e-6)[:, None]
         m_nn = mn[:, None] & mn[None, :]
         b_A = tl.load(amask + (i_b * N + rn[:, None]) * N + rn[None, :], mask=m_nn, other=0) != 0  # (BN, BN)
-        b_T, b_Gam, b_gamma = _tree_solve(b_k, b_g, b_beta, b_A, rn, N, PREC)
-
+        # the state tile and the values do not depend on the solve: issued first, their latency hides behind it
         b_S = tl.load(s0 + ((i_b * HV + i_hv) * K + rk[:, None]) * V + rv[None, :], mask=mk[:, None] & mv[None, :],
                       other=0.0).to(tl.float32)  # a 16-bit state (mamba_ssm_cache_dtype): maths in float32
         if PREP:
@@ -281,6 +281,7 @@ if HAS_TRITON:
                                   mn, wgt, cs, wi, W)
         else:
             b_v = tl.load(v + v_off, mask=m_nv, other=0.0).to(tl.float32)
+        b_T, b_Gam, b_gamma = _tree_solve(b_k, b_g, b_beta, b_A, rn, N, PREC, BLOCKED)
         b_o, b_vnew = _tree_apply(b_q, b_k, b_v, b_beta, b_S, b_T, b_Gam, b_gamma, PREC, PREC_S)
         tl.store(vnew_out + v_off, b_vnew, mask=m_nv)
         if i_v == 0:
@@ -475,6 +476,6 @@ def gdn_tree_verify(proj: torch.Tensor, *, layout: ProjLayout, conv_weight: torc
         conv_weight.contiguous(), conv_state.contiguous(), window_index.contiguous(), A_log, dt_bias,
         N, L.K**-0.5, float(norm_eps), *L.q, *L.k, *L.v, *L.z, *L.b, *L.a,
         H=L.H, HV=L.HV, K=L.K, V=L.V, W=W, BN=BN, BK=BK, BV=BV, BVN=_pow2(L.V), NV=NV, PREP=mode == "full",
-        PREC=prec, PREC_S=prec_s, num_warps=num_warps or warps, **pdl.launch_args(q))
+        PREC=prec, PREC_S=prec_s, BLOCKED=_triton_tree.blocked_solve(), num_warps=num_warps or warps, **pdl.launch_args(q))
     # the class through its module: a test's reload of triton_tree must not leave gdn_tree making a stale class
     return y, _triton_tree.TritonTreeCache(k=k_out, v_new=vnew, gamma=gamma, ancestor_mask=ancestor_mask), mixed, conv_layout

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from gdnspec.ops import pdl
+from gdnspec.ops._env import flag
 from gdnspec.ops.gated_delta_rule.common import SSM_STATE_DTYPES, check_gdr_inputs
 from gdnspec.ops.gated_delta_rule.tree import TreeGDRCache, _check_tree
 
@@ -82,6 +83,14 @@ def dot_precisions(precision: str) -> tuple[str, str]:
     return ("tf32x3", "tf32") if precision == "mixed" else (precision, precision)
 
 
+def blocked_solve() -> bool:
+    """GDNSPEC_TREE_BLOCKED_SOLVE: "1" (default) inverts tree-WY's (I + L) by the blocked triangular inverse
+    (`_solve_blocked`: log2(BN) - 1 levels of two dots), "0" by forward substitution (N - 1 serial steps), for A/B;
+    anything else raises a ValueError naming the variable. Both are float32-exact algorithms of equal stability
+    (benchmarks/check_tree_solve_stability.py)."""
+    return flag("GDNSPEC_TREE_BLOCKED_SOLVE", default=True)
+
+
 @dataclass
 class TritonTreeCache:
     """What `triton_tree_commit_state` needs. k (B, N, H, K) float32 normalised keys per key head; v_new
@@ -113,21 +122,49 @@ if HAS_TRITON:
     from gdnspec.ops.pdl import enter
 
     @triton.jit
-    def _tree_solve(b_k, b_g, b_beta, b_A, rn, N, PREC: tl.constexpr):
+    def _tree_solve(b_k, b_g, b_beta, b_A, rn, N, PREC: tl.constexpr, BLOCKED: tl.constexpr = True):
         """The N x N part of tree-WY for one value head: b_k (BN, BK) normalised keys, b_g, b_beta (BN,) gates, b_A
         (BN, BN) ancestor mask (row i = path of node i) -> T = (I + L)^-1 (BN, BN), Gamma (BN, BN), gamma (BN,), all
-        float32. Shared by `_tree_verify_kernel` and gdn_tree's fused verify kernel."""
+        float32. Shared by `_tree_verify_kernel` and gdn_tree's fused verify kernel.
+        BLOCKED (default; `blocked_solve`): the blocked triangular inverse, log2(BN) - 1 levels of two IEEE float32
+        dots each; else forward substitution, N - 1 serial steps of two cross-warp reductions (see _solve_blocked)."""
         b_gamma = tl.sum(tl.where(b_A, b_g[None, :], 0.0), 1)  # (BN,) cumulative g along the path
         b_Gam = tl.where(b_A, tl.exp(b_gamma[:, None] - b_gamma[None, :]), 0.0)  # (BN, BN)
         b_kk = tl.dot(b_k, tl.trans(b_k), input_precision=PREC)  # (BN, BN)
         b_L = tl.where(rn[:, None] > rn[None, :], b_beta[:, None] * b_kk * b_Gam, 0.0)  # strictly lower, ancestors only
-        # T = (I + L)^-1 by forward substitution over rows: T_i = e_i - sum_{j<i} L_ij T_j
-        b_T = tl.where(rn[:, None] == rn[None, :], 1.0, 0.0)
-        for i in range(1, N):
-            l_i = tl.sum(tl.where(rn[:, None] == i, b_L, 0.0), 0)  # (BN,) row i of L (over j)
-            t_i = tl.sum(l_i[:, None] * b_T, 0)  # (BN,)
-            b_T = tl.where(rn[:, None] == i, b_T - t_i[None, :], b_T)
+        if BLOCKED:
+            b_T = _solve_blocked(b_L, rn)
+        else:
+            # T = (I + L)^-1 by forward substitution over rows: T_i = e_i - sum_{j<i} L_ij T_j
+            b_T = tl.where(rn[:, None] == rn[None, :], 1.0, 0.0)
+            for i in range(1, N):
+                l_i = tl.sum(tl.where(rn[:, None] == i, b_L, 0.0), 0)  # (BN,) row i of L (over j)
+                t_i = tl.sum(l_i[:, None] * b_T, 0)  # (BN,)
+                b_T = tl.where(rn[:, None] == i, b_T - t_i[None, :], b_T)
         return b_T, b_Gam, b_gamma
+
+    @triton.jit
+    def _solve_blocked(b_L, rn):
+        """T = (I + L)^-1 for a strictly lower triangular (BN, BN) float32 L, BN a power of two >= 16, as the blocked
+        triangular inverse: the 2 x 2 diagonal blocks are I - L (exact), then each level merges pairs of diagonal
+        blocks of width w into one of width 2w,
+
+            [[A, 0], [C, D]]^-1 = [[A^-1, 0], [-D^-1 C A^-1, D^-1]]   i.e.   T <- T - T (L_off T)
+
+        where L_off keeps the C blocks of this level: 2 IEEE float32 dots per level, log2(BN) - 1 levels (3 at
+        BN = 16) instead of BN - 1 serial substitution steps. Numerically it is substitution's equal: no term is
+        formed that the inverse itself does not hold (unlike the doubling product (I - L)(I + L^2)...,
+        benchmarks/check_tree_solve_stability.py)."""
+        BN: tl.constexpr = b_L.shape[0]
+        ri = rn[:, None]
+        rj = rn[None, :]
+        b_T = tl.where(ri == rj, 1.0, 0.0) - tl.where(ri // 2 == rj // 2, b_L, 0.0)
+        for lvl in tl.static_range(1, 6):  # merges widths 2 -> 4 -> ... -> BN (BN <= 64)
+            if (2 << lvl) <= BN:
+                off = (ri // (2 << lvl) == rj // (2 << lvl)) & (ri // (1 << lvl) != rj // (1 << lvl))
+                b_X = tl.dot(tl.where(off, b_L, 0.0), b_T, input_precision="ieee")  # (BN, BN) L_off T
+                b_T = b_T - tl.dot(b_T, b_X, input_precision="ieee")
+        return b_T
 
     @triton.jit
     def _tree_apply(b_q, b_k, b_v, b_beta, b_S, b_T, b_Gam, b_gamma, PREC: tl.constexpr, PREC_S: tl.constexpr):
@@ -149,7 +186,8 @@ if HAS_TRITON:
         N, scale, eps,
         H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
         BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-        L2NORM: tl.constexpr, PREC: tl.constexpr, PREC_S: tl.constexpr, PDL: tl.constexpr = False,
+        L2NORM: tl.constexpr, PREC: tl.constexpr, PREC_S: tl.constexpr, BLOCKED: tl.constexpr = True,
+        PDL: tl.constexpr = False,
     ):
         enter(PDL)  # ops/pdl.py: before any load or store
         i_v = tl.program_id(0)
@@ -178,13 +216,13 @@ if HAS_TRITON:
         b_beta = tl.load(beta + gb_off, mask=mn, other=0.0).to(tl.float32)
         m_nn = mn[:, None] & mn[None, :]
         b_A = tl.load(amask + (i_b * N + rn[:, None]) * N + rn[None, :], mask=m_nn, other=0) != 0  # (BN, BN)
-        b_T, b_Gam, b_gamma = _tree_solve(b_k, b_g, b_beta, b_A, rn, N, PREC)
-
+        # the state tile and the values do not depend on the solve: issued first, their latency hides behind it
         s_off = ((i_b * HV + i_hv) * K + rk[:, None]) * V + rv[None, :]  # (BK, BV) into (B, HV, K, V)
         b_S = tl.load(s0 + s_off, mask=mk[:, None] & mv[None, :], other=0.0).to(tl.float32)
         v_off = ((i_b * N + rn[:, None]) * HV + i_hv) * V + rv[None, :]  # (BN, BV) into (B, N, HV, V)
         m_nv = mn[:, None] & mv[None, :]
         b_v = tl.load(v + v_off, mask=m_nv, other=0.0).to(tl.float32)
+        b_T, b_Gam, b_gamma = _tree_solve(b_k, b_g, b_beta, b_A, rn, N, PREC, BLOCKED)
         b_o, b_vnew = _tree_apply(b_q, b_k, b_v, b_beta, b_S, b_T, b_Gam, b_gamma, PREC, PREC_S)
 
         tl.store(o + v_off, b_o.to(o.dtype.element_ty), mask=m_nv)
@@ -263,7 +301,7 @@ def triton_tree_gated_delta_rule(
         q, k, v, g, beta, amask, s0, o, k_out, vnew, gamma,
         N, scale, eps,
         H=H, HV=HV, K=K, V=V, BN=BN, BK=BK, BV=BV,
-        L2NORM=bool(use_qk_l2norm), PREC=prec, PREC_S=prec_s,
+        L2NORM=bool(use_qk_l2norm), PREC=prec, PREC_S=prec_s, BLOCKED=blocked_solve(),
         num_warps=warps, **pdl.launch_args(q),
     )
     return o, TritonTreeCache(k=k_out, v_new=vnew, gamma=gamma, ancestor_mask=ancestor_mask)
