@@ -199,6 +199,12 @@ def test_attention_prep_and_tree_attention_match_reference(B, T, H, Hkv, D, frac
                                 advance_lengths=splits == 3)
         assert rel(out, out_ref) < (1e-5 if dtype == torch.float32 else 2e-2), splits
     assert torch.equal(lengths, lengths0 + T)  # advanced once, by the last call, inside its kernel
+    for bm, warps in ((16, 2), (64, 4)):  # explicit tiles (sweeps): 16 rows = several row blocks at T * G > 16
+        out = at.tree_attention(q, ck, cv, lengths0.clone(), mask, gate=qkv, scale=D**-0.5, block_m=bm,
+                                num_warps=warps)
+        assert rel(out, out_ref) < (1e-5 if dtype == torch.float32 else 2e-2), bm
+    with pytest.raises(ValueError, match="block_m"):
+        at.tree_attention(q, ck, cv, lengths0.clone(), mask, gate=qkv, scale=D**-0.5, block_m=24)
 
 
 def _hybrid(dtype, layout="qwen3_next"):

@@ -290,11 +290,14 @@ def _num_splits(B: int, units: int, capacity: int, block: int, device) -> int:
 
 def tree_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, lengths: torch.Tensor,
                    ancestor_mask: torch.Tensor | None, *, gate: torch.Tensor, scale: float,
-                   num_splits: int | None = None, advance_lengths: bool = False) -> torch.Tensor:
+                   num_splits: int | None = None, advance_lengths: bool = False, block_m: int | None = None,
+                   num_warps: int | None = None) -> torch.Tensor:
     """See the module docstring. q (B, T, H, D); gate: the (B, T, P) projection rows whose q part is per head
     [query D | gate D] (the gate of head h at columns h*2D + D ..); lengths (B,) long (clamped to capacity - T);
     ancestor_mask (B, T, T) bool with the diagonal, or None for a causal chain. advance_lengths=True adds T to
-    `lengths` in place afterwards (a causal step), inside the last kernel. Returns (B, T, H*D)."""
+    `lengths` in place afterwards (a causal step), inside the last kernel. Returns (B, T, H*D).
+    block_m (query rows (token, head of a kv group) per program, a power of two >= 16) and num_warps of the split
+    kernel: the defaults below unless given (tile sweeps)."""
     if q.dim() != 4 or cache_k.dim() != 4:
         raise ValueError(f"q must be (B, T, H, D) and cache_k (B, Hkv, capacity, D), got {tuple(q.shape)} and "
                          f"{tuple(cache_k.shape)}")
@@ -325,7 +328,17 @@ def tree_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor
         raise ValueError(f"cache_k and cache_v must be contiguous, got strides {cache_k.stride()} and {cache_v.stride()}")
     G = H // Hkv
     BD = max(16, triton.next_power_of_2(D))  # tl.dot needs K >= 16 for 16-bit inputs on NVIDIA GPUs; masks pad D
-    BM = max(16, min(64, triton.next_power_of_2(T * G)))
+    BM = block_m
+    if BM is None:  # at most 32 query rows per program (64 held a 64 x D float32 accumulator: 128 registers per thread
+        # at D = 256), 16 where even then the grid would be small: H200, 1.7B shapes (H 16, Hkv 2, D 256), T = 16,
+        # split + combine (results/stop19/attn_tiles_H200.json): B = 1 9.7 us (BM 16) against 13.7 (BM 64),
+        # B = 8 26.8 (BM 32) against 37.4, B = 32 65.6 (BM 32) against 98.2
+        BM = max(16, min(32, triton.next_power_of_2(T * G)))
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+        if BM == 32 and 4 * B * Hkv * triton.cdiv(T * G, 32) < sms:
+            BM = 16
+    if BM < 16 or BM & (BM - 1):
+        raise ValueError(f"block_m must be a power of two >= 16 (tl.dot tiles), got {BM}")
     BN = 32 if BD >= 256 else 64
     n_mb = triton.cdiv(T * G, BM)
     ns = num_splits or _num_splits(B, Hkv * n_mb, cap, BN, q.device)
@@ -333,7 +346,8 @@ def tree_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor
     ns = triton.cdiv(cap, split_len)
     o_part = torch.empty(B * T * H, ns, D, dtype=torch.float32, device=q.device)
     ml_part = torch.empty(B * T * H, ns, 2, dtype=torch.float32, device=q.device)
-    anc = ancestor_mask.to(torch.int8).contiguous() if ancestor_mask is not None else q
+    # the bool mask read as bytes (a view, no conversion kernel per layer: 6 x 2.1 us per verify on an H200)
+    anc = ancestor_mask.contiguous().view(torch.uint8) if ancestor_mask is not None else q
     f32 = q.dtype == torch.float32 or not q.is_cuda
     out = torch.empty(B, T, H * D, dtype=q.dtype, device=q.device)
     g2 = gate.reshape(B * T, -1)
@@ -343,7 +357,7 @@ def tree_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor
         _attn_split_kernel[(B, Hkv * n_mb, ns)](
             q.contiguous(), cache_k, cache_v, lengths, anc, o_part, ml_part, float(scale), cap, T, split_len,
             NSPLIT=ns, H=H, HKV=Hkv, D=D, BD=BD, BM=BM, BN=BN, HAS_ANC=ancestor_mask is not None, F32=f32,
-            num_warps=4, **pdl.launch_args(o_part))
+            num_warps=num_warps or 4, **pdl.launch_args(o_part))
         _attn_combine_kernel[(B * T, H)](o_part, ml_part, g2, g2.stride(0), out, lengths, T, H=H, D=D, BD=BD,
                                          NSPLIT=ns, BS=max(2, triton.next_power_of_2(ns)), INC_LEN=advance_lengths,
                                          num_warps=4, **pdl.launch_args(o_part))

@@ -1,7 +1,7 @@
 """Triton tree verification for the gated delta rule (tree-WY, DESIGN.md section 3), one read of the committed state.
 
 One program per (V-tile, batch row, value head): it loads the N x K keys/queries of its key head, builds the
-N x N ancestor-masked matrices in registers, inverts the unit-lower-triangular (I + L) by forward substitution
+N x N ancestor-masked matrices in registers, inverts the unit-lower-triangular (I + L) (blocked triangular inverse, or forward substitution)
 over the N x N matrix, then touches the committed state tile S0 (K x BV) exactly once:
 
     R     = beta * (V - exp(gamma) * (K S0))          (N, BV)
@@ -85,7 +85,7 @@ def dot_precisions(precision: str) -> tuple[str, str]:
 
 def blocked_solve() -> bool:
     """GDNSPEC_TREE_BLOCKED_SOLVE: "1" (default) inverts tree-WY's (I + L) by the blocked triangular inverse
-    (`_solve_blocked`: log2(BN) - 1 levels of two dots), "0" by forward substitution (N - 1 serial steps), for A/B;
+    (`_solve_blocked`: ceil(log2 N) - 1 levels of two dots), "0" by forward substitution (N - 1 serial steps), for A/B;
     anything else raises a ValueError naming the variable. Both are float32-exact algorithms of equal stability
     (benchmarks/check_tree_solve_stability.py)."""
     return flag("GDNSPEC_TREE_BLOCKED_SOLVE", default=True)
@@ -133,7 +133,7 @@ if HAS_TRITON:
         b_kk = tl.dot(b_k, tl.trans(b_k), input_precision=PREC)  # (BN, BN)
         b_L = tl.where(rn[:, None] > rn[None, :], b_beta[:, None] * b_kk * b_Gam, 0.0)  # strictly lower, ancestors only
         if BLOCKED:
-            b_T = _solve_blocked(b_L, rn)
+            b_T = _solve_blocked(b_L, rn, N)
         else:
             # T = (I + L)^-1 by forward substitution over rows: T_i = e_i - sum_{j<i} L_ij T_j
             b_T = tl.where(rn[:, None] == rn[None, :], 1.0, 0.0)
@@ -144,15 +144,15 @@ if HAS_TRITON:
         return b_T, b_Gam, b_gamma
 
     @triton.jit
-    def _solve_blocked(b_L, rn):
+    def _solve_blocked(b_L, rn, N):
         """T = (I + L)^-1 for a strictly lower triangular (BN, BN) float32 L, BN a power of two >= 16, as the blocked
         triangular inverse: the 2 x 2 diagonal blocks are I - L (exact), then each level merges pairs of diagonal
         blocks of width w into one of width 2w,
 
             [[A, 0], [C, D]]^-1 = [[A^-1, 0], [-D^-1 C A^-1, D^-1]]   i.e.   T <- T - T (L_off T)
 
-        where L_off keeps the C blocks of this level: 2 IEEE float32 dots per level, log2(BN) - 1 levels (3 at
-        BN = 16) instead of BN - 1 serial substitution steps. Numerically it is substitution's equal: no term is
+        where L_off keeps the C blocks of this level: 2 IEEE float32 dots per level, ceil(log2(N)) - 1 levels (3 at
+        N = 16, 1 at N = 4: rows past N are identity rows) instead of N - 1 serial substitution steps. Numerically it is substitution's equal: no term is
         formed that the inverse itself does not hold (unlike the doubling product (I - L)(I + L^2)...,
         benchmarks/check_tree_solve_stability.py)."""
         BN: tl.constexpr = b_L.shape[0]
@@ -161,9 +161,10 @@ if HAS_TRITON:
         b_T = tl.where(ri == rj, 1.0, 0.0) - tl.where(ri // 2 == rj // 2, b_L, 0.0)
         for lvl in tl.static_range(1, 6):  # merges widths 2 -> 4 -> ... -> BN (BN <= 64)
             if (2 << lvl) <= BN:
-                off = (ri // (2 << lvl) == rj // (2 << lvl)) & (ri // (1 << lvl) != rj // (1 << lvl))
-                b_X = tl.dot(tl.where(off, b_L, 0.0), b_T, input_precision="ieee")  # (BN, BN) L_off T
-                b_T = b_T - tl.dot(b_T, b_X, input_precision="ieee")
+                if (1 << lvl) < N:  # rows >= N are identity rows: no merge past the first block that holds all N
+                    off = (ri // (2 << lvl) == rj // (2 << lvl)) & (ri // (1 << lvl) != rj // (1 << lvl))
+                    b_X = tl.dot(tl.where(off, b_L, 0.0), b_T, input_precision="ieee")  # (BN, BN) L_off T
+                    b_T = b_T - tl.dot(b_T, b_X, input_precision="ieee")
         return b_T
 
     @triton.jit
