@@ -1,8 +1,8 @@
 """Triton tree verification for the gated delta rule (tree-WY, DESIGN.md section 3), one read of the committed state.
 
 One program per (V-tile, batch row, value head): it loads the N x K keys/queries of its key head, builds the
-N x N ancestor-masked matrices in registers, inverts the unit-lower-triangular (I + L) (blocked triangular inverse, or forward substitution)
-over the N x N matrix, then touches the committed state tile S0 (K x BV) exactly once:
+N x N ancestor-masked matrices in registers, inverts the unit-lower-triangular (I + L) (the blocked triangular inverse;
+forward substitution with GDNSPEC_TREE_BLOCKED_SOLVE=0), then touches the committed state tile S0 (K x BV) exactly once:
 
     R     = beta * (V - exp(gamma) * (K S0))          (N, BV)
     v_new = (I + L)^-1 R                              (N, BV)   (= U - W S0 of the reference)
