@@ -1,13 +1,15 @@
 """Sweep the tile configurations of the step kernels on the 1.7B shapes (which tile pays where), CUDA-graph timed.
 
-    python benchmarks/bench_tiles.py [--parts gemv,decode,tree] [--size 1.5b] [--rows 1,16,32] [--out FILE.json]
+    python benchmarks/bench_tiles.py [--parts gemv,decode,tree,attn] [--size 1.5b] [--rows 1,16,32] [--out FILE.json]
+                                     [--mamba-ssm-cache-dtype float32|bfloat16|float16]
 
 gemv: records the (N, K, rows, K splits) of every Triton GEMV launch of one eager decode step of the bench_e2e
 model (rows = batch), then times each shape with every candidate tile (BN, BK, warps, stages) of
 `gdnspec.ops.fused.gemv`'s kernel launched directly (no autotuner), the dispatched one, and
 cuBLAS (F.linear); "dispatch" is what small_linear runs (gemv_tile's table, or the autotuner with
 GDNSPEC_GEMV_AUTOTUNE=1). decode: `gdn_decode_fused` at B = rows for each (block_v, num_warps). tree: the tree-WY kernel
-(`triton_tree_gated_delta_rule`, N = 16 random trees) at B = rows for each (block_v, num_warps, precision).
+(`triton_tree_gated_delta_rule`, N = 16 random trees) at B = rows for each (block_v, num_warps, precision). attn: the
+tree attention kernels (`tree_attention`, N = 16 tree below 512 cached positions) for each (block_m, num_warps).
 Every candidate runs 40 launches captured in ONE CUDA graph (no host launch cost in the figure), its weights /
 states rotating over copies that together exceed the L2 cache, so each launch streams from HBM as in a step.
 Prints one line per shape (us, % of the measured copy bandwidth for the bytes that must move) and writes JSON.
@@ -220,19 +222,64 @@ def sweep_tree(rows, bw, N: int = 16) -> list[dict]:
     return out
 
 
+ATTN_TILES = [(None, None), (64, 4), (64, 8), (32, 4), (32, 8), (16, 4), (16, 2)]  # (block_m, warps); None: default
+
+
+def sweep_attn(rows, bw, N: int = 16, cached: int = 512, cap: int = 1024, device: str = "cuda") -> list[dict]:
+    """tree_attention (split + combine kernels) on the 1.7B attention shapes (H 16, Hkv 2, D 256), an N-node tree
+    below `cached` cached positions, per (block_m, num_warps); KV caches rotate over copies larger than the L2 cache.
+    Each tile's output is checked against tree_attention_reference first (a wrong tile is reported, not timed)."""
+    from gdnspec.ops.fused.attention import tree_attention, tree_attention_reference
+
+    H, Hkv, D = 16, 2, 256
+    g = torch.Generator(device=device).manual_seed(0)
+    par = [-1] + [max(0, i - 1 - (i % 3)) for i in range(1, N)]
+    anc1 = torch.zeros(N, N, dtype=torch.bool)
+    for i in range(N):
+        j = i
+        while j >= 0:
+            anc1[i, j] = True
+            j = par[j]
+    out = []
+    for B in rows:
+        per = 2 * B * Hkv * cap * D * 2
+        copies = max(2, (256 << 20) // per) if device == "cuda" else 1
+        caches = [tuple(torch.randn(B, Hkv, cap, D, device=device, generator=g, dtype=torch.bfloat16) for _ in range(2))
+                  for _ in range(copies)]
+        q = torch.randn(B, N, H, D, device=device, generator=g, dtype=torch.bfloat16)
+        gate = torch.randn(B, N, 2 * H * D + 64, device=device, generator=g, dtype=torch.bfloat16)
+        lengths = torch.full((B,), cached, device=device, dtype=torch.long)
+        anc = anc1.to(device).expand(B, N, N).contiguous()
+        gq = gate[..., : 2 * H * D].reshape(B, N, H, 2 * D)[..., D:].reshape(B, N, H * D)
+        ck, cv = caches[0]
+        ref = tree_attention_reference(q.float(), ck.float(), cv.float(), lengths, anc, gate=gq.float(), scale=D**-0.5)
+        res = {"B": B, "N": N}
+        for bm, nw in ATTN_TILES:
+            def call(c, bm=bm, nw=nw):
+                return tree_attention(q, c[0], c[1], lengths, anc, gate=gate, scale=D**-0.5, block_m=bm, num_warps=nw)
+            err = float((call(caches[0]).float() - ref).norm() / ref.norm())
+            key = str((bm or "default", nw or "default"))
+            res[key] = f"WRONG {err:.1e}" if err > 2e-2 else (time_launch(call, caches) if device == "cuda" else err)
+        if device == "cuda":  # bytes that must move: the cached and new keys and values of every row
+            _best_line(f"tree attention B={B} N={N}", res, 2 * B * Hkv * (cached + N) * D * 2, bw)
+        out.append(res)
+        del caches
+    return out
+
+
 @torch.inference_mode()
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="1.5b")
-    ap.add_argument("--parts", default="gemv,decode,tree")
+    ap.add_argument("--parts", default="gemv,decode,tree,attn")
     ap.add_argument("--rows", default=[1, 16, 32], type=comma_list(int, low=1, high=32))
     ap.add_argument("--out", default="benchmarks/results/tiles.json")
     ap.add_argument("--mamba-ssm-cache-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="decode part: storage dtype of the recurrent states")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
-    if not parts <= {"gemv", "decode", "tree"}:
-        ap.error(f"--parts takes a comma list of gemv, decode, tree; got {args.parts!r}")
+    if not parts <= {"gemv", "decode", "tree", "attn"}:
+        ap.error(f"--parts takes a comma list of gemv, decode, tree, attn; got {args.parts!r}")
     if not torch.cuda.is_available():
         print("bench_tiles needs a CUDA GPU (it times GPU kernels in CUDA graphs)", file=sys.stderr)
         return 2
@@ -245,6 +292,8 @@ def main() -> int:
         out["decode"] = sweep_decode(args.rows, bw, getattr(torch, args.mamba_ssm_cache_dtype))
     if "tree" in parts:
         out["tree"] = sweep_tree(args.rows, bw)
+    if "attn" in parts:
+        out["attn"] = sweep_attn(args.rows, bw)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
     return 0
