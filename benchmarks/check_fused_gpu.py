@@ -7,6 +7,7 @@ path token for token; decode / verify logits and committed states are compared b
 errors only (near-ties may flip a greedy token; see the README). PDL (ops/pdl.py): the fused decode and verify steps
 launched with programmatic dependent launch must give BIT-identical logits to plain launches (GDNSPEC_PDL=0), in
 float32 and bf16, on the tiny model and (bf16, B = 2) on the 1.5B config of bench_e2e (a race would show up as a difference).
+Tree solve: both inverses of tree-WY's (I + L) against float64 at the 1.7B GDN shapes (check_tree_solve).
 """
 from __future__ import annotations
 
@@ -102,7 +103,7 @@ def main() -> int:
             same = all(torch.equal(a, b) for a, b in zip(got, want))
             failed += not same
             print(f"float32 greedy: EAGLE with a reduced draft vocabulary (graph) == plain: {'ok' if same else 'FAIL'}")
-    return failed + check_tree_index() + check_ssm_state_dtype() + check_pdl()
+    return failed + check_tree_solve() + check_tree_index() + check_ssm_state_dtype() + check_pdl()
 
 
 def check_ssm_state_dtype() -> int:
@@ -125,6 +126,52 @@ def check_ssm_state_dtype() -> int:
         failed += not ok
         print(f"bf16 GDN state, {dtype} model: fused decode / verify / commit vs module path rel err max "
               f"{max(errs):.2e} (bound 2e-2), states bf16: {bf16}: {'ok' if ok else 'FAIL'}")
+    return failed
+
+
+def check_tree_solve(device: str = "cuda", shape=(2, 16, 32, 128, 128), nodes=(4, 16, 17, 33)) -> int:
+    """Both inverses of tree-WY's (I + L) (GDNSPEC_TREE_BLOCKED_SOLVE 1 / 0) in triton_tree_gated_delta_rule against
+    the float64 torch reference at the 1.7B GDN shapes (B, H, HV, K, V), chains and trees, nearly repeated keys (the
+    worst case of check_tree_solve_stability.py), beta near 1; IEEE / tf32x3 / mixed precision. The blocked solve must
+    stay within 2x of substitution's error (plus 1e-6) and within 1e-5 in IEEE."""
+    import torch.nn.functional as F
+
+    from gdnspec.ops.gated_delta_rule import triton_tree as tt
+    from gdnspec.ops.gated_delta_rule.tree import tree_gated_delta_rule
+
+    B, H, HV, K, V = shape
+    g = torch.Generator(device=device).manual_seed(7)
+    failed = 0
+    old = os.environ.get("GDNSPEC_TREE_BLOCKED_SOLVE")
+    try:
+        for N in nodes:
+            for kind in ("chain", "tree"):
+                par = torch.tensor([-1] + [i - 1 if kind == "chain" else max(0, i - 1 - (i % 3)) for i in range(1, N)],
+                                   device=device).expand(B, N)
+                mask = TokenLayout.from_parents(par).ancestor_mask
+                rnd = lambda *sz: torch.randn(*sz, device=device, generator=g)  # noqa: E731
+                q, k = rnd(B, N, H, K), (rnd(B, 1, H, K) + 0.05 * rnd(B, N, H, K)).contiguous()
+                v, S0 = rnd(B, N, HV, V), rnd(B, HV, K, V)
+                gg = F.logsigmoid(rnd(B, N, HV) + 2)
+                beta = 0.5 + 0.49 * torch.rand(B, N, HV, device=device, generator=g)
+                o_ref, _ = tree_gated_delta_rule(q.double(), k.double(), v.double(), g=gg.double(), beta=beta.double(),
+                                                 ancestor_mask=mask, initial_state=S0.double(), use_qk_l2norm=True)
+                errs = {}
+                for blocked in ("1", "0"):
+                    os.environ["GDNSPEC_TREE_BLOCKED_SOLVE"] = blocked
+                    for prec in ("ieee", "tf32x3", "mixed") if device == "cuda" else ("ieee",):
+                        o, _ = tt.triton_tree_gated_delta_rule(q, k, v, g=gg, beta=beta, ancestor_mask=mask,
+                                                               initial_state=S0, use_qk_l2norm=True, precision=prec)
+                        errs[blocked, prec] = rel(o, o_ref)
+                ok = errs["1", "ieee"] < 1e-5 and all(errs["1", p] <= 2 * errs["0", p] + 1e-6 for _, p in errs)
+                failed += not ok
+                print(f"tree solve N={N} {kind}: " + "  ".join(f"{'blocked' if b == '1' else 'subst'}/{p} {e:.1e}"
+                                                              for (b, p), e in errs.items()) + f": {'ok' if ok else 'FAIL'}")
+    finally:
+        if old is None:
+            os.environ.pop("GDNSPEC_TREE_BLOCKED_SOLVE", None)
+        else:
+            os.environ["GDNSPEC_TREE_BLOCKED_SOLVE"] = old
     return failed
 
 
