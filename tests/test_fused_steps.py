@@ -454,6 +454,9 @@ def _bad_shape_calls():
         ("attn non-contiguous cache", tattn(cache_k=torch.zeros(B, cap, Hkv, D).transpose(1, 2)), "contiguous"),
         ("attn lengths", tattn(lengths=torch.tensor([1])), "lengths"),
         ("attn gate", tattn(gate=qkv[..., : 2 * Ha * D - D]), "gate"),
+        # the kernel reads the mask's bytes: an int64 / float mask would be read at the wrong offsets
+        ("attn mask dtype", tattn(ancestor_mask=torch.ones(B, T, T, dtype=torch.long).tril()), "bool"),
+        ("attn block_m float", tattn(block_m=16.0), "block_m"),
         ("small_linear bias", lambda: gm.small_linear(x, torch.zeros(30, 40), torch.zeros(29)), "bias"),
         ("add_rms_norm partials weight", lambda: ew.add_rms_norm(
             torch.zeros(2, 3, 1, 40), residual=torch.zeros(3, 1, 40), weight=torch.zeros(39), eps=1e-6, offset=True),
