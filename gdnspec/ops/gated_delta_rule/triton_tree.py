@@ -157,6 +157,7 @@ if HAS_TRITON:
         formed that the inverse itself does not hold (unlike the doubling product (I - L)(I + L^2)...,
         benchmarks/check_tree_solve_stability.py)."""
         BN: tl.constexpr = b_L.shape[0]
+        tl.static_assert(BN <= 64, "_solve_blocked merges up to 64 rows (MAX_NODES): extend its static_range")
         ri = rn[:, None]
         rj = rn[None, :]
         b_T = tl.where(ri == rj, 1.0, 0.0) - tl.where(ri // 2 == rj // 2, b_L, 0.0)
