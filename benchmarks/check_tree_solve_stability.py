@@ -3,8 +3,8 @@
     python benchmarks/check_tree_solve_stability.py        # CPU, a few seconds; prints a table
 
 L is the strictly lower N x N matrix of tree-WY (docs/DESIGN.md): L_ij = beta_i (k_i . k_j) exp(gamma_i - gamma_j)
-for ancestors j of i, here a chain (every earlier node an ancestor: the worst case). Two float32 solves against the
-float64 inverse:
+for ancestors j of i, here a chain (every earlier node an ancestor: the worst case). Three float32 solves against
+the float64 inverse:
   substitution  row by row, T_i = e_i - L_i T (`triton_tree._tree_solve` with GDNSPEC_TREE_BLOCKED_SOLVE=0: N - 1
                 serial steps);
   blocked       the blocked triangular inverse (`triton_tree._solve_blocked`, the kernels' default): 2 x 2 diagonal

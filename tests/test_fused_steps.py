@@ -144,6 +144,53 @@ def test_gdn_tree_prep_and_norm_match_reference(B, N, H, HV, K, V, W, layout, ki
                gt.gated_rms_norm_rows_reference(o, proj, layout=L, weight=nw, eps=1e-6)) < bound(dtype)
 
 
+class _LaunchSpy:
+    """Stands in for a Triton kernel: records the BLOCKED constexpr of each launch, then launches the kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.blocked = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.blocked.append(kwargs.get("BLOCKED", "not passed"))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("blocked", ["1", "0"])
+@pytest.mark.parametrize("fusion", ["full", "off"])
+def test_tree_solve_switch_reaches_the_verify_kernels(blocked, fusion, monkeypatch):
+    """GDNSPEC_TREE_BLOCKED_SOLVE reaches the BLOCKED constexpr of gdn_tree's fused verify kernel ("full") and of the
+    tree-WY kernel ("off"), and gdn_tree_verify matches its reference with either solve (N = 17 chain: the last merge
+    level joins node 16 to the first 16)."""
+    from gdnspec.ops.conv1d.tree import tree_conv_window_index
+
+    monkeypatch.setenv("GDNSPEC_TREE_BLOCKED_SOLVE", blocked)
+    B, N, H, HV, K, V, W = 2, 17, 1, 2, 16, 24, 4
+    g = torch.Generator().manual_seed(17)
+    L = gd.ProjLayout.qwen3_5(H, HV, K, V)
+    CD = 2 * H * K + HV * V
+    parents = random_parents(B, N, "chain")
+    kw = dict(layout=L, conv_weight=torch.randn(CD, W, generator=g) * 0.5,
+              conv_state=torch.randn(B, CD, W - 1, generator=g), window_index=tree_conv_window_index(parents, W),
+              A_log=torch.rand(HV, generator=g).log(), dt_bias=torch.randn(HV, generator=g) * 0.5,
+              ancestor_mask=TokenLayout.from_parents(parents).ancestor_mask,
+              recurrent_state=torch.randn(B, HV, K, V, generator=g) * 0.3,
+              norm_weight=1 + 0.2 * torch.randn(V, generator=g), norm_eps=1e-6)
+    proj = torch.randn(B, N, L.width, generator=g)
+    if fusion == "full":
+        spy = _LaunchSpy(gt._gdn_tree_verify_kernel)
+        monkeypatch.setattr(gt, "_gdn_tree_verify_kernel", spy)
+    else:  # the tree-WY kernel as the function gdn_tree calls sees it (its module's globals)
+        tree_fn = gt.triton_tree_gated_delta_rule
+        spy = _LaunchSpy(tree_fn.__globals__["_tree_verify_kernel"])
+        monkeypatch.setitem(tree_fn.__globals__, "_tree_verify_kernel", spy)
+    y_ref, gdr_ref, _ = gt.gdn_tree_verify_reference(proj, **kw)
+    y, gdr, _, _ = gt.gdn_tree_verify(proj, fusion=fusion, precision="ieee", **kw)
+    assert spy.blocked == [blocked == "1"]
+    assert rel(y, y_ref) < 1e-5 and rel(gdr.to_reference().v_new, gdr_ref.v_new) < 1e-5
+
+
 def test_gdn_decode_fused_refuses_bad_shapes():
     L = gd.ProjLayout.qwen3_5(2, 4, 8, 8)
     proj = torch.zeros(2, L.width + 1)
@@ -454,6 +501,9 @@ def _bad_shape_calls():
         ("attn non-contiguous cache", tattn(cache_k=torch.zeros(B, cap, Hkv, D).transpose(1, 2)), "contiguous"),
         ("attn lengths", tattn(lengths=torch.tensor([1])), "lengths"),
         ("attn gate", tattn(gate=qkv[..., : 2 * Ha * D - D]), "gate"),
+        # the kernel reads the mask's bytes: an int64 / float mask would be read at the wrong offsets
+        ("attn mask dtype", tattn(ancestor_mask=torch.ones(B, T, T, dtype=torch.long).tril()), "bool"),
+        ("attn block_m float", tattn(block_m=16.0), "block_m"),
         ("small_linear bias", lambda: gm.small_linear(x, torch.zeros(30, 40), torch.zeros(29)), "bias"),
         ("add_rms_norm partials weight", lambda: ew.add_rms_norm(
             torch.zeros(2, 3, 1, 40), residual=torch.zeros(3, 1, 40), weight=torch.zeros(39), eps=1e-6, offset=True),

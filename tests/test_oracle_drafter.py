@@ -59,3 +59,43 @@ def test_error_rate_one_corrupts_every_drafted_token():
     roots = [refs[0][5], refs[1][5]]
     got = drafter.propose(state, torch.tensor(roots), cfg)
     assert _same(got, _expected(refs, [5, 5], roots, cfg, flip=True))
+
+
+def test_propose_edge_batches_and_state_value():
+    """No rows, and rows whose references are empty (every draft past the end): the per-row definition's padded
+    trees, no numpy shape error; the cached table is not part of the state's value (== and repr as before)."""
+    from gdnspec.spec.drafters.oracle import OracleDraftState
+
+    cfg = TreeConfig(builder="chain", num_steps=3, num_draft_tokens=4)
+    drafter = OracleDrafter([[1, 2]], vocab_size=50)
+    got = drafter.propose(OracleDraftState([], []), torch.zeros(0, dtype=torch.long), cfg)
+    assert got.tokens.shape == (0, 4) and got.valid.shape == (0, 4)
+    got = drafter.propose(OracleDraftState([[], []], [0, 0]), torch.tensor([7, 8]), cfg)
+    assert _same(got, _expected([[], []], [0, 0], [7, 8], cfg))
+    wide = TreeConfig(builder="eagle2", topk=3, num_steps=2, num_draft_tokens=6)  # k = num_steps < N - 1
+    refs = [list(range(40, 50)), list(range(47, 50))]
+    assert _same(drafter.propose(OracleDraftState(refs, [5, 0]), torch.tensor([45, 47]), wide),
+                 _expected(refs, [5, 0], [45, 47], wide))
+    flip = OracleDrafter(refs, error_rate=1.0, vocab_size=50)  # 49 + 1 wraps to 0
+    assert _same(flip.propose(OracleDraftState(refs, [7, 0]), torch.tensor([47, 47]), wide),
+                 _expected(refs, [7, 0], [47, 47], wide, flip=True))
+    a, b = OracleDraftState([[1, 2, 3]], [0]), OracleDraftState([[1, 2, 3]], [0])
+    drafter.propose(a, torch.tensor([1]), cfg)  # builds a's table only
+    assert a == b and "_table" not in repr(a)
+
+
+def test_error_rate_between_zero_and_one_is_seeded():
+    """0 < error_rate < 1: the same seed gives the same trees; every drafted token is the reference's or its
+    corrupted value; some but not all are corrupted."""
+    refs = [list(range(100)), list(range(7, 60))]
+    cfg = TreeConfig(builder="chain", num_steps=5, num_draft_tokens=6)
+    runs = []
+    for _ in range(2):
+        drafter = OracleDrafter(refs, error_rate=0.5, vocab_size=200, seed=11)
+        state = drafter.begin([torch.tensor(r[:2]) for r in refs])
+        runs.append([drafter.propose(state, torch.tensor([2, 9]), cfg).tokens for _ in range(4)])
+    assert all(torch.equal(x, y) for x, y in zip(*runs))
+    drafted = torch.stack(runs[0])[:, :, 1:]  # (steps, B, 5)
+    clean = torch.tensor([refs[0][3:8], refs[1][3:8]])
+    assert ((drafted == clean) | (drafted == clean + 1)).all()
+    assert 0 < int((drafted != clean).sum()) < drafted.numel()

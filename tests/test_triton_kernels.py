@@ -108,6 +108,16 @@ def test_tree_solve_switch_rejects_bad_value(monkeypatch):
         tt.blocked_solve()
 
 
+def test_blocked_solve_refuses_tiles_past_its_merge_levels(monkeypatch):
+    """_solve_blocked's static merge loop stops at 64 rows (MAX_NODES): a raised node limit must fail at compile
+    time, not return a partial inverse (BN = 128 without the assert: rel err 0.1 at N = 100)."""
+    monkeypatch.setattr(tt, "MAX_NODES", 128)
+    q, k, v, g, beta, S0 = gdr_inputs(1, 65, 1, 1, 16, 16, seed=1)
+    mask = TokenLayout.from_parents(random_parents(1, 65, "chain")).ancestor_mask
+    with pytest.raises(Exception, match="_solve_blocked merges up to 64"):
+        tt.triton_tree_gated_delta_rule(q, k, v, g=g, beta=beta, ancestor_mask=mask, initial_state=S0)
+
+
 def test_commit_accepts_reference_cache_and_no_l2norm():
     B, N, H, HV, K, V = 2, 5, 1, 2, 16, 16
     q, k, v, g, beta, S0 = gdr_inputs(B, N, H, HV, K, V, l2norm_in_op=False, seed=3)

@@ -315,8 +315,10 @@ def tree_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor
         raise ValueError(f"num_heads ({H}) must be a multiple of the cache's kv heads ({Hkv})")
     if T > cap:
         raise ValueError(f"{T} new tokens do not fit a KV cache of capacity {cap}")
-    if ancestor_mask is not None and tuple(ancestor_mask.shape) != (B, T, T):
-        raise ValueError(f"ancestor_mask must have shape (B, T, T) = {(B, T, T)}, got {tuple(ancestor_mask.shape)}")
+    if ancestor_mask is not None and (tuple(ancestor_mask.shape) != (B, T, T) or ancestor_mask.dtype != torch.bool):
+        # bool: the kernel reads the mask's bytes (a view), so a wider dtype would be read at the wrong offsets
+        raise ValueError(f"ancestor_mask must be a bool tensor of shape (B, T, T) = {(B, T, T)}, got "
+                         f"{ancestor_mask.dtype} {tuple(ancestor_mask.shape)}")
     if not available(q) or q.dtype == torch.float64:
         gq = gate.reshape(B, T, -1)[..., : 2 * H * D].reshape(B, T, H, 2 * D)[..., D:].reshape(B, T, H * D)
         out = tree_attention_reference(q, cache_k, cache_v, lengths.clamp(max=cap - T), ancestor_mask, gate=gq,
@@ -337,7 +339,7 @@ def tree_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
         if BM == 32 and 4 * B * Hkv * triton.cdiv(T * G, 32) < sms:
             BM = 16
-    if BM < 16 or BM & (BM - 1):
+    if not isinstance(BM, int) or BM < 16 or BM & (BM - 1):
         raise ValueError(f"block_m must be a power of two >= 16 (tl.dot tiles), got {BM}")
     BN = 32 if BD >= 256 else 64
     n_mb = triton.cdiv(T * G, BM)

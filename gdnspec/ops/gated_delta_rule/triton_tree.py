@@ -126,8 +126,9 @@ if HAS_TRITON:
         """The N x N part of tree-WY for one value head: b_k (BN, BK) normalised keys, b_g, b_beta (BN,) gates, b_A
         (BN, BN) ancestor mask (row i = path of node i) -> T = (I + L)^-1 (BN, BN), Gamma (BN, BN), gamma (BN,), all
         float32. Shared by `_tree_verify_kernel` and gdn_tree's fused verify kernel.
-        BLOCKED (default; `blocked_solve`): the blocked triangular inverse, log2(BN) - 1 levels of two IEEE float32
-        dots each; else forward substitution, N - 1 serial steps of two cross-warp reductions (see _solve_blocked)."""
+        BLOCKED (default; `blocked_solve`): the blocked triangular inverse, ceil(log2 N) - 1 levels (at most
+        log2(BN) - 1) of two IEEE float32 dots each; else forward substitution, N - 1 serial steps of two cross-warp
+        reductions (see _solve_blocked)."""
         b_gamma = tl.sum(tl.where(b_A, b_g[None, :], 0.0), 1)  # (BN,) cumulative g along the path
         b_Gam = tl.where(b_A, tl.exp(b_gamma[:, None] - b_gamma[None, :]), 0.0)  # (BN, BN)
         b_kk = tl.dot(b_k, tl.trans(b_k), input_precision=PREC)  # (BN, BN)
@@ -156,6 +157,7 @@ if HAS_TRITON:
         formed that the inverse itself does not hold (unlike the doubling product (I - L)(I + L^2)...,
         benchmarks/check_tree_solve_stability.py)."""
         BN: tl.constexpr = b_L.shape[0]
+        tl.static_assert(BN <= 64, "_solve_blocked merges up to 64 rows (MAX_NODES): extend its static_range")
         ri = rn[:, None]
         rj = rn[None, :]
         b_T = tl.where(ri == rj, 1.0, 0.0) - tl.where(ri // 2 == rj // 2, b_L, 0.0)

@@ -8,7 +8,7 @@ benchmark can plot speedup against tokens per forward with drafting cost ~0 (it 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -20,14 +20,17 @@ from gdnspec.spec.tree import DraftTree, TreeConfig
 class OracleDraftState:
     refs: list[list[int]]
     committed: list[int]  # tokens consumed by the target per row
-    _table: tuple | None = None  # (refs padded (B, Lmax) int64, lengths (B,)) as numpy arrays, built on first use
+    # (refs padded (B, Lmax) int64, lengths (B,)) as numpy arrays, built on first use; a cache, not part of the value
+    _table: tuple | None = field(default=None, repr=False, compare=False)
 
     def table(self) -> tuple:
         """The references as one padded numpy array (B, Lmax) and their lengths (B,): propose gathers from it."""
         if self._table is None:
-            L = max((len(r) for r in self.refs), default=0)
-            self._table = (np.array([r + [0] * (L - len(r)) for r in self.refs], dtype=np.int64).reshape(-1, L),
-                           np.array([len(r) for r in self.refs], dtype=np.int64))
+            lengths = np.array([len(r) for r in self.refs], dtype=np.int64)
+            refs = np.zeros((len(self.refs), int(lengths.max(initial=0))), dtype=np.int64)  # B = 0 or Lmax = 0 too
+            for i, r in enumerate(self.refs):
+                refs[i, : len(r)] = r
+            self._table = (refs, lengths)
         return self._table
 
     def select(self, rows) -> "OracleDraftState":
