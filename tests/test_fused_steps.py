@@ -252,6 +252,8 @@ def test_attention_prep_and_tree_attention_match_reference(B, T, H, Hkv, D, frac
         assert rel(out, out_ref) < (1e-5 if dtype == torch.float32 else 2e-2), bm
     with pytest.raises(ValueError, match="block_m"):
         at.tree_attention(q, ck, cv, lengths0.clone(), mask, gate=qkv, scale=D**-0.5, block_m=24)
+    with pytest.raises(ValueError, match="num_warps"):
+        at.tree_attention(q, ck, cv, lengths0.clone(), mask, gate=qkv, scale=D**-0.5, num_warps=0)
 
 
 def _hybrid(dtype, layout="qwen3_next"):

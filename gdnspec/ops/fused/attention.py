@@ -341,6 +341,8 @@ def tree_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor
             BM = 16
     if not isinstance(BM, int) or BM < 16 or BM & (BM - 1):
         raise ValueError(f"block_m must be a power of two >= 16 (tl.dot tiles), got {BM}")
+    if num_warps is not None and (not isinstance(num_warps, int) or num_warps < 1 or num_warps & (num_warps - 1)):
+        raise ValueError(f"num_warps must be a power of two >= 1, got {num_warps!r}")
     BN = 32 if BD >= 256 else 64
     n_mb = triton.cdiv(T * G, BM)
     ns = num_splits or _num_splits(B, Hkv * n_mb, cap, BN, q.device)
@@ -359,7 +361,7 @@ def tree_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor
         _attn_split_kernel[(B, Hkv * n_mb, ns)](
             q.contiguous(), cache_k, cache_v, lengths, anc, o_part, ml_part, float(scale), cap, T, split_len,
             NSPLIT=ns, H=H, HKV=Hkv, D=D, BD=BD, BM=BM, BN=BN, HAS_ANC=ancestor_mask is not None, F32=f32,
-            num_warps=num_warps or 4, **pdl.launch_args(o_part))
+            num_warps=4 if num_warps is None else num_warps, **pdl.launch_args(o_part))
         _attn_combine_kernel[(B * T, H)](o_part, ml_part, g2, g2.stride(0), out, lengths, T, H=H, D=D, BD=BD,
                                          NSPLIT=ns, BS=max(2, triton.next_power_of_2(ns)), INC_LEN=advance_lengths,
                                          num_warps=4, **pdl.launch_args(o_part))

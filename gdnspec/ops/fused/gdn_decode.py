@@ -274,9 +274,10 @@ def gdn_decode_fused(proj: torch.Tensor, *, layout: ProjLayout, conv_weight: tor
         raise ValueError(f"gdn_decode_fused supports K * V <= 65536 (head dims K={L.K}, V={L.V})")
     if block_v is None:
         # enough programs to cover the GPU twice, no more: every extra column block recomputes q/k of its head; but
-        # at most 64 columns (2 warps), measured fastest from B = 8 on (H200, 1.7B shapes, bench_tiles.py --parts
-        # decode, results/stop19/tiles_decode_*): bf16 states B = 8 / 32 9.5 / 30.1 us against 12.9 / 33.5 us
-        # with the former (64, 4) / (128, 4); float32 states 13.9 / 46.2 against 14.7 / 46.4 us.
+        # at most 64 columns (2 warps), measured fastest from B = 8 on (H200, 1.7B shapes, V = 128, bench_tiles.py
+        # --parts decode): bf16 states B = 8 / 32 9.5 / 30.1 us against 12.9 / 33.5 us with the former (64, 4) /
+        # (128, 4) (results/stop19/tiles_decode_bfloat16_H200.txt); float32 states 13.9 / 46.2 against 14.7 / 46.4 us
+        # (results/stop17/tiles_decode_tree_H200.txt). Not measured for V > 128 (more blocks recompute q/k there).
         # V = 128, HV = 32: 4 blocks of 32 columns at B = 1 (128 programs), 2 blocks of 64 from B = 8 on
         sms = torch.cuda.get_device_properties(proj.device).multi_processor_count if proj.is_cuda else 8
         blocks = max(1, min(triton.cdiv(L.V, 32), triton.cdiv(2 * sms, B * L.HV)))
@@ -288,7 +289,7 @@ def gdn_decode_fused(proj: torch.Tensor, *, layout: ProjLayout, conv_weight: tor
         proj = proj.contiguous()
     y = torch.empty(B, L.HV * L.V, dtype=proj.dtype, device=proj.device)
     if num_warps is None:
-        num_warps = 2 if block_v >= 64 else 4
+        num_warps = 2 if block_v == 64 else 4  # 128-column blocks with 2 warps ran 6-10x slower (spills)
     if B:
         o_buf = torch.empty(B, L.HV, L.V, dtype=torch.float32, device=proj.device)
         counter = _arrival_counters(B * L.H, proj.device)
