@@ -208,3 +208,41 @@ def test_per_sequence_budgets_and_eos(models, static):
     out = eng.generate(prompts, budgets, eos_token_id=eos)
     for p, o, m, e in zip(prompts, out, budgets, eos):
         assert torch.equal(o, generate_autoregressive(target, [p], m, eos_token_id=e)[0])
+
+
+def test_ngram_session_staggered_rows_keep_their_index(models):
+    """The n-gram drafter in a session whose rows join, finish (eos, budgets) and are dropped at different times,
+    with plain steps (a pending drafter catch-up) mixed in: output equals plain greedy decoding, and every row's
+    n-gram index (moved along by select / cat, extended by advance) equals a fresh build from its history."""
+    from gdnspec.spec.drafters.ngram import _add_ngrams
+
+    target, _ = models[True]
+    base = prompts_of([5], target.vocab_size, seed=7)[0]
+    prompts = [base.repeat(4), torch.cat([base, base[:3]]), prompts_of([9], target.vocab_size, seed=8)[0],
+               base.repeat(2), prompts_of([3], target.vocab_size, seed=9)[0]]
+    free = generate_autoregressive(target, prompts, 30)
+    eos = [None, int(free[1][8 + 6]), None, int(free[3][10 + 12]), None]
+    budgets = [30, 30, 7, 30, 20]
+    eng = SpeculativeEngine(target, NGramDrafter(max_ngram=4, min_ngram=2, max_matches=2), TreeConfig(topk=2, num_steps=3))
+    s = eng.session()
+    ids = s.add(prompts[:2], max_new_tokens=budgets[:2], eos_token_id=eos[:2])
+    s.step()
+    s.step(speculate=False)
+    s.step()
+    ids += s.add(prompts[2:4], max_new_tokens=budgets[2:4], eos_token_id=eos[2:4])
+    s.step(speculate=False)
+    ids += s.add(prompts[4:], max_new_tokens=budgets[4:])
+    k = 0
+    while s.active:
+        s.step(speculate=k % 3 != 1)
+        k += 1
+        state = s._draft_state
+        if state is not None and not s._pending_tokens:
+            assert all(i is not None for i in state.index)  # carried across changes of rows, not dropped
+            for h, idx in zip(state.history, state.index):
+                if idx is not None:
+                    fresh = {n: {} for n in idx}
+                    _add_ngrams(fresh, h, 0)
+                    assert idx == fresh
+    for sid, p, m, e in zip(ids, prompts, budgets, eos):
+        assert torch.equal(s.sequence(sid), generate_autoregressive(target, [p], m, eos_token_id=e)[0]), sid

@@ -24,20 +24,29 @@ from gdnspec.spec.tree import DraftTree, TreeConfig
 class NGramDraftState:
     history: list[list[int]]  # committed tokens per row
     # per row: {n: {n-gram tuple: [start positions in history, ascending]}} for the drafter's n range, built on the
-    # first proposal and extended by `advance` (None: not built yet); not part of equality / repr
+    # first proposal, extended by `advance`, moved along by select / cat (None: not built yet); not part of equality
+    # / repr
     index: list[dict | None] = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if self.index is None:
             self.index = [None] * len(self.history)
 
+    def _take_index(self, r: int) -> dict | None:
+        """Move row r's index out (this state's row r rebuilds its own if it is proposed from again): select / cat
+        carry the indexes of the rows they keep, so a change of rows does not rebuild every row's index, and no
+        index is ever shared by two rows (a row selected twice gets it once)."""
+        idx, self.index[r] = self.index[r], None
+        return idx
+
     def select(self, rows) -> "NGramDraftState":
         rows = rows.tolist() if isinstance(rows, torch.Tensor) else list(rows)
-        return NGramDraftState([list(self.history[r]) for r in rows])
+        return NGramDraftState([list(self.history[r]) for r in rows], [self._take_index(r) for r in rows])
 
     @staticmethod
     def cat(states: list["NGramDraftState"]) -> "NGramDraftState":
-        return NGramDraftState([list(h) for s in states for h in s.history])
+        return NGramDraftState([list(h) for s in states for h in s.history],
+                               [s._take_index(r) for s in states for r in range(len(s.history))])
 
 
 def _add_ngrams(index: dict, history: list[int], start: int) -> None:
