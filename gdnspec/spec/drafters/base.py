@@ -3,10 +3,14 @@
 A drafter is stateless configuration; its per-sequence state lives in a `DraftState` object that the engine owns:
 
     dstate = drafter.begin(prompts, target_hidden=...)        # after the target's prefill of the same prompts
-    tree   = drafter.propose(dstate, root_tokens, config)       # root_tokens (B,) = verified ids; dstate only read
+    tree   = drafter.propose(dstate, root_tokens, config)       # root_tokens (B,) = verified ids; dstate read
     drafter.advance(dstate, tokens=acc, counts=n, target_hidden=h)   # the tokens the target committed this step
     dstate = dstate.select(rows)                                # drop finished sequences (row order = engine's)
     dstate = type(dstate).cat([a, b])                           # add sequences (rows of a, then of b)
+
+`propose` does not change what the state means: it may fill caches derived from it (the n-gram drafter's per-row
+index of the history's n-grams), which `advance` keeps current and `select` / `cat` move to the new state (the source
+state's rows then rebuild theirs if used again).
 
 `tokens` (B, L) holds, per row, the committed tokens of this step in order (the root first, then the accepted draft
 tokens; counts[b] of them are real); `target_hidden` (B, L, hidden) is the target's hidden state (before its final
