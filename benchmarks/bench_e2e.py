@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ab-env", default=None, metavar="NAME=VALUE",
                     help="also time every verify row with this environment setting (e.g. GDNSPEC_TREE_INDEX=0), "
                          "alternating --ab-reps times with the default in this process (medians)")
-    ap.add_argument("--mamba-ssm-cache-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+    ap.add_argument("--mamba-ssm-cache-dtype", default="float32", choices=GDNForCausalLM.MAMBA_SSM_CACHE_DTYPES,
                     help="storage dtype of the GDN recurrent states (GDNForCausalLM.mamba_ssm_cache_dtype)")
     ap.add_argument("--ab-reps", type=int, default=3, help="alternations of --ab-env (medians over them)")
     ap.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"], help="GDN kernels (model.gdn_backend)")

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_e2e import build_model, comma_list, copy_bandwidth_gbs  # noqa: E402
 
 import gdnspec.ops.fused.gemv as G  # noqa: E402
+from gdnspec.models.lm import GDNForCausalLM  # noqa: E402
 from gdnspec.ops.fused._bench import replay_ms  # noqa: E402
 from gdnspec.runtime import StaticDecoder  # noqa: E402
 
@@ -229,17 +230,13 @@ def sweep_attn(rows, bw, N: int = 16, cached: int = 512, cap: int = 1024, device
     """tree_attention (split + combine kernels) on the 1.7B attention shapes (H 16, Hkv 2, D 256), an N-node tree
     below `cached` cached positions, per (block_m, num_warps); KV caches rotate over copies larger than the L2 cache.
     Each tile's output is checked against tree_attention_reference first (a wrong tile is reported, not timed)."""
+    from gdnspec.layers.layout import TokenLayout
     from gdnspec.ops.fused.attention import tree_attention, tree_attention_reference
 
     H, Hkv, D = 16, 2, 256
     g = torch.Generator(device=device).manual_seed(0)
-    par = [-1] + [max(0, i - 1 - (i % 3)) for i in range(1, N)]
-    anc1 = torch.zeros(N, N, dtype=torch.bool)
-    for i in range(N):
-        j = i
-        while j >= 0:
-            anc1[i, j] = True
-            j = par[j]
+    parents = torch.tensor([[-1] + [max(0, i - 1 - (i % 3)) for i in range(1, N)]])
+    anc1 = TokenLayout.from_parents(parents).ancestor_mask[0]  # (N, N) bool
     out = []
     for B in rows:
         per = 2 * B * Hkv * cap * D * 2
@@ -274,7 +271,7 @@ def main() -> int:
     ap.add_argument("--parts", default="gemv,decode,tree,attn")
     ap.add_argument("--rows", default=[1, 16, 32], type=comma_list(int, low=1, high=32))
     ap.add_argument("--out", default="benchmarks/results/tiles.json")
-    ap.add_argument("--mamba-ssm-cache-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+    ap.add_argument("--mamba-ssm-cache-dtype", default="float32", choices=GDNForCausalLM.MAMBA_SSM_CACHE_DTYPES,
                     help="decode part: storage dtype of the recurrent states")
     args = ap.parse_args()
     parts = set(args.parts.split(","))

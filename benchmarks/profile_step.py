@@ -19,6 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_e2e import FixedTreeDrafter, _cfg_for, build_model, comma_list  # noqa: E402
 
+from gdnspec.models.lm import GDNForCausalLM  # noqa: E402
 from gdnspec.runtime import StaticDecoder, StaticSpecRunner  # noqa: E402
 from gdnspec.spec.tree import DraftTree  # noqa: E402
 
@@ -50,7 +51,7 @@ def main() -> int:
     ap.add_argument("--rows", default=25, type=int, help="kernel table rows (by total CUDA time)")
     ap.add_argument("--graph", action="store_true", help="profile CUDA-graph replays (kernel times inside the graph, "
                     "as the step runs) instead of eager calls")
-    ap.add_argument("--mamba-ssm-cache-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+    ap.add_argument("--mamba-ssm-cache-dtype", default="float32", choices=GDNForCausalLM.MAMBA_SSM_CACHE_DTYPES,
                     help="storage dtype of the GDN recurrent states (GDNForCausalLM.mamba_ssm_cache_dtype)")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
