@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_e2e import build_model  # noqa: E402
+from bench_e2e import _env, build_model  # noqa: E402
 
 from gdnspec import generate_autoregressive  # noqa: E402
 from gdnspec.layers.layout import TokenLayout  # noqa: E402
@@ -142,36 +142,29 @@ def check_tree_solve(device: str = "cuda", shape=(2, 16, 32, 128, 128), nodes=(4
     B, H, HV, K, V = shape
     g = torch.Generator(device=device).manual_seed(7)
     failed = 0
-    old = os.environ.get("GDNSPEC_TREE_BLOCKED_SOLVE")
-    try:
-        for N in nodes:
-            for kind in ("chain", "tree"):
-                par = torch.tensor([-1] + [i - 1 if kind == "chain" else max(0, i - 1 - (i % 3)) for i in range(1, N)],
-                                   device=device).expand(B, N)
-                mask = TokenLayout.from_parents(par).ancestor_mask
-                rnd = lambda *sz: torch.randn(*sz, device=device, generator=g)  # noqa: E731
-                q, k = rnd(B, N, H, K), (rnd(B, 1, H, K) + 0.05 * rnd(B, N, H, K)).contiguous()
-                v, S0 = rnd(B, N, HV, V), rnd(B, HV, K, V)
-                gg = F.logsigmoid(rnd(B, N, HV) + 2)
-                beta = 0.5 + 0.49 * torch.rand(B, N, HV, device=device, generator=g)
-                o_ref, _ = tree_gated_delta_rule(q.double(), k.double(), v.double(), g=gg.double(), beta=beta.double(),
-                                                 ancestor_mask=mask, initial_state=S0.double(), use_qk_l2norm=True)
-                errs = {}
-                for blocked in ("1", "0"):
-                    os.environ["GDNSPEC_TREE_BLOCKED_SOLVE"] = blocked
-                    for prec in ("ieee", "tf32x3", "mixed") if device == "cuda" else ("ieee",):
+    for N in nodes:
+        for kind in ("chain", "tree"):
+            par = torch.tensor([-1] + [i - 1 if kind == "chain" else max(0, i - 1 - (i % 3)) for i in range(1, N)],
+                               device=device).expand(B, N)
+            mask = TokenLayout.from_parents(par).ancestor_mask
+            rnd = lambda *sz: torch.randn(*sz, device=device, generator=g)  # noqa: E731
+            q, k = rnd(B, N, H, K), (rnd(B, 1, H, K) + 0.05 * rnd(B, N, H, K)).contiguous()
+            v, S0 = rnd(B, N, HV, V), rnd(B, HV, K, V)
+            gg = F.logsigmoid(rnd(B, N, HV) + 2)
+            beta = 0.5 + 0.49 * torch.rand(B, N, HV, device=device, generator=g)
+            o_ref, _ = tree_gated_delta_rule(q.double(), k.double(), v.double(), g=gg.double(), beta=beta.double(),
+                                             ancestor_mask=mask, initial_state=S0.double(), use_qk_l2norm=True)
+            errs = {}
+            for blocked in ("1", "0"):
+                for prec in ("ieee", "tf32x3", "mixed") if device == "cuda" else ("ieee",):
+                    with _env(("GDNSPEC_TREE_BLOCKED_SOLVE", blocked)):
                         o, _ = tt.triton_tree_gated_delta_rule(q, k, v, g=gg, beta=beta, ancestor_mask=mask,
                                                                initial_state=S0, use_qk_l2norm=True, precision=prec)
-                        errs[blocked, prec] = rel(o, o_ref)
-                ok = errs["1", "ieee"] < 1e-5 and all(errs["1", p] <= 2 * errs["0", p] + 1e-6 for _, p in errs)
-                failed += not ok
-                print(f"tree solve N={N} {kind}: " + "  ".join(f"{'blocked' if b == '1' else 'subst'}/{p} {e:.1e}"
-                                                              for (b, p), e in errs.items()) + f": {'ok' if ok else 'FAIL'}")
-    finally:
-        if old is None:
-            os.environ.pop("GDNSPEC_TREE_BLOCKED_SOLVE", None)
-        else:
-            os.environ["GDNSPEC_TREE_BLOCKED_SOLVE"] = old
+                    errs[blocked, prec] = rel(o, o_ref)
+            ok = errs["1", "ieee"] < 1e-5 and all(errs["1", p] <= 2 * errs["0", p] + 1e-6 for _, p in errs)
+            failed += not ok
+            print(f"tree solve N={N} {kind}: " + "  ".join(f"{'blocked' if b == '1' else 'subst'}/{p} {e:.1e}"
+                                                          for (b, p), e in errs.items()) + f": {'ok' if ok else 'FAIL'}")
     return failed
 
 
