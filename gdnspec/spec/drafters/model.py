@@ -3,22 +3,47 @@
 The draft model has consumed exactly the tokens the target committed. To propose, it runs the root token from a
 copy of that state, takes the topk children, and at each further step gathers the state of each frontier node's
 parent (`ModelState.select`) and runs the frontier tokens as one batch of single-token steps. After verification
-`advance` runs the committed tokens of each row (different counts per row) from the committed state.
+`advance` brings the committed state past the committed tokens of each row (different counts per row).
+
+Catch-up from the proposal's states (eager steps, draft models whose layers are all GDN): `propose` keeps the state
+after every expanded node (`ModelDraftState.trace`; a chain clones its one state before each step, a tree's frontier
+states are the gathered copies it makes anyway). Every committed token but the last was expanded during the
+proposal (a node has children in the tree only if it was expanded), so `advance` finds, per row, the deepest
+committed token whose state exists, by walking the recorded frontiers (same parent slot, same token: two such nodes
+ran the same computation), copies that state in, and runs what is left: at most one token, as a decode step. The
+result is the state after the same tokens, computed by single-token steps instead of a chain verify + commit: the
+same maths, rounded differently (float64: ~1e-15; tests/test_draft_catch_up.py); what the drafter proposes next may
+differ at a near-tie, the target's output never does. On the 2-core CPU a catch-up of 3 tokens was a chain verify +
+commit of ~280 torch ops (3.2 ms, benchmarks/bench_cpu_ops.py). Anything the trace cannot explain (another state,
+rows, root or tokens than the last proposal's; sync-free / static steps; KV-cache layers, whose per-level copies
+would cost the context) takes the chain verify + commit (`advance_rows`), as before.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from gdnspec.cache import ModelState
+from gdnspec.cache import GDNLayerState, ModelState
 from gdnspec.sampling import RowSampling
 from gdnspec.spec.tree import DraftTree, TreeConfig, build_tree
 
 
 @dataclass
+class ProposalTrace:
+    """What `propose` computed, for `advance`: per expansion level j, the frontier tokens (B, F_j) long, their parent
+    slots in level j - 1 (B, F_j) long (None: level 0, or a chain's one node), and the draft-model state after
+    running them (B * F_j rows, row b * F_j + f). roots (B,) = the level-0 tokens."""
+
+    roots: torch.Tensor
+    levels: list  # [(tokens, parent_slot | None, ModelState)]
+
+
+@dataclass
 class ModelDraftState:
     model_state: ModelState  # committed draft-model state, one row per sequence
+    # the last eager proposal's states (catch-up without a chain verify); select / cat / clone drop it
+    trace: ProposalTrace | None = field(default=None, repr=False, compare=False)
 
     def select(self, rows) -> "ModelDraftState":
         return ModelDraftState(self.model_state.select(rows))
@@ -32,6 +57,7 @@ class ModelDraftState:
 
     def copy_(self, other: "ModelDraftState") -> None:
         self.model_state.copy_(other.model_state)
+        self.trace = None  # the proposal's states no longer start from this state
 
 
 def prefill_rows(model, prompts: list[torch.Tensor]) -> ModelState:
@@ -100,6 +126,8 @@ class ModelDrafter:
         model = self.model
         B = root_tokens.shape[0]
         frontier_state = {"state": state.model_state.clone(), "width": 1}
+        state.trace = None
+        levels = [] if _traceable(state.model_state, sync_free) else None
 
         def expand(frontier_tokens: torch.Tensor, parent_slot: torch.Tensor | None) -> torch.Tensor:
             F = frontier_tokens.shape[1]
@@ -107,16 +135,88 @@ class ModelDrafter:
             if parent_slot is not None:
                 rows = (torch.arange(B, device=parent_slot.device)[:, None] * frontier_state["width"] + parent_slot).reshape(-1)
                 prev = prev.select(rows)
+            elif levels:  # a chain step advances its state in place: keep the previous level's
+                prev = prev.clone()
             ids = frontier_tokens.reshape(B * F, 1)
             out = model(ids if ids.device == model.device else ids.to(model.device), prev, logits_to_keep=1,
                         validate=not sync_free, reserve_kv=not sync_free)
             frontier_state["state"], frontier_state["width"] = out.state, F
+            if levels is not None:
+                levels.append((frontier_tokens, parent_slot, out.state))
             logits = out.logits[:, -1]
             return torch.log_softmax(logits if logits.dtype == torch.float32 else logits.float(), dim=-1).view(B, F, -1)
 
-        return build_tree(root_tokens.to(model.device), expand, config, sync_free=sync_free, draft=draft)
+        roots = root_tokens.to(model.device)
+        result = build_tree(roots, expand, config, sync_free=sync_free, draft=draft)
+        if levels:
+            state.trace = ProposalTrace(roots, levels)
+        return result
 
     @torch.inference_mode()
     def advance(self, state: ModelDraftState, *, tokens: torch.Tensor, counts: torch.Tensor, target_hidden=None,
                 sync_free: bool = False) -> None:
-        advance_rows(self.model, state.model_state, tokens, counts, sync_free=sync_free)
+        """Bring state past tokens[b, :counts[b]] (B, L) of each row: from the last proposal's states where they
+        explain the tokens (module docstring), else by `advance_rows`."""
+        trace, state.trace = state.trace, None
+        if trace is None or sync_free or not catch_up_from_trace(self.model, state.model_state, trace, tokens, counts):
+            advance_rows(self.model, state.model_state, tokens, counts, sync_free=sync_free)
+
+
+def _traceable(state: ModelState, sync_free: bool) -> bool:
+    """Whether a proposal from `state` keeps its states: eager steps of a draft model whose layers are all GDN."""
+    return not sync_free and all(isinstance(layer, GDNLayerState) for layer in state.layers)
+
+
+def deepest_traced(trace: ProposalTrace, tokens: list[list[int]], counts: list[int]) -> list[tuple[int, int]]:
+    """Per row b: (m, slot) = the number m >= 1 of leading committed tokens tokens[b][:m] whose state the proposal
+    computed, and its row in level m - 1's state (b * F + slot); (0, 0) when the row's root is not the proposal's."""
+    out = []
+    lv = [(t.tolist(), None if p is None else p.tolist()) for t, p, _ in trace.levels]
+    roots = trace.roots.tolist()
+    for b, (row, n) in enumerate(zip(tokens, counts)):
+        if n < 1 or row[0] != roots[b]:
+            out.append((0, 0))
+            continue
+        m, slot = 1, 0
+        while m < n and m < len(lv):
+            toks, par = lv[m]
+            nxt = next((f for f, t in enumerate(toks[b]) if t == row[m] and (par is None or par[b][f] == slot)), None)
+            if nxt is None:
+                break
+            m, slot = m + 1, nxt
+        out.append((m, slot))
+    return out
+
+
+def catch_up_from_trace(model, state: ModelState, trace: ProposalTrace, tokens: torch.Tensor,
+                        counts: torch.Tensor) -> bool:
+    """Advance `state` (B rows, in place) past tokens[b, :counts[b]] (B, L) from the proposal's states; returns
+    False (state untouched) when the trace does not explain the tokens: the caller then runs `advance_rows`."""
+    B = tokens.shape[0]
+    if trace.roots.shape[0] != B or state.batch_size != B or tokens.dim() != 2 or tokens.shape[1] < 1:
+        return False
+    tok, cnt = tokens.tolist(), counts.tolist()
+    found = deepest_traced(trace, tok, cnt)
+    if any(m == 0 for m, _ in found) or any(c - m > 1 for (m, _), c in zip(found, cnt)):
+        return False  # not the proposal's root, or more than one token past its states: the chain verify
+    device = state.layers[0].recurrent.device
+    for j in sorted({m - 1 for m, _ in found}):  # copy each row's deepest state in, level by level
+        rows = [b for b, (m, _) in enumerate(found) if m - 1 == j]
+        F = trace.levels[j][0].shape[1]
+        src = torch.tensor([b * F + found[b][1] for b in rows], device=device)
+        lvl = trace.levels[j][2]
+        if len(rows) == B and F == 1:
+            state.copy_(lvl)
+        else:
+            state.assign_rows_(torch.tensor(rows, device=device), lvl.select(src))
+    rest = [b for b, ((m, _), c) in enumerate(zip(found, cnt)) if c > m]  # rows with their last token not run
+    if rest:
+        ids = torch.tensor([[tok[b][found[b][0]]] for b in rest], device=device)
+        if len(rest) == B:
+            model(ids, state, logits_to_keep=1)
+        else:
+            idx = torch.tensor(rest, device=device)
+            sub = state.select(idx)
+            model(ids, sub, logits_to_keep=1)
+            state.assign_rows_(idx, sub)
+    return True
