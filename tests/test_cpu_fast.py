@@ -91,9 +91,43 @@ def test_fast_steps_match_module_path(dtype, layout, shape):
             L = max(map(len, paths))
             path = torch.tensor([p + [0] * (L - len(p)) for p in paths])
             counts = torch.tensor([len(p) for p in paths])
+            model.fused_steps = False  # the module commit (the reference) against the fast one (cpu_fast.commit_step)
             model.commit_tree(s_ref, ref, path=path, counts=counts, all_rows_accept=True)
+            model.fused_steps = True
             model.commit_tree(s, out, path=path, counts=counts, all_rows_accept=True)
             assert states_rel(s, s_ref) < bound(dtype), (kind, N)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("B,N,HV,K,V,W,kind", [(1, 5, 2, 8, 12, 4, "random"), (3, 17, 4, 12, 8, 4, "random"),
+                                               (3, 1, 2, 8, 8, 2, "chain"), (2, 6, 6, 16, 24, 3, "star")])
+@torch.inference_mode()
+def test_gdn_commit_matches_the_reference_commits(dtype, B, N, HV, K, V, W, kind):
+    """cpu_fast.gdn_commit against tree_commit_state + tree_conv_commit_state: recurrent state and conv window."""
+    from gdnspec.cache import GDNLayerState
+    from gdnspec.layers.gated_deltanet import GDNTreeCache
+    from gdnspec.models import cpu_fast
+    from gdnspec.ops.conv1d.tree import tree_conv_commit_state, tree_conv_window_index
+    from gdnspec.ops.gated_delta_rule.tree import TreeGDRCache, tree_commit_state
+
+    g = torch.Generator().manual_seed(N + HV)
+    parents = random_parents(B, N, kind, seed=N)
+    anc = TokenLayout.from_parents(parents).ancestor_mask
+    CD = 40
+    gdr = TreeGDRCache(k=torch.randn(B, HV, N, K, generator=g, dtype=dtype),
+                       v_new=torch.randn(B, HV, N, V, generator=g, dtype=dtype),
+                       gamma=-torch.rand(B, HV, N, generator=g, dtype=dtype).cumsum(-1), ancestor_mask=anc)
+    cache = GDNTreeCache(gdr=gdr, conv_input=torch.randn(B, N, CD, generator=g, dtype=dtype),
+                         conv_window_index=tree_conv_window_index(parents, W))
+    S0 = torch.randn(B, HV, K, V, generator=g, dtype=dtype)
+    c0 = torch.randn(B, CD, W - 1, generator=g, dtype=dtype)
+    node = torch.randint(0, N, (B,), generator=g)
+    st = GDNLayerState(S0.clone(), c0.clone())
+    cpu_fast.gdn_commit(st, cache, cpu_fast.CommitPlan(anc, node, W))
+    want_S = tree_commit_state(initial_state=S0, cache=gdr, node=node)
+    want_c = tree_conv_commit_state(x=cache.conv_input, state=c0, window_index=cache.conv_window_index, node=node)
+    assert rel(st.recurrent, want_S) < bound(dtype)
+    assert torch.equal(st.conv, want_c)  # a copy of inputs: exact
 
 
 @torch.inference_mode()

@@ -421,6 +421,9 @@ class GDNForCausalLM(nn.Module):
             return
         if last is None:
             last = path.gather(1, (counts - 1).clamp(min=0)[:, None]).squeeze(1)  # (B,) last accepted node
+        if all_rows_accept and self._use_cpu_fast(state) and _cpu_fast.commits_fast(state, verify.layer_caches):
+            _cpu_fast.commit_step(self, state, verify.layer_caches, path=path, counts=counts, last=last, reserve=reserve)
+            return
         moved = counts > 0
         for layer, s, cache in zip(self.layers, state.layers, verify.layer_caches):
             if layer.layer_type == "linear_attention":
