@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import shutil
+
 import pytest
 import torch
 
@@ -297,7 +299,8 @@ def test_eval_plot_draws_the_spread(tmp_path):
     assert (tmp_path / "eval.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("var,value", [("GDNSPEC_CPU_ONEDNN", "bogus"), ("GDNSPEC_GEMV_AUTOTUNE", "true"),
+@pytest.mark.parametrize("var,value", [("GDNSPEC_CPU_COMPILE", "true"), ("GDNSPEC_CPU_ONEDNN", "bogus"),
+                                       ("GDNSPEC_GEMV_AUTOTUNE", "true"),
                                        ("GDNSPEC_NORM_GEMV", "2"), ("GDNSPEC_TREE_BLOCKED_SOLVE", "yes"),
                                        ("GDNSPEC_TREE_FUSION", "fused"), ("GDNSPEC_TREE_INDEX", "on"),
                                        ("GDNSPEC_TREE_PROJ", "2"), ("GDNSPEC_TRITON_PRECISION", "bf16")])
@@ -308,6 +311,25 @@ def test_bad_env_switch_is_one_usage_line(var, value, capsys, monkeypatch):
     rc, out, err = run_main(["generate", "--prompt", PROMPT, "--max-new-tokens", "2"], capsys)
     assert rc == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("gdnspec generate: error:") and var in err, err
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="needs a C++ compiler")
+def test_enable_torch_compile_flag_compiles_the_drafter_steps(capsys, monkeypatch):
+    """--enable-torch-compile (SGLang's flag) turns GDNSPEC_CPU_COMPILE on for the run: the draft model's expansions
+    go through the compiled step (models/cpu_compiled.py) and generation gives the same text as without it."""
+    from gdnspec.models import cpu_compiled
+
+    monkeypatch.delenv("GDNSPEC_CPU_COMPILE", raising=False)  # restored (unset) after the test: main sets it
+    monkeypatch.setitem(cpu_compiled._STATE, "failed", None)
+    calls = []
+    real = cpu_compiled._run
+    monkeypatch.setattr(cpu_compiled, "_run", lambda name, fn, args: calls.append(name) or real(name, fn, args))
+    argv = ["generate", "--prompt", PROMPT, "--max-new-tokens", "6", "--drafter", "model", "--threads", "2"]
+    rc0, out0, _ = run_main(argv, capsys)
+    assert rc0 == 0 and not calls
+    rc, out, err = run_main(argv + ["--enable-torch-compile"], capsys)
+    assert rc == 0 and out == out0, err
+    assert "model_step" in calls and cpu_compiled._STATE["failed"] is None
 
 
 def test_mamba_ssm_cache_dtype_flag_stores_the_target_states_in_16_bits(capsys, monkeypatch):

@@ -27,6 +27,7 @@ from torch import nn
 
 from gdnspec.cache import ModelState
 from gdnspec.layers import RMSNorm
+from gdnspec.models import cpu_compiled as _cpu_compiled
 from gdnspec.models import cpu_fast as _cpu_fast
 from gdnspec.models.config import GDNConfig
 from gdnspec.models.lm import DecoderLayer
@@ -179,9 +180,9 @@ class EagleHead(nn.Module):
         s = state.layers[0] if isinstance(state, ModelState) and len(state.layers) == 1 else None
         if self._cpu_fast_ok(s, target):
             dt = self.dtype
-            return _cpu_fast.eagle_decode_step(self, hidden if hidden.dtype == dt else hidden.to(dt),
-                                               token_embeds if token_embeds.dtype == dt else token_embeds.to(dt), state,
-                                               target=target)
+            step = _cpu_compiled.eagle_decode_step if _cpu_compiled.eagle_applies(self) else _cpu_fast.eagle_decode_step
+            return step(self, hidden if hidden.dtype == dt else hidden.to(dt),
+                        token_embeds if token_embeds.dtype == dt else token_embeds.to(dt), state, target=target)
         if not self._fused_ok(hidden, s, target):
             out, state = self(hidden, token_embeds, state, mode="fused_decode")
             return out, self.head_logits(target, out[:, -1])

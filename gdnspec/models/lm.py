@@ -19,6 +19,7 @@ from gdnspec.cache import GDNLayerState, KVCache, ModelState
 from gdnspec.layers import GatedAttention, Qwen3GatedDeltaNet, RMSNorm, SwiGLUMLP, TokenLayout
 from gdnspec.layers.linear import VocabProjection
 from gdnspec.ops.fused import normed as _normed
+from gdnspec.models import cpu_compiled as _cpu_compiled
 from gdnspec.models import cpu_fast as _cpu_fast
 from gdnspec.models.config import GDNConfig
 from gdnspec.models.moe import SparseMoeBlock
@@ -328,7 +329,8 @@ class GDNForCausalLM(nn.Module):
         if validate:
             self._check_state(state, B)
         if T == 1 and mode in ("auto", "fused_decode") and self._use_cpu_fast(state):
-            logits, h = _cpu_fast.decode_step(self, input_ids, state)
+            step = _cpu_compiled.decode_step if _cpu_compiled.applies(self) else _cpu_fast.decode_step
+            logits, h = step(self, input_ids, state)
             return CausalLMOutput(logits=logits, hidden_states=h, state=state)
         h = self._embed(input_ids)
         backend = self._backend(h)

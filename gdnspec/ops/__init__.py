@@ -24,17 +24,18 @@ __all__ = [
 
 
 def check_env_switches() -> None:
-    """Validate the GDNSPEC_* switches that take a fixed set of values (GDNSPEC_CPU_ONEDNN, GDNSPEC_GEMV_AUTOTUNE,
-    GDNSPEC_NORM_GEMV, GDNSPEC_TREE_BLOCKED_SOLVE, GDNSPEC_TREE_FUSION, GDNSPEC_TREE_INDEX, GDNSPEC_TREE_PROJ,
-    GDNSPEC_TRITON_PRECISION) at once, through the functions that read them:
+    """Validate the GDNSPEC_* switches that take a fixed set of values (GDNSPEC_CPU_COMPILE, GDNSPEC_CPU_ONEDNN,
+    GDNSPEC_GEMV_AUTOTUNE, GDNSPEC_NORM_GEMV, GDNSPEC_TREE_BLOCKED_SOLVE, GDNSPEC_TREE_FUSION, GDNSPEC_TREE_INDEX,
+    GDNSPEC_TREE_PROJ, GDNSPEC_TRITON_PRECISION) at once, through the functions that read them:
     each is otherwise read lazily, on the first step that reaches its path. Raises the ValueError of the first bad
     one (it names the variable and the values it takes)."""
     import os
 
-    from gdnspec.ops import cpu_linear, tree_index
+    from gdnspec.ops import _env, cpu_linear, tree_index
     from gdnspec.ops.fused import gdn_tree, gdn_tree_proj, gemv, normed
     from gdnspec.ops.gated_delta_rule.triton_tree import blocked_solve, dot_precisions
 
+    _env.cpu_compile()
     cpu_linear.enabled()
     gemv.autotune_enabled()
     normed.enabled()

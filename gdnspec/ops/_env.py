@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["flag"]
+__all__ = ["flag", "cpu_compile"]
 
 
 def flag(name: str, *, default: bool) -> bool:
@@ -18,3 +18,8 @@ def flag(name: str, *, default: bool) -> bool:
     if v not in ("0", "1"):
         raise ValueError(f"{name} must be 0 or 1 (unset = {d}), got {v!r}")
     return v == "1"
+
+
+def cpu_compile() -> bool:
+    """GDNSPEC_CPU_COMPILE (default 0): compile the covered CPU steps with torch.compile (models/cpu_compiled.py)."""
+    return flag("GDNSPEC_CPU_COMPILE", default=False)
