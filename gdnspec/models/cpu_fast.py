@@ -34,10 +34,11 @@ Results equal the module path up to float rounding (float64: ~1e-13 relative; te
 Measured notes (2-core shared CPU, torch 2.13; op counts by benchmarks/bench_cpu_ops.py): on the default bundle most
 of a decode step's time is aten::mm over the weights (memory-bound), and a verify of N = 16 nodes does 16x the
 multiply-adds of a decode step, so op counts bound the host overhead, not the GEMM floor. F.rms_norm has no fused CPU
-kernel here (it decomposes: ~15 us per call vs ~4 us for layer_norm). torch.compile (inductor, CPU) of the GDN decode
-mixer written as a pure tensor function: ~30% less time for that piece, cold compile ~4-19 s, ~0.1 s from the warm
-FX / inductor cache; compiling the module-taking functions here graph-breaks on the weight cache checks and ran
-slower. Not adopted yet (no switch): see the issue notes.
+kernel here (it decomposes: ~15 us per call vs ~4 us for layer_norm). Compiling the module-taking functions here
+graph-breaks on the weight cache checks and ran slower; the drafters' steps written as pure tensor functions are
+compiled by models/cpu_compiled.py (GDNSPEC_CPU_COMPILE=1 / --enable-torch-compile), which reads its weights through
+this module's caches. The tree commit (`gdn_commit`, `commit_step`) takes ~10 ops per GDN layer against ~30 for the
+module path's tree_commit_state + tree_conv_commit_state.
 """
 from __future__ import annotations
 
