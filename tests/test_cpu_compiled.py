@@ -1,6 +1,6 @@
 """The compiled CPU drafter steps (gdnspec/models/cpu_compiled.py, GDNSPEC_CPU_COMPILE=1) against the module path.
 
-A GDN-only model's decode step and an EAGLE head's expansion, compiled by inductor, must equal the module-by-module
+A GDN-only model's decode step and an EAGLE head's expansion and catch-up, compiled by inductor, must equal the module-by-module
 reference (model.fused_steps = False) in outputs AND states: float64 (tight) and float32, both projection layouts,
 HV = 2H, K != V, B = 1 and 3, a norm offset; weights changed in place after compiling are seen; greedy speculative
 decoding with the draft model and the EAGLE head (chain and tree) stays token-identical to plain decoding; the switch
@@ -106,6 +106,18 @@ def test_compiled_eagle_expansion_matches_module_path(compile_on, dtype):
         out = head.decode_step(f, e, st, target=target)
         assert rel(out[0], ref[0]) < bound(dtype) and rel(out[1], ref[1]) < bound(dtype)
         assert states_rel(st, st_ref) < bound(dtype)
+    for L in (1, 4):  # the catch-up over L pairs, rows committing after 1, L and L - 1 of them
+        f, e = torch.randn(B + 1, L, H, generator=g).to(dtype), torch.randn(B + 1, L, H, generator=g).to(dtype)
+        counts = torch.tensor([1, L, max(1, L - 1)])
+        s_ref3, s3 = head.new_state(B + 1), head.new_state(B + 1)
+        s_ref3.assign_rows_([0, 1], st_ref)
+        s3.assign_rows_([0, 1], st)
+        target.fused_steps = False
+        head.catch_up(f, e, s_ref3, counts=counts, target=target)
+        target.fused_steps = True
+        head.catch_up(f, e, s3, counts=counts, target=target)
+        assert states_rel(s3, s_ref3) < bound(dtype), L
+    assert compile_on.get("eagle_catch_up", 0) == 2, compile_on
 
 
 @pytest.mark.parametrize("drafter", ["model", "eagle"])

@@ -11,7 +11,9 @@ row, 2.14 -> 1.01 ms at four (benchmarks/bench_cpu_ops.py, `--compile`). Steps c
 - `decode_step`: `GDNForCausalLM.forward` on one token per row for models whose layers are all GDN with SwiGLU MLPs
   (the default draft model; a hybrid model such as the default target keeps the eager fast path: its decode is
   bound by streaming 67 MB of weights, and compiling its GDN layers and MLPs gained ~5%);
-- `eagle_decode_step`: `EagleHead.decode_step` (full vocabulary heads; a reduced draft vocabulary stays eager).
+- `eagle_decode_step`: `EagleHead.decode_step` (full vocabulary heads; a reduced draft vocabulary stays eager);
+- `eagle_catch_up`: `EagleHead.catch_up` (the head's state over the L committed pairs, then each row's commit; one
+  graph per (B, L)).
 
 Where: the CPU fast path applies (models/cpu_fast.py: CPU, float32/64, fused_steps, no autograd) and
 GDNSPEC_CPU_COMPILE=1 (default 0: a first call per model and batch size compiles for ~2-10 s; inductor caches the
@@ -33,7 +35,8 @@ from gdnspec.layers.mlp import SwiGLUMLP
 from gdnspec.models import cpu_fast as _cf
 from gdnspec.ops._env import cpu_compile
 
-__all__ = ["enabled", "applies", "decode_step", "eagle_applies", "eagle_decode_step", "RECOMPILE_LIMIT"]
+__all__ = ["enabled", "applies", "decode_step", "eagle_applies", "eagle_decode_step", "eagle_catch_up",
+           "RECOMPILE_LIMIT"]
 
 RECOMPILE_LIMIT = 32  # compiled graphs per step function (batch sizes x models x dtypes) before torch runs it eagerly
 _STATE = {"failed": None, "fns": {}}
@@ -103,6 +106,54 @@ def _eagle_step(hidden, emb, fuse, layer, state, norm_w, consts):
     if wm is not None:
         h = _mlp_block(h, wm, mlp_eps)
     return h, F.rms_norm(h[:, 0], (H,), norm_w, t_eps)
+
+
+def _gdn_chain_commit(x, w, conv, S, anc, flat, last, c):
+    """The GDN mixer's state side over a chain of L normed inputs x (B, L, hidden), then the commit after node
+    last[b] of each row (cpu_fast.gdn_tree_mixer(need_output=False) + gdn_commit): conv (B, CD, W-1) and S
+    (B, HV, K, V) advanced in place. anc (B, L, L) bool, flat (B * L * W,) the window rows into [old window | inputs]."""
+    _, w_in, perm, conv_w, l2w, dtb, nea, _, _, _ = w
+    H, HV, K, V, _, l2eps, _ = c
+    B, L = x.shape[:2]
+    CD, VD, W = conv_w.shape[0], HV * V, conv_w.shape[1]
+    proj = F.linear(x, w_in)
+    if perm is not None:
+        proj = proj.index_select(-1, perm)
+    mixed, _, ba = proj.split([CD, VD, 2 * HV], dim=-1)  # (B, L, .)
+    seq = torch.cat([conv.mT, mixed], dim=1).reshape(-1, CD)  # (B * (W-1+L), CD)
+    win = seq.index_select(0, flat).view(B, L, W, CD)
+    mc = F.silu((win * conv_w.t()).sum(2))  # (B, L, CD)
+    k = F.rms_norm(mc[..., H * K: 2 * H * K].reshape(B, L, H, K), (K,), l2w, l2eps)  # the keys only: no output side
+    if HV != H:
+        k = k.repeat_interleave(HV // H, dim=2)
+    k = k.transpose(1, 2)  # (B, HV, L, K)
+    v = mc[..., 2 * H * K:].view(B, L, HV, V).transpose(1, 2)  # (B, HV, L, V)
+    b, a = ba.view(B, L, 2, HV).permute(2, 0, 3, 1).unbind(0)  # (B, HV, L)
+    g = F.softplus(a + dtb.view(HV, 1)) * nea.view(HV, 1)
+    A = anc.to(x.dtype)[:, None]  # (B, 1, L, L)
+    gamma = (A @ g[..., None]).squeeze(-1)  # (B, HV, L): sum of g along the path
+    Gamma = (gamma[..., :, None] - gamma[..., None, :]).masked_fill(~anc[:, None], float("-inf")).exp()
+    beta = torch.sigmoid(b)[..., None]
+    rhs = (v - (k @ S) * gamma.exp()[..., None]) * beta
+    v_new = torch.linalg.solve_triangular((k @ k.mT) * Gamma * beta, rhs, upper=False, unitriangular=True)
+    rows = torch.arange(B, device=x.device)
+    g_a = gamma.gather(2, last.view(B, 1, 1).expand(B, HV, 1))  # (B, HV, 1)
+    coeff = (g_a - gamma).masked_fill(~anc[rows, last][:, None], float("-inf")).exp()
+    S.mul_(g_a.exp()[..., None])
+    S.add_((k * coeff[..., None]).mT @ v_new)
+    keep = flat.view(B, L, W)[rows, last, 1:].reshape(-1)  # the last node's window without its oldest input
+    conv.copy_(seq.index_select(0, keep).view(B, W - 1, CD).mT)
+
+
+def _eagle_catch_up(hidden, emb, fuse, layer, state, anc, flat, last, consts):
+    """EAGLE catch-up over L pairs (B, L, H): fuse, input norm, the mixer's state side and each row's commit."""
+    ne, nh, fc_w, fc_b = fuse
+    (wg, _), (conv, S) = layer, state
+    (cg, _), e_eps, h_eps, _ = consts
+    H = hidden.shape[-1]
+    x = torch.cat([F.rms_norm(emb, (H,), ne, e_eps), F.rms_norm(hidden, (H,), nh, h_eps)], dim=-1)
+    x = F.rms_norm(F.linear(x, fc_w, fc_b), (H,), wg[0], cg[4])
+    _gdn_chain_commit(x, wg, conv, S, anc, flat, last, cg)
 
 
 # --------------------------------------------------------------------------------------------- binding and dispatch
@@ -175,10 +226,11 @@ def decode_step(model, input_ids: torch.Tensor, state) -> tuple[torch.Tensor, to
     return model.lm_head(x), h
 
 
-def eagle_applies(head) -> bool:
-    """Whether `eagle_decode_step` covers `head` (the caller has checked the CPU fast path): switch on, a full
-    vocabulary (no draft_ids), its one layer GDN with a SwiGLU MLP (or none)."""
-    return enabled() and head.draft_ids is None and _layer_supported(head.layer)
+def eagle_applies(head, *, logits: bool = True) -> bool:
+    """Whether `eagle_decode_step` (logits=True) / `eagle_catch_up` (logits=False) covers `head` (the caller has
+    checked the CPU fast path): switch on, its one layer GDN with a SwiGLU MLP (or none), and for the expansion a full
+    vocabulary (a reduced one, draft_ids, stays eager)."""
+    return enabled() and (not logits or head.draft_ids is None) and _layer_supported(head.layer)
 
 
 def eagle_decode_step(head, hidden: torch.Tensor, token_embeds: torch.Tensor, state, *, target):
@@ -194,3 +246,20 @@ def eagle_decode_step(head, hidden: torch.Tensor, token_embeds: torch.Tensor, st
         return _cf.eagle_decode_step(head, hidden, token_embeds, state, target=target)
     h, x = out
     return h, target.lm_head(x)
+
+
+def eagle_catch_up(head, hidden: torch.Tensor, token_embeds: torch.Tensor, state, *, counts: torch.Tensor) -> bool:
+    """cpu_fast.eagle_catch_up, compiled: the head's GDN state advanced IN PLACE over the pairs (hidden[:, i],
+    token_embeds[:, i]) (B, L, H), i < counts[b] (>= 1). Returns False (nothing done) when compiling failed: the
+    caller then runs the eager catch-up."""
+    B, L = hidden.shape[:2]
+    mixer = head.layer.linear_attn
+    setup = _cf.chain_setup(B, L, mixer.conv_kernel_size, hidden.dtype, hidden.device)
+    wl, cl = _layer_args(head.layer)
+    fuse = (_cf.norm_scale(head.norm_e), _cf.norm_scale(head.norm_h), head.fc.weight, head.fc.bias)
+    s = state.layers[0]
+    last = (counts.to(hidden.device) - 1).clamp(min=0)
+    consts = (cl, head.norm_e.eps, head.norm_h.eps, 0.0)
+    _run("eagle_catch_up", _eagle_catch_up,
+         (hidden, token_embeds, fuse, wl, (s.conv, s.recurrent), setup.anc, setup.flat, last, consts))
+    return _STATE["failed"] is None
