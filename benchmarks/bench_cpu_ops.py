@@ -1,6 +1,6 @@
 """Top-level torch ops per step on the CPU for the default bundle, module path (before) vs CPU fast path (after).
 
-    python benchmarks/bench_cpu_ops.py [--threads 2] [--repeats 200] [--out FILE.json] [--no-time]
+    python benchmarks/bench_cpu_ops.py [--threads 2] [--repeats 200] [--out FILE.json] [--no-time] [--compile]
 
 Steps (batch 1, after a 128-token prompt): the target's decode step, tree verifies of N = 5 and 16 nodes (a random
 tree; the verify only reads the state), one EAGLE expansion (`EagleHead.decode_step`, as `propose` runs per tree
@@ -9,7 +9,9 @@ level; and a whole `propose` of a 1-step chain, tree building included), one dra
 target's commit of a 3-node path. "ops" counts the aten ops the profiler records at top level (events whose parent
 is not an aten op): deterministic, the per-op dispatch cost that dominates small CPU steps. "ms" is the median wall
 time of `--repeats` calls (meaningful on an idle machine only). The "module" column sets model.fused_steps = False
-(the module-by-module reference), "fast" the default (gdnspec/models/cpu_fast.py). Prints a table and JSON.
+(the module-by-module reference), "fast" the default (gdnspec/models/cpu_fast.py); --compile adds a "compiled" column:
+the fast path with GDNSPEC_CPU_COMPILE=1 (models/cpu_compiled.py: the draft model's steps, the EAGLE expansion and
+catch-up; the warm-up calls compile, not timed). Prints a table and JSON.
 """
 from __future__ import annotations
 
@@ -125,6 +127,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=200)
     ap.add_argument("--no-time", action="store_true", help="op counts only")
     ap.add_argument("--out", default=None, help="write the JSON here too")
+    ap.add_argument("--compile", action="store_true", help="add the fast path with GDNSPEC_CPU_COMPILE=1")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import gdnspec
@@ -135,11 +138,14 @@ def main() -> int:
 
 
 def _run(bundle, args) -> int:
+    import os
+
     steps, models = build_steps(bundle)
     results = {}
-    for mode in ("module", "fast"):
+    for mode in ("module", "fast") + (("compiled",) if args.compile else ()):
         for m in models:
-            m.fused_steps = mode == "fast"
+            m.fused_steps = mode != "module"
+        os.environ["GDNSPEC_CPU_COMPILE"] = "1" if mode == "compiled" else "0"
         for name, make in steps.items():
             n, by_op = count_ops(make())
             row = results.setdefault(name, {})
@@ -149,12 +155,18 @@ def _run(bundle, args) -> int:
     for m in models:
         m.fused_steps = True
     dec = results["decode"]
-    print(f"{'step':20s} {'ops module':>10s} {'ops fast':>9s} {'ms module':>10s} {'ms fast':>8s} {'fast / decode':>14s}")
+    comp = "compiled" in dec
+    print(f"{'step':20s} {'ops module':>10s} {'ops fast':>9s} {'ms module':>10s} {'ms fast':>8s} {'fast / decode':>14s}"
+          + (f" {'ops compiled':>12s} {'ms compiled':>11s} {'/ decode':>9s}" if comp else ""))
     for name, row in results.items():
         a, b = row["module"], row["fast"]
         rel = f"{b['ms'] / dec['fast']['ms']:.2f}x" if "ms" in b else f"{b['ops'] / dec['fast']['ops']:.2f}x ops"
-        print(f"{name:20s} {a['ops']:10d} {b['ops']:9d} {a.get('ms', float('nan')):10.3f} {b.get('ms', float('nan')):8.3f}"
-              f" {rel:>14s}")
+        line = (f"{name:20s} {a['ops']:10d} {b['ops']:9d} {a.get('ms', float('nan')):10.3f} "
+                f"{b.get('ms', float('nan')):8.3f} {rel:>14s}")
+        if comp:  # against the eager decode step (the default target is not compiled)
+            c = row["compiled"]
+            line += f" {c['ops']:12d}" + (f" {c['ms']:11.3f} {c['ms'] / dec['fast']['ms']:8.2f}x" if "ms" in c else "")
+        print(line)
     summary = {name: {mode: {k: v for k, v in row[mode].items() if k != "by_op"} for mode in row}
                for name, row in results.items()}
     print(json.dumps({"threads": args.threads, "steps": summary}, indent=1))
