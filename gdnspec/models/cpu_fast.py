@@ -37,7 +37,8 @@ multiply-adds of a decode step, so op counts bound the host overhead, not the GE
 kernel here (it decomposes: ~15 us per call vs ~4 us for layer_norm). torch.compile (inductor, CPU) of the GDN decode
 mixer written as a pure tensor function: ~30% less time for that piece, cold compile ~4-19 s, ~0.1 s from the warm
 FX / inductor cache; compiling the module-taking functions here graph-breaks on the weight cache checks and ran
-slower. Not adopted yet (no switch): see the issue notes.
+slower. Adopted as an opt-in switch (GDNSPEC_CPU_COMPILE=1 / --enable-torch-compile) for GDN-only models' decode step
+and the EAGLE head's expansion only: models/cpu_compiled.py (pure tensor functions fed by this module's caches).
 """
 from __future__ import annotations
 
