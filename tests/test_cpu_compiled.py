@@ -4,7 +4,8 @@ A GDN-only model's decode step and an EAGLE head's expansion and catch-up, compi
 reference (model.fused_steps = False) in outputs AND states: float64 (tight) and float32, both projection layouts,
 HV = 2H, K != V, B = 1 and 3, a norm offset; weights changed in place after compiling are seen; greedy speculative
 decoding with the draft model and the EAGLE head (chain and tree) stays token-identical to plain decoding; the switch
-rejects bad values by name; a failing compile warns once and falls back to the eager step with the same result.
+rejects bad values by name; a failing compile warns once and falls back to the eager step with the same result;
+what is not covered (a hybrid model, a head with a reduced draft vocabulary) runs eagerly with the right logits.
 Needs a C++ compiler (inductor's CPU backend): skipped without one. ~1-2 min of compiling on 2 cores.
 
     python -m pytest -q tests/test_cpu_compiled.py
@@ -176,3 +177,32 @@ def test_a_failing_compile_warns_once_and_runs_the_eager_step(monkeypatch):
     monkeypatch.setenv("GDNSPEC_CPU_COMPILE", "0")
     ref = model(ids, s2)
     assert torch.equal(out.logits, ref.logits) and states_rel(s1, s2) == 0.0
+
+
+@torch.inference_mode()
+def test_what_the_compiled_steps_do_not_cover_runs_eagerly(monkeypatch):
+    """A hybrid model (attention layers) and an EAGLE head with a reduced draft vocabulary are not compiled, and give
+    the module path's results: the reduced head's logits are the full logits' draft_ids columns, not a full row."""
+    from gdnspec.models.eagle import EagleHead, eagle_config_for
+
+    monkeypatch.setenv("GDNSPEC_CPU_COMPILE", "1")
+    monkeypatch.setitem(cpu_compiled._STATE, "failed", None)
+    hybrid = randomize_(GDNForCausalLM(tiny_config(num_hidden_layers=2, full_attention_interval=2),
+                                       dtype=torch.float64), seed=5).eval()
+    assert cpu_compiled.enabled() and not cpu_compiled.applies(hybrid)
+    target = _gdn_model(torch.float64, "qwen3_next")
+    head = randomize_(EagleHead(eagle_config_for(target.config)), seed=3).double().eval()
+    V, B, H = target.vocab_size, 2, target.config.hidden_size
+    ids = torch.randperm(V, generator=torch.Generator().manual_seed(1))[: V // 3]
+    head.set_draft_vocab(ids)
+    assert not cpu_compiled.eagle_applies(head)
+    g = torch.Generator().manual_seed(2)
+    f, e = torch.randn(B, 1, H, generator=g, dtype=torch.float64), torch.randn(B, 1, H, generator=g, dtype=torch.float64)
+    st = head.new_state(B)
+    target.fused_steps = False
+    head.set_draft_vocab(None)
+    _, full = head.decode_step(f, e, st.clone(), target=target)
+    head.set_draft_vocab(ids)
+    target.fused_steps = True
+    _, red = head.decode_step(f, e, st, target=target)
+    assert red.shape == (B, ids.numel()) and rel(red, full[:, ids]) < 1e-11

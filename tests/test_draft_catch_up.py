@@ -5,8 +5,9 @@ most one token more, instead of a chain verify + commit (`advance_rows`, the ref
 CPU: the resulting states equal the reference's (1e-12) for chains and trees (greedy and stochastic), every accepted
 depth (root only .. whole path, incl. nodes never expanded), batches whose rows stop at different depths; anything the
 trace cannot explain (another root, tokens past the proposal, a hybrid draft with KV caches, sync-free steps, a
-state replaced by copy_) takes `advance_rows` (bit-equal to it); mutants (the first slot of a level instead of the
-matched one; the last token not run) must fail.
+state replaced by copy_) takes `advance_rows` (bit-equal to it); a hand-built trace with the same token under two
+parents, and rows exactly two tokens past the trace; mutants (the first slot of a level instead of the matched one;
+the last token not run; the parent slot ignored; two tokens past the trace accepted) must fail.
 
     python -m pytest -q tests/test_draft_catch_up.py
 """
@@ -138,21 +139,78 @@ def test_hybrid_drafts_keep_no_trace():
     assert state.select([0]).trace is None
 
 
+
+def _hand_trace(d, B=2):
+    """A proposal's trace built by hand, as `propose` records it: level 1 = two children (a, b) of the root, level 2
+    = the SAME token c under each of them (parent slots 0 and 1), so only the parent slot tells the two apart."""
+    V = d.vocab_size
+    state = d.begin(prompts_of([6] * B, V, seed=4))
+    roots, (a, b, c) = torch.tensor([1, 2][:B]), (3, 4, 5)
+    s0 = state.model_state.clone()
+    d.model(roots[:, None], s0)
+    t1, p1 = torch.tensor([[a, b]] * B), torch.zeros(B, 2, dtype=torch.long)
+    s1 = s0.select((torch.arange(B)[:, None] + p1).reshape(-1))
+    d.model(t1.reshape(-1, 1), s1)
+    t2, p2 = torch.tensor([[c, c]] * B), torch.tensor([[0, 1]] * B)
+    s2 = s1.select((torch.arange(B)[:, None] * 2 + p2).reshape(-1))
+    d.model(t2.reshape(-1, 1), s2)
+    return state, dm.ProposalTrace(roots, [(roots[:, None], None, s0), (t1, p1, s1), (t2, p2, s2)]), (a, b, c)
+
+
+@torch.inference_mode()
+def test_equal_tokens_under_different_parents_are_told_apart_by_the_parent_slot():
+    d = _drafter()
+    state, trace, (a, b, c) = _hand_trace(d)
+    tokens = torch.tensor([[1, b, c, 0], [2, b, c, 7]])  # row 0 ends on the traced (b, c), row 1 runs one more token
+    counts = torch.tensor([3, 4])
+    assert dm.deepest_traced(trace, tokens.tolist(), counts.tolist()) == [(3, 1), (3, 1)]
+    ref = state.model_state.clone()
+    dm.advance_rows(d.model, ref, tokens, counts)
+    state.trace = trace
+    called = []
+    real = dm.catch_up_from_trace
+    try:
+        dm.catch_up_from_trace = lambda *args: called.append(real(*args)) or called[-1]
+        d.advance(state, tokens=tokens, counts=counts)
+    finally:
+        dm.catch_up_from_trace = real
+    assert called == [True]
+    assert _max_rel(state.model_state, ref) < 1e-12
+
+
+@torch.inference_mode()
+def test_two_tokens_past_the_traced_states_take_the_chain_verify():
+    d = _drafter()
+    state, trace, (a, b, c) = _hand_trace(d)
+    tokens = torch.tensor([[1, a, 9, 8], [2, 9, 8, 0]])  # past the trace: row 0 by two tokens (9, 8), row 1 too
+    counts = torch.tensor([4, 3])
+    assert dm.deepest_traced(trace, tokens.tolist(), counts.tolist()) == [(2, 0), (1, 0)]
+    assert not dm.catch_up_from_trace(d.model, state.model_state.clone(), trace, tokens, counts)
+    ref = state.model_state.clone()
+    dm.advance_rows(d.model, ref, tokens, counts)
+    state.trace = trace
+    d.advance(state, tokens=tokens, counts=counts)
+    for x, y in zip(state.model_state.layers, ref.layers):
+        assert torch.equal(x.recurrent, y.recurrent) and torch.equal(x.conv, y.conv)
+
 MUTANTS = {  # the catch-up's source, deliberately broken: each must fail the comparison with the chain verify
     "first slot": ("[b * F + found[b][1] for b in rows]", "[b * F for b in rows]"),
     "last token not run": ("if c > m]", "if c > m + 1]"),
     "level off by one": ("for j in sorted({m - 1 for m, _ in found})", "for j in sorted({max(m - 2, 0) for m, _ in found})"),
 }
+# killed by the two hand-built-trace tests above (the proposals of test_mutants_fail never hold them)
+HAND_MUTANTS = {
+    "parent slot ignored": ("(par is None or par[b][f] == slot)", "True"),
+    "two tokens past the trace accepted": ("any(c - m > 1 for", "any(c - m > 2 for"),
+}
 
 
-@pytest.mark.parametrize("mutant", list(MUTANTS))
-@torch.inference_mode()
-def test_mutants_fail(mutant, tmp_path, monkeypatch):
+def _load_mutant(old, new, tmp_path, monkeypatch):
+    """The catch-up's source with `old` replaced by `new`, patched into dm (the real drafter's advance calls it)."""
     import importlib.util
     import inspect
     import sys
 
-    old, new = MUTANTS[mutant]
     src = inspect.getsource(dm)
     assert src.count(old) == 1, old
     path = tmp_path / "mutant_model_drafter.py"
@@ -161,8 +219,14 @@ def test_mutants_fail(mutant, tmp_path, monkeypatch):
     mod = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, mod)  # dataclasses look their module up
     spec.loader.exec_module(mod)
-    # the mutant's catch-up, called by the real drafter's advance
     monkeypatch.setattr(dm, "catch_up_from_trace", mod.catch_up_from_trace)
+    monkeypatch.setattr(dm, "deepest_traced", mod.deepest_traced)
+
+
+@pytest.mark.parametrize("mutant", list(MUTANTS))
+@torch.inference_mode()
+def test_mutants_fail(mutant, tmp_path, monkeypatch):
+    _load_mutant(*MUTANTS[mutant], tmp_path, monkeypatch)
     errs = []
     for n in ("tree-3x3", "chain-4"):
         for s in (0, 1):
@@ -171,3 +235,16 @@ def test_mutants_fail(mutant, tmp_path, monkeypatch):
             except (IndexError, RuntimeError):  # a broken index may also raise: that fails too
                 errs.append(float("inf"))
     assert max(errs) > 1e-6, errs
+
+
+@pytest.mark.parametrize("mutant", list(HAND_MUTANTS))
+def test_hand_trace_mutants_fail(mutant, tmp_path, monkeypatch):
+    _load_mutant(*HAND_MUTANTS[mutant], tmp_path, monkeypatch)
+    failed = 0
+    for test in (test_equal_tokens_under_different_parents_are_told_apart_by_the_parent_slot,
+                 test_two_tokens_past_the_traced_states_take_the_chain_verify):
+        try:
+            test()
+        except AssertionError:
+            failed += 1
+    assert failed, mutant
