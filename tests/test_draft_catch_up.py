@@ -248,3 +248,15 @@ def test_hand_trace_mutants_fail(mutant, tmp_path, monkeypatch):
         except AssertionError:
             failed += 1
     assert failed, mutant
+
+
+def test_only_cpu_states_keep_a_trace():
+    """Off the CPU (CUDA; here the meta device stands in) and for sync-free steps, proposals keep no states."""
+    from gdnspec.cache import GDNLayerState, ModelState
+
+    def state(device):
+        return ModelState([GDNLayerState(torch.empty(1, 2, 4, 4, device=device), torch.empty(1, 6, 3, device=device))])
+
+    assert dm._traceable(state("cpu"), False)
+    assert not dm._traceable(state("cpu"), True)
+    assert not dm._traceable(state("meta"), False)

@@ -5,9 +5,9 @@ copy of that state, takes the topk children, and at each further step gathers th
 parent (`ModelState.select`) and runs the frontier tokens as one batch of single-token steps. After verification
 `advance` brings the committed state past the committed tokens of each row (different counts per row).
 
-Catch-up from the proposal's states (eager steps, draft models whose layers are all GDN): `propose` keeps the state
-after every expanded node (`ModelDraftState.trace`; a chain clones its one state before each step, a tree's frontier
-states are the gathered copies it makes anyway). Every committed token but the last was expanded during the
+Catch-up from the proposal's states (eager steps on the CPU, draft models whose layers are all GDN): `propose` keeps
+the state after every expanded node (`ModelDraftState.trace`; a chain clones its one state before each step, a tree's
+frontier states are the gathered copies it makes anyway). Every committed token but the last was expanded during the
 proposal (a node has children in the tree only if it was expanded), so `advance` finds, per row, the deepest
 committed token whose state exists, by walking the recorded frontiers (same parent slot, same token: two such nodes
 ran the same computation), copies that state in, and runs what is left: at most one token, as a decode step. The
@@ -15,8 +15,8 @@ result is the state after the same tokens, computed by single-token steps instea
 same maths, rounded differently (float64: ~1e-15; tests/test_draft_catch_up.py); what the drafter proposes next may
 differ at a near-tie, the target's output never does. On the 2-core CPU a catch-up of 3 tokens was a chain verify +
 commit of ~280 torch ops (3.2 ms, benchmarks/bench_cpu_ops.py). Anything the trace cannot explain (another state,
-rows, root or tokens than the last proposal's; sync-free / static steps; KV-cache layers, whose per-level copies
-would cost the context) takes the chain verify + commit (`advance_rows`), as before.
+rows, root or tokens than the last proposal's; sync-free / static steps; CUDA; KV-cache layers, whose per-level
+copies would cost the context) takes the chain verify + commit (`advance_rows`), as before.
 """
 from __future__ import annotations
 
@@ -163,8 +163,12 @@ class ModelDrafter:
 
 
 def _traceable(state: ModelState, sync_free: bool) -> bool:
-    """Whether a proposal from `state` keeps its states: eager steps of a draft model whose layers are all GDN."""
-    return not sync_free and all(isinstance(layer, GDNLayerState) for layer in state.layers)
+    """Whether a proposal from `state` keeps its states: eager steps on the CPU of a draft model whose layers are all
+    GDN. Not on CUDA: there the engine's default is the static (graph) path, and keeping every level's states through
+    the target's verify would hold ~2x the draft states of a proposal at peak (a helper's estimate: ~13 GiB for a
+    12-layer draft at batch 64), for a catch-up that costs a few kernels there anyway."""
+    return (not sync_free and state.layers[0].recurrent.device.type == "cpu"
+            and all(isinstance(layer, GDNLayerState) for layer in state.layers))
 
 
 def deepest_traced(trace: ProposalTrace, tokens: list[list[int]], counts: list[int]) -> list[tuple[int, int]]:
