@@ -16,9 +16,10 @@ row, 2.14 -> 1.01 ms at four (benchmarks/bench_cpu_ops.py, `--compile`). Steps c
   graph per (B, L)).
 
 Where: the CPU fast path applies (models/cpu_fast.py: CPU, float32/64, fused_steps, no autograd) and
-GDNSPEC_CPU_COMPILE=1 (default 0: a first call per model and batch size compiles for ~2-10 s; inductor caches the
-generated code on disk, so a later process starts in ~2-4 s). Shapes are static (dynamic=False): one compiled graph
-per (model shapes, batch rows, dtype), at most `RECOMPILE_LIMIT` per function; beyond that torch runs it eagerly. The
+GDNSPEC_CPU_COMPILE=1 (default 0: the first call per model compiles for ~2-10 s, the first call with another batch
+size once more, for a graph with a dynamic batch dimension (torch.compile's default `dynamic=None`; one row stays its
+own static graph); inductor caches the generated code on disk, so a later process starts in ~2-4 s). At most
+`RECOMPILE_LIMIT` graphs per step function (models x dtypes x shapes); beyond that torch runs it eagerly. The
 math is cpu_fast's (same ops, same order where it matters); results equal the eager fast path up to float rounding
 (float64 ~1e-15; tests/test_cpu_compiled.py). If compiling fails (no C++ compiler), one warning is printed and the
 eager fast path runs from then on.
@@ -39,6 +40,7 @@ __all__ = ["enabled", "applies", "decode_step", "eagle_applies", "eagle_decode_s
            "RECOMPILE_LIMIT"]
 
 RECOMPILE_LIMIT = 32  # compiled graphs per step function (batch sizes x models x dtypes) before torch runs it eagerly
+DYNAMIC = None  # torch.compile's default: static shapes first, a dimension that changes is made dynamic (one recompile)
 _STATE = {"failed": None, "fns": {}}
 
 
@@ -166,7 +168,7 @@ def _compiled(name: str, fn):
         for attr in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
             if hasattr(cfg, attr) and getattr(cfg, attr) < RECOMPILE_LIMIT:
                 setattr(cfg, attr, RECOMPILE_LIMIT)
-        fns[name] = torch.compile(fn, dynamic=False)
+        fns[name] = torch.compile(fn, dynamic=DYNAMIC)
     return fns[name]
 
 
