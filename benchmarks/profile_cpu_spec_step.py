@@ -60,7 +60,8 @@ def profile_row(bundle, prompts, drafter_name: str, config, max_new_tokens: int,
     model = bundle.model
     drafter = bundle.drafters[drafter_name]
     eng = SpeculativeEngine(model, drafter, config, static=False)
-    eng.generate(prompts[0][None], max_new_tokens)  # warm-up
+    for p in prompts:  # warm-up over every prompt: with GDNSPEC_CPU_COMPILE=1 the shapes met compile here, untimed
+        eng.generate(p[None], max_new_tokens)
     acc = defaultdict(float)
     steps = 0
     step_s = 0.0
