@@ -88,37 +88,12 @@ def test_compiled_decode_step_matches_module_path(compile_on, dtype, layout, ove
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @torch.inference_mode()
-def test_compiled_eagle_expansion_matches_module_path(compile_on, dtype):
-    from gdnspec.models.eagle import EagleHead, eagle_config_for
+def test_compiled_eagle_expansion_and_catch_up_match_module_path(compile_on, dtype):
+    """test_cpu_fast's EAGLE check (B = 3; catch-ups of 1 and 3 pairs) with the compiled steps on."""
+    from test_cpu_fast import check_eagle_steps_match_module_path
 
-    target = _gdn_model(dtype, "qwen3_next")
-    head = randomize_(EagleHead(eagle_config_for(target.config)), seed=3).to(dtype).eval()
-    assert cpu_compiled.eagle_applies(head)
-    g = torch.Generator().manual_seed(2)
-    B, H = 2, target.config.hidden_size
-    st_ref = head.new_state(B)
-    head(torch.randn(B, 4, H, generator=g).to(dtype), torch.randn(B, 4, H, generator=g).to(dtype), st_ref)
-    st = st_ref.clone()
-    for _ in range(2):
-        f, e = torch.randn(B, 1, H, generator=g).to(dtype), torch.randn(B, 1, H, generator=g).to(dtype)
-        target.fused_steps = False
-        ref = head.decode_step(f, e, st_ref, target=target)
-        target.fused_steps = True
-        out = head.decode_step(f, e, st, target=target)
-        assert rel(out[0], ref[0]) < bound(dtype) and rel(out[1], ref[1]) < bound(dtype)
-        assert states_rel(st, st_ref) < bound(dtype)
-    for L in (1, 4):  # the catch-up over L pairs, rows committing after 1, L and L - 1 of them
-        f, e = torch.randn(B + 1, L, H, generator=g).to(dtype), torch.randn(B + 1, L, H, generator=g).to(dtype)
-        counts = torch.tensor([1, L, max(1, L - 1)])
-        s_ref3, s3 = head.new_state(B + 1), head.new_state(B + 1)
-        s_ref3.assign_rows_([0, 1], st_ref)
-        s3.assign_rows_([0, 1], st)
-        target.fused_steps = False
-        head.catch_up(f, e, s_ref3, counts=counts, target=target)
-        target.fused_steps = True
-        head.catch_up(f, e, s3, counts=counts, target=target)
-        assert states_rel(s3, s_ref3) < bound(dtype), L
-    assert compile_on.get("eagle_catch_up", 0) == 2, compile_on
+    check_eagle_steps_match_module_path(dtype)
+    assert compile_on.get("eagle_step", 0) == 2 and compile_on.get("eagle_catch_up", 0) == 2, compile_on
 
 
 @pytest.mark.parametrize("drafter", ["model", "eagle"])

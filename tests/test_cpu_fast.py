@@ -192,6 +192,12 @@ def _check_cached_weights_follow_updates(model):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @torch.inference_mode()
 def test_eagle_expansion_and_catch_up_match_module_path(dtype):
+    check_eagle_steps_match_module_path(dtype)
+
+
+def check_eagle_steps_match_module_path(dtype):
+    """An EAGLE head's expansions and catch-ups (counts 1, L, L - 1) on the fast steps against the module path;
+    also run by tests/test_cpu_compiled.py with the compiled steps on."""
     from gdnspec.models.eagle import EagleHead, eagle_config_for
 
     target = _model(dtype, "qwen3_next", {})
