@@ -319,7 +319,9 @@ def test_enable_torch_compile_flag_compiles_the_drafter_steps(capsys, monkeypatc
     go through the compiled step (models/cpu_compiled.py) and generation gives the same text as without it."""
     from gdnspec.models import cpu_compiled
 
-    monkeypatch.delenv("GDNSPEC_CPU_COMPILE", raising=False)  # restored (unset) after the test: main sets it
+    # main() sets GDNSPEC_CPU_COMPILE=1 for the process: setenv records the original value (unset) for teardown
+    # (delenv of an unset variable records nothing, and the "1" leaked into every later test)
+    monkeypatch.setenv("GDNSPEC_CPU_COMPILE", "0")
     monkeypatch.setitem(cpu_compiled._STATE, "failed", None)
     calls = []
     real = cpu_compiled._run
