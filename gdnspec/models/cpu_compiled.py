@@ -5,15 +5,16 @@
 On the 2-core CPU a small model's step is op-bound: the default bundle's draft model (2 GDN layers, hidden 256) runs
 ~100 torch ops per expansion, ~1.5 ms, of which its matrix products take ~0.4 ms. Written as one pure tensor function
 (weights and states are arguments; no module attribute reads, no weight-cache checks inside) and compiled by
-inductor, the elementwise chains fuse into a few C++ loops around the matrix products: measured 1.51 -> 0.69 ms at one
-row, 2.14 -> 1.01 ms at four (benchmarks/bench_cpu_ops.py, `--compile`). Steps covered:
+inductor, the elementwise chains fuse into a few C++ loops around the matrix products: the draft model's expansion
+1.62 -> 0.96 ms, the EAGLE expansion 1.48 -> 1.18 ms, the EAGLE catch-up of 3 pairs 0.94 -> 0.59 ms (one row, 2
+threads; `python benchmarks/bench_cpu_ops.py --compile`, benchmarks/results/stop20/cpu_ops_threads2_compile.json).
+Steps covered:
 
 - `decode_step`: `GDNForCausalLM.forward` on one token per row for models whose layers are all GDN with SwiGLU MLPs
   (the default draft model; a hybrid model such as the default target keeps the eager fast path: its decode is
   bound by streaming 67 MB of weights, and compiling its GDN layers and MLPs gained ~5%);
 - `eagle_decode_step`: `EagleHead.decode_step` (full vocabulary heads; a reduced draft vocabulary stays eager);
-- `eagle_catch_up`: `EagleHead.catch_up` (the head's state over the L committed pairs, then each row's commit; one
-  graph per (B, L)).
+- `eagle_catch_up`: `EagleHead.catch_up` (the head's state over the L committed pairs, then each row's commit).
 
 Where: the CPU fast path applies (models/cpu_fast.py: CPU, float32/64, fused_steps, no autograd) and
 GDNSPEC_CPU_COMPILE=1 (default 0: the first call per model compiles for ~2-10 s, the first call with another batch
