@@ -152,6 +152,20 @@ def test_a_failing_compile_warns_once_and_runs_the_eager_step(monkeypatch):
     monkeypatch.setenv("GDNSPEC_CPU_COMPILE", "0")
     ref = model(ids, s2)
     assert torch.equal(out.logits, ref.logits) and states_rel(s1, s2) == 0.0
+    # the EAGLE catch-up returns nothing: its failed compile must still run the eager catch-up
+    from gdnspec.models.eagle import EagleHead, eagle_config_for
+
+    head = randomize_(EagleHead(eagle_config_for(model.config)), seed=3).double().eval()
+    g = torch.Generator().manual_seed(3)
+    f, e = (torch.randn(2, 3, model.config.hidden_size, generator=g, dtype=torch.float64) for _ in range(2))
+    h1, h2 = head.new_state(2), head.new_state(2)
+    monkeypatch.setitem(cpu_compiled._STATE, "failed", None)
+    monkeypatch.setenv("GDNSPEC_CPU_COMPILE", "1")
+    with pytest.warns(RuntimeWarning, match="torch.compile failed"):
+        head.catch_up(f, e, h1, counts=torch.tensor([3, 2]), target=model)
+    monkeypatch.setenv("GDNSPEC_CPU_COMPILE", "0")
+    head.catch_up(f, e, h2, counts=torch.tensor([3, 2]), target=model)
+    assert states_rel(h1, h2) == 0.0 and states_rel(h2, head.new_state(2)) > 0
 
 
 @torch.inference_mode()

@@ -97,18 +97,23 @@ def _model_step(ids, embed, layers, states, norm_w, consts):
     return F.rms_norm(h, (h.shape[-1],), norm_w, consts[1]), h
 
 
+def _fuse(hidden, emb, fuse, e_eps, h_eps):
+    """EagleHead.fuse: fc(cat(norm_e(emb), norm_h(hidden))), (B, T, H) x 2 -> (B, T, H)."""
+    ne, nh, fc_w, fc_b = fuse
+    H = hidden.shape[-1]
+    return F.linear(torch.cat([F.rms_norm(emb, (H,), ne, e_eps), F.rms_norm(hidden, (H,), nh, h_eps)], dim=-1),
+                    fc_w, fc_b)
+
+
 def _eagle_step(hidden, emb, fuse, layer, state, norm_w, consts):
     """EAGLE head expansion: (features (B, 1, H), final-normed features (B, H)); the head's GDN state advanced in
     place. The target's LM head runs outside, as in `_model_step`."""
-    ne, nh, fc_w, fc_b = fuse
     (wg, wm), (conv, S) = layer, state
     (cg, mlp_eps), e_eps, h_eps, t_eps = consts
-    H = hidden.shape[-1]
-    x = torch.cat([F.rms_norm(emb, (H,), ne, e_eps), F.rms_norm(hidden, (H,), nh, h_eps)], dim=-1)
-    h = _gdn_layer(F.linear(x, fc_w, fc_b), wg, conv, S, cg)
+    h = _gdn_layer(_fuse(hidden, emb, fuse, e_eps, h_eps), wg, conv, S, cg)
     if wm is not None:
         h = _mlp_block(h, wm, mlp_eps)
-    return h, F.rms_norm(h[:, 0], (H,), norm_w, t_eps)
+    return h, F.rms_norm(h[:, 0], (h.shape[-1],), norm_w, t_eps)
 
 
 def _gdn_chain_commit(x, w, conv, S, anc, flat, last, c):
@@ -150,12 +155,9 @@ def _gdn_chain_commit(x, w, conv, S, anc, flat, last, c):
 
 def _eagle_catch_up(hidden, emb, fuse, layer, state, anc, flat, last, consts):
     """EAGLE catch-up over L pairs (B, L, H): fuse, input norm, the mixer's state side and each row's commit."""
-    ne, nh, fc_w, fc_b = fuse
     (wg, _), (conv, S) = layer, state
     (cg, _), e_eps, h_eps, _ = consts
-    H = hidden.shape[-1]
-    x = torch.cat([F.rms_norm(emb, (H,), ne, e_eps), F.rms_norm(hidden, (H,), nh, h_eps)], dim=-1)
-    x = F.rms_norm(F.linear(x, fc_w, fc_b), (H,), wg[0], cg[4])
+    x = F.rms_norm(_fuse(hidden, emb, fuse, e_eps, h_eps), (hidden.shape[-1],), wg[0], cg[4])
     _gdn_chain_commit(x, wg, conv, S, anc, flat, last, cg)
 
 
@@ -229,6 +231,11 @@ def decode_step(model, input_ids: torch.Tensor, state) -> tuple[torch.Tensor, to
     return model.lm_head(x), h
 
 
+def _fuse_args(head):
+    """(norm_e scale, norm_h scale, fc weight, fc bias) of an EAGLE head, for `_fuse`."""
+    return _cf.norm_scale(head.norm_e), _cf.norm_scale(head.norm_h), head.fc.weight, head.fc.bias
+
+
 def eagle_applies(head, *, logits: bool = True) -> bool:
     """Whether `eagle_decode_step` (logits=True) / `eagle_catch_up` (logits=False) covers `head` (the caller has
     checked the CPU fast path): switch on, its one layer GDN with a SwiGLU MLP (or none), and for the expansion a full
@@ -240,29 +247,25 @@ def eagle_decode_step(head, hidden: torch.Tensor, token_embeds: torch.Tensor, st
     """cpu_fast.eagle_decode_step, compiled: hidden, token_embeds (B, 1, H) in the head's dtype -> (features (B, 1, H),
     draft logits (B, vocab)); the head's GDN state advanced IN PLACE."""
     wl, cl = _layer_args(head.layer)
-    fuse = (_cf.norm_scale(head.norm_e), _cf.norm_scale(head.norm_h), head.fc.weight, head.fc.bias)
     s = state.layers[0]
     consts = (cl, head.norm_e.eps, head.norm_h.eps, target.norm.eps)
-    out = _run("eagle_step", _eagle_step,
-               (hidden, token_embeds, fuse, wl, (s.conv, s.recurrent), _cf.norm_scale(target.norm), consts))
+    args = (hidden, token_embeds, _fuse_args(head), wl, (s.conv, s.recurrent), _cf.norm_scale(target.norm), consts)
+    out = _run("eagle_step", _eagle_step, args)
     if out is None:
         return _cf.eagle_decode_step(head, hidden, token_embeds, state, target=target)
     h, x = out
     return h, target.lm_head(x)
 
 
-def eagle_catch_up(head, hidden: torch.Tensor, token_embeds: torch.Tensor, state, *, counts: torch.Tensor) -> bool:
+def eagle_catch_up(head, hidden: torch.Tensor, token_embeds: torch.Tensor, state, *, counts: torch.Tensor) -> None:
     """cpu_fast.eagle_catch_up, compiled: the head's GDN state advanced IN PLACE over the pairs (hidden[:, i],
-    token_embeds[:, i]) (B, L, H), i < counts[b] (>= 1). Returns False (nothing done) when compiling failed: the
-    caller then runs the eager catch-up."""
+    token_embeds[:, i]) (B, L, H), i < counts[b] (>= 1)."""
     B, L = hidden.shape[:2]
-    mixer = head.layer.linear_attn
-    setup = _cf.chain_setup(B, L, mixer.conv_kernel_size, hidden.dtype, hidden.device)
+    setup = _cf.chain_setup(B, L, head.layer.linear_attn.conv_kernel_size, hidden.dtype, hidden.device)
     wl, cl = _layer_args(head.layer)
-    fuse = (_cf.norm_scale(head.norm_e), _cf.norm_scale(head.norm_h), head.fc.weight, head.fc.bias)
     s = state.layers[0]
     last = (counts.to(hidden.device) - 1).clamp(min=0)
-    consts = (cl, head.norm_e.eps, head.norm_h.eps, 0.0)
-    _run("eagle_catch_up", _eagle_catch_up,
-         (hidden, token_embeds, fuse, wl, (s.conv, s.recurrent), setup.anc, setup.flat, last, consts))
-    return _STATE["failed"] is None
+    _run("eagle_catch_up", _eagle_catch_up, (hidden, token_embeds, _fuse_args(head), wl, (s.conv, s.recurrent),
+                                              setup.anc, setup.flat, last, (cl, head.norm_e.eps, head.norm_h.eps, 0.0)))
+    if _STATE["failed"] is not None:  # this call's compile failed (it returns nothing either way): run it eagerly
+        _cf.eagle_catch_up(head, hidden, token_embeds, state, counts=counts)

@@ -229,12 +229,10 @@ class EagleHead(nn.Module):
         s = state.layers[0]
         if self._cpu_fast_ok(s, target):
             dt = self.dtype
-            hidden = hidden if hidden.dtype == dt else hidden.to(dt)
-            token_embeds = token_embeds if token_embeds.dtype == dt else token_embeds.to(dt)
-            if _cpu_compiled.eagle_applies(self, logits=False) and _cpu_compiled.eagle_catch_up(self, hidden, token_embeds, state,
-                                                                                   counts=counts):
-                return
-            _cpu_fast.eagle_catch_up(self, hidden, token_embeds, state, counts=counts)
+            step = _cpu_compiled.eagle_catch_up if _cpu_compiled.eagle_applies(self, logits=False) else \
+                _cpu_fast.eagle_catch_up
+            step(self, hidden if hidden.dtype == dt else hidden.to(dt),
+                 token_embeds if token_embeds.dtype == dt else token_embeds.to(dt), state, counts=counts)
             return
         x = self.fuse(hidden, token_embeds)
         layout = TokenLayout.chain(B, L, device=x.device)
