@@ -39,9 +39,9 @@ SHAPES = {"chain-4": TreeConfig(builder="chain", num_steps=4),
           "tree-4x5": TreeConfig(topk=4, num_steps=5, num_draft_tokens=16)}
 
 
-def stage_kernels(run) -> dict:
+def stage_kernels(run, *, names: bool = False) -> dict:
     """CUDA kernels of each stage of one eager StaticSpecRunner step (propose, verify, accept, commit, advance), each
-    stage called on its own (torch profiler)."""
+    stage called on its own (torch profiler): counts, or with names=True the kernel names in launch order."""
     from gdnspec.layers.layout import TokenLayout
     from gdnspec.spec.accept import accept_greedy
 
@@ -54,19 +54,69 @@ def stage_kernels(run) -> dict:
     H = ver.hidden_states.shape[-1]
     hidden = ver.hidden_states.gather(1, acc.path[..., None].expand(*acc.path.shape, H))
     hidden = hidden if getattr(dr, "needs_target_hidden", False) else None
+    count = kernel_names if names else count_kernels
     return {
-        "propose": count_kernels(lambda: dr.propose(run.draft_state, run.verified, cfg, sync_free=True)),
-        "verify": count_kernels(lambda: tgt.forward_tree(tree.tokens, state=run.target_state, layout=layout,
+        "propose": count(lambda: dr.propose(run.draft_state, run.verified, cfg, sync_free=True)),
+        "verify": count(lambda: tgt.forward_tree(tree.tokens, state=run.target_state, layout=layout,
                                                          validate=False)),
-        "accept": count_kernels(lambda: accept_greedy(tree, ver.logits, layout, width=run.path_width)),
-        "commit": count_kernels(lambda: tgt.commit_tree(run.target_state, ver, path=acc.path, counts=acc.counts,
+        "accept": count(lambda: accept_greedy(tree, ver.logits, layout, width=run.path_width)),
+        "commit": count(lambda: tgt.commit_tree(run.target_state, ver, path=acc.path, counts=acc.counts,
                                                         reserve=False, all_rows_accept=True)),
-        "advance": count_kernels(lambda: dr.advance(run.draft_state, tokens=path_tokens, counts=acc.counts,
+        "advance": count(lambda: dr.advance(run.draft_state, tokens=path_tokens, counts=acc.counts,
                                                     target_hidden=hidden, sync_free=True)),
     }
 
 
-def bundle_rows(device: str = "cuda") -> list[dict]:
+def kernel_names(fn) -> list[str]:
+    """Names of the CUDA kernels (and device memcpy/memset) one call of fn launches, in launch order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    ev = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                key=lambda e: e.time_range.start)
+    return [e.name for e in ev]
+
+
+def graph_timeline(graph) -> list[tuple[str, float, float]]:
+    """One profiled replay of a CUDA graph: (kernel name, duration us, idle gap before it us) in launch order; the
+    gaps are the device's launch latency between dependent kernels, the part of a small step that is not work."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        torch.cuda.synchronize()
+    ev = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                key=lambda e: e.time_range.start)
+    out, end = [], None
+    for e in ev:
+        gap = 0.0 if end is None else e.time_range.start - end
+        out.append((e.name, e.time_range.end - e.time_range.start, gap))
+        end = e.time_range.end
+    return out
+
+
+def timeline_text(label: str, tl: list[tuple[str, float, float]]) -> str:
+    busy, idle = sum(d for _, d, _ in tl), sum(g for _, _, g in tl)
+    lines = [f"## {label}: {len(tl)} kernels, busy {busy:.1f} us, gaps {idle:.1f} us"]
+    lines += [f"{d:7.2f} {g:6.2f}  {n[:110]}" for n, d, g in tl]
+    return "\n".join(lines) + "\n"
+
+
+def names_text(label: str, stages: dict) -> str:
+    lines = [f"## {label}"]
+    for st, names in stages.items():
+        lines.append(f"### {st}: {len(names)}")
+        lines += [f"  {n[:120]}" for n in names]
+    return "\n".join(lines) + "\n"
+
+
+def bundle_rows(device: str = "cuda", *, detail_dir: Path | None = None) -> list[dict]:
     """The shipped default bundle (float32) on CUDA: decode step, spec steps with the EAGLE head and the draft model,
     and the kernels of each stage."""
     from gdnspec.bundle import load
@@ -79,6 +129,9 @@ def bundle_rows(device: str = "cuda") -> list[dict]:
     dec_ms = time_cuda(lambda: dec.step(ids), warmup=5, iters=50)
     rows.append({"variant": "bundle fp32", "what": "target decode step", "ms": dec_ms, "x_decode": 1.0,
                  "kernels": count_kernels(lambda: dec._run())})
+    if detail_dir is not None and dec.graph is not None:
+        (detail_dir / "kernels_bundle_decode.txt").write_text(timeline_text("decode: graph replay",
+                                                                            graph_timeline(dec.graph)))
     for name in ("eagle", "model"):
         if name not in b.drafters:
             continue
@@ -87,6 +140,11 @@ def bundle_rows(device: str = "cuda") -> list[dict]:
             fill_lengths(run.target_state, 128)
             ms = time_cuda(lambda: run.step(), warmup=5, iters=30)
             stages = stage_kernels(run)
+            if detail_dir is not None:  # kernel names per stage, and the graph replay's kernel timeline
+                text = names_text(f"{name} {shape}: eager stages", stage_kernels(run, names=True))
+                if run.graph is not None:
+                    text += timeline_text(f"{name} {shape}: graph replay", graph_timeline(run.graph))
+                (detail_dir / f"kernels_bundle_{name}_{shape}.txt").write_text(text)
             rows.append({"variant": "bundle fp32", "what": f"{name} spec step {shape}", "ms": ms, "x_decode": ms / dec_ms,
                          "kernels": count_kernels(lambda: run._run()),
                          "stages": " ".join(f"{k}={v}" for k, v in stages.items())})
@@ -108,6 +166,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bundle", action="store_true", help="also the shipped default bundle (float32): decode, EAGLE "
                     "and draft-model spec steps with the kernels of each stage")
     ap.add_argument("--skip-1.7b", dest="skip_big", action="store_true", help="only the --bundle rows")
+    ap.add_argument("--kernel-names", metavar="DIR", default=None, help="with --bundle: write each spec step's kernel "
+                    "names per stage and its graph replay's kernel timeline (duration, gap) to DIR/kernels_bundle_*.txt")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_draft needs CUDA", file=sys.stderr)
@@ -158,7 +218,10 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache()
     target.fused_steps = True
     if args.bundle:
-        rows += bundle_rows()
+        detail = None if args.kernel_names is None else Path(args.kernel_names)
+        if detail is not None:
+            detail.mkdir(parents=True, exist_ok=True)
+        rows += bundle_rows(detail_dir=detail)
     print_table(rows, ["variant", "what", "ms", "x_decode", "kernels", "stages"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, {"env": env, "size": args.size, "rows": rows})
