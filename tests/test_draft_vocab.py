@@ -18,6 +18,7 @@ import torch
 from gdnspec import generate_autoregressive
 from gdnspec.models.eagle import EagleHead, eagle_config_for
 from gdnspec.spec import SpeculativeEngine, TreeConfig
+from gdnspec.spec.tree import DraftLogits
 from gdnspec.spec.drafters import EagleDrafter
 
 from conftest import randomize_
@@ -51,9 +52,13 @@ def test_reduced_logits_are_the_full_logits_columns_on_every_path(dtype):
         assert torch.equal(out, out_full)
         tol = 1e-12 if dtype == torch.float64 else 1e-5
         assert (red - full[:, ids]).abs().max() <= tol * full.abs().max()
-        lp = head.scatter_draft_logprobs(torch.log_softmax(red, -1))
+        drafted = DraftLogits(red[:, None], V, head.draft_ids)  # what the drafter hands the tree builder
+        lp = drafted.logprobs()[:, 0]  # float32, on the target's ids
         assert lp.shape == (B, V) and torch.isinf(lp).sum() == B * (V - ids.numel())
-        assert torch.allclose(lp[:, ids], torch.log_softmax(full[:, ids], -1), atol=1e-9 if dtype == torch.float64 else 1e-5)
+        assert torch.allclose(lp[:, ids], torch.log_softmax(full[:, ids].float(), -1), atol=1e-5)
+        top_lp, top_tok = drafted.topk(4)  # ranked over the Vd columns, mapped to the target's ids
+        ref_lp, ref_tok = lp.topk(4, dim=-1)
+        assert torch.equal(top_tok[:, 0], ref_tok) and torch.allclose(top_lp[:, 0], ref_lp, atol=1e-6)
 
 
 @pytest.mark.parametrize("static", [False, True])

@@ -40,6 +40,7 @@ from typing import Callable
 import torch
 
 from gdnspec.layers.layout import TokenLayout
+from gdnspec.ops.fused import topk as _topk
 from gdnspec.sampling import SLOT_DRAFT, RowSampling, sample_from_probs
 
 BUILDERS = ("eagle2", "seed", "chain")
@@ -181,7 +182,52 @@ class DraftTree:
                          torch.tensor(val_rows, dtype=torch.bool, device=device).view(-1, N))
 
 
-ExpandFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+@dataclass
+class DraftLogits:
+    """What a drafter's `expand` may return instead of log-probs: the raw draft logits, so that the builder ranks the
+    children in ONE fused log-softmax + top-k launch (ops/fused/topk.py; torch's softmax + radix top-k took 14-30 us
+    per expansion on an H200) and builds the full log-probs only where it needs q (stochastic trees).
+
+    logits (B, F, Vd) in any float dtype; ids (Vd,) int64 the target token ids of the columns (a reduced draft
+    vocabulary, models/eagle.py) or None (Vd = vocab_size, column = token id); vocab_size the target's."""
+
+    logits: torch.Tensor
+    vocab_size: int
+    ids: torch.Tensor | None = None
+
+    def topk(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probs (B, F, k) float32, target token ids (B, F, k) int64), best first; as logprobs().topk(k) up to
+        the order of exact ties (lowest id first here)."""
+        if self.ids is not None and k > self.logits.shape[-1]:  # more children than draft tokens: -inf ones too
+            return self.logprobs().topk(k, dim=-1)
+        lp, col = _topk.log_softmax_topk(self.logits, k)
+        return lp, (col if self.ids is None else self.ids[col])
+
+    def logprobs(self) -> torch.Tensor:
+        """(B, F, vocab_size) float32 log-probs on the target's ids (-inf outside a reduced vocabulary)."""
+        x = self.logits
+        lp = torch.log_softmax(x if x.dtype == torch.float32 else x.float(), dim=-1)
+        if self.ids is None:
+            return lp
+        full = lp.new_full((*lp.shape[:-1], self.vocab_size), float("-inf"))
+        return full.index_copy_(-1, self.ids, lp)
+
+
+ExpandFn = Callable[[torch.Tensor, torch.Tensor | None], "torch.Tensor | DraftLogits"]
+
+
+def _top(out: "torch.Tensor | DraftLogits", k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best children of each frontier node from what `expand` returned: (log-probs, token ids) (B, F, k)."""
+    if isinstance(out, DraftLogits):
+        return out.topk(k)
+    return (out if out.dtype == torch.float32 else out.float()).topk(k, dim=-1)
+
+
+def _logprobs(out: "torch.Tensor | DraftLogits") -> torch.Tensor:
+    """The full draft log-probs (B, F, vocab) float32 from what `expand` returned."""
+    if isinstance(out, DraftLogits):
+        return out.logprobs()
+    return out if out.dtype == torch.float32 else out.float()
 
 
 def draw_without_replacement(q: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,7 +250,7 @@ def build_tree(root_tokens: torch.Tensor, expand: ExpandFn, config: TreeConfig, 
     """Grow a draft tree from root_tokens (B,) with a draft model.
 
     expand(frontier_tokens (B, F), parent_slot (B, F) or None) -> draft log-probs (B, F, vocab) for the children of the
-    frontier nodes; parent_slot[b, f] is the index, in the previous call's frontier, of node f's parent (None when
+    frontier nodes, or a `DraftLogits` (the raw logits: ranked by one fused log-softmax + top-k kernel); parent_slot[b, f] is the index, in the previous call's frontier, of node f's parent (None when
     there is nothing to gather: the first call, whose frontier is the root, and every call of a greedy chain, whose
     one frontier node is the child of the previous one). The drafter keeps whatever per-node state it needs and
     gathers it by parent_slot. sync_free=True never reads device values on the host (no early stop): CUDA graphs. Returns (tree, selected pool indices (B, N-1) of the kept nodes, for the seed's top_scores_index).
@@ -228,12 +274,11 @@ def build_tree(root_tokens: torch.Tensor, expand: ExpandFn, config: TreeConfig, 
     sampled_rows = draft.temperature > 0 if sample else None  # (B,)
     pool_q, pool_q_at = [], []  # per step: q at the frontier nodes (B, F, V), their pool indices (B, F)
     for step in range(config.num_steps):
-        logp = expand(frontier_tokens, parent_slot)  # (B, F, vocab)
-        logp = logp if logp.dtype == torch.float32 else logp.float()
-        F = logp.shape[1]
-        top_lp, top_tok = logp.topk(k, dim=-1)  # (B, F, k)
+        out = expand(frontier_tokens, parent_slot)  # (B, F, vocab) log-probs or DraftLogits
+        top_lp, top_tok = _top(out, k)  # (B, F, k)
+        F = top_lp.shape[1]
         if sample:  # draws without replacement from q, in draw order (module docstring)
-            q = draft.probs(logp)  # (B, F, vocab): logp = logits - const per row, so the same processed law
+            q = draft.probs(_logprobs(out))  # (B, F, vocab): logp = logits - const per row, the same processed law
             s_tok, s_lp = draw_without_replacement(q, draft.uniforms(SLOT_DRAFT + step, F * k).view(B, F, k))
             top_tok = torch.where(sampled_rows[:, None, None], s_tok, top_tok)
             top_lp = torch.where(sampled_rows[:, None, None], s_lp, top_lp)
@@ -303,8 +348,7 @@ def _build_chain(root_tokens: torch.Tensor, expand: ExpandFn, config: TreeConfig
     toks, scores = [], []
     frontier, score = root_tokens[:, None], None  # (B, 1)
     for step in range(min(config.num_steps, n_keep)):
-        logp = expand(frontier, None)  # (B, 1, vocab)
-        top_lp, top_tok = (logp if logp.dtype == torch.float32 else logp.float()).topk(1, dim=-1)  # (B, 1, 1)
+        top_lp, top_tok = _top(expand(frontier, None), 1)  # (B, 1, 1)
         top_lp, top_tok = top_lp[:, 0], top_tok[:, 0]  # (B, 1); topk as the general builder (same tie rule)
         score = top_lp if score is None else score + top_lp
         toks.append(top_tok)

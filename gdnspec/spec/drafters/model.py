@@ -26,7 +26,7 @@ import torch
 
 from gdnspec.cache import GDNLayerState, ModelState
 from gdnspec.sampling import RowSampling
-from gdnspec.spec.tree import DraftTree, TreeConfig, build_tree
+from gdnspec.spec.tree import DraftLogits, DraftTree, TreeConfig, build_tree
 
 
 @dataclass
@@ -129,7 +129,7 @@ class ModelDrafter:
         state.trace = None
         levels = [] if _traceable(state.model_state, sync_free) else None
 
-        def expand(frontier_tokens: torch.Tensor, parent_slot: torch.Tensor | None) -> torch.Tensor:
+        def expand(frontier_tokens: torch.Tensor, parent_slot: torch.Tensor | None) -> DraftLogits:
             F = frontier_tokens.shape[1]
             prev: ModelState = frontier_state["state"]
             if parent_slot is not None:
@@ -143,8 +143,7 @@ class ModelDrafter:
             frontier_state["state"], frontier_state["width"] = out.state, F
             if levels is not None:
                 levels.append((frontier_tokens, parent_slot, out.state))
-            logits = out.logits[:, -1]
-            return torch.log_softmax(logits if logits.dtype == torch.float32 else logits.float(), dim=-1).view(B, F, -1)
+            return DraftLogits(out.logits[:, -1].view(B, F, -1), model.vocab_size)
 
         roots = root_tokens.to(model.device)
         result = build_tree(roots, expand, config, sync_free=sync_free, draft=draft)
