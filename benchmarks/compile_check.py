@@ -6,7 +6,8 @@ The CPU interpreter (TRITON_INTERPRET=1, what the kernel tests run) executes ker
 the compiler refuses: a `tl.constexpr` assigned twice in a `static_range` loop ran in every interpreter test and
 failed on the H200 (stop 19). This script compiles the kernels changed most often (tree-WY with either solve, the
 fused GDN verify kernel in its "norm" and "full" forms, the fused GDN decode kernel, with and without PDL) at the
-1.7B shapes through `triton.compile` for `GPUTarget("cuda", 90, 32)`, which needs no GPU. Exit code 1 on the first
+1.7B shapes, the float32 GEMV and tree in-projection, the GEMV with the SiLU-mul, the EAGLE input and the
+log-softmax top-k kernels, through `triton.compile` for `GPUTarget("cuda", 90, 32)`, which needs no GPU. Exit code 1 on the first
 failure, with the compiler's message. Run it without TRITON_INTERPRET (tests/test_kernel_compile.py runs it in a
 subprocess with a clean environment).
 """
@@ -43,7 +44,7 @@ def compile_kernel(kernel, types: dict, consts: dict, label: str, num_warps: int
 
 
 def main() -> int:
-    from gdnspec.ops.fused import gdn_decode, gdn_tree
+    from gdnspec.ops.fused import elementwise, gdn_decode, gdn_tree, gdn_tree_proj, gemv, topk
     from gdnspec.ops.gated_delta_rule import triton_tree
 
     shapes = dict(H=16, HV=32, K=128, V=128)
@@ -70,9 +71,35 @@ def main() -> int:
         jobs.append((gdn_decode._gdn_decode_kernel, decode_types,
                      dict(**shapes, W=4, BK=128, BVB=bvb, NV=128 // bvb, BV=128, BW=4, PDL=pdl),
                      f"fused GDN decode block_v={bvb} PDL={pdl}"))
+    # float32 on CUDA (the bundle's verify step and tree expansions, gemv.fp32_rows_ok): the GEMV and the
+    # verify in-projection with the tree prep, with and without PDL
+    g32 = {n: "*fp32" for n in ("x", "w", "b", "y")}
+    for pdl in (False, True):
+        jobs.append((gemv._gemv_kernel, g32, dict(HAS_BIAS=False, F32=True, BM=16, BN=32, BK=128, PDL=pdl,
+                                                  PF_LINES=4 if pdl else 0, LINE=32, PREC="tf32x3"),
+                     f"float32 GEMV (PDL={pdl})"))
+    b16 = {n: "*bf16" for n in ("x", "w", "b")}
+    b16["y"] = "*fp32"
+    jobs.append((gemv._gemv_kernel, b16, dict(HAS_BIAS=False, F32=False, BM=16, BN=64, BK=128, PDL=True, PF_LINES=4,
+                                              LINE=64, SILU=True), "split-K GEMV with the SiLU-mul in its loads (PDL)"))
+    p32 = {n: "*fp32" for n in ("x", "w", "y", "cw", "cs", "A_log", "dt_bias", "q", "k", "v", "g", "beta")}
+    p32.update({"code": "*i32", "widx": "*i64"})
+    jobs.append((gdn_tree_proj._tree_proj_kernel, p32, dict(F32=True, W=4, BM=16, BN=32, BK=128, PDL=True,
+                                                             PF_LINES=4, LINE=32, PREC="tf32x3"),
+                 "float32 tree in-projection (PDL)"))
+    ei = {n: "*bf16" for n in ("table", "hid", "we", "wh", "out")}
+    ei.update({"ids": "*i64", "eps": "fp32"})
+    jobs.append((elementwise._eagle_input_kernel, ei, dict(OFFSET=True, BD=2048, PDL=True), "EAGLE input (PDL)"))
+    tk = {"x": "*bf16", "out_v": "*fp32", "out_i": "*i64", "part_m": "*fp32", "part_s": "*fp32"}
+    for single in (True, False):
+        jobs.append((topk._block_kernel, tk, dict(K=4, KP=4, BLOCK=8192, SINGLE=single),
+                     f"log-softmax top-k block (single={single})"))
+    jobs.append((topk._merge_kernel, {"cand_v": "*fp32", "cand_i": "*i64", "part_m": "*fp32", "part_s": "*fp32",
+                                      "out_v": "*fp32", "out_i": "*i64"}, dict(K=8, KP=8, CP=32),
+                 "log-softmax top-k merge"))
     for kernel, types, consts, label in jobs:
         try:
-            compile_kernel(kernel, types, consts, label)
+            compile_kernel(kernel, types, consts, label, num_warps=8 if consts.get("BLOCK", 0) >= 4096 else 4)
         except Exception as e:  # noqa: BLE001 (report the compiler's message, then fail)
             print(f"FAIL {label}: {type(e).__name__}: {e}", flush=True)
             return 1

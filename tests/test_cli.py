@@ -301,7 +301,8 @@ def test_eval_plot_draws_the_spread(tmp_path):
 
 @pytest.mark.parametrize("var,value", [("GDNSPEC_CPU_COMPILE", "true"), ("GDNSPEC_CPU_ONEDNN", "bogus"),
                                        ("GDNSPEC_GEMV_AUTOTUNE", "true"),
-                                       ("GDNSPEC_NORM_GEMV", "2"), ("GDNSPEC_TREE_BLOCKED_SOLVE", "yes"),
+                                       ("GDNSPEC_NORM_GEMV", "2"), ("GDNSPEC_SILU_GEMV", "on"),
+                                       ("GDNSPEC_TREE_BLOCKED_SOLVE", "yes"),
                                        ("GDNSPEC_TREE_FUSION", "fused"), ("GDNSPEC_TREE_INDEX", "on"),
                                        ("GDNSPEC_TREE_PROJ", "2"), ("GDNSPEC_TRITON_PRECISION", "bf16")])
 def test_bad_env_switch_is_one_usage_line(var, value, capsys, monkeypatch):

@@ -289,6 +289,7 @@ def test_fused_decode_and_verify_steps_match_module_path(layout, splits, norm_ge
     monkeypatch.setenv("GDNSPEC_GEMV_SPLITS", splits)  # "2": every output projection as split-K partial sums
     monkeypatch.setenv("GDNSPEC_NORM_GEMV", norm_gemv)  # the opt-in kernel sequences, whole model against the module path
     monkeypatch.setenv("GDNSPEC_TREE_FUSION", tree_fusion)
+    monkeypatch.setenv("GDNSPEC_SILU_GEMV", "1" if splits == "2" else "0")  # opt-in: SiLU-mul in the down GEMV
     model = _hybrid(torch.float32, layout)
     model.mamba_ssm_cache_dtype = ssm
     tol = 1e-5 if ssm == "float32" else 2e-2
@@ -663,6 +664,57 @@ def test_eagle_fused_decode_step_matches_reference_and_drafts_the_same_tree(layo
     model.fused_steps = True
     _states_close(states[1].head_state, states[0].head_state, 1e-5)
     assert torch.equal(states[1].last_feature, states[0].last_feature)
+
+
+@pytest.mark.parametrize("H,dtype,offset", [(48, torch.float32, True), (200, torch.bfloat16, False),
+                                            (384, torch.float32, False)])
+def test_eagle_input_kernel_is_lookup_norms_and_concat(H, dtype, offset):
+    """elementwise.eagle_input (the EAGLE head's embedding lookup + norm_e + norm_h + concat in one launch) equals its
+    reference and the two add_rms_norm launches it replaces, bit for bit; bad shapes name the argument."""
+    g = torch.Generator().manual_seed(H)
+    V, B = 37, 5
+    table = torch.randn(V, H, generator=g).to(dtype)
+    hidden = (torch.randn(B, 1, H, generator=g) * 3).to(dtype)
+    ids = torch.tensor([[0], [36], [5], [5], [17]])
+    we, wh = torch.randn(H, generator=g) * 0.2, torch.randn(H, generator=g) * 0.2
+    x = ew.eagle_input(ids, table, hidden, w_e=we, w_h=wh, eps=1e-6, offset=offset)
+    assert x.shape == (B, 1, 2 * H) and x.dtype == dtype
+    two = torch.cat([ew.add_rms_norm(table[ids], residual=None, weight=we, eps=1e-6, offset=offset)[0],
+                     ew.add_rms_norm(hidden, residual=None, weight=wh, eps=1e-6, offset=offset)[0]], -1)
+    assert torch.equal(x, two)
+    ref = ew.eagle_input_reference(ids, table, hidden, w_e=we, w_h=wh, eps=1e-6, offset=offset)
+    assert rel(x, ref) < (1e-6 if dtype == torch.float32 else 1e-2)
+    with pytest.raises(ValueError, match="ids must be integer token ids"):
+        ew.eagle_input(ids[:3], table, hidden, w_e=we, w_h=wh, eps=1e-6, offset=offset)
+    with pytest.raises(ValueError, match="table must be"):
+        ew.eagle_input(ids, table[:, :-1], hidden, w_e=we, w_h=wh, eps=1e-6, offset=offset)
+    with pytest.raises(ValueError, match="w_h must have shape"):
+        ew.eagle_input(ids, table, hidden, w_e=we, w_h=wh[:-1], eps=1e-6, offset=offset)
+
+
+@torch.inference_mode()
+def test_eagle_decode_step_ids_equals_decode_step_of_the_embeddings():
+    """EagleHead.decode_step_ids (the drafter's call: lookup folded into the input kernel on the fused path) gives
+    the same features, logits and state as decode_step on the target's embeddings, fused and module path."""
+    from gdnspec.models.eagle import EagleHead, eagle_config_for
+
+    model = _hybrid(torch.float32)
+    torch.manual_seed(6)
+    head = EagleHead(eagle_config_for(model.config)).eval()
+    randomize_(head)
+    B, H = 4, model.config.hidden_size
+    hidden, ids = torch.randn(B, 1, H), torch.randint(0, model.vocab_size, (B, 1))
+    s0 = head.new_state(B)
+    s0.layers[0].recurrent.normal_()
+    for fused in (True, False):
+        model.fused_steps = fused
+        s1, s2 = s0.clone(), s0.clone()
+        o1, l1 = head.decode_step_ids(hidden, ids, s1, target=model)
+        o2, l2 = head.decode_step(hidden, model.embed_tokens(ids), s2, target=model)
+        assert torch.equal(o1, o2) and torch.equal(l1, l2)
+        assert torch.equal(s1.layers[0].recurrent, s2.layers[0].recurrent)
+        assert torch.equal(s1.layers[0].conv, s2.layers[0].conv)
+    model.fused_steps = True
 
 
 @pytest.mark.parametrize("B,Hkv,D,N,L,dtype", [(3, 1, 12, 5, 3, torch.float32), (2, 2, 16, 1, 1, torch.float32),

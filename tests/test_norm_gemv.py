@@ -3,7 +3,9 @@ dispatch in ops/fused/normed.py) against plain torch references and against toda
 through the Triton interpreter: awkward widths (D = 200, 384; N not a multiple of the 16-column block), M = 1, 3,
 17, 32 (64 unsplit), one and several K splits (also forced through GDNSPEC_GEMV_SPLITS), offset / plain norm weight,
 bias on / off, bf16 and float32. Mutants of the split-K summation (a split dropped, the fixed order reversed) must
-fail the same checks. Whole fused model steps are compared with the module path in test_fused_steps.py.
+fail the same checks. The SwiGLU SiLU-mul done in the down projection's loads (gemv.silu_linear_for_residual) is
+bit-identical to silu_mul + the projection, split or not (opt-in GDNSPEC_SILU_GEMV=1); its mutants fail. Whole fused model steps are compared with
+the module path in test_fused_steps.py.
 
 Run: python -m pytest -q tests/test_norm_gemv.py   (skipped when triton is not installed)
 """
@@ -387,3 +389,90 @@ def test_launch_falls_back_to_a_tile_that_fits_and_keeps_bk(monkeypatch):
     for tile in [gm.gemv_tile(*c) for c in [(12352, 2048, 1, 1), (2048, 4096, 32, 4), (32000, 2048, 32, 1)]]:
         fb = gm.fallback_tiles(tile)
         assert fb[0] == tile and all(t[1] == tile[1] and t[0] >= 16 and t[0] % gm.GROUP == 0 for t in fb)
+
+
+# ---------------------------------------------------------------------------------- SiLU-mul in the down projection
+SILU_CASES = [  # (M, I, N, splits, bias, dtype): I not a multiple of the interpreter's BK = 64, splits forced
+    (1, 200, 96, "1", False, torch.float32),
+    (3, 600, 200, "3", False, torch.float32),
+    (17, 330, 384, "2", False, torch.bfloat16),
+    (5, 200, 130, "1", True, torch.bfloat16),
+    (40, 256, 64, "1", False, torch.float32),  # more rows than a split tile: never split
+]
+
+
+def _silu_inputs(M, I, N, dtype, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    gu = (torch.randn(M, 1, 2 * I, generator=g) * 2).to(dtype)
+    w = (torch.randn(N, I, generator=g) / I**0.5).to(dtype)
+    b = (torch.randn(N, generator=g) * 0.5).to(dtype) if bias else None
+    return gu, w, b
+
+
+def _silu_checks(gu, w, b) -> list[str]:
+    """The failed checks of silu_linear_for_residual (empty: all pass): bitwise equal to silu_mul + the projection
+    (split-K partials or a tensor, whichever linear_for_residual gives), and close to float64."""
+    fails = []
+    got = gm.silu_linear_for_residual(gu, w, b)
+    ref = gm.linear_for_residual(ew.silu_mul(gu), w, b)
+    if got.shape != ref.shape or got.dtype != ref.dtype or not torch.equal(got, ref):
+        fails.append("differs from silu_mul + linear_for_residual")
+    total = got.sum(0) if got.dim() == gu.dim() + 1 else got  # partial sums (S, ..., N) add up to the product
+    exact = F.linear(ew.silu_mul_reference(gu.double()), w.double(), None if b is None else b.double())
+    if rel(total, exact) > (1e-5 if gu.dtype == torch.float32 else 2e-2):
+        fails.append(f"vs float64 {rel(total, exact):.2e}")
+    return fails
+
+
+@pytest.mark.parametrize("M,I,N,splits,bias,dtype", SILU_CASES)
+def test_silu_in_the_down_gemv_equals_silu_mul_then_gemv(M, I, N, splits, bias, dtype, monkeypatch):
+    monkeypatch.setenv("GDNSPEC_SILU_GEMV", "1")  # opt-in (gemv.silu_enabled)
+    monkeypatch.setenv("GDNSPEC_GEMV_SPLITS", splits)
+    gu, w, b = _silu_inputs(M, I, N, dtype, bias, seed=M + I)
+    assert gm.silu_fusable(gu, w)
+    if int(splits) > 1 and not bias and M <= 32:
+        assert gm.silu_linear_for_residual(gu, w, b).dim() == gu.dim() + 1  # the split-K form really runs
+    assert _silu_checks(gu, w, b) == []
+
+
+def test_silu_fusable_refuses_what_the_kernel_cannot_take(monkeypatch):
+    monkeypatch.setenv("GDNSPEC_SILU_GEMV", "1")
+    gu, w, _ = _silu_inputs(3, 64, 32, torch.float32, False, seed=1)
+    assert gm.silu_fusable(gu, w)
+    assert not gm.silu_fusable(gu[..., :-2], w)  # not [gate | up] of the weight's K
+    assert not gm.silu_fusable(gu.double(), w.double())  # float64: no kernel
+    assert not gm.silu_fusable(torch.randn(3, 1, 128)[..., ::2], w)  # (3, 1, 64) with a strided last dim
+    with pytest.raises(ValueError, match=r"silu=True"):
+        gm.small_linear(gu[..., :-2], w, silu=True)
+
+
+def test_silu_switch(monkeypatch):
+    gu, w, _ = _silu_inputs(3, 64, 32, torch.float32, False, seed=2)
+    monkeypatch.delenv("GDNSPEC_SILU_GEMV", raising=False)
+    assert not gm.silu_fusable(gu, w)  # off by default (measured slower)
+    monkeypatch.setenv("GDNSPEC_SILU_GEMV", "1")
+    assert gm.silu_fusable(gu, w)
+    monkeypatch.setenv("GDNSPEC_SILU_GEMV", "0")
+    assert not gm.silu_fusable(gu, w)
+    monkeypatch.setenv("GDNSPEC_SILU_GEMV", "yes")
+    with pytest.raises(ValueError, match="GDNSPEC_SILU_GEMV"):
+        gm.silu_fusable(gu, w)
+
+
+@pytest.mark.parametrize("mutation", ["gate twice", "unrounded silu"])
+def test_silu_mutants_fail_the_checks(mutation, tmp_path, monkeypatch):
+    import importlib.util
+
+    monkeypatch.setenv("GDNSPEC_SILU_GEMV", "1")
+    subs = {"gate twice": ("x + rm[:, None] * sx + K + rk[None, :]", "x + rm[:, None] * sx + rk[None, :]"),
+            "unrounded silu": ("act = (gf * tl.sigmoid(gf)).to(xt.dtype).to(tl.float32)", "act = gf * tl.sigmoid(gf)")}
+    src = inspect.getsource(gm)
+    assert subs[mutation][0] in src
+    path = tmp_path / "gemv_mutant.py"
+    path.write_text(src.replace(*subs[mutation]))
+    spec = importlib.util.spec_from_file_location("gemv_mutant", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(gm, "_gemv_kernel", mod._gemv_kernel)
+    gu, w, b = _silu_inputs(3, 200, 96, torch.bfloat16, False, seed=7)
+    assert _silu_checks(gu, w, b) != []

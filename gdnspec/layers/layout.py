@@ -3,6 +3,10 @@
 `TokenLayout` carries, per row, the parent of each new token (-1 for the first), the ancestor mask (token i sees
 token j iff mask[i, j]; includes i itself) and the depth (distance from the first token), from which attention
 positions are prefix length + depth. A chain is the tree whose parents are i - 1.
+
+Chain layouts are views of tensors built once per (length, conv width, device) and cached (`_chain_parts`): on the
+GPU the EAGLE catch-up builds one every speculative step, and building it took ~7 small kernels (arange, tril, ...)
+inside every replayed CUDA graph. The cached tensors are read-only: every user of a layout only reads it.
 """
 from __future__ import annotations
 
@@ -29,20 +33,18 @@ class TokenLayout:
         if self.window_index is None or self.window_index.shape[-1] != width:
             if self.is_chain:  # node i's window is positions i .. i + width - 1 of [window | nodes]
                 B, T = self.parents.shape
-                dev = self.parents.device
-                idx = torch.arange(T, device=dev)[:, None] + torch.arange(width, device=dev)
-                self.window_index = idx.expand(B, T, width)
+                self.window_index = _chain_parts(T, self.parents.device, width)[3].expand(B, T, width)
             else:
                 self.window_index = tree_conv_window_index(self.parents, width)
         return self.window_index
 
     @staticmethod
     def chain(batch_size: int, num_tokens: int, device=None, *, known_prefix: int | None = None) -> "TokenLayout":
-        idx = torch.arange(num_tokens, device=device)
-        parents = (idx - 1).expand(batch_size, num_tokens)
-        mask = torch.ones(num_tokens, num_tokens, dtype=torch.bool, device=device).tril().expand(batch_size, num_tokens, num_tokens)
-        return TokenLayout(parents=parents, ancestor_mask=mask, depth=idx.expand(batch_size, num_tokens), is_chain=True,
-                           known_prefix=known_prefix)
+        """A chain of num_tokens per row: expanded views of cached read-only tensors (module docstring)."""
+        idx, parents, mask, _ = _chain_parts(num_tokens, device)
+        B, T = batch_size, num_tokens
+        return TokenLayout(parents=parents.expand(B, T), ancestor_mask=mask.expand(B, T, T), depth=idx.expand(B, T),
+                           is_chain=True, known_prefix=known_prefix)
 
     @staticmethod
     def from_parents(parents: torch.Tensor, *, validate: bool = True, conv_width: int | None = None) -> "TokenLayout":
@@ -94,3 +96,25 @@ class TokenLayout:
             mask[:, i] |= mask[rows, pc] & has[:, None]
             depth[:, i] = torch.where(has, depth[rows, pc] + 1, 0)
         return TokenLayout(parents=parents, ancestor_mask=mask, depth=depth)
+
+
+_CHAINS: dict = {}
+
+
+def _chain_parts(T: int, device, width: int | None = None):
+    """(depth (T,), parents (T,), ancestor mask (T, T) tril, window index (T, width) or None) of a chain of T tokens:
+    built once per (T, width, device) and cached, as normal tensors even under inference mode (so that training may
+    use them too); not cached while a CUDA graph is being captured (tensors made there live in the graph's private
+    memory pool)."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    key = (T, width, str(dev))
+    hit = _CHAINS.get(key)
+    if hit is not None:
+        return hit
+    with torch.inference_mode(False):
+        idx = torch.arange(T, device=dev)
+        window = None if width is None else idx[:, None] + torch.arange(width, device=dev)
+        parts = (idx, idx - 1, torch.ones(T, T, dtype=torch.bool, device=dev).tril(), window)
+    if not (dev.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        _CHAINS[key] = parts
+    return parts

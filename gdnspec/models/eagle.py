@@ -14,10 +14,11 @@ layer, a drafting step costs the same at any context length. Training: gdnspec/t
 Reduced draft vocabulary (the EAGLE-3 idea, optional): `head.set_draft_vocab(ids)` stores `draft_ids` (Vd,) int64,
 the target token ids the head drafts over (config.draft_vocab_size = Vd, saved with the head). `decode_step` then
 returns logits over those ids only, (B, Vd), from the matching rows of the target's lm_head (gathered once and
-cached): the lm_head GEMV of every expansion reads Vd / vocab of the bytes. `scatter_draft_logprobs` puts the
-drafter's log-probabilities back on the target's ids (-inf elsewhere), so tree building, stochastic drafts and the
-acceptance rule see a draft distribution q over the full vocabulary that is zero outside draft_ids: verification is
-unchanged and stays exact. `gdnspec distill --kind eagle --draft-vocab N` keeps the N most frequent tokens of the
+cached): the lm_head GEMV of every expansion reads Vd / vocab of the bytes. The drafter hands these logits to the
+tree builder with the ids (spec/tree.DraftLogits), which ranks the Vd columns and maps them to the target's ids, and
+puts the log-probabilities back on the target's ids (-inf elsewhere) where it needs q, so tree building, stochastic
+drafts and the acceptance rule see a draft distribution q over the full vocabulary that is zero outside draft_ids:
+verification is unchanged and stays exact. `gdnspec distill --kind eagle --draft-vocab N` keeps the N most frequent tokens of the
 training data (the head is still trained against the full-vocabulary target distribution).
 """
 from __future__ import annotations
@@ -118,14 +119,6 @@ class EagleHead(nn.Module):
         w, b = self.draft_lm_head(target)
         return torch.nn.functional.linear(target.norm(out if out.dtype == target.dtype else out.to(target.dtype)), w, b)
 
-    def scatter_draft_logprobs(self, logp: torch.Tensor) -> torch.Tensor:
-        """(..., Vd) log-probabilities over draft_ids -> (..., vocab) on the target's ids, -inf elsewhere (identity
-        without a reduced vocabulary)."""
-        if self.draft_ids is None:
-            return logp
-        full = logp.new_full((*logp.shape[:-1], self.config.vocab_size), float("-inf"))
-        return full.index_copy_(-1, self.draft_ids, logp)
-
     def new_state(self, batch_size: int) -> ModelState:
         """Zero state: ModelState([GDNLayerState]) for the one layer."""
         return ModelState([self.layer.linear_attn.new_state(batch_size)])
@@ -187,13 +180,39 @@ class EagleHead(nn.Module):
             out, state = self(hidden, token_embeds, state, mode="fused_decode")
             return out, self.head_logits(target, out[:, -1])
         from gdnspec.models.lm import add_norm
-        from gdnspec.ops.fused.gemv import small_linear
-        from gdnspec.ops.fused.normed import linear_in
 
         dt = self.dtype
         e, _ = add_norm(self.norm_e, token_embeds if token_embeds.dtype == dt else token_embeds.to(dt), None)
         f, _ = add_norm(self.norm_h, hidden if hidden.dtype == dt else hidden.to(dt), None)
-        x = small_linear(torch.cat([e, f], dim=-1)[:, 0], self.fc.weight, self.fc.bias)[:, None]  # (B, 1, H)
+        return self._fused_rest(torch.cat([e, f], dim=-1), s, target)
+
+    def decode_step_ids(self, hidden: torch.Tensor, token_ids: torch.Tensor, state: ModelState, *, target: nn.Module
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`decode_step` given the draft tokens' ids (B, 1) instead of their embeddings (what the drafter has). On
+        the fused path the target's embedding lookup, norm_e, norm_h and their concat are ONE kernel
+        (ops/fused/elementwise.eagle_input, the same numbers); elsewhere decode_step(hidden, embed(ids), ...)."""
+        s = state.layers[0] if isinstance(state, ModelState) and len(state.layers) == 1 else None
+        if (self._fused_ok(hidden, s, target) and isinstance(hidden, torch.Tensor) and hidden.dim() == 3
+                and hidden.shape[1] == 1 and hidden.dtype == self.dtype and isinstance(token_ids, torch.Tensor)
+                and tuple(token_ids.shape) == tuple(hidden.shape[:2]) and not token_ids.is_floating_point()
+                and target.embed_tokens.weight.dtype == self.dtype):
+            from gdnspec.ops.fused.elementwise import eagle_input
+
+            ne, nh = self.norm_e, self.norm_h
+            if ne.eps == nh.eps and ne.offset == nh.offset:
+                x = eagle_input(token_ids, target.embed_tokens.weight, hidden, w_e=ne.weight, w_h=nh.weight,
+                                eps=ne.eps, offset=ne.offset)  # (B, 1, 2H)
+                return self._fused_rest(x, s, target)
+        return self.decode_step(hidden, target.embed_tokens(token_ids), state, target=target)
+
+    def _fused_rest(self, x: torch.Tensor, s, target: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused decode step after the input norms: x (B, 1, 2H) = [norm_e(e) | norm_h(f)] -> fc GEMV, the
+        fused GDN layer and MLP, the target's final norm folded into the lm_head GEMV: (features, logits)."""
+        from gdnspec.models.lm import add_norm
+        from gdnspec.ops.fused.gemv import small_linear
+        from gdnspec.ops.fused.normed import linear_in
+
+        x = small_linear(x[:, 0], self.fc.weight, self.fc.bias)[:, None]  # (B, 1, H)
         y, resid = self.layer.decode_fused(x, None, s, reserve_kv=False)
         xn, out = add_norm(target.norm, y, resid)  # out = resid + y in the down GEMV; target.norm folded into lm_head
         logits = linear_in(xn, *self.draft_lm_head(target))[:, 0]

@@ -3,6 +3,9 @@
     y, h = add_rms_norm(x, residual=r, weight=w, eps=1e-6, offset=True)   # h = x + r (rounded to x's dtype),
                                                                           # y = rmsnorm(h) * (1 + w)
     a = silu_mul(gu)                                                      # gu (M, 2I) = [gate | up] -> silu(gate) * up
+    x = eagle_input(ids, table, hidden, w_e=we, w_h=wh, eps=1e-6, offset=True)
+                                           # [rmsnorm(table[ids]) * w_e | rmsnorm(hidden) * w_h] (M, 2H): an EAGLE
+                                           # head's embedding lookup, both input norms and their concat, one launch
 
 Rounding follows the torch modules exactly where it is observable: the residual sum is rounded to the activation
 dtype before it is normalised (as `h = h + y` then `RMSNorm(h)` does), the norm is computed in float32 and rounded
@@ -22,7 +25,8 @@ if HAS_TRITON:
 
     from gdnspec.ops.pdl import enter
 
-__all__ = ["add_rms_norm", "add_rms_norm_reference", "silu_mul", "silu_mul_reference"]
+__all__ = ["add_rms_norm", "add_rms_norm_reference", "eagle_input", "eagle_input_reference", "silu_mul",
+           "silu_mul_reference"]
 
 
 def add_rms_norm_reference(x: torch.Tensor, *, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
@@ -84,6 +88,75 @@ if HAS_TRITON:
         gf = g.to(tl.float32)
         act = (gf * tl.sigmoid(gf)).to(g.dtype).to(tl.float32)  # F.silu rounds to the input dtype
         tl.store(out + row * so + cols, (act * u).to(out.dtype.element_ty), mask=m)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _eagle_input_kernel(ids, table, st, hid, sh, we, wh, out, so, H, eps, OFFSET: tl.constexpr,
+                            BD: tl.constexpr, PDL: tl.constexpr = False):
+        """Program (row, half): half 0 normalises the embedding row table[ids[row]] with we into out[row, :H],
+        half 1 the feature row hid[row] with wh into out[row, H:]; add_rms_norm's arithmetic without a residual."""
+        enter(PDL)
+        row = tl.program_id(0)
+        half = tl.program_id(1)
+        cols = tl.arange(0, BD)
+        m = cols < H
+        if half == 0:
+            tok = tl.load(ids + row).to(tl.int64)
+            xv = tl.load(table + tok * st + cols, mask=m, other=0.0)
+            wv = tl.load(we + cols, mask=m, other=0.0).to(tl.float32)
+        else:
+            xv = tl.load(hid + row * sh + cols, mask=m, other=0.0)
+            wv = tl.load(wh + cols, mask=m, other=0.0).to(tl.float32)
+        s = tl.where(m, xv.to(tl.float32), 0.0)
+        rstd = tl.rsqrt(tl.sum(s * s, 0) / H + eps)
+        if OFFSET:
+            wv = wv + 1.0
+        tl.store(out + row * so + half * H + cols, (s * rstd * wv).to(out.dtype.element_ty), mask=m)
+
+
+def eagle_input_reference(ids: torch.Tensor, table: torch.Tensor, hidden: torch.Tensor, *, w_e: torch.Tensor,
+                          w_h: torch.Tensor, eps: float, offset: bool) -> torch.Tensor:
+    """[rmsnorm(table[ids]) | rmsnorm(hidden)] (..., 2H) in hidden's dtype, each as add_rms_norm_reference."""
+    e = add_rms_norm_reference(table[ids].to(hidden.dtype), residual=None, weight=w_e, eps=eps, offset=offset)[0]
+    f = add_rms_norm_reference(hidden, residual=None, weight=w_h, eps=eps, offset=offset)[0]
+    return torch.cat([e, f], dim=-1)
+
+
+def eagle_input(ids: torch.Tensor, table: torch.Tensor, hidden: torch.Tensor, *, w_e: torch.Tensor,
+                w_h: torch.Tensor, eps: float, offset: bool) -> torch.Tensor:
+    """An EAGLE head's input in ONE launch: the embedding lookup of the draft tokens, norm_e and norm_h and their
+    concat (models/eagle.py: fc's input), [rmsnorm(table[ids]) * w_e | rmsnorm(hidden) * w_h].
+
+    ids (...,) integer token ids in [0, V) (not checked on the device: the caller's tokens), table (V, H) the
+    embedding, hidden (..., H) the parent features, w_e / w_h (H,); table and hidden of one dtype. Returns (..., 2H)
+    in hidden's dtype, the same numbers as `eagle_input_reference` (add_rms_norm's arithmetic). The reference where
+    the Triton kernels cannot run (CPU without TRITON_INTERPRET, float64). ValueError for mismatched shapes / dtypes."""
+    H = hidden.shape[-1]
+    if tuple(ids.shape) != tuple(hidden.shape[:-1]) or ids.is_floating_point():
+        raise ValueError(f"ids must be integer token ids of shape {tuple(hidden.shape[:-1])} (hidden's leading dims), "
+                         f"got {ids.dtype} {tuple(ids.shape)}")
+    if table.dim() != 2 or table.shape[1] != H or table.dtype != hidden.dtype:
+        raise ValueError(f"table must be a (V, {H}) {hidden.dtype} embedding, got {table.dtype} "
+                         f"{tuple(table.shape)}")
+    for name, w in (("w_e", w_e), ("w_h", w_h)):
+        if tuple(w.shape) != (H,):
+            raise ValueError(f"{name} must have shape ({H},), got {tuple(w.shape)}")
+    if not available(hidden) or hidden.dtype == torch.float64:
+        return eagle_input_reference(ids, table, hidden, w_e=w_e, w_h=w_h, eps=eps, offset=offset)
+    BD = triton.next_power_of_2(H)
+    if BD > 65536:
+        raise ValueError(f"eagle_input supports rows of at most 65536 elements, got H={H}")
+    h2 = _rows(hidden.reshape(-1, H) if hidden.stride(-1) == 1 else hidden.reshape(-1, H).contiguous(), "hidden")
+    tab = table if table.stride(-1) == 1 else table.contiguous()
+    M = h2.shape[0]
+    out = torch.empty(M, 2 * H, dtype=hidden.dtype, device=hidden.device)
+    if M:
+        _eagle_input_kernel[(M, 2)](ids.reshape(-1).contiguous(), tab, tab.stride(0), h2, h2.stride(0), w_e, w_h, out,
+                                    out.stride(0), H, float(eps), OFFSET=bool(offset), BD=BD,
+                                    num_warps=4 if BD <= 4096 else 8, **pdl.launch_args(h2))
+    return out.view(*hidden.shape[:-1], 2 * H)
 
 
 def _rows(t: torch.Tensor, name: str) -> torch.Tensor:

@@ -17,7 +17,7 @@ g = -exp(A_log) softplus(a + dt_bias), beta = sigmoid(b) (B, N, HV) float32, wit
 reads its inputs from the projection rows (conv_layout), as with GDNSPEC_TREE_FUSION=full.
 
 Applies on CUDA (and under TRITON_INTERPRET for the tests) where the GEMV kernel of gemv.py takes the product
-(bf16 / fp16 on CUDA, float32 only in the interpreter), M <= MAX_ROWS and x is a plain tensor (not a NormedInput);
+(bf16 / fp16 on CUDA, float32 where gemv.fp32_rows_ok), M <= MAX_ROWS and x is a plain tensor (not a NormedInput);
 otherwise (and with GDNSPEC_TREE_PROJ=0) `tree_in_projection` returns None and the caller runs linear_in +
 gdn_tree_prep. Reference:
 `tree_in_projection_reference` (F.linear rounded to the activation dtype, then gdn_tree_prep_reference).
@@ -92,7 +92,7 @@ if HAS_TRITON:
     def _tree_proj_kernel(x, sx, w, y, code, cw, cs, widx, A_log, dt_bias, q, k, v, g, beta,
                           M, N, K, NODES, CD, HK, HV, F32: tl.constexpr, W: tl.constexpr, BM: tl.constexpr,
                           BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr = False, PF_LINES: tl.constexpr = 0,
-                          LINE: tl.constexpr = 64):
+                          LINE: tl.constexpr = 64, PREC: tl.constexpr = "ieee"):
         """y = x @ w^T for columns rn of all M rows (one row tile), then the tree prep of those columns (module
         docstring). N = P columns; NODES tree nodes per batch row; CD conv channels, HK = H * K, HV value heads."""
         pid_n = tl.program_id(0)
@@ -101,7 +101,7 @@ if HAS_TRITON:
         mm = rm < M
         mn = rn < N
         _pdl_prologue(w, rn, N, K, 0, PDL, PF_LINES, LINE)
-        acc = _dot_tile(x, sx, w, rm, rn, mm, mn, K, 0, K, F32, BM, BN, BK)
+        acc = _dot_tile(x, sx, w, rm, rn, mm, mn, K, 0, K, F32, BM, BN, BK, PREC)
         act = y.dtype.element_ty
         yv = acc.to(act)
         tl.store(y + rm[:, None] * N + rn[None, :], yv, mask=mm[:, None] & mn[None, :])
@@ -177,7 +177,7 @@ def tree_in_projection(x, weight: torch.Tensor, *, layout: ProjLayout, conv_weig
     BM = 16 if M <= 16 else (32 if M <= 32 else 64)
     args = (x2, x2.stride(0), weight, proj, column_codes(L, dev), conv_weight.contiguous(), conv_state.contiguous(),
             window_index.contiguous(), A_log, dt_bias, q, k, v, g, beta, M, L.width, D, N, CD, L.H * L.K, L.HV)
-    kw = dict(F32=dt == torch.float32 or not x.is_cuda, W=W, BM=BM)
+    kw = dict(**_gemv.f32_args(x), W=W, BM=BM)
     if x.is_cuda:
         _launch(_tree_proj_kernel, _prep_tuned, L.width, D, M, 0, args, {**kw, **_launch_args(x, L.width, D)})
     else:  # interpreter: one fixed configuration

@@ -20,9 +20,14 @@ linear_residual splits K like small_linear_partials; the last split to arrive at
 counter, ops/fused/_sync.py) adds the float32 partials in the fixed order 0 .. S-1 and runs the epilogue, so the
 result is deterministic and bit-identical to small_linear_partials + add_rms_norm (both launch gemv_tile's tile;
 with GDNSPEC_GEMV_AUTOTUNE=1 each autotuner picks its own BK, so only close). References:
-linear_residual_reference, normed_linear_reference. A/B switches: GDNSPEC_NORM_GEMV=1 turns the folded kernels on (OFF by default: measured
-slower on the H200, see normed.enabled); unset or 0 runs output GEMV -> add_rms_norm -> input GEMV; GDNSPEC_TRITON_GEMV=0 uses cuBLAS and add_rms_norm everywhere;
-GDNSPEC_GEMV_SPLITS=S forces S K splits (tests).
+linear_residual_reference, normed_linear_reference. A/B switches: GDNSPEC_NORM_GEMV=1 turns the folded kernels on
+(OFF by default: slower for the bf16 1.7B config, faster for the float32 bundle but not yet identity-checked on the
+GPU, see normed.enabled); unset or 0 runs output GEMV -> add_rms_norm -> input GEMV. GDNSPEC_TRITON_GEMV=0 uses
+cuBLAS and add_rms_norm everywhere; GDNSPEC_GEMV_SPLITS=S forces S K splits (tests).
+
+The SwiGLU MLP's SiLU-mul can run in the down projection's loads (silu_linear_for_residual: one launch instead of
+elementwise.silu_mul + the GEMV, bit-identical; opt-in GDNSPEC_SILU_GEMV=1, measured slower: silu_enabled). CUDA
+float32 takes the kernels for 2-16 rows with 'tf32x3' products (FP32_CUDA_MIN_ROWS / MAX_ROWS, f32_args).
 """
 from __future__ import annotations
 
@@ -52,10 +57,18 @@ if HAS_TRITON:
     except ImportError:  # older Triton layouts
         from triton.runtime.autotuner import OutOfResources
 
-__all__ = ["MAX_ROWS", "enabled", "kernel_applies", "linear_for_residual", "linear_residual", "linear_residual_reference", "normed_linear",
+__all__ = ["FP32_CUDA_MAX_ROWS", "FP32_CUDA_MIN_ROWS", "MAX_ROWS", "enabled", "fp32_rows_ok", "kernel_applies", "linear_for_residual",
+           "silu_enabled", "silu_fusable", "silu_linear_for_residual", "linear_residual", "linear_residual_reference", "normed_linear",
            "normed_linear_reference", "small_linear", "small_linear_partials", "split_count"]
 
 MAX_ROWS = 64
+# CUDA float32: the row counts the Triton kernels take (their float32 products run as 'tf32x3', see f32_args). One
+# row stays with cuBLAS (its gemvx kernel streams the small float32 weights of the shipped bundle in ~2.4-4 us per
+# product on an H200), and so do 17+ rows (cuBLAS 6-17 us there, the kernel's 32-row tile 11-18 us). From 2 to 16
+# rows cuBLAS's heuristics pick split-K / "largek" SGEMMs plus reduction or scaling kernels for some of the bundle's
+# shapes, 17-32 us per product at 5, 8 or 16 rows (verify N = 5 / 16, tree expansions), where the kernel takes
+# 3.5-6 us at every row count (benchmarks/bench_small_gemm.py, results/stop21/small_gemm_fp32_*.json).
+FP32_CUDA_MIN_ROWS, FP32_CUDA_MAX_ROWS = 2, 16
 
 
 def enabled() -> bool:
@@ -93,17 +106,24 @@ if HAS_TRITON:
 
     @triton.jit
     def _dot_tile(x, sx, w, rm, rn, mm, mn, K, k_lo, k_hi, F32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                  BK: tl.constexpr):
+                  BK: tl.constexpr, PREC: tl.constexpr = "ieee", SILU: tl.constexpr = False):
         """x[rm, k_lo:k_hi] @ w[rn, k_lo:k_hi]^T in float32 (BM, BN): the K loop every GEMV kernel here shares, so
-        that the plain, split-K and residual kernels compute bit-identical sums for the same (BK, K range)."""
+        that the plain, split-K and residual kernels compute bit-identical sums for the same (BK, K range).
+        SILU: x holds [gate | up] (rows of 2K) and the product's input is silu(gate) * up, rounded where
+        elementwise.silu_mul rounds (silu to x's dtype, then the product), so the sums equal silu_mul + this GEMV."""
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BK):
             rk = k0 + tl.arange(0, BK)
             mk = rk < K
             xt = tl.load(x + rm[:, None] * sx + rk[None, :], mask=mm[:, None] & mk[None, :], other=0.0)
+            if SILU:
+                up = tl.load(x + rm[:, None] * sx + K + rk[None, :], mask=mm[:, None] & mk[None, :], other=0.0)
+                gf = xt.to(tl.float32)
+                act = (gf * tl.sigmoid(gf)).to(xt.dtype).to(tl.float32)
+                xt = (act * up.to(tl.float32)).to(xt.dtype)
             wt = tl.load(w + rn[None, :] * K + rk[:, None], mask=mk[:, None] & mn[None, :], other=0.0)
             if F32:
-                acc += tl.dot(xt.to(tl.float32), wt.to(tl.float32), input_precision="ieee")
+                acc += tl.dot(xt.to(tl.float32), wt.to(tl.float32), input_precision=PREC)
             else:
                 acc += tl.dot(xt, wt)
         return acc
@@ -111,7 +131,8 @@ if HAS_TRITON:
     @triton.jit
     def _gemv_kernel(x, sx, w, b, y, sy, M, N, K, K_SPLIT, HAS_BIAS: tl.constexpr, F32: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr = False,
-                     PF_LINES: tl.constexpr = 0, LINE: tl.constexpr = 64):
+                     PF_LINES: tl.constexpr = 0, LINE: tl.constexpr = 64, PREC: tl.constexpr = "ieee",
+                     SILU: tl.constexpr = False):
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)  # K split: program s covers K_SPLIT columns and writes partial sums y[s] (float32)
         rm = tl.arange(0, BM)
@@ -121,7 +142,8 @@ if HAS_TRITON:
         k_lo = pid_s * K_SPLIT
         _pdl_prologue(w, rn, N, K, k_lo, PDL, PF_LINES, LINE)
         y += pid_s * M * N
-        acc = _dot_tile(x, sx, w, rm, rn, mm, mn, K, k_lo, tl.minimum(k_lo + K_SPLIT, K), F32, BM, BN, BK)
+        acc = _dot_tile(x, sx, w, rm, rn, mm, mn, K, k_lo, tl.minimum(k_lo + K_SPLIT, K), F32, BM, BN, BK, PREC,
+                        SILU)
         if HAS_BIAS:
             if pid_s == 0:
                 acc += tl.load(b + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
@@ -149,7 +171,7 @@ if HAS_TRITON:
     def _gemv_res_kernel(x, sx, w, b, r, sr, h, sh, ssq, part, counter, M, N, K, K_SPLIT, G,
                          HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, F32: tl.constexpr,
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr = False,
-                         PF_LINES: tl.constexpr = 0, LINE: tl.constexpr = 64):
+                         PF_LINES: tl.constexpr = 0, LINE: tl.constexpr = 64, PREC: tl.constexpr = "ieee"):
         """Output projection + residual add (see linear_residual). Grid (column blocks, K splits). SPLIT: each split
         stores its float32 partial sums to part[s], then takes an arrival ticket on its column block's counter; the
         last to arrive adds the S partials in the fixed order 0 .. S-1 (the order add_rms_norm adds them in), runs
@@ -162,7 +184,7 @@ if HAS_TRITON:
         mn = rn < N
         k_lo = pid_s * K_SPLIT
         _pdl_prologue(w, rn, N, K, k_lo, PDL, PF_LINES, LINE)
-        acc = _dot_tile(x, sx, w, rm, rn, mm, mn, K, k_lo, tl.minimum(k_lo + K_SPLIT, K), F32, BM, BN, BK)
+        acc = _dot_tile(x, sx, w, rm, rn, mm, mn, K, k_lo, tl.minimum(k_lo + K_SPLIT, K), F32, BM, BN, BK, PREC)
         if SPLIT:
             S = tl.num_programs(1)
             tile = rm[:, None] * N + rn[None, :]
@@ -184,7 +206,7 @@ if HAS_TRITON:
     def _gemv_norm_kernel(h, sh, ssq, nw, w, b, y, sy, M, N, K, G, eps, OFFSET: tl.constexpr,
                           HAS_BIAS: tl.constexpr, F32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                           BK: tl.constexpr, BG: tl.constexpr, PDL: tl.constexpr = False, PF_LINES: tl.constexpr = 0,
-                          LINE: tl.constexpr = 64):
+                          LINE: tl.constexpr = 64, PREC: tl.constexpr = "ieee"):
         """rmsnorm(h) * (1 + nw or nw) @ w^T (see normed_linear): rstd from the producer's group sums of squares, each
         (BM, BK) chunk of h normalised and rounded to the activation dtype on the fly, then the dot."""
         pid_n = tl.program_id(0)
@@ -210,7 +232,7 @@ if HAS_TRITON:
             xt = (ht.to(tl.float32) * rstd[:, None] * wn[None, :]).to(ht.dtype)  # F.rms_norm in fp32, rounded
             wt = tl.load(w + rn[None, :] * K + rk[:, None], mask=mk[:, None] & mn[None, :], other=0.0)
             if F32:
-                acc += tl.dot(xt.to(tl.float32), wt.to(tl.float32), input_precision="ieee")
+                acc += tl.dot(xt.to(tl.float32), wt.to(tl.float32), input_precision=PREC)
             else:
                 acc += tl.dot(xt, wt)
         if HAS_BIAS:
@@ -234,6 +256,16 @@ if HAS_TRITON:
     _norm_tuned = triton.autotune(configs=_CONFIGS, key=["N", "K", "BM"], do_bench=graph_bench)(_gemv_norm_kernel)
 
 
+def f32_args(x: torch.Tensor) -> dict:
+    """F32 / PREC of a GEMV launch on x: off CUDA (the interpreter runs every dtype in float32) float32 products summed
+    in float32 ('ieee'); CUDA float32 'tf32x3' (three TF32 tensor-core products, about float32 accuracy, as the
+    tree-WY kernels: Triton's FMA 'ieee' dot took 15 us where cuBLAS took 3 for the bundle's 1032 x 384 in-projection,
+    benchmarks/bench_small_gemm.py, H200); bf16 / fp16 on CUDA: the native tensor-core dot."""
+    if x.is_cuda and x.dtype == torch.float32:
+        return {"F32": True, "PREC": "tf32x3"}
+    return {"F32": not x.is_cuda, "PREC": "ieee"}
+
+
 def autotune_enabled() -> bool:
     """GDNSPEC_GEMV_AUTOTUNE=1: Triton's autotuner (timed by graph_bench) picks each GEMV's tile per shape instead of
     `gemv_tile`'s table. Off by default: even timed in CUDA graphs its picks varied from process to process and
@@ -243,7 +275,7 @@ def autotune_enabled() -> bool:
     return flag("GDNSPEC_GEMV_AUTOTUNE", default=False)
 
 
-def gemv_tile(N: int, K: int, M: int, splits: int) -> tuple[int, int, int, int]:
+def gemv_tile(N: int, K: int, M: int, splits: int, *, f32: bool = False) -> tuple[int, int, int, int]:
     """(BN, BK, num_warps, num_stages) of a GEMV launch with N output columns, K inputs, M rows, `splits` K ranges
     (0: the normed kernel, which never splits). The best or within 3% of the best of 12 candidate tiles on every
     shape of the 1.7B decode step on an H200 (benchmarks/bench_tiles.py, CUDA graphs, weights streamed from HBM):
@@ -253,9 +285,15 @@ def gemv_tile(N: int, K: int, M: int, splits: int) -> tuple[int, int, int, int]:
                                                     BN 128, BK 128, 8 warps, 3 stages  (M > 16)
         others (in_proj, qkv, gate_up)              BN 32, BK 128, 4 warps, 4 stages   (M <= 16: one 16-row tile)
                                                     BN 64, BK 128, 4 warps, 4 stages   (M > 16: x re-read per program
-                                                                                        halves with BN 64)"""
+                                                                                        halves with BN 64)
+
+    f32 (CUDA float32, 'tf32x3' products; the shipped bundle's 384-wide shapes, benchmarks/bench_small_gemm.py
+    --sweep-rows 2,5,16, results/stop21): unsplit launches of up to 8 rows take BN 32, BK 64, 4 warps, 4 stages
+    (1.0-3.5 us faster than BK 128 at 2 and 5 rows on every shape; at 16 rows BK 128 was as fast or faster)."""
     if splits > 1:
         return 64, 128, 4, 4
+    if f32 and M <= 8:
+        return 32, 64, 4, 4
     if N >= 16384:
         return (128, 64, 4, 4) if M <= 16 else (128, 128, 8, 3)
     return (32, 128, 4, 4) if M <= 16 else (64, 128, 4, 4)
@@ -285,7 +323,8 @@ def _launch(kernel, tuned, N: int, K: int, M: int, splits: int, args: tuple, kw:
         tuned[lambda meta: (triton.cdiv(N, meta["BN"]), cols) if splits else (triton.cdiv(N, meta["BN"]),)](*args, **kw)
         return
     key = (kernel, N, K, M, splits, getattr(args[0], "device", None))
-    tiles = [_TILES[key]] if key in _TILES else fallback_tiles(gemv_tile(N, K, M, splits))
+    tiles = [_TILES[key]] if key in _TILES else fallback_tiles(gemv_tile(N, K, M, splits,
+                                                                        f32=kw.get("PREC") == "tf32x3"))
     for i, (bn, bk, warps, stages) in enumerate(tiles):
         grid = (triton.cdiv(N, bn), cols) if splits else (triton.cdiv(N, bn),)
         try:
@@ -298,40 +337,79 @@ def _launch(kernel, tuned, N: int, K: int, M: int, splits: int, args: tuple, kw:
         return
 
 
+def fp32_rows_ok(M: int) -> bool:
+    """Whether a CUDA float32 product of M rows runs the Triton kernels (FP32_CUDA_MIN_ROWS .. FP32_CUDA_MAX_ROWS)."""
+    return FP32_CUDA_MIN_ROWS <= M <= FP32_CUDA_MAX_ROWS
+
+
 def kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the GEMV kernels of this module take x (..., K) @ weight^T: Triton on x's device, the kernels on
-    (GDNSPEC_TRITON_GEMV), 1 .. MAX_ROWS rows, a contiguous weight, x and weight alike in bf16 / fp16, or float32
-    off CUDA (the interpreter; CUDA float32 stays with cuBLAS). Shapes are checked by the callers."""
+    (GDNSPEC_TRITON_GEMV), 1 .. MAX_ROWS rows, a contiguous weight, x and weight alike in bf16 / fp16 / float32
+    (CUDA float32 for FP32_CUDA_MIN_ROWS .. FP32_CUDA_MAX_ROWS rows: the others stay with cuBLAS). Shapes are checked
+    by the callers."""
     K = x.shape[-1]
     M = x.numel() // K if K else 0
     return (HAS_TRITON and enabled() and available(x) and 1 <= M <= MAX_ROWS and weight.is_contiguous()
-            and _act_dtypes_ok(x, weight) and not (x.is_cuda and x.dtype == torch.float32))
+            and _act_dtypes_ok(x, weight) and not (x.is_cuda and x.dtype == torch.float32 and not fp32_rows_ok(M)))
 
 
-def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def _rows_of(x: torch.Tensor, K: int, silu: bool) -> tuple[torch.Tensor, int]:
+    """(x as (M, K) rows, or (M, 2K) [gate | up] rows with silu, last dim contiguous; M)."""
+    width = 2 * K if silu else K
+    M = x.numel() // width if width else 0
+    x2 = x.reshape(M, width)
+    return (x2 if x2.stride(-1) == 1 else x2.contiguous()), M
+
+
+def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 silu: bool = False) -> torch.Tensor:
     """F.linear(x, weight, bias) for x (..., K) with at most MAX_ROWS rows, by the Triton kernel on CUDA bf16/fp16
-    (and under TRITON_INTERPRET for tests); F.linear otherwise. weight (N, K) contiguous."""
-    K = x.shape[-1]
-    M = x.numel() // K if K else 0
-    if not kernel_applies(x, weight):
-        return F.linear(x, weight, bias)
+    (float32 where fp32_rows_ok; and under TRITON_INTERPRET for tests); F.linear otherwise. weight (N, K) contiguous.
+    silu=True: x is (..., 2K) [gate | up] and the product is silu_mul(x) @ weight^T (see silu_fusable)."""
+    if silu:
+        if not silu_fusable(x, weight):
+            raise ValueError(f"small_linear(silu=True) needs x (..., 2K) [gate | up] for a (N, K) weight that the "
+                             f"kernel takes (silu_fusable), got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+        K = weight.shape[1]
+    else:
+        K = x.shape[-1]
+        if not kernel_applies(x, weight):
+            return F.linear(x, weight, bias)
     N = weight.shape[0]
     if weight.dim() != 2 or weight.shape[1] != K:
         raise ValueError(f"weight must have shape (N, K) with K = {K} (x's last dim), got {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (N,):
         raise ValueError(f"bias must have shape (N,) = ({N},), got {tuple(bias.shape)}")
-    x2 = x.reshape(M, K)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2, M = _rows_of(x, K, silu)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     BM = 16 if M <= 16 else (32 if M <= 32 else 64)
     args = (x2, x2.stride(0), weight, bias if bias is not None else weight, y, y.stride(0), M, N, K, K)
-    kw = dict(HAS_BIAS=bias is not None, F32=x.dtype == torch.float32 or not x.is_cuda, BM=BM)
+    kw = dict(HAS_BIAS=bias is not None, **f32_args(x), BM=BM, SILU=silu)
     if x.is_cuda:
         _launch(_gemv_kernel, _gemv_tuned, N, K, M, 1, args, {**kw, **_launch_args(x, N, K)})
     else:  # interpreter: one fixed configuration
         _gemv_kernel[(triton.cdiv(N, 16), 1)](*args, **kw, BN=16, BK=64)
     return y.view(*x.shape[:-1], N)
+
+
+def silu_enabled() -> bool:
+    """GDNSPEC_SILU_GEMV: "1" the SwiGLU SiLU-mul in the down projection's loads (silu_fusable), "0" / unset (the
+    DEFAULT) the separate silu_mul launch. Off because it measured SLOWER on an H200 (1.7B config, bf16,
+    bench_e2e, results/stop21): decode B = 1 2.08 ms against 1.36 ms, verify N = 16 at B = 1 2.64 against 1.77 ms
+    (same run, --ab-env). The down projection's K loop then computes the SiLU of a padded 16-row tile in every column
+    program and its weight stream stalls behind it; kept, tested, as the starting point for a version that
+    computes the activation once. Anything else raises a ValueError naming the variable."""
+    return flag("GDNSPEC_SILU_GEMV", default=False)
+
+
+def silu_fusable(gate_up: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the GEMV kernels take silu_mul(gate_up) @ weight^T with the SiLU-mul in their loads (small_linear /
+    small_linear_partials / silu_linear_for_residual with silu=True): the switch on (silu_enabled), gate_up (..., 2K)
+    [gate | up] with a contiguous last dim, weight (N, K), and the kernels take the (..., K) product (kernel_applies)."""
+    if not (isinstance(gate_up, torch.Tensor) and weight.dim() == 2 and gate_up.dim() >= 1 and silu_enabled()):
+        return False
+    K = weight.shape[1]
+    return gate_up.shape[-1] == 2 * K and gate_up.stride(-1) == 1 and kernel_applies(gate_up[..., :K], weight)
 
 
 def split_count(x: torch.Tensor, weight: torch.Tensor) -> int:
@@ -346,34 +424,35 @@ def split_count(x: torch.Tensor, weight: torch.Tensor) -> int:
         return forced
     if K < 2 * N:
         return 1
-    if x.dtype not in (torch.bfloat16, torch.float16) and x.is_cuda:
+    if x.is_cuda and (x.dtype not in (torch.bfloat16, torch.float16, torch.float32)
+                      or (x.dtype == torch.float32 and not fp32_rows_ok(M))):
         return 1
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
     return int(max(1, min(8, (4 * sms) // max(1, triton.cdiv(N, 16)), K // 512)))
 
 
-def small_linear_partials(x: torch.Tensor, weight: torch.Tensor, splits: int) -> torch.Tensor:
+def small_linear_partials(x: torch.Tensor, weight: torch.Tensor, splits: int, *, silu: bool = False) -> torch.Tensor:
     """x (..., K) @ weight (N, K)^T as `splits` float32 partial sums (splits, ..., N) over K ranges; their sum is
     F.linear(x, weight) before rounding. The consumer (`add_rms_norm(..., partials=True)`) adds them up, so the
-    split-K reduction costs no extra launch."""
-    K = x.shape[-1]
+    split-K reduction costs no extra launch. silu=True: x is (..., 2K) [gate | up], the product silu_mul(x) @ W^T."""
     N = weight.shape[0]
-    M = x.numel() // K if K else 0
+    K = weight.shape[1] if (silu and weight.dim() == 2) else x.shape[-1]
+    M = x.numel() // ((2 if silu else 1) * K) if K else 0
     if not 1 <= M <= 32:
         raise ValueError(f"small_linear_partials takes 1 to 32 rows (one tile), got {M} rows of x {tuple(x.shape)}")
     if weight.dim() != 2 or weight.shape[1] != K or not weight.is_contiguous():
         raise ValueError(f"weight must be a contiguous (N, K) matrix with K = {K}, got {tuple(weight.shape)}")
+    if silu and x.shape[-1] != 2 * K:
+        raise ValueError(f"silu=True needs x (..., 2K) = (..., {2 * K}) [gate | up], got {tuple(x.shape)}")
     if splits < 1:
         raise ValueError(f"splits must be >= 1, got {splits}")
-    x2 = x.reshape(M, K)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2, M = _rows_of(x, K, silu)
     k_split = triton.cdiv(triton.cdiv(K, splits), 256) * 256
     splits = triton.cdiv(K, k_split)
     y = torch.empty(splits, M, N, dtype=torch.float32, device=x.device)
     BM = 16 if M <= 16 else 32
     args = (x2, x2.stride(0), weight, weight, y, N, M, N, K, k_split)
-    kw = dict(HAS_BIAS=False, F32=x.dtype == torch.float32 or not x.is_cuda, BM=BM)
+    kw = dict(HAS_BIAS=False, **f32_args(x), BM=BM, SILU=silu)
     if x.is_cuda:
         _launch(_gemv_kernel, _gemv_split_tuned, N, K, M, splits, args, {**kw, **_launch_args(x, N, k_split)})
     else:
@@ -392,6 +471,18 @@ def linear_for_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return small_linear(x, weight, bias)
 
 
+def silu_linear_for_residual(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """`linear_for_residual(elementwise.silu_mul(gate_up), weight, bias)` in ONE launch: the SwiGLU MLP's SiLU-mul
+    done in the down projection's loads (gate_up (..., 2K) [gate | up], weight (N, K); needs silu_fusable). The
+    same tile, K ranges and rounding points as the two launches, so the same numbers bit for bit (tested)."""
+    K = weight.shape[1]
+    if bias is None:
+        s = split_count(gate_up[..., :K], weight)
+        if s > 1 and weight.is_contiguous():
+            return small_linear_partials(gate_up, weight, s, silu=True)
+    return small_linear(gate_up, weight, bias, silu=True)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Residual add + RMSNorm folded into the GEMVs around it (GDNSPEC_NORM_GEMV; ops/fused/normed.py wires them up)
 
@@ -399,8 +490,8 @@ GROUP = 16  # columns per sum-of-squares slot: linear_residual's sumsq is (M, ce
 
 
 def _act_dtypes_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """The dtypes the GEMV kernels run: x and weight alike, bf16 / fp16 (float32 too, but on CUDA only through
-    explicit calls: the dispatchers leave CUDA float32 to cuBLAS, like small_linear)."""
+    """The dtypes the GEMV kernels run: x and weight alike, bf16 / fp16 / float32 (the dispatchers leave CUDA float32
+    outside FP32_CUDA_MIN_ROWS .. FP32_CUDA_MAX_ROWS rows to cuBLAS)."""
     return x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -490,7 +581,7 @@ def linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     BM = 16 if M <= 16 else (32 if M <= 32 else 64)
     args = (x2, x2.stride(0), weight, bias if bias is not None else weight, r2, r2.stride(0), h, h.stride(0), ssq,
             part, counter, M, N, K, k_split, G)
-    kw = dict(HAS_BIAS=bias is not None, SPLIT=S > 1, F32=x.dtype == torch.float32 or not x.is_cuda, BM=BM)
+    kw = dict(HAS_BIAS=bias is not None, SPLIT=S > 1, **f32_args(x), BM=BM)
     if x.is_cuda:
         _launch(_gemv_res_kernel, _res_split_tuned if S > 1 else _res_tuned, N, K, M, S, args,
                 {**kw, **_launch_args(x, N, k_split)})
@@ -536,7 +627,7 @@ def normed_linear(h: torch.Tensor, sumsq: torch.Tensor, norm_weight: torch.Tenso
     BM = 16 if M <= 16 else (32 if M <= 32 else 64)
     args = (h2, h2.stride(0), ssq, norm_weight, weight, bias if bias is not None else weight, y, y.stride(0), M, N, D,
             G, float(eps))
-    kw = dict(OFFSET=bool(offset), HAS_BIAS=bias is not None, F32=h.dtype == torch.float32 or not h.is_cuda, BM=BM,
+    kw = dict(OFFSET=bool(offset), HAS_BIAS=bias is not None, **f32_args(h), BM=BM,
               BG=min(64, triton.next_power_of_2(G)))
     if h.is_cuda:
         _launch(_gemv_norm_kernel, _norm_tuned, N, D, M, 0, args, {**kw, **_launch_args(h, N, D)})

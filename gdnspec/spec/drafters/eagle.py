@@ -16,7 +16,7 @@ import torch
 
 from gdnspec.cache import ModelState
 from gdnspec.sampling import RowSampling
-from gdnspec.spec.tree import DraftTree, TreeConfig, build_tree
+from gdnspec.spec.tree import DraftLogits, DraftTree, TreeConfig, build_tree
 
 
 @dataclass
@@ -93,7 +93,7 @@ class EagleDrafter:
         B = root_tokens.shape[0]
         cur = {"state": state.head_state.clone(), "feat": state.last_feature[:, None], "width": 1}
 
-        def expand(frontier_tokens: torch.Tensor, parent_slot: torch.Tensor | None) -> torch.Tensor:
+        def expand(frontier_tokens: torch.Tensor, parent_slot: torch.Tensor | None) -> DraftLogits:
             F = frontier_tokens.shape[1]
             prev_state, prev_feat = cur["state"], cur["feat"]  # (B * width rows), (B, width, H)
             if parent_slot is not None:
@@ -101,11 +101,12 @@ class EagleDrafter:
                 prev_state = prev_state.select(rows)
                 prev_feat = prev_feat.gather(1, parent_slot[..., None].expand(B, F, prev_feat.shape[-1]))
             feats = prev_feat.reshape(B * F, 1, -1)
-            out, logits = head.decode_step(feats, self._embed(frontier_tokens.reshape(B * F, 1)), prev_state,
-                                           target=self.target)  # prev_state advanced in place
+            ids = frontier_tokens.reshape(B * F, 1)
+            out, logits = head.decode_step_ids(feats, ids if ids.device == self.target.device else ids.to(
+                self.target.device), prev_state, target=self.target)  # prev_state advanced in place
             cur["state"], cur["feat"], cur["width"] = prev_state, out.view(B, F, -1), F
-            logp = torch.log_softmax(logits if logits.dtype == torch.float32 else logits.float(), dim=-1)
-            return head.scatter_draft_logprobs(logp).view(B, F, -1)  # on the target's ids (reduced draft vocab)
+            # over draft_ids (reduced draft vocab): the builder maps the ranked columns to the target's ids
+            return DraftLogits(logits.view(B, F, -1), head.config.vocab_size, head.draft_ids)
 
         roots = root_tokens if root_tokens.device == head.device else root_tokens.to(head.device)
         return build_tree(roots, expand, config, sync_free=sync_free, draft=draft)[0]

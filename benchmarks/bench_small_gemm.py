@@ -1,0 +1,179 @@
+"""cuBLAS against the Triton GEMV / skinny GEMM of ops/fused/gemv.py for the shipped bundle's shapes, by row count,
+and torch's log_softmax + topk against ops/fused/topk.py: which runs where on the GPU.
+
+    python benchmarks/bench_small_gemm.py [--dtype float32] [--rows 1,2,4,5,8,16,17,32,64] [--sweep-rows 5,16]
+                                          [--out FILE.json]                                                  # CUDA
+
+Shapes: every distinct (N, K) weight of the default bundle's target (fused projections, as the fused steps run them)
+and EAGLE head, plus its lm_head. Each product is timed as 40 launches captured in one CUDA graph (no host launch
+cost; the bundle's weights stay in L2 as in its steps), median of 5 replays, per launch:
+  cublas  F.linear (what CUDA float32 ran before FP32_CUDA_MIN_ROWS / MAX_ROWS),
+  triton  gemv.small_linear's kernel (the table's tile), and for out / down shapes (K >= 2N) the split-K partials,
+  dispatch what gemv.small_linear / linear_for_residual run now.
+sweep rows (--sweep-rows): the plain kernel launched directly with every tile of SWEEP at those row counts, the best
+tile per shape, against the table's (gemv_tile): what the table should say for this dtype.
+topk rows: log_softmax + topk (torch) against ops/fused/topk.log_softmax_topk for F rows of the
+vocabulary (F = 1, 4 frontier nodes; k = 1, 4, 8; V = 8192 the bundle, 151936 Qwen3). Prints a table and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_e2e import comma_list  # noqa: E402
+from common import environment, print_table, write_json  # noqa: E402
+
+import gdnspec.ops.fused.gemv as G  # noqa: E402
+from gdnspec.ops.fused._bench import replay_ms  # noqa: E402
+from gdnspec.ops.fused.topk import log_softmax_topk  # noqa: E402
+
+
+def graph_us(fn, iters: int = 40) -> float:
+    """Microseconds per call of fn: `iters` calls captured in one CUDA graph, the median of 5 replays."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(iters):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    us = replay_ms(g, 5) / iters * 1e3
+    del g
+    return us
+
+
+SWEEP = [(16, 64, 4, 4), (16, 128, 4, 4), (16, 256, 4, 3), (32, 64, 4, 4), (32, 128, 4, 4), (64, 64, 4, 4),
+         (16, 64, 2, 4), (32, 64, 2, 4), (16, 128, 2, 3), (64, 128, 4, 3), (16, 32, 2, 6), (32, 32, 4, 6)]
+
+
+def sweep(x: torch.Tensor, w: torch.Tensor) -> dict:
+    """us per launch of gemv's plain kernel on x @ w^T with each tile of SWEEP (None where it does not fit)."""
+    import triton
+
+    M, K = x.shape
+    N = w.shape[0]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    BM = 16 if M <= 16 else (32 if M <= 32 else 64)
+    args = (x, x.stride(0), w, w, y, y.stride(0), M, N, K, K)
+    kw = dict(HAS_BIAS=False, **G.f32_args(x), BM=BM, **G._launch_args(x, N, K))
+    out = {}
+    for bn, bk, warps, stages in SWEEP:
+        def call():
+            G._gemv_kernel[(triton.cdiv(N, bn), 1)](*args, **kw, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+        try:
+            out[(bn, bk, warps, stages)] = graph_us(call)
+        except Exception:  # noqa: BLE001 (a tile that does not fit this GPU)
+            out[(bn, bk, warps, stages)] = None
+    return out
+
+
+def bundle_shapes(dtype) -> list[tuple[str, int, int]]:
+    """(name, N, K) of the bundle's products as its fused steps run them (fused in-projection, gate_up, qkv),
+    deduplicated by shape, in model order."""
+    from gdnspec.bundle import load
+    from gdnspec.layers.attention import GatedAttention as Attention
+    from gdnspec.layers.gated_deltanet import Qwen3GatedDeltaNet as GatedDeltaNet
+    from gdnspec.layers.mlp import SwiGLUMLP as MLP
+
+    b = load(dtype=dtype)  # on the CPU: only the shapes are read
+    mods = [b.model] + ([b.drafters["eagle"].head] if "eagle" in b.drafters else [])
+    seen, out = set(), []
+
+    def add(name, w):
+        if tuple(w.shape) not in seen:
+            seen.add(tuple(w.shape))
+            out.append((name, *w.shape))
+
+    for m in mods:
+        for mod in m.modules():
+            if isinstance(mod, GatedDeltaNet):
+                add("gdn in_proj", mod.fused_in_proj())
+                add("gdn out_proj", mod.out_proj.weight)
+            elif isinstance(mod, Attention):
+                add("attn qkv", mod.fused_qkv()[0])
+                add("attn o_proj", mod.o_proj.weight)
+            elif isinstance(mod, MLP):
+                add("mlp gate_up", mod.fused_gate_up())
+                add("mlp down", mod.down_proj.weight)
+        if hasattr(m, "fc"):
+            add("eagle fc", m.fc.weight)
+    add("lm_head", b.model.lm_head.weight)
+    return out
+
+
+@torch.inference_mode()
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--rows", default=[1, 2, 4, 5, 8, 16, 17, 32, 64], type=comma_list(int, low=1, high=64))
+    ap.add_argument("--sweep-rows", default=[], type=comma_list(int, low=1, high=64))
+    ap.add_argument("--out", default="benchmarks/results/small_gemm.json")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_small_gemm needs CUDA", file=sys.stderr)
+        return 2
+    dtype = getattr(torch, args.dtype)
+    env = environment()
+    rows = []
+    for name, N, K in bundle_shapes(dtype):
+        w = torch.randn(N, K, device="cuda", dtype=dtype) / K**0.5
+        for M in args.rows:
+            x = torch.randn(M, K, device="cuda", dtype=dtype)
+            row = {"what": name, "N": N, "K": K, "M": M, "cublas_us": graph_us(lambda: F.linear(x, w))}
+            saved = G.FP32_CUDA_MIN_ROWS, G.FP32_CUDA_MAX_ROWS
+            G.FP32_CUDA_MIN_ROWS, G.FP32_CUDA_MAX_ROWS = 1, G.MAX_ROWS  # the kernel at every row count: where it pays
+            try:
+                row["triton_us"] = graph_us(lambda: G.small_linear(x, w))
+                S = G.split_count(x, w)
+                row["splits"] = S
+                row["triton_split_us"] = graph_us(lambda: G.small_linear_partials(x, w, S)) if S > 1 else None
+            finally:
+                G.FP32_CUDA_MIN_ROWS, G.FP32_CUDA_MAX_ROWS = saved
+            row["dispatch_us"] = graph_us(lambda: G.linear_for_residual(x, w) if K >= 2 * N else G.small_linear(x, w))
+            ref = F.linear(x.double(), w.double())
+            got = G.small_linear(x, w).double() if G.kernel_applies(x, w) else F.linear(x, w).double()
+            row["rel_err"] = float((got - ref).norm() / ref.norm())
+            rows.append(row)
+    print_table(rows, ["what", "N", "K", "M", "cublas_us", "triton_us", "splits", "triton_split_us", "dispatch_us",
+                       "rel_err"])
+    tiles = []
+    for name, N, K in bundle_shapes(dtype) if args.sweep_rows else ():
+        w = torch.randn(N, K, device="cuda", dtype=dtype) / K**0.5
+        for M in args.sweep_rows:
+            t = sweep(torch.randn(M, K, device="cuda", dtype=dtype), w)
+            ok = {k: v for k, v in t.items() if v is not None}
+            best = min(ok, key=ok.get)
+            table = G.gemv_tile(N, K, M, 1, f32=dtype == torch.float32)
+            tiles.append({"what": name, "N": N, "K": K, "M": M, "best_tile": "x".join(map(str, best)),
+                          "best_us": ok[best], "table_tile": "x".join(map(str, table)), "table_us": t.get(table),
+                          "all": {"x".join(map(str, k)): v for k, v in t.items()}})
+    if tiles:
+        print_table(tiles, ["what", "N", "K", "M", "best_tile", "best_us", "table_tile", "table_us"])
+    top = []
+    for V in (8192, 151936):
+        for Fr in (1, 4):
+            logits = torch.randn(Fr, V, device="cuda", dtype=dtype) * 3
+            for k in (1, 4, 8):
+                torch_us = graph_us(lambda: torch.log_softmax(logits.float(), -1).topk(k, dim=-1))
+                fused_us = graph_us(lambda: log_softmax_topk(logits, k))
+                a, b = log_softmax_topk(logits, k), torch.log_softmax(logits.float(), -1).topk(k, dim=-1)
+                ok = bool(torch.equal(logits.gather(-1, a[1]), logits.gather(-1, b[1]))
+                          and torch.allclose(a[0], b[0], atol=1e-4))
+                top.append({"V": V, "rows": Fr, "k": k, "torch_us": torch_us, "fused_us": fused_us if ok else None,
+                            "matches": ok})
+    print_table(top, ["V", "rows", "k", "torch_us", "fused_us", "matches"])
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.out, {"env": env, "dtype": args.dtype, "gemm": rows, "tiles": tiles, "topk": top})
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
