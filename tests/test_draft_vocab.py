@@ -198,3 +198,15 @@ def test_non_integer_dtypes_are_refused_as_draft_vocabularies():
         with pytest.raises(ValueError, match=f"integer.*{bad.dtype}"):
             head.set_draft_vocab(bad)
     assert head.draft_ids is None
+
+
+def test_cpu_ranking_of_a_reduced_vocabulary_is_the_full_vocabulary_rank_ties_included(monkeypatch):
+    """Where the fused top-k kernel does not run (the CPU), DraftLogits ranks a reduced vocabulary exactly as the
+    builder always did, over the full-vocabulary log-probs: exact ties keep torch's order over the target's ids."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    ids = torch.tensor([900, 5, 300, 2, 700, 1])
+    logits = torch.tensor([[[1.0, 1.0, 2.0, 0.5, 1.0, 2.0]]])  # ties between ids 300 / 1 and 900 / 5 / 700
+    d = DraftLogits(logits, 1000, ids)
+    got_lp, got_tok = d.topk(3)
+    ref_lp, ref_tok = d.logprobs().topk(3, dim=-1)
+    assert torch.equal(got_tok, ref_tok) and torch.equal(got_lp, ref_lp)

@@ -361,3 +361,19 @@ def test_layer_bad_inputs_raise_clear_errors():
         Qwen3GatedDeltaNet(16, 2, 2, 0, 4)
     with pytest.raises(ValueError, match="num_kv_heads"):
         GatedAttention(16, 3, 2, 4)
+
+
+def test_chain_layouts_are_cached_only_for_short_chains():
+    """TokenLayout.chain: chains up to CHAIN_CACHE_MAX tokens share cached tensors (the EAGLE catch-up's every step),
+    longer ones (prefill chunks) are built per call; values equal the definition either way."""
+    import gdnspec.layers.layout as L
+
+    for T in (3, L.CHAIN_CACHE_MAX + 1):
+        a, b = L.TokenLayout.chain(2, T), L.TokenLayout.chain(3, T)
+        idx = torch.arange(T)
+        assert torch.equal(a.parents[0], idx - 1) and torch.equal(b.depth[2], idx)
+        assert torch.equal(a.ancestor_mask[1], torch.ones(T, T, dtype=torch.bool).tril())
+        assert torch.equal(a.conv_window_index(4)[1], idx[:, None] + torch.arange(4))
+        shared = a.ancestor_mask.data_ptr() == b.ancestor_mask.data_ptr()
+        assert shared == (T <= L.CHAIN_CACHE_MAX)
+    assert all(key[0] <= L.CHAIN_CACHE_MAX for key in L._CHAINS)

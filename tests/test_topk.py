@@ -83,9 +83,19 @@ def test_float64_and_large_k_take_the_reference():
 
 
 @pytest.mark.parametrize("builder,topk,steps,n", [("chain", 1, 4, 5), ("eagle2", 3, 3, 10), ("seed", 2, 3, 7)])
-def test_tree_builder_with_draft_logits_equals_log_probs(builder, topk, steps, n):
-    """The builder fed DraftLogits (ranked by the kernel, a reduced vocabulary mapped back) builds the same tree as
-    the same drafter handing it log-probs over the full vocabulary (ranked by torch)."""
+def test_tree_builder_with_draft_logits_equals_log_probs(builder, topk, steps, n, monkeypatch):
+    """The builder fed DraftLogits (ranked by the kernel, as on CUDA; a reduced vocabulary mapped back) builds the
+    same tree as the same drafter handing it log-probs over the full vocabulary (ranked by torch)."""
+    import gdnspec.spec.tree as tree_mod
+
+    calls = []
+
+    def ranks(logits, k):  # the kernel on the CPU too (the interpreter), counted
+        calls.append(k)
+        return tk.kernel_applies(logits, k)
+
+    monkeypatch.setattr(tree_mod, "_topk", tk)  # the interpreter-loaded module (interpreter_modules above)
+    monkeypatch.setattr(tree_mod, "_kernel_ranks", ranks)
     V, B = 700, 3
     ids = torch.arange(V - 1, -1, -3)  # a reduced vocabulary, not sorted
     W = torch.randn(V, V, generator=torch.Generator().manual_seed(5)) * 3
@@ -106,25 +116,22 @@ def test_tree_builder_with_draft_logits_equals_log_probs(builder, topk, steps, n
         assert torch.equal(getattr(a, name), getattr(b, name)), name
     assert torch.allclose(a.scores, b.scores, atol=1e-5)
     assert bool(torch.isin(a.tokens[:, 1:][a.valid[:, 1:]], ids).all())
+    assert calls and all(tk.kernel_applies(torch.zeros(1, 3), k) for k in calls)  # the kernel really ranked them
 
 
-def _mutant(old: str, new: str):
-    """The topk module with `old` replaced by `new` in its source, loaded from a temporary file (Triton's jit reads
-    the kernels' source from it)."""
+def _mutant(old: str, new: str, tmp_path):
+    """The topk module with `old` replaced by `new` in its source, loaded from a file under tmp_path (Triton's jit
+    reads the kernels' source from it)."""
     import importlib.util
     import inspect
 
     src = inspect.getsource(tk)
     assert old in src, old
-    path = tk.__file__ + ".mutant.py"
-    with open(path, "w") as f:
-        f.write(src.replace(old, new))
-    try:
-        spec = importlib.util.spec_from_file_location("topk_mutant", path)
-        m = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(m)
-    finally:
-        os.remove(path)
+    path = tmp_path / "topk_mutant.py"
+    path.write_text(src.replace(old, new))
+    spec = importlib.util.spec_from_file_location("topk_mutant", path)
+    m = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(m)
     return m
 
 
@@ -132,8 +139,8 @@ def _mutant(old: str, new: str):
     ("lse = m_safe + tl.log(tl.sum(sc * tl.exp(mc - m_safe), 0))", "lse = m_safe + tl.log(tl.sum(sc, 0))"),
     ("| (0x7FFFFFFF - ids).to(tl.int64)", "| ids.to(tl.int64)"),  # ties to the highest id
 ])
-def test_kernel_mutants_fail(old, new):
-    m = _mutant(old, new)
+def test_kernel_mutants_fail(old, new, tmp_path):
+    m = _mutant(old, new, tmp_path)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(3, 9000, generator=g) * 4
     x[1] = 0.0

@@ -4,9 +4,11 @@
 token j iff mask[i, j]; includes i itself) and the depth (distance from the first token), from which attention
 positions are prefix length + depth. A chain is the tree whose parents are i - 1.
 
-Chain layouts are views of tensors built once per (length, conv width, device) and cached (`_chain_parts`): on the
-GPU the EAGLE catch-up builds one every speculative step, and building it took ~7 small kernels (arange, tril, ...)
-inside every replayed CUDA graph. The cached tensors are read-only: every user of a layout only reads it.
+Chain layouts of up to CHAIN_CACHE_MAX tokens are views of tensors built once per (length, conv width, device) and
+cached (`_chain_parts`): on the GPU the EAGLE catch-up builds one every speculative step, and building it took ~7
+small kernels (arange, tril, ...) inside every replayed CUDA graph. Longer chains (prefill chunks, training) are built
+per call, so the cache stays small. The cached tensors are shared: a layout's tensors are read, never written (a
+B = 1 view would write through to every later layout of that length).
 """
 from __future__ import annotations
 
@@ -98,23 +100,28 @@ class TokenLayout:
         return TokenLayout(parents=parents, ancestor_mask=mask, depth=depth)
 
 
+CHAIN_CACHE_MAX = 64  # the longest chain whose layout tensors are cached (verify trees and catch-ups are <= 64 nodes)
 _CHAINS: dict = {}
 
 
 def _chain_parts(T: int, device, width: int | None = None):
-    """(depth (T,), parents (T,), ancestor mask (T, T) tril, window index (T, width) or None) of a chain of T tokens:
-    built once per (T, width, device) and cached, as normal tensors even under inference mode (so that training may
-    use them too); not cached while a CUDA graph is being captured (tensors made there live in the graph's private
-    memory pool)."""
+    """(depth (T,), parents (T,), ancestor mask (T, T) tril, window index (T, width) or None) of a chain of T tokens.
+    For T <= CHAIN_CACHE_MAX built once per (T, width, device) and cached, as normal tensors even under inference mode
+    (so that training may use them too), and not while a CUDA graph is being captured (tensors made there live in the
+    graph's private memory pool); longer chains are built per call."""
     dev = torch.device(device) if device is not None else torch.device("cpu")
     key = (T, width, str(dev))
     hit = _CHAINS.get(key)
     if hit is not None:
         return hit
-    with torch.inference_mode(False):
-        idx = torch.arange(T, device=dev)
-        window = None if width is None else idx[:, None] + torch.arange(width, device=dev)
-        parts = (idx, idx - 1, torch.ones(T, T, dtype=torch.bool, device=dev).tril(), window)
-    if not (dev.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+    if width is not None:  # the window index on top of the chain's own (cached) parts
+        idx, parents, mask, _ = _chain_parts(T, dev)
+        with torch.inference_mode(False):
+            parts = (idx, parents, mask, idx[:, None] + torch.arange(width, device=dev))
+    else:
+        with torch.inference_mode(False):
+            idx = torch.arange(T, device=dev)
+            parts = (idx, idx - 1, torch.ones(T, T, dtype=torch.bool, device=dev).tril(), None)
+    if T <= CHAIN_CACHE_MAX and not (dev.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         _CHAINS[key] = parts
     return parts

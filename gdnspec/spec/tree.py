@@ -196,10 +196,12 @@ class DraftLogits:
     ids: torch.Tensor | None = None
 
     def topk(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log-probs (B, F, k) float32, target token ids (B, F, k) int64), best first; as logprobs().topk(k) up to
-        the order of exact ties (lowest id first here)."""
-        if self.ids is not None and k > self.logits.shape[-1]:  # more children than draft tokens: -inf ones too
-            return self.logprobs().topk(k, dim=-1)
+        """(log-probs (B, F, k) float32, target token ids (B, F, k) int64), best first: logprobs().topk(k), by the
+        fused kernel on CUDA (`_kernel_ranks`; exact ties then come lowest column first, i.e. in draft_ids order with
+        a reduced vocabulary), elsewhere by torch exactly as the builder always ranked them (the CPU's trees are
+        unchanged, and the Triton interpreter, which is not thread-safe, never runs in an engine's step)."""
+        if k > self.logits.shape[-1] or not _kernel_ranks(self.logits, k):
+            return self.logprobs().topk(k, dim=-1)  # torch, or more children than draft tokens: the full-vocab rank
         lp, col = _topk.log_softmax_topk(self.logits, k)
         return lp, (col if self.ids is None else self.ids[col])
 
@@ -211,6 +213,12 @@ class DraftLogits:
             return lp
         full = lp.new_full((*lp.shape[:-1], self.vocab_size), float("-inf"))
         return full.index_copy_(-1, self.ids, lp)
+
+
+def _kernel_ranks(logits: torch.Tensor, k: int) -> bool:
+    """Whether DraftLogits ranks with the fused kernel: CUDA logits it takes (tests under the interpreter patch this
+    to ops/fused/topk.kernel_applies to run the builder through the kernel on the CPU)."""
+    return logits.is_cuda and _topk.kernel_applies(logits, k)
 
 
 ExpandFn = Callable[[torch.Tensor, torch.Tensor | None], "torch.Tensor | DraftLogits"]

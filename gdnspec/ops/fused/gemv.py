@@ -322,7 +322,9 @@ def _launch(kernel, tuned, N: int, K: int, M: int, splits: int, args: tuple, kw:
     if autotune_enabled():
         tuned[lambda meta: (triton.cdiv(N, meta["BN"]), cols) if splits else (triton.cdiv(N, meta["BN"]),)](*args, **kw)
         return
-    key = (kernel, N, K, M, splits, getattr(args[0], "device", None))
+    x = args[0]  # the tile depends on the activation dtype, the dot precision and the SiLU loads too
+    key = (kernel, N, K, M, splits, getattr(x, "device", None), getattr(x, "dtype", None), kw.get("PREC"),
+           kw.get("SILU", False))
     tiles = [_TILES[key]] if key in _TILES else fallback_tiles(gemv_tile(N, K, M, splits,
                                                                         f32=kw.get("PREC") == "tf32x3"))
     for i, (bn, bk, warps, stages) in enumerate(tiles):
@@ -368,8 +370,9 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     silu=True: x is (..., 2K) [gate | up] and the product is silu_mul(x) @ weight^T (see silu_fusable)."""
     if silu:
         if not silu_fusable(x, weight):
-            raise ValueError(f"small_linear(silu=True) needs x (..., 2K) [gate | up] for a (N, K) weight that the "
-                             f"kernel takes (silu_fusable), got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+            raise ValueError(f"small_linear(silu=True) needs GDNSPEC_SILU_GEMV=1 and x (..., 2K) [gate | up] for a "
+                             f"(N, K) weight that the kernel takes (silu_fusable), got x {tuple(x.shape)}, weight "
+                             f"{tuple(weight.shape)}, GDNSPEC_SILU_GEMV {'on' if silu_enabled() else 'off'}")
         K = weight.shape[1]
     else:
         K = x.shape[-1]

@@ -13,8 +13,8 @@ only the first layer (its input is the embedding, no residual yet) keeps an add_
 
 Every case the fused kernels do not take falls back to today's path (`gemv.linear_for_residual` + `add_rms_norm` +
 `small_linear`), with the same numbers up to float rounding: a plain tensor y (embedding, MoE block, the module
-path), no residual, rows > gemv.MAX_ROWS, float64, no Triton on this device, one CUDA float32 row (cuBLAS there, like
-small_linear: gemv.fp32_rows_ok), GDNSPEC_TRITON_GEMV=0, or GDNSPEC_NORM_GEMV unset / 0 (the DEFAULT, measured faster on the H200: see `enabled`).
+path), no residual, rows > gemv.MAX_ROWS, float64, no Triton on this device, CUDA float32 with 1 or more than 16 rows
+(cuBLAS there, like small_linear: gemv.fp32_rows_ok), GDNSPEC_TRITON_GEMV=0, or GDNSPEC_NORM_GEMV unset / 0 (the DEFAULT, measured faster on the H200: see `enabled`).
 """
 from __future__ import annotations
 

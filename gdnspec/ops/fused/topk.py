@@ -12,8 +12,8 @@ id packed in one key, ties to the lower id); with more than one block per row a 
 log-sum-exps and candidates. log_softmax values are
 x - (max + log(sum exp(x - max))) in float32, as torch computes them (equal up to the last bits, not bitwise).
 
-Ties: equal values come lowest token id first (torch.topk leaves their order unspecified). k <= MAX_K, k <= V and
-V < 2^31.
+Ties: equal values come lowest column first (torch.topk leaves their order unspecified; -0.0 ranks below +0.0).
+k <= MAX_K, k <= V and V < 2^31.
 
 Runs on CUDA and under TRITON_INTERPRET=1 (the tests); elsewhere (the CPU, float64, k > MAX_K) the reference
 `log_softmax_topk_reference`. Errors: ValueError naming `k` or `logits` for a bad k or an empty / 0-d tensor.
@@ -28,7 +28,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-__all__ = ["MAX_K", "MAX_BLOCK", "log_softmax_topk", "log_softmax_topk_reference"]
+__all__ = ["MAX_K", "MAX_BLOCK", "kernel_applies", "log_softmax_topk", "log_softmax_topk_reference"]
 
 MAX_K = 16
 MAX_BLOCK = 8192  # tokens per program: one launch up to this vocabulary size
@@ -128,13 +128,20 @@ def _check(logits, k) -> int:
     return V
 
 
+def kernel_applies(logits: torch.Tensor, k: int) -> bool:
+    """Whether log_softmax_topk runs the kernel for these logits (else the torch reference): Triton on their device
+    (CUDA, or TRITON_INTERPRET=1), float32 / bf16 / fp16, k <= MAX_K."""
+    return (HAS_TRITON and available(logits) and k <= MAX_K
+            and logits.dtype in (torch.float32, torch.bfloat16, torch.float16))
+
+
 def log_softmax_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(values (..., k) float32, ids (..., k) int64): the k largest log_softmax(logits) entries of each row, best
-    first (module docstring: one launch for V <= MAX_BLOCK, two above). float64 logits, k > MAX_K or a device the
-    Triton kernels cannot run on: `log_softmax_topk_reference`."""
+    first (module docstring: one launch for V <= MAX_BLOCK, two above). Where the kernel does not apply
+    (kernel_applies: float64 logits, k > MAX_K, a device the Triton kernels cannot run on):
+    `log_softmax_topk_reference`."""
     V = _check(logits, k)
-    if (not HAS_TRITON or not available(logits) or k > MAX_K
-            or logits.dtype not in (torch.float32, torch.bfloat16, torch.float16)):
+    if not kernel_applies(logits, k):
         return log_softmax_topk_reference(logits, k)
     lead = logits.shape[:-1]
     x2 = logits.reshape(-1, V)
