@@ -322,11 +322,11 @@ def _launch(kernel, tuned, N: int, K: int, M: int, splits: int, args: tuple, kw:
     if autotune_enabled():
         tuned[lambda meta: (triton.cdiv(N, meta["BN"]), cols) if splits else (triton.cdiv(N, meta["BN"]),)](*args, **kw)
         return
-    x = args[0]  # the tile depends on the activation dtype, the dot precision and the SiLU loads too
-    key = (kernel, N, K, M, splits, getattr(x, "device", None), getattr(x, "dtype", None), kw.get("PREC"),
-           kw.get("SILU", False))
+    x = args[0]  # the tile depends on the activation dtype (float32: f32_args) and the SiLU loads too
+    dtype = getattr(x, "dtype", None)
+    key = (kernel, N, K, M, splits, getattr(x, "device", None), dtype, kw.get("SILU", False))
     tiles = [_TILES[key]] if key in _TILES else fallback_tiles(gemv_tile(N, K, M, splits,
-                                                                        f32=kw.get("PREC") == "tf32x3"))
+                                                                        f32=dtype == torch.float32))
     for i, (bn, bk, warps, stages) in enumerate(tiles):
         grid = (triton.cdiv(N, bn), cols) if splits else (triton.cdiv(N, bn),)
         try:
@@ -344,6 +344,13 @@ def fp32_rows_ok(M: int) -> bool:
     return FP32_CUDA_MIN_ROWS <= M <= FP32_CUDA_MAX_ROWS
 
 
+def _cuda_rows_ok(x: torch.Tensor, M: int) -> bool:
+    """The device / dtype / row-count rule of the kernels (kernel_applies and split_count share it): anything off
+    CUDA (the interpreter), CUDA bf16 / fp16, and CUDA float32 where fp32_rows_ok."""
+    return (not x.is_cuda or x.dtype in (torch.bfloat16, torch.float16)
+            or (x.dtype == torch.float32 and fp32_rows_ok(M)))
+
+
 def kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the GEMV kernels of this module take x (..., K) @ weight^T: Triton on x's device, the kernels on
     (GDNSPEC_TRITON_GEMV), 1 .. MAX_ROWS rows, a contiguous weight, x and weight alike in bf16 / fp16 / float32
@@ -352,7 +359,7 @@ def kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     K = x.shape[-1]
     M = x.numel() // K if K else 0
     return (HAS_TRITON and enabled() and available(x) and 1 <= M <= MAX_ROWS and weight.is_contiguous()
-            and _act_dtypes_ok(x, weight) and not (x.is_cuda and x.dtype == torch.float32 and not fp32_rows_ok(M)))
+            and _act_dtypes_ok(x, weight) and _cuda_rows_ok(x, M))
 
 
 def _rows_of(x: torch.Tensor, K: int, silu: bool) -> tuple[torch.Tensor, int]:
@@ -427,8 +434,7 @@ def split_count(x: torch.Tensor, weight: torch.Tensor) -> int:
         return forced
     if K < 2 * N:
         return 1
-    if x.is_cuda and (x.dtype not in (torch.bfloat16, torch.float16, torch.float32)
-                      or (x.dtype == torch.float32 and not fp32_rows_ok(M))):
+    if not _cuda_rows_ok(x, M):
         return 1
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
     return int(max(1, min(8, (4 * sms) // max(1, triton.cdiv(N, 16)), K // 512)))
