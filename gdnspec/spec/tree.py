@@ -34,7 +34,7 @@ cumulative draft probability drops below `min_frontier_prob`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -194,6 +194,7 @@ class DraftLogits:
     logits: torch.Tensor
     vocab_size: int
     ids: torch.Tensor | None = None
+    _lp: torch.Tensor | None = field(default=None, repr=False)  # logprobs(), once: the torch rank and q share it
 
     def topk(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-probs (B, F, k) float32, target token ids (B, F, k) int64), best first: logprobs().topk(k), by the
@@ -206,13 +207,15 @@ class DraftLogits:
         return lp, (col if self.ids is None else self.ids[col])
 
     def logprobs(self) -> torch.Tensor:
-        """(B, F, vocab_size) float32 log-probs on the target's ids (-inf outside a reduced vocabulary)."""
-        x = self.logits
-        lp = torch.log_softmax(x if x.dtype == torch.float32 else x.float(), dim=-1)
-        if self.ids is None:
-            return lp
-        full = lp.new_full((*lp.shape[:-1], self.vocab_size), float("-inf"))
-        return full.index_copy_(-1, self.ids, lp)
+        """(B, F, vocab_size) float32 log-probs on the target's ids (-inf outside a reduced vocabulary); computed
+        once (a stochastic tree's q and the torch ranking of the same expansion read the same tensor)."""
+        if self._lp is None:
+            x = self.logits
+            lp = torch.log_softmax(x if x.dtype == torch.float32 else x.float(), dim=-1)
+            if self.ids is not None:
+                lp = lp.new_full((*lp.shape[:-1], self.vocab_size), float("-inf")).index_copy_(-1, self.ids, lp)
+            self._lp = lp
+        return self._lp
 
 
 def _kernel_ranks(logits: torch.Tensor, k: int) -> bool:
