@@ -49,6 +49,17 @@ def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
 if HAS_TRITON:
 
     @triton.jit
+    def _rms_normed(s, w, cols, m, D, eps, OFFSET: tl.constexpr):
+        """rmsnorm(s) * (1 + w or w) in float32 for one row s (BD,) float32 of D valid columns (m): the arithmetic every
+        norm kernel here shares, so that they give the same numbers."""
+        s = tl.where(m, s, 0.0)
+        rstd = tl.rsqrt(tl.sum(s * s, 0) / D + eps)
+        wv = tl.load(w + cols, mask=m, other=0.0).to(tl.float32)
+        if OFFSET:
+            wv = wv + 1.0
+        return s * rstd * wv
+
+    @triton.jit
     def _add_rms_norm_kernel(x, sx, r, sr, w, y, sy, h, sh, D, eps, n_rows,
                              HAS_RES: tl.constexpr, OFFSET: tl.constexpr, BD: tl.constexpr, NPART: tl.constexpr,
                              PDL: tl.constexpr = False):
@@ -70,12 +81,7 @@ if HAS_TRITON:
             s = s_act.to(tl.float32)
         else:
             s = xv.to(tl.float32)
-        s = tl.where(m, s, 0.0)
-        rstd = tl.rsqrt(tl.sum(s * s, 0) / D + eps)
-        wv = tl.load(w + cols, mask=m, other=0.0).to(tl.float32)
-        if OFFSET:
-            wv = wv + 1.0
-        tl.store(y + row * sy + cols, (s * rstd * wv).to(y.dtype.element_ty), mask=m)
+        tl.store(y + row * sy + cols, _rms_normed(s, w, cols, m, D, eps, OFFSET).to(y.dtype.element_ty), mask=m)
 
     @triton.jit
     def _silu_mul_kernel(gu, sg, out, so, I, BI: tl.constexpr, PDL: tl.constexpr = False):
@@ -105,15 +111,12 @@ if HAS_TRITON:
         if half == 0:
             tok = tl.load(ids + row).to(tl.int64)
             xv = tl.load(table + tok * st + cols, mask=m, other=0.0)
-            wv = tl.load(we + cols, mask=m, other=0.0).to(tl.float32)
+            w = we
         else:
             xv = tl.load(hid + row * sh + cols, mask=m, other=0.0)
-            wv = tl.load(wh + cols, mask=m, other=0.0).to(tl.float32)
-        s = tl.where(m, xv.to(tl.float32), 0.0)
-        rstd = tl.rsqrt(tl.sum(s * s, 0) / H + eps)
-        if OFFSET:
-            wv = wv + 1.0
-        tl.store(out + row * so + half * H + cols, (s * rstd * wv).to(out.dtype.element_ty), mask=m)
+            w = wh
+        y = _rms_normed(xv.to(tl.float32), w, cols, m, H, eps, OFFSET)
+        tl.store(out + row * so + half * H + cols, y.to(out.dtype.element_ty), mask=m)
 
 
 def eagle_input_reference(ids: torch.Tensor, table: torch.Tensor, hidden: torch.Tensor, *, w_e: torch.Tensor,
@@ -148,7 +151,7 @@ def eagle_input(ids: torch.Tensor, table: torch.Tensor, hidden: torch.Tensor, *,
     BD = triton.next_power_of_2(H)
     if BD > 65536:
         raise ValueError(f"eagle_input supports rows of at most 65536 elements, got H={H}")
-    h2 = _rows(hidden.reshape(-1, H) if hidden.stride(-1) == 1 else hidden.reshape(-1, H).contiguous(), "hidden")
+    h2 = _rows((hidden if hidden.stride(-1) == 1 else hidden.contiguous()).reshape(-1, H), "hidden")
     tab = table if table.stride(-1) == 1 else table.contiguous()
     M = h2.shape[0]
     out = torch.empty(M, 2 * H, dtype=hidden.dtype, device=hidden.device)
