@@ -2,7 +2,7 @@
 and torch's log_softmax + topk against ops/fused/topk.py: which runs where on the GPU.
 
     python benchmarks/bench_small_gemm.py [--dtype float32] [--rows 1,2,4,5,8,16,17,32,64] [--sweep-rows 5,16]
-                                          [--out FILE.json]                                                  # CUDA
+                                          [--fma-sweep-rows 1,2,5,16] [--cold] [--out FILE.json]             # CUDA
 
 Shapes: every distinct (N, K) weight of the default bundle's target (fused projections, as the fused steps run them)
 and EAGLE head, plus its lm_head. Each product is timed as 40 launches captured in one CUDA graph (no host launch
@@ -11,13 +11,17 @@ cost; the bundle's weights stay in L2 as in its steps), median of 5 replays, per
   triton  gemv.small_linear's kernel (the table's tile), and for out / down shapes (K >= 2N) the split-K partials,
   dispatch what gemv.small_linear / linear_for_residual run now.
 sweep rows (--sweep-rows): the plain kernel launched directly with every tile of SWEEP at those row counts, the best
-tile per shape, against the table's (gemv_tile): what the table should say for this dtype.
+tile per shape, against the table's (gemv_tile): what the table should say for this dtype. --fma-sweep-rows: the
+same for the float32 "fma" path's tiles (FMA_SWEEP) against gemv.fma_tile; the rows table times both float32 paths
+(GDNSPEC_FP32_GEMV fma / tf32x3) in one process. --cold: the sweeps read another copy of the weight at each launch
+(streamed from HBM, as in a step whose weights exceed L2; the rows table stays L2-warm).
 topk rows: log_softmax + topk (torch) against ops/fused/topk.log_softmax_topk for F rows of the
 vocabulary (F = 1, 4 frontier nodes; k = 1, 4, 8; V = 8192 the bundle, 151936 Qwen3). Prints a table and writes JSON.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -33,15 +37,16 @@ from gdnspec.ops.fused._bench import replay_ms  # noqa: E402
 from gdnspec.ops.fused.topk import log_softmax_topk  # noqa: E402
 
 
-def graph_us(fn, iters: int = 40) -> float:
-    """Microseconds per call of fn: `iters` calls captured in one CUDA graph, the median of 5 replays."""
-    for _ in range(3):
-        fn()
+def graph_us(fn, iters: int = 40, indexed: bool = False) -> float:
+    """Microseconds per call of fn: `iters` calls captured in one CUDA graph, the median of 5 replays (indexed: fn
+    takes the call's index, e.g. to read another weight copy each time)."""
+    for i in range(3):
+        fn(i) if indexed else fn()
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        for _ in range(iters):
-            fn()
+        for i in range(iters):
+            fn(i) if indexed else fn()
     g.replay()
     torch.cuda.synchronize()
     us = replay_ms(g, 5) / iters * 1e3
@@ -53,22 +58,46 @@ SWEEP = [(16, 64, 4, 4), (16, 128, 4, 4), (16, 256, 4, 3), (32, 64, 4, 4), (32, 
          (16, 64, 2, 4), (32, 64, 2, 4), (16, 128, 2, 3), (64, 128, 4, 3), (16, 32, 2, 6), (32, 32, 4, 6)]
 
 
-def sweep(x: torch.Tensor, w: torch.Tensor) -> dict:
-    """us per launch of gemv's plain kernel on x @ w^T with each tile of SWEEP (None where it does not fit)."""
+# float32 "fma" tiles: (BN, num_warps, num_stages, register budget); BK = the budget's share of (BM, BN, BK)
+FMA_SWEEP = [(16, 4, 2, 64), (8, 4, 2, 64), (4, 4, 2, 64), (8, 4, 2, 128), (4, 8, 2, 64), (4, 4, 2, 128),
+             (4, 8, 3, 64), (4, 2, 2, 64), (8, 8, 2, 64), (32, 4, 2, 64), (16, 2, 2, 64), (16, 8, 2, 64), (16, 4, 1, 64),
+             (16, 4, 3, 64), (16, 4, 2, 128), (8, 2, 2, 64), (32, 8, 2, 64), (16, 8, 3, 128), (8, 4, 3, 128)]
+
+
+def fma_tiles(M: int) -> list[tuple[int, int, int, int]]:
+    """FMA_SWEEP as (BN, BK, num_warps, num_stages) tiles for M rows (BK a power of two in 16 .. 256)."""
+    import triton
+
+    BM = max(2, triton.next_power_of_2(M))
+    out = []
+    for bn, warps, stages, regs in FMA_SWEEP:
+        bk = max(16, min(256, triton.next_power_of_2(regs * 32 * warps // (BM * bn) + 1) // 2))
+        if (bn, bk, warps, stages) not in out:
+            out.append((bn, bk, warps, stages))
+    return out
+
+
+def sweep(x: torch.Tensor, w: torch.Tensor, fma: bool = False, cold: bool = False) -> dict:
+    """us per launch of gemv's plain kernel on x @ w^T with each tile of SWEEP (fma: of fma_tiles, on the float32
+    "fma" path; None where a tile does not fit). cold: each of the graph's 40 launches reads its own copy of w
+    (together > the 50 MB L2), so the weight streams from HBM as in a model step whose weights exceed L2."""
     import triton
 
     M, K = x.shape
     N = w.shape[0]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    BM = 16 if M <= 16 else (32 if M <= 32 else 64)
+    f32 = {"F32": True, "PREC": "fma"} if fma else G.f32_args(x)
+    BM = max(2, triton.next_power_of_2(M)) if fma else (16 if M <= 16 else (32 if M <= 32 else 64))
     args = (x, x.stride(0), w, w, y, y.stride(0), M, N, K, K)
-    kw = dict(HAS_BIAS=False, **G.f32_args(x), BM=BM, **G._launch_args(x, N, K))
+    kw = dict(HAS_BIAS=False, **f32, BM=BM, **G._launch_args(x, N, K))
     out = {}
-    for bn, bk, warps, stages in SWEEP:
-        def call():
-            G._gemv_kernel[(triton.cdiv(N, bn), 1)](*args, **kw, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+    ws = [w.clone() for _ in range(40)] if cold else [w]
+    for bn, bk, warps, stages in (fma_tiles(M) if fma else SWEEP):
+        def call(i):
+            a = (*args[:2], ws[i % len(ws)], *args[3:])
+            G._gemv_kernel[(triton.cdiv(N, bn), 1)](*a, **kw, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
         try:
-            out[(bn, bk, warps, stages)] = graph_us(call)
+            out[(bn, bk, warps, stages)] = graph_us(call, indexed=True)
         except Exception:  # noqa: BLE001 (a tile that does not fit this GPU)
             out[(bn, bk, warps, stages)] = None
     return out
@@ -114,6 +143,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--rows", default=[1, 2, 4, 5, 8, 16, 17, 32, 64], type=comma_list(int, low=1, high=64))
     ap.add_argument("--sweep-rows", default=[], type=comma_list(int, low=1, high=64))
+    ap.add_argument("--fma-sweep-rows", default=[], type=comma_list(int, low=1, high=16),
+                    help="float32: time the fma path's candidate tiles (FMA_SWEEP) at these row counts")
+    ap.add_argument("--cold", action="store_true", help="sweeps read a fresh weight copy per launch (from HBM)")
     ap.add_argument("--out", default="benchmarks/results/small_gemm.json")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -131,6 +163,17 @@ def main(argv=None) -> int:
             G.FP32_CUDA_MIN_ROWS, G.FP32_CUDA_MAX_ROWS = 1, G.MAX_ROWS  # the kernel at every row count: where it pays
             try:
                 row["triton_us"] = graph_us(lambda: G.small_linear(x, w))
+                if dtype == torch.float32:  # the other float32 path, for the A/B in one process
+                    other = "tf32x3" if G.fp32_precision() == "fma" else "fma"
+                    saved_env = os.environ.get("GDNSPEC_FP32_GEMV")
+                    os.environ["GDNSPEC_FP32_GEMV"] = other
+                    try:
+                        row[f"{other}_us"] = graph_us(lambda: G.small_linear(x, w))
+                    finally:
+                        if saved_env is None:
+                            del os.environ["GDNSPEC_FP32_GEMV"]
+                        else:
+                            os.environ["GDNSPEC_FP32_GEMV"] = saved_env
                 S = G.split_count(x, w)
                 row["splits"] = S
                 row["triton_split_us"] = graph_us(lambda: G.small_linear_partials(x, w, S)) if S > 1 else None
@@ -141,17 +184,27 @@ def main(argv=None) -> int:
             got = G.small_linear(x, w).double() if G.kernel_applies(x, w) else F.linear(x, w).double()
             row["rel_err"] = float((got - ref).norm() / ref.norm())
             rows.append(row)
-    print_table(rows, ["what", "N", "K", "M", "cublas_us", "triton_us", "splits", "triton_split_us", "dispatch_us",
-                       "rel_err"])
+    print_table(rows, ["what", "N", "K", "M", "cublas_us", "triton_us", "tf32x3_us", "fma_us", "splits",
+                       "triton_split_us", "dispatch_us", "rel_err"])
     tiles = []
     for name, N, K in bundle_shapes(dtype) if args.sweep_rows else ():
         w = torch.randn(N, K, device="cuda", dtype=dtype) / K**0.5
         for M in args.sweep_rows:
-            t = sweep(torch.randn(M, K, device="cuda", dtype=dtype), w)
+            t = sweep(torch.randn(M, K, device="cuda", dtype=dtype), w, cold=args.cold)
             ok = {k: v for k, v in t.items() if v is not None}
             best = min(ok, key=ok.get)
             table = G.gemv_tile(N, K, M, 1, f32=dtype == torch.float32)
             tiles.append({"what": name, "N": N, "K": K, "M": M, "best_tile": "x".join(map(str, best)),
+                          "best_us": ok[best], "table_tile": "x".join(map(str, table)), "table_us": t.get(table),
+                          "all": {"x".join(map(str, k)): v for k, v in t.items()}})
+    for name, N, K in bundle_shapes(dtype) if args.fma_sweep_rows and dtype == torch.float32 else ():
+        w = torch.randn(N, K, device="cuda", dtype=dtype) / K**0.5
+        for M in args.fma_sweep_rows:
+            t = sweep(torch.randn(M, K, device="cuda", dtype=dtype), w, fma=True, cold=args.cold)
+            ok = {k: v for k, v in t.items() if v is not None}
+            best = min(ok, key=ok.get)
+            table = G.fma_tile(N, M)
+            tiles.append({"what": f"fma {name}", "N": N, "K": K, "M": M, "best_tile": "x".join(map(str, best)),
                           "best_us": ok[best], "table_tile": "x".join(map(str, table)), "table_us": t.get(table),
                           "all": {"x".join(map(str, k)): v for k, v in t.items()}})
     if tiles:
@@ -170,7 +223,8 @@ def main(argv=None) -> int:
                             "matches": ok})
     print_table(top, ["V", "rows", "k", "torch_us", "fused_us", "matches"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out, {"env": env, "dtype": args.dtype, "gemm": rows, "tiles": tiles, "topk": top})
+    write_json(args.out, {"env": env, "dtype": args.dtype, "cold": args.cold, "gemm": rows, "tiles": tiles,
+                          "topk": top})
     print(f"wrote {args.out}")
     return 0
 

@@ -13,6 +13,7 @@ subprocess with a clean environment).
 """
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import time
@@ -29,12 +30,12 @@ TARGET = GPUTarget("cuda", 90, 32)
 
 def compile_kernel(kernel, types: dict, consts: dict, label: str, num_warps: int = 4) -> None:
     """triton.compile of `kernel` with argument `types` (Triton type strings; every non-constexpr argument not named
-    is an int32 scalar) and `consts` (the constexpr arguments) for sm_90. Raises what the compiler raises."""
+    is an int32 scalar) and `consts` (the constexpr arguments; those left out take their defaults) for sm_90. Raises what the compiler raises."""
     sig, cons = {}, {}
     for i, p in enumerate(kernel.params):
-        if p.name in consts:
-            sig[p.name] = "constexpr"
-            cons[(i,)] = consts[p.name]
+        if p.name in consts or (p.is_constexpr and p.default is not inspect.Parameter.empty):
+            sig[p.name] = "constexpr"  # a constexpr left out takes its default, as at a launch
+            cons[(i,)] = consts.get(p.name, p.default)
         else:
             sig[p.name] = types.get(p.name, "i32")
     t = time.perf_counter()
@@ -78,6 +79,19 @@ def main() -> int:
         jobs.append((gemv._gemv_kernel, g32, dict(HAS_BIAS=False, F32=True, BM=16, BN=32, BK=128, PDL=pdl,
                                                   PF_LINES=4 if pdl else 0, LINE=32, PREC="tf32x3"),
                      f"float32 GEMV (PDL={pdl})"))
+    # the float32 "fma" path (gemv.fp32_precision's default): plain with the SiLU loads, residual, normed, tree proj
+    jobs.append((gemv._gemv_kernel, g32, dict(HAS_BIAS=True, F32=True, BM=8, BN=16, BK=64, PDL=True, PF_LINES=4,
+                                              LINE=32, PREC="fma", SILU=True), "float32 fma GEMV with the SiLU-mul (PDL)"))
+    r32 = {n: "*fp32" for n in ("x", "w", "b", "r", "h", "ssq", "part")}
+    r32.update({"counter": "*i32"})
+    jobs.append((gemv._gemv_res_kernel, r32, dict(HAS_BIAS=False, SPLIT=True, F32=True, BM=16, BN=16, BK=64,
+                                                  PDL=True, PF_LINES=4, LINE=32, PREC="fma"),
+                 "float32 fma split-K GEMV + residual (PDL)"))
+    n32 = {n: "*fp32" for n in ("h", "ssq", "nw", "w", "b", "y")}
+    n32["eps"] = "fp32"
+    jobs.append((gemv._gemv_norm_kernel, n32, dict(OFFSET=True, HAS_BIAS=False, F32=True, BM=2, BN=16, BK=256,
+                                                   BG=32, PDL=True, PF_LINES=4, LINE=32, PREC="fma"),
+                 "float32 fma normed GEMV (PDL)"))
     b16 = {n: "*bf16" for n in ("x", "w", "b")}
     b16["y"] = "*fp32"
     jobs.append((gemv._gemv_kernel, b16, dict(HAS_BIAS=False, F32=False, BM=16, BN=64, BK=128, PDL=True, PF_LINES=4,
@@ -87,6 +101,9 @@ def main() -> int:
     jobs.append((gdn_tree_proj._tree_proj_kernel, p32, dict(F32=True, W=4, BM=16, BN=32, BK=128, PDL=True,
                                                              PF_LINES=4, LINE=32, PREC="tf32x3"),
                  "float32 tree in-projection (PDL)"))
+    jobs.append((gdn_tree_proj._tree_proj_kernel, p32, dict(F32=True, W=4, BM=8, BN=16, BK=128, PDL=True,
+                                                             PF_LINES=4, LINE=32, PREC="fma"),
+                 "float32 fma tree in-projection (PDL)"))
     ei = {n: "*bf16" for n in ("table", "hid", "we", "wh", "out")}
     ei.update({"ids": "*i64", "eps": "fp32"})
     jobs.append((elementwise._eagle_input_kernel, ei, dict(OFFSET=True, BD=2048, PDL=True), "EAGLE input (PDL)"))

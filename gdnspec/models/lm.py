@@ -396,9 +396,11 @@ class GDNForCausalLM(nn.Module):
                                                    window_index=wi)
                 caches.append(cache)
             x, h = add_norm(self.norm, y, resid)
-            # the final norm folded into the lm_head GEMV where the last layer's output projection took the residual
-            logits = _normed.linear_in(x, self.lm_head.weight, self.lm_head.bias) if isinstance(x, _normed.NormedInput) \
-                else self.lm_head(x)
+            # the final norm folded into the lm_head GEMV where the last layer's output projection took the residual;
+            # CUDA float32 takes the GEMV kernels' dispatch too (cuBLAS ran the bundle's 8192 x 384 head at 5 / 16 rows in
+            # 9 / 15 us, gemv's tf32x3 tile ~6 us on an H200, results/stop22); bf16 / fp16 keep cuBLAS (not measured)
+            logits = _normed.linear_in(x, self.lm_head.weight, self.lm_head.bias) \
+                if isinstance(x, _normed.NormedInput) or (x.is_cuda and x.dtype == torch.float32) else self.lm_head(x)
             return TreeVerifyOutput(logits=logits, hidden_states=h, layer_caches=caches)
         for layer, s in zip(self.layers, state.layers):
             h, cache = layer.forward_tree(h, s, layout, backend, not validate)

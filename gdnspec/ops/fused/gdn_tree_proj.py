@@ -174,10 +174,10 @@ def tree_in_projection(x, weight: torch.Tensor, *, layout: ProjLayout, conv_weig
     v = torch.empty(B, N, L.HV, L.V, dtype=dt, device=dev)
     g = torch.empty(B, N, L.HV, dtype=torch.float32, device=dev)
     beta = torch.empty(B, N, L.HV, dtype=torch.float32, device=dev)
-    BM = 16 if M <= 16 else (32 if M <= 32 else 64)
     args = (x2, x2.stride(0), weight, proj, column_codes(L, dev), conv_weight.contiguous(), conv_state.contiguous(),
             window_index.contiguous(), A_log, dt_bias, q, k, v, g, beta, M, L.width, D, N, CD, L.H * L.K, L.HV)
-    kw = dict(**_gemv.f32_args(x), W=W, BM=BM)
+    f32 = _gemv.f32_args(x2, L.width)
+    kw = dict(**f32, W=W, BM=_gemv.row_block(M, f32["PREC"]))
     if x.is_cuda:
         _launch(_tree_proj_kernel, _prep_tuned, L.width, D, M, 0, args, {**kw, **_launch_args(x, L.width, D)})
     else:  # interpreter: one fixed configuration

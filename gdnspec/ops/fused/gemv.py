@@ -27,7 +27,8 @@ cuBLAS and add_rms_norm everywhere; GDNSPEC_GEMV_SPLITS=S forces S K splits (tes
 
 The SwiGLU MLP's SiLU-mul can run in the down projection's loads (silu_linear_for_residual: one launch instead of
 elementwise.silu_mul + the GEMV, bit-identical; opt-in GDNSPEC_SILU_GEMV=1, measured slower: silu_enabled). CUDA
-float32 takes the kernels for 2-16 rows with 'tf32x3' products (FP32_CUDA_MIN_ROWS / MAX_ROWS, f32_args).
+float32 takes the kernels for 1-16 rows, on the CUDA cores ("fma": fp32_path, fma_tile) or with 'tf32x3' products
+(GDNSPEC_FP32_GEMV=tf32x3, and the wide lm_head at 4+ rows).
 """
 from __future__ import annotations
 
@@ -62,13 +63,16 @@ __all__ = ["FP32_CUDA_MAX_ROWS", "FP32_CUDA_MIN_ROWS", "MAX_ROWS", "enabled", "f
            "normed_linear_reference", "small_linear", "small_linear_partials", "split_count"]
 
 MAX_ROWS = 64
-# CUDA float32: the row counts the Triton kernels take (their float32 products run as 'tf32x3', see f32_args). One
-# row stays with cuBLAS (its gemvx kernel streams the small float32 weights of the shipped bundle in ~2.4-4 us per
-# product on an H200), and so do 17+ rows (cuBLAS 6-17 us there, the kernel's 32-row tile 11-18 us). From 2 to 16
-# rows cuBLAS's heuristics pick split-K / "largek" SGEMMs plus reduction or scaling kernels for some of the bundle's
-# shapes, 17-32 us per product at 5, 8 or 16 rows (verify N = 5 / 16, tree expansions), where the kernel takes
-# 3.5-6 us at every row count (benchmarks/bench_small_gemm.py, results/stop21/small_gemm_fp32_*.json).
+# CUDA float32 (fp32_path): the "fma" path (the default, GDNSPEC_FP32_GEMV) runs 1 .. 16 rows, with 'tf32x3' dots
+# from FP32_TF32_MIN_N output columns at 4+ rows and cuBLAS for those at one row; "tf32x3" (stop 21) runs 2 .. 16 rows
+# (FP32_CUDA_MIN_ROWS .. FP32_CUDA_MAX_ROWS). Measured for the shipped bundle's shapes on an H200
+# (benchmarks/bench_small_gemm.py, results/stop22/small_gemm_fma_H200.json, us per product in CUDA graphs):
+#   one row: fma 1.3-2.3 us, cuBLAS gemvx 2.4-3.1 us (N <= 2048); lm_head 8192 x 384: fma 4.4, cuBLAS 4.1
+#   five rows: fma 1.9-3.9 us, tf32x3 3.4-10 us, cuBLAS 3.8-17.6 us (split-K "largek" landmines); lm_head: fma 7.2,
+#   tf32x3 6.2; sixteen rows: fma 2.8-5.5 us, tf32x3 3.4-9.3; lm_head fma 9.7, tf32x3 6.2.
+# 17+ rows stay with cuBLAS (6-17 us there, the 32-row tensor-core tile 11-18 us).
 FP32_CUDA_MIN_ROWS, FP32_CUDA_MAX_ROWS = 2, 16
+FP32_TF32_MIN_N = 4096
 
 
 def enabled() -> bool:
@@ -105,27 +109,49 @@ if HAS_TRITON:
         enter(PDL)
 
     @triton.jit
+    def _x_chunk(x, sx, rm, rk, mm, mk, K, SILU: tl.constexpr):
+        """The (BM, BK) chunk x[rm, rk] of a GEMV's input rows in x's dtype; SILU: x holds [gate | up] (rows of 2K)
+        and the chunk is silu(gate) * up, rounded where elementwise.silu_mul rounds (silu to x's dtype, then the
+        product)."""
+        xt = tl.load(x + rm[:, None] * sx + rk[None, :], mask=mm[:, None] & mk[None, :], other=0.0)
+        if SILU:
+            up = tl.load(x + rm[:, None] * sx + K + rk[None, :], mask=mm[:, None] & mk[None, :], other=0.0)
+            gf = xt.to(tl.float32)
+            act = (gf * tl.sigmoid(gf)).to(xt.dtype).to(tl.float32)
+            xt = (act * up.to(tl.float32)).to(xt.dtype)
+        return xt
+
+    @triton.jit
     def _dot_tile(x, sx, w, rm, rn, mm, mn, K, k_lo, k_hi, F32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                   BK: tl.constexpr, PREC: tl.constexpr = "ieee", SILU: tl.constexpr = False):
         """x[rm, k_lo:k_hi] @ w[rn, k_lo:k_hi]^T in float32 (BM, BN): the K loop every GEMV kernel here shares, so
         that the plain, split-K and residual kernels compute bit-identical sums for the same (BK, K range).
-        SILU: x holds [gate | up] (rows of 2K) and the product's input is silu(gate) * up, rounded where
-        elementwise.silu_mul rounds (silu to x's dtype, then the product), so the sums equal silu_mul + this GEMV."""
-        acc = tl.zeros([BM, BN], dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BK):
-            rk = k0 + tl.arange(0, BK)
-            mk = rk < K
-            xt = tl.load(x + rm[:, None] * sx + rk[None, :], mask=mm[:, None] & mk[None, :], other=0.0)
-            if SILU:
-                up = tl.load(x + rm[:, None] * sx + K + rk[None, :], mask=mm[:, None] & mk[None, :], other=0.0)
-                gf = xt.to(tl.float32)
-                act = (gf * tl.sigmoid(gf)).to(xt.dtype).to(tl.float32)
-                xt = (act * up.to(tl.float32)).to(xt.dtype)
-            wt = tl.load(w + rn[None, :] * K + rk[:, None], mask=mk[:, None] & mn[None, :], other=0.0)
-            if F32:
-                acc += tl.dot(xt.to(tl.float32), wt.to(tl.float32), input_precision=PREC)
-            else:
-                acc += tl.dot(xt, wt)
+        SILU: the product's input is _x_chunk's silu(gate) * up, so the sums equal silu_mul + this GEMV.
+        PREC "fma": float32 products and sums on the CUDA cores (F32 only); else tl.dot with that input precision."""
+        if PREC == "fma":
+            # float32 FMAs, no tensor cores: each thread keeps running sums of its (row, column, k) products over
+            # the K loop and the tile reduces over k ONCE at the end (fma_tile: narrow column blocks, so that many
+            # programs stream the weight in parallel; the few rows of x stay in L1 / L2)
+            acc3 = tl.zeros([BM, BN, BK], dtype=tl.float32)
+            for k0 in range(k_lo, k_hi, BK):
+                rk = k0 + tl.arange(0, BK)
+                mk = rk < K
+                xt = _x_chunk(x, sx, rm, rk, mm, mk, K, SILU).to(tl.float32)  # (BM, BK)
+                wt = tl.load(w + rn[:, None] * K + rk[None, :], mask=mn[:, None] & mk[None, :],
+                             other=0.0).to(tl.float32)  # (BN, BK), k contiguous
+                acc3 += xt[:, None, :] * wt[None, :, :]
+            acc = tl.sum(acc3, 2)
+        else:
+            acc = tl.zeros([BM, BN], dtype=tl.float32)
+            for k0 in range(k_lo, k_hi, BK):
+                rk = k0 + tl.arange(0, BK)
+                mk = rk < K
+                xt = _x_chunk(x, sx, rm, rk, mm, mk, K, SILU)
+                wt = tl.load(w + rn[None, :] * K + rk[:, None], mask=mk[:, None] & mn[None, :], other=0.0)
+                if F32:
+                    acc += tl.dot(xt.to(tl.float32), wt.to(tl.float32), input_precision=PREC)
+                else:
+                    acc += tl.dot(xt, wt)
         return acc
 
     @triton.jit
@@ -222,6 +248,8 @@ if HAS_TRITON:
                                   other=0.0), 1)
         rstd = tl.rsqrt(tot / K + eps)
         acc = tl.zeros([BM, BN], dtype=tl.float32)
+        if PREC == "fma":
+            acc3 = tl.zeros([BM, BN, BK], dtype=tl.float32)
         for k0 in range(0, K, BK):
             rk = k0 + tl.arange(0, BK)
             mk = rk < K
@@ -230,11 +258,17 @@ if HAS_TRITON:
             if OFFSET:
                 wn = wn + 1.0
             xt = (ht.to(tl.float32) * rstd[:, None] * wn[None, :]).to(ht.dtype)  # F.rms_norm in fp32, rounded
-            wt = tl.load(w + rn[None, :] * K + rk[:, None], mask=mk[:, None] & mn[None, :], other=0.0)
-            if F32:
-                acc += tl.dot(xt.to(tl.float32), wt.to(tl.float32), input_precision=PREC)
+            if PREC == "fma":  # as _dot_tile's: running (row, column, k) sums, reduced over k after the loop
+                wt = tl.load(w + rn[:, None] * K + rk[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
+                acc3 += xt.to(tl.float32)[:, None, :] * wt.to(tl.float32)[None, :, :]
             else:
-                acc += tl.dot(xt, wt)
+                wt = tl.load(w + rn[None, :] * K + rk[:, None], mask=mk[:, None] & mn[None, :], other=0.0)
+                if F32:
+                    acc += tl.dot(xt.to(tl.float32), wt.to(tl.float32), input_precision=PREC)
+                else:
+                    acc += tl.dot(xt, wt)
+        if PREC == "fma":
+            acc = tl.sum(acc3, 2)
         if HAS_BIAS:
             acc += tl.load(b + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
         tl.store(y + rm[:, None] * sy + rn[None, :], acc.to(y.dtype.element_ty), mask=mm[:, None] & mn[None, :])
@@ -256,14 +290,70 @@ if HAS_TRITON:
     _norm_tuned = triton.autotune(configs=_CONFIGS, key=["N", "K", "BM"], do_bench=graph_bench)(_gemv_norm_kernel)
 
 
-def f32_args(x: torch.Tensor) -> dict:
-    """F32 / PREC of a GEMV launch on x: off CUDA (the interpreter runs every dtype in float32) float32 products summed
-    in float32 ('ieee'); CUDA float32 'tf32x3' (three TF32 tensor-core products, about float32 accuracy, as the
-    tree-WY kernels: Triton's FMA 'ieee' dot took 15 us where cuBLAS took 3 for the bundle's 1032 x 384 in-projection,
-    benchmarks/bench_small_gemm.py, H200); bf16 / fp16 on CUDA: the native tensor-core dot."""
-    if x.is_cuda and x.dtype == torch.float32:
-        return {"F32": True, "PREC": "tf32x3"}
+FP32_PRECISIONS = ("fma", "tf32x3")
+
+
+def fp32_precision() -> str:
+    """GDNSPEC_FP32_GEMV: how the GEMV kernels multiply float32 activations. "fma" (the default): float32 products
+    and sums on the CUDA cores, each thread keeping running (row, column, k) sums that the tile reduces once after
+    the K loop, with narrow column blocks (fma_tile) so that ~100+ programs stream the weight at once. "tf32x3": the
+    tl.dot of three TF32 tensor-core products (about float32 accuracy; stop 21's path). Anything else raises a
+    ValueError naming the variable."""
+    v = os.environ.get("GDNSPEC_FP32_GEMV") or "fma"
+    if v not in FP32_PRECISIONS:
+        raise ValueError(f"GDNSPEC_FP32_GEMV must be one of {FP32_PRECISIONS} (unset = fma), got {v!r}")
+    return v
+
+
+def fp32_path(M: int, N: int) -> str | None:
+    """How CUDA runs a float32 product of M rows and N output columns: "fma", "tf32x3" (the GEMV kernels with that
+    PREC) or None (cuBLAS), by GDNSPEC_FP32_GEMV (fp32_precision) and the table above FP32_CUDA_MIN_ROWS."""
+    if fp32_precision() == "tf32x3":
+        return "tf32x3" if FP32_CUDA_MIN_ROWS <= M <= FP32_CUDA_MAX_ROWS else None
+    if M == 1:
+        return "fma" if N < FP32_TF32_MIN_N else None
+    if 2 <= M <= FP32_CUDA_MAX_ROWS:
+        return "fma" if (N < FP32_TF32_MIN_N or M < 4) else "tf32x3"
+    return None
+
+
+def f32_args(x: torch.Tensor, N: int) -> dict:
+    """F32 / PREC of a GEMV launch on x (..., K) for N output columns. CUDA float32: fp32_path's ("fma" or "tf32x3").
+    float32 under the interpreter: "fma" (so CI runs the CUDA default's code) or, with GDNSPEC_FP32_GEMV=tf32x3,
+    an 'ieee' tl.dot (the interpreter has no TF32). Other dtypes: off CUDA (the interpreter runs them in float32) an
+    'ieee' tl.dot, on CUDA bf16 / fp16 the native tensor-core dot."""
+    if x.dtype == torch.float32:
+        if x.is_cuda:
+            K = x.shape[-1]
+            return {"F32": True, "PREC": fp32_path(x.numel() // K if K else 0, N) or "tf32x3"}
+        return {"F32": True, "PREC": "fma" if fp32_precision() == "fma" else "ieee"}
     return {"F32": not x.is_cuda, "PREC": "ieee"}
+
+
+def row_block(M: int, prec: str) -> int:
+    """BM, the M rows padded to one tile: the next power of two >= 2 for the "fma" path (its (BM, BN, BK) running
+    sums are registers: no padding to a tensor-core tile), else 16 / 32 / 64 (tl.dot's tiles)."""
+    if prec == "fma":
+        return max(2, triton.next_power_of_2(M)) if HAS_TRITON else 2
+    return 16 if M <= 16 else (32 if M <= 32 else 64)
+
+
+def fma_tile(N: int, M: int, *, min_bn: int = 4) -> tuple[int, int, int, int]:
+    """(BN, BK, num_warps, num_stages) of an "fma" launch of M rows and N output columns. Narrow column blocks, so
+    that 100-500 programs stream the weight at once: BN 4 (8 from 4096 columns; at least min_bn, the residual
+    kernel's 16-column sum-of-squares groups need 16). BK as wide as the (BM, BN, BK) running sums allow (<= 256):
+    few K steps, each a full HBM round trip. Up to 1536 columns (<= 384 programs) 4 warps and 128 registers a thread
+    for the sums; wider weights (more programs than fit at once with that) 2 warps and 64 registers.
+
+    Measured on an H200 with the weight streamed from HBM (bench_small_gemm.py --fma-sweep-rows 1,5,16 --cold,
+    results/stop22/small_gemm_fma_cold_H200.json; 19 tiles per shape): the best or within 2% of the best tile on every
+    shape of the bundle at 1, 5 and 16 rows but the 8192-column lm_head at 5 and 16 rows (9.9 / 12.1 us, which
+    fp32_path gives to tf32x3 at 4+ rows, ~6 us)."""
+    BM = max(2, triton.next_power_of_2(M))
+    bn = max(min_bn, 4 if N <= 4096 else 8)
+    warps, regs = (4, 128) if N <= 1536 else (2, 64)
+    bk = max(16, min(256, (regs * 32 * warps) // (BM * bn)))
+    return bn, bk, warps, 2
 
 
 def autotune_enabled() -> bool:
@@ -275,7 +365,8 @@ def autotune_enabled() -> bool:
     return flag("GDNSPEC_GEMV_AUTOTUNE", default=False)
 
 
-def gemv_tile(N: int, K: int, M: int, splits: int, *, f32: bool = False) -> tuple[int, int, int, int]:
+def gemv_tile(N: int, K: int, M: int, splits: int, *, f32: bool = False, fma: bool = False,
+              min_bn: int = 4) -> tuple[int, int, int, int]:
     """(BN, BK, num_warps, num_stages) of a GEMV launch with N output columns, K inputs, M rows, `splits` K ranges
     (0: the normed kernel, which never splits). The best or within 3% of the best of 12 candidate tiles on every
     shape of the 1.7B decode step on an H200 (benchmarks/bench_tiles.py, CUDA graphs, weights streamed from HBM):
@@ -290,6 +381,8 @@ def gemv_tile(N: int, K: int, M: int, splits: int, *, f32: bool = False) -> tupl
     f32 (CUDA float32, 'tf32x3' products; the shipped bundle's 384-wide shapes, benchmarks/bench_small_gemm.py
     --sweep-rows 2,5,16, results/stop21): unsplit launches of up to 8 rows take BN 32, BK 64, 4 warps, 4 stages
     (1.0-3.5 us faster than BK 128 at 2 and 5 rows on every shape; at 16 rows BK 128 was as fast or faster)."""
+    if fma:
+        return fma_tile(N, M, min_bn=min_bn)
     if splits > 1:
         return 64, 128, 4, 4
     if f32 and M <= 8:
@@ -315,18 +408,19 @@ def fallback_tiles(tile: tuple[int, int, int, int]) -> list[tuple[int, int, int,
 _TILES: dict = {}  # (kernel, N, K, M, splits, device) -> the tile that launched (after any fallback)
 
 
-def _launch(kernel, tuned, N: int, K: int, M: int, splits: int, args: tuple, kw: dict) -> None:
+def _launch(kernel, tuned, N: int, K: int, M: int, splits: int, args: tuple, kw: dict, *, min_bn: int = 4) -> None:
     """One CUDA launch of a GEMV kernel: the tile of `gemv_tile` (or the first of its `fallback_tiles` that fits the
-    GPU, remembered per shape), or the autotuner's (GDNSPEC_GEMV_AUTOTUNE=1)."""
+    GPU, remembered per shape), or the autotuner's (GDNSPEC_GEMV_AUTOTUNE=1). min_bn: the narrowest column block the
+    kernel takes (the "fma" tiles' BN; the residual kernel's sum-of-squares groups need GROUP)."""
     cols = max(1, splits)
     if autotune_enabled():
         tuned[lambda meta: (triton.cdiv(N, meta["BN"]), cols) if splits else (triton.cdiv(N, meta["BN"]),)](*args, **kw)
         return
     x = args[0]  # the tile depends on the activation dtype (float32: f32_args) and the SiLU loads too
     dtype = getattr(x, "dtype", None)
-    key = (kernel, N, K, M, splits, getattr(x, "device", None), dtype, kw.get("SILU", False))
-    tiles = [_TILES[key]] if key in _TILES else fallback_tiles(gemv_tile(N, K, M, splits,
-                                                                        f32=dtype == torch.float32))
+    key = (kernel, N, K, M, splits, getattr(x, "device", None), dtype, kw.get("SILU", False), kw.get("PREC"))
+    tiles = [_TILES[key]] if key in _TILES else fallback_tiles(gemv_tile(N, K, M, splits, f32=dtype == torch.float32,
+                                                                        fma=kw.get("PREC") == "fma", min_bn=min_bn))
     for i, (bn, bk, warps, stages) in enumerate(tiles):
         grid = (triton.cdiv(N, bn), cols) if splits else (triton.cdiv(N, bn),)
         try:
@@ -339,16 +433,16 @@ def _launch(kernel, tuned, N: int, K: int, M: int, splits: int, args: tuple, kw:
         return
 
 
-def fp32_rows_ok(M: int) -> bool:
-    """Whether a CUDA float32 product of M rows runs the Triton kernels (FP32_CUDA_MIN_ROWS .. FP32_CUDA_MAX_ROWS)."""
-    return FP32_CUDA_MIN_ROWS <= M <= FP32_CUDA_MAX_ROWS
+def fp32_rows_ok(M: int, N: int) -> bool:
+    """Whether a CUDA float32 product of M rows and N output columns runs the Triton kernels (fp32_path)."""
+    return fp32_path(M, N) is not None
 
 
-def _cuda_rows_ok(x: torch.Tensor, M: int) -> bool:
-    """The device / dtype / row-count rule of the kernels (kernel_applies and split_count share it): anything off
-    CUDA (the interpreter), CUDA bf16 / fp16, and CUDA float32 where fp32_rows_ok."""
+def _cuda_rows_ok(x: torch.Tensor, M: int, N: int) -> bool:
+    """The device / dtype / shape rule of the kernels (kernel_applies and split_count share it): anything off CUDA
+    (the interpreter), CUDA bf16 / fp16, and CUDA float32 where fp32_rows_ok."""
     return (not x.is_cuda or x.dtype in (torch.bfloat16, torch.float16)
-            or (x.dtype == torch.float32 and fp32_rows_ok(M)))
+            or (x.dtype == torch.float32 and fp32_rows_ok(M, N)))
 
 
 def kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -359,7 +453,7 @@ def kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     K = x.shape[-1]
     M = x.numel() // K if K else 0
     return (HAS_TRITON and enabled() and available(x) and 1 <= M <= MAX_ROWS and weight.is_contiguous()
-            and _act_dtypes_ok(x, weight) and _cuda_rows_ok(x, M))
+            and _act_dtypes_ok(x, weight) and _cuda_rows_ok(x, M, weight.shape[0]))
 
 
 def _rows_of(x: torch.Tensor, K: int, silu: bool) -> tuple[torch.Tensor, int]:
@@ -392,9 +486,9 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         raise ValueError(f"bias must have shape (N,) = ({N},), got {tuple(bias.shape)}")
     x2, M = _rows_of(x, K, silu)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    BM = 16 if M <= 16 else (32 if M <= 32 else 64)
+    f32 = f32_args(x2, N)
     args = (x2, x2.stride(0), weight, bias if bias is not None else weight, y, y.stride(0), M, N, K, K)
-    kw = dict(HAS_BIAS=bias is not None, **f32_args(x), BM=BM, SILU=silu)
+    kw = dict(HAS_BIAS=bias is not None, **f32, BM=row_block(M, f32["PREC"]), SILU=silu)
     if x.is_cuda:
         _launch(_gemv_kernel, _gemv_tuned, N, K, M, 1, args, {**kw, **_launch_args(x, N, K)})
     else:  # interpreter: one fixed configuration
@@ -434,8 +528,8 @@ def split_count(x: torch.Tensor, weight: torch.Tensor) -> int:
         return forced
     if K < 2 * N:
         return 1
-    if not _cuda_rows_ok(x, M):
-        return 1
+    if not _cuda_rows_ok(x, M, N) or (x.dtype == torch.float32 and f32_args(x, N)["PREC"] == "fma"):
+        return 1  # the fma path's narrow column blocks already keep every SM busy (fma_tile)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
     return int(max(1, min(8, (4 * sms) // max(1, triton.cdiv(N, 16)), K // 512)))
 
@@ -459,9 +553,9 @@ def small_linear_partials(x: torch.Tensor, weight: torch.Tensor, splits: int, *,
     k_split = triton.cdiv(triton.cdiv(K, splits), 256) * 256
     splits = triton.cdiv(K, k_split)
     y = torch.empty(splits, M, N, dtype=torch.float32, device=x.device)
-    BM = 16 if M <= 16 else 32
+    f32 = f32_args(x2, N)
     args = (x2, x2.stride(0), weight, weight, y, N, M, N, K, k_split)
-    kw = dict(HAS_BIAS=False, **f32_args(x), BM=BM, SILU=silu)
+    kw = dict(HAS_BIAS=False, **f32, BM=row_block(M, f32["PREC"]), SILU=silu)
     if x.is_cuda:
         _launch(_gemv_kernel, _gemv_split_tuned, N, K, M, splits, args, {**kw, **_launch_args(x, N, k_split)})
     else:
@@ -587,13 +681,13 @@ def linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         counter = arrival_counters(G, x.device)  # one per column block; BN >= GROUP
     else:
         part, counter = h, h
-    BM = 16 if M <= 16 else (32 if M <= 32 else 64)
+    f32 = f32_args(x2, N)
     args = (x2, x2.stride(0), weight, bias if bias is not None else weight, r2, r2.stride(0), h, h.stride(0), ssq,
             part, counter, M, N, K, k_split, G)
-    kw = dict(HAS_BIAS=bias is not None, SPLIT=S > 1, **f32_args(x), BM=BM)
+    kw = dict(HAS_BIAS=bias is not None, SPLIT=S > 1, **f32, BM=row_block(M, f32["PREC"]))
     if x.is_cuda:
         _launch(_gemv_res_kernel, _res_split_tuned if S > 1 else _res_tuned, N, K, M, S, args,
-                {**kw, **_launch_args(x, N, k_split)})
+                {**kw, **_launch_args(x, N, k_split)}, min_bn=GROUP)
     else:  # interpreter: the configuration small_linear / small_linear_partials use there (bit-identical sums)
         _gemv_res_kernel[(triton.cdiv(N, 16), S)](*args, **kw, BN=16, BK=64)
     return h.view(*x.shape[:-1], N), ssq
@@ -633,10 +727,10 @@ def normed_linear(h: torch.Tensor, sumsq: torch.Tensor, norm_weight: torch.Tenso
         h2 = h2.contiguous()
     ssq = sumsq if sumsq.is_contiguous() else sumsq.contiguous()
     y = torch.empty(M, N, dtype=h.dtype, device=h.device)
-    BM = 16 if M <= 16 else (32 if M <= 32 else 64)
+    f32 = f32_args(h2, N)
     args = (h2, h2.stride(0), ssq, norm_weight, weight, bias if bias is not None else weight, y, y.stride(0), M, N, D,
             G, float(eps))
-    kw = dict(OFFSET=bool(offset), HAS_BIAS=bias is not None, **f32_args(h), BM=BM,
+    kw = dict(OFFSET=bool(offset), HAS_BIAS=bias is not None, **f32, BM=row_block(M, f32["PREC"]),
               BG=min(64, triton.next_power_of_2(G)))
     if h.is_cuda:
         _launch(_gemv_norm_kernel, _norm_tuned, N, D, M, 0, args, {**kw, **_launch_args(h, N, D)})
