@@ -717,6 +717,62 @@ def test_eagle_decode_step_ids_equals_decode_step_of_the_embeddings():
     model.fused_steps = True
 
 
+@torch.inference_mode()
+def test_eagle_catch_up_ids_equals_catch_up_of_the_embeddings():
+    """EagleHead.catch_up_ids (the drafter's catch-up: lookup and both input norms in one eagle_input launch on the
+    fused path) leaves the same state as catch_up on the target's embeddings, bit for bit, fused and module path;
+    rows accepting 1, 3 and 2 of 3 pairs."""
+    from gdnspec.models.eagle import EagleHead, eagle_config_for
+
+    model = _hybrid(torch.float32)
+    torch.manual_seed(8)
+    head = EagleHead(eagle_config_for(model.config)).eval()
+    randomize_(head)
+    B, L, H = 3, 3, model.config.hidden_size
+    hidden, ids, counts = torch.randn(B, L, H), torch.randint(0, model.vocab_size, (B, L)), torch.tensor([1, 3, 2])
+    s0 = head.new_state(B)
+    s0.layers[0].recurrent.normal_()
+    s0.layers[0].conv.normal_()
+    for fused in (True, False):
+        model.fused_steps = fused
+        s1, s2 = s0.clone(), s0.clone()
+        head.catch_up_ids(hidden, ids, s1, counts=counts, target=model)
+        head.catch_up(hidden, model.embed_tokens(ids), s2, counts=counts, target=model)
+        assert torch.equal(s1.layers[0].recurrent, s2.layers[0].recurrent)
+        assert torch.equal(s1.layers[0].conv, s2.layers[0].conv)
+        assert not torch.equal(s1.layers[0].recurrent, s0.layers[0].recurrent)
+    model.fused_steps = True
+
+
+@torch.inference_mode()
+def test_eagle_begin_fused_catch_up_equals_module_prefill():
+    """EagleDrafter.begin on the fused path runs the prompt pairs through the fused catch-up in chunks of
+    PREFILL_CHUNK (64) pairs; the head state and last feature equal the module forward's (float32, 1e-5), for a prompt
+    longer than one chunk, a short one and a one-token prompt (no pairs)."""
+    from gdnspec.models.eagle import EagleHead, eagle_config_for
+    from gdnspec.spec.drafters import EagleDrafter
+
+    model = _hybrid(torch.float32)
+    torch.manual_seed(9)
+    head = EagleHead(eagle_config_for(model.config)).eval()
+    randomize_(head)
+    drafter = EagleDrafter(head, model)
+    prompts = [torch.randint(0, model.vocab_size, (n,)) for n in (70, 5, 1)]
+    model.fused_steps = False
+    hid = [model(p[None]).hidden_states[0] for p in prompts]
+    states = []
+    for fused in (False, True):
+        model.fused_steps = fused
+        if fused:
+            assert head.fused_catch_up_ok(hid[0][None, :64], head.new_state(1), target=model)
+        states.append(drafter.begin(prompts, target_hidden=hid))
+    model.fused_steps = True
+    _states_close(states[1].head_state, states[0].head_state, 1e-5)
+    assert torch.equal(states[1].last_feature, states[0].last_feature)
+    assert not torch.equal(states[1].head_state.layers[0].recurrent[0], torch.zeros_like(
+        states[1].head_state.layers[0].recurrent[0]))
+
+
 @pytest.mark.parametrize("B,Hkv,D,N,L,dtype", [(3, 1, 12, 5, 3, torch.float32), (2, 2, 16, 1, 1, torch.float32),
                                                (4, 3, 20, 17, 6, torch.bfloat16), (1, 2, 8, 4, 4, torch.float32)])
 def test_kv_commit_path_matches_reference(B, Hkv, D, N, L, dtype):

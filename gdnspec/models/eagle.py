@@ -236,8 +236,9 @@ class EagleHead(nn.Module):
         """Advance `state` in place over the pairs (hidden[:, i], token_embeds[:, i]) for i < counts[b] (>= 1) of each
         row, all rows in one pass (the drafter's catch-up after a verify): hidden, token_embeds (B, L, H); counts (B,).
 
-        Fused (as decode_step): fc, then the GDN mixer's fused tree step over a chain (in-projection GEMM, tree conv +
-        gates, tree-WY, norm, out) and the Triton commit of each row's last pair, about 20 kernels. On the CPU fast
+        Fused (as decode_step): norm_e and norm_h (add_rms_norm), the fc GEMV, then the GDN mixer's fused tree step over
+        a chain (in-projection GEMM, tree conv + gates, tree-WY, norm, out) and the Triton commit of each row's last
+        pair, about 20 kernels (catch_up_ids: the lookup and both norms in one). On the CPU fast
         path (as decode_step) models/cpu_fast.eagle_catch_up: the lean tree terms without the output side. Otherwise the
         module path (forward_tree + commit_tree with the torch kernels), the reference; the MLP is skipped on both
         since the state depends on the mixer only."""
@@ -253,20 +254,68 @@ class EagleHead(nn.Module):
             step(self, hidden if hidden.dtype == dt else hidden.to(dt),
                  token_embeds if token_embeds.dtype == dt else token_embeds.to(dt), state, counts=counts)
             return
+        if self._fused_ok(hidden, s, target) and L <= 64:
+            from gdnspec.models.lm import add_norm
+
+            dt = self.dtype
+            e, _ = add_norm(self.norm_e, token_embeds if token_embeds.dtype == dt else token_embeds.to(dt), None)
+            f, _ = add_norm(self.norm_h, hidden if hidden.dtype == dt else hidden.to(dt), None)
+            self._catch_up_fused(torch.cat([e, f], dim=-1), s, counts)
+            return
         x = self.fuse(hidden, token_embeds)
         layout = TokenLayout.chain(B, L, device=x.device)
         last = (counts.to(x.device) - 1).clamp(min=0)
         mixer = self.layer.linear_attn
-        if self._fused_ok(x, s, target) and L <= 64:
-            from gdnspec.models.lm import add_norm
-
-            xn, _ = add_norm(self.layer.input_layernorm, x, None)
-            wi = layout.conv_window_index(self.config.linear_conv_kernel_dim)
-            _, cache = mixer.forward_tree_fused(xn, s, layout, window_index=wi)
-            mixer.commit_tree(s, cache, last, backend="triton")
-            return
         _, cache = mixer.forward_tree(self.layer.input_layernorm(x), s, layout)
         mixer.commit_tree(s, cache, last)
+
+    def catch_up_ids(self, hidden: torch.Tensor, token_ids: torch.Tensor, state: ModelState, *,
+                     counts: torch.Tensor, target: nn.Module) -> None:
+        """`catch_up` given the tokens' ids (B, L) instead of their embeddings (what the drafter has). On the fused
+        path the embedding lookup, norm_e, norm_h and their concat are ONE kernel for all B * L pairs
+        (ops/fused/elementwise.eagle_input, the numbers of catch_up's two add_rms_norm launches, tested);
+        elsewhere catch_up(hidden, embed(ids), ...)."""
+        if (isinstance(hidden, torch.Tensor) and hidden.dim() == 3 and hidden.shape[-1] == self.hidden_size
+                and hidden.dtype == self.dtype and isinstance(token_ids, torch.Tensor)
+                and tuple(token_ids.shape) == tuple(hidden.shape[:2]) and not token_ids.is_floating_point()
+                and target.embed_tokens.weight.dtype == self.dtype
+                and self.norm_e.eps == self.norm_h.eps and self.norm_e.offset == self.norm_h.offset
+                and self.fused_catch_up_ok(hidden, state, target=target)):
+            from gdnspec.ops.fused.elementwise import eagle_input
+
+            ne, nh = self.norm_e, self.norm_h
+            x = eagle_input(token_ids, target.embed_tokens.weight, hidden, w_e=ne.weight, w_h=nh.weight,
+                            eps=ne.eps, offset=ne.offset)  # (B, L, 2H)
+            self._catch_up_fused(x, state.layers[0], counts)
+            return
+        dev = target.embed_tokens.weight.device
+        self.catch_up(hidden, target.embed_tokens(token_ids if token_ids.device == dev else token_ids.to(dev)),
+                      state, counts=counts, target=target)
+
+    def fused_catch_up_ok(self, hidden: torch.Tensor, state: ModelState, *, target: nn.Module) -> bool:
+        """Whether catch_up / catch_up_ids take the fused path (the target's fused steps, ops/fused) for this head
+        state and features hidden (B, L, H) with L <= 64."""
+        s = state.layers[0] if isinstance(state, ModelState) and len(state.layers) == 1 else None
+        return (isinstance(hidden, torch.Tensor) and hidden.dim() == 3 and hidden.shape[1] <= 64
+                and self._fused_ok(hidden, s, target) and not self._cpu_fast_ok(s, target))
+
+    def _catch_up_fused(self, x: torch.Tensor, s, counts: torch.Tensor) -> None:
+        """The fused catch-up after the input norms: x (B, L, 2H) = [norm_e(e) | norm_h(f)] -> fc GEMV, the GDN mixer's
+        fused tree step over a chain and the Triton commit of each row's counts[b] - 1-th pair (the MLP is skipped:
+        the state depends on the mixer only)."""
+        from gdnspec.layers.layout import TokenLayout
+        from gdnspec.models.lm import add_norm
+        from gdnspec.ops.fused.gemv import small_linear
+
+        B, L, _ = x.shape
+        x = small_linear(x, self.fc.weight, self.fc.bias)  # (B, L, H)
+        layout = TokenLayout.chain(B, L, device=x.device)
+        last = (counts.to(x.device) - 1).clamp(min=0)
+        mixer = self.layer.linear_attn
+        xn, _ = add_norm(self.layer.input_layernorm, x, None)
+        wi = layout.conv_window_index(self.config.linear_conv_kernel_dim)
+        _, cache = mixer.forward_tree_fused(xn, s, layout, window_index=wi)
+        mixer.commit_tree(s, cache, last, backend="triton")
 
     @staticmethod
     def draft_logits(target: nn.Module, out: torch.Tensor) -> torch.Tensor:
