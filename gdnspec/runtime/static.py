@@ -84,9 +84,14 @@ def weights_signature(*modules) -> tuple:
     for m in modules:
         if not isinstance(m, torch.nn.Module):
             continue
-        sig.append((type(m).__name__, getattr(m, "fused_steps", None), getattr(m, "gdn_backend", None),
-                    tuple(x.ssm_state_dtype for x in m.modules() if hasattr(x, "ssm_state_dtype"))))
-        sig.extend((t.data_ptr(), t.dtype, t.device) for t in (*m.parameters(), *m.buffers()))
+        ssm, tensors = [], []
+        for mod in m.modules():  # ONE walk over the tree (checked before every generate: ~1 ms with three walks)
+            if "ssm_state_dtype" in mod.__dict__ or hasattr(type(mod), "ssm_state_dtype"):  # no failing getattr
+                ssm.append(mod.ssm_state_dtype)
+            for group in (mod._parameters, mod._buffers):
+                tensors.extend((t.data_ptr(), t.dtype, t.device) for t in group.values() if t is not None)
+        sig.append((type(m).__name__, getattr(m, "fused_steps", None), getattr(m, "gdn_backend", None), tuple(ssm)))
+        sig.extend(tensors)
     return tuple(sig)
 
 
