@@ -75,3 +75,29 @@ def test_a_cached_static_step_goes_stale_when_mamba_ssm_cache_dtype_changes():
             assert torch.equal(out[0], ref[0])
     model.mamba_ssm_cache_dtype = "bfloat16"
     assert not dec.current()  # built with float32 states
+
+
+def test_weights_signature_sees_replaced_weights_flags_and_state_dtypes():
+    """weights_signature (what a cached static step checks before every generate) changes when a parameter or buffer
+    is replaced, when fused_steps or a GDN layer's ssm_state_dtype is set, and stays put for in-place updates."""
+    from gdnspec.runtime.static import weights_signature
+
+    model = tiny_model(seed=3, hybrid=True, dtype=torch.float32)
+    sig = weights_signature(model)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2.0)  # in place: the graph reads the same tensor
+    assert weights_signature(model) == sig
+    gdn = next(m for m in model.modules() if "ssm_state_dtype" in vars(m))
+    gdn.ssm_state_dtype = torch.bfloat16
+    assert weights_signature(model) != sig
+    gdn.ssm_state_dtype = None
+    assert weights_signature(model) == sig
+    model.fused_steps = not model.fused_steps
+    assert weights_signature(model) != sig
+    model.fused_steps = not model.fused_steps
+    layer = model.layers[0]
+    old = layer.input_layernorm.weight
+    layer.input_layernorm.weight = torch.nn.Parameter(old.detach().clone())  # replaced: a new tensor
+    assert weights_signature(model) != sig
+    layer.input_layernorm.weight = old
+    assert weights_signature(model) == sig
