@@ -101,7 +101,7 @@ def evaluate(bundle, prompts: list[torch.Tensor], *, drafters=("ngram", "model",
                                     **(dict(adaptive=True, static=False) if adaptive else {}))
 
             def spec_one(p):
-                eng.generator = torch.Generator(device="cpu").manual_seed(seed) if temperature > 0 else None
+                eng.generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
                 return eng.generate(p[None], max_new_tokens)[0]
 
             spec_one(prompts[0])  # warm-up

@@ -249,8 +249,20 @@ class RowSampling:
 
 def sample_next(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, vocab) -> token ids (B,). Greedy when temperature == 0."""
+    """logits (B, vocab) -> token ids (B,). Greedy when temperature == 0. A generator on another device than the
+    logits (the default torch.Generator() is a CPU one, with a CUDA model) draws one float64 uniform per row there,
+    and the token comes from sample_from_probs on the logits' device (torch.multinomial refuses such a generator);
+    same-device generators (and None) keep torch.multinomial."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = logits_to_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    if generator is not None and generator.device.type != probs.device.type:
+        return sample_with_generator(probs, generator)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def sample_with_generator(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """probs (..., V) -> token ids (...): one float64 uniform per row drawn from `generator` on ITS device, moved to
+    probs' device, then sample_from_probs (inverse CDF). sample_next's path for a generator on another device."""
+    u = torch.rand(probs.shape[:-1], generator=generator, dtype=torch.float64, device=generator.device)
+    return sample_from_probs(probs, u.to(probs.device))

@@ -75,6 +75,26 @@ def test_inverse_cdf_sampling_follows_the_weights():
 
 
 # ---------------------------------------------------------------------------------------------- plain decoding
+def test_a_generator_on_another_device_samples_by_inverse_cdf():
+    """sample_next with a generator on another device than the logits (a CPU torch.Generator() with a CUDA model:
+    torch.multinomial refuses it) draws one uniform per row from that generator and samples by inverse CDF:
+    sample_with_generator follows the processed distribution (chi-square; here on one device, the code path is the
+    same), is reproducible from the generator's seed, and matches sample_from_probs of the same uniforms."""
+    from gdnspec.sampling import sample_with_generator
+
+    logits = torch.tensor([[0.5, -1.0, 2.0, 0.0, -3.0, 1.0]])
+    probs = logits_to_probs(logits, temperature=0.7, top_k=None, top_p=0.9)
+    g = torch.Generator().manual_seed(11)
+    n = 20000
+    toks = sample_with_generator(probs.expand(n, -1), g)
+    counts = torch.bincount(toks, minlength=probs.shape[-1]).tolist()
+    assert counts[4] == 0  # cut by top_p: never drawn
+    assert chi_square_pvalue(dict(enumerate(counts)), dict(enumerate(probs[0].tolist())), n) > 1e-4
+    a = sample_with_generator(probs.expand(50, -1), torch.Generator().manual_seed(5))
+    u = torch.rand(50, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    assert torch.equal(a, sample_from_probs(probs.expand(50, -1), u))
+
+
 @pytest.mark.parametrize("sampling", SETTINGS6, ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()))
 def test_static_plain_sampling_matches_target_distribution(sampling):
     target = tiny_model(seed=5, vocab_size=V6, init_scale=4.0)
