@@ -50,6 +50,10 @@ def test_float32_takes_the_fma_path_by_default(monkeypatch):
     monkeypatch.setenv("GDNSPEC_FP32_GEMV", "FMA")
     with pytest.raises(ValueError, match="GDNSPEC_FP32_GEMV"):
         gm.f32_args(x, 40)
+    from gdnspec.ops import check_env_switches  # the CLI's up-front check names it too
+
+    with pytest.raises(ValueError, match="GDNSPEC_FP32_GEMV"):
+        check_env_switches()
 
 
 def test_cuda_float32_dispatch_table(monkeypatch):

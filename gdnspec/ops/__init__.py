@@ -25,7 +25,7 @@ __all__ = [
 
 def check_env_switches() -> None:
     """Validate the GDNSPEC_* switches that take a fixed set of values (GDNSPEC_CPU_COMPILE, GDNSPEC_CPU_ONEDNN,
-    GDNSPEC_GEMV_AUTOTUNE, GDNSPEC_NORM_GEMV, GDNSPEC_SILU_GEMV, GDNSPEC_TREE_BLOCKED_SOLVE, GDNSPEC_TREE_FUSION, GDNSPEC_TREE_INDEX,
+    GDNSPEC_FP32_GEMV, GDNSPEC_GEMV_AUTOTUNE, GDNSPEC_NORM_GEMV, GDNSPEC_SILU_GEMV, GDNSPEC_TREE_BLOCKED_SOLVE, GDNSPEC_TREE_FUSION, GDNSPEC_TREE_INDEX,
     GDNSPEC_TREE_PROJ, GDNSPEC_TRITON_PRECISION) at once, through the functions that read them:
     each is otherwise read lazily, on the first step that reaches its path. Raises the ValueError of the first bad
     one (it names the variable and the values it takes)."""
@@ -38,6 +38,7 @@ def check_env_switches() -> None:
     _env.cpu_compile()
     cpu_linear.enabled()
     gemv.autotune_enabled()
+    gemv.fp32_precision()
     gemv.silu_enabled()
     normed.enabled()
     gdn_tree.tree_fusion()

@@ -19,10 +19,11 @@ The residual add + RMSNorm between two GEMVs is folded into them (ops/fused/norm
 linear_residual splits K like small_linear_partials; the last split to arrive at a column block (an int32 arrival
 counter, ops/fused/_sync.py) adds the float32 partials in the fixed order 0 .. S-1 and runs the epilogue, so the
 result is deterministic and bit-identical to small_linear_partials + add_rms_norm (both launch gemv_tile's tile;
-with GDNSPEC_GEMV_AUTOTUNE=1 each autotuner picks its own BK, so only close). References:
-linear_residual_reference, normed_linear_reference. A/B switches: GDNSPEC_NORM_GEMV=1 turns the folded kernels on
-(OFF by default: slower for the bf16 1.7B config, faster for the float32 bundle but not yet identity-checked on the
-GPU, see normed.enabled); unset or 0 runs output GEMV -> add_rms_norm -> input GEMV. GDNSPEC_TRITON_GEMV=0 uses
+with GDNSPEC_GEMV_AUTOTUNE=1 each autotuner picks its own BK, so only close; on the CUDA float32 "fma" path the
+residual kernel's 16-column blocks are wider than small_linear's 4, and tl.sum's k-reduction follows the tile, so
+only close there too). References: linear_residual_reference, normed_linear_reference. A/B switches:
+GDNSPEC_NORM_GEMV=1 turns the folded kernels on (OFF by default: slower for the bf16 1.7B config and for the float32
+bundle on the "fma" path, see normed.enabled); unset or 0 runs output GEMV -> add_rms_norm -> input GEMV. GDNSPEC_TRITON_GEMV=0 uses
 cuBLAS and add_rms_norm everywhere; GDNSPEC_GEMV_SPLITS=S forces S K splits (tests).
 
 The SwiGLU MLP's SiLU-mul can run in the down projection's loads (silu_linear_for_residual: one launch instead of

@@ -13,8 +13,8 @@ only the first layer (its input is the embedding, no residual yet) keeps an add_
 
 Every case the fused kernels do not take falls back to today's path (`gemv.linear_for_residual` + `add_rms_norm` +
 `small_linear`), with the same numbers up to float rounding: a plain tensor y (embedding, MoE block, the module
-path), no residual, rows > gemv.MAX_ROWS, float64, no Triton on this device, CUDA float32 with 1 or more than 16 rows
-(cuBLAS there, like small_linear: gemv.fp32_rows_ok), GDNSPEC_TRITON_GEMV=0, or GDNSPEC_NORM_GEMV unset / 0 (the DEFAULT, measured faster on the H200: see `enabled`).
+path), no residual, rows > gemv.MAX_ROWS, float64, no Triton on this device, CUDA float32 shapes that small_linear
+gives to cuBLAS (gemv.fp32_rows_ok), GDNSPEC_TRITON_GEMV=0, or GDNSPEC_NORM_GEMV unset / 0 (the DEFAULT, measured faster on the H200: see `enabled`).
 """
 from __future__ import annotations
 
@@ -35,10 +35,10 @@ def enabled() -> bool:
     folded decode step is SLOWER, 1.65-1.70 ms against 1.51 ms at B = 1 (159 kernels against 207) and 3.00 against
     2.51 ms at B = 32; verify N = 16 at B = 1 2.34 against 2.22 ms. The residual epilogue's last-arriver wait costs
     about what the add_rms_norm launch it removes cost, and the folded kernels lose GEMV efficiency (untuned configs).
-    For the shipped float32 bundle it measured FASTER (stop 21, H200, bench_draft --bundle: EAGLE spec step chain-4
-    0.697 -> 0.626 ms, tree-4x5 1.03 -> 0.976 ms; the float32 decode step's one row stays with cuBLAS, unfolded), but
-    its float32 greedy identity on the GPU (benchmarks/check_fused_gpu.py) was not run with the folding on: opt-in
-    until it is. Kept, tested, as the starting point for tuning (docs/triton_kernels.md)."""
+    For the shipped float32 bundle it measured faster with stop 21's tf32x3 GEMVs (EAGLE spec step chain-4 0.697 ->
+    0.626 ms) but SLOWER once those take the "fma" path (stop 22, same run: 0.602 against 0.497 ms; its residual
+    kernel needs 16-column blocks, gemv.fma_tile). Kept, tested, as the starting point for tuning
+    (docs/triton_kernels.md)."""
     return flag("GDNSPEC_NORM_GEMV", default=False)
 
 
