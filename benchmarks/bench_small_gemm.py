@@ -6,14 +6,15 @@ and torch's log_softmax + topk against ops/fused/topk.py: which runs where on th
 
 Shapes: every distinct (N, K) weight of the default bundle's target (fused projections, as the fused steps run them)
 and EAGLE head, plus its lm_head. Each product is timed as 40 launches captured in one CUDA graph (no host launch
-cost; the bundle's weights stay in L2 as in its steps), median of 5 replays, per launch:
-  cublas  F.linear (what CUDA float32 ran before FP32_CUDA_MIN_ROWS / MAX_ROWS),
-  triton  gemv.small_linear's kernel (the table's tile), and for out / down shapes (K >= 2N) the split-K partials,
-  dispatch what gemv.small_linear / linear_for_residual run now.
+cost; one weight read by all 40, so L2-warm: see --cold), median of 5 replays, per launch:
+  cublas  F.linear,
+  fma / tf32x3 (float32) the GEMV kernel with that PREC and its tile (fma_tile / gemv_tile), launched directly,
+  triton  (bf16) the GEMV kernel with gemv_tile's tile, and for out / down shapes (K >= 2N) the split-K partials,
+  dispatch what gemv.small_linear / linear_for_residual run now (fp32_path picks among cuBLAS, fma and tf32x3).
 sweep rows (--sweep-rows): the plain kernel launched directly with every tile of SWEEP at those row counts, the best
 tile per shape, against the table's (gemv_tile): what the table should say for this dtype. --fma-sweep-rows: the
 same for the float32 "fma" path's tiles (FMA_SWEEP) against gemv.fma_tile; the rows table times both float32 paths
-(GDNSPEC_FP32_GEMV fma / tf32x3) in one process. --cold: the sweeps read another copy of the weight at each launch
+in one process. --cold: the sweeps read another copy of the weight at each launch
 (streamed from HBM, as in a step whose weights exceed L2; the rows table stays L2-warm).
 topk rows: log_softmax + topk (torch) against ops/fused/topk.log_softmax_topk for F rows of the
 vocabulary (F = 1, 4 frontier nodes; k = 1, 4, 8; V = 8192 the bundle, 151936 Qwen3). Prints a table and writes JSON.
@@ -21,7 +22,6 @@ vocabulary (F = 1, 4 frontier nodes; k = 1, 4, 8; V = 8192 the bundle, 151936 Qw
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -77,6 +77,25 @@ def fma_tiles(M: int) -> list[tuple[int, int, int, int]]:
     return out
 
 
+def direct_us(x: torch.Tensor, w: torch.Tensor, prec: str) -> float:
+    """us per launch of gemv's plain kernel on x @ w^T with PREC `prec` ("fma", "tf32x3" for float32; "ieee" = the
+    dtype's native tl.dot for bf16) and the tile the dispatch would give that path (fma_tile / gemv_tile), launched
+    directly: whether or not small_linear's dispatch takes the kernel for this shape."""
+    import triton
+
+    M, K = x.shape
+    N = w.shape[0]
+    fma = prec == "fma"
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    f32 = {"F32": x.dtype == torch.float32, "PREC": prec}
+    BM = G.row_block(M, prec)
+    bn, bk, warps, stages = G.gemv_tile(N, K, M, 1, f32=x.dtype == torch.float32, fma=fma)
+    args = (x, x.stride(0), w, w, y, y.stride(0), M, N, K, K)
+    kw = dict(HAS_BIAS=False, **f32, BM=BM, **G._launch_args(x, N, K))
+    return graph_us(lambda: G._gemv_kernel[(triton.cdiv(N, bn), 1)](*args, **kw, BN=bn, BK=bk, num_warps=warps,
+                                                                     num_stages=stages))
+
+
 def sweep(x: torch.Tensor, w: torch.Tensor, fma: bool = False, cold: bool = False) -> dict:
     """us per launch of gemv's plain kernel on x @ w^T with each tile of SWEEP (fma: of fma_tiles, on the float32
     "fma" path; None where a tile does not fit). cold: each of the graph's 40 launches reads its own copy of w
@@ -86,7 +105,7 @@ def sweep(x: torch.Tensor, w: torch.Tensor, fma: bool = False, cold: bool = Fals
     M, K = x.shape
     N = w.shape[0]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    f32 = {"F32": True, "PREC": "fma"} if fma else G.f32_args(x)
+    f32 = {"F32": True, "PREC": "fma"} if fma else G.f32_args(x, N)
     BM = max(2, triton.next_power_of_2(M)) if fma else (16 if M <= 16 else (32 if M <= 32 else 64))
     args = (x, x.stride(0), w, w, y, y.stride(0), M, N, K, K)
     kw = dict(HAS_BIAS=False, **f32, BM=BM, **G._launch_args(x, N, K))
@@ -159,32 +178,20 @@ def main(argv=None) -> int:
         for M in args.rows:
             x = torch.randn(M, K, device="cuda", dtype=dtype)
             row = {"what": name, "N": N, "K": K, "M": M, "cublas_us": graph_us(lambda: F.linear(x, w))}
-            saved = G.FP32_CUDA_MIN_ROWS, G.FP32_CUDA_MAX_ROWS
-            G.FP32_CUDA_MIN_ROWS, G.FP32_CUDA_MAX_ROWS = 1, G.MAX_ROWS  # the kernel at every row count: where it pays
-            try:
-                row["triton_us"] = graph_us(lambda: G.small_linear(x, w))
-                if dtype == torch.float32:  # the other float32 path, for the A/B in one process
-                    other = "tf32x3" if G.fp32_precision() == "fma" else "fma"
-                    saved_env = os.environ.get("GDNSPEC_FP32_GEMV")
-                    os.environ["GDNSPEC_FP32_GEMV"] = other
-                    try:
-                        row[f"{other}_us"] = graph_us(lambda: G.small_linear(x, w))
-                    finally:
-                        if saved_env is None:
-                            del os.environ["GDNSPEC_FP32_GEMV"]
-                        else:
-                            os.environ["GDNSPEC_FP32_GEMV"] = saved_env
+            if dtype == torch.float32:  # both float32 kernels, launched directly with their tiles, whatever the dispatch
+                row["fma_us"] = direct_us(x, w, "fma")
+                row["tf32x3_us"] = direct_us(x, w, "tf32x3")
+            else:
+                row["triton_us"] = direct_us(x, w, "ieee")
                 S = G.split_count(x, w)
                 row["splits"] = S
                 row["triton_split_us"] = graph_us(lambda: G.small_linear_partials(x, w, S)) if S > 1 else None
-            finally:
-                G.FP32_CUDA_MIN_ROWS, G.FP32_CUDA_MAX_ROWS = saved
             row["dispatch_us"] = graph_us(lambda: G.linear_for_residual(x, w) if K >= 2 * N else G.small_linear(x, w))
             ref = F.linear(x.double(), w.double())
             got = G.small_linear(x, w).double() if G.kernel_applies(x, w) else F.linear(x, w).double()
             row["rel_err"] = float((got - ref).norm() / ref.norm())
             rows.append(row)
-    print_table(rows, ["what", "N", "K", "M", "cublas_us", "triton_us", "tf32x3_us", "fma_us", "splits",
+    print_table(rows, ["what", "N", "K", "M", "cublas_us", "fma_us", "tf32x3_us", "triton_us", "splits",
                        "triton_split_us", "dispatch_us", "rel_err"])
     tiles = []
     for name, N, K in bundle_shapes(dtype) if args.sweep_rows else ():

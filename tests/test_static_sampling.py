@@ -95,6 +95,25 @@ def test_a_generator_on_another_device_samples_by_inverse_cdf():
     assert torch.equal(a, sample_from_probs(probs.expand(50, -1), u))
 
 
+def test_sample_next_routes_a_generator_on_another_device(monkeypatch):
+    """sample_next takes sample_with_generator exactly when the generator's device type differs from the logits'
+    (stands in for a CPU generator with CUDA logits on this CPU-only machine), torch.multinomial otherwise."""
+    import types
+
+    from gdnspec import sampling
+
+    calls = []
+    monkeypatch.setattr(sampling, "sample_with_generator",
+                        lambda probs, gen: calls.append(gen) or torch.zeros(probs.shape[0], dtype=torch.long))
+    logits = torch.randn(3, 6)
+    other = types.SimpleNamespace(device=torch.device("cuda"))
+    assert sampling.sample_next(logits, temperature=0.7, generator=other).tolist() == [0, 0, 0]
+    assert calls == [other]
+    sampling.sample_next(logits, temperature=0.7, generator=torch.Generator().manual_seed(1))
+    sampling.sample_next(logits, temperature=0.7)
+    assert calls == [other]  # same device / no generator: torch.multinomial
+
+
 @pytest.mark.parametrize("sampling", SETTINGS6, ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()))
 def test_static_plain_sampling_matches_target_distribution(sampling):
     target = tiny_model(seed=5, vocab_size=V6, init_scale=4.0)

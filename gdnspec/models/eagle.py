@@ -284,7 +284,8 @@ class EagleHead(nn.Module):
             from gdnspec.ops.fused.elementwise import eagle_input
 
             ne, nh = self.norm_e, self.norm_h
-            x = eagle_input(token_ids, target.embed_tokens.weight, hidden, w_e=ne.weight, w_h=nh.weight,
+            ids = token_ids if token_ids.device == hidden.device else token_ids.to(hidden.device)
+            x = eagle_input(ids, target.embed_tokens.weight, hidden, w_e=ne.weight, w_h=nh.weight,
                             eps=ne.eps, offset=ne.offset)  # (B, L, 2H)
             self._catch_up_fused(x, state.layers[0], counts)
             return

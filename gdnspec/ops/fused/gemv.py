@@ -341,7 +341,7 @@ def row_block(M: int, prec: str) -> int:
 
 def fma_tile(N: int, M: int, *, min_bn: int = 4) -> tuple[int, int, int, int]:
     """(BN, BK, num_warps, num_stages) of an "fma" launch of M rows and N output columns. Narrow column blocks, so
-    that 100-500 programs stream the weight at once: BN 4 (8 from 4096 columns; at least min_bn, the residual
+    that 100-500 programs stream the weight at once: BN 4 (8 above 4096 columns; at least min_bn, the residual
     kernel's 16-column sum-of-squares groups need 16). BK as wide as the (BM, BN, BK) running sums allow (<= 256):
     few K steps, each a full HBM round trip. Up to 1536 columns (<= 384 programs) 4 warps and 128 registers a thread
     for the sums; wider weights (more programs than fit at once with that) 2 warps and 64 registers.
@@ -361,7 +361,7 @@ def autotune_enabled() -> bool:
     """GDNSPEC_GEMV_AUTOTUNE=1: Triton's autotuner (timed by graph_bench) picks each GEMV's tile per shape instead of
     `gemv_tile`'s table. Off by default: even timed in CUDA graphs its picks varied from process to process and
     missed the best tile by up to 1.6x on an H200 (benchmarks/bench_tiles.py), and a step's speed then depended on
-    the run. Any value but unset / "" / 0 / 1 raises ValueError (a typo such as "true" must not silently A/B the
+    the run. The float32 "fma" path always takes fma_tile (the autotuner's configs are tl.dot tiles). Any value but unset / "" / 0 / 1 raises ValueError (a typo such as "true" must not silently A/B the
     table against itself)."""
     return flag("GDNSPEC_GEMV_AUTOTUNE", default=False)
 
@@ -397,7 +397,8 @@ def fallback_tiles(tile: tuple[int, int, int, int]) -> list[tuple[int, int, int,
     """The tiles `_launch` tries, in order, when `tile` does not fit the GPU (Triton OutOfResources: the table was
     measured on an H200, 227 KB of shared memory per SM; consumer cards have ~100 KB): fewer pipeline stages, then
     narrower column blocks. BK never changes, so the split-K sums stay bit-identical between small_linear_partials
-    and linear_residual whatever the GPU."""
+    and linear_residual whatever the GPU (tl.dot tiles; the float32 "fma" path does not split K, and its residual
+    kernel's wider column blocks make its sums only close to small_linear's, see the module docstring)."""
     bn, bk, warps, stages = tile
     out = [tile] + [(bn, bk, warps, s) for s in (2, 1) if s < stages]
     while bn > 16:
@@ -414,7 +415,7 @@ def _launch(kernel, tuned, N: int, K: int, M: int, splits: int, args: tuple, kw:
     GPU, remembered per shape), or the autotuner's (GDNSPEC_GEMV_AUTOTUNE=1). min_bn: the narrowest column block the
     kernel takes (the "fma" tiles' BN; the residual kernel's sum-of-squares groups need GROUP)."""
     cols = max(1, splits)
-    if autotune_enabled():
+    if autotune_enabled() and kw.get("PREC") != "fma":  # the autotuner's tiles are tl.dot tiles: fma takes fma_tile
         tuned[lambda meta: (triton.cdiv(N, meta["BN"]), cols) if splits else (triton.cdiv(N, meta["BN"]),)](*args, **kw)
         return
     x = args[0]  # the tile depends on the activation dtype (float32: f32_args) and the SiLU loads too
@@ -449,8 +450,8 @@ def _cuda_rows_ok(x: torch.Tensor, M: int, N: int) -> bool:
 def kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the GEMV kernels of this module take x (..., K) @ weight^T: Triton on x's device, the kernels on
     (GDNSPEC_TRITON_GEMV), 1 .. MAX_ROWS rows, a contiguous weight, x and weight alike in bf16 / fp16 / float32
-    (CUDA float32 for FP32_CUDA_MIN_ROWS .. FP32_CUDA_MAX_ROWS rows: the others stay with cuBLAS). Shapes are checked
-    by the callers."""
+    (CUDA float32 where fp32_path takes the shape, by rows and output columns: the others stay with cuBLAS). Shapes
+    are checked by the callers."""
     K = x.shape[-1]
     M = x.numel() // K if K else 0
     return (HAS_TRITON and enabled() and available(x) and 1 <= M <= MAX_ROWS and weight.is_contiguous()
@@ -594,8 +595,8 @@ GROUP = 16  # columns per sum-of-squares slot: linear_residual's sumsq is (M, ce
 
 
 def _act_dtypes_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """The dtypes the GEMV kernels run: x and weight alike, bf16 / fp16 / float32 (the dispatchers leave CUDA float32
-    outside FP32_CUDA_MIN_ROWS .. FP32_CUDA_MAX_ROWS rows to cuBLAS)."""
+    """The dtypes the GEMV kernels run: x and weight alike, bf16 / fp16 / float32 (the dispatchers leave the CUDA
+    float32 shapes that fp32_path gives to cuBLAS there)."""
     return x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
 
 
