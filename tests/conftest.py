@@ -171,3 +171,16 @@ def keep_torch_threads():
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)
+
+
+def load_source_module(tmp_path, name: str, source: str):
+    """`source` written to tmp_path / f"{name}.py" and imported as a module (mutant kernels: Triton reads a jit
+    function's source from its file, so an edited kernel needs a file of its own)."""
+    import importlib.util
+
+    path = tmp_path / f"{name}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -9,7 +9,6 @@ fma branch (the last K chunk dropped, the SiLU loads skipped) must fail.
 """
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import os
 import textwrap
@@ -22,7 +21,7 @@ triton = pytest.importorskip("triton")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from conftest import interpreter_modules  # noqa: E402
+from conftest import interpreter_modules, load_source_module  # noqa: E402
 
 ew, gm = interpreter_modules(["gdnspec.ops.fused.elementwise", "gdnspec.ops.fused.gemv"])
 
@@ -139,13 +138,9 @@ def _mutant_gemv(tmp_path, name: str, old: str, new: str):
     assert old in fma, old
     dot = fma.replace(old, new, 1) + mark + rest
     kern = textwrap.dedent(inspect.getsource(gm._gemv_kernel.fn))
-    path = tmp_path / f"mutant_{name}.py"
-    path.write_text("import triton\nimport triton.language as tl\n"
-                    "from gdnspec.ops.fused.gemv import _x_chunk, _pdl_prologue\n\n" + dot + "\n\n" + kern)
-    spec = importlib.util.spec_from_file_location(f"mutant_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod._gemv_kernel
+    return load_source_module(tmp_path, f"mutant_{name}", "import triton\nimport triton.language as tl\n"
+                              "from gdnspec.ops.fused.gemv import _x_chunk, _pdl_prologue\n\n" + dot + "\n\n"
+                              + kern)._gemv_kernel
 
 
 @pytest.mark.parametrize("mutation", ["drop_last_chunk", "skip_silu"])

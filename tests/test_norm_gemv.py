@@ -11,7 +11,6 @@ Run: python -m pytest -q tests/test_norm_gemv.py   (skipped when triton is not i
 """
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import os
 import textwrap
@@ -24,7 +23,7 @@ pytest.importorskip("triton")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from conftest import interpreter_modules, randomize_, rel_err, tiny_config  # noqa: E402
+from conftest import interpreter_modules, load_source_module, randomize_, rel_err, tiny_config  # noqa: E402
 
 interpreter_modules(["gdnspec.ops.gated_delta_rule.triton_tree", "gdnspec.ops.gated_delta_rule.triton_commit",
                      "gdnspec.ops.gated_delta_rule.triton_decode", "gdnspec.ops.fused.gdn_decode",
@@ -112,13 +111,9 @@ def _mutant(tmp_path, name: str, subs: list[tuple[str, str]]):
     for a, b in subs:
         assert a in src, a
         src = src.replace(a, b)
-    path = tmp_path / f"mutant_{name}.py"
-    path.write_text("import triton\nimport triton.language as tl\n"
-                    "from gdnspec.ops.fused.gemv import _dot_tile, _pdl_prologue, _residual_epilogue\n\n" + src)
-    spec = importlib.util.spec_from_file_location(f"mutant_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod._gemv_res_kernel
+    return load_source_module(tmp_path, f"mutant_{name}", "import triton\nimport triton.language as tl\n"
+                              "from gdnspec.ops.fused.gemv import _dot_tile, _pdl_prologue, _residual_epilogue\n\n"
+                              + src)._gemv_res_kernel
 
 
 @pytest.mark.parametrize("mutation", ["drop_last_split", "reverse_split_order"])
@@ -461,18 +456,12 @@ def test_silu_switch(monkeypatch):
 
 @pytest.mark.parametrize("mutation", ["gate twice", "unrounded silu"])
 def test_silu_mutants_fail_the_checks(mutation, tmp_path, monkeypatch):
-    import importlib.util
-
     monkeypatch.setenv("GDNSPEC_SILU_GEMV", "1")
     subs = {"gate twice": ("x + rm[:, None] * sx + K + rk[None, :]", "x + rm[:, None] * sx + rk[None, :]"),
             "unrounded silu": ("act = (gf * tl.sigmoid(gf)).to(xt.dtype).to(tl.float32)", "act = gf * tl.sigmoid(gf)")}
     src = inspect.getsource(gm)
     assert subs[mutation][0] in src
-    path = tmp_path / "gemv_mutant.py"
-    path.write_text(src.replace(*subs[mutation]))
-    spec = importlib.util.spec_from_file_location("gemv_mutant", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_source_module(tmp_path, "gemv_mutant", src.replace(*subs[mutation]))
     monkeypatch.setattr(gm, "_gemv_kernel", mod._gemv_kernel)
     gu, w, b = _silu_inputs(3, 200, 96, torch.bfloat16, False, seed=7)
     assert _silu_checks(gu, w, b) != []
