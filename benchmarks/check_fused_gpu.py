@@ -1,6 +1,7 @@
 """GPU check of the fused decode / verify steps against the module-by-module path (float32 and bf16).
 
     python benchmarks/check_fused_gpu.py        # prints one line per check, exit code 1 on a failure
+    python benchmarks/check_fused_gpu.py --only-tree-build   # the tree builder kernels against the torch builder
 
 float32: greedy plain decoding (CUDA graphs) and speculative decoding (n-gram drafter) must equal the unfused eager
 path token for token; decode / verify logits and committed states are compared by relative error. bf16: relative
@@ -103,7 +104,7 @@ def main() -> int:
             same = all(torch.equal(a, b) for a, b in zip(got, want))
             failed += not same
             print(f"float32 greedy: EAGLE with a reduced draft vocabulary (graph) == plain: {'ok' if same else 'FAIL'}")
-    return failed + check_tree_solve() + check_tree_index() + check_ssm_state_dtype() + check_pdl()
+    return failed + check_tree_solve() + check_tree_index() + check_tree_build() + check_ssm_state_dtype() + check_pdl()
 
 
 def check_ssm_state_dtype() -> int:
@@ -203,6 +204,35 @@ def check_tree_index() -> int:
     return int(bad > 0)
 
 
+def check_tree_build() -> int:
+    """The tree builder's kernels (ops/tree_build.py) on CUDA against the torch builder (GDNSPEC_TREE_BUILD=0):
+    eagle2 trees and chains from a fixed random log-prob table (float32), B = 1 / 5, topk 1 .. 5, sync-free and not."""
+    from gdnspec.spec.tree import TreeConfig as TC, build_tree
+
+    g = torch.Generator().manual_seed(7)
+    table = torch.log_softmax(3 * torch.randn(64, 64, generator=g), -1).cuda()
+    table[table < -6] = float("-inf")  # some children impossible (-inf candidates)
+    bad = n = 0
+    for cfg in (TC(topk=4, num_steps=5, num_draft_tokens=16), TC(topk=2, num_steps=3, num_draft_tokens=7),
+                TC(topk=5, num_steps=5, num_draft_tokens=64), TC(topk=1, num_steps=1, num_draft_tokens=2),
+                TC(builder="chain", num_steps=4), TC(builder="chain", num_steps=6, num_draft_tokens=5)):
+        for B in (1, 5):
+            roots = torch.randint(0, 64, (B,), generator=g).cuda()
+            for sync_free in (True, False):
+                trees = []
+                for flag in ("1", "0"):
+                    os.environ["GDNSPEC_TREE_BUILD"] = flag
+                    trees.append(build_tree(roots, lambda t, s: table[t], cfg, sync_free=sync_free))
+                os.environ.pop("GDNSPEC_TREE_BUILD", None)
+                (a, ia), (b, ib) = trees
+                n += 1
+                bad += not (all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("tokens", "parents", "scores", "valid"))
+                            and torch.equal(ia, ib))
+    print(f"tree builder kernels (frontier, best-N selection, chain) == torch builder on CUDA, {n} trees: "
+          f"{'ok' if not bad else f'FAIL ({bad})'}")
+    return int(bad > 0)
+
+
 def check_pdl() -> int:
     """PDL on == PDL off, bitwise: 4 fused decode steps + one tree verify (fresh launches, eager), same kernels and
     GEMV tiles (gemv_tile's table; with GDNSPEC_GEMV_AUTOTUNE=1 the autotuner's cache key ignores PDL), so any difference is a missing wait."""
@@ -240,4 +270,6 @@ def check_pdl() -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--only-tree-build"]:  # the builder check alone (seconds)
+        sys.exit(check_tree_build())
     sys.exit(main())

@@ -7,7 +7,7 @@ the compiler refuses: a `tl.constexpr` assigned twice in a `static_range` loop r
 failed on the H200 (stop 19). This script compiles the kernels changed most often (tree-WY with either solve, the
 fused GDN verify kernel in its "norm" and "full" forms, the fused GDN decode kernel, with and without PDL) at the
 1.7B shapes, the float32 GEMV and tree in-projection, the GEMV with the SiLU-mul, the EAGLE input and the
-log-softmax top-k kernels, through `triton.compile` for `GPUTarget("cuda", 90, 32)`, which needs no GPU. Exit code 1 on the first
+log-softmax top-k and the tree builder's kernels, through `triton.compile` for `GPUTarget("cuda", 90, 32)`, which needs no GPU. Exit code 1 on the first
 failure, with the compiler's message. Run it without TRITON_INTERPRET (tests/test_kernel_compile.py runs it in a
 subprocess with a clean environment).
 """
@@ -114,6 +114,18 @@ def main() -> int:
     jobs.append((topk._merge_kernel, {"cand_v": "*fp32", "cand_i": "*i64", "part_m": "*fp32", "part_s": "*fp32",
                                       "out_v": "*fp32", "out_i": "*i64"}, dict(K=8, KP=8, CP=32),
                  "log-softmax top-k merge"))
+    from gdnspec.ops import tree_build as tb
+    ft = {n: "*i64" for n in ("tok", "fpool", "roots", "pool_tok", "pool_par", "out_tok", "out_slot", "out_pool",
+                              "out_rows")}
+    ft.update({n: "*fp32" for n in ("lp", "fscore", "pool_sc", "out_sc")})
+    for first in (True, False):
+        jobs.append((tb._frontier_kernel, ft, dict(K=4, BC=16, FIRST=first), f"tree builder frontier (first={first})"))
+    st = {n: "*i64" for n in ("pool_tok", "pool_par", "tokens", "parents", "order")}
+    st.update({"pool_sc": "*fp32", "scores": "*fp32", "valid": "*i8"})
+    jobs.append((tb._select_kernel, st, dict(BP=64, BN=16), "tree builder best-N selection"))
+    ct = {n: "*i64" for n in ("roots", "tok", "tokens", "parents", "order")}
+    ct.update({"lp": "*fp32", "scores": "*fp32", "valid": "*i8"})
+    jobs.append((tb._chain_kernel, ct, dict(BN=16), "tree builder chain"))
     for kernel, types, consts, label in jobs:
         try:
             compile_kernel(kernel, types, consts, label, num_warps=8 if consts.get("BLOCK", 0) >= 4096 else 4)

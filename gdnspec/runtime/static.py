@@ -379,9 +379,8 @@ class StaticSpecRunner(_StaticStep, _SamplingStep):
         q = qi = None
         if self.in_graph_drafter:
             new = propose_tree(self.drafter, self.draft_state, self.verified, self.config, draft=rs, sync_free=True)
-            tree.tokens.copy_(new.tokens)
-            tree.parents.copy_(new.parents)
-            tree.valid.copy_(new.valid)
+            # the proposed tree itself (graph-internal buffers): no copies into self.tree's (3 kernels)
+            tree = DraftTree(new.tokens, new.parents, tree.scores, new.valid)
             q, qi = new.draft_probs, new.draft_index
         else:
             tree.valid.copy_(self.tree_buf[2] != 0)

@@ -40,6 +40,7 @@ from typing import Callable
 import torch
 
 from gdnspec.layers.layout import TokenLayout
+from gdnspec.ops import tree_build as _tb
 from gdnspec.ops.fused import topk as _topk
 from gdnspec.sampling import SLOT_DRAFT, RowSampling, sample_from_probs
 
@@ -268,6 +269,11 @@ def build_tree(root_tokens: torch.Tensor, expand: ExpandFn, config: TreeConfig, 
     draft: per-row sampling settings and uniforms; with config.sample_drafts the tree is stochastic for the rows
     with temperature > 0 (module docstring) and carries draft_probs / draft_index.
     """
+    sample = draft is not None and config.sample_drafts
+    if config.builder == "chain" and not sample:
+        return _build_chain(root_tokens, expand, config, sync_free=sync_free)
+    if not sample and _fused_eagle2(root_tokens, config):
+        return _build_eagle2_fused(root_tokens, expand, config, sync_free=sync_free)
     B = root_tokens.shape[0]
     device = root_tokens.device
     k, N = config.topk, config.num_draft_tokens
@@ -279,13 +285,10 @@ def build_tree(root_tokens: torch.Tensor, expand: ExpandFn, config: TreeConfig, 
     frontier_scores = torch.zeros(B, 1, device=device)
     parent_slot = None
     pool_size = 1
-    sample = draft is not None and config.sample_drafts
-    if config.builder == "chain" and not sample:
-        return _build_chain(root_tokens, expand, config, sync_free=sync_free)
     sampled_rows = draft.temperature > 0 if sample else None  # (B,)
     pool_q, pool_q_at = [], []  # per step: q at the frontier nodes (B, F, V), their pool indices (B, F)
     for step in range(config.num_steps):
-        out = expand(frontier_tokens, parent_slot)  # (B, F, vocab) log-probs or DraftLogits
+        out = _call(expand, frontier_tokens, parent_slot, None)  # (B, F, vocab) log-probs or DraftLogits
         top_lp, top_tok = _top(out, k)  # (B, F, k)
         F = top_lp.shape[1]
         if sample:  # draws without replacement from q, in draw order (module docstring)
@@ -346,6 +349,56 @@ def build_tree(root_tokens: torch.Tensor, expand: ExpandFn, config: TreeConfig, 
     return tree, order
 
 
+def _call(expand: ExpandFn, frontier_tokens: torch.Tensor, parent_slot: torch.Tensor | None,
+          parent_rows: torch.Tensor | None):
+    """expand(frontier_tokens, parent_slot), with parent_rows= (the flat rows b * F_prev + parent_slot, (B * F,)) when
+    the drafter's expand declares `takes_parent_rows` and the builder has them (the fused frontier kernel writes them:
+    the drafter then gathers its per-node state without computing them, 3 kernels less per step)."""
+    if parent_rows is not None and getattr(expand, "takes_parent_rows", False):
+        return expand(frontier_tokens, parent_slot, parent_rows=parent_rows)
+    return expand(frontier_tokens, parent_slot)
+
+
+def _fused_eagle2(root_tokens: torch.Tensor, config: TreeConfig) -> bool:
+    """Whether a deterministic tree takes the fused builder (ops/tree_build.py): eagle2 without the per-step options
+    (dynamic_topk_mass, min_frontier_prob), a pool of at most MAX_POOL + 1 nodes, long roots on a device the kernels
+    run on (CUDA; the CPU keeps the torch loop below, which is also the reference)."""
+    return (config.builder == "eagle2" and config.dynamic_topk_mass is None and config.min_frontier_prob is None
+            and config.max_nodes() <= _tb.MAX_POOL + 1 and config.topk * config.topk <= _tb.MAX_POOL
+            and root_tokens.dim() == 1 and root_tokens.dtype == torch.long and _tb.runs_on(root_tokens))
+
+
+def _build_eagle2_fused(root_tokens: torch.Tensor, expand: ExpandFn, config: TreeConfig, *, sync_free: bool
+                        ) -> tuple[DraftTree, torch.Tensor]:
+    """build_tree's deterministic eagle2 loop with its bookkeeping in Triton kernels: one `frontier_step` launch per
+    step (the layer's scores into a preallocated pool, the next frontier) and one `select_best` launch at the end,
+    instead of ~10 torch kernels per step and ~25 at the end. The same tree as the torch loop (tests/
+    test_tree_build.py; ties between equal scores go to the lower candidate index)."""
+    B = root_tokens.shape[0]
+    k, N = config.topk, config.num_draft_tokens
+    P = config.max_nodes()
+    pool = _tb.new_pool(B, P, root_tokens.device)
+    frontier_tokens, parent_slot, rows, frontier = root_tokens[:, None], None, None, None
+    base = 1
+    for step in range(config.num_steps):
+        top_lp, top_tok = _top(_call(expand, frontier_tokens, parent_slot, rows), k)  # (B, F, k)
+        F = top_lp.shape[1]
+        last = step == config.num_steps - 1
+        nxt = _tb.frontier_step(top_lp, top_tok, pool, base=base, width=0 if last else min(k, F * k),
+                                frontier=frontier, roots=root_tokens)
+        base += F * k
+        if last:
+            break
+        frontier_tokens, parent_slot, fpool, fscores, rows = nxt
+        frontier = (fscores, fpool)
+        if not sync_free and bool(torch.isinf(fscores).all()):
+            break
+    if base < P:  # stopped early: the filled columns only
+        pool = tuple(t[:, :base].contiguous() for t in pool)
+    tokens, parents, scores, valid, order = _tb.select_best(pool, num_draft_tokens=N)
+    return DraftTree(tokens, parents, scores, valid), order
+
+
 def _build_chain(root_tokens: torch.Tensor, expand: ExpandFn, config: TreeConfig, *, sync_free: bool
                  ) -> tuple[DraftTree, torch.Tensor]:
     """build_tree for a greedy chain in the fewest ops (the general loop's frontier top-k, gathers and the final sort
@@ -356,6 +409,19 @@ def _build_chain(root_tokens: torch.Tensor, expand: ExpandFn, config: TreeConfig
     device = root_tokens.device
     n_keep = config.num_draft_tokens - 1
     floor = math.log(max(config.min_frontier_prob, 1e-30)) if config.min_frontier_prob is not None else None
+    if floor is None and sync_free and root_tokens.dim() == 1 and root_tokens.dtype == torch.long \
+            and _tb.runs_on(root_tokens):
+        # the fused assembly (ops/tree_build.chain_tree): two cats and one kernel instead of a score add per step
+        # and ~17 kernels at the end; the scores are summed in the same order (bit-equal, tests/test_tree_build.py)
+        lps, toks, frontier = [], [], root_tokens[:, None]
+        for step in range(min(config.num_steps, n_keep)):
+            top_lp, top_tok = _top(expand(frontier, None), 1)  # (B, 1, 1)
+            lps.append(top_lp[:, 0])
+            toks.append(top_tok[:, 0])
+            frontier = top_tok[:, 0]
+        tokens, parents, scores, valid, order = _tb.chain_tree(root_tokens, torch.cat(lps, 1), torch.cat(toks, 1),
+                                                               num_draft_tokens=config.num_draft_tokens)
+        return DraftTree(tokens, parents, scores, valid), order
     toks, scores = [], []
     frontier, score = root_tokens[:, None], None  # (B, 1)
     for step in range(min(config.num_steps, n_keep)):

@@ -106,11 +106,13 @@ class EagleDrafter:
         B = root_tokens.shape[0]
         cur = {"state": state.head_state.clone(), "feat": state.last_feature[:, None], "width": 1}
 
-        def expand(frontier_tokens: torch.Tensor, parent_slot: torch.Tensor | None) -> DraftLogits:
+        def expand(frontier_tokens: torch.Tensor, parent_slot: torch.Tensor | None, *,
+                   parent_rows: torch.Tensor | None = None) -> DraftLogits:
             F = frontier_tokens.shape[1]
             prev_state, prev_feat = cur["state"], cur["feat"]  # (B * width rows), (B, width, H)
             if parent_slot is not None:
-                rows = (torch.arange(B, device=parent_slot.device)[:, None] * cur["width"] + parent_slot).reshape(-1)
+                rows = parent_rows if parent_rows is not None else (  # (B * F,) b * F_prev + slot
+                    (torch.arange(B, device=parent_slot.device)[:, None] * cur["width"] + parent_slot).reshape(-1))
                 prev_state = prev_state.select(rows)
                 prev_feat = prev_feat.gather(1, parent_slot[..., None].expand(B, F, prev_feat.shape[-1]))
             feats = prev_feat.reshape(B * F, 1, -1)
@@ -121,6 +123,7 @@ class EagleDrafter:
             # over draft_ids (reduced draft vocab): the builder maps the ranked columns to the target's ids
             return DraftLogits(logits.view(B, F, -1), head.config.vocab_size, head.draft_ids)
 
+        expand.takes_parent_rows = True  # build_tree's fused frontier kernel hands over the rows
         roots = root_tokens if root_tokens.device == head.device else root_tokens.to(head.device)
         return build_tree(roots, expand, config, sync_free=sync_free, draft=draft)[0]
 

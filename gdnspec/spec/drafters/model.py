@@ -129,11 +129,13 @@ class ModelDrafter:
         state.trace = None
         levels = [] if _traceable(state.model_state, sync_free) else None
 
-        def expand(frontier_tokens: torch.Tensor, parent_slot: torch.Tensor | None) -> DraftLogits:
+        def expand(frontier_tokens: torch.Tensor, parent_slot: torch.Tensor | None, *,
+                   parent_rows: torch.Tensor | None = None) -> DraftLogits:
             F = frontier_tokens.shape[1]
             prev: ModelState = frontier_state["state"]
             if parent_slot is not None:
-                rows = (torch.arange(B, device=parent_slot.device)[:, None] * frontier_state["width"] + parent_slot).reshape(-1)
+                rows = parent_rows if parent_rows is not None else (  # (B * F,) b * F_prev + slot
+                    (torch.arange(B, device=parent_slot.device)[:, None] * frontier_state["width"] + parent_slot).reshape(-1))
                 prev = prev.select(rows)
             elif levels:  # a chain step advances its state in place: keep the previous level's
                 prev = prev.clone()
@@ -145,6 +147,7 @@ class ModelDrafter:
                 levels.append((frontier_tokens, parent_slot, out.state))
             return DraftLogits(out.logits[:, -1].view(B, F, -1), model.vocab_size)
 
+        expand.takes_parent_rows = True  # build_tree's fused frontier kernel hands over the rows
         roots = root_tokens.to(model.device)
         result = build_tree(roots, expand, config, sync_free=sync_free, draft=draft)
         if levels:
