@@ -77,7 +77,8 @@ def evaluate(bundle, prompts: list[torch.Tensor], *, drafters=("ngram", "model",
     tokens/s from the median speculative time; the baseline's tokens/s comes from the median plain timing.
 
     adaptive=True: the speculative engines fall back to plain steps where those are measured faster
-    (SpeculativeEngine(adaptive=True), eager steps; spec/policy.py); each row then reports the share of plain steps."""
+    (SpeculativeEngine(adaptive=True): CUDA-graph steps on CUDA, eager steps on the CPU; spec/policy.py); each row
+    then reports the share of plain steps."""
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
     model = bundle.model
@@ -98,7 +99,7 @@ def evaluate(bundle, prompts: list[torch.Tensor], *, drafters=("ngram", "model",
             raise ValueError(f"drafter {name!r} is not in this bundle (it has {sorted(bundle.drafters)})")
         for shape_name, config in shapes.items():
             eng = SpeculativeEngine(model, bundle.drafters[name], config, temperature=temperature,
-                                    **(dict(adaptive=True, static=False) if adaptive else {}))
+                                    **(dict(adaptive=True) if adaptive else {}))
 
             def spec_one(p):
                 eng.generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None

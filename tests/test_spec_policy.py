@@ -10,6 +10,7 @@ import torch
 
 from gdnspec import generate_autoregressive
 from gdnspec.spec import SpeculativeEngine, TreeConfig
+from gdnspec.spec.engine import SpecSession
 from gdnspec.spec.drafters import ModelDrafter
 from gdnspec.spec.policy import StepPolicy
 
@@ -156,13 +157,87 @@ def test_adaptive_engine_output_equals_plain_greedy_and_reports_its_choices():
     assert eng.stats.total_steps == s["speculative_steps"]  # the statistics count speculative steps only
 
 
-def test_adaptive_engine_refuses_static_steps_and_a_non_bool():
+def test_adaptive_engine_refuses_a_non_bool():
     target = tiny_model(seed=2)
     drafter = ModelDrafter(noisy_copy(target))
-    with pytest.raises(ValueError, match="static=False"):
-        SpeculativeEngine(target, drafter, TreeConfig(), adaptive=True, static=True)
     with pytest.raises(TypeError, match="adaptive"):
         SpeculativeEngine(target, drafter, TreeConfig(), adaptive="yes", static=False)
+
+
+class ScriptedPolicy(StepPolicy):
+    """A policy whose choices follow `pattern` (cycled) and that logs what the engine reports."""
+
+    def __init__(self, pattern):
+        super().__init__(adaptive=True)
+        self.pattern, self.i = list(pattern), 0
+        self.records, self.charges = [], []
+
+    def choose(self, n):
+        kind = self.pattern[self.i % len(self.pattern)]
+        self.i += 1
+        self.choices[(n, kind)] = self.choices.get((n, kind), 0) + 1
+        return kind
+
+    def record(self, n, speculative, seconds, tokens):
+        self.records.append((speculative, tokens))
+
+    def charge(self, n, speculative, seconds, steps):
+        self.charges.append(steps)
+
+
+def _drafter(kind, target):
+    from gdnspec.models.eagle import EagleHead, eagle_config_for
+    from gdnspec.spec.drafters import EagleDrafter, NGramDrafter
+    from gdnspec.spec.drafters.null import NullDrafter
+
+    torch.manual_seed(5)
+    return {"model": lambda: ModelDrafter(noisy_copy(target, noise=0.05)),
+            "eagle": lambda: EagleDrafter(EagleHead(eagle_config_for(target.config, intermediate_size=32),
+                                                    dtype=torch.float64).eval(), target),
+            "ngram": lambda: NGramDrafter(max_ngram=2),
+            "none": lambda: NullDrafter()}[kind]()
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("kind", ["model", "eagle", "ngram", "none"])
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_adaptive_static_steps_equal_plain_greedy(kind, hybrid):
+    """Static (graph-runner) steps switching between speculative steps and bursts of plain steps in a scripted
+    pattern: runs of 1, 3 and 40 plain steps (past the drafter's pending limit and the burst length), rows that finish
+    inside a burst (budgets 40 / 7 / 23 and an eos), the drafter caught up before every speculative step: every
+    sequence equals plain greedy decoding (in-graph, host and null drafters, hybrid targets with KV caches)."""
+    target = tiny_model(seed=3, hybrid=hybrid, init_scale=8.0, ratio=2 if hybrid else 1)
+    prompts = prompts_of([6, 3, 9], target.vocab_size, seed=61)
+    budgets = [40, 7, 23]
+    want = [generate_autoregressive(target, p[None], m)[0] for p, m in zip(prompts, budgets)]
+    eos = int(want[2][prompts[2].numel() + 11])  # the third sequence stops at its 12th new token (or earlier)
+    stop = prompts[2].numel() + next(j for j, t in enumerate(want[2][prompts[2].numel():].tolist()) if t == eos) + 1
+    want[2] = want[2][:stop]
+    eng = SpeculativeEngine(target, _drafter(kind, target), TreeConfig(topk=2, num_steps=3, num_draft_tokens=6),
+                            adaptive=True, static=True)
+    pattern = [True, False, True, False, False, False] + [True] * 2 + [False] * 40 + [True]
+    eng.policy = ScriptedPolicy(pattern) if kind != "none" else ScriptedPolicy([False])
+    bursts = []
+    real = SpecSession._plain_burst
+
+    def spy(self, *a, **k):
+        out = real(self, *a, **k)
+        bursts.append(out)
+        return out
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(SpecSession, "_plain_burst", spy)
+        got = eng.generate(prompts, budgets, eos_token_id=[[], [], [eos]])
+    for a, b in zip(got, want):
+        assert torch.equal(a, b), (kind, a.tolist(), b.tolist())
+    assert eng._runners  # the static runners ran the steps
+    plain = [t for k, t in eng.policy.records if not k]
+    # every emitted token was recorded once (the first token of each sequence comes from the prefill)
+    assert sum(t for _, t in eng.policy.records) + len(prompts) == sum(len(w) - len(p) for w, p in zip(want, prompts))
+    assert 0 < len(bursts) < len(plain)  # plain steps ran in bursts of several per host sync
+    if kind != "none":
+        assert any(k for k, _ in eng.policy.records)  # speculative steps ran
+        assert eng.policy.charges and max(eng.policy.charges) <= 32  # catch-ups, each at most MAX_PENDING steps
 
 
 @torch.inference_mode()
@@ -183,3 +258,71 @@ def test_adaptive_engine_with_a_null_drafter_counts_only_plain_steps():
     before = eng.policy.summary()
     assert eng.session().adaptive_step(eng.policy) == ({}, False)
     assert eng.policy.summary() == before
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("kind", ["model", "eagle"])
+def test_static_plain_burst_leaves_the_drafter_caught_up(kind):
+    """Greedy output cannot show a drafter left behind (it only costs acceptance), so this checks the state: after a
+    burst of plain steps of a static runner and the catch-up flush, the runner's draft state equals the drafter's
+    state built from scratch on the prompt and every committed token but the last (float64, GDN layers)."""
+    from gdnspec.runtime import batch_bucket
+    from gdnspec.spec.engine import _StaticCatchUp
+
+    target = tiny_model(seed=3, hybrid=False, init_scale=8.0)
+    drafter = _drafter(kind, target)
+    eng = SpeculativeEngine(target, drafter, TreeConfig(topk=2, num_steps=3, num_draft_tokens=6), adaptive=True,
+                            static=True)
+    eng.policy = ScriptedPolicy([False] * 5 + [True])
+    session = eng.session()
+    prompt = prompts_of([7], target.vocab_size, seed=4)[0]
+    (sid,) = session.add([prompt], max_new_tokens=30)
+    runner = eng.runner(batch_bucket(1), 64)
+    runner.load(session.target_state, session.draft_state, session.verified)
+    pending = _StaticCatchUp(drafter, runner, on_host=False)
+    nxt, _ = session._plain_burst(runner, eng.policy, pending, None, 1)
+    assert nxt is True and len(pending) == 6  # five plain choices + the first step, then the policy chose speculative
+    pending.flush(session, 1)
+    seq = torch.cat([prompt, torch.tensor(session.sequences[sid].new_tokens)])
+    assert seq.numel() == prompt.numel() + 7 and int(runner.verified[0]) == int(seq[-1])
+    want = generate_autoregressive(target, prompt[None], 7)[0]
+    assert torch.equal(seq, want)
+    done = seq[:-1]  # every committed token the drafter must have consumed (the last one is the next root)
+    if kind == "model":
+        ref, got = drafter.begin([done]).model_state, runner.draft_state.model_state
+        pairs = [(g.recurrent[:1], r.recurrent) for g, r in zip(got.layers, ref.layers)]
+    else:
+        hidden = target(done[None]).hidden_states
+        ref, got = drafter.begin([done], target_hidden=[hidden[0]]), runner.draft_state
+        pairs = [(got.last_feature[:1], ref.last_feature)]
+        pairs += [(g.recurrent[:1], r.recurrent) for g, r in zip(got.head_state.layers, ref.head_state.layers)]
+    for g, r in pairs:
+        assert torch.allclose(g, r, atol=1e-9, rtol=1e-7), (g - r).abs().max()
+
+
+@torch.inference_mode()
+def test_adaptive_static_with_the_real_policy_and_with_sampling():
+    """The measured policy on static steps: greedy output equals plain decoding and both kinds ran; sampled static
+    runs (temperature 0.8, seeded) with the same choices give the same tokens twice, and a plain step draws with the
+    runner's per-row streams (its counters advance one per step, like a speculative step's)."""
+    target = tiny_model(seed=2, hybrid=True, init_scale=4.0)
+    draft = noisy_copy(target, noise=0.05)
+    prompts = prompts_of([5, 9, 3], target.vocab_size)
+    want = generate_autoregressive(target, prompts, 40)
+    eng = SpeculativeEngine(target, ModelDrafter(draft), TreeConfig(topk=2, num_steps=3, num_draft_tokens=6),
+                            adaptive=True, static=True)
+    eng.policy = StepPolicy(explore_every=2, explore_steps=1)
+    got = eng.generate(prompts, 40)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    s = eng.policy.summary()
+    assert s["speculative_steps"] >= 2 and s["plain_steps"] >= 2, s
+    runs = []
+    for _ in range(2):
+        eng = SpeculativeEngine(target, ModelDrafter(draft), TreeConfig(topk=2, num_steps=3, num_draft_tokens=6),
+                                temperature=0.8, seed=11, adaptive=True, static=True)
+        eng.policy = ScriptedPolicy([True, False, False, True, False])
+        runs.append(eng.generate(prompts, 20))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    assert all(r.numel() == p.numel() + 20 for r, p in zip(runs[0], prompts))
+    runner = next(iter(eng._runners.values()))
+    assert runner.rows is not None and int(runner.rows.counters[0]) > 0

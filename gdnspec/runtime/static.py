@@ -368,11 +368,43 @@ class StaticSpecRunner(_StaticStep, _SamplingStep):
         restore = [self.target_state] + ([self.draft_state] if self.draft_state is not None else [])
         restore += [self.rows.counters] if sampling else []
         self.graph, self.outputs = _capture(self._run, use_graph, restore)
+        self._plain = None  # (graph or None, outputs) of plain_step, captured on its first call
         self._sign()
 
     def _modules(self) -> tuple:
         return (self.target, *_drafter_modules(self.drafter))
 
+    def plain_step(self):
+        """One plain decode step of every row on this runner's own states, between its speculative steps (the adaptive
+        fall-back, spec/policy.py): the target decodes `verified` (B,) and the next token (the argmax, or sampled with
+        the rows' settings and streams, one draw per step like a speculative step) is written back to `verified`.
+        Returns (tokens (B,) long, hidden (B, 1, H) at the decoded token or None when the drafter needs none): static
+        buffers, overwritten by the next call. The drafter's state is not touched: the caller catches it up on the
+        decoded tokens before the next speculative step. Graph runners capture it in a CUDA graph of its own on the
+        first call (a few ms, once)."""
+        if self._plain is None:
+            restore = [self.target_state, self.verified] + ([self.rows.counters] if self.rows is not None else [])
+            self._plain = _capture(self._run_plain, self.graph is not None, restore)
+        graph, outputs = self._plain
+        if graph is None:
+            return self._run_plain()
+        graph.replay()
+        return outputs
+
+    @torch.no_grad()
+    def _run_plain(self):
+        out = self.target(self.verified[:, None], self.target_state, mode="fused_decode", logits_to_keep=1,
+                          validate=False, reserve_kv=False)
+        logits = out.logits[:, -1]
+        if self.rows is None:
+            nxt = logits.argmax(-1)
+        else:
+            nxt = self.rows.sampling().sample(logits)  # greedy rows: the argmax
+            self.rows.counters.add_(1)
+        self.verified.copy_(nxt)
+        return nxt, (out.hidden_states[:, -1:] if self.needs_hidden else None)
+
+    @torch.no_grad()  # the drafter's tree comes from inference mode: a caller with autograd on must not record it
     def _run(self):
         tree = self.tree
         rs = self.rows.sampling() if self.rows is not None else None

@@ -131,7 +131,9 @@ class SpeculativeEngine:
         adaptive=True: `generate` makes each step speculative or plain, whichever is measured faster per token for
         the batch size (spec/policy.StepPolicy; `policy.summary()` says how often each ran), so that speculation that
         does not pay falls back to plain decoding. Greedy output is unchanged; seeded sampled output depends on the
-        choices. The eager engine only: with static (CUDA-graph) steps it raises ValueError."""
+        choices. Static (CUDA-graph) runs switch too: their plain steps replay a decode graph of the same runner, in
+        bursts of up to `SpecSession.PLAIN_BURST` steps between host syncs, and the drafter catches up on their
+        tokens in one advance before the next speculative step."""
         check_model(target, "target")
         check_drafter(drafter)
         if not isinstance(config, TreeConfig):
@@ -160,9 +162,6 @@ class SpeculativeEngine:
         self.policy = StepPolicy(speculative=not getattr(drafter, "plain", False)) if adaptive else None
         # static=None: fixed-shape steps replayed from CUDA graphs (gdnspec.runtime) on CUDA
         self.static = target.device.type == "cuda" if static is None else static
-        if adaptive and self.static:
-            raise ValueError("adaptive=True switches between speculative and plain steps of the eager engine; the "
-                             "static (CUDA-graph) runner does not switch yet: pass static=False with adaptive=True")
         self._runners: dict = {}
 
     def session(self) -> "SpecSession":
@@ -218,6 +217,52 @@ class SpeculativeEngine:
 
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
         return sample_next(logits, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, generator=self.generator)
+
+
+class _StaticCatchUp:
+    """The drafter's catch-up that plain steps of a static run leave pending (as `SpecSession._pending_tokens` for
+    eager plain steps): the tokens each plain step decoded, (B, k) chunks on the device (and (n, k) on the host for
+    host drafters), with the target's hidden states at them for drafters that read features. `flush` runs it as ONE
+    chain advance: in-graph drafters on the runner's own draft state (eagerly, in place, as the graph's advance
+    does), others on the session's."""
+
+    def __init__(self, drafter, runner, on_host: bool):
+        self.drafter, self.runner, self.on_host = drafter, runner, on_host
+        self.tokens: list[torch.Tensor] = []
+        self.hidden: list[torch.Tensor] = []
+        self.host: list[torch.Tensor] = []
+        self.steps = 0
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def add(self, tokens: torch.Tensor, hidden: list[torch.Tensor], host: torch.Tensor | None) -> None:
+        self.tokens.append(tokens)
+        self.hidden.extend(hidden)
+        if host is not None:
+            self.host.append(host)
+        self.steps += tokens.shape[1]
+
+    def flush(self, session: "SpecSession", n: int) -> int:
+        """Advance the drafter past every pending token; returns how many plain steps it caught up on."""
+        steps, drafter = self.steps, self.drafter
+        if not steps:
+            return 0
+        hidden = torch.cat(self.hidden, 1) if self.hidden else None  # (B, P, H)
+        if self.runner.in_graph_drafter:
+            tokens = torch.cat(self.tokens, 1)  # (B, P): every row of the runner, as its graph advances them
+            counts = torch.full((tokens.shape[0],), steps, dtype=torch.long, device=tokens.device)
+            drafter.advance(self.runner.draft_state, tokens=tokens, counts=counts, target_hidden=hidden, sync_free=True)
+        elif self.on_host:
+            drafter.advance(session.draft_state, tokens=torch.cat(self.host, 1),
+                            counts=torch.full((n,), steps, dtype=torch.long), target_hidden=None)
+        else:
+            tokens = torch.cat(self.tokens, 1)[:n]
+            counts = torch.full((n,), steps, dtype=torch.long, device=tokens.device)
+            drafter.advance(session.draft_state, tokens=tokens, counts=counts,
+                            target_hidden=None if hidden is None else hidden[:n])
+        self.tokens, self.hidden, self.host, self.steps = [], [], [], 0
+        return steps
 
 
 class SpecSession:
@@ -425,16 +470,20 @@ class SpecSession:
         with static_lock(self.engine.target):  # cached runners (and CUDA graph capture) serve one caller at a time
             self._run_static(max_len)
 
+    PLAIN_BURST = 16  # plain steps replayed back to back before the host reads their tokens (one sync per burst)
+
     def _run_static(self, max_len: int) -> None:
         from gdnspec.runtime import batch_bucket
 
         eng = self.engine
+        policy = eng.policy  # None: every step speculative; else the adaptive choice per step (spec/policy.py)
         # drafters that draft from Python lists (n-gram, oracle) get host tensors: no device sync or copy of their own
         on_host = bool(getattr(eng.drafter, "drafts_on_host", False))
         sampling = eng.temperature > 0
         if sampling:  # one stream per sequence: (seed of the run, sequence id), counter = steps taken in this run
             seeds = row_seeds(base_seed(None, eng.generator), self.rows).to(eng.target.device)
             counters = torch.zeros_like(seeds)
+        kind = None  # the next step's kind when a plain burst already chose it
         while self.rows:
             n = len(self.rows)
             runner = eng.runner(batch_bucket(n), max_len)
@@ -444,28 +493,44 @@ class SpecSession:
                                     counters=counters)
             W = runner.path_width
             verified_host = self.verified.cpu() if on_host else None
+            pending = _StaticCatchUp(eng.drafter, runner, on_host)  # the drafter's debt from plain steps
             while True:
-                tree = None
-                if not runner.in_graph_drafter:
-                    tree = eng.drafter.propose(self.draft_state, verified_host if on_host else self.verified, eng.config)
-                    if tree.draft_probs is not None:
-                        raise ValueError("a host-drafted tree with draft_probs cannot run in a static runner")
-                path_tokens, counts, bonus, hidden, drafted = runner.step(tree)
-                pk = runner.packed[:n].cpu()  # the one sync and copy per step
-                pt, cn, bo, dr = pk[:, :W], pk[:, W], pk[:, W + 1], pk[:, W + 2]
-                rows_tokens = [row[1:c] + [b] for row, c, b in zip(pt.tolist(), cn.tolist(), bo.tolist())]
-                if not runner.in_graph_drafter:
-                    if on_host:
-                        verified_host = bo
-                        eng.drafter.advance(self.draft_state, tokens=pt, counts=cn, target_hidden=None)
-                    else:
-                        eng.drafter.advance(self.draft_state, tokens=path_tokens[:n], counts=counts[:n],
-                                            target_hidden=None if hidden is None else hidden[:n])
-                        self.verified = bonus[:n].clone()
-                self._emit(rows_tokens, dr.tolist(), (cn - 1).tolist())
+                kind = kind if kind is not None else (True if policy is None else policy.choose(n))
+                if not kind:
+                    kind, verified_host = self._plain_burst(runner, policy, pending, verified_host, n)
+                else:
+                    kind = None
+                    if pending:
+                        t0 = time.perf_counter()
+                        steps = pending.flush(self, n)
+                        policy.charge(n, False, time.perf_counter() - t0, steps)
+                    t0 = time.perf_counter()
+                    tree = None
+                    if not runner.in_graph_drafter:
+                        tree = eng.drafter.propose(self.draft_state, verified_host if on_host else self.verified,
+                                                   eng.config)
+                        if tree.draft_probs is not None:
+                            raise ValueError("a host-drafted tree with draft_probs cannot run in a static runner")
+                    path_tokens, counts, bonus, hidden, drafted = runner.step(tree)
+                    pk = runner.packed[:n].cpu()  # the one sync and copy per step
+                    pt, cn, bo, dr = pk[:, :W], pk[:, W], pk[:, W + 1], pk[:, W + 2]
+                    rows_tokens = [row[1:c] + [b] for row, c, b in zip(pt.tolist(), cn.tolist(), bo.tolist())]
+                    if not runner.in_graph_drafter:
+                        if on_host:
+                            verified_host = bo
+                            eng.drafter.advance(self.draft_state, tokens=pt, counts=cn, target_hidden=None)
+                        else:
+                            eng.drafter.advance(self.draft_state, tokens=path_tokens[:n], counts=counts[:n],
+                                                target_hidden=None if hidden is None else hidden[:n])
+                            self.verified = bonus[:n].clone()
+                    new = self._emit(rows_tokens, dr.tolist(), (cn - 1).tolist())
+                    if policy is not None:
+                        policy.record(n, True, time.perf_counter() - t0, sum(len(t) for t in new.values()))
                 keep = [r for r, i in enumerate(self.rows) if not self.sequences[i].done]
                 if len(keep) < n:
                     break
+            if pending:  # the drafter's state must hold every committed token before its rows are selected
+                pending.flush(self, n)
             self.verified = runner.verified[:n].clone()
             if sampling:
                 seeds, counters = seeds[keep], runner.counters[:n][keep]
@@ -476,6 +541,51 @@ class SpecSession:
             self.target_state = runner.target_state.select(keep)
             self.draft_state = runner.draft_state.select(keep) if runner.in_graph_drafter else self.draft_state.select(keep)
             self.verified = self.verified[keep]
+
+    def _plain_burst(self, runner, policy, pending: "_StaticCatchUp", verified_host, n: int):
+        """Plain steps of the static runner (the policy chose plain): replayed back to back while the policy keeps
+        choosing plain, at most PLAIN_BURST, never past the smallest remaining budget (no row outgrows the runner's
+        KV room) nor past the drafter's pending limit; then ONE sync reads their tokens, each is emitted and recorded
+        with the policy (the burst's seconds shared equally). Returns (the kind the policy chose for the step after
+        the burst or None, the host's verified tokens for host drafters)."""
+        left = min(self.sequences[i].max_new_tokens - len(self.sequences[i].new_tokens) for i in self.rows)
+        if len(pending) >= self.MAX_PENDING:
+            t0 = time.perf_counter()
+            steps = pending.flush(self, n)
+            policy.charge(n, False, time.perf_counter() - t0, steps)
+        limit = max(1, min(self.PLAIN_BURST, left, self.MAX_PENDING - len(pending)))
+        t0 = time.perf_counter()
+        fed = runner.verified.clone()  # (B,) the token each plain step decodes: this, then the previous step's
+        outs, hidden = [], []
+        nxt_kind = None
+        while True:
+            tok, hid = runner.plain_step()
+            outs.append(tok.clone())
+            if hid is not None:
+                hidden.append(hid.clone())
+            if len(outs) >= limit:
+                break
+            nxt_kind = policy.choose(n)
+            if nxt_kind:
+                break
+            nxt_kind = None
+        toks = torch.stack(outs, 1)  # (B, k)
+        host = toks[:n].cpu()  # the one sync of the burst
+        k = host.shape[1]
+        pending.add(torch.cat([fed[:, None], toks[:, :-1]], 1), hidden,
+                    torch.cat([verified_host[:, None], host[:, :-1]], 1) if verified_host is not None else None)
+        seconds = (time.perf_counter() - t0) / k
+        cols = host.tolist()
+        for j in range(k):
+            emitted = 0
+            for r, seq_id in enumerate(self.rows):
+                seq = self.sequences[seq_id]
+                if seq.done:
+                    continue
+                emitted += len(seq.emit([cols[r][j]]))
+                seq.plain_steps += 1
+            policy.record(n, False, seconds, emitted)
+        return nxt_kind, (host[:, -1] if verified_host is not None else None)
 
     @exclusive
     @torch.inference_mode()
