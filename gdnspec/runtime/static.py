@@ -382,14 +382,19 @@ class StaticSpecRunner(_StaticStep, _SamplingStep):
         buffers, overwritten by the next call. The drafter's state is not touched: the caller catches it up on the
         decoded tokens before the next speculative step. Graph runners capture it in a CUDA graph of its own on the
         first call (a few ms, once)."""
-        if self._plain is None:
-            restore = [self.target_state, self.verified] + ([self.rows.counters] if self.rows is not None else [])
-            self._plain = _capture(self._run_plain, self.graph is not None, restore)
-        graph, outputs = self._plain
+        graph, outputs = self.prepare_plain()
         if graph is None:
             return self._run_plain()
         graph.replay()
         return outputs
+
+    def prepare_plain(self):
+        """Capture plain_step's graph now (graph runners; a no-op after the first call): callers that time their steps
+        call it first, so that the capture is not billed to a step. Returns (graph or None, outputs)."""
+        if self._plain is None:
+            restore = [self.target_state, self.verified] + ([self.rows.counters] if self.rows is not None else [])
+            self._plain = _capture(self._run_plain, self.graph is not None, restore)
+        return self._plain
 
     @torch.no_grad()
     def _run_plain(self):

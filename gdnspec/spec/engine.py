@@ -554,6 +554,7 @@ class SpecSession:
             steps = pending.flush(self, n)
             policy.charge(n, False, time.perf_counter() - t0, steps)
         limit = max(1, min(self.PLAIN_BURST, left, self.MAX_PENDING - len(pending)))
+        runner.prepare_plain()  # the first call captures its graph: not part of any step's time
         t0 = time.perf_counter()
         fed = runner.verified.clone()  # (B,) the token each plain step decodes: this, then the previous step's
         outs, hidden = [], []
