@@ -324,5 +324,30 @@ def test_adaptive_static_with_the_real_policy_and_with_sampling():
         runs.append(eng.generate(prompts, 20))
     assert all(torch.equal(a, b) for a, b in zip(*runs))
     assert all(r.numel() == p.numel() + 20 for r, p in zip(runs[0], prompts))
-    runner = next(iter(eng._runners.values()))
-    assert runner.rows is not None and int(runner.rows.counters[0]) > 0
+
+
+@torch.inference_mode()
+def test_static_plain_step_samples_with_the_row_streams():
+    """A sampling runner's plain step draws each row's token from that row's stream at its counter (greedy rows take
+    the argmax), writes it to `verified`, and advances every counter by one, as a speculative step does."""
+    from gdnspec.runtime import StaticSpecRunner
+
+    target = tiny_model(seed=2, hybrid=True, init_scale=4.0)
+    drafter = ModelDrafter(noisy_copy(target, noise=0.05))
+    prompts = prompts_of([6, 6, 6], target.vocab_size, seed=9)
+    ids = torch.stack(prompts)
+    run = StaticSpecRunner(target, drafter, TreeConfig(topk=2, num_steps=3, num_draft_tokens=6), batch_size=4,
+                           max_len=64, sampling=True, filtered=True, use_graph=False)
+    out = target(ids, logits_to_keep=1)
+    first = out.logits[:, -1].argmax(-1)
+    run.load(out.state, drafter.begin(prompts), first)
+    run.set_sampling(temperature=[1.0, 0.0, 2.0], top_k=[None, None, 7], seeds=[5, 6, 7])
+    for step in range(3):
+        fed = run.verified.clone()
+        st = run.target_state.clone()
+        logits = target(fed[:, None], st, logits_to_keep=1).logits[:, -1]
+        want = run.rows.sampling().sample(logits)  # the rows' streams at their counters before the step
+        tok, hidden = run.plain_step()
+        assert torch.equal(tok, want) and torch.equal(run.verified, want) and hidden is None
+        assert int(tok[1]) == int(logits[1].argmax())  # the greedy row
+        assert run.rows.counters[:3].tolist() == [step + 1] * 3

@@ -1,7 +1,9 @@
 """The tree builder's fused bookkeeping (ops/tree_build.py) against the torch builder of spec/tree.py, on the CPU
-through the Triton interpreter: whole trees (eagle2 and chains, B = 1 / 3 / 5, topk 1 .. 5, pools from 2 to 105
-nodes, N below and above the pool, -inf and exact-tie scores) bit for bit, each kernel against its torch form,
-the rows handed to a drafter's expand, bad arguments, and mutants of the kernels that must fail.
+through the Triton interpreter: whole trees (eagle2 and chains, B = 1 .. 5, topk 1 .. 5, pools of 2 to 106 nodes,
+-inf candidates, frontiers that die early so that the pool is smaller than N, NaN log-probs) bit for bit; exact ties
+(where torch.topk's order is unspecified) by their rule, lower index first; each kernel against its torch form, the
+rows handed to a drafter's expand, both drafters end to end, bad arguments, and mutants of the kernels that must
+fail.
 
 Run: python -m pytest -q tests/test_tree_build.py   (skipped when triton is not installed)
 """
@@ -75,6 +77,43 @@ def test_eagle2_tree_equals_torch(B, topk, steps, n, kind, fused, monkeypatch):
             _same(got, ref)
             assert torch.equal(got_order, ref_order)
         got.validate(40)
+
+
+def test_early_stop_and_nan_trees_equal_torch(fused, monkeypatch):
+    """Rows whose frontier dies (every child -inf) at the first or second step, host-sync mode (the builder stops
+    early, the pool is smaller than N), and draft rows of NaN log-probs (NaN ranks first, as in torch, and its nodes
+    are invalid): the same trees and kept pool indices as the torch builder, and no write past a row."""
+    V = 12
+    cfg = TreeConfig(topk=3, num_steps=4, num_draft_tokens=20)
+
+    def dead(tokens, slot):
+        return torch.full((*tokens.shape, V), float("-inf"))
+
+    def dead_after_one(tokens, slot):
+        if slot is None:
+            return torch.log_softmax(torch.arange(V, dtype=torch.float32).expand(*tokens.shape, V), -1)
+        return torch.full((*tokens.shape, V), float("-inf"))
+
+    table = torch.log_softmax(3 * torch.randn(V, V, generator=torch.Generator().manual_seed(0)), -1)
+    table[5, :] = float("nan")  # the children of token 5: NaN (e.g. an overflow in the draft)
+    cases = [(dead, cfg, False), (dead_after_one, cfg, False), (dead_after_one, cfg, True)]
+    cases += [(lambda t, s: table[t], TreeConfig(topk=3, num_steps=3, num_draft_tokens=8), True)]
+    for roots in (torch.tensor([1, 2]), torch.tensor([5, 3]), torch.tensor([1, 5])):
+        for expand, c, sync_free in cases:
+            got = build_tree(roots, expand, c, sync_free=sync_free)
+            with monkeypatch.context() as m:
+                m.setattr(tb, "DISPATCH_ON_CPU", False)
+                ref = build_tree(roots, expand, c, sync_free=sync_free)
+            _same(got[0], ref[0])
+            assert torch.equal(got[1], ref[1])
+    # the selection kernel alone on NaN scores: a permutation of ranks (n_keep kept, nothing past the row)
+    B, P = 2, 9
+    pool = (torch.arange(B * P).view(B, P), torch.zeros(B, P, dtype=torch.long),
+            torch.tensor([[0.0, float("nan"), -1.0, float("nan"), -2.0, float("nan"), -3.0, float("nan"), -0.5]] * B))
+    got = tb.select_best(pool, num_draft_tokens=4)
+    ref = tree_mod._select_best(*pool, 4)
+    _same(tree_mod.DraftTree(*got[:4]), ref[0])
+    assert torch.equal(got[4], ref[1])
 
 
 def test_ties_go_to_the_lower_index(fused):
@@ -239,6 +278,12 @@ def _checks(m, monkeypatch) -> list[str]:
     scores = m.chain_tree(torch.tensor([0]), lp, torch.tensor([[1, 2, 3, 4]]), num_draft_tokens=6)[2]
     if scores[0, 3].item() != ((lp[0, 0] + lp[0, 1]) + lp[0, 2]).item():
         failed.append("chain sums")
+    nan = float("nan")
+    pool = (torch.arange(9)[None], torch.zeros(1, 9, dtype=torch.long),
+            torch.tensor([[0.0, nan, -1.0, nan, -2.0, nan, -3.0, nan, -0.5]]))
+    got, ref = m.select_best(pool, num_draft_tokens=4), tree_mod._select_best(*pool, 4)
+    if not (torch.equal(got[0], ref[0].tokens) and torch.equal(got[4], ref[1])):
+        failed.append("NaN selection")
     return failed
 
 
@@ -247,7 +292,8 @@ def test_checks_pass_on_the_kernels(monkeypatch):
 
 
 @pytest.mark.parametrize("old,new", [
-    ("(j[None, :] < i[:, None]))\n            rank", "(j[None, :] > i[:, None]))\n            rank"),  # frontier ties
+    ("return greater | (same & (ia < ib))", "return greater | (same & (ia > ib))"),  # ties to the higher index
+    ("greater = (a > b) | (nan_a & ~nan_b)", "greater = (a > b) | (nan_b & ~nan_a)"),  # NaN last, not first
     ("cand = tl.load(fscore + b * F + f, mask=mi, other=0.0) + v", "cand = v"),  # parent score dropped
     ("pos = tl.sum((keptj[None, :] & (j[None, :] < i[:, None]))",
      "pos = tl.sum((keptj[None, :] & (j[None, :] > i[:, None]))"),  # not in topological order

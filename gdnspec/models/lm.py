@@ -428,7 +428,7 @@ class GDNForCausalLM(nn.Module):
         if all_rows_accept and self._use_cpu_fast(state) and _cpu_fast.commits_fast(state, verify.layer_caches):
             _cpu_fast.commit_step(self, state, verify.layer_caches, path=path, counts=counts, last=last, reserve=reserve)
             return
-        moved = counts > 0
+        moved = None if all_rows_accept else counts > 0  # (B,) rows that accepted something
         for layer, s, cache in zip(self.layers, state.layers, verify.layer_caches):
             if layer.layer_type == "linear_attention":
                 if all_rows_accept:

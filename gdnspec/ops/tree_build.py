@@ -15,12 +15,14 @@ frontier_step: candidates c = F * K children of the frontier (top_lp / top_tok (
     cand score = frontier score + log-prob (the same float32 add as the torch builder; the root's frontier is score 0,
     pool index 0 when `frontier` is None, and the roots are written to pool column 0); writes the layer to the pool
     columns [base, base + F * K) (token, parent pool index, score) and, with width W >= 1, returns the W best
-    candidates (score descending, ties to the lower candidate index): next frontier tokens, parent slot (the
-    candidate's node in this frontier), pool index (base + candidate), score (B, W) each, and rows (B * W,) =
-    b * F + slot (the flat frontier row a drafter gathers its per-node state from).
-select_best: keep the root and the n = min(N - 1, P - 1) best pool nodes (score descending, ties to the lower pool
-    index), in pool (topological) order, parents renumbered; nodes whose score is not finite are invalid (token 0,
-    parent 0, score -inf); padded to N nodes. `spec.tree._select_best`'s result, bit for bit.
+    candidates (score descending, NaN first as torch ranks it, ties to the lower candidate index; torch.topk leaves
+    the order of exact ties unspecified, so there a tie may keep another equally scored node): next frontier
+    tokens, parent slot (the candidate's node in this frontier), pool index (base + candidate), score (B, W) each,
+    and rows (B * W,) = b * F + slot (the flat frontier row a drafter gathers its per-node state from).
+select_best: keep the root and the n = min(N - 1, P - 1) best pool nodes (score descending, NaN first, ties to the
+    lower pool index: torch's stable sort), in pool (topological) order, parents renumbered; nodes whose score is
+    not finite are invalid (token 0, parent 0, score -inf); padded to N nodes. `spec.tree._select_best`'s result,
+    bit for bit.
 chain_tree: node s + 1 = tok[:, s] with score lp[:, 0] + ... + lp[:, s] (added in that order, as the chain builder
     does step by step); valid while the score is finite; padded to N nodes; order = 1 .. S. `spec.tree._build_chain`'s
     tail, bit for bit.
@@ -67,6 +69,17 @@ def runs_on(t: torch.Tensor) -> bool:
 if HAS_TRITON:
 
     @triton.jit
+    def _beats(a, b, ia, ib):
+        """Whether value a (index ia) ranks before value b (index ib), best first, in torch.sort / topk's order:
+        larger first, NaN above everything, equal values (NaN with NaN) by the lower index. A strict total order, so
+        the ranks of a row are a permutation whatever its values."""
+        nan_a = a != a
+        nan_b = b != b
+        greater = (a > b) | (nan_a & ~nan_b)
+        same = (a == b) | (nan_a & nan_b)
+        return greater | (same & (ia < ib))
+
+    @triton.jit
     def _frontier_kernel(lp, tok, fscore, fpool, roots, pool_tok, pool_par, pool_sc, out_tok, out_slot, out_pool,
                          out_sc, out_rows, P, base, F, C, W, K: tl.constexpr, BC: tl.constexpr, FIRST: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
@@ -90,7 +103,7 @@ if HAS_TRITON:
         if W > 0:
             j = tl.arange(0, BC)
             cj = tl.where(j < C, cand, float("-inf"))  # the same values, indexed by j
-            beats = (cj[None, :] > cand[:, None]) | ((cj[None, :] == cand[:, None]) & (j[None, :] < i[:, None]))
+            beats = _beats(cj[None, :], cand[:, None], j[None, :], i[:, None])
             rank = tl.sum((beats & (j < C)[None, :]).to(tl.int32), 1)  # (BC,) place of candidate i, best first
             sel = mi & (rank < W)
             o = b * W + rank
@@ -110,7 +123,7 @@ if HAS_TRITON:
         j = tl.arange(0, BP)
         mj = j + 1 < P
         sj = tl.where(mj, s, float("-inf"))
-        beats = (sj[None, :] > s[:, None]) | ((sj[None, :] == s[:, None]) & (j[None, :] < i[:, None]))
+        beats = _beats(sj[None, :], s[:, None], j[None, :], i[:, None])
         rank = tl.sum((beats & mj[None, :]).to(tl.int32), 1)
         kept = mi & (rank < n_keep)
         keptj = tl.where(mj, kept, False)

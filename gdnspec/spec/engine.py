@@ -219,6 +219,12 @@ class SpeculativeEngine:
         return sample_next(logits, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, generator=self.generator)
 
 
+def _wait(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA), so that a timer read next includes it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class _StaticCatchUp:
     """The drafter's catch-up that plain steps of a static run leave pending (as `SpecSession._pending_tokens` for
     eager plain steps): the tokens each plain step decoded, (B, k) chunks on the device (and (n, k) on the host for
@@ -503,6 +509,7 @@ class SpecSession:
                     if pending:
                         t0 = time.perf_counter()
                         steps = pending.flush(self, n)
+                        _wait(eng.target.device)  # the catch-up's device time belongs to the plain steps
                         policy.charge(n, False, time.perf_counter() - t0, steps)
                     t0 = time.perf_counter()
                     tree = None
@@ -528,6 +535,7 @@ class SpecSession:
                         policy.record(n, True, time.perf_counter() - t0, sum(len(t) for t in new.values()))
                 keep = [r for r, i in enumerate(self.rows) if not self.sequences[i].done]
                 if len(keep) < n:
+                    kind = None  # chosen for n rows: the policy chooses again for the rows left
                     break
             if pending:  # the drafter's state must hold every committed token before its rows are selected
                 pending.flush(self, n)
@@ -552,6 +560,7 @@ class SpecSession:
         if len(pending) >= self.MAX_PENDING:
             t0 = time.perf_counter()
             steps = pending.flush(self, n)
+            _wait(runner.verified.device)
             policy.charge(n, False, time.perf_counter() - t0, steps)
         limit = max(1, min(self.PLAIN_BURST, left, self.MAX_PENDING - len(pending)))
         runner.prepare_plain()  # the first call captures its graph: not part of any step's time
@@ -586,6 +595,8 @@ class SpecSession:
                 emitted += len(seq.emit([cols[r][j]]))
                 seq.plain_steps += 1
             policy.record(n, False, seconds, emitted)
+        if not runner.in_graph_drafter and verified_host is None:  # device drafters outside the graph propose from it
+            self.verified = runner.verified[:n].clone()
         return nxt_kind, (host[:, -1] if verified_host is not None else None)
 
     @exclusive
@@ -637,6 +648,7 @@ class SpecSession:
             steps = len(self._pending_tokens)
             t0 = time.perf_counter()
             self._flush_drafter()
+            _wait(self.engine.target.device)  # launched work is paid here, not by the next (speculative) step
             policy.charge(n, False, time.perf_counter() - t0, steps)
         t0 = time.perf_counter()
         new = self.step(speculate=kind)

@@ -372,8 +372,9 @@ def _build_eagle2_fused(root_tokens: torch.Tensor, expand: ExpandFn, config: Tre
                         ) -> tuple[DraftTree, torch.Tensor]:
     """build_tree's deterministic eagle2 loop with its bookkeeping in Triton kernels: one `frontier_step` launch per
     step (the layer's scores into a preallocated pool, the next frontier) and one `select_best` launch at the end,
-    instead of ~10 torch kernels per step and ~25 at the end. The same tree as the torch loop (tests/
-    test_tree_build.py; ties between equal scores go to the lower candidate index)."""
+    instead of ~10 torch kernels per step and ~25 at the end. The same tree as the torch loop, NaN and -inf scores
+    included (tests/test_tree_build.py), except where scores tie exactly: the kernels keep the lower candidate index,
+    torch.topk leaves that order unspecified."""
     B = root_tokens.shape[0]
     k, N = config.topk, config.num_draft_tokens
     P = config.max_nodes()
