@@ -995,8 +995,8 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--repeats", type=POSITIVE_INT, default=3,
                    help="timings per drafter x shape; the median speedup is reported with its min-max spread")
     p.add_argument("--adaptive", action="store_true",
-                   help="speculative engines fall back to plain steps where those are measured faster (eager steps; "
-                        "the table adds the share of plain steps)")
+                   help="speculative engines fall back to plain steps where those are measured faster (CUDA-graph "
+                        "steps on CUDA, eager steps on the CPU; the table adds the share of plain steps)")
     p.add_argument("--sample-drafts", action="store_true",
                    help="with --temperature > 0: stochastic trees (drafts sampled from the drafter's q, accepted with "
                         "min(1, p/q); TreeConfig.sample_drafts) instead of the top-k of q")

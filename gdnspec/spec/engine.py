@@ -483,6 +483,7 @@ class SpecSession:
 
         eng = self.engine
         policy = eng.policy  # None: every step speculative; else the adaptive choice per step (spec/policy.py)
+        plain_drafter = policy is not None and bool(getattr(eng.drafter, "plain", False))
         # drafters that draft from Python lists (n-gram, oracle) get host tensors: no device sync or copy of their own
         on_host = bool(getattr(eng.drafter, "drafts_on_host", False))
         sampling = eng.temperature > 0
@@ -502,6 +503,7 @@ class SpecSession:
             pending = _StaticCatchUp(eng.drafter, runner, on_host)  # the drafter's debt from plain steps
             while True:
                 kind = kind if kind is not None else (True if policy is None else policy.choose(n))
+                kind = kind and not plain_drafter  # a NullDrafter's steps are plain whatever a policy says
                 if not kind:
                     kind, verified_host = self._plain_burst(runner, policy, pending, verified_host, n)
                 else:
@@ -643,7 +645,7 @@ class SpecSession:
         if not self.rows:
             return {}, False
         n = len(self.rows)
-        kind = policy.choose(n)
+        kind = policy.choose(n) and not getattr(self.engine.drafter, "plain", False)  # a NullDrafter only steps plainly
         if kind and self._pending_tokens and not getattr(self.engine.drafter, "plain", False):
             steps = len(self._pending_tokens)
             t0 = time.perf_counter()
