@@ -537,7 +537,6 @@ class SpecSession:
                         policy.record(n, True, time.perf_counter() - t0, sum(len(t) for t in new.values()))
                 keep = [r for r, i in enumerate(self.rows) if not self.sequences[i].done]
                 if len(keep) < n:
-                    kind = None  # chosen for n rows: the policy chooses again for the rows left
                     break
             if pending:  # the drafter's state must hold every committed token before its rows are selected
                 pending.flush(self, n)
@@ -569,7 +568,7 @@ class SpecSession:
         t0 = time.perf_counter()
         fed = runner.verified.clone()  # (B,) the token each plain step decodes: this, then the previous step's
         outs, hidden = [], []
-        nxt_kind = None
+        nxt_kind = undo = None
         while True:
             tok, hid = runner.plain_step()
             outs.append(tok.clone())
@@ -577,7 +576,7 @@ class SpecSession:
                 hidden.append(hid.clone())
             if len(outs) >= limit:
                 break
-            nxt_kind = policy.choose(n)
+            nxt_kind, undo = policy.choose_tentatively(n)  # the next step's kind, before this one's tokens are read
             if nxt_kind:
                 break
             nxt_kind = None
@@ -599,6 +598,9 @@ class SpecSession:
             policy.record(n, False, seconds, emitted)
         if not runner.in_graph_drafter and verified_host is None:  # device drafters outside the graph propose from it
             self.verified = runner.verified[:n].clone()
+        if nxt_kind and any(self.sequences[i].done for i in self.rows):
+            policy.retract(undo)  # rows finished: that step is not made for these n rows; the caller chooses again
+            nxt_kind = None
         return nxt_kind, (host[:, -1] if verified_host is not None else None)
 
     @exclusive

@@ -5,6 +5,7 @@
     new = session.step(speculate=kind); policy.record(n, kind, seconds, tokens=sum(map(len, new.values())))
     policy.charge(n, False, seconds, steps)     # deferred work of earlier plain steps (the drafter's catch-up)
     policy.summary()                            # how often each kind was chosen, and the measured costs
+    kind, token = policy.choose_tentatively(n); policy.retract(token)   # a choice whose step may not be made
 
     new, kind = session.adaptive_step(policy)   # all of the above for one step of a SpecSession (engine, server)
 
@@ -72,6 +73,30 @@ class StepPolicy:
             key = (_bucket(n), kind)
             self.choices[key] = self.choices.get(key, 0) + 1
             return kind
+
+    def choose_tentatively(self, n: int) -> tuple[bool, tuple]:
+        """choose(n) for a step that may not happen (a static run decides the step after a burst of plain steps
+        before it knows whether rows finished in the burst): returns (kind, token); `retract(token)` undoes the
+        choice, its count and the re-measurement bookkeeping it advanced."""
+        with self._lock:
+            b = _bucket(n)
+            burst = self._burst.get(b)
+            saved = (b, self.since.get(b), None if burst is None else list(burst), dict(self.choices))
+        return self.choose(n), saved
+
+    def retract(self, token: tuple) -> None:
+        """Undo a `choose_tentatively` whose step was not made (nothing was chosen since)."""
+        b, since, burst, choices = token
+        with self._lock:
+            if since is None:
+                self.since.pop(b, None)
+            else:
+                self.since[b] = since
+            if burst is None:
+                self._burst.pop(b, None)
+            else:
+                self._burst[b] = burst
+            self.choices = choices
 
     def _choose(self, n: int) -> bool:
         if not self.speculative:
