@@ -80,6 +80,22 @@ if HAS_TRITON:
         return greater | (same & (ia < ib))
 
     @triton.jit
+    def _finite(x):
+        """torch.isfinite: not NaN, not +-inf (a node with such a score is invalid)."""
+        return (x == x) & (x != float("inf")) & (x != float("-inf"))
+
+    @triton.jit
+    def _root_and_padding(tokens, parents, scores, valid, b, N, root, last, BN: tl.constexpr):
+        """Row b of a tree's outputs (B, N): node 0 = the root (token `root`, parent -1, score 0, valid) and the
+        padding nodes last + 1 .. N - 1 (token 0, parent 0, score -inf, invalid)."""
+        n = tl.arange(0, BN)
+        put = (n == 0) | ((n > last) & (n < N))
+        tl.store(tokens + b * N + n, tl.where(n == 0, root, 0), mask=put)
+        tl.store(parents + b * N + n, tl.where(n == 0, -1, 0).to(tl.int64), mask=put)
+        tl.store(scores + b * N + n, tl.where(n == 0, 0.0, float("-inf")), mask=put)
+        tl.store(valid + b * N + n, (n == 0).to(tl.int8), mask=put)
+
+    @triton.jit
     def _frontier_kernel(lp, tok, fscore, fpool, roots, pool_tok, pool_par, pool_sc, out_tok, out_slot, out_pool,
                          out_sc, out_rows, P, base, F, C, W, K: tl.constexpr, BC: tl.constexpr, FIRST: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
@@ -135,8 +151,7 @@ if HAS_TRITON:
         hit = ((j[None, :] + 1) == pp[:, None]) & keptj[None, :]
         found = tl.sum(hit.to(tl.int32), 1) > 0
         pnode = tl.where(pp == 0, 0, tl.where(found, tl.sum(tl.where(hit, nodej[None, :], 0), 1), -1))
-        ok = s == s  # not NaN
-        ok = ok & (s != float("inf")) & (s != float("-inf"))
+        ok = _finite(s)
         tk = tl.load(pool_tok + b * P + 1 + i, mask=mi, other=0)
         dst = b * N + node
         tl.store(tokens + dst, tl.where(ok, tk, 0), mask=kept)
@@ -144,33 +159,23 @@ if HAS_TRITON:
         tl.store(scores + dst, tl.where(ok, s, float("-inf")), mask=kept)
         tl.store(valid + dst, ok.to(tl.int8), mask=kept)
         tl.store(order + b * n_keep + pos, (i + 1).to(tl.int64), mask=kept)
-        n = tl.arange(0, BN)
-        pad = (n > n_keep) & (n < N)
-        tl.store(tokens + b * N + n, tl.where(n == 0, tl.load(pool_tok + b * P), 0), mask=pad | (n == 0))
-        tl.store(parents + b * N + n, tl.where(n == 0, -1, 0).to(tl.int64), mask=pad | (n == 0))
-        tl.store(scores + b * N + n, tl.where(n == 0, 0.0, float("-inf")), mask=pad | (n == 0))
-        tl.store(valid + b * N + n, (n == 0).to(tl.int8), mask=pad | (n == 0))
+        _root_and_padding(tokens, parents, scores, valid, b, N, tl.load(pool_tok + b * P), n_keep, BN)
 
     @triton.jit
     def _chain_kernel(roots, lp, tok, tokens, parents, scores, valid, order, S, N, BN: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
-        n = tl.arange(0, BN)
         acc = tl.load(lp + b * S)  # scalar running score, added step by step as the builder does
         for s in range(0, S):
             x = tl.load(lp + b * S + s)
             acc = tl.where(s == 0, x, acc + x)
-            ok = (acc == acc) & (acc != float("inf")) & (acc != float("-inf"))
+            ok = _finite(acc)
             o = b * N + s + 1
             tl.store(tokens + o, tl.where(ok, tl.load(tok + b * S + s), 0))
             tl.store(parents + o, tl.where(ok, s, 0).to(tl.int64))
             tl.store(scores + o, tl.where(ok, acc, float("-inf")))
             tl.store(valid + o, ok.to(tl.int8))
             tl.store(order + b * S + s, b * 0 + s + 1)  # int64 (b is)
-        pad = (n > S) & (n < N)
-        tl.store(tokens + b * N + n, tl.where(n == 0, tl.load(roots + b), 0), mask=pad | (n == 0))
-        tl.store(parents + b * N + n, tl.where(n == 0, -1, 0).to(tl.int64), mask=pad | (n == 0))
-        tl.store(scores + b * N + n, tl.where(n == 0, 0.0, float("-inf")), mask=pad | (n == 0))
-        tl.store(valid + b * N + n, (n == 0).to(tl.int8), mask=pad | (n == 0))
+        _root_and_padding(tokens, parents, scores, valid, b, N, tl.load(roots + b), S, BN)
 
 
 def _pow2(n: int) -> int:
@@ -185,6 +190,14 @@ def _need(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype) -> None:
     if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(shape) or t.dtype != dtype:
         got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
         raise ValueError(f"{name} must be a {dtype} tensor of shape {tuple(shape)}, got {got}")
+
+
+def _check_pool(pool: tuple, B: int) -> tuple:
+    """pool = (tokens long, parent pool indices long, scores float32), each (B, P); ValueError naming the bad one."""
+    P = pool[0].shape[1]
+    for name, t, dt in zip(("pool tokens", "pool parents", "pool scores"), pool, (torch.long, torch.long, torch.float32)):
+        _need(name, t, (B, P), dt)
+    return pool
 
 
 def new_pool(batch_size: int, pool_size: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -208,11 +221,8 @@ def frontier_step(top_lp: torch.Tensor, top_tok: torch.Tensor, pool: tuple, *, b
     C = F * K
     _need("top_lp", top_lp, (B, F, K), torch.float32)
     _need("top_tok", top_tok, (B, F, K), torch.long)
-    pool_tok, pool_par, pool_sc = pool
+    pool_tok, pool_par, pool_sc = _check_pool(pool, B)
     P = pool_tok.shape[1]
-    for name, t, dt in (("pool tokens", pool_tok, torch.long), ("pool parents", pool_par, torch.long),
-                        ("pool scores", pool_sc, torch.float32)):
-        _need(name, t, (B, P), dt)
     if not (isinstance(base, int) and 1 <= base and base + C <= P):
         raise ValueError(f"base must be an int with 1 <= base and base + F * K <= P = {P}, got {base!r} (F * K = {C})")
     if not (isinstance(width, int) and 0 <= width <= C):
@@ -256,11 +266,8 @@ def select_best(pool: tuple, *, num_draft_tokens: int):
     """The final EAGLE-2 pruning (module docstring): pool (tokens long, parents long, scores float32) (B, P), P <=
     MAX_POOL + 1 -> (tokens, parents (B, N) long, scores (B, N) float32, valid (B, N) bool, order (B, n) long with
     n = min(N - 1, P - 1): the kept pool indices in topological order). Errors: ValueError naming the argument."""
-    pool_tok, pool_par, pool_sc = pool
+    pool_tok, pool_par, pool_sc = _check_pool(pool, pool[0].shape[0])
     B, P = pool_tok.shape
-    for name, t, dt in (("pool tokens", pool_tok, torch.long), ("pool parents", pool_par, torch.long),
-                        ("pool scores", pool_sc, torch.float32)):
-        _need(name, t, (B, P), dt)
     N = num_draft_tokens
     if not (isinstance(N, int) and N >= 2):
         raise ValueError(f"num_draft_tokens must be an int >= 2, got {N!r}")

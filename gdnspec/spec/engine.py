@@ -219,6 +219,12 @@ class SpeculativeEngine:
         return sample_next(logits, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, generator=self.generator)
 
 
+def _advance_all(drafter, state, tokens: torch.Tensor, hidden: torch.Tensor | None, **kw) -> None:
+    """drafter.advance past every token of tokens (B, P), the same P for every row (the catch-up of plain steps)."""
+    counts = torch.full((tokens.shape[0],), tokens.shape[1], dtype=torch.long, device=tokens.device)
+    drafter.advance(state, tokens=tokens, counts=counts, target_hidden=hidden, **kw)
+
+
 def _wait(device: torch.device) -> None:
     """Wait for the device's queued work (CUDA), so that a timer read next includes it."""
     if device.type == "cuda":
@@ -255,20 +261,22 @@ class _StaticCatchUp:
         if not steps:
             return 0
         hidden = torch.cat(self.hidden, 1) if self.hidden else None  # (B, P, H)
-        if self.runner.in_graph_drafter:
-            tokens = torch.cat(self.tokens, 1)  # (B, P): every row of the runner, as its graph advances them
-            counts = torch.full((tokens.shape[0],), steps, dtype=torch.long, device=tokens.device)
-            drafter.advance(self.runner.draft_state, tokens=tokens, counts=counts, target_hidden=hidden, sync_free=True)
+        if self.runner.in_graph_drafter:  # every row of the runner, as its graph advances them
+            _advance_all(drafter, self.runner.draft_state, torch.cat(self.tokens, 1), hidden, sync_free=True)
         elif self.on_host:
-            drafter.advance(session.draft_state, tokens=torch.cat(self.host, 1),
-                            counts=torch.full((n,), steps, dtype=torch.long), target_hidden=None)
+            _advance_all(drafter, session.draft_state, torch.cat(self.host, 1), None)
         else:
-            tokens = torch.cat(self.tokens, 1)[:n]
-            counts = torch.full((n,), steps, dtype=torch.long, device=tokens.device)
-            drafter.advance(session.draft_state, tokens=tokens, counts=counts,
-                            target_hidden=None if hidden is None else hidden[:n])
+            _advance_all(drafter, session.draft_state, torch.cat(self.tokens, 1)[:n],
+                         None if hidden is None else hidden[:n])
         self.tokens, self.hidden, self.host, self.steps = [], [], [], 0
         return steps
+
+    def settle(self, session: "SpecSession", n: int, policy) -> None:
+        """flush, its device work waited for, its time charged to the plain steps it caught up on (policy.charge)."""
+        t0 = time.perf_counter()
+        steps = self.flush(session, n)
+        _wait(self.runner.verified.device)
+        policy.charge(n, False, time.perf_counter() - t0, steps)
 
 
 class SpecSession:
@@ -310,8 +318,7 @@ class SpecSession:
         tokens = torch.cat(self._pending_tokens, dim=1)  # (B, P)
         hidden = torch.cat(self._pending_hidden, dim=1) if self._pending_hidden else None
         self._pending_tokens, self._pending_hidden = [], []
-        counts = torch.full((tokens.shape[0],), tokens.shape[1], dtype=torch.long, device=tokens.device)
-        self.engine.drafter.advance(self._draft_state, tokens=tokens, counts=counts, target_hidden=hidden)
+        _advance_all(self.engine.drafter, self._draft_state, tokens, hidden)
 
     @property
     def active(self) -> list[int]:
@@ -508,11 +515,8 @@ class SpecSession:
                     kind, verified_host = self._plain_burst(runner, policy, pending, verified_host, n)
                 else:
                     kind = None
-                    if pending:
-                        t0 = time.perf_counter()
-                        steps = pending.flush(self, n)
-                        _wait(eng.target.device)  # the catch-up's device time belongs to the plain steps
-                        policy.charge(n, False, time.perf_counter() - t0, steps)
+                    if pending:  # the catch-up's time belongs to the plain steps
+                        pending.settle(self, n, policy)
                     t0 = time.perf_counter()
                     tree = None
                     if not runner.in_graph_drafter:
@@ -559,10 +563,7 @@ class SpecSession:
         the burst or None, the host's verified tokens for host drafters)."""
         left = min(self.sequences[i].max_new_tokens - len(self.sequences[i].new_tokens) for i in self.rows)
         if len(pending) >= self.MAX_PENDING:
-            t0 = time.perf_counter()
-            steps = pending.flush(self, n)
-            _wait(runner.verified.device)
-            policy.charge(n, False, time.perf_counter() - t0, steps)
+            pending.settle(self, n, policy)
         limit = max(1, min(self.PLAIN_BURST, left, self.MAX_PENDING - len(pending)))
         runner.prepare_plain()  # the first call captures its graph: not part of any step's time
         t0 = time.perf_counter()
@@ -648,7 +649,7 @@ class SpecSession:
             return {}, False
         n = len(self.rows)
         kind = policy.choose(n) and not getattr(self.engine.drafter, "plain", False)  # a NullDrafter only steps plainly
-        if kind and self._pending_tokens and not getattr(self.engine.drafter, "plain", False):
+        if kind and self._pending_tokens:
             steps = len(self._pending_tokens)
             t0 = time.perf_counter()
             self._flush_drafter()

@@ -288,7 +288,7 @@ def build_tree(root_tokens: torch.Tensor, expand: ExpandFn, config: TreeConfig, 
     sampled_rows = draft.temperature > 0 if sample else None  # (B,)
     pool_q, pool_q_at = [], []  # per step: q at the frontier nodes (B, F, V), their pool indices (B, F)
     for step in range(config.num_steps):
-        out = _call(expand, frontier_tokens, parent_slot, None)  # (B, F, vocab) log-probs or DraftLogits
+        out = expand(frontier_tokens, parent_slot)  # (B, F, vocab) log-probs or DraftLogits
         top_lp, top_tok = _top(out, k)  # (B, F, k)
         F = top_lp.shape[1]
         if sample:  # draws without replacement from q, in draw order (module docstring)
@@ -347,6 +347,16 @@ def build_tree(root_tokens: torch.Tensor, expand: ExpandFn, config: TreeConfig, 
     tree.draft_index = torch.nn.functional.pad(index, (0, N - index.shape[1]))
     tree.draft_probs = torch.cat(pool_q, 1)  # (B, E, vocab)
     return tree, order
+
+
+def frontier_rows(parent_slot: torch.Tensor, width: int, given: torch.Tensor | None = None) -> torch.Tensor:
+    """(B * F,) long: the flat row b * width + parent_slot[b, f] of each new frontier node's parent among the
+    previous frontier's B * width per-node states (what a drafter's expand gathers its states by); `given` when the
+    builder handed them over (expand's parent_rows, from the fused frontier kernel)."""
+    if given is not None:
+        return given
+    B = parent_slot.shape[0]
+    return (torch.arange(B, device=parent_slot.device)[:, None] * width + parent_slot).reshape(-1)
 
 
 def _call(expand: ExpandFn, frontier_tokens: torch.Tensor, parent_slot: torch.Tensor | None,

@@ -16,7 +16,7 @@ import torch
 
 from gdnspec.cache import ModelState
 from gdnspec.sampling import RowSampling
-from gdnspec.spec.tree import DraftLogits, DraftTree, TreeConfig, build_tree
+from gdnspec.spec.tree import DraftLogits, DraftTree, TreeConfig, build_tree, frontier_rows
 
 
 @dataclass
@@ -111,8 +111,7 @@ class EagleDrafter:
             F = frontier_tokens.shape[1]
             prev_state, prev_feat = cur["state"], cur["feat"]  # (B * width rows), (B, width, H)
             if parent_slot is not None:
-                rows = parent_rows if parent_rows is not None else (  # (B * F,) b * F_prev + slot
-                    (torch.arange(B, device=parent_slot.device)[:, None] * cur["width"] + parent_slot).reshape(-1))
+                rows = frontier_rows(parent_slot, cur["width"], parent_rows)  # (B * F,)
                 prev_state = prev_state.select(rows)
                 prev_feat = prev_feat.gather(1, parent_slot[..., None].expand(B, F, prev_feat.shape[-1]))
             feats = prev_feat.reshape(B * F, 1, -1)

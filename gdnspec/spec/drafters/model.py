@@ -26,7 +26,7 @@ import torch
 
 from gdnspec.cache import GDNLayerState, ModelState
 from gdnspec.sampling import RowSampling
-from gdnspec.spec.tree import DraftLogits, DraftTree, TreeConfig, build_tree
+from gdnspec.spec.tree import DraftLogits, DraftTree, TreeConfig, build_tree, frontier_rows
 
 
 @dataclass
@@ -134,8 +134,7 @@ class ModelDrafter:
             F = frontier_tokens.shape[1]
             prev: ModelState = frontier_state["state"]
             if parent_slot is not None:
-                rows = parent_rows if parent_rows is not None else (  # (B * F,) b * F_prev + slot
-                    (torch.arange(B, device=parent_slot.device)[:, None] * frontier_state["width"] + parent_slot).reshape(-1))
+                rows = frontier_rows(parent_slot, frontier_state["width"], parent_rows)  # (B * F,)
                 prev = prev.select(rows)
             elif levels:  # a chain step advances its state in place: keep the previous level's
                 prev = prev.clone()

@@ -17,7 +17,7 @@ import torch
 
 from gdnspec.cache import ModelState
 from gdnspec.sampling import RowSampling
-from gdnspec.spec.tree import DraftTree, TreeConfig, build_tree
+from gdnspec.spec.tree import DraftTree, TreeConfig, build_tree, frontier_rows
 
 
 @dataclass
@@ -104,7 +104,7 @@ class MTPDrafter:
             F = frontier_tokens.shape[1]
             kv, hidden = front["kv"], front["hidden"]  # hidden (B * width, 1, H)
             if parent_slot is not None:
-                rows = (torch.arange(B, device=device)[:, None] * front["width"] + parent_slot.to(device)).reshape(-1)
+                rows = frontier_rows(parent_slot.to(device), front["width"])  # (B * F,)
                 kv, hidden = kv.select(rows), hidden[rows]
             out = self.step_normed(frontier_tokens.reshape(B * F, 1), hidden, kv)  # (B * F, 1, H)
             front["kv"], front["hidden"], front["width"] = kv, out, F
