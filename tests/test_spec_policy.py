@@ -368,3 +368,78 @@ def test_static_plain_step_samples_with_the_row_streams():
         assert torch.equal(tok, want) and torch.equal(run.verified, want) and hidden is None
         assert int(tok[1]) == int(logits[1].argmax())  # the greedy row
         assert run.rows.counters[:3].tolist() == [step + 1] * 3
+
+
+def test_a_burst_picked_before_its_steps_are_recorded_measures_all_of_them():
+    """A static run picks every step of a plain burst before it records any (one sync per burst): the loser's
+    re-measurement must average all the burst's steps. The old bookkeeping closed the burst at its first record and
+    divided that one step's seconds and tokens by explore_steps (0.68 tokens per plain step measured on an H200)."""
+    p = StepPolicy(explore_every=2, explore_steps=4)
+    for k in (True, True, False, False):  # warm-up: two of each; speculation wins (1 ms vs 2 ms per token)
+        assert p.choose(1) is k
+        p.record(1, k, 0.004 if k else 0.002, 4 if k else 1)
+    while p.choose(1):  # speculative steps until the re-measurement of plain starts
+        p.record(1, True, 0.004, 4)
+    picked = [p.choose_tentatively(1)[0] for _ in range(3)]
+    assert picked == [False] * 3  # the burst's other three steps, picked before any record
+    for _ in range(4):
+        p.record(1, False, 0.003, 1)
+    assert p.tok[(1, False)] == pytest.approx(1.0) and p.sec[(1, False)] == pytest.approx(0.003)
+    assert p.per_token[1][False] == pytest.approx(0.003) and 1 not in p._burst
+
+
+def test_a_one_time_charge_does_not_stick():
+    """A catch-up that compiled a kernel for a new length (2 s instead of 0.2 ms, seen on an H200) must not make plain
+    steps look 10^4 x dearer for the rest of the run: the deferred cost is the median of the last charges."""
+    p = StepPolicy()
+    p.charge(1, False, 2.0, 4)
+    assert p.extra[(1, False)] == pytest.approx(0.5)
+    p.charge(1, False, 0.0002, 4)
+    p.charge(1, False, 0.0002, 4)
+    assert p.extra[(1, False)] == pytest.approx(0.00005)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("kind,hybrid", [("model", True), ("model", False), ("eagle", False)])
+def test_runner_catch_up_equals_one_chain_advance(kind, hybrid):
+    """StaticSpecRunner.catch_up (replays of one chunk of CATCH_UP_WIDTH tokens with counts) leaves the in-graph
+    drafter's state equal to one chain advance past all the tokens (the eager reference, float64), for counts below,
+    at and past the chunk (a hybrid draft model writes KV past its cache: the runner keeps room for a chunk)."""
+    from gdnspec.runtime import StaticSpecRunner
+    from gdnspec.spec.engine import _advance_all
+
+    target = tiny_model(seed=4, hybrid=hybrid, init_scale=4.0, ratio=2 if hybrid else 1)
+    drafter = _drafter(kind, target)
+    config = TreeConfig(topk=2, num_steps=3, num_draft_tokens=6)
+    runner = StaticSpecRunner(target, drafter, config, batch_size=2, max_len=64, use_graph=False)
+    C = runner.CATCH_UP_WIDTH
+    prompts = prompts_of([5, 5], target.vocab_size, seed=9)
+    for k in (1, C, C + 1, 2 * C + 3):
+        g = torch.Generator().manual_seed(k)
+        tokens = torch.randint(0, target.vocab_size, (2, k), generator=g)
+        hidden = torch.randn(2, k, target.config.hidden_size, generator=g, dtype=target.dtype)
+        hid = hidden if kind == "eagle" else None
+        feats = None if kind != "eagle" else [target(p[None]).hidden_states[0] for p in prompts]
+        ref = drafter.begin(prompts, target_hidden=feats) if kind == "eagle" else drafter.begin(prompts)
+        runner.load(target.new_state(2), ref, None)
+        _advance_all(drafter, ref, tokens, hid)  # the reference: one eager chain advance of k tokens
+        assert runner.catch_up(tokens, hid) == -(-k // C)
+        got = runner.draft_state
+        if kind == "model":
+            layers = list(zip(got.model_state.layers, ref.model_state.layers))
+            pairs = []
+        else:
+            layers = list(zip(got.head_state.layers, ref.head_state.layers))
+            pairs = [(got.last_feature, ref.last_feature)]
+        for a, b in layers:
+            if hasattr(b, "recurrent"):
+                pairs += [(a.recurrent, b.recurrent), (a.conv, b.conv)]
+            else:  # an attention layer: the same lengths, the same keys and values at the valid positions
+                assert torch.equal(a.lengths, b.lengths) and int(b.lengths.min()) == 5 + k
+                L = int(b.lengths.max())
+                pairs += [(a.k[:, :, :L], b.k[:, :, :L]), (a.v[:, :, :L], b.v[:, :, :L])]
+        assert len(pairs) > 2 and (not hybrid or any(not hasattr(b, "recurrent") for _, b in layers))
+        for a, b in pairs:
+            assert torch.allclose(a, b, atol=1e-9, rtol=1e-7), (k, (a - b).abs().max())
+    with pytest.raises(ValueError, match="tokens must be"):
+        runner.catch_up(torch.zeros(3, 2, dtype=torch.long), None)

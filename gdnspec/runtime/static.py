@@ -351,7 +351,9 @@ class StaticSpecRunner(_StaticStep, _SamplingStep):
         self.in_graph_drafter = bool(getattr(drafter, "supports_cuda_graph", False))
         capacity = max_len + N + 1
         self.target_state = target.new_state(B, kv_capacity=capacity)
-        self.draft_state = drafter.new_static_state(B, kv_capacity=capacity + config.num_steps + 1) if self.in_graph_drafter else None
+        # KV room for a proposal's num_steps + 1 positions, or a catch-up chunk's (catch_up)
+        draft_room = capacity + max(config.num_steps + 1, self.CATCH_UP_WIDTH)
+        self.draft_state = drafter.new_static_state(B, kv_capacity=draft_room) if self.in_graph_drafter else None
         self.verified = torch.zeros(B, dtype=torch.long, device=dev)
         # host-drafted trees arrive as ONE copy of a packed (3, B, N) buffer [tokens | parents | valid] (pinned on the
         # host); the graph unpacks the validity mask and sets the roots
@@ -369,6 +371,7 @@ class StaticSpecRunner(_StaticStep, _SamplingStep):
         restore += [self.rows.counters] if sampling else []
         self.graph, self.outputs = _capture(self._run, use_graph, restore)
         self._plain = None  # (graph or None, outputs) of plain_step, captured on its first call
+        self._catch = None  # (graph or None, outputs) of catch_up's chunk, captured on its first call
         self._sign()
 
     def _modules(self) -> tuple:
@@ -395,6 +398,53 @@ class StaticSpecRunner(_StaticStep, _SamplingStep):
             restore = [self.target_state, self.verified] + ([self.rows.counters] if self.rows is not None else [])
             self._plain = _capture(self._run_plain, self.graph is not None, restore)
         return self._plain
+
+    CATCH_UP_WIDTH = 16  # tokens one replay of the catch-up graph advances the in-graph drafter by (any count up to it)
+
+    def catch_up(self, tokens: torch.Tensor, hidden: torch.Tensor | None = None) -> int:
+        """Advance the in-graph drafter's state (every row) past tokens (B, k) long decoded by plain steps, with the
+        target's hidden states at them (B, k, H) for drafters that read features: ceil(k / CATCH_UP_WIDTH) replays of
+        one captured chunk (drafter.advance with counts, as the speculative step's advance), so any k costs the same
+        kernels and never compiles a kernel for a new length. Returns the replays made. Raises ValueError for a
+        host drafter or tokens of another batch size."""
+        if not self.in_graph_drafter:
+            raise ValueError(f"{type(self.drafter).__name__} drafts on the host: it catches up on its own state")
+        if tokens.dim() != 2 or tokens.shape[0] != self.batch_size:
+            raise ValueError(f"tokens must be ({self.batch_size}, k), got {tuple(tokens.shape)}")
+        graph, _ = self.prepare_catch_up()
+        C, k = self.CATCH_UP_WIDTH, tokens.shape[1]
+        buf_t, buf_h, counts = self._catch_in
+        replays = 0
+        for c0 in range(0, k, C):
+            w = min(C, k - c0)
+            buf_t[:, :w].copy_(tokens[:, c0:c0 + w])
+            if buf_h is not None:
+                buf_h[:, :w].copy_(hidden[:, c0:c0 + w])
+            counts.fill_(w)  # the columns past w keep earlier tokens: counts masks them out
+            if graph is None:
+                self._run_catch_up()
+            else:
+                graph.replay()
+            replays += 1
+        return replays
+
+    def prepare_catch_up(self):
+        """Capture catch_up's chunk now (graph runners; a no-op after the first call). Returns (graph or None, None)."""
+        if self._catch is None:
+            if not self.in_graph_drafter:
+                raise ValueError(f"{type(self.drafter).__name__} drafts on the host: no catch-up graph")
+            B, C, dev = self.batch_size, self.CATCH_UP_WIDTH, self.verified.device
+            H = self.target.config.hidden_size
+            hid = torch.zeros(B, C, H, dtype=self.target.dtype, device=dev) if self.needs_hidden else None
+            self._catch_in = (torch.zeros(B, C, dtype=torch.long, device=dev), hid,
+                              torch.full((B,), C, dtype=torch.long, device=dev))
+            self._catch = _capture(self._run_catch_up, self.graph is not None, [self.draft_state])
+        return self._catch
+
+    @torch.no_grad()
+    def _run_catch_up(self):
+        tokens, hidden, counts = self._catch_in
+        self.drafter.advance(self.draft_state, tokens=tokens, counts=counts, target_hidden=hidden, sync_free=True)
 
     @torch.no_grad()
     def _run_plain(self):

@@ -244,6 +244,7 @@ class _StaticCatchUp:
         self.hidden: list[torch.Tensor] = []
         self.host: list[torch.Tensor] = []
         self.steps = 0
+        self.replays = 0  # catch-up graph replays of the last flush (in-graph drafters)
 
     def __len__(self) -> int:
         return self.steps
@@ -261,8 +262,8 @@ class _StaticCatchUp:
         if not steps:
             return 0
         hidden = torch.cat(self.hidden, 1) if self.hidden else None  # (B, P, H)
-        if self.runner.in_graph_drafter:  # every row of the runner, as its graph advances them
-            _advance_all(drafter, self.runner.draft_state, torch.cat(self.tokens, 1), hidden, sync_free=True)
+        if self.runner.in_graph_drafter:  # every row of the runner, as its graph advances them: replays of one graph
+            self.replays = self.runner.catch_up(torch.cat(self.tokens, 1), hidden)
         elif self.on_host:
             _advance_all(drafter, session.draft_state, torch.cat(self.host, 1), None)
         else:
@@ -272,11 +273,15 @@ class _StaticCatchUp:
         return steps
 
     def settle(self, session: "SpecSession", n: int, policy) -> None:
-        """flush, its device work waited for, its time charged to the plain steps it caught up on (policy.charge)."""
+        """flush, its device work waited for, its time charged to the plain steps it caught up on (policy.charge).
+        A graph catch-up costs one replay per chunk whatever the count in it: it is billed to the steps its chunks
+        hold (what a steady run of plain steps pays per step), not only to the few steps of a short burst."""
         t0 = time.perf_counter()
+        self.replays = 0
         steps = self.flush(session, n)
         _wait(self.runner.verified.device)
-        policy.charge(n, False, time.perf_counter() - t0, steps)
+        billed = max(steps, self.replays * self.runner.CATCH_UP_WIDTH)
+        policy.charge(n, False, time.perf_counter() - t0, billed)
 
 
 class SpecSession:
@@ -565,7 +570,9 @@ class SpecSession:
         if len(pending) >= self.MAX_PENDING:
             pending.settle(self, n, policy)
         limit = max(1, min(self.PLAIN_BURST, left, self.MAX_PENDING - len(pending)))
-        runner.prepare_plain()  # the first call captures its graph: not part of any step's time
+        runner.prepare_plain()  # the first calls capture their graphs: not part of any step's time
+        if runner.in_graph_drafter:
+            runner.prepare_catch_up()
         t0 = time.perf_counter()
         fed = runner.verified.clone()  # (B,) the token each plain step decodes: this, then the previous step's
         outs, hidden = [], []

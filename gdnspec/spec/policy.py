@@ -24,7 +24,9 @@ accepted little (Jensen) and favour plain decoding. Measured on the 2-core CPU w
 """
 from __future__ import annotations
 
+import statistics
 import threading
+from collections import deque
 
 
 def _bucket(n: int) -> int:
@@ -57,13 +59,15 @@ class StepPolicy:
         self.explore_every, self.explore_steps, self.smoothing = explore_every, explore_steps, smoothing
         self.per_token: dict[int, dict[bool, float]] = {}  # bucket -> kind -> seconds per token (sec / tok)
         self.sec: dict[tuple[int, bool], float] = {}  # (bucket, kind) -> moving average of seconds per step
-        self.extra: dict[tuple[int, bool], float] = {}  # (bucket, kind) -> moving average of deferred seconds per step
+        self.extra: dict[tuple[int, bool], float] = {}  # (bucket, kind) -> median of recent deferred seconds per step
+        self._charges: dict[tuple[int, bool], deque] = {}  # (bucket, kind) -> the last CHARGE_WINDOW charges per step
         self.tok: dict[tuple[int, bool], float] = {}  # (bucket, kind) -> moving average of tokens per step
         self.samples: dict[tuple[int, bool], int] = {}
         self.choices: dict[tuple[int, bool], int] = {}  # (batch bucket, speculative) -> steps chosen
         self.interval: dict[int, int] = {}  # bucket -> steps between re-measurements of the losing kind
         self.since: dict[int, int] = {}  # bucket -> steps since the last re-measurement
-        self._burst: dict[int, list] = {}  # bucket -> [winner, loser steps left to pick, seconds, tokens] of a burst
+        # bucket -> [winner, loser steps left to pick, seconds, tokens, steps picked, steps recorded] of a burst
+        self._burst: dict[int, list] = {}
         self._lock = threading.Lock()
 
     def choose(self, n: int) -> bool:
@@ -112,19 +116,20 @@ class StepPolicy:
         burst = self._burst.get(b)
         if burst is not None and burst[1] > 0:  # a re-measurement of the loser is under way
             burst[1] -= 1
+            burst[4] += 1
             return not burst[0]
         per = self.per_token[b]
         best = per[True] <= per[False]
         self.since[b] = self.since.get(b, 0) + 1
         if self.since[b] >= self.interval.get(b, self.explore_every):
             self.since[b] = 0
-            self._burst[b] = [best, self.explore_steps - 1, 0.0, 0]
+            self._burst[b] = [best, self.explore_steps - 1, 0.0, 0, 1, 0]
             return not best
         return best
 
     def record(self, n: int, speculative: bool, seconds: float, tokens: int) -> None:
         """The step just made: its kind, wall seconds and tokens emitted over its n sequences."""
-        if not self.adaptive or tokens <= 0:
+        if not self.adaptive:
             return
         with self._lock:
             self._record(n, speculative, seconds, tokens)
@@ -132,15 +137,20 @@ class StepPolicy:
     def _record(self, n: int, speculative: bool, seconds: float, tokens: int) -> None:
         b = _bucket(n)
         key = (b, speculative)
-        k = self.samples[key] = self.samples.get(key, 0) + 1
         burst = self._burst.get(b)
         if burst is not None and speculative != burst[0]:  # a step of the loser's re-measurement burst
             burst[2] += seconds
-            burst[3] += tokens
-            if burst[1] > 0:
+            burst[3] += max(tokens, 0)
+            burst[5] += 1
+            # complete once every step it picked is recorded: a static run picks a burst's steps before it records
+            # them (spec/engine.py, _plain_burst), so the count left to pick alone would close it at its first record
+            if burst[1] > 0 or burst[5] < burst[4]:
                 return
             del self._burst[b]
-            steps = self.explore_steps  # the burst's per-step averages replace the stale estimate
+            if burst[3] <= 0:
+                return
+            self.samples[key] = self.samples.get(key, 0) + burst[5]
+            steps = burst[5]  # the burst's per-step averages replace the stale estimate
             self.sec[key], self.tok[key] = burst[2] / steps, burst[3] / steps
             self._update(b)
             per = self.per_token[b]
@@ -149,6 +159,9 @@ class StepPolicy:
             else:
                 self.interval[b] = self.explore_every
             return
+        if tokens <= 0:
+            return
+        k = self.samples[key] = self.samples.get(key, 0) + 1
         if k <= 2:  # the second measurement replaces the first (warm-up)
             self.sec[key], self.tok[key] = seconds, float(tokens)
         else:
@@ -157,17 +170,22 @@ class StepPolicy:
             self.tok[key] = (1 - a) * self.tok[key] + a * tokens
         self._update(b)
 
+    CHARGE_WINDOW = 5  # charges per kind whose median is its deferred cost per step
+
     def charge(self, n: int, speculative: bool, seconds: float, steps: int) -> None:
         """Work that `steps` earlier steps of a kind deferred, paid now (the drafter's catch-up on the tokens of a run
-        of plain steps, made before the next speculative step): seconds / steps joins that kind's cost per step as a
-        moving average of its own, so a switch back to speculation is not billed for the plain steps' debt."""
+        of plain steps, made before the next speculative step): seconds / steps joins that kind's cost per step as
+        the median of the last CHARGE_WINDOW charges (one-time costs, such as a kernel compiled for a new catch-up
+        length, do not stick to the estimate), so a switch back to speculation is not billed for the plain steps'
+        debt. A caller whose catch-up costs the same for any count up to some chunk (a graph replay) passes the steps
+        a full chunk covers: what a steady run of plain steps pays per step."""
         if not self.adaptive or steps <= 0:
             return
         with self._lock:
             key = (_bucket(n), speculative)
-            value = seconds / steps
-            old = self.extra.get(key)
-            self.extra[key] = value if old is None else (1 - self.smoothing) * old + self.smoothing * value
+            window = self._charges.setdefault(key, deque(maxlen=self.CHARGE_WINDOW))
+            window.append(seconds / steps)
+            self.extra[key] = statistics.median(window)
             self._update(key[0])
 
     def _update(self, b: int) -> None:
