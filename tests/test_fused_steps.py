@@ -773,6 +773,34 @@ def test_eagle_begin_fused_catch_up_equals_module_prefill():
         states[1].head_state.layers[0].recurrent[0]))
 
 
+@torch.inference_mode()
+def test_static_eagle_begin_equals_module_prefill():
+    """runtime.StaticEagleBegin (EagleDrafter.begin's graphed chunks on CUDA, run eagerly here): chunks of 16 pairs
+    with counts, the state zeroed before each prompt, equal the module forward's head state (float32, 1e-5) for
+    prompts shorter than, equal to, one past and several chunks long, run one after another (a short prompt after a
+    long one must not inherit its state or its stale padding pairs)."""
+    from gdnspec.models.eagle import EagleHead, eagle_config_for
+    from gdnspec.runtime import StaticEagleBegin
+    from gdnspec.spec.drafters import EagleDrafter
+
+    model = _hybrid(torch.float32)
+    torch.manual_seed(10)
+    head = EagleHead(eagle_config_for(model.config)).eval()
+    randomize_(head)
+    drafter = EagleDrafter(head, model)
+    static = StaticEagleBegin(head, model, chunk=16, use_graph=False)
+    for n in (41, 6, 17, 18, 2):
+        p = torch.randint(0, model.vocab_size, (n,))
+        model.fused_steps = False
+        hid = model(p[None]).hidden_states[0]
+        want = drafter.begin([p], target_hidden=[hid]).head_state
+        model.fused_steps = True
+        got = static.run(hid[None, :-1].to(head.dtype), p[None, 1:])
+        _states_close(got, want, 1e-5)
+        assert not torch.equal(got.layers[0].recurrent, torch.zeros_like(got.layers[0].recurrent))
+    model.fused_steps = True
+
+
 @pytest.mark.parametrize("B,Hkv,D,N,L,dtype", [(3, 1, 12, 5, 3, torch.float32), (2, 2, 16, 1, 1, torch.float32),
                                                (4, 3, 20, 17, 6, torch.bfloat16), (1, 2, 8, 4, 4, torch.float32)])
 def test_kv_commit_path_matches_reference(B, Hkv, D, N, L, dtype):

@@ -443,3 +443,48 @@ def test_runner_catch_up_equals_one_chain_advance(kind, hybrid):
             assert torch.allclose(a, b, atol=1e-9, rtol=1e-7), (k, (a - b).abs().max())
     with pytest.raises(ValueError, match="tokens must be"):
         runner.catch_up(torch.zeros(3, 2, dtype=torch.long), None)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("kind", ["model", "eagle"])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_lookahead_steps_equal_plain_greedy_and_the_unpipelined_run(kind, adaptive, monkeypatch):
+    """The static loop's look-ahead (SpecSession.LOOKAHEAD, on by default on CUDA): step k + 1 is replayed before the
+    host reads step k's tokens. Rows ending on an eos while a step ran ahead (its tokens go to the other rows only),
+    on their budgets (no step is run ahead of a row that may end on its budget), compaction to a smaller batch,
+    adaptive plain bursts in between: every sequence equals plain greedy decoding; the engine's statistics, the
+    records and the charges equal the run without look-ahead; seeded sampling draws the same tokens."""
+    target = tiny_model(seed=3, hybrid=True, init_scale=8.0, ratio=2)
+    prompts = prompts_of([6, 3, 9], target.vocab_size, seed=61)
+    budgets = [40, 30, 23]  # the eos row ends while the others have more than a step's tokens left
+    want = [generate_autoregressive(target, p[None], m)[0] for p, m in zip(prompts, budgets)]
+    eos = int(want[2][prompts[2].numel() + 11])
+    stop = prompts[2].numel() + next(j for j, t in enumerate(want[2][prompts[2].numel():].tolist()) if t == eos) + 1
+    want[2] = want[2][:stop]
+    cfg = TreeConfig(topk=2, num_steps=3, num_draft_tokens=6)
+    pattern = [True] * 6 + [False] * 3 + [True] * 9 + [False, True]
+    runs = {}
+    for ahead in (False, True):
+        monkeypatch.setattr(SpecSession, "LOOKAHEAD", ahead)
+        eng = SpeculativeEngine(target, _drafter(kind, target), cfg, adaptive=adaptive, static=True)
+        if adaptive:
+            eng.policy = ScriptedPolicy(pattern)
+        launches = []
+        real_step = type(eng.runner(4, 64)).step
+
+        def spy(self, tree=None):
+            launches.append(self.batch_size)
+            return real_step(self, tree)
+
+        monkeypatch.setattr(type(eng.runner(4, 64)), "step", spy)
+        got = eng.generate(prompts, budgets, eos_token_id=[[], [], [eos]])
+        monkeypatch.setattr(type(eng.runner(4, 64)), "step", real_step)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b), (ahead, a.tolist(), b.tolist())
+        samp = SpeculativeEngine(target, _drafter(kind, target), cfg, static=True, temperature=0.9, seed=5)
+        runs[ahead] = (eng.stats.as_dict(), len(launches), samp.generate(prompts, budgets),
+                       (eng.policy.records, eng.policy.charges) if adaptive else None)
+    (st0, n0, s0, p0), (st1, n1, s1, p1) = runs[False], runs[True]
+    assert st1 == st0 and p1 == p0
+    assert n1 in (n0, n0 + 1)  # at most the step run ahead of the eos row's last one: the others got its tokens
+    assert all(torch.equal(a, b) for a, b in zip(s0, s1))

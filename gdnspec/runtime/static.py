@@ -331,6 +331,58 @@ class StaticPrefill(_StaticStep):
         return self.state.clone(), logits.clone(), hidden.clone()
 
 
+class StaticEagleBegin(_StaticStep):
+    """An EAGLE head's prompt catch-up (EagleDrafter.begin: the head state over the prompt's (feature, next token)
+    pairs) for one row in chunks of `chunk` pairs, each chunk ONE replay of a CUDA graph captured once per head.
+
+    Eagerly a 64-pair chunk of the fused catch-up (EagleHead.catch_up_ids) is ~10 kernels behind ~1 ms of Python
+    (its layout, checks and Triton launches): 2.4 ms of host time per 128-token prompt on an H200, against tens of
+    us of device work. Replayed, any prompt length costs ceil(pairs / chunk) replays, with no capture per length.
+
+        begin = StaticEagleBegin(head, target, chunk=64)
+        state = begin.run(feats, ids)      # feats (1, L, H) head dtype, ids (1, L) long -> head ModelState (static)
+
+    The returned state is the static buffer: copy its rows out before the next run. Only for heads on the fused
+    catch-up path (EagleHead.fused_catch_up_ok) on CUDA.
+    """
+
+    def __init__(self, head, target, *, chunk: int, use_graph: bool | None = None):
+        self.head, self.target, self.chunk = head, target, chunk
+        dev = head.device
+        self.state = head.new_state(1)
+        self.feats = torch.zeros(1, chunk, head.hidden_size, dtype=head.dtype, device=dev)
+        self.ids = torch.zeros(1, chunk, dtype=torch.long, device=dev)
+        self.counts = torch.full((1,), chunk, dtype=torch.long, device=dev)
+        use_graph = dev.type == "cuda" if use_graph is None else use_graph
+        self.graph = _capture_eager(self._run, [self.state])[0] if use_graph else None  # None: eager (the CPU tests)
+        self._sign()
+
+    def _modules(self) -> tuple:
+        return (self.head, self.target.embed_tokens)  # catch_up_ids reads the target's embedding only
+
+    @torch.no_grad()
+    def _run(self):
+        self.head.catch_up_ids(self.feats, self.ids, self.state, counts=self.counts, target=self.target)
+
+    def run(self, feats: torch.Tensor, ids: torch.Tensor) -> ModelState:
+        """The head state after the pairs (feats[:, i], ids[:, i]) of one row, from an empty state."""
+        for layer in self.state.layers:
+            for t in vars(layer).values():
+                if isinstance(t, torch.Tensor):
+                    t.zero_()
+        C, L = self.chunk, ids.shape[1]
+        for c0 in range(0, L, C):
+            w = min(C, L - c0)
+            self.feats[:, :w].copy_(feats[:, c0:c0 + w])
+            self.ids[:, :w].copy_(ids[:, c0:c0 + w])
+            self.counts.fill_(w)  # the pairs past w keep an earlier chunk's: counts masks them out
+            if self.graph is None:
+                self._run()
+            else:
+                self.graph.replay()
+        return self.state
+
+
 class StaticSpecRunner(_StaticStep, _SamplingStep):
     """Speculative step (propose -> verify -> accept -> commit -> draft advance) on static buffers.
 
@@ -537,4 +589,5 @@ class StaticSpecRunner(_StaticStep, _SamplingStep):
             raise ValueError(f"{type(self.drafter).__name__} drafts on the host: pass its tree to step(tree=...)")
         out = self._run() if self.graph is None else (self.graph.replay(), self.outputs)[1]
         self._packed = out[5]
+        self.last_outputs = out[:5]
         return out[:5]

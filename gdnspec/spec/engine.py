@@ -284,6 +284,26 @@ class _StaticCatchUp:
         policy.charge(n, False, time.perf_counter() - t0, billed)
 
 
+class _AsyncTokens:
+    """A static step's packed tokens copied to the host without blocking (pinned memory and an event on CUDA), so
+    that the next step can be replayed before the host waits for them."""
+
+    def __init__(self, shape: tuple, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.host = torch.empty(shape, dtype=torch.long, pin_memory=self.cuda)
+        self.event = torch.cuda.Event() if self.cuda else None
+
+    def copy(self, packed: torch.Tensor) -> None:
+        self.host.copy_(packed, non_blocking=self.cuda)
+        if self.cuda:
+            self.event.record()
+
+    def wait(self) -> torch.Tensor:
+        if self.cuda:
+            self.event.synchronize()
+        return self.host
+
+
 class SpecSession:
     """Active sequences of one engine: row r of every state belongs to sequence `rows[r]`.
 
@@ -464,9 +484,19 @@ class SpecSession:
         self.draft_state = self.draft_state.select(keep)
         self.verified = self.verified[keep]
 
-    def _emit(self, rows_tokens: list[list[int]], drafted: list[int], accepted: list[int]) -> dict[int, list[int]]:
+    def _emit(self, rows_tokens: list[list[int]], drafted: list[int], accepted: list[int], *,
+              rows: list[int] | None = None) -> dict[int, list[int]]:
+        """Emit each row's tokens and count the step in its sequence and the engine's stats (rows: only these row
+        indices; the others made no step)."""
+        if rows is not None:
+            keep = set(rows)
+            pick = [r for r in range(len(self.rows)) if r in keep]
+            seq_ids = [self.rows[r] for r in pick]
+            rows_tokens, drafted, accepted = ([v[r] for r in pick] for v in (rows_tokens, drafted, accepted))
+        else:
+            seq_ids = self.rows
         new, emitted_counts = {}, []
-        for seq_id, toks, d, a in zip(self.rows, rows_tokens, drafted, accepted):
+        for seq_id, toks, d, a in zip(seq_ids, rows_tokens, drafted, accepted):
             seq = self.sequences[seq_id]
             new[seq_id] = seq.emit(toks)
             emitted_counts.append(len(new[seq_id]))  # after eos / budget truncation
@@ -502,7 +532,7 @@ class SpecSession:
         if sampling:  # one stream per sequence: (seed of the run, sequence id), counter = steps taken in this run
             seeds = row_seeds(base_seed(None, eng.generator), self.rows).to(eng.target.device)
             counters = torch.zeros_like(seeds)
-        kind = None  # the next step's kind when a plain burst already chose it
+        kind = None  # the next step's kind when a plain burst (or the look-ahead) already chose it
         while self.rows:
             n = len(self.rows)
             runner = eng.runner(batch_bucket(n), max_len)
@@ -513,6 +543,10 @@ class SpecSession:
             W = runner.path_width
             verified_host = self.verified.cpu() if on_host else None
             pending = _StaticCatchUp(eng.drafter, runner, on_host)  # the drafter's debt from plain steps
+            ahead = self._lookahead(runner)
+            launched = False  # a speculative step was replayed ahead: the host has not read its tokens yet
+            undo = None  # the policy's tentative choice of the step after the one being read
+            t_last = 0.0
             while True:
                 kind = kind if kind is not None else (True if policy is None else policy.choose(n))
                 kind = kind and not plain_drafter  # a NullDrafter's steps are plain whatever a policy says
@@ -520,33 +554,47 @@ class SpecSession:
                     kind, verified_host = self._plain_burst(runner, policy, pending, verified_host, n)
                 else:
                     kind = None
-                    if pending:  # the catch-up's time belongs to the plain steps
-                        pending.settle(self, n, policy)
-                    t0 = time.perf_counter()
-                    tree = None
-                    if not runner.in_graph_drafter:
-                        tree = eng.drafter.propose(self.draft_state, verified_host if on_host else self.verified,
-                                                   eng.config)
-                        if tree.draft_probs is not None:
-                            raise ValueError("a host-drafted tree with draft_probs cannot run in a static runner")
-                    path_tokens, counts, bonus, hidden, drafted = runner.step(tree)
-                    pk = runner.packed[:n].cpu()  # the one sync and copy per step
-                    pt, cn, bo, dr = pk[:, :W], pk[:, W], pk[:, W + 1], pk[:, W + 2]
-                    rows_tokens = [row[1:c] + [b] for row, c, b in zip(pt.tolist(), cn.tolist(), bo.tolist())]
-                    if not runner.in_graph_drafter:
-                        if on_host:
-                            verified_host = bo
-                            eng.drafter.advance(self.draft_state, tokens=pt, counts=cn, target_hidden=None)
-                        else:
-                            eng.drafter.advance(self.draft_state, tokens=path_tokens[:n], counts=counts[:n],
-                                                target_hidden=None if hidden is None else hidden[:n])
-                            self.verified = bonus[:n].clone()
-                    new = self._emit(rows_tokens, dr.tolist(), (cn - 1).tolist())
+                    if not launched:
+                        if pending:  # the catch-up's time belongs to the plain steps
+                            pending.settle(self, n, policy)
+                        t_last = time.perf_counter()
+                        tree = None
+                        if not runner.in_graph_drafter:
+                            tree = eng.drafter.propose(self.draft_state, verified_host if on_host else self.verified,
+                                                       eng.config)
+                            if tree.draft_probs is not None:
+                                raise ValueError("a host-drafted tree with draft_probs cannot run in a static runner")
+                        runner.step(tree)
+                    launched, undo = False, None
+                    if ahead is None:
+                        pk = runner.packed[:n].cpu()  # the one sync and copy per step
+                    else:  # copy this step's tokens, replay the next step, then wait for the copy only
+                        ahead.copy(runner.packed)
+                        if self._budget_left() > W:  # no row can reach its budget in this step
+                            kind, undo = (True, None) if policy is None else policy.choose_tentatively(n)
+                            if kind:
+                                runner.step(None)
+                                launched, undo = True, None  # made: a row that ends now leaves it unread
+                        pk = ahead.wait()[:n]
+                    verified_host = self._static_spec_tokens(runner, pk, n, on_host, verified_host)
                     if policy is not None:
-                        policy.record(n, True, time.perf_counter() - t0, sum(len(t) for t in new.values()))
+                        now = time.perf_counter()
+                        policy.record(n, True, now - t_last, self._last_emitted)
+                        t_last = now
                 keep = [r for r, i in enumerate(self.rows) if not self.sequences[i].done]
                 if len(keep) < n:
                     break
+                undo = None  # the step chosen ahead is made
+            if undo is not None:  # the look-ahead's choice for a step that is not made for these n rows
+                policy.retract(undo)
+                kind = None
+            if launched:  # the step replayed ahead ran for every row: emit its tokens to the rows still running
+                self._static_spec_tokens(runner, runner.packed[:n].cpu(), n, on_host, verified_host,
+                                         rows=keep)
+                if policy is not None:
+                    policy.record(n, True, time.perf_counter() - t_last, self._last_emitted)
+                kind = None
+                keep = [r for r, i in enumerate(self.rows) if not self.sequences[i].done]
             if pending:  # the drafter's state must hold every committed token before its rows are selected
                 pending.flush(self, n)
             self.verified = runner.verified[:n].clone()
@@ -559,6 +607,40 @@ class SpecSession:
             self.target_state = runner.target_state.select(keep)
             self.draft_state = runner.draft_state.select(keep) if runner.in_graph_drafter else self.draft_state.select(keep)
             self.verified = self.verified[keep]
+
+    LOOKAHEAD: bool | None = None  # replay the next speculative step before reading a step's tokens (None: on CUDA)
+
+    def _lookahead(self, runner) -> "_AsyncTokens | None":
+        """The look-ahead's copy buffer for in-graph drafters (their next step needs nothing from the host), or None.
+        Replaying step k + 1 before the host reads step k's tokens keeps the GPU busy while the host emits them (an
+        H200 sat idle ~60 us of each ~650 us EAGLE tree step, the host's per-step work)."""
+        on = self.LOOKAHEAD if self.LOOKAHEAD is not None else runner.verified.device.type == "cuda"
+        return _AsyncTokens((runner.batch_size, runner.path_width + 3), runner.verified.device) if on and runner.in_graph_drafter else None
+
+    def _budget_left(self) -> int:
+        return min(self.sequences[i].max_new_tokens - len(self.sequences[i].new_tokens) for i in self.rows)
+
+    def _static_spec_tokens(self, runner, pk: torch.Tensor, n: int, on_host: bool, verified_host, rows=None):
+        """Emit a static speculative step's tokens from its packed output pk (n, W + 3) on the host (only to `rows`,
+        row indices, when given: the rows still running after a step replayed ahead); advances drafters outside the
+        graph. Sets self._last_emitted; returns the host's verified tokens (host drafters)."""
+        W = runner.path_width
+        pt, cn, bo, dr = pk[:, :W], pk[:, W], pk[:, W + 1], pk[:, W + 2]
+        if not runner.in_graph_drafter:
+            eng = self.engine
+            if on_host:
+                verified_host = bo
+                eng.drafter.advance(self.draft_state, tokens=pt, counts=cn, target_hidden=None)
+            else:
+                path_tokens, counts, bonus, hidden, _ = runner.last_outputs
+                eng.drafter.advance(self.draft_state, tokens=path_tokens[:n], counts=counts[:n],
+                                    target_hidden=None if hidden is None else hidden[:n])
+                self.verified = bonus[:n].clone()
+        rows_tokens = [row[1:c] + [b] for row, c, b in zip(pt.tolist(), cn.tolist(), bo.tolist())]
+        drafted, accepted = dr.tolist(), (cn - 1).tolist()
+        new = self._emit(rows_tokens, drafted, accepted, rows=rows)
+        self._last_emitted = sum(len(t) for t in new.values())
+        return verified_host
 
     def _plain_burst(self, runner, policy, pending: "_StaticCatchUp", verified_host, n: int):
         """Plain steps of the static runner (the policy chose plain): replayed back to back while the policy keeps

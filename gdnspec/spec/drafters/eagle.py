@@ -10,11 +10,13 @@ pairs (f_last, x_root), (f_root, x_1), ..., (f_{c-2}, x_{c-1}) in one chain pass
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 
 from gdnspec.cache import ModelState
+from gdnspec.concurrency import static_lock
 from gdnspec.sampling import RowSampling
 from gdnspec.spec.tree import DraftLogits, DraftTree, TreeConfig, build_tree, frontier_rows
 
@@ -81,6 +83,11 @@ class EagleDrafter:
                 # the fused catch-up (~20 kernels per 64 pairs) instead of the module forward's eager chunk kernels:
                 # the same recurrence (EagleHead.catch_up), a few ms less per prompt on the GPU
                 ids = p[None, 1:].to(self.target.device)
+                graphed = self._graphed_begin()
+                if graphed is not None:  # CUDA: one graph replay per chunk (runtime.StaticEagleBegin)
+                    with static_lock(self.target):
+                        state.assign_rows_([i], graphed.run(feats, ids))
+                    continue
                 for c0 in range(0, ids.shape[1], self.PREFILL_CHUNK):
                     f, t = feats[:, c0:c0 + self.PREFILL_CHUNK], ids[:, c0:c0 + self.PREFILL_CHUNK]
                     counts = torch.full((1,), t.shape[1], dtype=torch.long, device=t.device)
@@ -89,6 +96,19 @@ class EagleDrafter:
                 head(feats, self._embed(p[None, 1:]), sub)
             state.assign_rows_([i], sub)
         return EagleDraftState(state, last)
+
+    def _graphed_begin(self):
+        """The cached runtime.StaticEagleBegin of this drafter on CUDA (rebuilt when the head's or the target
+        embedding's tensors were replaced), or None (CPU, or GDNSPEC_PREFILL_GRAPH=0)."""
+        if self.head.device.type != "cuda" or os.environ.get("GDNSPEC_PREFILL_GRAPH") == "0":
+            return None
+        from gdnspec.runtime import StaticEagleBegin  # the runtime layer sits above the drafters: imported on use
+
+        with static_lock(self.target):
+            begin = getattr(self, "_begin_static", None)
+            if begin is None or not begin.current():
+                begin = self._begin_static = StaticEagleBegin(self.head, self.target, chunk=self.PREFILL_CHUNK)
+            return begin
 
     def new_static_state(self, batch_size: int, *, kv_capacity: int) -> EagleDraftState:
         return EagleDraftState(self.head.new_state(batch_size),
