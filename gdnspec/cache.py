@@ -136,7 +136,10 @@ class ModelState:
 
     def assign_rows_(self, rows: torch.Tensor | list[int], other: "ModelState") -> None:
         """Write the rows of `other` (in order) into rows `rows` of this state."""
-        rows = torch.as_tensor(rows, dtype=torch.long, device=self._device())
+        if isinstance(rows, (list, range)) and list(rows) == list(range(len(rows))):
+            rows = slice(0, len(rows))  # the leading rows (a static runner's load): copies, not index_put
+        else:
+            rows = torch.as_tensor(rows, dtype=torch.long, device=self._device())
         if len(other.layers) != len(self.layers):
             raise ValueError(f"other has {len(other.layers)} layers, this state has {len(self.layers)}")
         for mine, theirs in zip(self.layers, other.layers):

@@ -101,3 +101,18 @@ def test_weights_signature_sees_replaced_weights_flags_and_state_dtypes():
     assert weights_signature(model) != sig
     layer.input_layernorm.weight = old
     assert weights_signature(model) == sig
+
+
+def test_weights_signature_walks_a_shared_module_once_and_still_sees_the_others():
+    """The runner signs (target, *drafter modules) and the EAGLE drafter holds the target too: it is walked once (the
+    signature equals the target's alone plus the head's), and a replaced head weight still changes it."""
+    from gdnspec.models.eagle import EagleHead, eagle_config_for
+    from gdnspec.runtime.static import weights_signature
+
+    model = tiny_model(seed=3, hybrid=True, dtype=torch.float32)
+    head = EagleHead(eagle_config_for(model.config, intermediate_size=32))
+    both = weights_signature(model, head, model)
+    assert both == weights_signature(model, head) and len(both) == len(weights_signature(model)) + len(
+        weights_signature(head))
+    head.fc.weight = torch.nn.Parameter(head.fc.weight.detach().clone())
+    assert weights_signature(model, head, model) != both
