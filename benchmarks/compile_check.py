@@ -7,7 +7,7 @@ the compiler refuses: a `tl.constexpr` assigned twice in a `static_range` loop r
 failed on the H200 (stop 19). This script compiles the kernels changed most often (tree-WY with either solve, the
 fused GDN verify kernel in its "norm" and "full" forms, the fused GDN decode kernel, with and without PDL) at the
 1.7B shapes, the float32 GEMV and tree in-projection, the GEMV with the SiLU-mul, the EAGLE input and the
-log-softmax top-k and the tree builder's kernels, through `triton.compile` for `GPUTarget("cuda", 90, 32)`, which needs no GPU. Exit code 1 on the first
+log-softmax top-k, the tree builder's kernels and the counter-based uniforms, through `triton.compile` for `GPUTarget("cuda", 90, 32)`, which needs no GPU. Exit code 1 on the first
 failure, with the compiler's message. Run it without TRITON_INTERPRET (tests/test_kernel_compile.py runs it in a
 subprocess with a clean environment).
 """
@@ -126,6 +126,9 @@ def main() -> int:
     ct = {n: "*i64" for n in ("roots", "tok", "tokens", "parents", "order")}
     ct.update({"lp": "*fp32", "scores": "*fp32", "valid": "*i8"})
     jobs.append((tb._chain_kernel, ct, dict(BN=16), "tree builder chain"))
+    from gdnspec.ops import uniforms
+    jobs.append((uniforms._uniforms_kernel, {"seeds_ptr": "*i64", "counters_ptr": "*i64", "out_ptr": "*fp64"},
+                 dict(BLOCK=128), "counter-based uniforms"))
     for kernel, types, consts, label in jobs:
         try:
             compile_kernel(kernel, types, consts, label, num_warps=8 if consts.get("BLOCK", 0) >= 4096 else 4)

@@ -169,7 +169,12 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
 
 def counter_uniforms(seeds: torch.Tensor, counters: torch.Tensor, *, slot: int, n: int) -> torch.Tensor:
     """Counter-based uniforms: seeds (B,) int64 >= 0, counters (B,) int64 (the row's step), slot (0 <= slot < 2**15),
-    n (<= 2**16) -> (B, n) float64 in [0, 1) with 53 random bits, a pure function of (seed, counter, slot, index)."""
+    n (<= 2**16) -> (B, n) float64 in [0, 1) with 53 random bits, a pure function of (seed, counter, slot, index).
+    On CUDA one Triton kernel computes the same bits (ops/uniforms.py; these ~150 torch ops are its reference)."""
+    from gdnspec.ops import uniforms as fused  # the kernels' layer sits below this module; imported on use
+
+    if fused.runs_on(seeds):
+        return fused.counter_uniforms_fused(seeds, counters, slot=slot, n=n)
     s = seeds.to(torch.long)
     key = _hash32((s & _M32) ^ _hash32(((s >> 32) & _M32) ^ 0x2545F491))
     key = _hash32(key ^ (counters.to(torch.long) & _M32))[:, None]  # (B, 1)
