@@ -488,3 +488,37 @@ def test_lookahead_steps_equal_plain_greedy_and_the_unpipelined_run(kind, adapti
     assert st1 == st0 and p1 == p0
     assert n1 in (n0, n0 + 1)  # at most the step run ahead of the eos row's last one: the others got its tokens
     assert all(torch.equal(a, b) for a, b in zip(s0, s1))
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_a_host_tree_without_drafts_runs_a_plain_step(adaptive, monkeypatch):
+    """Static steps of the n-gram drafter: a step whose tree drafted nothing for any row runs the runner's plain step
+    (SpecSession.EMPTY_TREE_PLAIN) instead of verifying a root-only tree. Greedy output equals plain decoding and the
+    run without the rule; such steps are counted as plain steps of their sequences; seeded sampling reproduces."""
+    from gdnspec.spec.drafters import NGramDrafter
+
+    target = tiny_model(seed=5, hybrid=True, init_scale=8.0, ratio=2)
+    prompts = prompts_of([7, 4], target.vocab_size, seed=8)
+    want = [generate_autoregressive(target, p[None], 30)[0] for p in prompts]
+    cfg = TreeConfig(topk=2, num_steps=3, num_draft_tokens=6)
+    plain_steps, accepted = {}, {}
+    for rule in (True, False):
+        monkeypatch.setattr(SpecSession, "EMPTY_TREE_PLAIN", rule)
+        eng = SpeculativeEngine(target, NGramDrafter(max_ngram=2), cfg, static=True, adaptive=adaptive)
+        session = eng.session()
+        ids = session.add(prompts, max_new_tokens=30)
+        session.run_static(max_len=64)
+        got = [session.sequence(i) for i in ids]
+        for a, b in zip(got, want):
+            assert torch.equal(a, b), (rule, a.tolist(), b.tolist())
+        plain_steps[rule] = sum(session.sequences[i].plain_steps for i in ids)
+        accepted[rule] = [session.sequences[i].accepted_tokens for i in ids]
+    if not adaptive:  # the drafter saw every committed token: its later trees, and what they earned, are the same
+        assert plain_steps[True] > 0 and plain_steps[False] == 0 and accepted[True] == accepted[False]
+    else:
+        assert plain_steps[True] > 0
+    monkeypatch.setattr(SpecSession, "EMPTY_TREE_PLAIN", True)
+    runs = [SpeculativeEngine(target, NGramDrafter(max_ngram=2), cfg, static=True, temperature=0.9, seed=s).generate(
+        prompts, 20) for s in (3, 3)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

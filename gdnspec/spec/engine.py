@@ -564,6 +564,14 @@ class SpecSession:
                                                        eng.config)
                             if tree.draft_probs is not None:
                                 raise ValueError("a host-drafted tree with draft_probs cannot run in a static runner")
+                            if on_host and self.EMPTY_TREE_PLAIN and not bool(tree.valid[:n, 1:].any()):
+                                verified_host = self._host_plain_step(runner, verified_host, n)
+                                if policy is not None:  # what choosing a speculative step cost this time
+                                    policy.record(n, True, time.perf_counter() - t_last, self._last_emitted)
+                                keep = [r for r, i in enumerate(self.rows) if not self.sequences[i].done]
+                                if len(keep) < n:
+                                    break
+                                continue
                         runner.step(tree)
                     launched, undo = False, None
                     if ahead is None:
@@ -616,6 +624,26 @@ class SpecSession:
         H200 sat idle ~60 us of each ~650 us EAGLE tree step, the host's per-step work)."""
         on = self.LOOKAHEAD if self.LOOKAHEAD is not None else runner.verified.device.type == "cuda"
         return _AsyncTokens((runner.batch_size, runner.path_width + 3), runner.verified.device) if on and runner.in_graph_drafter else None
+
+    EMPTY_TREE_PLAIN = True  # a host drafter's step without drafted tokens runs as a plain step (same tokens)
+
+    def _host_plain_step(self, runner, verified_host: torch.Tensor, n: int) -> torch.Tensor:
+        """A host drafter (n-gram) proposed nothing for any row: a speculative step would verify a root-only tree
+        at the price of the runner's N-node verify (~2.5x a decode step for the bundle's tree-4x5) to emit one token
+        per row, the token a plain step emits (greedy: the argmax; sampling: the same law). Runs the runner's plain
+        step instead and feeds the drafter the committed root. Returns the host's verified tokens."""
+        runner.prepare_plain()
+        tok, _ = runner.plain_step()
+        host = tok[:n].cpu()  # the step's one sync
+        self.engine.drafter.advance(self.draft_state, tokens=verified_host[:, None],
+                                    counts=torch.ones(n, dtype=torch.long), target_hidden=None)
+        emitted = 0
+        for seq_id, t in zip(self.rows, host.tolist()):
+            seq = self.sequences[seq_id]
+            emitted += len(seq.emit([t]))
+            seq.plain_steps += 1
+        self._last_emitted = emitted
+        return host
 
     def _budget_left(self) -> int:
         return min(self.sequences[i].max_new_tokens - len(self.sequences[i].new_tokens) for i in self.rows)
