@@ -326,6 +326,9 @@ class SpecSession:
         self._next_id = 0
 
     MAX_PENDING = 32  # plain steps whose catch-up may wait (bounds the catch-up chain and the stored hidden states)
+    # the same for in-graph drafters of a static run, whose catch-up is replays of one graph chunk (runner.catch_up):
+    # a long run of plain steps (speculation losing) pays no catch-up until a speculative step is chosen again
+    MAX_PENDING_GRAPH = 256
 
     @property
     def draft_state(self):
@@ -603,7 +606,7 @@ class SpecSession:
                     policy.record(n, True, time.perf_counter() - t_last, self._last_emitted)
                 kind = None
                 keep = [r for r, i in enumerate(self.rows) if not self.sequences[i].done]
-            if pending:  # the drafter's state must hold every committed token before its rows are selected
+            if pending and keep:  # the drafter's state must hold every committed token before its rows are selected
                 pending.flush(self, n)
             self.verified = runner.verified[:n].clone()
             if sampling:
@@ -677,9 +680,10 @@ class SpecSession:
         with the policy (the burst's seconds shared equally). Returns (the kind the policy chose for the step after
         the burst or None, the host's verified tokens for host drafters)."""
         left = min(self.sequences[i].max_new_tokens - len(self.sequences[i].new_tokens) for i in self.rows)
-        if len(pending) >= self.MAX_PENDING:
+        most = self.MAX_PENDING_GRAPH if runner.in_graph_drafter else self.MAX_PENDING
+        if len(pending) >= most:
             pending.settle(self, n, policy)
-        limit = max(1, min(self.PLAIN_BURST, left, self.MAX_PENDING - len(pending)))
+        limit = max(1, min(self.PLAIN_BURST, left, most - len(pending)))
         runner.prepare_plain()  # the first calls capture their graphs: not part of any step's time
         if runner.in_graph_drafter:
             runner.prepare_catch_up()
