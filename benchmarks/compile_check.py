@@ -7,7 +7,7 @@ the compiler refuses: a `tl.constexpr` assigned twice in a `static_range` loop r
 failed on the H200 (stop 19). This script compiles the kernels changed most often (tree-WY with either solve, the
 fused GDN verify kernel in its "norm" and "full" forms, the fused GDN decode kernel, with and without PDL) at the
 1.7B shapes, the float32 GEMV and tree in-projection, the GEMV with the SiLU-mul, the EAGLE input and the
-log-softmax top-k, the tree builder's kernels and the counter-based uniforms, through `triton.compile` for `GPUTarget("cuda", 90, 32)`, which needs no GPU. Exit code 1 on the first
+log-softmax top-k, the tree builder's kernels, the counter-based uniforms and the tree rejection sampling, through `triton.compile` for `GPUTarget("cuda", 90, 32)`, which needs no GPU. Exit code 1 on the first
 failure, with the compiler's message. Run it without TRITON_INTERPRET (tests/test_kernel_compile.py runs it in a
 subprocess with a clean environment).
 """
@@ -129,6 +129,12 @@ def main() -> int:
     from gdnspec.ops import uniforms
     jobs.append((uniforms._uniforms_kernel, {"seeds_ptr": "*i64", "counters_ptr": "*i64", "out_ptr": "*fp64"},
                  dict(BLOCK=128), "counter-based uniforms"))
+    from gdnspec.ops import tree_accept
+    for pdt in ("*fp32", "*fp64"):
+        jobs.append((tree_accept._tree_accept_kernel,
+                     {"tokens_ptr": "*i64", "parents_ptr": "*i64", "valid_ptr": "*i8", "probs_ptr": pdt,
+                      "u_ptr": "*fp64", "node_ptr": "*i64", "bonus_ptr": "*i64"},
+                     dict(DEPTH=5, KIDS=4, BN=16, KP=4, BV=2048), f"tree rejection sampling ({pdt[1:]})"))
     for kernel, types, consts, label in jobs:
         try:
             compile_kernel(kernel, types, consts, label, num_warps=8 if consts.get("BLOCK", 0) >= 4096 else 4)

@@ -25,13 +25,13 @@ __all__ = [
 
 def check_env_switches() -> None:
     """Validate the GDNSPEC_* switches that take a fixed set of values (GDNSPEC_CPU_COMPILE, GDNSPEC_CPU_ONEDNN,
-    GDNSPEC_FP32_GEMV, GDNSPEC_FUSED_UNIFORMS, GDNSPEC_GEMV_AUTOTUNE, GDNSPEC_NORM_GEMV, GDNSPEC_SILU_GEMV, GDNSPEC_TREE_BLOCKED_SOLVE, GDNSPEC_TREE_BUILD, GDNSPEC_TREE_FUSION,
+    GDNSPEC_FP32_GEMV, GDNSPEC_FUSED_UNIFORMS, GDNSPEC_GEMV_AUTOTUNE, GDNSPEC_NORM_GEMV, GDNSPEC_SILU_GEMV, GDNSPEC_TREE_ACCEPT, GDNSPEC_TREE_BLOCKED_SOLVE, GDNSPEC_TREE_BUILD, GDNSPEC_TREE_FUSION,
     GDNSPEC_TREE_INDEX, GDNSPEC_TREE_PROJ, GDNSPEC_TRITON_PRECISION) at once, through the functions that read them:
     each is otherwise read lazily, on the first step that reaches its path. Raises the ValueError of the first bad
     one (it names the variable and the values it takes)."""
     import os
 
-    from gdnspec.ops import _env, cpu_linear, tree_build, tree_index, uniforms
+    from gdnspec.ops import _env, cpu_linear, tree_accept, tree_build, tree_index, uniforms
     from gdnspec.ops.fused import gdn_tree, gdn_tree_proj, gemv, normed
     from gdnspec.ops.gated_delta_rule.triton_tree import blocked_solve, dot_precisions
 
@@ -45,6 +45,7 @@ def check_env_switches() -> None:
     tree_index.enabled()
     tree_build.enabled()
     uniforms.enabled()
+    tree_accept.enabled()
     gdn_tree_proj.enabled()
     blocked_solve()
     if os.environ.get("GDNSPEC_TRITON_PRECISION"):

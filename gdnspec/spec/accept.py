@@ -140,8 +140,16 @@ def tree_rejection_sample(*, tokens: torch.Tensor, parents: torch.Tensor, valid:
     children were drawn from draft_probs[b, draft_index[b, i]] (None: deterministic drafts, one-hot rule);
     without_replacement: the q update of draws without replacement (False: i.i.d. draws, q never changes).
     max_depth >= the deepest valid node's depth and max_children >= the most valid children of a node: loop bounds
-    (from the tree config on static paths; no host sync). Residuals are kept unnormalised with their mass."""
+    (from the tree config on static paths; no host sync). Residuals are kept unnormalised with their mass. On CUDA,
+    deterministic drafts (draft_probs None) take one Triton kernel with the same rule (ops/tree_accept.py)."""
     B, N = tokens.shape
+    if draft_probs is None:
+        from gdnspec.ops import tree_accept  # the kernels' layer sits below this module; imported on use
+
+        if tree_accept.runs_on(probs, N):
+            return tree_accept.tree_rejection_sample_fused(tokens=tokens, parents=parents, valid=valid, probs=probs,
+                                                           uniforms=uniforms, max_depth=max_depth,
+                                                           max_children=max_children)
     dev = probs.device
     rows = torch.arange(B, device=dev)
     idx = torch.arange(N, device=dev)
