@@ -135,6 +135,8 @@ def main() -> int:
                      {"tokens_ptr": "*i64", "parents_ptr": "*i64", "valid_ptr": "*i8", "probs_ptr": pdt,
                       "u_ptr": "*fp64", "node_ptr": "*i64", "bonus_ptr": "*i64"},
                      dict(DEPTH=5, KIDS=4, BN=16, KP=4, BV=2048), f"tree rejection sampling ({pdt[1:]})"))
+    jobs.append((tree_accept._draw_kernel, {"probs_ptr": "*fp32", "u_ptr": "*fp64", "out_ptr": "*i64"},
+                 dict(BV=2048), "inverse-CDF draw"))
     for kernel, types, consts, label in jobs:
         try:
             compile_kernel(kernel, types, consts, label, num_warps=8 if consts.get("BLOCK", 0) >= 4096 else 4)

@@ -136,7 +136,12 @@ def _logits_to_probs_rows(logits: torch.Tensor, *, temperature, top_k=None, top_
 def sample_from_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF sampling: probs (..., V) (any non-negative weights, normalised here), uniforms (...) in [0, 1)
     -> token ids (...) long. The token is the first i with cdf[i] > u * total (float64 cumsum), so a token of zero
-    weight is never drawn (clamped to the last token of positive weight against rounding); all-zero weights give 0."""
+    weight is never drawn (clamped to the last token of positive weight against rounding); all-zero weights give 0.
+    On CUDA one Triton kernel per call (ops/tree_accept.draw_from_probs; these torch ops are its reference)."""
+    from gdnspec.ops import tree_accept  # the kernels' layer sits below this module; imported on use
+
+    if probs.dim() >= 1 and tree_accept.runs_on(probs, 1):
+        return tree_accept.draw_from_probs(probs, uniforms)
     cdf = probs.to(torch.float64).cumsum(-1)
     v = uniforms.to(torch.float64)[..., None] * cdf[..., -1:]
     idx = torch.searchsorted(cdf, v, right=True).squeeze(-1)

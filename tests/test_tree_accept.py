@@ -148,3 +148,27 @@ def test_mutants_of_the_rule_differ_from_the_kernel(mutant):
     assert torch.equal(got[0], same[0]) and torch.equal(got[1], same[1])
     bad = _mutant_reference(tokens, parents, valid, probs, u, mutant)
     assert not (torch.equal(got[0], bad[0]) and torch.equal(got[1], bad[1]))
+
+
+@pytest.mark.parametrize("shape,V,dtype", [((7,), 5, torch.float64), ((3, 4), 37, torch.float32), ((2,), 2100, torch.float64),
+                                           ((), 9, torch.float32)])
+def test_draw_equals_sample_from_probs(shape, V, dtype, monkeypatch):
+    """draw_from_probs (a sampled plain step's draw) against sample_from_probs' torch form: peaked weights with exact
+    zeros, a row of zeros (-> 0), a row whose only weight is its last token, uniforms near 0 and 1; the dispatch."""
+    import gdnspec.sampling as S
+
+    g = torch.Generator().manual_seed(V)
+    probs = torch.softmax(3 * torch.randn(*shape, V, generator=g, dtype=torch.float64), -1)
+    probs = probs.masked_fill(probs < 0.03, 0.0).to(dtype)
+    u = torch.rand(shape, generator=g, dtype=torch.float64)
+    if probs.dim() == 2:
+        probs[0] = 0.0
+        probs[1] = 0.0
+        probs[1, -1] = 2.0
+        u[2 % probs.shape[0]] = 1.0 - 2.0 ** -53
+        u[-1] = 0.0
+    want = S.sample_from_probs(probs, u)
+    got = ta.draw_from_probs(probs, u)
+    assert got.shape == want.shape and torch.equal(got, want)
+    monkeypatch.setattr(ta, "DISPATCH_ON_CPU", True)
+    assert torch.equal(S.sample_from_probs(probs, u), want)

@@ -3,6 +3,7 @@ kernel: one program per row walks the tree and draws the bonus token.
 
     node, bonus = tree_rejection_sample_fused(tokens=t, parents=p, valid=v, probs=probs, uniforms=u,
                                               max_depth=D, max_children=K)     # (B,) long each
+    tok = draw_from_probs(probs, u)     # sampling.sample_from_probs (a plain sampled step's draw) in one launch
 
 Why: the vectorised torch form loops over depth x children (the static runner's bounds: 5 x 4 for tree-4x5) with
 ~15 elementwise kernels per iteration, plus the inverse-CDF draw: ~330 launches in every sampled speculative step
@@ -31,7 +32,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-__all__ = ["MAX_NODES", "enabled", "runs_on", "tree_rejection_sample_fused"]
+__all__ = ["MAX_NODES", "draw_from_probs", "enabled", "runs_on", "tree_rejection_sample_fused"]
 
 MAX_NODES = 128  # one program holds an N x N comparison for the sibling ranks
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -134,6 +135,44 @@ if HAS_TRITON:
             last = tl.maximum(last, tl.max(tl.where(p > 0, o, 0)))
             running += tl.sum(p)
         tl.store(bonus_ptr + b, tl.minimum(first, last).to(tl.int64))
+
+
+if HAS_TRITON:
+    @triton.jit
+    def _draw_kernel(probs_ptr, u_ptr, out_ptr, V, BV: tl.constexpr):
+        """sampling.sample_from_probs for one row: the first token whose float64 running sum exceeds u * total,
+        clamped to the last token of positive weight (0 when every weight is 0)."""
+        b = tl.program_id(0).to(tl.int64)
+        base = probs_ptr + b * V
+        tot = tl.zeros([BV], dtype=tl.float64)
+        for v0 in range(0, V, BV):
+            o = v0 + tl.arange(0, BV)
+            tot += tl.load(base + o, mask=o < V, other=0.0).to(tl.float64)
+        total = tl.sum(tot)
+        target = tl.load(u_ptr + b) * total
+        running = total * 0.0
+        first = V + 0
+        last = V * 0
+        for v0 in range(0, V, BV):
+            o = v0 + tl.arange(0, BV)
+            p = tl.load(base + o, mask=o < V, other=0.0).to(tl.float64)
+            cdf = running + tl.cumsum(p, axis=0)
+            first = tl.minimum(first, tl.min(tl.where((cdf > target) & (o < V), o, V)))
+            last = tl.maximum(last, tl.max(tl.where(p > 0, o, 0)))
+            running += tl.sum(p)
+        tl.store(out_ptr + b, tl.minimum(first, last).to(tl.int64))
+
+
+def draw_from_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """sampling.sample_from_probs in one launch: probs (..., V) float32 / float64 weights, uniforms (...) in [0, 1)
+    -> token ids (...) long."""
+    lead, V = probs.shape[:-1], probs.shape[-1]
+    p = probs.reshape(-1, V).contiguous()
+    out = torch.empty(p.shape[0], dtype=torch.long, device=probs.device)
+    if p.shape[0]:
+        u = uniforms.to(torch.float64).reshape(-1).contiguous()
+        _draw_kernel[(p.shape[0],)](p, u, out, V, BV=min(2048, max(16, triton.next_power_of_2(V))))
+    return out.reshape(lead)
 
 
 def tree_rejection_sample_fused(*, tokens: torch.Tensor, parents: torch.Tensor, valid: torch.Tensor,
