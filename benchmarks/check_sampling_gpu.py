@@ -8,6 +8,7 @@ On the bench_e2e 1.7B model (bf16) and an EAGLE head of its shapes (random weigh
   and without top-k / top-p (filtered=True sorts the vocabulary per row).
 - StaticSpecRunner(sampling=True) with the EAGLE drafter in the graph, deterministic and stochastic trees
   (TreeConfig.sample_drafts): repeatability and step time against the greedy runner.
+- The sampling kernels (ops/uniforms.py, ops/tree_accept.py) against their torch forms on CUDA.
 Prints one line per check (exit code 1 on a failure) and a table; writes JSON.
 """
 from __future__ import annotations
@@ -31,6 +32,58 @@ from gdnspec.spec import TreeConfig  # noqa: E402
 from gdnspec.spec.drafters import EagleDrafter  # noqa: E402
 
 
+def sampling_kernel_checks(dev: str) -> list:
+    """The sampling kernels against their torch forms on `dev` (the switches at 0 give the torch forms): the
+    counter-based uniforms bit for bit (ops/uniforms.py); tree rejection sampling of deterministic drafts and the
+    inverse-CDF draw (ops/tree_accept.py) on 256 random trees of 16 nodes over 5000 tokens (equal unless a uniform
+    falls within rounding of a boundary). Returns [(name, passed)]."""
+    import os
+
+    from gdnspec import sampling as S
+    from gdnspec.ops import tree_accept, uniforms
+    from gdnspec.spec import accept as A
+
+    def both(fn):
+        old = {k: os.environ.get(k) for k in ("GDNSPEC_FUSED_UNIFORMS", "GDNSPEC_TREE_ACCEPT")}
+        try:
+            out = []
+            for v in ("0", "1"):
+                os.environ["GDNSPEC_FUSED_UNIFORMS"] = os.environ["GDNSPEC_TREE_ACCEPT"] = v
+                out.append(fn())
+            return out
+        finally:
+            for k, v in old.items():
+                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+    g = torch.Generator().manual_seed(0)
+    seeds = torch.randint(0, 2**62, (64,), generator=g).to(dev)
+    seeds[0] = 2**63 - 1
+    counters = torch.randint(0, 2**40, (64,), generator=g).to(dev)
+    same_u = all(torch.equal(*both(lambda: S.counter_uniforms(seeds, counters, slot=slot, n=n)))
+                 for slot, n in [(0, 1), (1, 16), (2, 129), (2**15 - 1, 1000)])
+    B, N, V = 256, 16, 5000
+    parents = torch.full((B, N), -1, dtype=torch.long)
+    for i in range(1, N):
+        parents[:, i] = torch.randint(0, i, (B,), generator=g)
+    valid = torch.rand(B, N, generator=g) < 0.9
+    valid[:, 0] = True
+    tokens = torch.randint(0, 8, (B, N), generator=g)
+    probs = torch.softmax(3 * torch.randn(B, N, V, generator=g), -1)
+    probs[:, :, :8] += 0.2  # the drafted tokens carry mass
+    probs = probs / probs.sum(-1, keepdim=True)
+    u = torch.rand(B, N, generator=g, dtype=torch.float64)
+    t = [x.to(dev) for x in (tokens, parents, valid, probs, u)]
+    kw = dict(tokens=t[0], parents=t[1], valid=t[2], probs=t[3], uniforms=t[4], max_depth=6, max_children=6)
+    (ref, got) = both(lambda: A.tree_rejection_sample(**kw))
+    (dref, dgot) = both(lambda: S.sample_from_probs(t[3][:, 0], t[4][:, 0]))
+    return [("counter-based uniforms kernel == torch form (64 rows, 4 slot / n pairs)",
+             uniforms.runs_on(seeds) and same_u),
+            (f"tree rejection sampling kernel == torch form (256 trees, N=16, V=5000; {int((got[0] > 0).sum())} "
+             "rows accepted drafts)", tree_accept.runs_on(t[3], N) and torch.equal(ref[0], got[0])
+             and torch.equal(ref[1], got[1])),
+            ("inverse-CDF draw kernel == sample_from_probs' torch form", torch.equal(dref, dgot))]
+
+
 @torch.inference_mode()
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -51,6 +104,10 @@ def main(argv=None) -> int:
         nonlocal ok
         ok &= bool(cond)
         print(f"{name}: {'ok' if cond else 'FAILED'}")
+
+    if dev == "cuda":
+        for name, cond in sampling_kernel_checks(dev):
+            check(name, cond)
 
     for B in (1, 8):
         ids = torch.randint(0, target.vocab_size, (B,), device=dev)
