@@ -135,9 +135,13 @@ class ModelState:
         return ModelState([layer.select(rows) for layer in self.layers])
 
     def assign_rows_(self, rows: torch.Tensor | list[int], other: "ModelState") -> None:
-        """Write the rows of `other` (in order) into rows `rows` of this state."""
-        if isinstance(rows, (list, range)) and list(rows) == list(range(len(rows))):
-            rows = slice(0, len(rows))  # the leading rows (a static runner's load): copies, not index_put
+        """Write the rows of `other` (in order) into rows `rows` of this state; one row of `other` per entry of
+        `rows` (ValueError otherwise: no broadcasting of one row into several)."""
+        count = rows.numel() if isinstance(rows, torch.Tensor) else len(rows)
+        if count != other.batch_size:
+            raise ValueError(f"rows names {count} rows, other holds {other.batch_size}")
+        if isinstance(rows, (list, range)) and list(rows) == list(range(count)) and count <= self.batch_size:
+            rows = slice(0, count)  # the leading rows (a static runner's load): copies, not index_put
         else:
             rows = torch.as_tensor(rows, dtype=torch.long, device=self._device())
         if len(other.layers) != len(self.layers):

@@ -137,10 +137,11 @@ def sample_from_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tens
     """Inverse-CDF sampling: probs (..., V) (any non-negative weights, normalised here), uniforms (...) in [0, 1)
     -> token ids (...) long. The token is the first i with cdf[i] > u * total (float64 cumsum), so a token of zero
     weight is never drawn (clamped to the last token of positive weight against rounding); all-zero weights give 0.
-    On CUDA one Triton kernel per call (ops/tree_accept.draw_from_probs; these torch ops are its reference)."""
+    On CUDA, for float32 / float64 weights and uniforms of exactly probs' leading shape, one Triton kernel per call
+    (ops/tree_accept.draw_from_probs, unless GDNSPEC_TREE_ACCEPT=0; these torch ops are its reference)."""
     from gdnspec.ops import tree_accept  # the kernels' layer sits below this module; imported on use
 
-    if probs.dim() >= 1 and tree_accept.runs_on(probs, 1):
+    if probs.dim() >= 1 and tuple(uniforms.shape) == tuple(probs.shape[:-1]) and tree_accept.runs_on(probs, 1):
         return tree_accept.draw_from_probs(probs, uniforms)
     cdf = probs.to(torch.float64).cumsum(-1)
     v = uniforms.to(torch.float64)[..., None] * cdf[..., -1:]
@@ -175,10 +176,11 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
 def counter_uniforms(seeds: torch.Tensor, counters: torch.Tensor, *, slot: int, n: int) -> torch.Tensor:
     """Counter-based uniforms: seeds (B,) int64 >= 0, counters (B,) int64 (the row's step), slot (0 <= slot < 2**15),
     n (<= 2**16) -> (B, n) float64 in [0, 1) with 53 random bits, a pure function of (seed, counter, slot, index).
-    On CUDA one Triton kernel computes the same bits (ops/uniforms.py; these ~150 torch ops are its reference)."""
+    On CUDA, for (B,) seeds and counters, one Triton kernel computes the same bits (ops/uniforms.py, unless
+    GDNSPEC_FUSED_UNIFORMS=0; these ~150 torch ops are its reference)."""
     from gdnspec.ops import uniforms as fused  # the kernels' layer sits below this module; imported on use
 
-    if fused.runs_on(seeds):
+    if fused.runs_on(seeds) and tuple(counters.shape) == tuple(seeds.shape) and seeds.dim() == 1:
         return fused.counter_uniforms_fused(seeds, counters, slot=slot, n=n)
     s = seeds.to(torch.long)
     key = _hash32((s & _M32) ^ _hash32(((s >> 32) & _M32) ^ 0x2545F491))

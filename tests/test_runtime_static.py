@@ -2,6 +2,7 @@
 harmless however long a cached runner is reused."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from gdnspec.runtime import StaticDecoder
@@ -116,3 +117,21 @@ def test_weights_signature_walks_a_shared_module_once_and_still_sees_the_others(
         weights_signature(head))
     head.fc.weight = torch.nn.Parameter(head.fc.weight.detach().clone())
     assert weights_signature(model, head, model) != both
+
+
+def test_assign_rows_takes_slices_only_for_matching_leading_rows():
+    """ModelState.assign_rows_ copies slices for rows 0..k-1 when `other` has k rows (a runner's load) - the same
+    result as the index path - and refuses a mismatch instead of broadcasting one row into several."""
+    model = tiny_model(seed=3, hybrid=True, dtype=torch.float32)
+    ids = torch.randint(0, model.vocab_size, (3, 5))
+    src = model(ids).state
+    a, b = model.new_state(4, kv_capacity=16), model.new_state(4, kv_capacity=16)
+    a.assign_rows_([0, 1, 2], src)
+    b.assign_rows_(torch.tensor([0, 1, 2]), src)
+    for x, y in zip(a.layers, b.layers):
+        for t, u in zip(vars(x).values(), vars(y).values()):
+            assert torch.equal(t, u)
+    one = model(ids[:1]).state
+    for rows in ([0, 1, 2], torch.tensor([1, 2])):
+        with pytest.raises(ValueError, match="rows names"):
+            a.assign_rows_(rows, one)

@@ -192,11 +192,10 @@ class ScriptedPolicy(StepPolicy):
         self.pattern, self.i = list(pattern), 0
         self.records, self.charges = [], []
 
-    def choose(self, n):
+    def _choose(self, n):  # what choose / choose_tentatively pick (they count it)
         kind = self.pattern[self.i % len(self.pattern)]
         self.i += 1
-        self.choices[(n, kind)] = self.choices.get((n, kind), 0) + 1
-        return kind
+        return kind, ("none", None)
 
     def retract(self, token):
         super().retract(token)
@@ -444,6 +443,12 @@ def test_runner_catch_up_equals_one_chain_advance(kind, hybrid):
             assert torch.allclose(a, b, atol=1e-9, rtol=1e-7), (k, (a - b).abs().max())
     with pytest.raises(ValueError, match="tokens must be"):
         runner.catch_up(torch.zeros(3, 2, dtype=torch.long), None)
+    if kind == "eagle":  # a drafter that reads features needs them, one per token
+        H = target.config.hidden_size
+        with pytest.raises(ValueError, match="hidden must be"):
+            runner.catch_up(torch.zeros(2, 3, dtype=torch.long), None)
+        with pytest.raises(ValueError, match="hidden must be"):
+            runner.catch_up(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 1, H, dtype=target.dtype))
 
 
 @torch.inference_mode()
@@ -503,10 +508,12 @@ def test_a_host_tree_without_drafts_runs_a_plain_step(adaptive, monkeypatch):
     prompts = prompts_of([7, 4], target.vocab_size, seed=8)
     want = [generate_autoregressive(target, p[None], 30)[0] for p in prompts]
     cfg = TreeConfig(topk=2, num_steps=3, num_draft_tokens=6)
-    plain_steps, accepted = {}, {}
+    plain_steps, accepted, records = {}, {}, {}
     for rule in (True, False):
         monkeypatch.setattr(SpecSession, "EMPTY_TREE_PLAIN", rule)
         eng = SpeculativeEngine(target, NGramDrafter(max_ngram=2), cfg, static=True, adaptive=adaptive)
+        if adaptive:  # every pick speculative: the plain steps are the rule's only
+            eng.policy = ScriptedPolicy([True])
         session = eng.session()
         ids = session.add(prompts, max_new_tokens=30)
         session.run_static(max_len=64)
@@ -515,11 +522,109 @@ def test_a_host_tree_without_drafts_runs_a_plain_step(adaptive, monkeypatch):
             assert torch.equal(a, b), (rule, a.tolist(), b.tolist())
         plain_steps[rule] = sum(session.sequences[i].plain_steps for i in ids)
         accepted[rule] = [session.sequences[i].accepted_tokens for i in ids]
-    if not adaptive:  # the drafter saw every committed token: its later trees, and what they earned, are the same
-        assert plain_steps[True] > 0 and plain_steps[False] == 0 and accepted[True] == accepted[False]
-    else:
-        assert plain_steps[True] > 0
-    monkeypatch.setattr(SpecSession, "EMPTY_TREE_PLAIN", True)
+        records[rule] = eng.policy.records if adaptive else None
+    # the drafter saw every committed token: its later trees, and what they earned, are the same
+    assert plain_steps[True] > 0 and plain_steps[False] == 0 and accepted[True] == accepted[False]
+    if adaptive:  # the rule's plain steps are recorded as what the speculative picks cost: one token per row
+        assert all(k for k, _ in records[True]) and sum(t == 2 for _, t in records[True]) >= 1
+    monkeypatch.setattr(SpecSession, "EMPTY_TREE_PLAIN", True)  # seeded sampling through the rule reproduces
     runs = [SpeculativeEngine(target, NGramDrafter(max_ngram=2), cfg, static=True, temperature=0.9, seed=s).generate(
         prompts, 20) for s in (3, 3)]
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_retract_after_records_undoes_only_the_choice():
+    """The look-ahead chooses step k + 1 tentatively before it records step k, and retracts when a row ended: the
+    records made in between stay. A re-measurement burst closed by them must stay closed (restoring a snapshot of
+    the burst reopened it, and the next record was folded in twice: the estimate overwritten, the interval doubled
+    twice); a burst step picked by the retracted choice is given back; a burst it opened is removed."""
+    p = StepPolicy(explore_every=4, explore_steps=2)
+    for kind, sec, tok in [(True, 1.0, 2), (True, 1.0, 2), (False, .1, 1), (False, .1, 1)]:  # plain wins
+        assert p.choose(1) == kind
+        p.record(1, kind, sec, tok)
+    while True:  # plain steps until the speculative re-measurement burst opens
+        k, _ = p.choose_tentatively(1)
+        if k:
+            break
+        p.record(1, False, .1, 1)
+    k2, _ = p.choose_tentatively(1)  # the burst's second step, replayed ahead
+    assert k2 and p._burst[1][1] == 0
+    p.record(1, True, 1.0, 2)
+    k3, undo = p.choose_tentatively(1)  # the step after it: plain, not launched
+    assert not k3
+    p.record(1, True, 1.0, 2)  # the burst's second step is read: the burst closes
+    closed = (dict(p.interval), dict(p.sec), dict(p.samples))
+    assert 1 not in p._burst
+    p.retract(undo)  # a row ended: the plain step is not made
+    assert 1 not in p._burst and (dict(p.interval), dict(p.sec), dict(p.samples)) == closed
+    p.record(1, True, 5.0, 1)  # a later speculative step is an ordinary record
+    assert p.interval == closed[0] and 1 not in p._burst
+    # a retracted choice that picked a burst step gives it back; one that opened a burst removes it
+    q = StepPolicy(explore_every=2, explore_steps=3)
+    for kind, sec, tok in [(True, 1.0, 2), (True, 1.0, 2), (False, .1, 1), (False, .1, 1)]:
+        q.choose(1)
+        q.record(1, kind, sec, tok)
+    while True:
+        k, tok = q.choose_tentatively(1)
+        if k:
+            break
+        q.record(1, False, .1, 1)
+    opened = q._burst[1]
+    k, tok2 = q.choose_tentatively(1)
+    assert k and opened[1] == 1 and opened[4] == 2
+    q.retract(tok2)
+    assert q._burst[1] is opened and opened[1] == 2 and opened[4] == 1
+    q.retract(tok)
+    assert 1 not in q._burst
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("kind", ["model", "eagle"])
+def test_lookahead_when_every_row_ends_on_eos(kind, monkeypatch):
+    """The only row ends on eos while the next step already ran ahead: that step emits nothing and is not counted
+    (the engine's statistics equal the run without look-ahead; it counted one step more)."""
+    target = tiny_model(seed=3, hybrid=True, init_scale=8.0, ratio=2)
+    prompts = prompts_of([9], target.vocab_size, seed=61)
+    full = generate_autoregressive(target, prompts[0][None], 40)[0]
+    eos = int(full[prompts[0].numel() + 11])
+    cfg = TreeConfig(topk=2, num_steps=3, num_draft_tokens=6)
+    out = {}
+    for ahead in (False, True):
+        monkeypatch.setattr(SpecSession, "LOOKAHEAD", ahead)
+        eng = SpeculativeEngine(target, _drafter(kind, target), cfg, static=True)
+        got = eng.generate(prompts, 40, eos_token_id=eos)
+        out[ahead] = (got[0].tolist(), eng.stats.as_dict())
+    assert out[True] == out[False]
+
+
+@torch.inference_mode()
+def test_lookahead_retracts_a_plain_choice_when_a_row_ends(monkeypatch):
+    """Under a policy the look-ahead picks the step after step k before reading step k; when that pick is plain
+    nothing is launched, and when a row then ends in step k the pick is retracted (the step is not made for these
+    rows). Scripted patterns that put plain picks right after speculative steps: outputs equal plain greedy decoding,
+    the records equal the run without look-ahead, and the look-ahead's retract branch ran."""
+    target = tiny_model(seed=3, hybrid=True, init_scale=8.0, ratio=2)
+    prompts = prompts_of([6, 3, 9], target.vocab_size, seed=61)
+    budgets = [40, 30, 23]
+    want = [generate_autoregressive(target, p[None], m)[0] for p, m in zip(prompts, budgets)]
+    eos = int(want[2][prompts[2].numel() + 11])
+    stop = prompts[2].numel() + next(j for j, t in enumerate(want[2][prompts[2].numel():].tolist()) if t == eos) + 1
+    want[2] = want[2][:stop]
+    cfg = TreeConfig(topk=2, num_steps=3, num_draft_tokens=6)
+    extra = 0
+    for pattern in ([True, False], [True, True, False], [True, False, False]):
+        seen = {}
+        for ahead in (False, True):
+            monkeypatch.setattr(SpecSession, "LOOKAHEAD", ahead)
+            eng = SpeculativeEngine(target, _drafter("model", target), cfg, adaptive=True, static=True)
+            eng.policy = ScriptedPolicy(pattern)
+            calls = []
+            real = eng.policy.retract
+            eng.policy.retract = lambda token: (calls.append(1), real(token))[1]
+            got = eng.generate(prompts, budgets, eos_token_id=[[], [], [eos]])
+            for a, b in zip(got, want):
+                assert torch.equal(a, b), (pattern, ahead, a.tolist(), b.tolist())
+            seen[ahead] = (eng.policy.records, len(calls))
+        assert seen[True][0] == seen[False][0], pattern
+        extra += seen[True][1] - seen[False][1]
+    assert extra > 0  # the look-ahead retracted at least one pick

@@ -172,3 +172,67 @@ def test_draw_equals_sample_from_probs(shape, V, dtype, monkeypatch):
     assert got.shape == want.shape and torch.equal(got, want)
     monkeypatch.setattr(ta, "DISPATCH_ON_CPU", True)
     assert torch.equal(S.sample_from_probs(probs, u), want)
+
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def _row_sum_is_max(ptr, V, BV: tl.constexpr):  # kernel mutant: the largest weight instead of the mass
+    acc = tl.zeros([BV], dtype=ptr.dtype.element_ty)
+    for v0 in range(0, V, BV):
+        o = v0 + tl.arange(0, BV)
+        acc = tl.maximum(acc, tl.load(ptr + o, mask=o < V, other=0.0))
+    return tl.max(acc)
+
+
+@triton.jit
+def _row_sum_halved(ptr, V, BV: tl.constexpr):  # kernel mutant: a wrong residual mass
+    acc = tl.zeros([BV], dtype=ptr.dtype.element_ty)
+    for v0 in range(0, V, BV):
+        o = v0 + tl.arange(0, BV)
+        acc += tl.load(ptr + o, mask=o < V, other=0.0)
+    return tl.sum(acc) * 0.5
+
+
+@pytest.mark.parametrize("mutant,V", [(_row_sum_halved, 6), (_row_sum_is_max, 37)])
+def test_kernel_mutants_fail(mutant, V, monkeypatch):
+    """The kernel with its mass helper mutated (the interpreter reads jit helpers from the module's globals at
+    launch) no longer equals the reference on the same trees."""
+    tokens, parents, valid, probs, u = _random_trees(12 if V < 100 else 4, 12, V, 21)
+    depth, kids = _bounds(parents, valid)
+    kw = dict(tokens=tokens, parents=parents, valid=valid, probs=probs, uniforms=u)
+    want = A.tree_rejection_sample_reference(**kw)
+    got = ta.tree_rejection_sample_fused(**kw, max_depth=depth, max_children=kids)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    monkeypatch.setattr(ta, "_row_sum", mutant)
+    bad = ta.tree_rejection_sample_fused(**kw, max_depth=depth, max_children=kids)
+    assert not (torch.equal(bad[0], want[0]) and torch.equal(bad[1], want[1]))
+
+
+def test_bad_shapes_are_refused():
+    tokens, parents, valid, probs, u = _random_trees(3, 5, 7, 0)
+    kw = dict(tokens=tokens, parents=parents, valid=valid, probs=probs, uniforms=u, max_depth=2, max_children=2)
+    with pytest.raises(ValueError, match="must be"):
+        ta.tree_rejection_sample_fused(**{**kw, "uniforms": u[:, :3]})
+    with pytest.raises(ValueError, match="must be"):
+        ta.tree_rejection_sample_fused(**{**kw, "probs": probs[:2]})
+    with pytest.raises(ValueError, match="leading shape"):
+        ta.draw_from_probs(probs[:, 0], u[:1, 0])
+
+
+def test_sample_from_probs_dispatches_to_the_draw_kernel(monkeypatch):
+    import gdnspec.sampling as S
+
+    probs = torch.softmax(torch.randn(4, 9, dtype=torch.float64), -1)
+    u = torch.rand(4, dtype=torch.float64)
+    want = S.sample_from_probs(probs, u)
+    monkeypatch.setattr(ta, "DISPATCH_ON_CPU", True)
+    calls = []
+    real = ta.draw_from_probs
+    monkeypatch.setattr(ta, "draw_from_probs", lambda p, v: calls.append(1) or real(p, v))
+    assert torch.equal(S.sample_from_probs(probs, u), want) and calls
+    calls.clear()
+    assert torch.equal(S.sample_from_probs(probs, u[:1].expand(4).clone()[:1]), S.sample_from_probs(
+        probs, u[:1].expand(4).clone()[:1])) and not calls  # broadcast uniforms keep the torch form

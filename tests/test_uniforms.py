@@ -47,7 +47,11 @@ def test_kernel_equals_the_torch_form_bit_for_bit(slot, n, monkeypatch):
     assert (got >= 0).all() and (got < 1).all()
     monkeypatch.setattr(un, "DISPATCH_ON_CPU", True)  # the public function takes the kernel
     assert un.runs_on(SEEDS)
-    assert torch.equal(sampling.counter_uniforms(SEEDS, COUNTERS, slot=slot, n=n), want)
+    calls = []
+    real = un.counter_uniforms_fused
+    monkeypatch.setattr(un, "counter_uniforms_fused", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert torch.equal(sampling.counter_uniforms(SEEDS, COUNTERS, slot=slot, n=n), want) and calls
+    monkeypatch.setattr(un, "counter_uniforms_fused", real)
     # one row, int32 / strided inputs, and no rows
     assert torch.equal(un.counter_uniforms_fused(SEEDS[3:4], COUNTERS[3:4], slot=slot, n=n), want[3:4])
     assert torch.equal(un.counter_uniforms_fused(SEEDS[::2], COUNTERS[::2], slot=slot, n=n), want[::2])
@@ -109,3 +113,12 @@ def test_mutants_fail(name, mutant, monkeypatch):
     assert torch.equal(un.counter_uniforms_fused(SEEDS, COUNTERS, slot=1, n=40), want)
     monkeypatch.setattr(un, name, mutant)
     assert not torch.equal(un.counter_uniforms_fused(SEEDS, COUNTERS, slot=1, n=40), want)
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="seeds and counters"):
+        un.counter_uniforms_fused(SEEDS, COUNTERS[:1], slot=0, n=4)
+    with pytest.raises(ValueError, match="slot"):
+        un.counter_uniforms_fused(SEEDS, COUNTERS, slot=2**15, n=4)
+    with pytest.raises(ValueError, match="slot"):
+        un.counter_uniforms_fused(SEEDS, COUNTERS, slot=0, n=-1)

@@ -165,7 +165,10 @@ if HAS_TRITON:
 
 def draw_from_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """sampling.sample_from_probs in one launch: probs (..., V) float32 / float64 weights, uniforms (...) in [0, 1)
-    -> token ids (...) long."""
+    of probs' leading shape, on its device -> token ids (...) long. Raises ValueError for other shapes."""
+    if probs.dim() < 1 or tuple(uniforms.shape) != tuple(probs.shape[:-1]) or uniforms.device != probs.device:
+        raise ValueError(f"uniforms must have probs' leading shape {tuple(probs.shape[:-1])} on {probs.device}, got "
+                         f"{tuple(uniforms.shape)} on {uniforms.device}")
     lead, V = probs.shape[:-1], probs.shape[-1]
     p = probs.reshape(-1, V).contiguous()
     out = torch.empty(p.shape[0], dtype=torch.long, device=probs.device)
@@ -180,8 +183,12 @@ def tree_rejection_sample_fused(*, tokens: torch.Tensor, parents: torch.Tensor, 
                                 max_children: int) -> tuple[torch.Tensor, torch.Tensor]:
     """accept.tree_rejection_sample for deterministic drafts in one launch (module docstring): tokens, parents (B, N)
     long, valid (B, N) bool, probs (B, N, V) float32 / float64, uniforms (B, N) float64; max_depth / max_children the
-    loop bounds. Returns (last accepted node (B,), bonus token (B,)) long."""
+    loop bounds. Returns (last accepted node (B,), bonus token (B,)) long. Raises ValueError for mismatched shapes."""
     B, N = tokens.shape
+    if (tuple(parents.shape) != (B, N) or tuple(valid.shape) != (B, N) or tuple(uniforms.shape) != (B, N)
+            or probs.dim() != 3 or tuple(probs.shape[:2]) != (B, N)):
+        raise ValueError(f"tokens, parents, valid, uniforms must be (B, N) = {(B, N)} and probs (B, N, V), got "
+                         f"{tuple(parents.shape)}, {tuple(valid.shape)}, {tuple(uniforms.shape)}, {tuple(probs.shape)}")
     V = probs.shape[-1]
     node = torch.empty(B, dtype=torch.long, device=probs.device)
     bonus = torch.empty(B, dtype=torch.long, device=probs.device)

@@ -80,8 +80,14 @@ if HAS_TRITON:
 
 
 def counter_uniforms_fused(seeds: torch.Tensor, counters: torch.Tensor, *, slot: int, n: int) -> torch.Tensor:
-    """sampling.counter_uniforms in one launch: seeds (B,) int64 >= 0, counters (B,) int64, slot, n -> (B, n)
-    float64 on seeds' device. The caller checks slot and n (counter_uniforms does)."""
+    """sampling.counter_uniforms in one launch: seeds (B,) int64 >= 0, counters (B,) int64 on the same device, slot
+    (0 <= slot < 2**15), n >= 0 -> (B, n) float64 on seeds' device. Raises ValueError for other shapes or ranges
+    (the torch form broadcasts; this kernel would read past the buffers)."""
+    if seeds.dim() != 1 or tuple(counters.shape) != tuple(seeds.shape) or counters.device != seeds.device:
+        raise ValueError(f"seeds and counters must be (B,) on one device, got {tuple(seeds.shape)} on {seeds.device} "
+                         f"and {tuple(counters.shape)} on {counters.device}")
+    if not (isinstance(slot, int) and 0 <= slot < 2**15 and isinstance(n, int) and n >= 0):
+        raise ValueError(f"slot must be an int in [0, 2**15) and n an int >= 0, got slot={slot!r}, n={n!r}")
     B = seeds.shape[0]
     out = torch.empty(B, n, dtype=torch.float64, device=seeds.device)
     if B == 0 or n == 0:

@@ -474,6 +474,10 @@ class StaticSpecRunner(_StaticStep, _SamplingStep):
             raise ValueError(f"{type(self.drafter).__name__} drafts on the host: it catches up on its own state")
         if tokens.dim() != 2 or tokens.shape[0] != self.batch_size:
             raise ValueError(f"tokens must be ({self.batch_size}, k), got {tuple(tokens.shape)}")
+        H = self.target.config.hidden_size
+        if self.needs_hidden and (hidden is None or tuple(hidden.shape) != (*tokens.shape, H)):
+            raise ValueError(f"{type(self.drafter).__name__} reads the target's hidden states: hidden must be "
+                             f"{(*tokens.shape, H)}, got {None if hidden is None else tuple(hidden.shape)}")
         graph, _ = self.prepare_catch_up()
         C, k = self.CATCH_UP_WIDTH, tokens.shape[1]
         buf_t, buf_h, counts = self._catch_in

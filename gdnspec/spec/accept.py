@@ -141,7 +141,8 @@ def tree_rejection_sample(*, tokens: torch.Tensor, parents: torch.Tensor, valid:
     without_replacement: the q update of draws without replacement (False: i.i.d. draws, q never changes).
     max_depth >= the deepest valid node's depth and max_children >= the most valid children of a node: loop bounds
     (from the tree config on static paths; no host sync). Residuals are kept unnormalised with their mass. On CUDA,
-    deterministic drafts (draft_probs None) take one Triton kernel with the same rule (ops/tree_accept.py)."""
+    deterministic drafts (draft_probs None) with float32 / float64 probs and N <= 128 nodes take one Triton kernel
+    with the same rule (ops/tree_accept.py, unless GDNSPEC_TREE_ACCEPT=0)."""
     B, N = tokens.shape
     if draft_probs is None:
         from gdnspec.ops import tree_accept  # the kernels' layer sits below this module; imported on use

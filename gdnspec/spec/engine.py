@@ -599,7 +599,8 @@ class SpecSession:
             if undo is not None:  # the look-ahead's choice for a step that is not made for these n rows
                 policy.retract(undo)
                 kind = None
-            if launched:  # the step replayed ahead ran for every row: emit its tokens to the rows still running
+            if launched and keep:  # the step replayed ahead ran for every row: its tokens go to the rows still running
+                # (when none is, it changed nothing that is read again: the run ends)
                 self._static_spec_tokens(runner, runner.packed[:n].cpu(), n, on_host, verified_host,
                                          rows=keep)
                 if policy is not None:

@@ -72,60 +72,66 @@ class StepPolicy:
 
     def choose(self, n: int) -> bool:
         """True: make the next step of n sequences speculative."""
-        with self._lock:
-            kind = self._choose(n)
-            key = (_bucket(n), kind)
-            self.choices[key] = self.choices.get(key, 0) + 1
-            return kind
+        return self.choose_tentatively(n)[0]
 
     def choose_tentatively(self, n: int) -> tuple[bool, tuple]:
-        """choose(n) for a step that may not happen (a static run decides the step after a burst of plain steps
-        before it knows whether rows finished in the burst): returns (kind, token); `retract(token)` undoes the
-        choice, its count and the re-measurement bookkeeping it advanced."""
+        """choose(n) for a step that may not happen (a static run decides the next step before it reads whether
+        rows finished in the current one): returns (kind, token); `retract(token)` undoes exactly what this choice
+        did - its count, the step counter it advanced, the exploration burst it opened or the burst step it picked -
+        and nothing recorded since (the steps before it may be recorded between the choice and its retraction)."""
         with self._lock:
             b = _bucket(n)
-            burst = self._burst.get(b)
-            saved = (b, self.since.get(b), None if burst is None else list(burst), dict(self.choices))
-        return self.choose(n), saved
+            since = self.since.get(b)
+            kind, effect = self._choose(n)
+            key = (b, kind)
+            self.choices[key] = self.choices.get(key, 0) + 1
+            return kind, (key, since, effect)
 
     def retract(self, token: tuple) -> None:
-        """Undo a `choose_tentatively` whose step was not made (nothing was chosen since)."""
-        b, since, burst, choices = token
+        """Undo a `choose_tentatively` whose step was not made (no choice was made since)."""
+        key, since, (what, burst) = token
+        b = key[0]
         with self._lock:
-            if since is None:
-                self.since.pop(b, None)
-            else:
-                self.since[b] = since
-            if burst is None:
-                self._burst.pop(b, None)
-            else:
-                self._burst[b] = burst
-            self.choices = choices
+            self.choices[key] -= 1
+            if not self.choices[key]:
+                del self.choices[key]
+            if what == "picked" and self._burst.get(b) is burst:  # give the burst its step back
+                burst[1] += 1
+                burst[4] -= 1
+            elif what == "opened" and self._burst.get(b) is burst:  # the burst this choice opened never ran
+                del self._burst[b]
+            if what in ("counted", "opened"):
+                if since is None:
+                    self.since.pop(b, None)
+                else:
+                    self.since[b] = since
 
-    def _choose(self, n: int) -> bool:
+    def _choose(self, n: int) -> tuple[bool, tuple]:
+        """(kind, effect): what the choice changed, for `retract` - ("none", None), ("picked", burst), ("counted",
+        None) or ("opened", burst)."""
         if not self.speculative:
-            return False
+            return False, ("none", None)
         if self.disable_by_batch_size is not None and n >= self.disable_by_batch_size:
-            return False
+            return False, ("none", None)
         if not self.adaptive:
-            return True
+            return True, ("none", None)
         b = _bucket(n)
         for kind in (True, False):
             if self.samples.get((b, kind), 0) < 2:  # the first measurement of a kind pays one-time costs
-                return kind
+                return kind, ("none", None)
         burst = self._burst.get(b)
         if burst is not None and burst[1] > 0:  # a re-measurement of the loser is under way
             burst[1] -= 1
             burst[4] += 1
-            return not burst[0]
+            return not burst[0], ("picked", burst)
         per = self.per_token[b]
         best = per[True] <= per[False]
         self.since[b] = self.since.get(b, 0) + 1
         if self.since[b] >= self.interval.get(b, self.explore_every):
             self.since[b] = 0
-            self._burst[b] = [best, self.explore_steps - 1, 0.0, 0, 1, 0]
-            return not best
-        return best
+            burst = self._burst[b] = [best, self.explore_steps - 1, 0.0, 0, 1, 0]
+            return not best, ("opened", burst)
+        return best, ("counted", None)
 
     def record(self, n: int, speculative: bool, seconds: float, tokens: int) -> None:
         """The step just made: its kind, wall seconds and tokens emitted over its n sequences."""
