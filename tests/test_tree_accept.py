@@ -24,40 +24,22 @@ from conftest import interpreter_modules  # noqa: E402
 (ta,) = interpreter_modules(["gdnspec.ops.tree_accept"])
 from gdnspec.layers.layout import TokenLayout  # noqa: E402
 from gdnspec.spec import accept as A  # noqa: E402
+from test_spec_sampling import _random_trees as _spec_sampling_trees  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("interpret_env")
 
 
 def _random_trees(B, N, V, seed, *, dtype=torch.float64):
-    """Random topological trees with distinct sibling tokens, ~15% invalid nodes, and peaked distributions with
-    exact zeros (probability-0 tokens), so that rows accept anything from nothing to deep paths."""
-    g = torch.Generator().manual_seed(seed)
-    parents = torch.full((B, N), -1, dtype=torch.long)
-    for i in range(1, N):
-        parents[:, i] = torch.randint(0, i, (B,), generator=g)
-    valid = torch.rand(B, N, generator=g) < 0.85
-    valid[:, 0] = True
-    tokens = torch.zeros(B, N, dtype=torch.long)
+    """test_spec_sampling's random trees (distinct sibling tokens, ~15% invalid nodes, distributions with exact
+    zeros), with mass added at each drafted child's token (as a drafter's guesses have) so that rows accept anything
+    from nothing to deep paths whatever V is; probs in `dtype`."""
+    tokens, parents, valid, probs, _, u = _spec_sampling_trees(B, N, V, seed)
+    g = torch.Generator().manual_seed(seed + 1000)
     for b in range(B):
-        used = {}
-        for i in range(1, N):
-            p = int(parents[b, i])
-            taken = used.setdefault(p, [])
-            free = [t for t in range(V) if t not in taken]
-            if not valid[b, p] or not free:
-                valid[b, i] = False
-                continue
-            if valid[b, i]:
-                tokens[b, i] = free[int(torch.randint(len(free), (1,), generator=g))]
-                taken.append(int(tokens[b, i]))
-    probs = torch.softmax(3 * torch.randn(B, N, V, generator=g, dtype=torch.float64), -1)
-    probs = probs.masked_fill(probs < 0.02, 0.0)
-    for b in range(B):  # the drafted children carry mass, as a drafter's guesses do, whatever V is
         for i in range(1, N):
             if valid[b, i]:
                 probs[b, parents[b, i], tokens[b, i]] += 0.4 * float(torch.rand(1, generator=g))
-    probs = (probs / probs.sum(-1, keepdim=True)).to(dtype)
-    return tokens, parents, valid, probs, torch.rand(B, N, generator=g, dtype=torch.float64)
+    return tokens, parents, valid, (probs / probs.sum(-1, keepdim=True)).to(dtype), u
 
 
 def _bounds(parents, valid):
