@@ -137,6 +137,8 @@ class ModelState:
     def assign_rows_(self, rows: torch.Tensor | list[int], other: "ModelState") -> None:
         """Write the rows of `other` (in order) into rows `rows` of this state; one row of `other` per entry of
         `rows` (ValueError otherwise: no broadcasting of one row into several)."""
+        if len(other.layers) != len(self.layers):
+            raise ValueError(f"other has {len(other.layers)} layers, this state has {len(self.layers)}")
         count = rows.numel() if isinstance(rows, torch.Tensor) else len(rows)
         if count != other.batch_size:
             raise ValueError(f"rows names {count} rows, other holds {other.batch_size}")
@@ -144,8 +146,6 @@ class ModelState:
             rows = slice(0, count)  # the leading rows (a static runner's load): copies, not index_put
         else:
             rows = torch.as_tensor(rows, dtype=torch.long, device=self._device())
-        if len(other.layers) != len(self.layers):
-            raise ValueError(f"other has {len(other.layers)} layers, this state has {len(self.layers)}")
         for mine, theirs in zip(self.layers, other.layers):
             mine.assign_rows_(rows, theirs)
 
