@@ -186,6 +186,30 @@ def _reset_padding_rows(state: ModelState, n: int) -> None:
             layer.lengths[n:] = 0
 
 
+def _zero_state_(state: ModelState) -> None:
+    """Every tensor of every layer state to zero, in place (an empty state, keeping the buffers a graph reads)."""
+    for layer in state.layers:
+        for t in vars(layer).values():
+            if isinstance(t, torch.Tensor):
+                t.zero_()
+
+
+def _replay_chunks(buffers: list, sources: list, counts: torch.Tensor, run) -> int:
+    """Feed sources (B, L, ...) through static buffers (B, C, ...) C columns at a time: per chunk, its w <= C columns
+    are copied into the buffers' first w, counts is set to w (the columns past w keep an earlier chunk's values:
+    counts masks them out) and `run()` (a graph replay, or the eager function) runs once. Returns the chunks run."""
+    C, L = buffers[0].shape[1], sources[0].shape[1]
+    chunks = 0
+    for c0 in range(0, L, C):
+        w = min(C, L - c0)
+        for buf, src in zip(buffers, sources):
+            buf[:, :w].copy_(src[:, c0:c0 + w])
+        counts.fill_(w)
+        run()
+        chunks += 1
+    return chunks
+
+
 def _capture(fn, use_graph: bool, restore: list):
     """Warm up `fn` twice on a side stream, restore the states it advanced, capture it. Returns (graph or None, outputs).
 
@@ -324,10 +348,7 @@ class StaticPrefill(_StaticStep):
         return (self.model,)
 
     def _run(self):
-        for layer in self.state.layers:  # from an empty state, inside the graph
-            for t in vars(layer).values():
-                if isinstance(t, torch.Tensor):
-                    t.zero_()
+        _zero_state_(self.state)  # from an empty state, inside the graph
         out = self.model(self.ids, self.state, logits_to_keep=1, validate=False, reserve_kv=False, prefix_len=0)
         return out.logits[:, -1], out.hidden_states
 
@@ -377,20 +398,9 @@ class StaticEagleBegin(_StaticStep):
 
     def run(self, feats: torch.Tensor, ids: torch.Tensor) -> ModelState:
         """The head state after the pairs (feats[:, i], ids[:, i]) of one row, from an empty state."""
-        for layer in self.state.layers:
-            for t in vars(layer).values():
-                if isinstance(t, torch.Tensor):
-                    t.zero_()
-        C, L = self.chunk, ids.shape[1]
-        for c0 in range(0, L, C):
-            w = min(C, L - c0)
-            self.feats[:, :w].copy_(feats[:, c0:c0 + w])
-            self.ids[:, :w].copy_(ids[:, c0:c0 + w])
-            self.counts.fill_(w)  # the pairs past w keep an earlier chunk's: counts masks them out
-            if self.graph is None:
-                self._run()
-            else:
-                self.graph.replay()
+        _zero_state_(self.state)
+        _replay_chunks([self.feats, self.ids], [feats, ids], self.counts,
+                       self._run if self.graph is None else self.graph.replay)
         return self.state
 
 
@@ -479,21 +489,9 @@ class StaticSpecRunner(_StaticStep, _SamplingStep):
             raise ValueError(f"{type(self.drafter).__name__} reads the target's hidden states: hidden must be "
                              f"{(*tokens.shape, H)}, got {None if hidden is None else tuple(hidden.shape)}")
         graph, _ = self.prepare_catch_up()
-        C, k = self.CATCH_UP_WIDTH, tokens.shape[1]
         buf_t, buf_h, counts = self._catch_in
-        replays = 0
-        for c0 in range(0, k, C):
-            w = min(C, k - c0)
-            buf_t[:, :w].copy_(tokens[:, c0:c0 + w])
-            if buf_h is not None:
-                buf_h[:, :w].copy_(hidden[:, c0:c0 + w])
-            counts.fill_(w)  # the columns past w keep earlier tokens: counts masks them out
-            if graph is None:
-                self._run_catch_up()
-            else:
-                graph.replay()
-            replays += 1
-        return replays
+        buffers, sources = ([buf_t], [tokens]) if buf_h is None else ([buf_t, buf_h], [tokens, hidden])
+        return _replay_chunks(buffers, sources, counts, self._run_catch_up if graph is None else graph.replay)
 
     def prepare_catch_up(self):
         """Capture catch_up's chunk now (graph runners; a no-op after the first call). Returns (graph or None, None)."""

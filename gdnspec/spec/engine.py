@@ -133,7 +133,7 @@ class SpeculativeEngine:
         does not pay falls back to plain decoding. Greedy output is unchanged; seeded sampled output depends on the
         choices. Static (CUDA-graph) runs switch too: their plain steps replay a decode graph of the same runner, in
         bursts of up to `SpecSession.PLAIN_BURST` steps between host syncs, and the drafter catches up on their
-        tokens in one advance before the next speculative step."""
+        tokens (replays of one captured chunk, StaticSpecRunner.catch_up) before the next speculative step."""
         check_model(target, "target")
         check_drafter(drafter)
         if not isinstance(config, TreeConfig):
@@ -244,7 +244,6 @@ class _StaticCatchUp:
         self.hidden: list[torch.Tensor] = []
         self.host: list[torch.Tensor] = []
         self.steps = 0
-        self.replays = 0  # catch-up graph replays of the last flush (in-graph drafters)
 
     def __len__(self) -> int:
         return self.steps
@@ -263,7 +262,7 @@ class _StaticCatchUp:
             return 0
         hidden = torch.cat(self.hidden, 1) if self.hidden else None  # (B, P, H)
         if self.runner.in_graph_drafter:  # every row of the runner, as its graph advances them: replays of one graph
-            self.replays = self.runner.catch_up(torch.cat(self.tokens, 1), hidden)
+            self.runner.catch_up(torch.cat(self.tokens, 1), hidden)
         elif self.on_host:
             _advance_all(drafter, session.draft_state, torch.cat(self.host, 1), None)
         else:
@@ -277,10 +276,10 @@ class _StaticCatchUp:
         A graph catch-up costs one replay per chunk whatever the count in it: it is billed to the steps its chunks
         hold (what a steady run of plain steps pays per step), not only to the few steps of a short burst."""
         t0 = time.perf_counter()
-        self.replays = 0
         steps = self.flush(session, n)
         _wait(self.runner.verified.device)
-        billed = max(steps, self.replays * self.runner.CATCH_UP_WIDTH)
+        C = self.runner.CATCH_UP_WIDTH
+        billed = -(-steps // C) * C if self.runner.in_graph_drafter else steps  # whole chunks, as catch_up replays
         policy.charge(n, False, time.perf_counter() - t0, billed)
 
 
@@ -476,7 +475,7 @@ class SpecSession:
         self._compact()
 
     def _compact(self) -> None:
-        keep = [r for r, i in enumerate(self.rows) if not self.sequences[i].done]
+        keep = self._live_rows()
         if len(keep) == len(self.rows):
             return
         self.rows = [self.rows[r] for r in keep]
@@ -486,6 +485,10 @@ class SpecSession:
         self.target_state = self.target_state.select(keep)
         self.draft_state = self.draft_state.select(keep)
         self.verified = self.verified[keep]
+
+    def _live_rows(self) -> list[int]:
+        """Indices into self.rows of the sequences not done."""
+        return [r for r, i in enumerate(self.rows) if not self.sequences[i].done]
 
     def _emit(self, rows_tokens: list[list[int]], drafted: list[int], accepted: list[int], *,
               rows: list[int] | None = None) -> dict[int, list[int]]:
@@ -556,7 +559,7 @@ class SpecSession:
                 if not kind:
                     kind, verified_host = self._plain_burst(runner, policy, pending, verified_host, n)
                 else:
-                    kind = None
+                    kind, no_drafts = None, False
                     if not launched:
                         if pending:  # the catch-up's time belongs to the plain steps
                             pending.settle(self, n, policy)
@@ -567,32 +570,29 @@ class SpecSession:
                                                        eng.config)
                             if tree.draft_probs is not None:
                                 raise ValueError("a host-drafted tree with draft_probs cannot run in a static runner")
-                            if on_host and self.EMPTY_TREE_PLAIN and not bool(tree.valid[:n, 1:].any()):
-                                verified_host = self._host_plain_step(runner, verified_host, n)
-                                if policy is not None:  # what choosing a speculative step cost this time
-                                    policy.record(n, True, time.perf_counter() - t_last, self._last_emitted)
-                                keep = [r for r, i in enumerate(self.rows) if not self.sequences[i].done]
-                                if len(keep) < n:
-                                    break
-                                continue
-                        runner.step(tree)
-                    launched, undo = False, None
-                    if ahead is None:
-                        pk = runner.packed[:n].cpu()  # the one sync and copy per step
-                    else:  # copy this step's tokens, replay the next step, then wait for the copy only
-                        ahead.copy(runner.packed)
-                        if self._budget_left() > W:  # no row can reach its budget in this step
-                            kind, undo = (True, None) if policy is None else policy.choose_tentatively(n)
-                            if kind:
-                                runner.step(None)
-                                launched, undo = True, None  # made: a row that ends now leaves it unread
-                        pk = ahead.wait()[:n]
-                    verified_host = self._static_spec_tokens(runner, pk, n, on_host, verified_host)
+                            no_drafts = on_host and self.EMPTY_TREE_PLAIN and not bool(tree.valid[:n, 1:].any())
+                        if no_drafts:  # recorded below as what choosing a speculative step cost this time
+                            verified_host, emitted = self._host_plain_step(runner, verified_host, n)
+                        else:
+                            runner.step(tree)
+                    if not no_drafts:
+                        launched, undo = False, None
+                        if ahead is None:
+                            pk = runner.packed[:n].cpu()  # the one sync and copy per step
+                        else:  # copy this step's tokens, replay the next step, then wait for the copy only
+                            ahead.copy(runner.packed)
+                            if self._budget_left() > W:  # no row can reach its budget in this step
+                                kind, undo = (True, None) if policy is None else policy.choose_tentatively(n)
+                                if kind:
+                                    runner.step(None)
+                                    launched, undo = True, None  # made: a row that ends now leaves it unread
+                            pk = ahead.wait()[:n]
+                        verified_host, emitted = self._static_spec_tokens(runner, pk, n, on_host, verified_host)
                     if policy is not None:
                         now = time.perf_counter()
-                        policy.record(n, True, now - t_last, self._last_emitted)
+                        policy.record(n, True, now - t_last, emitted)
                         t_last = now
-                keep = [r for r, i in enumerate(self.rows) if not self.sequences[i].done]
+                keep = self._live_rows()
                 if len(keep) < n:
                     break
                 undo = None  # the step chosen ahead is made
@@ -601,12 +601,12 @@ class SpecSession:
                 kind = None
             if launched and keep:  # the step replayed ahead ran for every row: its tokens go to the rows still running
                 # (when none is, it changed nothing that is read again: the run ends)
-                self._static_spec_tokens(runner, runner.packed[:n].cpu(), n, on_host, verified_host,
-                                         rows=keep)
+                _, emitted = self._static_spec_tokens(runner, runner.packed[:n].cpu(), n, on_host, verified_host,
+                                                      rows=keep)
                 if policy is not None:
-                    policy.record(n, True, time.perf_counter() - t_last, self._last_emitted)
+                    policy.record(n, True, time.perf_counter() - t_last, emitted)
                 kind = None
-                keep = [r for r, i in enumerate(self.rows) if not self.sequences[i].done]
+                keep = self._live_rows()
             if pending and keep:  # the drafter's state must hold every committed token before its rows are selected
                 pending.flush(self, n)
             self.verified = runner.verified[:n].clone()
@@ -627,35 +627,43 @@ class SpecSession:
         Replaying step k + 1 before the host reads step k's tokens keeps the GPU busy while the host emits them (an
         H200 sat idle ~60 us of each ~650 us EAGLE tree step, the host's per-step work)."""
         on = self.LOOKAHEAD if self.LOOKAHEAD is not None else runner.verified.device.type == "cuda"
-        return _AsyncTokens((runner.batch_size, runner.path_width + 3), runner.verified.device) if on and runner.in_graph_drafter else None
+        if not (on and runner.in_graph_drafter):
+            return None
+        return _AsyncTokens((runner.batch_size, runner.path_width + 3), runner.verified.device)
 
     EMPTY_TREE_PLAIN = True  # a host drafter's step without drafted tokens runs as a plain step (same tokens)
 
-    def _host_plain_step(self, runner, verified_host: torch.Tensor, n: int) -> torch.Tensor:
+    def _host_plain_step(self, runner, verified_host: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
         """A host drafter (n-gram) proposed nothing for any row: a speculative step would verify a root-only tree
         at the price of the runner's N-node verify (~2.5x a decode step for the bundle's tree-4x5) to emit one token
         per row, the token a plain step emits (greedy: the argmax; sampling: the same law). Runs the runner's plain
-        step instead and feeds the drafter the committed root. Returns the host's verified tokens."""
+        step instead and feeds the drafter the committed root. Returns (the host's verified tokens, tokens emitted)."""
         runner.prepare_plain()
         tok, _ = runner.plain_step()
         host = tok[:n].cpu()  # the step's one sync
         self.engine.drafter.advance(self.draft_state, tokens=verified_host[:, None],
                                     counts=torch.ones(n, dtype=torch.long), target_hidden=None)
+        return host, self._emit_plain(host.tolist())
+
+    def _emit_plain(self, column: list[int]) -> int:
+        """One plain step's token per row (column[r] for row r) to the sequences not done; returns the tokens
+        emitted."""
         emitted = 0
-        for seq_id, t in zip(self.rows, host.tolist()):
+        for seq_id, t in zip(self.rows, column):
             seq = self.sequences[seq_id]
-            emitted += len(seq.emit([t]))
-            seq.plain_steps += 1
-        self._last_emitted = emitted
-        return host
+            if not seq.done:
+                emitted += len(seq.emit([t]))
+                seq.plain_steps += 1
+        return emitted
 
     def _budget_left(self) -> int:
+        """The fewest tokens any active row may still emit."""
         return min(self.sequences[i].max_new_tokens - len(self.sequences[i].new_tokens) for i in self.rows)
 
     def _static_spec_tokens(self, runner, pk: torch.Tensor, n: int, on_host: bool, verified_host, rows=None):
         """Emit a static speculative step's tokens from its packed output pk (n, W + 3) on the host (only to `rows`,
         row indices, when given: the rows still running after a step replayed ahead); advances drafters outside the
-        graph. Sets self._last_emitted; returns the host's verified tokens (host drafters)."""
+        graph. Returns (the host's verified tokens (host drafters), tokens emitted)."""
         W = runner.path_width
         pt, cn, bo, dr = pk[:, :W], pk[:, W], pk[:, W + 1], pk[:, W + 2]
         if not runner.in_graph_drafter:
@@ -671,8 +679,7 @@ class SpecSession:
         rows_tokens = [row[1:c] + [b] for row, c, b in zip(pt.tolist(), cn.tolist(), bo.tolist())]
         drafted, accepted = dr.tolist(), (cn - 1).tolist()
         new = self._emit(rows_tokens, drafted, accepted, rows=rows)
-        self._last_emitted = sum(len(t) for t in new.values())
-        return verified_host
+        return verified_host, sum(len(t) for t in new.values())
 
     def _plain_burst(self, runner, policy, pending: "_StaticCatchUp", verified_host, n: int):
         """Plain steps of the static runner (the policy chose plain): replayed back to back while the policy keeps
@@ -680,7 +687,7 @@ class SpecSession:
         KV room) nor past the drafter's pending limit; then ONE sync reads their tokens, each is emitted and recorded
         with the policy (the burst's seconds shared equally). Returns (the kind the policy chose for the step after
         the burst or None, the host's verified tokens for host drafters)."""
-        left = min(self.sequences[i].max_new_tokens - len(self.sequences[i].new_tokens) for i in self.rows)
+        left = self._budget_left()
         most = self.MAX_PENDING_GRAPH if runner.in_graph_drafter else self.MAX_PENDING
         if len(pending) >= most:
             pending.settle(self, n, policy)
@@ -709,16 +716,8 @@ class SpecSession:
         pending.add(torch.cat([fed[:, None], toks[:, :-1]], 1), hidden,
                     torch.cat([verified_host[:, None], host[:, :-1]], 1) if verified_host is not None else None)
         seconds = (time.perf_counter() - t0) / k
-        cols = host.tolist()
-        for j in range(k):
-            emitted = 0
-            for r, seq_id in enumerate(self.rows):
-                seq = self.sequences[seq_id]
-                if seq.done:
-                    continue
-                emitted += len(seq.emit([cols[r][j]]))
-                seq.plain_steps += 1
-            policy.record(n, False, seconds, emitted)
+        for column in host.t().tolist():
+            policy.record(n, False, seconds, self._emit_plain(column))
         if not runner.in_graph_drafter and verified_host is None:  # device drafters outside the graph propose from it
             self.verified = runner.verified[:n].clone()
         if nxt_kind and any(self.sequences[i].done for i in self.rows):
