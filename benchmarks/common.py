@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmarks: environment record, CUDA-event timing, table printing, JSON output."""
+"""Shared pieces of the benchmarks: environment record, CUDA-event timing, table printing, JSON output, and the
+held-out generation requests that the request profiles time (profile_generate.py, profile_request.py)."""
 from __future__ import annotations
 
 import json
@@ -100,3 +101,43 @@ def greedy_consistent(model, outputs: torch.Tensor, prompt_len: int, *, rel_tol:
     scale = top.abs().clamp(min=1.0)
     worst = float(((top - chosen) / scale).max())
     return worst <= rel_tol, worst
+
+
+def add_request_args(ap, *, shape: str) -> None:
+    """The arguments of a held-out request profile: --device, --dtype, --shape (default `shape`), --prompts,
+    --tokens."""
+    from gdnspec.evaluate import SHAPES
+
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--shape", default=shape, choices=sorted(SHAPES))
+    ap.add_argument("--prompts", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=128)
+
+
+def bundle_and_prompts(args):
+    """(the shipped bundle in args.dtype on args.device, args.prompts held-out prompts of 128 tokens there)."""
+    from gdnspec.bundle import load
+    from gdnspec.evaluate import heldout_prompts
+
+    b = load(dtype=getattr(torch, args.dtype), device=args.device)
+    prompts = [p.to(args.device) for p in heldout_prompts(b.tokenizer, num_prompts=args.prompts, prompt_tokens=128)]
+    return b, prompts
+
+
+def device_sync(device: str) -> None:
+    """Wait for the device's queued work (CUDA; a no-op on the CPU)."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def best_wall(fn, device: str, n: int = 3) -> float:
+    """The fewest wall seconds of n runs of fn(), each from an idle device to the end of its device work."""
+    ts = []
+    for _ in range(n):
+        device_sync(device)
+        t = time.perf_counter()
+        fn()
+        device_sync(device)
+        ts.append(time.perf_counter() - t)
+    return min(ts)

@@ -15,38 +15,34 @@ import argparse
 import cProfile
 import pstats
 import sys
-import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_request_args, best_wall, bundle_and_prompts, device_sync  # noqa: E402
 
 
 def main(argv=None) -> int:
     from gdnspec import generate_autoregressive
-    from gdnspec.bundle import load
-    from gdnspec.evaluate import SHAPES, heldout_prompts
+    from gdnspec.evaluate import SHAPES
     from gdnspec.spec import SpeculativeEngine
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_request_args(ap, shape="chain-4")
     ap.add_argument("--drafter", default="eagle")
-    ap.add_argument("--shape", default="chain-4", choices=sorted(SHAPES))
-    ap.add_argument("--prompts", type=int, default=3)
-    ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--top", type=int, default=28, help="rows of each cProfile table")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
-    b = load(dtype=getattr(torch, args.dtype), device=args.device)
+    b, prompts = bundle_and_prompts(args)
     if args.drafter not in b.drafters:
         print(f"the bundle has no drafter {args.drafter!r} (it has {sorted(b.drafters)})", file=sys.stderr)
         return 2
     model = b.model
-    prompts = [p.to(args.device) for p in heldout_prompts(b.tokenizer, num_prompts=args.prompts, prompt_tokens=128)]
     eng = SpeculativeEngine(model, b.drafters[args.drafter], SHAPES[args.shape])
 
     def sync():
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
+        device_sync(args.device)
 
     def plain():
         return [generate_autoregressive(model, p[None], args.tokens)[0] for p in prompts]
@@ -54,15 +50,8 @@ def main(argv=None) -> int:
     def spec():
         return [eng.generate(p[None], args.tokens)[0] for p in prompts]
 
-    def best(f, n=3):
-        ts = []
-        for _ in range(n):
-            sync()
-            t = time.perf_counter()
-            f()
-            sync()
-            ts.append(time.perf_counter() - t)
-        return min(ts)
+    def best(f):
+        return best_wall(f, args.device)
 
     same = all(torch.equal(a, c) for a, c in zip(plain(), spec()))  # also the warm-up (graph capture)
     print(f"{args.device} {args.dtype} {args.drafter} {args.shape}: plain {best(plain) * 1e3:.1f} ms, speculative "

@@ -20,53 +20,42 @@ import functools
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_request_args, best_wall, bundle_and_prompts, device_sync  # noqa: E402
 
 
 def main(argv=None) -> int:
     from gdnspec import generate_autoregressive
-    from gdnspec import generate as G
-    from gdnspec.bundle import load
-    from gdnspec.evaluate import SHAPES, heldout_prompts
+    from gdnspec.evaluate import SHAPES
     from gdnspec.runtime import static as S
     from gdnspec.spec import SpeculativeEngine
     from gdnspec.spec import engine as E
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_request_args(ap, shape="tree-4x5")
     ap.add_argument("--drafters", default="eagle,model,ngram")
-    ap.add_argument("--shape", default="tree-4x5", choices=sorted(SHAPES))
-    ap.add_argument("--prompts", type=int, default=3)
-    ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--adaptive", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
-    b = load(dtype=getattr(torch, args.dtype), device=args.device)
+    b, prompts = bundle_and_prompts(args)
     names = [d for d in args.drafters.split(",") if d]
     missing = [d for d in names if d not in b.drafters]
     if missing:
         print(f"--drafters: the bundle has no {missing} (it has {sorted(b.drafters)})", file=sys.stderr)
         return 2
     model = b.model
-    prompts = [p.to(args.device) for p in heldout_prompts(b.tokenizer, num_prompts=args.prompts, prompt_tokens=128)]
     cuda = args.device.startswith("cuda")
 
     def sync():
-        if cuda:
-            torch.cuda.synchronize()
+        device_sync(args.device)
 
-    def best(f, n=3):
-        ts = []
-        for _ in range(n):
-            sync()
-            t = time.perf_counter()
-            f()
-            sync()
-            ts.append(time.perf_counter() - t)
-        return min(ts)
+    def best(f):
+        return best_wall(f, args.device)
 
     acc, cnt = collections.defaultdict(float), collections.Counter()
     patched = []
