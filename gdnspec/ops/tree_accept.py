@@ -63,6 +63,34 @@ if HAS_TRITON:
         return tl.sum(acc)
 
     @triton.jit
+    def _weights(base, o, rej, V):
+        """The weights at tokens o (float64), 0 past V and at the tokens listed in rej (-1: no token)."""
+        p = tl.load(base + o, mask=o < V, other=0.0).to(tl.float64)
+        hit = tl.sum(tl.where(rej[None, :] == o[:, None].to(tl.int64), 1, 0), axis=1) > 0
+        return tl.where(hit, 0.0, p)
+
+    @triton.jit
+    def _inverse_cdf(base, u, rej, V, BV: tl.constexpr):
+        """sample_from_probs for the V weights at base with the tokens in rej zeroed: the first token whose float64
+        running sum exceeds u * total, clamped to the last token of positive weight (0 when none has weight)."""
+        tot = tl.zeros([BV], dtype=tl.float64)
+        for v0 in range(0, V, BV):
+            tot += _weights(base, v0 + tl.arange(0, BV), rej, V)
+        total = tl.sum(tot)
+        target = u * total
+        running = total * 0.0  # loop-carried scalars keep one type: float64 and int32 tensors from the start
+        first = V + 0
+        last = V * 0
+        for v0 in range(0, V, BV):
+            o = v0 + tl.arange(0, BV)
+            p = _weights(base, o, rej, V)
+            cdf = running + tl.cumsum(p, axis=0)
+            first = tl.minimum(first, tl.min(tl.where((cdf > target) & (o < V), o, V)))
+            last = tl.maximum(last, tl.max(tl.where(p > 0, o, 0)))
+            running += tl.sum(p)
+        return tl.minimum(first, last)
+
+    @triton.jit
     def _tree_accept_kernel(tokens_ptr, parents_ptr, valid_ptr, probs_ptr, u_ptr, node_ptr, bonus_ptr, N, V,
                             DEPTH: tl.constexpr, KIDS: tl.constexpr, BN: tl.constexpr, KP: tl.constexpr,
                             BV: tl.constexpr):
@@ -110,57 +138,18 @@ if HAS_TRITON:
             rej = tl.where(moved != 0, -1, rej)
             nrej = tl.where(moved != 0, 0, nrej)
         tl.store(node_ptr + b, cur.to(tl.int64))
-        # bonus: sample_from_probs(residual at cur, uniforms[:, 0]): the first token whose float64 running sum
-        # exceeds u * total, clamped to the last token of positive weight
-        base = row + cur * V
-        tot = tl.zeros([BV], dtype=tl.float64)
-        for v0 in range(0, V, BV):
-            o = v0 + tl.arange(0, BV)
-            p = tl.load(base + o, mask=o < V, other=0.0).to(tl.float64)
-            hit = tl.sum(tl.where(rej[None, :] == o[:, None].to(tl.int64), 1, 0), axis=1) > 0
-            tot += tl.where(hit, 0.0, p)
+        # bonus: sample_from_probs(residual at cur, uniforms[:, 0])
         u0 = tl.sum(tl.where(offs == 0, uu, 0.0))
-        total = tl.sum(tot)
-        target = u0 * total
-        running = total * 0.0  # loop-carried scalars keep one type: float64 and int32 tensors from the start
-        first = V + 0
-        last = V * 0
-        for v0 in range(0, V, BV):
-            o = v0 + tl.arange(0, BV)
-            p = tl.load(base + o, mask=o < V, other=0.0).to(tl.float64)
-            hit = tl.sum(tl.where(rej[None, :] == o[:, None].to(tl.int64), 1, 0), axis=1) > 0
-            p = tl.where(hit, 0.0, p)
-            cdf = running + tl.cumsum(p, axis=0)
-            first = tl.minimum(first, tl.min(tl.where((cdf > target) & (o < V), o, V)))
-            last = tl.maximum(last, tl.max(tl.where(p > 0, o, 0)))
-            running += tl.sum(p)
-        tl.store(bonus_ptr + b, tl.minimum(first, last).to(tl.int64))
+        tl.store(bonus_ptr + b, _inverse_cdf(row + cur * V, u0, rej, V, BV).to(tl.int64))
 
 
 if HAS_TRITON:
     @triton.jit
     def _draw_kernel(probs_ptr, u_ptr, out_ptr, V, BV: tl.constexpr):
-        """sampling.sample_from_probs for one row: the first token whose float64 running sum exceeds u * total,
-        clamped to the last token of positive weight (0 when every weight is 0)."""
+        """sampling.sample_from_probs for one row (_inverse_cdf with no token zeroed)."""
         b = tl.program_id(0).to(tl.int64)
-        base = probs_ptr + b * V
-        tot = tl.zeros([BV], dtype=tl.float64)
-        for v0 in range(0, V, BV):
-            o = v0 + tl.arange(0, BV)
-            tot += tl.load(base + o, mask=o < V, other=0.0).to(tl.float64)
-        total = tl.sum(tot)
-        target = tl.load(u_ptr + b) * total
-        running = total * 0.0
-        first = V + 0
-        last = V * 0
-        for v0 in range(0, V, BV):
-            o = v0 + tl.arange(0, BV)
-            p = tl.load(base + o, mask=o < V, other=0.0).to(tl.float64)
-            cdf = running + tl.cumsum(p, axis=0)
-            first = tl.minimum(first, tl.min(tl.where((cdf > target) & (o < V), o, V)))
-            last = tl.maximum(last, tl.max(tl.where(p > 0, o, 0)))
-            running += tl.sum(p)
-        tl.store(out_ptr + b, tl.minimum(first, last).to(tl.int64))
+        none = tl.full([2], -1, tl.int64)
+        tl.store(out_ptr + b, _inverse_cdf(probs_ptr + b * V, tl.load(u_ptr + b), none, V, BV).to(tl.int64))
 
 
 def draw_from_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
