@@ -10,12 +10,22 @@ fused GDN verify kernel in its "norm" and "full" forms, the fused GDN decode ker
 log-softmax top-k, the tree builder's kernels, the counter-based uniforms and the tree rejection sampling, through `triton.compile` for `GPUTarget("cuda", 90, 32)`, which needs no GPU. Exit code 1 on the first
 failure, with the compiler's message. Run it without TRITON_INTERPRET (tests/test_kernel_compile.py runs it in a
 subprocess with a clean environment).
+
+    python benchmarks/compile_check.py --ptxas  # also the registers and spill bytes of each kernel (ptxas -v)
+
+Registers and spills come from the ptxas that ships with Triton (`ptxas_usage`; the one that reads Triton's PTX
+version). Kernels launched at the shipped bundle's shapes with a num_warps chosen to keep their tiles in registers
+are marked `no_spill`: a spill there fails the check (the tree builder's selection spilled at 4 warps and took ~20 us
+of an EAGLE tree step on an H200). Without a usable ptxas the spill check is skipped with a note.
 """
 from __future__ import annotations
 
 import inspect
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -28,9 +38,39 @@ from triton.compiler import ASTSource  # noqa: E402
 TARGET = GPUTarget("cuda", 90, 32)
 
 
-def compile_kernel(kernel, types: dict, consts: dict, label: str, num_warps: int = 4) -> None:
+def _ptxas() -> str | None:
+    """The path of a ptxas shipped with Triton that accepts its PTX (the newest first), or None."""
+    base = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    for name in ("ptxas-blackwell", "ptxas"):
+        path = os.path.join(base, name)
+        if os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def ptxas_usage(compiled) -> tuple[int, int] | None:
+    """(registers per thread, spill store bytes) of a compiled kernel's PTX by `ptxas -v` for sm_90a, or None when
+    no shipped ptxas reads it (the PTX version is newer than the ptxas)."""
+    ptxas = _ptxas()
+    if ptxas is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(compiled.asm["ptx"])
+        r = subprocess.run([ptxas, "-arch=sm_90a", "-v", src, "-o", os.path.join(tmp, "k.cubin")],
+                           capture_output=True, text=True)
+    regs = re.search(r"Used (\d+) registers", r.stderr)
+    spill = re.search(r"(\d+) bytes spill stores", r.stderr)
+    if r.returncode != 0 or regs is None or spill is None:
+        return None
+    return int(regs.group(1)), int(spill.group(1))
+
+
+def compile_kernel(kernel, types: dict, consts: dict, label: str, num_warps: int = 4, *, usage: bool = False):
     """triton.compile of `kernel` with argument `types` (Triton type strings; every non-constexpr argument not named
-    is an int32 scalar) and `consts` (the constexpr arguments; those left out take their defaults) for sm_90. Raises what the compiler raises."""
+    is an int32 scalar) and `consts` (the constexpr arguments; those left out take their defaults) for sm_90. Raises
+    what the compiler raises. usage: also return ptxas_usage's (registers, spill bytes) (None without a ptxas)."""
     sig, cons = {}, {}
     for i, p in enumerate(kernel.params):
         if p.name in consts or (p.is_constexpr and p.default is not inspect.Parameter.empty):
@@ -39,12 +79,20 @@ def compile_kernel(kernel, types: dict, consts: dict, label: str, num_warps: int
         else:
             sig[p.name] = types.get(p.name, "i32")
     t = time.perf_counter()
-    triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=cons), target=TARGET,
-                   options={"num_warps": num_warps})
-    print(f"ok  {label} ({time.perf_counter() - t:.1f} s)", flush=True)
+    compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=cons), target=TARGET,
+                              options={"num_warps": num_warps})
+    used = ptxas_usage(compiled) if usage else None
+    extra = f", {used[0]} registers, {used[1]} spill bytes" if used else ""
+    print(f"ok  {label} ({time.perf_counter() - t:.1f} s{extra})", flush=True)
+    return used
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a not in ("--ptxas",) for a in argv):
+        print(f"usage: compile_check.py [--ptxas]; got {' '.join(argv)}", file=sys.stderr)
+        return 2
+    report = "--ptxas" in argv
     from gdnspec.ops.fused import elementwise, gdn_decode, gdn_tree, gdn_tree_proj, gemv, topk
     from gdnspec.ops.gated_delta_rule import triton_tree
 
@@ -57,7 +105,7 @@ def main() -> int:
                         "dt_bias": "*fp32", "scale": "fp32", "norm_eps": "fp32"})
     decode_types = {n: "*bf16" for n in ("proj", "wgt", "cstate", "nw", "y")}
     decode_types.update({"S": "*fp32", "o_buf": "*fp32", "counter": "*i32", "A_log": "*fp32", "dt_bias": "*fp32",
-                         "scale": "fp32", "norm_eps": "fp32"})
+                         "scale": "fp32", "norm_eps": "fp32", "cs_src": "*bf16", "S_src": "*fp32", "src_rows": "*i64"})
     jobs = []
     for blocked in (True, False):
         for BN in (16, 32):
@@ -68,10 +116,10 @@ def main() -> int:
         jobs.append((gdn_tree._gdn_tree_verify_kernel, fused_types,
                      dict(**shapes, W=4, BN=16, BK=128, BV=32, BVN=128, NV=4, PREP=prep, PREC="tf32x3", PREC_S="tf32",
                           BLOCKED=True, PDL=True), f"fused GDN verify {'full' if prep else 'norm'} (PDL)"))
-    for bvb, pdl in ((64, False), (32, True)):
+    for bvb, pdl, rows in ((64, False, False), (32, True, False), (32, True, True)):
         jobs.append((gdn_decode._gdn_decode_kernel, decode_types,
-                     dict(**shapes, W=4, BK=128, BVB=bvb, NV=128 // bvb, BV=128, BW=4, PDL=pdl),
-                     f"fused GDN decode block_v={bvb} PDL={pdl}"))
+                     dict(**shapes, W=4, BK=128, BVB=bvb, NV=128 // bvb, BV=128, BW=4, PDL=pdl, HAS_ROWS=rows),
+                     f"fused GDN decode block_v={bvb} PDL={pdl}" + (" reading source rows" if rows else "")))
     # float32 on CUDA (the bundle's verify step and tree expansions, gemv.fp32_rows_ok): the GEMV and the
     # verify in-projection with the tree prep, with and without PDL
     g32 = {n: "*fp32" for n in ("x", "w", "b", "y")}
@@ -105,8 +153,10 @@ def main() -> int:
                                                              PF_LINES=4, LINE=32, PREC="fma"),
                  "float32 fma tree in-projection (PDL)"))
     ei = {n: "*bf16" for n in ("table", "hid", "we", "wh", "out")}
-    ei.update({"ids": "*i64", "eps": "fp32"})
-    jobs.append((elementwise._eagle_input_kernel, ei, dict(OFFSET=True, BD=2048, PDL=True), "EAGLE input (PDL)"))
+    ei.update({"ids": "*i64", "eps": "fp32", "hrows": "*i64"})
+    for rows in (False, True):
+        jobs.append((elementwise._eagle_input_kernel, ei, dict(OFFSET=True, BD=2048, PDL=True, HAS_ROWS=rows),
+                     "EAGLE input (PDL)" + (" gathering its feature rows" if rows else "")))
     tk = {"x": "*bf16", "out_v": "*fp32", "out_i": "*i64", "part_m": "*fp32", "part_s": "*fp32"}
     for single in (True, False):
         jobs.append((topk._block_kernel, tk, dict(K=4, KP=4, BLOCK=8192, SINGLE=single),
@@ -123,6 +173,9 @@ def main() -> int:
     st = {n: "*i64" for n in ("pool_tok", "pool_par", "tokens", "parents", "order")}
     st.update({"pool_sc": "*fp32", "scores": "*fp32", "valid": "*i8"})
     jobs.append((tb._select_kernel, st, dict(BP=64, BN=16), "tree builder best-N selection"))
+    # the shipped bundle's EAGLE tree-4x5 pool (69 nodes: BP = 128) at the launch's warps: must not spill
+    no_spill = [(tb._select_kernel, st, dict(BP=128, BN=16), "tree builder best-N selection, BP=128 (no spill)",
+                 tb._select_warps(128))]
     ct = {n: "*i64" for n in ("roots", "tok", "tokens", "parents", "order")}
     ct.update({"lp": "*fp32", "scores": "*fp32", "valid": "*i8"})
     jobs.append((tb._chain_kernel, ct, dict(BN=16), "tree builder chain"))
@@ -137,11 +190,18 @@ def main() -> int:
                      dict(DEPTH=5, KIDS=4, BN=16, KP=4, BV=2048), f"tree rejection sampling ({pdt[1:]})"))
     jobs.append((tree_accept._draw_kernel, {"probs_ptr": "*fp32", "u_ptr": "*fp64", "out_ptr": "*i64"},
                  dict(BV=2048), "inverse-CDF draw"))
-    for kernel, types, consts, label in jobs:
+    if _ptxas() is None:
+        print("note: no ptxas shipped with Triton: registers and spills not checked", flush=True)
+    for kernel, types, consts, label, *warps in jobs + no_spill:
+        must = bool(warps)
+        nw = warps[0] if warps else (8 if consts.get("BLOCK", 0) >= 4096 else 4)
         try:
-            compile_kernel(kernel, types, consts, label, num_warps=8 if consts.get("BLOCK", 0) >= 4096 else 4)
+            used = compile_kernel(kernel, types, consts, label, num_warps=nw, usage=report or must)
         except Exception as e:  # noqa: BLE001 (report the compiler's message, then fail)
             print(f"FAIL {label}: {type(e).__name__}: {e}", flush=True)
+            return 1
+        if must and used is not None and used[1] > 0:
+            print(f"FAIL {label}: {used[1]} bytes of register spills at {nw} warps ({used[0]} registers)", flush=True)
             return 1
     return 0
 

@@ -10,7 +10,7 @@ which CUDA graphs need); tree verification only reads it, and commit writes it e
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,27 +24,61 @@ def _take_rows(t: torch.Tensor, rows) -> torch.Tensor:
 
 @dataclass
 class GDNLayerState:
-    """State of one Gated DeltaNet layer: recurrent (B, HV, K, V) and conv window (B, conv_dim, W-1)."""
+    """State of one Gated DeltaNet layer: recurrent (B, HV, K, V) and conv window (B, conv_dim, W-1).
+
+    pending: (source state, rows or None) when this state's rows ARE source's rows `rows` (rows 0 .. B-1 for None)
+    but have not been copied yet (`gathered`): the fused decode step reads them from the source while it writes
+    this state (a tree expansion's state gather inside its GDN kernel, layers/gated_deltanet.decode_fused); anything
+    else calls `materialize_` first, which the methods below do."""
 
     recurrent: torch.Tensor
     conv: torch.Tensor
+    pending: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def batch_size(self) -> int:
         return self.recurrent.shape[0]
 
+    @staticmethod
+    def gathered(source: "GDNLayerState", rows: torch.Tensor | None) -> "GDNLayerState":
+        """A state of len(rows) rows (source's B for None) that equals source.select(rows) (source.clone()) once
+        materialised, with uninitialised buffers and the copy left pending. source must not change before."""
+        source.materialize_()
+        B = source.batch_size if rows is None else rows.shape[0]
+        return GDNLayerState(source.recurrent.new_empty((B, *source.recurrent.shape[1:])),
+                             source.conv.new_empty((B, *source.conv.shape[1:])), pending=(source, rows))
+
+    def materialize_(self) -> "GDNLayerState":
+        """Copy a pending gather in (no-op without one); returns self."""
+        if self.pending is not None:
+            src, rows = self.pending
+            self.pending = None
+            B = self.batch_size
+            if rows is None:
+                self.recurrent.copy_(src.recurrent[:B])
+                self.conv.copy_(src.conv[:B])
+            else:
+                torch.index_select(src.recurrent, 0, rows, out=self.recurrent)
+                torch.index_select(src.conv, 0, rows, out=self.conv)
+        return self
+
     def select(self, rows: torch.Tensor) -> "GDNLayerState":
+        self.materialize_()
         return GDNLayerState(_take_rows(self.recurrent, rows), _take_rows(self.conv, rows))
 
     def assign_rows_(self, rows: torch.Tensor, other: "GDNLayerState") -> None:
+        self.materialize_()
+        other.materialize_()
         self.recurrent[rows] = other.recurrent.to(self.recurrent.dtype)
         self.conv[rows] = other.conv.to(self.conv.dtype)
 
     def clone(self) -> "GDNLayerState":
+        self.materialize_()
         return GDNLayerState(self.recurrent.clone(), self.conv.clone())
 
     @staticmethod
     def cat(states: list["GDNLayerState"]) -> "GDNLayerState":
+        states = [s.materialize_() for s in states]
         return GDNLayerState(torch.cat([s.recurrent for s in states]), torch.cat([s.conv for s in states]))
 
 
@@ -133,6 +167,21 @@ class ModelState:
         """A copy holding only `rows` (in that order)."""
         rows = torch.as_tensor(rows, dtype=torch.long, device=self._device())
         return ModelState([layer.select(rows) for layer in self.layers])
+
+    def select_deferred(self, rows: torch.Tensor | None) -> "ModelState":
+        """select(rows) (clone() for rows None) with the GDN layers' copies left pending (GDNLayerState.gathered):
+        the fused decode step of a model or EAGLE head reads them from this state while it writes the new one, so a
+        drafter's tree expansion needs no gather kernels; attention layers are copied now. This state must not
+        change until the new one has run its step (or been materialised). rows: (B',) long on the state's device."""
+        return ModelState([GDNLayerState.gathered(layer, rows) if isinstance(layer, GDNLayerState)
+                           else (layer.clone() if rows is None else layer.select(rows)) for layer in self.layers])
+
+    def materialize_(self) -> "ModelState":
+        """Copy in every pending gather (select_deferred); returns self."""
+        for layer in self.layers:
+            if isinstance(layer, GDNLayerState):
+                layer.materialize_()
+        return self
 
     def assign_rows_(self, rows: torch.Tensor | list[int], other: "ModelState") -> None:
         """Write the rows of `other` (in order) into rows `rows` of this state; one row of `other` per entry of

@@ -273,14 +273,20 @@ class Qwen3GatedDeltaNet(nn.Module):
         GEMV, `gdn_decode_fused` (conv + gates + L2 norm + recurrence + gated RMSNorm), out_proj. Returns out_proj for
         `add_norm`: a ResidualProjection (run there with the residual add), or computed as (B, 1, hidden) or float32
         split-K partial sums (S, B, 1, hidden) (gemv.linear_for_residual). Same numbers as
-        forward_state(mode="fused_decode") up to float rounding."""
-        from gdnspec.ops.fused.gdn_decode import gdn_decode_fused
+        forward_state(mode="fused_decode") up to float rounding. A state with a pending gather
+        (GDNLayerState.gathered) is read from its source rows by the decode kernel (gdn_decode's StateSource)."""
+        from gdnspec.ops.fused.gdn_decode import StateSource, gdn_decode_fused
         from gdnspec.ops.fused.normed import linear_in, output_projection
 
         proj = linear_in(x, self.fused_in_proj())[:, 0]  # (B, P)
+        source = None
+        if state.pending is not None:  # GDNLayerState.gathered: the kernel reads the source rows, writes `state`
+            (src, rows), state.pending = state.pending, None
+            src.materialize_()
+            source = StateSource(conv=src.conv, recurrent=src.recurrent, rows=rows)
         y = gdn_decode_fused(proj, layout=self.proj_layout(), conv_weight=self.conv_weight, conv_state=state.conv,
                              recurrent_state=state.recurrent, A_log=self.A_log, dt_bias=self.dt_bias,
-                             norm_weight=self.norm.weight, norm_eps=self.norm.eps)  # (B, HV*V)
+                             norm_weight=self.norm.weight, norm_eps=self.norm.eps, source=source)  # (B, HV*V)
         return output_projection(y[:, None], self.out_proj.weight, self.out_proj.bias)
 
     def forward_tree_fused(self, x: torch.Tensor, state: GDNLayerState, layout: TokenLayout, *,

@@ -186,23 +186,34 @@ class EagleHead(nn.Module):
         f, _ = add_norm(self.norm_h, hidden if hidden.dtype == dt else hidden.to(dt), None)
         return self._fused_rest(torch.cat([e, f], dim=-1), s, target)
 
-    def decode_step_ids(self, hidden: torch.Tensor, token_ids: torch.Tensor, state: ModelState, *, target: nn.Module
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode_step_ids(self, hidden: torch.Tensor, token_ids: torch.Tensor, state: ModelState, *, target: nn.Module,
+                        hidden_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`decode_step` given the draft tokens' ids (B, 1) instead of their embeddings (what the drafter has). On
         the fused path the target's embedding lookup, norm_e, norm_h and their concat are ONE kernel
-        (ops/fused/elementwise.eagle_input, the same numbers); elsewhere decode_step(hidden, embed(ids), ...)."""
+        (ops/fused/elementwise.eagle_input, the same numbers); elsewhere decode_step(hidden, embed(ids), ...).
+
+        hidden_rows (B,) long: row b's feature is hidden[hidden_rows[b]] of hidden (R, 1, H) (a tree expansion's
+        parents; gathered inside eagle_input on the fused path). `state` may hold a pending gather
+        (ModelState.select_deferred): the fused GDN decode kernel reads it; any other path copies it in first."""
         s = state.layers[0] if isinstance(state, ModelState) and len(state.layers) == 1 else None
+        rows_ok = hidden_rows is None or (isinstance(token_ids, torch.Tensor)
+                                          and tuple(hidden_rows.shape) == (token_ids.shape[0],))
         if (self._fused_ok(hidden, s, target) and isinstance(hidden, torch.Tensor) and hidden.dim() == 3
                 and hidden.shape[1] == 1 and hidden.dtype == self.dtype and isinstance(token_ids, torch.Tensor)
-                and tuple(token_ids.shape) == tuple(hidden.shape[:2]) and not token_ids.is_floating_point()
-                and target.embed_tokens.weight.dtype == self.dtype):
+                and token_ids.dim() == 2 and token_ids.shape[1] == 1 and rows_ok
+                and (hidden_rows is not None or token_ids.shape[0] == hidden.shape[0])
+                and not token_ids.is_floating_point() and target.embed_tokens.weight.dtype == self.dtype):
             from gdnspec.ops.fused.elementwise import eagle_input
 
             ne, nh = self.norm_e, self.norm_h
             if ne.eps == nh.eps and ne.offset == nh.offset:
                 x = eagle_input(token_ids, target.embed_tokens.weight, hidden, w_e=ne.weight, w_h=nh.weight,
-                                eps=ne.eps, offset=ne.offset)  # (B, 1, 2H)
+                                eps=ne.eps, offset=ne.offset, hidden_rows=hidden_rows)  # (B, 1, 2H)
                 return self._fused_rest(x, s, target)
+        if isinstance(state, ModelState):
+            state.materialize_()
+        if hidden_rows is not None:
+            hidden = hidden.index_select(0, hidden_rows)
         return self.decode_step(hidden, target.embed_tokens(token_ids), state, target=target)
 
     def _fused_rest(self, x: torch.Tensor, s, target: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

@@ -329,6 +329,7 @@ class GDNForCausalLM(nn.Module):
         if validate:
             self._check_state(state, B)
         if T == 1 and mode in ("auto", "fused_decode") and self._use_cpu_fast(state):
+            state.materialize_()  # a pending gather (ModelState.select_deferred): only the fused step reads it
             step = _cpu_compiled.decode_step if _cpu_compiled.applies(self) else _cpu_fast.decode_step
             logits, h = step(self, input_ids, state)
             return CausalLMOutput(logits=logits, hidden_states=h, state=state)
@@ -343,6 +344,7 @@ class GDNForCausalLM(nn.Module):
             x, h = add_norm(self.norm, y, resid)
             logits = _normed.linear_in(x, self.lm_head.weight, self.lm_head.bias)
             return CausalLMOutput(logits=logits, hidden_states=h, state=state)
+        state.materialize_()
         chunk = self.prefill_chunk_size
         capturing = h.is_cuda and torch.cuda.is_current_stream_capturing()
         if T > chunk and not capturing:  # long prompt: bounded activations and masks, same result

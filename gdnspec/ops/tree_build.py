@@ -186,6 +186,15 @@ def _warps(block: int) -> int:
     return 8 if block >= 256 else 4
 
 
+def _select_warps(block: int) -> int:
+    """num_warps of the best-N selection over BP = `block` candidates: its rank / place / parent matrices are
+    (BP, BP), so the warps grow with BP to keep them in registers. ptxas for sm_90 (benchmarks/compile_check.py
+    --ptxas): BP = 128 with 4 warps used 255 registers and spilled (EAGLE tree-4x5's 69-node pool: the kernel took
+    ~20 us of a 640 us step on an H200, results/stop24/run1_tree_build), 84 with 16 warps; BP = 64: 96 with 4, 32
+    with 16; BP = 256 (MAX_POOL) spills least with 16 (900 bytes)."""
+    return 4 if block <= 32 else (8 if block <= 64 else 16)
+
+
 def _need(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype) -> None:
     if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(shape) or t.dtype != dtype:
         got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
@@ -278,7 +287,7 @@ def select_best(pool: tuple, *, num_draft_tokens: int):
     if B > 0:
         BP = _pow2(P - 1)
         _select_kernel[(B,)](pool_tok.contiguous(), pool_par.contiguous(), pool_sc.contiguous(), tokens, parents,
-                             scores, valid, order, P, N, n_keep, BP=BP, BN=_pow2(N), num_warps=_warps(BP))
+                             scores, valid, order, P, N, n_keep, BP=BP, BN=_pow2(N), num_warps=_select_warps(BP))
     return tokens, parents, scores, valid.view(torch.bool), order
 
 

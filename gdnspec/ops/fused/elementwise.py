@@ -99,10 +99,11 @@ if HAS_TRITON:
 if HAS_TRITON:
 
     @triton.jit
-    def _eagle_input_kernel(ids, table, st, hid, sh, we, wh, out, so, H, eps, OFFSET: tl.constexpr,
-                            BD: tl.constexpr, PDL: tl.constexpr = False):
+    def _eagle_input_kernel(ids, table, st, hid, sh, we, wh, out, so, H, eps, hrows, OFFSET: tl.constexpr,
+                            BD: tl.constexpr, PDL: tl.constexpr = False, HAS_ROWS: tl.constexpr = False):
         """Program (row, half): half 0 normalises the embedding row table[ids[row]] with we into out[row, :H],
-        half 1 the feature row hid[row] with wh into out[row, H:]; add_rms_norm's arithmetic without a residual."""
+        half 1 the feature row hid[hrows[row]] (HAS_ROWS) or hid[row] with wh into out[row, H:]; add_rms_norm's
+        arithmetic without a residual."""
         enter(PDL)
         row = tl.program_id(0)
         half = tl.program_id(1)
@@ -113,7 +114,11 @@ if HAS_TRITON:
             xv = tl.load(table + tok * st + cols, mask=m, other=0.0)
             w = we
         else:
-            xv = tl.load(hid + row * sh + cols, mask=m, other=0.0)
+            if HAS_ROWS:
+                src = tl.load(hrows + row).to(tl.int64)
+            else:
+                src = row.to(tl.int64)
+            xv = tl.load(hid + src * sh + cols, mask=m, other=0.0)
             w = wh
         y = _rms_normed(xv.to(tl.float32), w, cols, m, H, eps, OFFSET)
         tl.store(out + row * so + half * H + cols, y.to(out.dtype.element_ty), mask=m)
@@ -128,16 +133,33 @@ def eagle_input_reference(ids: torch.Tensor, table: torch.Tensor, hidden: torch.
 
 
 def eagle_input(ids: torch.Tensor, table: torch.Tensor, hidden: torch.Tensor, *, w_e: torch.Tensor,
-                w_h: torch.Tensor, eps: float, offset: bool) -> torch.Tensor:
+                w_h: torch.Tensor, eps: float, offset: bool, hidden_rows: torch.Tensor | None = None) -> torch.Tensor:
     """An EAGLE head's input in ONE launch: the embedding lookup of the draft tokens, norm_e and norm_h and their
     concat (models/eagle.py: fc's input), [rmsnorm(table[ids]) * w_e | rmsnorm(hidden) * w_h].
 
     ids (...,) integer token ids in [0, V) (not checked on the device: the caller's tokens), table (V, H) the
     embedding, hidden (..., H) the parent features, w_e / w_h (H,); table and hidden of one dtype. Returns (..., 2H)
     in hidden's dtype, the same numbers as `eagle_input_reference` (add_rms_norm's arithmetic). The reference where
-    the Triton kernels cannot run (CPU without TRITON_INTERPRET, float64). ValueError for mismatched shapes / dtypes."""
+    the Triton kernels cannot run (CPU without TRITON_INTERPRET, float64). ValueError for mismatched shapes / dtypes.
+
+    hidden_rows (M,) long, M = ids.numel(): row m takes the feature hidden.reshape(-1, H)[hidden_rows[m]] (a tree
+    expansion's parent features, gathered in the kernel instead of by a gather launch before it; entries in range
+    are the caller's, not checked on the device); the result is then (*ids.shape, 2H)."""
     H = hidden.shape[-1]
-    if tuple(ids.shape) != tuple(hidden.shape[:-1]) or ids.is_floating_point():
+    if hidden_rows is not None:
+        M = ids.numel()
+        if (not isinstance(hidden_rows, torch.Tensor) or hidden_rows.dtype != torch.long
+                or tuple(hidden_rows.shape) != (M,) or hidden_rows.device != hidden.device):
+            got = (f"{hidden_rows.dtype} {tuple(hidden_rows.shape)} on {hidden_rows.device}"
+                   if isinstance(hidden_rows, torch.Tensor) else type(hidden_rows).__name__)
+            raise ValueError(f"hidden_rows must be a ({M},) long tensor on {hidden.device} (one row per id), got {got}")
+        if ids.is_floating_point():
+            raise ValueError(f"ids must be integer token ids, got {ids.dtype}")
+        h2 = hidden.reshape(-1, H)
+        if not available(h2) or h2.dtype == torch.float64:
+            return eagle_input(ids, table, h2.index_select(0, hidden_rows).view(*ids.shape, H), w_e=w_e, w_h=w_h,
+                               eps=eps, offset=offset)
+    elif tuple(ids.shape) != tuple(hidden.shape[:-1]) or ids.is_floating_point():
         raise ValueError(f"ids must be integer token ids of shape {tuple(hidden.shape[:-1])} (hidden's leading dims), "
                          f"got {ids.dtype} {tuple(ids.shape)}")
     if table.dim() != 2 or table.shape[1] != H or table.dtype != hidden.dtype:
@@ -153,13 +175,14 @@ def eagle_input(ids: torch.Tensor, table: torch.Tensor, hidden: torch.Tensor, *,
         raise ValueError(f"eagle_input supports rows of at most 65536 elements, got H={H}")
     h2 = _rows((hidden if hidden.stride(-1) == 1 else hidden.contiguous()).reshape(-1, H), "hidden")
     tab = table if table.stride(-1) == 1 else table.contiguous()
-    M = h2.shape[0]
+    M = ids.numel()
     out = torch.empty(M, 2 * H, dtype=hidden.dtype, device=hidden.device)
     if M:
         _eagle_input_kernel[(M, 2)](ids.reshape(-1).contiguous(), tab, tab.stride(0), h2, h2.stride(0), w_e, w_h, out,
-                                    out.stride(0), H, float(eps), OFFSET=bool(offset), BD=BD,
+                                    out.stride(0), H, float(eps), h2 if hidden_rows is None else hidden_rows,
+                                    OFFSET=bool(offset), BD=BD, HAS_ROWS=hidden_rows is not None,
                                     num_warps=4 if BD <= 4096 else 8, **pdl.launch_args(h2))
-    return out.view(*hidden.shape[:-1], 2 * H)
+    return out.view(*ids.shape, 2 * H)
 
 
 def _rows(t: torch.Tensor, name: str) -> torch.Tensor:

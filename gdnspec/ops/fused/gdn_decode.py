@@ -42,7 +42,7 @@ if HAS_TRITON:
 
     from gdnspec.ops.pdl import enter
 
-__all__ = ["ProjLayout", "gdn_decode_fused", "gdn_decode_reference"]
+__all__ = ["ProjLayout", "StateSource", "check_source", "gdn_decode_fused", "gdn_decode_reference"]
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,48 @@ class ProjLayout:
         return torch.cat([self.gather_index(p, device) for p in ("q", "k", "v")])
 
 
+@dataclass(frozen=True)
+class StateSource:
+    """Where a decode step reads its GDN states from when they are not the ones it writes (a drafter's tree
+    expansion: each new frontier node starts from its parent's state). Row b of the step reads row rows[b] of
+    (conv (R, conv_dim, W-1), recurrent (R, HV, K, V)), or row b when rows is None; the step's own conv_state /
+    recurrent_state (B rows) are then written, not read, so they may be uninitialised (torch.empty)."""
+
+    conv: torch.Tensor
+    recurrent: torch.Tensor
+    rows: torch.Tensor | None = None  # (B,) long on the states' device, entries in [0, R) (not checked on the device)
+
+    def take(self, t: torch.Tensor, B: int) -> torch.Tensor:
+        """Rows of `t` (conv or recurrent) the step reads: t[rows] or t[:B]."""
+        return t[:B] if self.rows is None else t.index_select(0, self.rows)
+
+
+def check_source(source: StateSource, *, B: int, conv_state: torch.Tensor, recurrent_state: torch.Tensor) -> None:
+    """ValueError naming the field when `source` cannot feed a step that writes (conv_state, recurrent_state)."""
+    if not isinstance(source, StateSource):
+        raise ValueError(f"source must be a StateSource, got {type(source).__name__}")
+    for name, src, dst in (("conv", source.conv, conv_state), ("recurrent", source.recurrent, recurrent_state)):
+        if src.dim() != dst.dim() or tuple(src.shape[1:]) != tuple(dst.shape[1:]) or src.dtype != dst.dtype:
+            raise ValueError(f"source.{name} must be (R, {', '.join(map(str, dst.shape[1:]))}) {dst.dtype} like the "
+                             f"written state, got {src.dtype} {tuple(src.shape)}")
+        if src.device != dst.device or not src.is_contiguous():
+            raise ValueError(f"source.{name} must be contiguous on {dst.device}")
+        if src.data_ptr() == dst.data_ptr() and source.rows is not None:
+            raise ValueError(f"source.{name} is the written state itself: a gather in place is a race")
+    if source.conv.shape[0] != source.recurrent.shape[0]:
+        raise ValueError(f"source.conv and source.recurrent hold {source.conv.shape[0]} and "
+                         f"{source.recurrent.shape[0]} rows")
+    R = source.conv.shape[0]
+    if source.rows is None:
+        if R < B:
+            raise ValueError(f"source holds {R} rows, the step needs {B} (rows=None reads rows 0 .. B-1)")
+    elif (not isinstance(source.rows, torch.Tensor) or source.rows.dtype != torch.long
+          or tuple(source.rows.shape) != (B,) or source.rows.device != conv_state.device):
+        got = (f"{source.rows.dtype} {tuple(source.rows.shape)}" if isinstance(source.rows, torch.Tensor)
+               else type(source.rows).__name__)
+        raise ValueError(f"source.rows must be a ({B},) long tensor on {conv_state.device}, got {got}")
+
+
 def check_proj_conv_gates(proj: torch.Tensor, *, layout: ProjLayout, conv_weight: torch.Tensor, A_log: torch.Tensor,
                           dt_bias: torch.Tensor, dims: str) -> tuple[int, int]:
     """The input checks the GDN kernels share: proj (..., P) with len(dims) dims and P = layout.width, conv_weight
@@ -112,10 +154,15 @@ def check_proj_conv_gates(proj: torch.Tensor, *, layout: ProjLayout, conv_weight
 
 def gdn_decode_reference(proj: torch.Tensor, *, layout: ProjLayout, conv_weight: torch.Tensor, conv_state: torch.Tensor,
                          recurrent_state: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor,
-                         norm_weight: torch.Tensor, norm_eps: float) -> torch.Tensor:
-    """The torch ops of the layer's fused_decode mode on a projection row; states advanced IN PLACE. -> (B, HV*V)."""
+                         norm_weight: torch.Tensor, norm_eps: float, source: "StateSource | None" = None
+                         ) -> torch.Tensor:
+    """The torch ops of the layer's fused_decode mode on a projection row; states advanced IN PLACE. -> (B, HV*V).
+    source: the states start from source's rows instead (copied in first; see gdn_decode_fused)."""
     L = layout
     B = proj.shape[0]
+    if source is not None:
+        conv_state.copy_(source.take(source.conv, B))
+        recurrent_state.copy_(source.take(source.recurrent, B))
     pieces = {p: proj[:, L.gather_index(p, proj.device)] for p in ("q", "k", "v", "z", "b", "a")}
     mixed = torch.cat([pieces["q"], pieces["k"], pieces["v"]], dim=-1)
     mc = causal_conv1d_update(mixed, weight=conv_weight, state=conv_state)  # (B, conv_dim) in proj's dtype
@@ -176,10 +223,13 @@ if HAS_TRITON:
     def _gdn_decode_kernel(
         proj, sp, wgt, cstate, A_log, dt_bias, nw, S, y, sy, o_buf, counter,
         q_base, q_hs, k_base, k_hs, v_base, v_hs, z_base, z_hs, b_base, b_hs, a_base, a_hs,
-        scale, norm_eps,
+        scale, norm_eps, cs_src, S_src, src_rows,
         H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
         BK: tl.constexpr, BVB: tl.constexpr, NV: tl.constexpr, BV: tl.constexpr, BW: tl.constexpr, PDL: tl.constexpr = False,
+        HAS_ROWS: tl.constexpr = False,
     ):
+        """cs_src / S_src: the states read (cstate / S themselves for the in-place step), row src_rows[b] of them
+        when HAS_ROWS else row b; cstate / S: the states written (StateSource)."""
         enter(PDL)  # ops/pdl.py: before any load or store
         i_bh = tl.program_id(0)  # (batch row, key head)
         i_rv = tl.program_id(1)  # (value head of this key head, block of BVB value columns)
@@ -191,21 +241,26 @@ if HAS_TRITON:
         i_v = i_rv % NV
         i_hv = i_h * R + l
         row = proj + i_b * sp
-        cs = cstate + i_b * CD * (W - 1)
+        cs = cstate + i_b * CD * (W - 1)  # written
+        if HAS_ROWS:
+            i_src = tl.load(src_rows + i_b)
+        else:
+            i_src = i_b
+        csr = cs_src + i_src * CD * (W - 1)  # read
         rk = tl.arange(0, BK)
         mk = rk < K
         rvb = i_v * BVB + tl.arange(0, BVB)
         mvb = rvb < V
         # q, k of the key head: every program of the head computes them from the (not yet rolled) windows
-        b_q, nq, offq, msq = _conv_piece(row, q_base + i_h * q_hs + rk, i_h * K + rk, mk, wgt, cs, W, BW)
-        b_k, nk, offk, msk = _conv_piece(row, k_base + i_h * k_hs + rk, H * K + i_h * K + rk, mk, wgt, cs, W, BW)
+        b_q, nq, offq, msq = _conv_piece(row, q_base + i_h * q_hs + rk, i_h * K + rk, mk, wgt, csr, W, BW)
+        b_k, nk, offk, msk = _conv_piece(row, k_base + i_h * k_hs + rk, H * K + i_h * K + rk, mk, wgt, csr, W, BW)
         b_q = tl.where(mk, b_q, 0.0)
         b_k = tl.where(mk, b_k, 0.0)
         b_q = b_q * tl.rsqrt(tl.sum(b_q * b_q, 0) + 1e-6) * scale
         b_k = b_k * tl.rsqrt(tl.sum(b_k * b_k, 0) + 1e-6)
         # this program's value columns: their conv windows belong to it alone
         b_v, nv, offv, msv = _conv_piece(row, v_base + i_h * v_hs + l * V + rvb, 2 * H * K + i_hv * V + rvb, mvb,
-                                         wgt, cs, W, BW)
+                                         wgt, csr, W, BW)
         b_b = tl.load(row + b_base + i_h * b_hs + l).to(tl.float32)
         b_a = tl.load(row + a_base + i_h * a_hs + l).to(tl.float32) + tl.load(dt_bias + i_hv).to(tl.float32)
         sp_a = tl.where(b_a > 20.0, b_a, tl.log(1.0 + tl.exp(tl.minimum(b_a, 20.0))))
@@ -213,7 +268,8 @@ if HAS_TRITON:
         b_beta = tl.sigmoid(b_b)
         s_off = ((i_b * HV + i_hv) * K + rk[:, None]) * V + rvb[None, :]
         m_kv = mk[:, None] & mvb[None, :]
-        b_S = tl.load(S + s_off, mask=m_kv, other=0.0).to(tl.float32) * tl.exp(b_g)  # a 16-bit state: upcast
+        s_src = ((i_src * HV + i_hv) * K + rk[:, None]) * V + rvb[None, :]
+        b_S = tl.load(S_src + s_src, mask=m_kv, other=0.0).to(tl.float32) * tl.exp(b_g)  # a 16-bit state: upcast
         pred = tl.sum(b_S * b_k[:, None], 0)
         u = (b_v - pred) * b_beta
         b_S = b_S + b_k[:, None] * u[None, :]
@@ -244,12 +300,16 @@ if HAS_TRITON:
 def gdn_decode_fused(proj: torch.Tensor, *, layout: ProjLayout, conv_weight: torch.Tensor, conv_state: torch.Tensor,
                      recurrent_state: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor,
                      norm_weight: torch.Tensor, norm_eps: float, num_warps: int | None = None,
-                     block_v: int | None = None) -> torch.Tensor:
+                     block_v: int | None = None, source: StateSource | None = None) -> torch.Tensor:
     """See the module docstring. proj (B, P) with a contiguous last dim; conv_weight (conv_dim, W); conv_state
     (B, conv_dim, W-1) contiguous in proj's dtype; recurrent_state (B, HV, K, V) contiguous, float32 or a 16-bit
     storage dtype (bf16 / fp16: loaded to float32, the maths in float32, stored rounded; GDNForCausalLM's
     mamba_ssm_cache_dtype). Falls back to `gdn_decode_reference` where Triton cannot run (CPU without
-    TRITON_INTERPRET, float64)."""
+    TRITON_INTERPRET, float64).
+
+    source (StateSource): the step starts from source's rows (source.rows[b], or b) and writes conv_state /
+    recurrent_state, which it does not read: the state gather of a tree expansion inside the step's one kernel
+    instead of two index_select copies before it. ValueError when source's shapes, dtypes or rows do not fit."""
     L = layout
     CD, W = check_proj_conv_gates(proj, layout=L, conv_weight=conv_weight, A_log=A_log, dt_bias=dt_bias,
                                   dims="(B, P)")
@@ -260,10 +320,12 @@ def gdn_decode_fused(proj: torch.Tensor, *, layout: ProjLayout, conv_weight: tor
     if tuple(recurrent_state.shape) != (B, L.HV, L.K, L.V):
         raise ValueError(f"recurrent_state must have shape (B, HV, K, V) = {(B, L.HV, L.K, L.V)}, "
                          f"got {tuple(recurrent_state.shape)}")
+    if source is not None:
+        check_source(source, B=B, conv_state=conv_state, recurrent_state=recurrent_state)
     kw = dict(layout=L, conv_weight=conv_weight, conv_state=conv_state, recurrent_state=recurrent_state, A_log=A_log,
               dt_bias=dt_bias, norm_weight=norm_weight, norm_eps=norm_eps)
     if not available(proj) or recurrent_state.dtype not in SSM_STATE_DTYPES or proj.dtype == torch.float64:
-        return gdn_decode_reference(proj, **kw)
+        return gdn_decode_reference(proj, source=source, **kw)
     if conv_state.dtype != proj.dtype:
         raise ValueError(f"conv_state must be {proj.dtype} (the activation dtype, proj's), got {conv_state.dtype}")
     if not (conv_state.is_contiguous() and recurrent_state.is_contiguous()):
@@ -296,7 +358,9 @@ def gdn_decode_fused(proj: torch.Tensor, *, layout: ProjLayout, conv_weight: tor
         _gdn_decode_kernel[(B * L.H, (L.HV // L.H) * NV)](
             proj, proj.stride(0), conv_weight.contiguous(), conv_state, A_log, dt_bias, norm_weight, recurrent_state,
             y, y.stride(0), o_buf, counter, *L.q, *L.k, *L.v, *L.z, *L.b, *L.a, L.K**-0.5, float(norm_eps),
-            H=L.H, HV=L.HV, K=L.K, V=L.V, W=W, BK=BK, BVB=block_v, NV=NV, BV=BV, BW=triton.next_power_of_2(W),
+            conv_state if source is None else source.conv, recurrent_state if source is None else source.recurrent,
+            counter if source is None or source.rows is None else source.rows,
+            HAS_ROWS=source is not None and source.rows is not None, H=L.H, HV=L.HV, K=L.K, V=L.V, W=W, BK=BK, BVB=block_v, NV=NV, BV=BV, BW=triton.next_power_of_2(W),
             num_warps=num_warps, **pdl.launch_args(proj),
         )
     return y

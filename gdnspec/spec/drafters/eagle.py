@@ -124,21 +124,26 @@ class EagleDrafter:
         """draft: per-row sampling settings + uniforms for stochastic trees (config.sample_drafts; see tree.py)."""
         head = self.head
         B = root_tokens.shape[0]
-        cur = {"state": state.head_state.clone(), "feat": state.last_feature[:, None], "width": 1}
+        # the committed state is only read: the first expansion writes a new state (select_deferred: on the fused
+        # path the GDN decode kernel reads the committed rows, no clone copies), later ones gather their parents'
+        # states and features inside their kernels the same way (no index_select / gather launches)
+        cur = {"state": state.head_state, "feat": state.last_feature[:, None], "width": 1, "owned": False}
 
         def expand(frontier_tokens: torch.Tensor, parent_slot: torch.Tensor | None, *,
                    parent_rows: torch.Tensor | None = None) -> DraftLogits:
             F = frontier_tokens.shape[1]
             prev_state, prev_feat = cur["state"], cur["feat"]  # (B * width rows), (B, width, H)
+            rows = None
             if parent_slot is not None:
                 rows = frontier_rows(parent_slot, cur["width"], parent_rows)  # (B * F,)
-                prev_state = prev_state.select(rows)
-                prev_feat = prev_feat.gather(1, parent_slot[..., None].expand(B, F, prev_feat.shape[-1]))
-            feats = prev_feat.reshape(B * F, 1, -1)
+                prev_state = prev_state.select_deferred(rows)
+            elif not cur["owned"]:
+                prev_state = prev_state.select_deferred(None)
             ids = frontier_tokens.reshape(B * F, 1)
-            out, logits = head.decode_step_ids(feats, ids if ids.device == self.target.device else ids.to(
-                self.target.device), prev_state, target=self.target)  # prev_state advanced in place
-            cur["state"], cur["feat"], cur["width"] = prev_state, out.view(B, F, -1), F
+            out, logits = head.decode_step_ids(prev_feat.reshape(-1, 1, prev_feat.shape[-1]), ids if ids.device ==
+                                               self.target.device else ids.to(self.target.device), prev_state,
+                                               target=self.target, hidden_rows=rows)  # prev_state advanced in place
+            cur["state"], cur["feat"], cur["width"], cur["owned"] = prev_state, out.view(B, F, -1), F, True
             # over draft_ids (reduced draft vocab): the builder maps the ranked columns to the target's ids
             return DraftLogits(logits.view(B, F, -1), head.config.vocab_size, head.draft_ids)
 

@@ -133,7 +133,10 @@ class ModelDrafter:
                            sync_free: bool = False, draft: RowSampling | None = None):
         model = self.model
         B = root_tokens.shape[0]
-        frontier_state = {"state": state.model_state.clone(), "width": 1}
+        # the committed state is only read: the first expansion writes a new state, and each tree expansion gathers
+        # its parents' rows, through ModelState.select_deferred (on the fused path the GDN decode kernels read the
+        # source rows: no clone or index_select launches; attention layers are copied)
+        frontier_state = {"state": state.model_state, "width": 1, "owned": False}
         state.trace = None
         levels = [] if _traceable(state.model_state, sync_free) else None
 
@@ -143,9 +146,10 @@ class ModelDrafter:
             prev: ModelState = frontier_state["state"]
             if parent_slot is not None:
                 rows = frontier_rows(parent_slot, frontier_state["width"], parent_rows)  # (B * F,)
-                prev = prev.select(rows)
-            elif levels:  # a chain step advances its state in place: keep the previous level's
-                prev = prev.clone()
+                prev = prev.select_deferred(rows)
+            elif levels or not frontier_state["owned"]:  # a chain step advances its state in place: keep the
+                prev = prev.select_deferred(None)         # committed state and, with levels, the previous level's
+            frontier_state["owned"] = True
             ids = frontier_tokens.reshape(B * F, 1)
             out = model(ids if ids.device == model.device else ids.to(model.device), prev, logits_to_keep=1,
                         validate=not sync_free, reserve_kv=not sync_free)

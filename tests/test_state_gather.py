@@ -1,0 +1,209 @@
+"""A tree expansion's state gather inside the decode kernels (issue 10, "drafting that costs little"): the fused GDN
+decode step reading its states from source rows (gdn_decode's StateSource), EAGLE's parent features gathered in
+eagle_input (hidden_rows), and the pending gathers of ModelState.select_deferred that carry both into the drafters'
+propose, against the copies they replace (index_select + the in-place step), through the Triton interpreter.
+
+Run: python -m pytest -q tests/test_state_gather.py
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+import torch  # noqa: E402
+
+from conftest import interpreter_modules, randomize_, rel_err, tiny_config  # noqa: E402
+
+interpreter_modules(["gdnspec.ops.gated_delta_rule.triton_tree", "gdnspec.ops.gated_delta_rule.triton_commit",
+                     "gdnspec.ops.gated_delta_rule.triton_decode"])
+ew, gd = interpreter_modules(["gdnspec.ops.fused.elementwise", "gdnspec.ops.fused.gdn_decode",
+                              "gdnspec.ops.fused.attention", "gdnspec.ops.fused.gemv", "gdnspec.ops.fused.gdn_tree",
+                              "gdnspec.ops.fused.topk", "gdnspec.ops.tree_build"])[:2]
+from gdnspec.cache import GDNLayerState, KVCache, ModelState  # noqa: E402
+from gdnspec.models.lm import GDNForCausalLM  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("interpret_env")
+
+
+def _layer_inputs(g, *, H, HV, K, V, W, dtype):
+    L = gd.ProjLayout.qwen3_next(H, HV, K, V)
+    CD = 2 * H * K + HV * V
+    return L, CD, dict(layout=L, conv_weight=(torch.randn(CD, W, generator=g) * 0.5).to(dtype),
+                       A_log=torch.rand(HV, generator=g).log(), dt_bias=torch.randn(HV, generator=g) * 0.5,
+                       norm_weight=(1 + 0.2 * torch.randn(V, generator=g)).to(dtype), norm_eps=1e-6)
+
+
+@pytest.mark.parametrize("rows,R,dtype,ssm", [([2, 0, 2, 1], 3, torch.float32, torch.float32),  # a repeated parent
+                                              (None, 5, torch.float32, torch.float32),  # rows 0 .. B-1 of 5
+                                              ([1, 1, 0, 3], 4, torch.bfloat16, torch.bfloat16)])
+def test_gdn_decode_reads_its_source_rows(rows, R, dtype, ssm):
+    """gdn_decode_fused(source=StateSource(conv, recurrent, rows)) == index_select of the source rows, then the
+    in-place step: output AND written states; the written buffers start as NaN (never read) and the source is not
+    touched. Value blocks of 4 and 8 columns: several programs per head read the same source row."""
+    g = torch.Generator().manual_seed(R)
+    B, H, HV, K, V, W = 4, 2, 4, 8, 12, 4
+    L, CD, kw = _layer_inputs(g, H=H, HV=HV, K=K, V=V, W=W, dtype=dtype)
+    src_c = torch.randn(R, CD, W - 1, generator=g).to(dtype)
+    src_S = (torch.randn(R, HV, K, V, generator=g) * 0.3).to(ssm)
+    keep_c, keep_S = src_c.clone(), src_S.clone()
+    idx = None if rows is None else torch.tensor(rows)
+    for block_v in (4, 8):
+        proj = torch.randn(B, L.width, generator=g).to(dtype)
+        pick = torch.arange(B) if idx is None else idx
+        c_ref, S_ref = src_c[pick].clone(), src_S[pick].clone()
+        y_ref = gd.gdn_decode_reference(proj, conv_state=c_ref, recurrent_state=S_ref, **kw)
+        y_inplace = gd.gdn_decode_fused(proj, conv_state=src_c[pick].clone(), recurrent_state=src_S[pick].clone(),
+                                        block_v=block_v, **kw)
+        c = torch.full((B, CD, W - 1), float("nan"), dtype=dtype)
+        S = torch.full((B, HV, K, V), float("nan"), dtype=ssm)
+        y = gd.gdn_decode_fused(proj, conv_state=c, recurrent_state=S, block_v=block_v,
+                                source=gd.StateSource(conv=src_c, recurrent=src_S, rows=idx), **kw)
+        assert torch.equal(y, y_inplace)  # the same kernel arithmetic: bit for bit
+        assert torch.equal(c, c_ref)  # the rolled window is a copy
+        tol = 2e-6 if dtype == ssm == torch.float32 else 2e-2
+        assert rel_err(y, y_ref) < tol and rel_err(S, S_ref) < tol
+        assert torch.equal(src_c, keep_c) and torch.equal(src_S, keep_S)
+        # the torch reference with a source (the path of float64 and of CPUs without Triton) agrees too
+        c2, S2 = torch.empty_like(c), torch.empty_like(S)
+        y2 = gd.gdn_decode_reference(proj, conv_state=c2, recurrent_state=S2,
+                                     source=gd.StateSource(conv=src_c, recurrent=src_S, rows=idx), **kw)
+        assert torch.equal(y2, y_ref) and torch.equal(c2, c_ref) and torch.equal(S2, S_ref)
+
+
+def test_state_source_errors_name_the_field():
+    g = torch.Generator().manual_seed(0)
+    B, H, HV, K, V, W = 2, 1, 2, 8, 8, 4
+    L, CD, kw = _layer_inputs(g, H=H, HV=HV, K=K, V=V, W=W, dtype=torch.float32)
+    proj = torch.randn(B, L.width, generator=g)
+    c, S = torch.zeros(B, CD, W - 1), torch.zeros(B, HV, K, V)
+    good_c, good_S = torch.zeros(3, CD, W - 1), torch.zeros(3, HV, K, V)
+    cases = [
+        (gd.StateSource(conv=good_c, recurrent=good_S, rows=torch.tensor([0, 1], dtype=torch.int32)), "source.rows"),
+        (gd.StateSource(conv=good_c, recurrent=good_S, rows=torch.tensor([0, 1, 2])), "source.rows"),
+        (gd.StateSource(conv=good_c[:, :-1], recurrent=good_S), "source.conv"),
+        (gd.StateSource(conv=good_c, recurrent=good_S.double()), "source.recurrent"),
+        (gd.StateSource(conv=good_c, recurrent=good_S[:2]), "hold 3 and 2 rows"),
+        (gd.StateSource(conv=good_c[:1], recurrent=good_S[:1]), "source holds 1 rows"),
+        (gd.StateSource(conv=c, recurrent=S, rows=torch.tensor([1, 0])), "race"),
+    ]
+    for source, match in cases:
+        with pytest.raises(ValueError, match=match):
+            gd.gdn_decode_fused(proj, conv_state=c, recurrent_state=S, source=source, **kw)
+    with pytest.raises(ValueError, match="source must be a StateSource"):
+        gd.gdn_decode_fused(proj, conv_state=c, recurrent_state=S, source=(good_c, good_S), **kw)
+
+
+def test_pending_gathers_materialize_as_select():
+    """GDNLayerState.gathered / ModelState.select_deferred equal select / clone once materialised, and every
+    other use of a pending state (select, clone, cat, assign_rows_ either way) copies it in first; attention
+    layers are copied at once."""
+    g = torch.Generator().manual_seed(1)
+    src = GDNLayerState(torch.randn(4, 2, 3, 5, generator=g), torch.randn(4, 6, 3, generator=g))
+    rows = torch.tensor([3, 3, 0])
+    for use in ("materialize", "select", "clone", "cat", "assign_into", "assign_from"):
+        p = GDNLayerState.gathered(src, rows)
+        assert p.pending is not None and p.batch_size == 3
+        want = src.select(rows)
+        if use == "materialize":
+            got = p.materialize_()
+        elif use == "select":
+            got = p.select(torch.tensor([0, 1, 2]))
+        elif use == "clone":
+            got = p.clone()
+        elif use == "cat":
+            got = GDNLayerState.cat([p])
+        elif use == "assign_into":
+            p.assign_rows_(torch.tensor([1]), src.select(torch.tensor([2])))
+            want.recurrent[1], want.conv[1] = src.recurrent[2], src.conv[2]
+            got = p
+        else:
+            got = src.clone()
+            got.assign_rows_(torch.tensor([0, 1, 2]), p)
+            got = got.select(torch.tensor([0, 1, 2]))
+        assert p.pending is None, use
+        assert torch.equal(got.recurrent, want.recurrent) and torch.equal(got.conv, want.conv), use
+    whole = GDNLayerState.gathered(src, None).materialize_()
+    assert torch.equal(whole.recurrent, src.recurrent) and whole.recurrent.data_ptr() != src.recurrent.data_ptr()
+    kv = KVCache(torch.randn(4, 1, 8, 2, generator=g), torch.randn(4, 1, 8, 2, generator=g), torch.tensor([1, 2, 3, 4]))
+    ms = ModelState([src, kv]).select_deferred(rows)
+    assert ms.layers[0].pending is not None and torch.equal(ms.layers[1].lengths, torch.tensor([4, 4, 1]))
+    ms.materialize_()
+    assert ms.layers[0].pending is None and torch.equal(ms.layers[0].conv, src.conv[rows])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eagle_input_gathers_its_hidden_rows(dtype):
+    """eagle_input(hidden_rows=r) == eagle_input(hidden[r]) bit for bit (the same kernel arithmetic); a bad
+    hidden_rows names the argument."""
+    g = torch.Generator().manual_seed(2)
+    H, V = 40, 19
+    table = torch.randn(V, H, generator=g).to(dtype)
+    hidden = (torch.randn(6, 1, H, generator=g) * 2).to(dtype)
+    we, wh = torch.randn(H, generator=g) * 0.2, torch.randn(H, generator=g) * 0.2
+    rows = torch.tensor([5, 0, 5, 2])
+    ids = torch.tensor([[1], [18], [3], [3]])
+    got = ew.eagle_input(ids, table, hidden, w_e=we, w_h=wh, eps=1e-6, offset=True, hidden_rows=rows)
+    want = ew.eagle_input(ids, table, hidden[rows], w_e=we, w_h=wh, eps=1e-6, offset=True)
+    assert got.shape == (4, 1, 2 * H) and torch.equal(got, want)
+    for bad in (rows.int(), rows[:3], [5, 0, 5, 2]):
+        with pytest.raises(ValueError, match="hidden_rows must be"):
+            ew.eagle_input(ids, table, hidden, w_e=we, w_h=wh, eps=1e-6, offset=True, hidden_rows=bad)
+
+
+def _fused_pair():
+    torch.manual_seed(7)
+    target = randomize_(GDNForCausalLM(tiny_config(num_hidden_layers=2, full_attention_interval=0),
+                                       dtype=torch.float32)).eval()
+    target.gdn_backend = "triton"
+    draft = randomize_(GDNForCausalLM(tiny_config(num_hidden_layers=2, full_attention_interval=0),
+                                      dtype=torch.float32)).eval()
+    draft.gdn_backend = "triton"
+    return target, draft
+
+
+@pytest.mark.parametrize("kind", ["eagle", "model"])
+@pytest.mark.parametrize("builder", ["eagle2", "chain"])
+@torch.inference_mode()
+def test_drafters_gather_in_their_kernels_and_propose_the_same_trees(kind, builder, monkeypatch):
+    """With the fused steps, the EAGLE and draft-model proposals run no state copy at all (no pending gather is
+    ever materialised, no clone) and propose the same trees, with the same scores, as with the copies the kernels
+    replace (select_deferred swapped for select / clone); the committed state is left as it was."""
+    from gdnspec.models.eagle import EagleHead, eagle_config_for
+    from gdnspec.spec import TreeConfig
+    from gdnspec.spec.drafters import EagleDrafter, ModelDrafter
+
+    target, draft = _fused_pair()
+    prompts = [torch.randint(0, target.vocab_size, (n,)) for n in (5, 7, 4)]
+    if kind == "eagle":
+        head = randomize_(EagleHead(eagle_config_for(target.config, intermediate_size=32))).eval()
+        drafter = EagleDrafter(head, target)
+        hid = [target(p[None]).hidden_states[0] for p in prompts]
+        st = drafter.begin(prompts, target_hidden=hid)
+        committed = st.head_state
+    else:
+        drafter = ModelDrafter(draft)
+        st = drafter.begin(prompts)
+        committed = st.model_state
+    keep = committed.clone()
+    cfg = TreeConfig(topk=3, num_steps=3, num_draft_tokens=8) if builder == "eagle2" else \
+        TreeConfig(builder="chain", num_steps=3)
+    roots = torch.tensor([p[-1].item() for p in prompts])
+
+    copies = []
+    real_materialize = GDNLayerState.materialize_
+    monkeypatch.setattr(GDNLayerState, "materialize_",
+                        lambda self: copies.append(self.pending is not None) or real_materialize(self))
+    fast = drafter.propose(st, roots, cfg, sync_free=True)
+    assert not any(copies), "a pending gather was copied instead of read by the decode kernel"
+    for a, b in zip(committed.layers, keep.layers):
+        assert torch.equal(a.recurrent, b.recurrent) and torch.equal(a.conv, b.conv)
+
+    monkeypatch.setattr(ModelState, "select_deferred",
+                        lambda self, rows: self.clone() if rows is None else self.select(rows))
+    slow = drafter.propose(st, roots, cfg, sync_free=True)
+    assert torch.equal(fast.tokens, slow.tokens) and torch.equal(fast.parents, slow.parents)
+    assert rel_err(fast.scores.nan_to_num(neginf=0.0), slow.scores.nan_to_num(neginf=0.0)) < 1e-6
