@@ -2,6 +2,7 @@
 
     python benchmarks/check_fused_gpu.py        # prints one line per check, exit code 1 on a failure
     python benchmarks/check_fused_gpu.py --only-tree-build   # the tree builder kernels against the torch builder
+    python benchmarks/check_fused_gpu.py --only-state-gather # the drafters' state gather in the kernels vs copies
 
 float32: greedy plain decoding (CUDA graphs) and speculative decoding (n-gram drafter) must equal the unfused eager
 path token for token; decode / verify logits and committed states are compared by relative error. bf16: relative
@@ -233,6 +234,59 @@ def check_tree_build() -> int:
     return int(bad > 0)
 
 
+def check_state_gather(device: str = "cuda") -> int:
+    """The tree expansions' state gather in the kernels (gdn_decode StateSource, eagle_input hidden_rows,
+    ModelState.select_deferred) on CUDA: the shipped bundle's EAGLE and draft-model proposals (float32, sync-free, as
+    in the graph step) equal those with the copies the kernels replace (select / clone), tree-4x5 and chain-4, and the
+    fused decode step from source rows equals index_select + the in-place step bit for bit."""
+    from gdnspec.bundle import load
+    from gdnspec.cache import ModelState
+    from gdnspec.ops.fused import gdn_decode as gd
+
+    bundle = load(device=device, dtype=torch.float32)
+    target = bundle.model
+    g = torch.Generator(device=device).manual_seed(3)
+    prompts = [torch.randint(0, target.vocab_size, (n,), device=device, generator=g) for n in (9, 14, 5)]
+    with torch.inference_mode():
+        hid = [target(p[None]).hidden_states[0] for p in prompts]
+    roots = torch.stack([p[-1] for p in prompts])
+    drafters = {k: bundle.drafters[k] for k in ("eagle", "model")}
+    bad = n = 0
+    real = ModelState.select_deferred
+    for name, drafter in drafters.items():
+        st = drafter.begin(prompts, target_hidden=hid) if name == "eagle" else drafter.begin(prompts)
+        for cfg in (TreeConfig(topk=4, num_steps=5, num_draft_tokens=16), TreeConfig(builder="chain", num_steps=4)):
+            trees = []
+            for eager in (False, True):
+                if eager:
+                    ModelState.select_deferred = lambda self, rows: self.clone() if rows is None else self.select(rows)
+                try:
+                    with torch.inference_mode():
+                        trees.append(drafter.propose(st, roots, cfg, sync_free=True))
+                finally:
+                    ModelState.select_deferred = real
+            n += 1
+            bad += not all(torch.equal(getattr(trees[0], f), getattr(trees[1], f)) for f in ("tokens", "parents", "valid"))
+    layer = target.layers[0].linear_attn
+    st = target.new_state(5).layers[0]
+    torch.set_grad_enabled(False)
+    st.recurrent.normal_(generator=g)
+    st.conv.normal_(generator=g)
+    rows = torch.tensor([4, 0, 4, 2], device=device)
+    proj = torch.randn(4, layer.proj_layout().width, device=device, generator=g)
+    kw = dict(layout=layer.proj_layout(), conv_weight=layer.conv_weight, A_log=layer.A_log, dt_bias=layer.dt_bias,
+              norm_weight=layer.norm.weight, norm_eps=layer.norm.eps)
+    c_ref, S_ref = st.conv[rows].clone(), st.recurrent[rows].clone()
+    y_ref = gd.gdn_decode_fused(proj, conv_state=c_ref, recurrent_state=S_ref, **kw)
+    c, S = torch.full_like(c_ref, float("nan")), torch.full_like(S_ref, float("nan"))
+    y = gd.gdn_decode_fused(proj, conv_state=c, recurrent_state=S, source=gd.StateSource(st.conv, st.recurrent, rows), **kw)
+    n += 1
+    bad += not (torch.equal(y, y_ref) and torch.equal(c, c_ref) and torch.equal(S, S_ref))
+    print(f"state gather in the kernels == select / clone copies on CUDA ({n - 1} bundle proposals, one decode step): "
+          f"{'ok' if not bad else f'FAIL ({bad})'}")
+    return int(bad > 0)
+
+
 def check_pdl() -> int:
     """PDL on == PDL off, bitwise: 4 fused decode steps + one tree verify (fresh launches, eager), same kernels and
     GEMV tiles (gemv_tile's table; with GDNSPEC_GEMV_AUTOTUNE=1 the autotuner's cache key ignores PDL), so any difference is a missing wait."""
@@ -272,4 +326,6 @@ def check_pdl() -> int:
 if __name__ == "__main__":
     if sys.argv[1:] == ["--only-tree-build"]:  # the builder check alone (seconds)
         sys.exit(check_tree_build())
+    if sys.argv[1:] == ["--only-state-gather"]:  # the expansions' state gather alone (seconds)
+        sys.exit(check_state_gather())
     sys.exit(main())
