@@ -10,7 +10,7 @@ which CUDA graphs need); tree verification only reads it, and commit writes it e
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -33,7 +33,9 @@ class GDNLayerState:
 
     recurrent: torch.Tensor
     conv: torch.Tensor
-    pending: tuple | None = field(default=None, repr=False, compare=False)
+    # not a dataclass field: a class default, set on an instance only while a gather is pending (so vars(state),
+    # fields, repr and == see the two tensors as before); cleared by take_pending / materialize_
+    pending = None
 
     @property
     def batch_size(self) -> int:
@@ -45,14 +47,21 @@ class GDNLayerState:
         materialised, with uninitialised buffers and the copy left pending. source must not change before."""
         source.materialize_()
         B = source.batch_size if rows is None else rows.shape[0]
-        return GDNLayerState(source.recurrent.new_empty((B, *source.recurrent.shape[1:])),
-                             source.conv.new_empty((B, *source.conv.shape[1:])), pending=(source, rows))
+        state = GDNLayerState(source.recurrent.new_empty((B, *source.recurrent.shape[1:])),
+                              source.conv.new_empty((B, *source.conv.shape[1:])))
+        state.pending = (source, rows)
+        return state
+
+    def take_pending(self) -> tuple | None:
+        """The pending (source, rows), now cleared (the caller reads the source rows itself), or None."""
+        pending = self.__dict__.pop("pending", None)
+        return pending
 
     def materialize_(self) -> "GDNLayerState":
         """Copy a pending gather in (no-op without one); returns self."""
-        if self.pending is not None:
-            src, rows = self.pending
-            self.pending = None
+        pending = self.take_pending()
+        if pending is not None:
+            src, rows = pending
             B = self.batch_size
             if rows is None:
                 self.recurrent.copy_(src.recurrent[:B])

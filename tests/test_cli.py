@@ -305,7 +305,8 @@ def test_eval_plot_draws_the_spread(tmp_path):
                                        ("GDNSPEC_TREE_BLOCKED_SOLVE", "yes"),
                                        ("GDNSPEC_TREE_BUILD", "off"), ("GDNSPEC_TREE_FUSION", "fused"),
                                        ("GDNSPEC_TREE_INDEX", "on"),
-                                       ("GDNSPEC_TREE_PROJ", "2"), ("GDNSPEC_TRITON_PRECISION", "bf16")])
+                                       ("GDNSPEC_TREE_PROJ", "2"), ("GDNSPEC_TREE_PROJ_MAX_ROWS", "65"),
+                                       ("GDNSPEC_TRITON_PRECISION", "bf16")])
 def test_bad_env_switch_is_one_usage_line(var, value, capsys, monkeypatch):
     """A GDNSPEC_* switch with a value it does not take ends the command before any work with one line naming the
     variable and exit code 2 (the switches are otherwise read on the first step that reaches their path)."""

@@ -95,6 +95,13 @@ def test_tree_in_projection_declines_what_it_cannot_run_and_names_bad_shapes(mon
     assert gp.tree_in_projection(x, weight, max_rows=100, **kw) is None
     x, weight, kw = _case(3, 3, 2, 4, 8, 8, 4, "qwen3_next", "chain", torch.float32)
     assert gp.tree_in_projection(x, weight, **kw) is None  # 9 rows: more than the layer's MAX_ROWS
+    monkeypatch.setenv("GDNSPEC_TREE_PROJ_MAX_ROWS", "9")  # the A/B limit for other model sizes
+    assert gp.max_rows() == 9 and gp.tree_in_projection(x, weight, **kw) is not None
+    for bad in ("0", "65", "many"):
+        monkeypatch.setenv("GDNSPEC_TREE_PROJ_MAX_ROWS", bad)
+        with pytest.raises(ValueError, match="GDNSPEC_TREE_PROJ_MAX_ROWS"):
+            gp.tree_in_projection(x, weight, **kw)
+    monkeypatch.delenv("GDNSPEC_TREE_PROJ_MAX_ROWS")
     x, weight, kw = _case(2, 3, 2, 4, 8, 8, 4, "qwen3_next", "chain", torch.float32)
     assert gp.tree_in_projection(x, weight, **kw) is not None
     assert gp.tree_in_projection(x.double(), weight.double(), **kw) is None  # float64: the GEMV kernel declines

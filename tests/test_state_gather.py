@@ -207,3 +207,35 @@ def test_drafters_gather_in_their_kernels_and_propose_the_same_trees(kind, build
     slow = drafter.propose(st, roots, cfg, sync_free=True)
     assert torch.equal(fast.tokens, slow.tokens) and torch.equal(fast.parents, slow.parents)
     assert rel_err(fast.scores.nan_to_num(neginf=0.0), slow.scores.nan_to_num(neginf=0.0)) < 1e-6
+
+
+@pytest.mark.parametrize("last_layer", ["linear_attention", "full_attention"])
+@torch.inference_mode()
+def test_cache_only_verify_commits_the_same_states(last_layer):
+    """forward_tree(need_logits=False) (a draft model's catch-up: the last layer stops after its mixer, no lm_head)
+    gives the same layer caches as the full verify, so committing a chain from it leaves the same states; logits and
+    hidden states are None. The EAGLE head's catch-up skips its mixer's output projection the same way and equals
+    the module path (test_fused_steps' EAGLE tests)."""
+    from gdnspec.layers.layout import TokenLayout
+
+    torch.manual_seed(11)
+    types = ["linear_attention", "full_attention", last_layer]
+    model = randomize_(GDNForCausalLM(tiny_config(num_hidden_layers=3, layer_types=types, full_attention_interval=0),
+                                      dtype=torch.float32)).eval()
+    model.gdn_backend = "triton"
+    B, L = 2, 4
+    state = model(torch.randint(0, model.vocab_size, (B, 5))).state
+    tokens = torch.randint(0, model.vocab_size, (B, L))
+    counts = torch.tensor([4, 2])
+    path = torch.arange(L).expand(B, L)
+    states = []
+    for need in (True, False):
+        st = state.clone()
+        ver = model.forward_tree(tokens, state=st, layout=TokenLayout.chain(B, L), need_logits=need)
+        assert (ver.logits is None) == (not need) and (ver.hidden_states is None) == (not need)
+        model.commit_tree(st, ver, path=path, counts=counts)
+        states.append(st)
+    for a, b in zip(*(s.layers for s in states)):
+        for name in ("recurrent", "conv", "k", "v", "lengths"):
+            if hasattr(a, name):
+                assert torch.equal(getattr(a, name), getattr(b, name)), name

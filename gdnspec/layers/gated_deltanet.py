@@ -280,8 +280,9 @@ class Qwen3GatedDeltaNet(nn.Module):
 
         proj = linear_in(x, self.fused_in_proj())[:, 0]  # (B, P)
         source = None
-        if state.pending is not None:  # GDNLayerState.gathered: the kernel reads the source rows, writes `state`
-            (src, rows), state.pending = state.pending, None
+        pending = state.take_pending()
+        if pending is not None:  # GDNLayerState.gathered: the kernel reads the source rows, writes `state`
+            src, rows = pending
             src.materialize_()
             source = StateSource(conv=src.conv, recurrent=src.recurrent, rows=rows)
         y = gdn_decode_fused(proj, layout=self.proj_layout(), conv_weight=self.conv_weight, conv_state=state.conv,
@@ -290,14 +291,15 @@ class Qwen3GatedDeltaNet(nn.Module):
         return output_projection(y[:, None], self.out_proj.weight, self.out_proj.bias)
 
     def forward_tree_fused(self, x: torch.Tensor, state: GDNLayerState, layout: TokenLayout, *,
-                           window_index: torch.Tensor):
+                           window_index: torch.Tensor, project_out: bool = True):
         """forward_tree in four kernels by default (GDNSPEC_TREE_FUSION=norm, measured fastest, see
         ops/fused/gdn_tree.tree_fusion), three where the in-projection takes the tree prep in its epilogue (B * N <=
         gdn_tree_proj.MAX_ROWS = 8 rows, bf16 / fp16: ops/fused/gdn_tree_proj.py); with "full" in three: fused in-projection GEMM,
         `gdn_tree_verify` (tree conv + gates + tree-WY + gated RMSNorm in one kernel), out_proj (for `add_norm`, as
         decode_fused); "norm": four, "off": five (gdn_tree_prep, tree-WY, gated_rms_norm_rows). x a tensor or a
         NormedInput (the in-projection then normalises on the fly, ops/fused/normed.py). window_index (B, N, W) from `tree_conv_window_index`, shared by all layers of one verify.
-        Needs the Triton backend, a float32 or 16-bit state and N <= 64 (forward_tree otherwise)."""
+        Needs the Triton backend, a float32 or 16-bit state and N <= 64 (forward_tree otherwise). project_out=False:
+        no out_proj launch and None for the output (a catch-up that only needs the cache for the commit)."""
         from gdnspec.ops.fused.gdn_tree import gdn_tree_verify, tree_fusion
         from gdnspec.ops.fused.gdn_tree_proj import tree_in_projection
         from gdnspec.ops.fused.normed import linear_in, output_projection
@@ -316,7 +318,7 @@ class Qwen3GatedDeltaNet(nn.Module):
             proj, ancestor_mask=layout.ancestor_mask, recurrent_state=state.recurrent, norm_weight=self.norm.weight,
             norm_eps=self.norm.eps, prep=prep, **kw)
 
-        out = output_projection(y, self.out_proj.weight, self.out_proj.bias)
+        out = output_projection(y, self.out_proj.weight, self.out_proj.bias) if project_out else None
         return out, GDNTreeCache(gdr=gdr, conv_input=conv_input, conv_window_index=window_index, conv_layout=conv_layout)
 
     # ------------------------------------------------------------------ causal forwards

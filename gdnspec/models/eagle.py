@@ -326,7 +326,7 @@ class EagleHead(nn.Module):
         mixer = self.layer.linear_attn
         xn, _ = add_norm(self.layer.input_layernorm, x, None)
         wi = layout.conv_window_index(self.config.linear_conv_kernel_dim)
-        _, cache = mixer.forward_tree_fused(xn, s, layout, window_index=wi)
+        _, cache = mixer.forward_tree_fused(xn, s, layout, window_index=wi, project_out=False)  # the cache only
         mixer.commit_tree(s, cache, last, backend="triton")
 
     @staticmethod

@@ -119,17 +119,22 @@ class DecoderLayer(nn.Module):
         return self._mlp_fused(y, resid)
 
     def tree_fused(self, y: torch.Tensor, resid: torch.Tensor | None, state, layout: TokenLayout, *, backend: str,
-                   static: bool, window_index: torch.Tensor | None = None):
-        """forward_tree on the residual stream: (output, residual stream, layer cache for commit_tree)."""
+                   static: bool, window_index: torch.Tensor | None = None, cache_only: bool = False):
+        """forward_tree on the residual stream: (output, residual stream, layer cache for commit_tree). cache_only:
+        only the cache is wanted (the last layer of a catch-up): no output projection of a GDN mixer, no MLP, and
+        None for the output and the residual stream."""
         x, resid = add_norm(self.input_layernorm, y, resid)
         if self.layer_type == "linear_attention":
             fits = state.recurrent.dtype != torch.float64 and x.shape[1] <= 64 and window_index is not None
             if fits:
-                y, cache = self.linear_attn.forward_tree_fused(x, state, layout, window_index=window_index)
+                y, cache = self.linear_attn.forward_tree_fused(x, state, layout, window_index=window_index,
+                                                               project_out=not cache_only)
             else:
                 y, cache = self.linear_attn.forward_tree(_normed.materialize(x), state, layout, backend=backend)
         else:
             y, cache = self.self_attn.forward_fused(x, state, layout, write_lengths=False, reserve=not static)
+        if cache_only:
+            return None, None, cache
         y, resid = self._mlp_fused(y, resid)
         return y, resid, cache
 
@@ -363,8 +368,8 @@ class GDNForCausalLM(nn.Module):
             h = layer.forward_state(h, s, layout, mode, reserve_kv, backend)
         return h
 
-    def forward_tree(self, input_ids: torch.Tensor, *, state: ModelState, layout: TokenLayout, validate: bool = True
-                     ) -> TreeVerifyOutput:
+    def forward_tree(self, input_ids: torch.Tensor, *, state: ModelState, layout: TokenLayout, validate: bool = True,
+                     need_logits: bool = True) -> TreeVerifyOutput:
         """Verify N tree nodes per row in one pass; node i sees the committed state and its ancestors only.
 
         input_ids (B, N); layout from the draft tree. `state` is only read; see `commit_tree`. validate=False also
@@ -374,6 +379,9 @@ class GDNForCausalLM(nn.Module):
         validate=False cannot (no host sync), so there every live row must have lengths + N <= capacity
         (runtime.StaticSpecRunner allocates max_len + N + 1): a row without that room would get wrong logits and have
         the last positions of its committed prefix overwritten.
+        need_logits=False (a draft model's catch-up, which only commits): on the fused path the last layer stops after
+        its mixer (no output projection, MLP, final norm or lm_head: up to ~7 launches less) and logits and
+        hidden_states are None; the layer caches, hence the committed states, are the same.
         """
         if validate:
             self._check_ids(input_ids)  # before unpacking the shape, so a 1-D input gets the clear error
@@ -393,10 +401,13 @@ class GDNForCausalLM(nn.Module):
             wi = None
             if any(layer.layer_type == "linear_attention" for layer in self.layers):
                 wi = layout.conv_window_index(self.config.linear_conv_kernel_dim)  # once for all layers
-            for layer, s in zip(self.layers, state.layers):
+            last = len(self.layers) - 1
+            for i, (layer, s) in enumerate(zip(self.layers, state.layers)):
                 y, resid, cache = layer.tree_fused(y, resid, s, layout, backend=backend, static=not validate,
-                                                   window_index=wi)
+                                                   window_index=wi, cache_only=not need_logits and i == last)
                 caches.append(cache)
+            if not need_logits:
+                return TreeVerifyOutput(logits=None, hidden_states=None, layer_caches=caches)
             x, h = add_norm(self.norm, y, resid)
             # the final norm folded into the lm_head GEMV where the last layer's output projection took the residual;
             # CUDA float32 takes the GEMV kernels' dispatch too (cuBLAS ran the bundle's 8192 x 384 head at 5 / 16 rows in

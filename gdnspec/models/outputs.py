@@ -17,6 +17,6 @@ class CausalLMOutput:
 
 @dataclass
 class TreeVerifyOutput:
-    logits: torch.Tensor  # (B, N, vocab)
-    hidden_states: torch.Tensor  # (B, N, hidden), before the final norm
+    logits: torch.Tensor | None  # (B, N, vocab); None from forward_tree(need_logits=False) on the fused path
+    hidden_states: torch.Tensor | None  # (B, N, hidden), before the final norm; None with logits
     layer_caches: list  # per layer: GDNTreeCache, (k_new, v_new) or layers.attention.NodesInCache

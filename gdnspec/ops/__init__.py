@@ -26,7 +26,7 @@ __all__ = [
 def check_env_switches() -> None:
     """Validate the GDNSPEC_* switches that take a fixed set of values (GDNSPEC_CPU_COMPILE, GDNSPEC_CPU_ONEDNN,
     GDNSPEC_FP32_GEMV, GDNSPEC_FUSED_UNIFORMS, GDNSPEC_GEMV_AUTOTUNE, GDNSPEC_NORM_GEMV, GDNSPEC_SILU_GEMV, GDNSPEC_TREE_ACCEPT, GDNSPEC_TREE_BLOCKED_SOLVE, GDNSPEC_TREE_BUILD, GDNSPEC_TREE_FUSION,
-    GDNSPEC_TREE_INDEX, GDNSPEC_TREE_PROJ, GDNSPEC_TRITON_PRECISION) at once, through the functions that read them:
+    GDNSPEC_TREE_INDEX, GDNSPEC_TREE_PROJ, GDNSPEC_TREE_PROJ_MAX_ROWS, GDNSPEC_TRITON_PRECISION) at once, through the functions that read them:
     each is otherwise read lazily, on the first step that reaches its path. Raises the ValueError of the first bad
     one (it names the variable and the values it takes)."""
     import os
@@ -47,6 +47,7 @@ def check_env_switches() -> None:
     uniforms.enabled()
     tree_accept.enabled()
     gdn_tree_proj.enabled()
+    gdn_tree_proj.max_rows()
     blocked_solve()
     if os.environ.get("GDNSPEC_TRITON_PRECISION"):
         dot_precisions(os.environ["GDNSPEC_TRITON_PRECISION"])

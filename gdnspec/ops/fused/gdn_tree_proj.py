@@ -41,7 +41,7 @@ if HAS_TRITON:
     from gdnspec.ops.fused._bench import graph_bench
     from gdnspec.ops.fused.gemv import _CONFIGS, _dot_tile, _pdl_prologue
 
-__all__ = ["column_codes", "enabled", "tree_in_projection", "tree_in_projection_reference"]
+__all__ = ["column_codes", "enabled", "max_rows", "tree_in_projection", "tree_in_projection_reference"]
 
 
 def enabled() -> bool:
@@ -142,16 +142,35 @@ if HAS_TRITON:
     _prep_tuned = triton.autotune(configs=_CONFIGS, key=["N", "K", "BM"], do_bench=graph_bench)(_tree_proj_kernel)
 
 
+def max_rows() -> int:
+    """The most rows B * N the fused launch takes: GDNSPEC_TREE_PROJ_MAX_ROWS (an int in 1 .. 64, for A/B
+    measurements at other model sizes), else MAX_ROWS. Anything else raises a ValueError naming the variable."""
+    import os
+
+    v = os.environ.get("GDNSPEC_TREE_PROJ_MAX_ROWS")
+    if not v:
+        return MAX_ROWS
+    try:
+        n = int(v)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 64:
+        raise ValueError(f"GDNSPEC_TREE_PROJ_MAX_ROWS must be an int in 1..64 (unset = {MAX_ROWS}), got {v!r}")
+    return n
+
+
 def tree_in_projection(x, weight: torch.Tensor, *, layout: ProjLayout, conv_weight: torch.Tensor,
                        conv_state: torch.Tensor, window_index: torch.Tensor, A_log: torch.Tensor,
-                       dt_bias: torch.Tensor, max_rows: int = MAX_ROWS):
+                       dt_bias: torch.Tensor, max_rows: int | None = None):
     """x (B, N, D) the normalised hidden states of the N tree nodes, weight (P, D) the fused in-projection,
     conv_weight (conv_dim, W), conv_state (B, conv_dim, W-1) in x's dtype (only read), window_index (B, N, W) long,
     A_log, dt_bias (HV,). Returns (proj (B, N, P), (q, k, v, g, beta)) - proj as `linear_in(x, weight)`, the rest as
     `gdn_tree_prep(proj, ...)` - in ONE launch, or None where the kernel does not apply (module docstring; more than
-    max_rows <= 64 rows B * N): the caller then runs the two. Raises ValueError naming a tensor of the wrong shape."""
+    max_rows <= 64 rows B * N; None: `max_rows()`): the caller then runs the two. Raises ValueError naming a tensor
+    of the wrong shape."""
+    limit = globals()["max_rows"]() if max_rows is None else max_rows
     if not (isinstance(x, torch.Tensor) and HAS_TRITON and x.dim() == 3 and enabled()
-            and x.shape[0] * x.shape[1] <= min(max_rows, 64) and _gemv.kernel_applies(x, weight)):
+            and x.shape[0] * x.shape[1] <= min(limit, 64) and _gemv.kernel_applies(x, weight)):
         return None
     L = layout
     B, N, D = x.shape

@@ -88,7 +88,7 @@ def advance_rows(model, state: ModelState, tokens: torch.Tensor, counts: torch.T
     from gdnspec.layers.layout import TokenLayout
 
     layout = TokenLayout.chain(B, L, device=device)
-    ver = model.forward_tree(tokens.to(device), state=state, layout=layout, validate=not sync_free)
+    ver = model.forward_tree(tokens.to(device), state=state, layout=layout, validate=not sync_free, need_logits=False)
     path = torch.arange(L, device=device).expand(B, L)
     model.commit_tree(state, ver, path=path, counts=counts.to(device), reserve=not sync_free)
 
