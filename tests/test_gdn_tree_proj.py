@@ -93,10 +93,14 @@ def test_verify_with_the_epilogue_prep_equals_the_two_launches(B, N, H, HV, K, V
 def test_tree_in_projection_declines_what_it_cannot_run_and_names_bad_shapes(monkeypatch):
     x, weight, kw = _case(5, 16, 2, 4, 8, 8, 4, "qwen3_next", "chain", torch.float32)  # 80 rows > one tile
     assert gp.tree_in_projection(x, weight, max_rows=100, **kw) is None
+    x, weight, kw = _case(3, 3, 2, 4, 8, 8, 4, "qwen3_next", "chain", torch.bfloat16)
+    assert gp.tree_in_projection(x, weight, **kw) is None  # 9 rows: more than the layer's MAX_ROWS (16-bit)
     x, weight, kw = _case(3, 3, 2, 4, 8, 8, 4, "qwen3_next", "chain", torch.float32)
-    assert gp.tree_in_projection(x, weight, **kw) is None  # 9 rows: more than the layer's MAX_ROWS
-    monkeypatch.setenv("GDNSPEC_TREE_PROJ_MAX_ROWS", "9")  # the A/B limit for other model sizes
-    assert gp.max_rows() == 9 and gp.tree_in_projection(x, weight, **kw) is not None
+    assert gp.tree_in_projection(x, weight, **kw) is not None  # float32 takes up to MAX_ROWS_FLOAT32 = 16 rows
+    x, weight, kw = _case(3, 6, 2, 4, 8, 8, 4, "qwen3_next", "chain", torch.float32)
+    assert gp.tree_in_projection(x, weight, **kw) is None  # 18 rows
+    monkeypatch.setenv("GDNSPEC_TREE_PROJ_MAX_ROWS", "18")  # the A/B limit for other model sizes
+    assert gp.max_rows() == 18 and gp.tree_in_projection(x, weight, **kw) is not None
     for bad in ("0", "65", "many"):
         monkeypatch.setenv("GDNSPEC_TREE_PROJ_MAX_ROWS", bad)
         with pytest.raises(ValueError, match="GDNSPEC_TREE_PROJ_MAX_ROWS"):

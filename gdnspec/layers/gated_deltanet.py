@@ -294,7 +294,7 @@ class Qwen3GatedDeltaNet(nn.Module):
                            window_index: torch.Tensor, project_out: bool = True):
         """forward_tree in four kernels by default (GDNSPEC_TREE_FUSION=norm, measured fastest, see
         ops/fused/gdn_tree.tree_fusion), three where the in-projection takes the tree prep in its epilogue (B * N <=
-        gdn_tree_proj.MAX_ROWS = 8 rows, bf16 / fp16: ops/fused/gdn_tree_proj.py); with "full" in three: fused in-projection GEMM,
+        gdn_tree_proj.max_rows(): 8 rows in bf16 / fp16, 16 in float32: ops/fused/gdn_tree_proj.py); with "full" in three: fused in-projection GEMM,
         `gdn_tree_verify` (tree conv + gates + tree-WY + gated RMSNorm in one kernel), out_proj (for `add_norm`, as
         decode_fused); "norm": four, "off": five (gdn_tree_prep, tree-WY, gated_rms_norm_rows). x a tensor or a
         NormedInput (the in-projection then normalises on the fly, ops/fused/normed.py). window_index (B, N, W) from `tree_conv_window_index`, shared by all layers of one verify.
@@ -307,7 +307,7 @@ class Qwen3GatedDeltaNet(nn.Module):
         L = self.proj_layout()
         kw = dict(layout=L, conv_weight=self.conv_weight, conv_state=state.conv, window_index=window_index,
                   A_log=self.A_log, dt_bias=self.dt_bias)
-        # "norm" and few rows (B * N <= MAX_ROWS = 8, bf16): the tree prep in the in-projection's epilogue (gdn_tree_proj.py)
+        # "norm" and few rows (B * N <= 8, 16 in float32): the tree prep in the in-projection's epilogue (gdn_tree_proj.py)
         both = tree_in_projection(x, self.fused_in_proj(), **kw) if tree_fusion() == "norm" else None
         if both is not None:
             proj, prep = both

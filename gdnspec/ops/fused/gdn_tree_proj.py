@@ -10,14 +10,15 @@ config of bench_e2e, H200, bf16, PDL off: 91 us of a 1.77 ms step), yet everythi
 in-projection's own output tile. The tree conv is depthwise: channel c of node i needs column c of the W-1 nodes on
 i's ancestor path (or of the committed conv window above the root), all of which the GEMV program that computes
 column c holds when one row tile covers every node (the kernel takes up to the GEMV's 64 rows; the layer uses it for
-M = B * N <= MAX_ROWS = 8, where it measured faster). So each program stores its projection tile, waits for its own
+M = B * N <= 8 in bf16 and 16 in float32, where it measured faster: max_rows). So each program stores its projection tile, waits for its own
 threads (a CTA barrier: the rows it re-reads are its own stores), and computes for its columns: SiLU(tree conv) into q / k / v (B, N, H, K) / (B, N, HV, V), and the gates
 g = -exp(A_log) softplus(a + dt_bias), beta = sigmoid(b) (B, N, HV) float32, with gdn_tree_prep's rounding points
 (inputs rounded to the activation dtype, the conv summed in float32, rounded after SiLU). The conv commit then
 reads its inputs from the projection rows (conv_layout), as with GDNSPEC_TREE_FUSION=full.
 
 Applies on CUDA (and under TRITON_INTERPRET for the tests) where the GEMV kernel of gemv.py takes the product
-(bf16 / fp16 on CUDA, float32 where gemv.fp32_rows_ok), M <= MAX_ROWS and x is a plain tensor (not a NormedInput);
+(bf16 / fp16 on CUDA, float32 where gemv.fp32_rows_ok), M <= max_rows() (8 rows, 16 in float32) and x is a plain
+tensor (not a NormedInput);
 otherwise (and with GDNSPEC_TREE_PROJ=0) `tree_in_projection` returns None and the caller runs linear_in +
 gdn_tree_prep. Reference:
 `tree_in_projection_reference` (F.linear rounded to the activation dtype, then gdn_tree_prep_reference).
@@ -57,6 +58,11 @@ _CONV, _NONE, _BETA, _GATE = 0, 1, 2, 3
 # 1.86 vs 1.81 ms, 32 rows (B = 2, N = 16) 2.35 vs 2.22 ms and 64 rows 4.45 vs 3.18 ms: the epilogue's gathered
 # taps over many rows lengthen every program of a bandwidth-bound GEMV more than the separate launch costs.
 MAX_ROWS = 8
+# float32 (the CUDA "fma" GEMV path of the shipped bundle, latency-bound: 384-wide rows): 16 rows. Measured on an H200
+# (bench_draft.py --bundle --skip-1.7b, one process each, results/stop25/run2): EAGLE tree-4x5 step (B = 1, N = 16)
+# 0.576 ms with the epilogue against 0.607 ms with gdn_tree_prep launched (169 against 175 kernels), and
+# `gdnspec eval` float32 EAGLE tree-4x5 1.23x against 1.17x, draft model tree-4x5 1.05x against 1.01x.
+MAX_ROWS_FLOAT32 = 16
 _CODES: dict = {}
 
 
@@ -142,14 +148,15 @@ if HAS_TRITON:
     _prep_tuned = triton.autotune(configs=_CONFIGS, key=["N", "K", "BM"], do_bench=graph_bench)(_tree_proj_kernel)
 
 
-def max_rows() -> int:
-    """The most rows B * N the fused launch takes: GDNSPEC_TREE_PROJ_MAX_ROWS (an int in 1 .. 64, for A/B
-    measurements at other model sizes), else MAX_ROWS. Anything else raises a ValueError naming the variable."""
+def max_rows(dtype: torch.dtype | None = None) -> int:
+    """The most rows B * N the fused launch takes for activations of `dtype`: GDNSPEC_TREE_PROJ_MAX_ROWS (an int in
+    1 .. 64, for A/B measurements at other model sizes), else MAX_ROWS_FLOAT32 for float32 and MAX_ROWS for the
+    16-bit dtypes (and None). Anything else in the variable raises a ValueError naming it."""
     import os
 
     v = os.environ.get("GDNSPEC_TREE_PROJ_MAX_ROWS")
     if not v:
-        return MAX_ROWS
+        return MAX_ROWS_FLOAT32 if dtype == torch.float32 else MAX_ROWS
     try:
         n = int(v)
     except ValueError:
@@ -168,7 +175,7 @@ def tree_in_projection(x, weight: torch.Tensor, *, layout: ProjLayout, conv_weig
     `gdn_tree_prep(proj, ...)` - in ONE launch, or None where the kernel does not apply (module docstring; more than
     max_rows <= 64 rows B * N; None: `max_rows()`): the caller then runs the two. Raises ValueError naming a tensor
     of the wrong shape."""
-    limit = globals()["max_rows"]() if max_rows is None else max_rows
+    limit = globals()["max_rows"](getattr(x, "dtype", None)) if max_rows is None else max_rows
     if not (isinstance(x, torch.Tensor) and HAS_TRITON and x.dim() == 3 and enabled()
             and x.shape[0] * x.shape[1] <= min(limit, 64) and _gemv.kernel_applies(x, weight)):
         return None
