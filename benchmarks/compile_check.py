@@ -112,10 +112,10 @@ def main(argv: list[str] | None = None) -> int:
             jobs.append((triton_tree._tree_verify_kernel, tree_types,
                          dict(**shapes, BN=BN, BK=128, BV=32, L2NORM=True, PREC="tf32x3", PREC_S="tf32",
                               BLOCKED=blocked, PDL=False), f"tree-WY verify BN={BN} blocked={blocked}"))
-    for prep in (False, True):
+    for prep in (False, True):  # "full" launches with 8 warps (gdn_tree_verify)
         jobs.append((gdn_tree._gdn_tree_verify_kernel, fused_types,
                      dict(**shapes, W=4, BN=16, BK=128, BV=32, BVN=128, NV=4, PREP=prep, PREC="tf32x3", PREC_S="tf32",
-                          BLOCKED=True, PDL=True), f"fused GDN verify {'full' if prep else 'norm'} (PDL)"))
+                          BLOCKED=True, PDL=True), f"fused GDN verify {'full' if prep else 'norm'} (PDL)", 8 if prep else 4))
     for bvb, pdl, rows in ((64, False, False), (32, True, False), (32, True, True)):
         jobs.append((gdn_decode._gdn_decode_kernel, decode_types,
                      dict(**shapes, W=4, BK=128, BVB=bvb, NV=128 // bvb, BV=128, BW=4, PDL=pdl, HAS_ROWS=rows),
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs.append((tb._select_kernel, st, dict(BP=64, BN=16), "tree builder best-N selection"))
     # the shipped bundle's EAGLE tree-4x5 pool (69 nodes: BP = 128) at the launch's warps: must not spill
     no_spill = [(tb._select_kernel, st, dict(BP=128, BN=16), "tree builder best-N selection, BP=128 (no spill)",
-                 tb._select_warps(128))]
+                 tb._select_warps(128), True)]
     ct = {n: "*i64" for n in ("roots", "tok", "tokens", "parents", "order")}
     ct.update({"lp": "*fp32", "scores": "*fp32", "valid": "*i8"})
     jobs.append((tb._chain_kernel, ct, dict(BN=16), "tree builder chain"))
@@ -192,9 +192,9 @@ def main(argv: list[str] | None = None) -> int:
                  dict(BV=2048), "inverse-CDF draw"))
     if _ptxas() is None:
         print("note: no ptxas shipped with Triton: registers and spills not checked", flush=True)
-    for kernel, types, consts, label, *warps in jobs + no_spill:
-        must = bool(warps)
-        nw = warps[0] if warps else (8 if consts.get("BLOCK", 0) >= 4096 else 4)
+    for kernel, types, consts, label, *launch in jobs + no_spill:  # launch: [num_warps[, must not spill]]
+        must = len(launch) > 1 and launch[1]
+        nw = launch[0] if launch else (8 if consts.get("BLOCK", 0) >= 4096 else 4)
         try:
             used = compile_kernel(kernel, types, consts, label, num_warps=nw, usage=report or must)
         except Exception as e:  # noqa: BLE001 (report the compiler's message, then fail)

@@ -58,8 +58,8 @@ class GDNLayerState:
         return pending
 
     def materialize_(self) -> "GDNLayerState":
-        """Copy a pending gather in (no-op without one); returns self."""
-        pending = self.take_pending()
+        """Copy a pending gather in (no-op without one); returns self. The gather stays pending if a copy raises."""
+        pending = self.pending
         if pending is not None:
             src, rows = pending
             B = self.batch_size
@@ -69,6 +69,7 @@ class GDNLayerState:
             else:
                 torch.index_select(src.recurrent, 0, rows, out=self.recurrent)
                 torch.index_select(src.conv, 0, rows, out=self.conv)
+            self.take_pending()
         return self
 
     def select(self, rows: torch.Tensor) -> "GDNLayerState":
@@ -182,6 +183,8 @@ class ModelState:
         the fused decode step of a model or EAGLE head reads them from this state while it writes the new one, so a
         drafter's tree expansion needs no gather kernels; attention layers are copied now. This state must not
         change until the new one has run its step (or been materialised). rows: (B',) long on the state's device."""
+        if rows is not None:
+            rows = torch.as_tensor(rows, dtype=torch.long, device=self._device()).contiguous()
         return ModelState([GDNLayerState.gathered(layer, rows) if isinstance(layer, GDNLayerState)
                            else (layer.clone() if rows is None else layer.select(rows)) for layer in self.layers])
 

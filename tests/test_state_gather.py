@@ -39,7 +39,8 @@ def _layer_inputs(g, *, H, HV, K, V, W, dtype):
 
 @pytest.mark.parametrize("rows,R,dtype,ssm", [([2, 0, 2, 1], 3, torch.float32, torch.float32),  # a repeated parent
                                               (None, 5, torch.float32, torch.float32),  # rows 0 .. B-1 of 5
-                                              ([1, 1, 0, 3], 4, torch.bfloat16, torch.bfloat16)])
+                                              ([1, 1, 0, 3], 4, torch.bfloat16, torch.bfloat16),
+                                              ("strided", 4, torch.float32, torch.float32)])  # a non-contiguous view
 def test_gdn_decode_reads_its_source_rows(rows, R, dtype, ssm):
     """gdn_decode_fused(source=StateSource(conv, recurrent, rows)) == index_select of the source rows, then the
     in-place step: output AND written states; the written buffers start as NaN (never read) and the source is not
@@ -50,7 +51,8 @@ def test_gdn_decode_reads_its_source_rows(rows, R, dtype, ssm):
     src_c = torch.randn(R, CD, W - 1, generator=g).to(dtype)
     src_S = (torch.randn(R, HV, K, V, generator=g) * 0.3).to(ssm)
     keep_c, keep_S = src_c.clone(), src_S.clone()
-    idx = None if rows is None else torch.tensor(rows)
+    idx = None if rows is None else (torch.tensor([3, 9, 0, 9, 3, 9, 1, 9])[::2] if rows == "strided"
+                                     else torch.tensor(rows))
     for block_v in (4, 8):
         proj = torch.randn(B, L.width, generator=g).to(dtype)
         pick = torch.arange(B) if idx is None else idx
@@ -144,11 +146,11 @@ def test_eagle_input_gathers_its_hidden_rows(dtype):
     table = torch.randn(V, H, generator=g).to(dtype)
     hidden = (torch.randn(6, 1, H, generator=g) * 2).to(dtype)
     we, wh = torch.randn(H, generator=g) * 0.2, torch.randn(H, generator=g) * 0.2
-    rows = torch.tensor([5, 0, 5, 2])
     ids = torch.tensor([[1], [18], [3], [3]])
-    got = ew.eagle_input(ids, table, hidden, w_e=we, w_h=wh, eps=1e-6, offset=True, hidden_rows=rows)
-    want = ew.eagle_input(ids, table, hidden[rows], w_e=we, w_h=wh, eps=1e-6, offset=True)
-    assert got.shape == (4, 1, 2 * H) and torch.equal(got, want)
+    for rows in (torch.tensor([5, 0, 5, 2]), torch.tensor([5, 1, 0, 1, 5, 3, 2, 4])[::2]):  # and a strided view
+        got = ew.eagle_input(ids, table, hidden, w_e=we, w_h=wh, eps=1e-6, offset=True, hidden_rows=rows)
+        want = ew.eagle_input(ids, table, hidden[rows], w_e=we, w_h=wh, eps=1e-6, offset=True)
+        assert got.shape == (4, 1, 2 * H) and torch.equal(got, want)
     for bad in (rows.int(), rows[:3], [5, 0, 5, 2]):
         with pytest.raises(ValueError, match="hidden_rows must be"):
             ew.eagle_input(ids, table, hidden, w_e=we, w_h=wh, eps=1e-6, offset=True, hidden_rows=bad)
@@ -239,3 +241,92 @@ def test_cache_only_verify_commits_the_same_states(last_layer):
         for name in ("recurrent", "conv", "k", "v", "lengths"):
             if hasattr(a, name):
                 assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def _nan_gathers(monkeypatch):
+    """GDNLayerState.gathered with its uninitialised buffers filled with NaN: a pending gather read before it is
+    copied (or read by the kernel) then poisons the drafts instead of passing by luck."""
+    real = GDNLayerState.gathered
+
+    def gathered(source, rows):
+        st = real(source, rows)
+        st.recurrent.fill_(float("nan"))
+        st.conv.fill_(float("nan"))
+        return st
+
+    monkeypatch.setattr(GDNLayerState, "gathered", staticmethod(gathered))
+
+
+@pytest.mark.parametrize("path", ["triton", "cpu_fast", "module"])
+@pytest.mark.parametrize("kind", ["eagle", "model", "hybrid_model"])
+@torch.inference_mode()
+def test_pending_gathers_are_never_read_uncopied(path, kind, monkeypatch):
+    """On every path a drafter's step can take (the fused kernels, the CPU fast path, the module path with
+    GDNSPEC_CPU_FAST=0), with a GDN-only or hybrid draft model or the EAGLE head, sync-free (graph) or not (the model
+    drafter's CPU trace), proposals from NaN-filled pending gathers equal those from select / clone copies: every
+    pending state is copied in or read from its source before use."""
+    from gdnspec.models.eagle import EagleHead, eagle_config_for
+    from gdnspec.spec import TreeConfig
+    from gdnspec.spec.drafters import EagleDrafter, ModelDrafter
+
+    if path == "module":
+        monkeypatch.setenv("GDNSPEC_CPU_FAST", "0")
+    backend = "triton" if path == "triton" else "torch"
+    torch.manual_seed(13)
+    target = randomize_(GDNForCausalLM(tiny_config(num_hidden_layers=2, full_attention_interval=0),
+                                       dtype=torch.float32)).eval()
+    target.gdn_backend = backend
+    prompts = [torch.randint(0, target.vocab_size, (n,)) for n in (6, 4)]
+    if kind == "eagle":
+        drafter = EagleDrafter(randomize_(EagleHead(eagle_config_for(target.config, intermediate_size=32))).eval(),
+                               target)
+        hid = [target(p[None]).hidden_states[0] for p in prompts]
+        begin = lambda: drafter.begin(prompts, target_hidden=hid)  # noqa: E731
+    else:
+        types = ["linear_attention", "full_attention"] if kind == "hybrid_model" else None
+        cfg = tiny_config(num_hidden_layers=2, full_attention_interval=0, **({"layer_types": types} if types else {}))
+        draft = randomize_(GDNForCausalLM(cfg, dtype=torch.float32)).eval()
+        draft.gdn_backend = backend
+        drafter = ModelDrafter(draft)
+        begin = lambda: drafter.begin(prompts)  # noqa: E731
+    roots = torch.tensor([p[-1].item() for p in prompts])
+    cfg = TreeConfig(topk=2, num_steps=3, num_draft_tokens=6)
+    for sync_free in (True, False):
+        with monkeypatch.context() as m:
+            _nan_gathers(m)
+            fast = drafter.propose(begin(), roots, cfg, sync_free=sync_free)
+        with monkeypatch.context() as m:
+            m.setattr(ModelState, "select_deferred", lambda self, rows: self.clone() if rows is None else self.select(rows))
+            slow = drafter.propose(begin(), roots, cfg, sync_free=sync_free)
+        assert torch.isfinite(fast.scores[fast.valid]).all(), (path, kind, sync_free)
+        assert torch.equal(fast.tokens, slow.tokens) and torch.equal(fast.parents, slow.parents), (path, kind)
+
+
+def test_a_failed_step_keeps_the_gather_pending():
+    """A decode step that refuses its source (rows of the wrong dtype) leaves the state's gather pending, so the
+    state is not silently left uninitialised; materialize_ then still copies it in (index_select takes int32)."""
+    torch.manual_seed(2)
+    model = randomize_(GDNForCausalLM(tiny_config(num_hidden_layers=1, full_attention_interval=0),
+                                      dtype=torch.float32)).eval()
+    model.gdn_backend = "triton"
+    src = model.new_state(3).layers[0]
+    src.recurrent.normal_()
+    st = GDNLayerState.gathered(src, torch.tensor([2, 0], dtype=torch.int32))
+    x = torch.randn(2, 1, model.config.hidden_size)
+    with pytest.raises(ValueError, match="source.rows"):
+        model.layers[0].linear_attn.decode_fused(x, st)
+    assert st.pending is not None
+    st.materialize_()
+    assert st.pending is None and torch.equal(st.recurrent, src.recurrent[[2, 0]])
+
+
+def test_decode_step_ids_names_bad_hidden_rows():
+    from gdnspec.models.eagle import EagleHead, eagle_config_for
+
+    target = GDNForCausalLM(tiny_config(num_hidden_layers=1, full_attention_interval=0), dtype=torch.float32).eval()
+    head = EagleHead(eagle_config_for(target.config, intermediate_size=32)).eval()
+    H = target.config.hidden_size
+    hidden, ids = torch.randn(3, 1, H), torch.tensor([[1], [2]])
+    for bad in (torch.tensor([0, 1, 2]), torch.tensor([0, 1], dtype=torch.int32), [0, 1]):
+        with pytest.raises(ValueError, match="hidden_rows must be"):
+            head.decode_step_ids(hidden, ids, head.new_state(2), target=target, hidden_rows=bad)

@@ -280,14 +280,15 @@ class Qwen3GatedDeltaNet(nn.Module):
 
         proj = linear_in(x, self.fused_in_proj())[:, 0]  # (B, P)
         source = None
-        pending = state.take_pending()
-        if pending is not None:  # GDNLayerState.gathered: the kernel reads the source rows, writes `state`
-            src, rows = pending
+        if state.pending is not None:  # GDNLayerState.gathered: the kernel reads the source rows, writes `state`
+            src, rows = state.pending
             src.materialize_()
             source = StateSource(conv=src.conv, recurrent=src.recurrent, rows=rows)
         y = gdn_decode_fused(proj, layout=self.proj_layout(), conv_weight=self.conv_weight, conv_state=state.conv,
                              recurrent_state=state.recurrent, A_log=self.A_log, dt_bias=self.dt_bias,
                              norm_weight=self.norm.weight, norm_eps=self.norm.eps, source=source)  # (B, HV*V)
+        if source is not None:
+            state.take_pending()  # written now (kept pending if the step raised)
         return output_projection(y[:, None], self.out_proj.weight, self.out_proj.bias)
 
     def forward_tree_fused(self, x: torch.Tensor, state: GDNLayerState, layout: TokenLayout, *,

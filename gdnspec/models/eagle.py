@@ -148,6 +148,7 @@ class EagleHead(nn.Module):
             raise TypeError(f"state must be a one-layer ModelState (see EagleHead.new_state), got {type(state).__name__}")
         if state.batch_size != B:
             raise ValueError(f"state holds {state.batch_size} sequences, hidden has batch size {B}")
+        state.materialize_()  # a pending gather (ModelState.select_deferred) is read by the fused decode step only
         out = self.layer.forward_state(self.fuse(hidden, token_embeds), state.layers[0], None, mode)
         return out, state
 
@@ -171,6 +172,8 @@ class EagleHead(nn.Module):
         if hidden.shape[1] != 1:
             raise ValueError(f"decode_step takes one token per row, got T={hidden.shape[1]}")
         s = state.layers[0] if isinstance(state, ModelState) and len(state.layers) == 1 else None
+        if isinstance(state, ModelState) and not self._fused_ok(hidden, s, target):
+            state.materialize_()  # the fused step below reads a pending gather itself; the others need it copied
         if self._cpu_fast_ok(s, target):
             dt = self.dtype
             step = _cpu_compiled.eagle_decode_step if _cpu_compiled.eagle_applies(self) else _cpu_fast.eagle_decode_step
@@ -196,11 +199,18 @@ class EagleHead(nn.Module):
         parents; gathered inside eagle_input on the fused path). `state` may hold a pending gather
         (ModelState.select_deferred): the fused GDN decode kernel reads it; any other path copies it in first."""
         s = state.layers[0] if isinstance(state, ModelState) and len(state.layers) == 1 else None
-        rows_ok = hidden_rows is None or (isinstance(token_ids, torch.Tensor)
-                                          and tuple(hidden_rows.shape) == (token_ids.shape[0],))
+        if hidden_rows is not None:
+            n = token_ids.shape[0] if isinstance(token_ids, torch.Tensor) and token_ids.dim() == 2 else None
+            if (not isinstance(hidden_rows, torch.Tensor) or hidden_rows.dtype != torch.long or n is None
+                    or tuple(hidden_rows.shape) != (n,) or not isinstance(hidden, torch.Tensor)
+                    or hidden_rows.device != hidden.device):
+                got = (f"{hidden_rows.dtype} {tuple(hidden_rows.shape)}" if isinstance(hidden_rows, torch.Tensor)
+                       else type(hidden_rows).__name__)
+                raise ValueError(f"hidden_rows must be a (B,) long tensor on hidden's device, one row of hidden per "
+                                 f"row of token_ids (B, 1), got {got}")
         if (self._fused_ok(hidden, s, target) and isinstance(hidden, torch.Tensor) and hidden.dim() == 3
                 and hidden.shape[1] == 1 and hidden.dtype == self.dtype and isinstance(token_ids, torch.Tensor)
-                and token_ids.dim() == 2 and token_ids.shape[1] == 1 and rows_ok
+                and token_ids.dim() == 2 and token_ids.shape[1] == 1
                 and (hidden_rows is not None or token_ids.shape[0] == hidden.shape[0])
                 and not token_ids.is_floating_point() and target.embed_tokens.weight.dtype == self.dtype):
             from gdnspec.ops.fused.elementwise import eagle_input
@@ -257,6 +267,7 @@ class EagleHead(nn.Module):
 
         self._check(hidden, token_embeds)
         B, L, _ = hidden.shape
+        state.materialize_()  # a catch-up advances the state in place: a pending gather is copied in first
         s = state.layers[0]
         if self._cpu_fast_ok(s, target):
             dt = self.dtype
@@ -286,6 +297,8 @@ class EagleHead(nn.Module):
         path the embedding lookup, norm_e, norm_h and their concat are ONE kernel for all B * L pairs
         (ops/fused/elementwise.eagle_input, the numbers of catch_up's two add_rms_norm launches, tested);
         elsewhere catch_up(hidden, embed(ids), ...)."""
+        if isinstance(state, ModelState):
+            state.materialize_()  # a catch-up advances the state in place: a pending gather is copied in first
         if (isinstance(hidden, torch.Tensor) and hidden.dim() == 3 and hidden.shape[-1] == self.hidden_size
                 and hidden.dtype == self.dtype and isinstance(token_ids, torch.Tensor)
                 and tuple(token_ids.shape) == tuple(hidden.shape[:2]) and not token_ids.is_floating_point()

@@ -390,6 +390,7 @@ class GDNForCausalLM(nn.Module):
             self._check_state(state, B)
         if tuple(layout.ancestor_mask.shape) != (B, N, N):
             raise ValueError(f"layout is for {tuple(layout.ancestor_mask.shape[:2])} nodes, input_ids is {(B, N)}")
+        state.materialize_()  # a pending gather (ModelState.select_deferred) is read by the fused decode step only
         if self._use_cpu_fast(state):
             logits, h, caches = _cpu_fast.verify_step(self, input_ids, state, layout)
             return TreeVerifyOutput(logits=logits, hidden_states=h, layer_caches=caches)
@@ -431,6 +432,7 @@ class GDNForCausalLM(nn.Module):
         counts >= 1 in every row (the engines: the root is always accepted), which spares saving the GDN states.
         last: (B,) the last accepted node path[b, counts[b] - 1] when the caller has it (Acceptance.last).
         """
+        state.materialize_()
         if rows is not None:
             sub = state.select(rows)
             self.commit_tree(sub, verify, path=path, counts=counts, all_rows_accept=all_rows_accept, last=last)

@@ -179,7 +179,7 @@ def eagle_input(ids: torch.Tensor, table: torch.Tensor, hidden: torch.Tensor, *,
     out = torch.empty(M, 2 * H, dtype=hidden.dtype, device=hidden.device)
     if M:
         _eagle_input_kernel[(M, 2)](ids.reshape(-1).contiguous(), tab, tab.stride(0), h2, h2.stride(0), w_e, w_h, out,
-                                    out.stride(0), H, float(eps), h2 if hidden_rows is None else hidden_rows,
+                                    out.stride(0), H, float(eps), h2 if hidden_rows is None else hidden_rows.contiguous(),
                                     OFFSET=bool(offset), BD=BD, HAS_ROWS=hidden_rows is not None,
                                     num_warps=4 if BD <= 4096 else 8, **pdl.launch_args(h2))
     return out.view(*ids.shape, 2 * H)

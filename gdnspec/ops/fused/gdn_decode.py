@@ -113,6 +113,8 @@ def check_source(source: StateSource, *, B: int, conv_state: torch.Tensor, recur
     if not isinstance(source, StateSource):
         raise ValueError(f"source must be a StateSource, got {type(source).__name__}")
     for name, src, dst in (("conv", source.conv, conv_state), ("recurrent", source.recurrent, recurrent_state)):
+        if not isinstance(src, torch.Tensor):
+            raise ValueError(f"source.{name} must be a tensor, got {type(src).__name__}")
         if src.dim() != dst.dim() or tuple(src.shape[1:]) != tuple(dst.shape[1:]) or src.dtype != dst.dtype:
             raise ValueError(f"source.{name} must be (R, {', '.join(map(str, dst.shape[1:]))}) {dst.dtype} like the "
                              f"written state, got {src.dtype} {tuple(src.shape)}")
@@ -359,7 +361,7 @@ def gdn_decode_fused(proj: torch.Tensor, *, layout: ProjLayout, conv_weight: tor
             proj, proj.stride(0), conv_weight.contiguous(), conv_state, A_log, dt_bias, norm_weight, recurrent_state,
             y, y.stride(0), o_buf, counter, *L.q, *L.k, *L.v, *L.z, *L.b, *L.a, L.K**-0.5, float(norm_eps),
             conv_state if source is None else source.conv, recurrent_state if source is None else source.recurrent,
-            counter if source is None or source.rows is None else source.rows,
+            counter if source is None or source.rows is None else source.rows.contiguous(),
             HAS_ROWS=source is not None and source.rows is not None, H=L.H, HV=L.HV, K=L.K, V=L.V, W=W, BK=BK, BVB=block_v, NV=NV, BV=BV, BW=triton.next_power_of_2(W),
             num_warps=num_warps, **pdl.launch_args(proj),
         )
