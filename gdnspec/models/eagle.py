@@ -292,11 +292,12 @@ class EagleHead(nn.Module):
         mixer.commit_tree(s, cache, last)
 
     def catch_up_ids(self, hidden: torch.Tensor, token_ids: torch.Tensor, state: ModelState, *,
-                     counts: torch.Tensor, target: nn.Module) -> None:
+                     counts: torch.Tensor, target: nn.Module, last: torch.Tensor | None = None) -> None:
         """`catch_up` given the tokens' ids (B, L) instead of their embeddings (what the drafter has). On the fused
         path the embedding lookup, norm_e, norm_h and their concat are ONE kernel for all B * L pairs
         (ops/fused/elementwise.eagle_input, the numbers of catch_up's two add_rms_norm launches, tested);
-        elsewhere catch_up(hidden, embed(ids), ...)."""
+        elsewhere catch_up(hidden, embed(ids), ...). last: (counts - 1).clamp(min=0) on hidden's device when the
+        caller has it (the drafter's advance uses it too: two launches less), else computed here."""
         if isinstance(state, ModelState):
             state.materialize_()  # a catch-up advances the state in place: a pending gather is copied in first
         if (isinstance(hidden, torch.Tensor) and hidden.dim() == 3 and hidden.shape[-1] == self.hidden_size
@@ -311,7 +312,7 @@ class EagleHead(nn.Module):
             ids = token_ids if token_ids.device == hidden.device else token_ids.to(hidden.device)
             x = eagle_input(ids, target.embed_tokens.weight, hidden, w_e=ne.weight, w_h=nh.weight,
                             eps=ne.eps, offset=ne.offset)  # (B, L, 2H)
-            self._catch_up_fused(x, state.layers[0], counts)
+            self._catch_up_fused(x, state.layers[0], counts, last=last)
             return
         dev = target.embed_tokens.weight.device
         self.catch_up(hidden, target.embed_tokens(token_ids if token_ids.device == dev else token_ids.to(dev)),
@@ -324,7 +325,7 @@ class EagleHead(nn.Module):
         return (isinstance(hidden, torch.Tensor) and hidden.dim() == 3 and hidden.shape[1] <= 64
                 and self._fused_ok(hidden, s, target) and not self._cpu_fast_ok(s, target))
 
-    def _catch_up_fused(self, x: torch.Tensor, s, counts: torch.Tensor) -> None:
+    def _catch_up_fused(self, x: torch.Tensor, s, counts: torch.Tensor, *, last: torch.Tensor | None = None) -> None:
         """The fused catch-up after the input norms: x (B, L, 2H) = [norm_e(e) | norm_h(f)] -> fc GEMV, the GDN mixer's
         fused tree step over a chain and the Triton commit of each row's counts[b] - 1-th pair (the MLP is skipped:
         the state depends on the mixer only)."""
@@ -335,7 +336,8 @@ class EagleHead(nn.Module):
         B, L, _ = x.shape
         x = small_linear(x, self.fc.weight, self.fc.bias)  # (B, L, H)
         layout = TokenLayout.chain(B, L, device=x.device)
-        last = (counts.to(x.device) - 1).clamp(min=0)
+        if last is None:
+            last = (counts.to(x.device) - 1).clamp(min=0)
         mixer = self.layer.linear_attn
         xn, _ = add_norm(self.layer.input_layernorm, x, None)
         wi = layout.conv_window_index(self.config.linear_conv_kernel_dim)

@@ -62,9 +62,11 @@ class EagleDrafter:
         dev = self.target.device
         return self.target.embed_tokens(tokens if tokens.device == dev else tokens.to(dev))
 
-    def _run_chain(self, state: ModelState, features: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor) -> None:
-        """Advance the head state over pairs (features[:, i], tokens[:, i]), i < counts[b], all rows in one pass."""
-        self.head.catch_up_ids(features, tokens, state, counts=counts, target=self.target)
+    def _run_chain(self, state: ModelState, features: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor, *,
+                   last: torch.Tensor | None = None) -> None:
+        """Advance the head state over pairs (features[:, i], tokens[:, i]), i < counts[b], all rows in one pass
+        (last: (counts - 1).clamp(min=0) when the caller has it)."""
+        self.head.catch_up_ids(features, tokens, state, counts=counts, target=self.target, last=last)
 
     @torch.inference_mode()
     def begin(self, prompts: list[torch.Tensor], *, target_hidden: list[torch.Tensor] | None = None) -> EagleDraftState:
@@ -158,6 +160,11 @@ class EagleDrafter:
             raise ValueError("the EAGLE drafter needs the target's hidden states of the committed tokens")
         h = target_hidden.to(self.head.dtype)  # (B, L, H)
         features = torch.cat([state.last_feature[:, None], h[:, :-1]], dim=1)  # the feature before each token
-        self._run_chain(state.head_state, features, tokens, counts)
-        last = (counts.to(h.device) - 1).clamp(min=0)
-        state.last_feature.copy_(h.gather(1, last[:, None, None].expand(-1, 1, h.shape[-1])).squeeze(1))
+        last = (counts.to(h.device) - 1).clamp(min=0)  # (B,) each row's last committed token
+        self._run_chain(state.head_state, features, tokens, counts, last=last)
+        B, H = state.last_feature.shape
+        idx = last[:, None, None].expand(B, 1, H)
+        if state.last_feature.is_contiguous():  # one gather into the buffer (CUDA graphs keep its address)
+            torch.gather(h, 1, idx, out=state.last_feature.view(B, 1, H))
+        else:
+            state.last_feature.copy_(h.gather(1, idx).squeeze(1))
