@@ -14,6 +14,7 @@ set -uo pipefail
 O=${1:-benchmarks/results/stop25_gpu}
 mkdir -p "$O"
 export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the benchmarks import gdnspec from this checkout
 L="$O/log.txt"
 nvidia-smi --query-gpu=name --format=csv,noheader >> "$L" 2>&1
 python benchmarks/check_fused_gpu.py >> "$L" 2>&1
