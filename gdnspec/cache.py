@@ -142,8 +142,15 @@ class KVCache:
         return KVCache(_take_rows(self.k, rows), _take_rows(self.v, rows), _take_rows(self.lengths, rows))
 
     def assign_rows_(self, rows: torch.Tensor, other: "KVCache") -> None:
-        n = int(other.lengths.max()) if other.lengths.numel() else 0  # only the valid prefix moves
-        self.reserve(n)
+        """Write other's rows (in order) into rows `rows`: lengths and the positions below them (those past a row's
+        length are free and may be copied too). When other's capacity fits this cache's, its whole capacity moves
+        with no host sync (a static runner's load right after a prefill then does not wait for the GPU); otherwise
+        only the longest valid prefix, after growing this cache (one device read of the lengths)."""
+        if other.capacity <= self.capacity:
+            n = other.capacity
+        else:
+            n = int(other.lengths.max()) if other.lengths.numel() else 0  # only the valid prefix moves
+            self.reserve(n)
         self.k[rows, :, :n] = other.k[:, :, :n].to(self.k.dtype)
         self.v[rows, :, :n] = other.v[:, :, :n].to(self.v.dtype)
         self.lengths[rows] = other.lengths

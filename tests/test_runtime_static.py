@@ -135,3 +135,25 @@ def test_assign_rows_takes_slices_only_for_matching_leading_rows():
     for rows in ([0, 1, 2], torch.tensor([1, 2])):
         with pytest.raises(ValueError, match="rows names"):
             a.assign_rows_(rows, one)
+
+
+def test_kv_load_reads_no_lengths_when_the_capacity_fits(monkeypatch):
+    """KVCache.assign_rows_ (a runner's load after a prefill) moves a cache whose capacity fits without reading its
+    lengths to the host (no device sync), and the rows equal the source's valid prefixes; a source with more capacity
+    takes the old path (its longest prefix, after growing the destination)."""
+    from gdnspec.cache import KVCache
+
+    g = torch.Generator().manual_seed(4)
+    src = KVCache(torch.randn(2, 1, 6, 3, generator=g), torch.randn(2, 1, 6, 3, generator=g), torch.tensor([6, 2]))
+    reads = []
+    real_int = torch.Tensor.__int__
+    monkeypatch.setattr(torch.Tensor, "__int__", lambda t: reads.append(1) or real_int(t))
+    for cap in (16, 4):  # fits, then does not (4 < 6: grown to the longest prefix)
+        dst = KVCache(torch.zeros(3, 1, cap, 3), torch.zeros(3, 1, cap, 3), torch.zeros(3, dtype=torch.long))
+        reads.clear()
+        dst.assign_rows_(torch.tensor([2, 0]), src)
+        assert (not reads) == (cap == 16), cap
+        assert torch.equal(dst.lengths, torch.tensor([2, 0, 6]))
+        for d, s in ((2, 0), (0, 1)):
+            n = int(src.lengths[s])
+            assert torch.equal(dst.k[d, :, :n], src.k[s, :, :n]) and torch.equal(dst.v[d, :, :n], src.v[s, :, :n])
