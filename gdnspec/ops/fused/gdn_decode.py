@@ -5,6 +5,9 @@
     # proj (B, P): one row of the layer's fused in-projection (qkvz|ba or qkv|z|b|a), any dtype of the layer
     # y (B, HV*V) in proj's dtype = GatedRMSNorm(o, z), ready for out_proj; cs (B, conv_dim, W-1) and
     # S (B, HV, K, V) float32 are advanced IN PLACE
+    y = gdn_decode_fused(proj, ..., conv_state=cs_new, recurrent_state=S_new,
+                         source=StateSource(conv=cs, recurrent=S, rows=rows))
+    # a tree expansion: row b starts from row rows[b] of (cs, S) and writes (cs_new, S_new) (torch.empty is enough)
 
 Grid: (batch row, key head h) x (value head of h, block of `block_v` value columns): 128 programs per row at B = 1
 for the Qwen3-Next shapes (H = 16, HV = 32, V = 128, block_v = 32; fewer, wider blocks as B grows, at most 64), so the state
