@@ -1,7 +1,8 @@
 """Where one speculative request's wall time goes, phase by phase, against plain decoding of the same prompts.
 
     python benchmarks/profile_request.py [--device cuda] [--dtype float32] [--drafters eagle,model,ngram]
-                                         [--shape tree-4x5] [--prompts 3] [--tokens 128] [--adaptive] [--out F.json]
+                                         [--shape tree-4x5] [--prompts 3] [--tokens 128] [--adaptive]
+                                         [--temperature 0.7 --seed 0] [--out F.json]
 
 For each drafter: the wall time of `SpeculativeEngine.generate` over the held-out prompts one after another (best of
 3, as `gdnspec eval` runs them), then one more run with a device sync around each phase: the target's prefill, the
@@ -39,8 +40,15 @@ def main(argv=None) -> int:
     add_request_args(ap, shape="tree-4x5")
     ap.add_argument("--drafters", default="eagle,model,ngram")
     ap.add_argument("--adaptive", action="store_true")
+    ap.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy; > 0: plain and "
+                    "speculative runs sample with seed --seed, and no identity is checked)")
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if not args.temperature >= 0:
+        print(f"--temperature must be >= 0, got {args.temperature}", file=sys.stderr)
+        return 2
+    T = args.temperature
     torch.set_grad_enabled(False)
     b, prompts = bundle_and_prompts(args)
     names = [d for d in args.drafters.split(",") if d]
@@ -75,8 +83,11 @@ def main(argv=None) -> int:
         setattr(obj, name, g)
         patched.append((obj, name, f))
 
+    def gen():
+        return torch.Generator(device=args.device).manual_seed(args.seed) if T > 0 else None
+
     def plain():
-        return [generate_autoregressive(model, p[None], args.tokens) for p in prompts]
+        return [generate_autoregressive(model, p[None], args.tokens, temperature=T, generator=gen()) for p in prompts]
 
     plain()
     t_plain = best(plain)
@@ -85,12 +96,16 @@ def main(argv=None) -> int:
           f"{t_plain * 1e3:.1f} ms for {len(prompts)} x {args.tokens} tokens")
     for name in names:
         drafter = b.drafters[name]
-        eng = SpeculativeEngine(model, drafter, SHAPES[args.shape], adaptive=args.adaptive)
+        eng = SpeculativeEngine(model, drafter, SHAPES[args.shape], adaptive=args.adaptive, temperature=T)
 
         def spec():
-            return [eng.generate(p[None], args.tokens) for p in prompts]
+            out = []
+            for p in prompts:
+                eng.generator = gen()
+                out.append(eng.generate(p[None], args.tokens))
+            return out
 
-        same = all(torch.equal(a, c) for a, c in zip(plain(), spec()))
+        same = all(torch.equal(a, c) for a, c in zip(plain(), spec())) if T == 0 else None
         t_spec = best(spec)
         acc.clear()
         cnt.clear()
@@ -117,7 +132,8 @@ def main(argv=None) -> int:
                                                    "plain steps (replays)", "drafter catch-up"))
         phases["static loop, host rest"] = {"ms": (acc["static loop"] - inner) * 1e3, "calls": cnt["static loop"]}
         row = {"drafter": name, "shape": args.shape, "identical_to_plain": same, "plain_ms": t_plain * 1e3,
-               "spec_ms": t_spec * 1e3, "speedup": t_plain / t_spec if same or args.dtype != "float32" else None,
+               "spec_ms": t_spec * 1e3,
+               "speedup": t_plain / t_spec if same or T > 0 or args.dtype != "float32" else None,
                "synced_ms": t_synced * 1e3, "phases": phases}
         if args.adaptive:
             pol = eng.policy
@@ -136,6 +152,7 @@ def main(argv=None) -> int:
         if args.adaptive:
             print("  policy:", json.dumps(row["policy"]))
     out = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "dtype": args.dtype,
+           "temperature": T,
            "prompts": len(prompts), "tokens": args.tokens, "adaptive": args.adaptive, "rows": rows}
     if args.out:
         with open(args.out, "w") as f:
