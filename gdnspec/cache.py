@@ -54,8 +54,7 @@ class GDNLayerState:
 
     def take_pending(self) -> tuple | None:
         """The pending (source, rows), now cleared (the caller reads the source rows itself), or None."""
-        pending = self.__dict__.pop("pending", None)
-        return pending
+        return self.__dict__.pop("pending", None)
 
     def materialize_(self) -> "GDNLayerState":
         """Copy a pending gather in (no-op without one); returns self. The gather stays pending if a copy raises."""

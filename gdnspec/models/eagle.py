@@ -199,15 +199,11 @@ class EagleHead(nn.Module):
         parents; gathered inside eagle_input on the fused path). `state` may hold a pending gather
         (ModelState.select_deferred): the fused GDN decode kernel reads it; any other path copies it in first."""
         s = state.layers[0] if isinstance(state, ModelState) and len(state.layers) == 1 else None
-        if hidden_rows is not None:
+        if hidden_rows is not None:  # checked here: the paths below without eagle_input would not name it
+            from gdnspec.ops.fused.elementwise import check_hidden_rows
+
             n = token_ids.shape[0] if isinstance(token_ids, torch.Tensor) and token_ids.dim() == 2 else None
-            if (not isinstance(hidden_rows, torch.Tensor) or hidden_rows.dtype != torch.long or n is None
-                    or tuple(hidden_rows.shape) != (n,) or not isinstance(hidden, torch.Tensor)
-                    or hidden_rows.device != hidden.device):
-                got = (f"{hidden_rows.dtype} {tuple(hidden_rows.shape)}" if isinstance(hidden_rows, torch.Tensor)
-                       else type(hidden_rows).__name__)
-                raise ValueError(f"hidden_rows must be a (B,) long tensor on hidden's device, one row of hidden per "
-                                 f"row of token_ids (B, 1), got {got}")
+            check_hidden_rows(hidden_rows, n, hidden.device if isinstance(hidden, torch.Tensor) else None)
         if (self._fused_ok(hidden, s, target) and isinstance(hidden, torch.Tensor) and hidden.dim() == 3
                 and hidden.shape[1] == 1 and hidden.dtype == self.dtype and isinstance(token_ids, torch.Tensor)
                 and token_ids.dim() == 2 and token_ids.shape[1] == 1

@@ -132,6 +132,17 @@ def eagle_input_reference(ids: torch.Tensor, table: torch.Tensor, hidden: torch.
     return torch.cat([e, f], dim=-1)
 
 
+def check_hidden_rows(hidden_rows, n: int | None, device: torch.device) -> None:
+    """ValueError naming hidden_rows unless it is an (n,) long tensor on `device` (one row of the parent features per
+    draft token; n None: the token ids are not a (B, 1) tensor, so no count fits)."""
+    if (not isinstance(hidden_rows, torch.Tensor) or hidden_rows.dtype != torch.long or n is None
+            or tuple(hidden_rows.shape) != (n,) or hidden_rows.device != device):
+        got = (f"{hidden_rows.dtype} {tuple(hidden_rows.shape)} on {hidden_rows.device}"
+               if isinstance(hidden_rows, torch.Tensor) else type(hidden_rows).__name__)
+        raise ValueError(f"hidden_rows must be a ({n if n is not None else 'B'},) long tensor on {device} (one row "
+                         f"of hidden per draft token), got {got}")
+
+
 def eagle_input(ids: torch.Tensor, table: torch.Tensor, hidden: torch.Tensor, *, w_e: torch.Tensor,
                 w_h: torch.Tensor, eps: float, offset: bool, hidden_rows: torch.Tensor | None = None) -> torch.Tensor:
     """An EAGLE head's input in ONE launch: the embedding lookup of the draft tokens, norm_e and norm_h and their
@@ -147,12 +158,7 @@ def eagle_input(ids: torch.Tensor, table: torch.Tensor, hidden: torch.Tensor, *,
     are the caller's, not checked on the device); the result is then (*ids.shape, 2H)."""
     H = hidden.shape[-1]
     if hidden_rows is not None:
-        M = ids.numel()
-        if (not isinstance(hidden_rows, torch.Tensor) or hidden_rows.dtype != torch.long
-                or tuple(hidden_rows.shape) != (M,) or hidden_rows.device != hidden.device):
-            got = (f"{hidden_rows.dtype} {tuple(hidden_rows.shape)} on {hidden_rows.device}"
-                   if isinstance(hidden_rows, torch.Tensor) else type(hidden_rows).__name__)
-            raise ValueError(f"hidden_rows must be a ({M},) long tensor on {hidden.device} (one row per id), got {got}")
+        check_hidden_rows(hidden_rows, ids.numel(), hidden.device)
         if ids.is_floating_point():
             raise ValueError(f"ids must be integer token ids, got {ids.dtype}")
         h2 = hidden.reshape(-1, H)
