@@ -996,7 +996,9 @@ def add_eval_parser(subparsers) -> None:
                    help="timings per drafter x shape; the median speedup is reported with its min-max spread")
     p.add_argument("--adaptive", action="store_true",
                    help="speculative engines fall back to plain steps where those are measured faster (CUDA-graph "
-                        "steps on CUDA, eager steps on the CPU; the table adds the share of plain steps)")
+                        "steps on CUDA, eager steps on the CPU; the table adds the share of plain steps), and eager "
+                        "steps size each tree from the drafter's confidence and the measured costs (the table adds "
+                        "the mean nodes verified and depth drafted)")
     p.add_argument("--sample-drafts", action="store_true",
                    help="with --temperature > 0: stochastic trees (drafts sampled from the drafter's q, accepted with "
                         "min(1, p/q); TreeConfig.sample_drafts) instead of the top-k of q")
@@ -1029,12 +1031,15 @@ def _print_eval_table(res: dict) -> None:
     print(f"\n{res['title']} | plain decoding {base['tokens_per_s']:.1f} tokens/s | speedup: median of "
           f"{res['repeats']} (min-max)")
     adaptive = any("plain_step_share" in r for r in res["rows"])
+    sized = any("tree_sizing" in r for r in res["rows"])
     print(f"{'drafter':7s} | {'shape':9s} | tokens/fwd | accept rate | tokens/s | speedup"
-          + (" | plain steps" if adaptive else ""))
+          + (" | plain steps" if adaptive else "") + (" | nodes / depth" if sized else ""))
     for r in res["rows"]:
         tps = f"{r['tokens_per_s']:.1f}" if r["tokens_per_s"] is not None else "-"
+        ts = r.get("tree_sizing")
         print(f"{r['drafter']:7s} | {r['shape']:9s} | {r['tokens_per_forward']:10.2f} | {r['acceptance_rate']:11.2f} | "
-              f"{tps:>8s} | {_speedup_text(r)}" + (f" | {100 * r['plain_step_share']:.0f}%" if adaptive else ""))
+              f"{tps:>8s} | {_speedup_text(r)}" + (f" | {100 * r['plain_step_share']:.0f}%" if adaptive else "")
+              + ((f" | {ts['mean_nodes']:.1f} / {ts['mean_depth']:.1f}" if ts else " | -") if sized else ""))
 
 
 def _eval_paths(args) -> tuple[Path, Path]:

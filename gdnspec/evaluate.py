@@ -68,7 +68,8 @@ def _spread(values: list[float]) -> dict:
 @torch.inference_mode()
 def evaluate(bundle, prompts: list[torch.Tensor], *, drafters=("ngram", "model", "eagle"), shapes: dict | None = None,
              max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0, repeats: int = 1,
-             adaptive: bool = False, progress=print) -> dict:
+             adaptive: bool = False, size_trees: bool | None = None, static: bool | None = None,
+             progress=print) -> dict:
     """Returns {"baseline": {...}, "rows": [...]} (batch 1, prompts one after another, as a user would run them).
 
     Each row is timed `repeats` times; one timing = plain and speculative decoding of every prompt, the two
@@ -78,7 +79,10 @@ def evaluate(bundle, prompts: list[torch.Tensor], *, drafters=("ngram", "model",
 
     adaptive=True: the speculative engines fall back to plain steps where those are measured faster
     (SpeculativeEngine(adaptive=True): CUDA-graph steps on CUDA, eager steps on the CPU; spec/policy.py); each row
-    then reports the share of plain steps."""
+    then reports the share of plain steps, and eager rows how each step's tree was sized ("tree_sizing",
+    spec/sizing.TreeSizer.summary()). size_trees: SpeculativeEngine's (None: with adaptive; False: the adaptive
+    fall-back without per-step sizing, for A/B runs; True: sizing without the fall-back). static: SpeculativeEngine's
+    (None: CUDA-graph steps on CUDA, eager steps elsewhere; False: eager steps on CUDA too)."""
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
     model = bundle.model
@@ -99,7 +103,8 @@ def evaluate(bundle, prompts: list[torch.Tensor], *, drafters=("ngram", "model",
             raise ValueError(f"drafter {name!r} is not in this bundle (it has {sorted(bundle.drafters)})")
         for shape_name, config in shapes.items():
             eng = SpeculativeEngine(model, bundle.drafters[name], config, temperature=temperature,
-                                    **(dict(adaptive=True) if adaptive else {}))
+                                    **(dict(adaptive=True) if adaptive else {}), size_trees=size_trees,
+                                    static=static)
 
             def spec_one(p):
                 eng.generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
@@ -137,6 +142,8 @@ def evaluate(bundle, prompts: list[torch.Tensor], *, drafters=("ngram", "model",
             if eng.policy is not None:
                 ch = eng.policy.summary()
                 row["plain_step_share"] = ch["plain_steps"] / max(ch["plain_steps"] + ch["speculative_steps"], 1)
+            if eng.sizer is not None and eng.sizer.steps:  # eager steps sized per step (spec/sizing.py)
+                row["tree_sizing"] = eng.sizer.summary()
             rows.append(row)
             text = (f"{sp['median']:.2f}x" + (f" ({sp['min']:.2f}-{sp['max']:.2f})" if repeats > 1 else "")
                     if ok else "MISMATCH (no speedup reported)")

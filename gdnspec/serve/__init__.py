@@ -52,8 +52,10 @@ def build(bundle, drafter, tree_config, *, model_name: str, max_model_len: int, 
     from gdnspec.spec import SpeculativeEngine, TreeConfig
     from gdnspec.spec.drafters import NullDrafter
 
+    # the adaptive policy's eager steps also size each tree (spec/sizing.py) unless --no-speculative-adaptive
     engine = SpeculativeEngine(bundle.model, drafter if drafter is not None else NullDrafter(),
-                               tree_config or TreeConfig(), static=False)
+                               tree_config or TreeConfig(), static=False,
+                               size_trees=drafter is not None and bool(policy_args.get("adaptive", True)))
     policy = StepPolicy(speculative=drafter is not None, **policy_args)
     loop = EngineLoop(engine, max_batch_size=max_batch_size, max_queue_size=max_queue_size, metrics=Metrics(),
                       policy=policy)

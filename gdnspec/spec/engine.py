@@ -38,6 +38,7 @@ from gdnspec.spec.accept import Acceptance, accept_greedy, accept_sampling
 from gdnspec.spec.drafters.base import check_drafter, propose_tree
 from gdnspec.spec.policy import StepPolicy
 from gdnspec.spec.rows import SeqSampling, accept_grouped, sample_grouped
+from gdnspec.spec.sizing import TreeSizer
 from gdnspec.spec.stats import SpecStats
 from gdnspec.spec.tree import DraftTree, TreeConfig
 
@@ -124,7 +125,8 @@ def trim_tree(tree: DraftTree) -> DraftTree:
 class SpeculativeEngine:
     def __init__(self, target, drafter, config: TreeConfig, *, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, generator: torch.Generator | None = None, trim_trees: bool = True,
-                 static: bool | None = None, seed: int | None = None, adaptive: bool = False):
+                 static: bool | None = None, seed: int | None = None, adaptive: bool = False,
+                 size_trees: bool | None = None):
         """seed: an int seeding the engine's own generator (instead of `generator`). Static runs draw one int from
         the generator and give each sequence its own counter-based stream (sampling.counter_uniforms).
         config.sample_drafts (with temperature > 0) drafts stochastic trees, accepted with their q (accept.py).
@@ -133,7 +135,12 @@ class SpeculativeEngine:
         does not pay falls back to plain decoding. Greedy output is unchanged; seeded sampled output depends on the
         choices. Static (CUDA-graph) runs switch too: their plain steps replay a decode graph of the same runner, in
         bursts of up to `SpecSession.PLAIN_BURST` steps between host syncs, and the drafter catches up on their
-        tokens (replays of one captured chunk, StaticSpecRunner.catch_up) before the next speculative step."""
+        tokens (replays of one captured chunk, StaticSpecRunner.catch_up) before the next speculative step.
+        adaptive=True also sizes each eager step's tree (spec/sizing.TreeSizer, `sizer.summary()`): how deep the
+        drafter drafts and how many of its best nodes are verified, from the drafter's path probabilities and the
+        measured costs; CUDA-graph steps keep the configured shape, and stochastic trees (config.sample_drafts at
+        temperature > 0) are not sized. size_trees: True / False turns that sizing on / off on its own (None:
+        follows adaptive)."""
         check_model(target, "target")
         check_drafter(drafter)
         if not isinstance(config, TreeConfig):
@@ -154,12 +161,16 @@ class SpeculativeEngine:
                              f"({target.vocab_size} tokens)")
         if not isinstance(adaptive, bool):
             raise TypeError(f"adaptive must be a bool, got {adaptive!r}")
+        if size_trees is not None and not isinstance(size_trees, bool):
+            raise TypeError(f"size_trees must be None or a bool, got {size_trees!r}")
         self.target, self.drafter, self.config = target, drafter, config
         self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
         self.trim_trees = trim_trees
         self.stats = SpecStats()
         # a NullDrafter only makes plain steps: its policy must not count (or time) any step as speculative
         self.policy = StepPolicy(speculative=not getattr(drafter, "plain", False)) if adaptive else None
+        size_trees = adaptive if size_trees is None else size_trees
+        self.sizer = TreeSizer() if size_trees and not getattr(drafter, "plain", False) else None
         # static=None: fixed-shape steps replayed from CUDA graphs (gdnspec.runtime) on CUDA
         self.static = target.device.type == "cuda" if static is None else static
         self._runners: dict = {}
@@ -739,13 +750,24 @@ class SpecSession:
         target, drafter = eng.target, eng.drafter
         if not speculate or getattr(drafter, "plain", False):
             return self._plain_step()
-        tree = propose_tree(drafter, self.draft_state, self.verified, eng.config,
-                            draft=eng.draft_sampling(len(self.rows)))
+        draft = eng.draft_sampling(len(self.rows))
+        sizer = eng.sizer if draft is None else None  # stochastic trees keep their draw order: not sized
+        config = eng.config if sizer is None else sizer.step_config(eng.config)
+        draft_state = self.draft_state  # a pending catch-up of plain steps runs here, outside the drafting time
+        t0 = time.perf_counter()
+        tree = propose_tree(drafter, draft_state, self.verified, config, draft=draft)
         tree.validate()
+        if sizer is not None:
+            _wait(target.device)
+            tree = sizer.cut(tree, draft_seconds=time.perf_counter() - t0)
         if eng.trim_trees:
             tree = trim_tree(tree)
         layout = tree.layout()
+        t1 = time.perf_counter()
         ver = target.forward_tree(tree.tokens, state=self.target_state, layout=layout)
+        if sizer is not None:
+            _wait(target.device)
+            t2 = time.perf_counter()
         samplings = self._row_samplings()
         acc = eng.accept(tree, ver.logits, layout) if samplings is None else accept_grouped(tree, ver.logits, layout,
                                                                                            samplings)
@@ -756,8 +778,13 @@ class SpecSession:
             H = ver.hidden_states.shape[-1]
             hidden = ver.hidden_states.gather(1, acc.path[..., None].expand(*acc.path.shape, H))
         drafter.advance(self.draft_state, tokens=path_tokens, counts=acc.counts, target_hidden=hidden)
-        new = self._emit(acc.emitted(tree), tree.num_drafted().tolist(), (acc.counts - 1).tolist())
+        accepted = (acc.counts - 1).tolist()
+        new = self._emit(acc.emitted(tree), tree.num_drafted().tolist(), accepted)
         self.verified = acc.bonus
+        if sizer is not None:
+            _wait(target.device)
+            t3 = time.perf_counter()
+            sizer.record(tree=tree, accepted=accepted, verify_seconds=t2 - t1, rest_seconds=t3 - t2)
         self._compact()
         return new
 

@@ -162,6 +162,19 @@ class DraftTree:
         return DraftTree(self.tokens[:, :n], self.parents[:, :n], self.scores[:, :n], self.valid[:, :n],
                          self.draft_probs, qi)
 
+    def best_nodes(self, n: int) -> "DraftTree":
+        """The tree cut to its root and the n - 1 best nodes of each row by score (n columns, topological order,
+        padded with invalid nodes where a row has fewer). Closed under parents: a child's score never exceeds its
+        parent's and ties keep the parent (spec/sizing.py). Deterministic trees only: a stochastic tree's kept nodes
+        must not be ranked by their own draws (ValueError)."""
+        if not _is_count(n):
+            raise ValueError(f"n must be an int >= 1, got {n!r}")
+        if self.draft_probs is not None:
+            raise ValueError("best_nodes: a stochastic tree (draft_probs set) cannot be cut by its nodes' scores")
+        if n == 1:
+            return self.first_nodes(1)
+        return _select_best(self.tokens, self.parents, self.scores, n)[0]
+
     @staticmethod
     def from_lists(roots: list[int], nodes: list[list[tuple[int, int, float]]], *, num_nodes: int | None = None,
                    device=None) -> "DraftTree":

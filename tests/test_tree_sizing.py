@@ -1,0 +1,281 @@
+"""Per-step tree size and depth (issue 10, item 4): spec/sizing.TreeSizer, DraftTree.best_nodes and the engine's
+sized eager steps.
+
+The sizer picks, per step, how many of the drafter's best nodes the target verifies (argmax of expected tokens /
+seconds) and how deep the drafter drafts (min_frontier_prob = t_expand / (kappa * seconds per token)); the tests check
+the cut against brute force, the choices against the model's own argmax, and that sized steps stay lossless: greedy
+output equal to plain decoding token for token, sampled output distributed as the target's law (chi-square)."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from gdnspec import generate_autoregressive
+from gdnspec.spec import SpeculativeEngine, TreeConfig
+from gdnspec.spec.drafters import ModelDrafter, NGramDrafter
+from gdnspec.spec.sizing import TreeSizer
+from gdnspec.spec.tree import DraftTree, build_tree
+
+from conftest import random_parents
+from spec_helpers import noisy_copy, prompts_of, tiny_model
+from test_spec_sampling import chi_square_pvalue, exact_joint_batched
+
+
+def _random_tree(B, N, seed, *, pad_rows=True) -> DraftTree:
+    """Trees whose scores never increase along a path (as every builder makes), with ties and padded rows."""
+    g = torch.Generator().manual_seed(seed)
+    parents = random_parents(B, N, seed=seed)
+    step = -torch.rand(B, N, generator=g).mul(2).round(decimals=1)  # 0.0, -0.1, ... some exactly tied
+    scores = torch.zeros(B, N)
+    for i in range(1, N):
+        scores[:, i] = scores.gather(1, parents[:, i:i + 1])[:, 0] + step[:, i]
+    valid = torch.ones(B, N, dtype=torch.bool)
+    if pad_rows and B > 1:  # row 1 drafted fewer nodes: its tail is padding hanging off the root
+        cut = N // 2
+        valid[1, cut:] = False
+        parents[1, cut:] = 0
+        scores[1, cut:] = float("-inf")
+    tokens = torch.randint(0, 50, (B, N), generator=g)
+    tokens = torch.where(valid, tokens, 0)
+    return DraftTree(tokens, parents, scores, valid)
+
+
+def _paths(tree: DraftTree, b: int) -> set:
+    """The token paths of row b's valid nodes (what a tree offers the target, independent of node order)."""
+    par, tok, val = tree.parents[b].tolist(), tree.tokens[b].tolist(), tree.valid[b].tolist()
+    out = set()
+    for i in range(1, len(par)):
+        if val[i]:
+            path, j = [], i
+            while j > 0:
+                path.append(tok[j])
+                j = par[j]
+            out.add(tuple(reversed(path)))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 12, 16])
+def test_best_nodes_keeps_the_best_subtree_closed_under_parents(seed, n):
+    tree = _random_tree(3, 12, seed)
+    cut = tree.best_nodes(n)
+    cut.validate()
+    assert cut.num_nodes == n or (n > 12 and cut.num_nodes == n)
+    for b in range(3):
+        row_valid = int(tree.valid[b, 1:].sum())
+        keep = min(n - 1, row_valid)
+        assert int(cut.valid[b, 1:].sum()) == keep
+        # the kept scores are the `keep` best of the row (a multiset: ties may pick either node)
+        best = sorted(tree.scores[b, 1:][tree.valid[b, 1:]].tolist(), reverse=True)[:keep]
+        assert sorted(cut.scores[b, 1:][cut.valid[b, 1:]].tolist(), reverse=True) == pytest.approx(best)
+        # closed under parents: every kept node's path is a path of the original tree, and its parent is kept
+        assert _paths(cut, b) <= _paths(tree, b)
+        par = cut.parents[b].tolist()
+        assert all(cut.valid[b, par[i]] for i in range(1, n) if cut.valid[b, i])
+        assert all(par[i] < i for i in range(1, n))
+
+
+def test_best_nodes_rejects_bad_input():
+    tree = _random_tree(2, 6, 0)
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="n must be an int >= 1"):
+            tree.best_nodes(bad)
+    stochastic = DraftTree(tree.tokens, tree.parents, tree.scores, tree.valid, torch.ones(2, 3, 50),
+                           torch.zeros(2, 6, dtype=torch.long))
+    with pytest.raises(ValueError, match="stochastic tree"):
+        stochastic.best_nodes(3)
+
+
+def _fed(alpha=0.010, beta=0.001, rest=0.002, t_expand=0.001, kappa_steps=None) -> TreeSizer:
+    """A sizer past its warm-up whose verify line is exactly alpha + beta * n."""
+    s = TreeSizer()
+    tree = _random_tree(1, 9, 1, pad_rows=False)
+    for i in range(TreeSizer.WARMUP + 3):
+        n = 3 + 3 * (i % 3)  # 3, 6, 9 nodes
+        t = tree.first_nodes(n)
+        s.cut(tree, draft_seconds=t_expand * 4)
+        s.record(tree=t, accepted=[1], verify_seconds=alpha + beta * n, rest_seconds=rest)
+    s.steps = TreeSizer.WARMUP + 1  # not an exploring step next
+    return s
+
+
+def test_verify_line_is_fitted_and_needs_spread():
+    s = _fed(alpha=0.010, beta=0.0005)
+    a, b = s.verify_line()
+    assert a == pytest.approx(0.010) and b == pytest.approx(0.0005)
+    flat = TreeSizer()
+    t = _random_tree(1, 5, 0, pad_rows=False)
+    for _ in range(6):
+        flat.cut(t, draft_seconds=0.001)
+        flat.record(tree=t, accepted=[2], verify_seconds=0.01, rest_seconds=0.0)
+    assert flat.verify_line() is None  # always 5 nodes: no slope can be fitted, so nothing is cut
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.0002, 0.002, 0.02])
+@pytest.mark.parametrize("seed", range(4))
+def test_choose_nodes_is_the_argmax_of_tokens_per_second(beta, seed):
+    s = _fed(alpha=0.01, beta=beta)
+    tree = _random_tree(2, 16, seed)
+    scores, valid = tree.scores.tolist(), tree.valid.tolist()
+    n = s.choose_nodes(scores, valid, draft_seconds=0.004)
+    alpha, b = s.verify_line()
+    kappa = s.kappa
+
+    def rate(m):  # brute force: each row's m - 1 best valid nodes
+        tok = 0.0
+        for row, ok in zip(scores, valid):
+            ps = sorted((math.exp(x) for x, v in zip(row[1:], ok[1:]) if v), reverse=True)[: m - 1]
+            tok += 1 + kappa * sum(ps)
+        return tok / (0.004 + alpha + b * m + s.rest)
+
+    best = max(range(1, 17), key=lambda m: (rate(m), -m))
+    assert rate(n) == pytest.approx(rate(best))
+    if beta == 0.0:
+        assert n == 16  # verifying is free per node: keep everything
+    if beta == 0.02:
+        assert n <= 4  # 20 ms per node against a 10 ms verify: few nodes pay
+
+
+def test_exploring_steps_keep_the_full_shape_and_later_steps_cut():
+    s = TreeSizer(explore_every=8)
+    tree = _random_tree(1, 16, 3, pad_rows=False)
+    sc, va = tree.scores.tolist(), tree.valid.tolist()
+    chosen = []
+    for i in range(24):
+        n = s.choose_nodes(sc, va, draft_seconds=0.002)
+        chosen.append(n)
+        s.cut(tree, draft_seconds=0.002)
+        s.record(tree=tree.first_nodes(n), accepted=[0], verify_seconds=0.005 + 0.004 * n, rest_seconds=0.001)
+    assert chosen[:4] == [16, 8, 16, 8]  # warm-up: full, half, full, half
+    assert chosen[8] == chosen[16] == 16  # periodic full-shape steps
+    assert min(chosen[4:8]) < 8  # nothing is accepted and nodes are dear: the sizer cuts
+
+
+def test_step_config_sets_the_depth_floor_from_the_costs():
+    cfg = TreeConfig(topk=2, num_steps=4, num_draft_tokens=10)
+    s = TreeSizer()
+    assert s.step_config(cfg) is cfg  # no data yet
+    s = _fed(t_expand=0.001)
+    per_token = s.sec / s.tok
+    want = s.t_expand / (s.kappa * per_token)
+    got = s.step_config(cfg)
+    assert got.min_frontier_prob == pytest.approx(want) and got.num_steps == 4 and cfg.min_frontier_prob is None
+    # a configured floor above the computed one stays; an exploring step drafts the configured shape
+    high = TreeConfig(topk=2, num_steps=4, num_draft_tokens=10, min_frontier_prob=0.95)
+    assert s.step_config(high) is high
+    s.steps = 2 * s.explore_every
+    assert s.step_config(cfg) is cfg
+    # the floor is capped below 1 (min_frontier_prob must be < 1)
+    s.steps = s.explore_every + 1
+    s.per_level = 10.0  # the drafted depths did not spread: t_expand is the average per level
+    assert s.step_config(cfg).min_frontier_prob == s.max_floor
+
+
+def test_t_expand_is_the_slope_of_drafting_seconds_over_levels():
+    s = TreeSizer()
+    chain = [DraftTree(torch.zeros(1, d + 1, dtype=torch.long), torch.tensor([[-1] + list(range(d))]),
+                       torch.zeros(1, d + 1), torch.ones(1, d + 1, dtype=torch.bool)) for d in (1, 2, 3, 4)]
+    for i in range(8):
+        t = chain[i % 4]
+        depth = i % 4 + 1
+        s.cut(t, draft_seconds=0.003 + 0.0015 * depth)  # 3 ms of fixed work + 1.5 ms per level
+        s.record(tree=t, accepted=[0], verify_seconds=0.01, rest_seconds=0.0)
+    assert s.t_expand == pytest.approx(0.0015)  # not the 2.5-4.5 ms per level an average would give
+    assert s.summary()["draft_line_ms"] == pytest.approx({"fixed": 3.0, "per_level": 1.5})
+
+
+def test_sizer_settings_are_checked():
+    for kw in (dict(smoothing=0), dict(decay=1.0), dict(max_floor=1.0), dict(explore_every=1), dict(min_spread=0),
+               dict(explore_every=True)):
+        with pytest.raises(ValueError):
+            TreeSizer(**kw)
+    target = tiny_model(seed=1)
+    with pytest.raises(TypeError, match="size_trees"):
+        SpeculativeEngine(target, ModelDrafter(noisy_copy(target)), TreeConfig(), size_trees=1)
+
+
+def _steep(sizer: TreeSizer, N: int, per_node: float = 0.001) -> TreeSizer:
+    """Feed `sizer` costs under which only likely nodes pay (`per_node` seconds per verified node against 2 ms per
+    verify and 4 ms of drafting) and a calibration of 1, past its warm-up."""
+    t = torch.zeros(1, N)
+    tree = DraftTree(torch.zeros(1, N, dtype=torch.long), torch.tensor([[-1] + list(range(N - 1))]), t,
+                     torch.ones(1, N, dtype=torch.bool))
+    for i in range(TreeSizer.WARMUP + 2):
+        n = 2 + (i % 2) * (N - 2)
+        sizer.cut(tree, draft_seconds=0.004)
+        sizer.record(tree=tree.first_nodes(n), accepted=[0], verify_seconds=0.002 + per_node * n, rest_seconds=0.001)
+    sizer.accepted = sizer.predicted = 1.0  # kappa = 1: the drafter's path probabilities taken as they are
+    sizer.steps = TreeSizer.WARMUP + 1
+    sizer.nodes.clear()
+    sizer.depth.clear()  # count the real steps' choices only
+    return sizer
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", ["tree", "chain", "ngram"])
+def test_sized_greedy_output_equals_plain_decoding(dtype, shape):
+    target = tiny_model(seed=2, hybrid=True, init_scale=4.0, dtype=dtype)
+    prompts = prompts_of([5, 9, 3], target.vocab_size, seed=3)
+    cfg = {"tree": TreeConfig(topk=3, num_steps=4, num_draft_tokens=12),
+           "chain": TreeConfig(builder="chain", num_steps=5),
+           "ngram": TreeConfig(topk=2, num_steps=4, num_draft_tokens=8)}[shape]
+    drafter = NGramDrafter() if shape == "ngram" else ModelDrafter(noisy_copy(target, noise=0.05))
+    eng = SpeculativeEngine(target, drafter, cfg, static=False, size_trees=True)
+    assert eng.policy is None and eng.sizer is not None  # sizing on its own
+    _steep(eng.sizer, cfg.num_draft_tokens)
+    out = eng.generate(prompts, 40)
+    for p, o in zip(prompts, out):
+        ref = generate_autoregressive(target, p[None], 40)[0]
+        assert torch.equal(o[: ref.numel()], ref)
+    summary = eng.sizer.summary()
+    assert sum(summary["nodes"].values()) == sum(summary["depth"].values()) == eng.stats.total_steps > 0
+    # the costs make most nodes not worth verifying: the sizer cut below the configured size
+    assert min(summary["nodes"]) < cfg.num_draft_tokens
+    if shape != "ngram":  # the model drafter honours the depth floor (the n-gram drafter looks its tokens up)
+        assert min(summary["depth"]) < cfg.num_steps
+
+
+def test_adaptive_engine_sizes_eager_steps_but_not_stochastic_trees():
+    target = tiny_model(seed=2)
+    drafter = ModelDrafter(noisy_copy(target, noise=0.05))
+    eng = SpeculativeEngine(target, drafter, TreeConfig(topk=2, num_steps=3, num_draft_tokens=6), static=False,
+                            adaptive=True)
+    eng.generate(prompts_of([6], target.vocab_size), 30)
+    assert eng.sizer.steps == eng.stats.total_steps > 0
+    assert SpeculativeEngine(target, drafter, TreeConfig(), adaptive=True, size_trees=False).sizer is None
+    assert SpeculativeEngine(target, drafter, TreeConfig()).sizer is None
+    stoch = SpeculativeEngine(target, drafter, TreeConfig(topk=2, num_steps=3, num_draft_tokens=6, sample_drafts=True),
+                              static=False, size_trees=True, temperature=1.0, seed=3)
+    stoch.generate(prompts_of([6], target.vocab_size), 20)
+    assert stoch.sizer.steps == 0  # stochastic trees keep their draws: never cut
+
+
+V = 6
+N_ROWS = 4000
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=1.0), dict(temperature=0.7, top_k=5)],
+                         ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()))
+def test_sized_sampling_matches_the_target_distribution(sampling):
+    """Deterministic trees cut per step by the sizer, accepted by the one-hot rule: the law of the emitted tokens is
+    the target's (chi-square over the 216 three-token continuations)."""
+    target = tiny_model(seed=5, vocab_size=V, init_scale=4.0)
+    draft = noisy_copy(target, noise=1.0, seed=3)
+    prompt = torch.tensor([1, 3, 0, 2, 5])
+    law = exact_joint_batched(target, prompt, 3, **sampling)
+    eng = SpeculativeEngine(target, ModelDrafter(draft), TreeConfig(topk=2, num_steps=2, num_draft_tokens=5),
+                            generator=torch.Generator().manual_seed(9), static=False, size_trees=True, **sampling)
+    _steep(eng.sizer, 5)
+    session = eng.session()
+    ids = session.add(list(prompt.expand(N_ROWS, -1)), max_new_tokens=3)
+    while session.active:
+        session.step()
+    counts = {}
+    for i in ids:
+        key = tuple(session.sequence(i)[len(prompt):].tolist())
+        counts[key] = counts.get(key, 0) + 1
+    assert min(eng.sizer.nodes) < 5  # trees were cut
+    assert chi_square_pvalue(counts, law, N_ROWS) > 1e-4
