@@ -172,3 +172,41 @@ def test_chat_requests_stop_at_the_end_of_turn_token(tmp_path):
     plain = ServeState(loop=None, tokenizer=tok, model_name="m", vocab_size=16, max_model_len=64, eos_ids=(1,),
                        chat_template=ChatTemplate.for_model(None, tok), sampling={})
     assert plain.chat_stop_ids() == (1,)  # the plain template's end of turn is the end-of-text token itself
+
+
+def test_sized_speculative_steps_reach_the_tree_histograms():
+    """The engine loop observes each sized speculative step's verified nodes and drafted depth
+    (gdnspec:spec_decode_tree_nodes / spec_decode_draft_depth); plain steps and unsized engines observe nothing."""
+    from prometheus_client import generate_latest
+
+    from gdnspec.serve.loop import EngineLoop
+    from gdnspec.serve.metrics import Metrics
+    from gdnspec.spec import SpeculativeEngine, TreeConfig
+    from gdnspec.spec.drafters import ModelDrafter
+    from spec_helpers import noisy_copy, prompts_of, tiny_model
+
+    target = tiny_model(seed=2)
+    cfg = TreeConfig(topk=2, num_steps=3, num_draft_tokens=6)
+
+    def histogram_counts(size_trees: bool, speculative: bool = True) -> tuple[int, int, list]:
+        eng = SpeculativeEngine(target, ModelDrafter(noisy_copy(target)), cfg, static=False, size_trees=size_trees)
+        metrics = Metrics()
+        loop = EngineLoop(eng, max_batch_size=4, max_queue_size=4, metrics=metrics,
+                          policy=StepPolicy(speculative=speculative, adaptive=False))
+        loop.session.add(prompts_of([5, 7], target.vocab_size), max_new_tokens=12)
+        steps = 0
+        while loop.session.active:
+            loop._step()  # the loop thread's step, called directly (no requests: the tokens go nowhere)
+            steps += 1
+        text = generate_latest(metrics.registry).decode()
+        count = {name: float(line.split()[-1]) for line in text.splitlines() for name in
+                 ("gdnspec:spec_decode_tree_nodes_count", "gdnspec:spec_decode_draft_depth_count")
+                 if line.startswith(name + " ")}
+        last = [] if eng.sizer is None else [eng.sizer.last]
+        return count["gdnspec:spec_decode_tree_nodes_count"], count["gdnspec:spec_decode_draft_depth_count"], \
+            [steps, eng.stats.total_steps] + last
+
+    nodes, depth, (steps, spec_steps, last) = histogram_counts(True)
+    assert nodes == depth == spec_steps == steps > 0 and 1 <= last[0] <= 6 and 0 <= last[1] <= 3
+    assert histogram_counts(False)[:2] == (0, 0)  # not sized: nothing observed
+    assert histogram_counts(True, speculative=False)[:2] == (0, 0)  # plain steps only

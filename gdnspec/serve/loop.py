@@ -232,11 +232,14 @@ class EngineLoop:
         rows = list(self.session.rows)
         seqs = [self.session.sequences[i] for i in rows]
         before = [(s.draft_tokens, s.accepted_tokens) for s in seqs]
+        sizer = getattr(self.engine, "sizer", None)
+        sized_before = None if sizer is None else sizer.steps
         new, speculate = self.session.adaptive_step(self.policy)
         now = time.perf_counter()
         if speculate and not getattr(self.engine.drafter, "plain", False):
+            sized = sizer.last if sizer is not None and sizer.steps != sized_before else None
             self.metrics.record_spec(drafted=[s.draft_tokens - d for s, (d, _) in zip(seqs, before)],
-                                     accepted=[s.accepted_tokens - a for s, (_, a) in zip(seqs, before)])
+                                     accepted=[s.accepted_tokens - a for s, (_, a) in zip(seqs, before)], sized=sized)
         else:
             self.metrics.steps.labels("plain").inc()
         done = []

@@ -13,6 +13,9 @@
     gdnspec:spec_decode_num_accepted_tokens_per_pos_total{position}   drafts whose accepted path reached position p
     gdnspec:spec_decode_mean_accept_length               tokens per target forward of speculative steps, since start
     gdnspec:spec_decode_steps_total{kind}                engine steps by kind (speculative, plain)
+    gdnspec:spec_decode_tree_nodes                       node columns (root included) verified per sized speculative
+                                                         step (histogram; spec/sizing.py, eager steps)
+    gdnspec:spec_decode_draft_depth                      levels drafted per sized speculative step (histogram)
 """
 from __future__ import annotations
 
@@ -22,6 +25,9 @@ disable_created_metrics()  # no *_created series: they double the output and nob
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
             7.5, 10.0, 20.0, 40.0, 80.0)
+
+_NODES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64)
+_DEPTH = (0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 16)
 
 
 class Metrics:
@@ -51,11 +57,19 @@ class Metrics:
                                         "Tokens per target forward of speculative steps (accepted + 1), since start",
                                         registry=r)
         self.steps = Counter(p + "spec_decode_steps", "Engine steps by kind", ["kind"], registry=r)
+        self.tree_nodes = Histogram(p + "spec_decode_tree_nodes", "Node columns verified per sized speculative step",
+                                    buckets=_NODES, registry=r)
+        self.draft_depth = Histogram(p + "spec_decode_draft_depth", "Levels drafted per sized speculative step",
+                                     buckets=_DEPTH, registry=r)
         self._drafts = self._accepted = 0
 
-    def record_spec(self, *, drafted: list[int], accepted: list[int]) -> None:
-        """One speculative step: drafted nodes and accepted draft tokens per sequence."""
+    def record_spec(self, *, drafted: list[int], accepted: list[int], sized: tuple[int, int] | None = None) -> None:
+        """One speculative step: drafted nodes and accepted draft tokens per sequence; sized: (node columns verified,
+        levels drafted) when the step's tree was sized (TreeSizer.last)."""
         self.steps.labels("speculative").inc()
+        if sized is not None:
+            self.tree_nodes.observe(sized[0])
+            self.draft_depth.observe(sized[1])
         self.drafts.inc(len(drafted))
         self.draft_tokens.inc(sum(drafted))
         self.accepted_tokens.inc(sum(accepted))

@@ -116,6 +116,7 @@ class TreeSizer:
         self.nodes: Counter = Counter()  # node columns verified -> steps
         self.depth: Counter = Counter()  # deepest drafted level -> steps
         self._pending: dict | None = None  # what this step chose, until record()
+        self.last: tuple[int, int] | None = None  # (node columns verified, levels drafted) of the last recorded step
 
     # ------------------------------------------------------------------ estimates
     @property
@@ -227,6 +228,7 @@ class TreeSizer:
             self.tok = avg(self.tok, float(sum(accepted) + len(accepted)))
             self.nodes[n] += 1
             self.depth[depth] += 1
+            self.last = (n, depth)
             self.steps += 1
 
     def summary(self) -> dict:
