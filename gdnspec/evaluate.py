@@ -114,6 +114,8 @@ def evaluate(bundle, prompts: list[torch.Tensor], *, drafters=("ngram", "model",
             eng.stats = type(eng.stats)()
             if eng.policy is not None:
                 eng.policy.choices.clear()  # count the timed runs' choices (the measured costs stay)
+            if eng.sizer is not None:
+                eng.sizer.reset_counts()  # the same for the sizes and depths chosen
             spec_s, plain_s, identical = [], [], True
             for _ in range(repeats):
                 t_plain = t_spec = 0.0

@@ -289,6 +289,22 @@ def test_eval_writes_json_with_identical_greedy_outputs_and_spread(tmp_path, cap
     assert not (tmp_path / "eval.png").exists()
 
 
+def test_eval_adaptive_reports_plain_steps_and_tree_sizing(tmp_path, capsys, monkeypatch):
+    """--adaptive on the CPU: the fall-back and per-step tree sizing; the JSON rows carry the sizer's summary and the
+    table its mean nodes / depth, and greedy output stays identical."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    rc, out, _ = run_main(["eval", "--num-prompts", "1", "--max-new-tokens", "24", "--prompt-tokens", "32",
+                           "--drafters", "eagle", "--shapes", "tree-2x5", "--repeats", "1", "--adaptive",
+                           "--out", str(tmp_path)], capsys)
+    assert rc == 0
+    row = json.loads((tmp_path / "eval.json").read_text())["rows"][0]
+    sizing = row["tree_sizing"]
+    assert row["identical_to_plain"] and 0.0 <= row["plain_step_share"] <= 1.0
+    assert sizing["steps"] == sum(sizing["nodes"].values()) > 0 and max(map(int, sizing["nodes"])) <= 10
+    assert "| plain steps | nodes / depth" in out
+    assert re.search(rf"\| {sizing['mean_nodes']:.1f} / {sizing['mean_depth']:.1f}$", out, re.M), out
+
+
 def test_eval_plot_draws_the_spread(tmp_path):
     pytest.importorskip("matplotlib")
     from gdnspec.evaluate import plot

@@ -63,7 +63,7 @@ def test_best_nodes_keeps_the_best_subtree_closed_under_parents(seed, n):
     tree = _random_tree(3, 12, seed)
     cut = tree.best_nodes(n)
     cut.validate()
-    assert cut.num_nodes == n or (n > 12 and cut.num_nodes == n)
+    assert cut.num_nodes == n
     for b in range(3):
         row_valid = int(tree.valid[b, 1:].sum())
         keep = min(n - 1, row_valid)
@@ -78,6 +78,23 @@ def test_best_nodes_keeps_the_best_subtree_closed_under_parents(seed, n):
         assert all(par[i] < i for i in range(1, n))
 
 
+def test_best_nodes_never_orphans_a_node_when_scores_rise_along_a_path():
+    """A plug-in drafter's scores need not be cumulative log-probs: a child scoring above its parent ranks by its
+    path's smallest score, so the cut is still a tree (closed under parents)."""
+    # row 0: root -> 1 (-3.0) -> 2 (-0.5) -> 3 (-0.6); row 1: root -> 1 (-0.1), root -> 2 (-2.0) -> 3 (-0.2)
+    tree = DraftTree.from_lists([7, 8], [[(1, 0, -3.0), (2, 1, -0.5), (3, 2, -0.6)],
+                                         [(1, 0, -0.1), (2, 0, -2.0), (3, 2, -0.2)]])
+    for n in (2, 3, 4):
+        cut = tree.best_nodes(n)
+        cut.validate()
+        for b in range(2):
+            par = cut.parents[b].tolist()
+            assert all(cut.valid[b, par[i]] for i in range(1, n) if cut.valid[b, i]), (n, b, par)
+            assert _paths(cut, b) <= _paths(tree, b)
+    assert _paths(tree.best_nodes(3), 0) == {(1,), (1, 2)}  # node 3 (-0.6) outranks nothing above its path's -3.0
+    assert _paths(tree.best_nodes(3), 1) == {(1,), (2,)}
+
+
 def test_best_nodes_rejects_bad_input():
     tree = _random_tree(2, 6, 0)
     for bad in (0, -1, 2.0, True):
@@ -89,17 +106,29 @@ def test_best_nodes_rejects_bad_input():
         stochastic.best_nodes(3)
 
 
-def _fed(alpha=0.010, beta=0.001, rest=0.002, t_expand=0.001, kappa_steps=None) -> TreeSizer:
-    """A sizer past its warm-up whose verify line is exactly alpha + beta * n."""
+def _chain(B: int, N: int) -> DraftTree:
+    """B identical chains of N nodes, every path probability 1 (score 0)."""
+    return DraftTree(torch.zeros(B, N, dtype=torch.long), torch.arange(-1, N - 1).expand(B, N).clone(),
+                     torch.zeros(B, N), torch.ones(B, N, dtype=torch.bool))
+
+
+def _past_warmup(s: TreeSizer, *batch_sizes: int) -> TreeSizer:
+    """The next step of these batch sizes is neither a warm-up nor a periodic full-shape step."""
+    for b in batch_sizes or (1,):
+        s.costs(b).steps = TreeSizer.WARMUP + 1
+    return s
+
+
+def _fed(alpha=0.010, beta=0.001, rest=0.002, draft=0.004) -> TreeSizer:
+    """A sizer past its warm-up at batch 1 whose verify line is exactly alpha + beta * n."""
     s = TreeSizer()
     tree = _random_tree(1, 9, 1, pad_rows=False)
     for i in range(TreeSizer.WARMUP + 3):
         n = 3 + 3 * (i % 3)  # 3, 6, 9 nodes
-        t = tree.first_nodes(n)
-        s.cut(tree, draft_seconds=t_expand * 4)
-        s.record(tree=t, accepted=[1], verify_seconds=alpha + beta * n, rest_seconds=rest)
-    s.steps = TreeSizer.WARMUP + 1  # not an exploring step next
-    return s
+        _, depth = s.cut(tree, draft_seconds=draft)
+        s.record(tree=tree.first_nodes(n), accepted=[1], draft_seconds=draft, depth=depth,
+                 verify_seconds=alpha + beta * n, rest_seconds=rest)
+    return _past_warmup(s)
 
 
 def test_verify_line_is_fitted_and_needs_spread():
@@ -109,8 +138,8 @@ def test_verify_line_is_fitted_and_needs_spread():
     flat = TreeSizer()
     t = _random_tree(1, 5, 0, pad_rows=False)
     for _ in range(6):
-        flat.cut(t, draft_seconds=0.001)
-        flat.record(tree=t, accepted=[2], verify_seconds=0.01, rest_seconds=0.0)
+        _, depth = flat.cut(t, draft_seconds=0.001)
+        flat.record(tree=t, accepted=[2], draft_seconds=0.001, depth=depth, verify_seconds=0.01, rest_seconds=0.0)
     assert flat.verify_line() is None  # always 5 nodes: no slope can be fitted, so nothing is cut
 
 
@@ -118,18 +147,18 @@ def test_verify_line_is_fitted_and_needs_spread():
 @pytest.mark.parametrize("seed", range(4))
 def test_choose_nodes_is_the_argmax_of_tokens_per_second(beta, seed):
     s = _fed(alpha=0.01, beta=beta)
-    tree = _random_tree(2, 16, seed)
+    tree = _random_tree(1, 16, seed)
     scores, valid = tree.scores.tolist(), tree.valid.tolist()
     n = s.choose_nodes(scores, valid, draft_seconds=0.004)
     alpha, b = s.verify_line()
-    kappa = s.kappa
+    kappa, rest = s.kappa, s.costs(1).rest
 
     def rate(m):  # brute force: each row's m - 1 best valid nodes
         tok = 0.0
         for row, ok in zip(scores, valid):
             ps = sorted((math.exp(x) for x, v in zip(row[1:], ok[1:]) if v), reverse=True)[: m - 1]
             tok += 1 + kappa * sum(ps)
-        return tok / (0.004 + alpha + b * m + s.rest)
+        return tok / (0.004 + alpha + b * m + rest)
 
     best = max(range(1, 17), key=lambda m: (rate(m), -m))
     assert rate(n) == pytest.approx(rate(best))
@@ -137,6 +166,10 @@ def test_choose_nodes_is_the_argmax_of_tokens_per_second(beta, seed):
         assert n == 16  # verifying is free per node: keep everything
     if beta == 0.02:
         assert n <= 4  # 20 ms per node against a 10 ms verify: few nodes pay
+    # cut() applies that choice: the n best nodes of the row, as best_nodes keeps them
+    cut, depth = s.cut(tree, draft_seconds=0.004)
+    want = tree if n >= int(tree.valid.sum()) else tree.best_nodes(n)
+    assert torch.equal(cut.tokens, want.tokens) and torch.equal(cut.scores, want.scores) and depth >= 1
 
 
 def test_exploring_steps_keep_the_full_shape_and_later_steps_cut():
@@ -147,70 +180,105 @@ def test_exploring_steps_keep_the_full_shape_and_later_steps_cut():
     for i in range(24):
         n = s.choose_nodes(sc, va, draft_seconds=0.002)
         chosen.append(n)
-        s.cut(tree, draft_seconds=0.002)
-        s.record(tree=tree.first_nodes(n), accepted=[0], verify_seconds=0.005 + 0.004 * n, rest_seconds=0.001)
+        s.record(tree=tree.first_nodes(n), accepted=[0], draft_seconds=0.002, depth=3,
+                 verify_seconds=0.005 + 0.004 * n, rest_seconds=0.001)
     assert chosen[:4] == [16, 8, 16, 8]  # warm-up: full, half, full, half
     assert chosen[8] == chosen[16] == 16  # periodic full-shape steps
     assert min(chosen[4:8]) < 8  # nothing is accepted and nodes are dear: the sizer cuts
+    assert s.kappa == 0.0  # a drafter that is never accepted is not taken as calibrated
+
+
+def test_a_drafter_never_accepted_gets_small_trees_and_a_high_floor():
+    s = TreeSizer()
+    tree = _random_tree(1, 9, 1, pad_rows=False)
+    for i in range(TreeSizer.WARMUP + 8):
+        n = 3 + 3 * (i % 3)
+        s.record(tree=tree.first_nodes(n), accepted=[0], draft_seconds=0.004, depth=3,
+                 verify_seconds=0.01 + 0.001 * n, rest_seconds=0.002)
+    _past_warmup(s)
+    assert s.kappa == 0.0
+    assert s.choose_nodes(tree.scores.tolist(), tree.valid.tolist(), draft_seconds=0.004) == 1
+    assert s.step_config(TreeConfig(topk=2, num_steps=4, num_draft_tokens=9), batch_size=1).min_frontier_prob == \
+        s.max_floor
+
+
+def test_costs_are_kept_per_batch_bucket():
+    """A verify of n columns for B rows costs about B * n row-products: one line over all batch sizes would be
+    wrong for each; the sizer fits one per bucket (1, 2, 4, 8...)."""
+    s = TreeSizer()
+    for i in range(2 * (TreeSizer.WARMUP + 6)):
+        B = 8 if i % 2 else 1
+        n = 3 + 3 * (i // 2 % 3)
+        s.record(tree=_chain(B, 9).first_nodes(n), accepted=[1] * B, draft_seconds=0.004, depth=3,
+                 verify_seconds=0.002 + 0.001 * B * n, rest_seconds=0.001)
+    assert s.verify_line(1) == pytest.approx((0.002, 0.001)) and s.verify_line(8) == pytest.approx((0.002, 0.008))
+    assert s.verify_line(5) == s.verify_line(8) and s.verify_line(2) is None  # 5 rows share 8's bucket; 2 has none
+    assert set(s.summary()["by_batch_bucket"]) == {1, 2, 8}
 
 
 def test_step_config_sets_the_depth_floor_from_the_costs():
     cfg = TreeConfig(topk=2, num_steps=4, num_draft_tokens=10)
     s = TreeSizer()
-    assert s.step_config(cfg) is cfg  # no data yet
-    s = _fed(t_expand=0.001)
-    per_token = s.sec / s.tok
-    want = s.t_expand / (s.kappa * per_token)
-    got = s.step_config(cfg)
+    assert s.step_config(cfg, batch_size=1) is cfg  # no data yet
+    s = _fed(draft=0.004)
+    c = s.costs(1)
+    want = s.t_expand() / (s.kappa * c.sec / c.tok)
+    got = s.step_config(cfg, batch_size=1)
     assert got.min_frontier_prob == pytest.approx(want) and got.num_steps == 4 and cfg.min_frontier_prob is None
+    assert s.step_config(cfg, batch_size=3) is cfg  # another bucket: no data
     # a configured floor above the computed one stays; an exploring step drafts the configured shape
     high = TreeConfig(topk=2, num_steps=4, num_draft_tokens=10, min_frontier_prob=0.95)
-    assert s.step_config(high) is high
-    s.steps = 2 * s.explore_every
-    assert s.step_config(cfg) is cfg
+    assert s.step_config(high, batch_size=1) is high
+    c.steps = 2 * s.explore_every
+    assert s.step_config(cfg, batch_size=1) is cfg
     # the floor is capped below 1 (min_frontier_prob must be < 1)
-    s.steps = s.explore_every + 1
-    s.per_level = 10.0  # the drafted depths did not spread: t_expand is the average per level
-    assert s.step_config(cfg).min_frontier_prob == s.max_floor
+    c.steps = s.explore_every + 1
+    c.per_level = 10.0  # the drafted depths did not spread: t_expand is the average per level
+    assert s.step_config(cfg, batch_size=1).min_frontier_prob == s.max_floor
 
 
 def test_t_expand_is_the_slope_of_drafting_seconds_over_levels():
     s = TreeSizer()
-    chain = [DraftTree(torch.zeros(1, d + 1, dtype=torch.long), torch.tensor([[-1] + list(range(d))]),
-                       torch.zeros(1, d + 1), torch.ones(1, d + 1, dtype=torch.bool)) for d in (1, 2, 3, 4)]
     for i in range(8):
-        t = chain[i % 4]
         depth = i % 4 + 1
-        s.cut(t, draft_seconds=0.003 + 0.0015 * depth)  # 3 ms of fixed work + 1.5 ms per level
-        s.record(tree=t, accepted=[0], verify_seconds=0.01, rest_seconds=0.0)
-    assert s.t_expand == pytest.approx(0.0015)  # not the 2.5-4.5 ms per level an average would give
-    assert s.summary()["draft_line_ms"] == pytest.approx({"fixed": 3.0, "per_level": 1.5})
+        t = _chain(1, depth + 1)
+        cut, got = s.cut(t, draft_seconds=0.0)
+        assert got == depth
+        s.record(tree=cut, accepted=[0], draft_seconds=0.003 + 0.0015 * depth, depth=depth,  # 3 ms + 1.5 per level
+                 verify_seconds=0.01, rest_seconds=0.0)
+    assert s.t_expand() == pytest.approx(0.0015)  # not the 2.5-4.5 ms per level an average would give
+    assert s.summary()["by_batch_bucket"][1]["draft_line_ms"] == pytest.approx({"fixed": 3.0, "per_level": 1.5})
 
 
-def test_sizer_settings_are_checked():
-    for kw in (dict(smoothing=0), dict(decay=1.0), dict(max_floor=1.0), dict(explore_every=1), dict(min_spread=0),
-               dict(explore_every=True)):
-        with pytest.raises(ValueError):
-            TreeSizer(**kw)
+@pytest.mark.parametrize("kw, name", [(dict(smoothing=0), "smoothing"), (dict(smoothing="0.5"), "smoothing"),
+                                      (dict(smoothing=None), "smoothing"), (dict(smoothing=True), "smoothing"),
+                                      (dict(decay=1.0), "decay"), (dict(max_floor=1.0), "max_floor"),
+                                      (dict(min_spread=0), "min_spread"), (dict(min_spread=math.inf), "min_spread"),
+                                      (dict(explore_every=1), "explore_every"),
+                                      (dict(explore_every=True), "explore_every")])
+def test_sizer_settings_are_checked(kw, name):
+    with pytest.raises(ValueError, match=f"^{name} must be"):
+        TreeSizer(**kw)
+
+
+def test_size_trees_is_checked():
     target = tiny_model(seed=1)
     with pytest.raises(TypeError, match="size_trees"):
         SpeculativeEngine(target, ModelDrafter(noisy_copy(target)), TreeConfig(), size_trees=1)
 
 
-def _steep(sizer: TreeSizer, N: int, per_node: float = 0.001) -> TreeSizer:
+def _steep(sizer: TreeSizer, N: int, per_node: float = 0.001, batch_sizes=(1, 2, 3)) -> TreeSizer:
     """Feed `sizer` costs under which only likely nodes pay (`per_node` seconds per verified node against 2 ms per
-    verify and 4 ms of drafting) and a calibration of 1, past its warm-up."""
-    t = torch.zeros(1, N)
-    tree = DraftTree(torch.zeros(1, N, dtype=torch.long), torch.tensor([[-1] + list(range(N - 1))]), t,
-                     torch.ones(1, N, dtype=torch.bool))
-    for i in range(TreeSizer.WARMUP + 2):
-        n = 2 + (i % 2) * (N - 2)
-        sizer.cut(tree, draft_seconds=0.004)
-        sizer.record(tree=tree.first_nodes(n), accepted=[0], verify_seconds=0.002 + per_node * n, rest_seconds=0.001)
+    verify and 4 ms of drafting) for each batch size, and a calibration of 1, past the warm-up."""
+    for B in batch_sizes:
+        tree = _chain(B, N)
+        for i in range(TreeSizer.WARMUP + 2):
+            n = 2 + (i % 2) * (N - 2)
+            sizer.record(tree=tree.first_nodes(n), accepted=[0] * B, draft_seconds=0.004, depth=N - 1,
+                         verify_seconds=0.002 + per_node * n, rest_seconds=0.001)
     sizer.accepted = sizer.predicted = 1.0  # kappa = 1: the drafter's path probabilities taken as they are
-    sizer.steps = TreeSizer.WARMUP + 1
-    sizer.nodes.clear()
-    sizer.depth.clear()  # count the real steps' choices only
+    _past_warmup(sizer, *batch_sizes)
+    sizer.reset_counts()  # count the real steps' choices only
     return sizer
 
 

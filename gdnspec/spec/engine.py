@@ -140,7 +140,7 @@ class SpeculativeEngine:
         drafter drafts and how many of its best nodes are verified, from the drafter's path probabilities and the
         measured costs; CUDA-graph steps keep the configured shape, and stochastic trees (config.sample_drafts at
         temperature > 0) are not sized. size_trees: True / False turns that sizing on / off on its own (None:
-        follows adaptive)."""
+        follows adaptive); seeded sampled output is reproducible only with it off (the cut follows measured times)."""
         check_model(target, "target")
         check_drafter(drafter)
         if not isinstance(config, TreeConfig):
@@ -752,14 +752,15 @@ class SpecSession:
             return self._plain_step()
         draft = eng.draft_sampling(len(self.rows))
         sizer = eng.sizer if draft is None else None  # stochastic trees keep their draw order: not sized
-        config = eng.config if sizer is None else sizer.step_config(eng.config)
+        config = eng.config if sizer is None else sizer.step_config(eng.config, batch_size=len(self.rows))
         draft_state = self.draft_state  # a pending catch-up of plain steps runs here, outside the drafting time
         t0 = time.perf_counter()
         tree = propose_tree(drafter, draft_state, self.verified, config, draft=draft)
         tree.validate()
         if sizer is not None:
             _wait(target.device)
-            tree = sizer.cut(tree, draft_seconds=time.perf_counter() - t0)
+            draft_seconds = time.perf_counter() - t0
+            tree, depth = sizer.cut(tree, draft_seconds=draft_seconds)
         if eng.trim_trees:
             tree = trim_tree(tree)
         layout = tree.layout()
@@ -784,7 +785,8 @@ class SpecSession:
         if sizer is not None:
             _wait(target.device)
             t3 = time.perf_counter()
-            sizer.record(tree=tree, accepted=accepted, verify_seconds=t2 - t1, rest_seconds=t3 - t2)
+            sizer.record(tree=tree, accepted=accepted, draft_seconds=draft_seconds, depth=depth, verify_seconds=t2 - t1,
+                         rest_seconds=t3 - t2)
         self._compact()
         return new
 

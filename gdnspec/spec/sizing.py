@@ -2,17 +2,19 @@
 item 4: "per step, choose tree size / depth from the drafter's confidence and the measured costs").
 
     sizer = TreeSizer()
-    config = sizer.step_config(engine.config)              # this step's drafting (its depth rule, min_frontier_prob)
-    tree = propose(..., config); draft_s = ...             # timed
-    tree = sizer.cut(tree, draft_seconds=draft_s)          # the n best nodes of each row (n chosen for this step)
+    config = sizer.step_config(engine.config, batch_size=B)   # this step's drafting (its depth rule, min_frontier_prob)
+    tree = propose(..., config); draft_s = ...                 # timed
+    tree, depth = sizer.cut(tree, draft_seconds=draft_s)       # the n best nodes of each row (n chosen for this step)
     ... verify (timed: verify_s) ... accept, commit, catch-up (timed: rest_s) ...
-    sizer.record(tree=tree, accepted=counts - 1, verify_seconds=verify_s, rest_seconds=rest_s)
+    sizer.record(tree=tree, accepted=counts - 1, draft_seconds=draft_s, depth=depth, verify_seconds=verify_s,
+                 rest_seconds=rest_s)
     sizer.summary()                                        # how often each size and depth was chosen, the model
 
 SpeculativeEngine(adaptive=True) runs it on its eager steps (the CPU path; spec/engine.py); CUDA-graph steps keep the
 configured shape (their graphs are captured for one shape).
 
-The model (all on the host, a few dozen float ops per step):
+The model (on the host: Python work per drafted node, tens of microseconds per step on the CPU, between the timed
+stages and so charged to none of them; costs kept per batch-size bucket):
   * Tokens. A drafted node is accepted iff every token on its path is the one the target emits, so the expected
     number of accepted draft tokens of a tree is the sum over its nodes of P(path accepted) (each accepted path has
     one node per depth). With the drafter's path probability exp(score) for P this is the EAGLE-2 "value" of a tree
@@ -31,15 +33,16 @@ The model (all on the host, a few dozen float ops per step):
     an upper bound); it pays when that
     gain is worth t_expand at the step's measured seconds per token s, so the builder's `min_frontier_prob` (stop a
     row whose best frontier path is less likely; spec/tree.py) is set per step to t_expand / (kappa * s).
-  * Exploration. The line needs steps at different sizes: the first WARMUP steps alternate the full tree and half of
-    it, and every `explore_every`-th step later drafts and verifies the full configured shape (no floor, no cut), so
-    kappa and the costs of large trees stay measured.
+  * Exploration. The lines need steps at different sizes: the first WARMUP steps of a batch bucket alternate the full
+    tree and half of it, and every `explore_every`-th step later drafts and verifies the full configured shape (no
+    floor, no cut), so kappa and the costs of large trees stay measured.
 
-Losslessness does not depend on the choice: the cut keeps a subtree (closed under parents: a child's score never
-exceeds its parent's, ties keep the parent, which comes first) chosen from the drafter's outputs and measured times
-only, never from the target's logits of this step, and greedy acceptance / the one-hot sampling rule is exact for any
+Losslessness does not depend on the choice: the cut keeps a subtree (closed under parents: nodes are ranked by the
+smallest score on their path, which never exceeds a parent's, and ties keep the parent, which comes first;
+DraftTree.best_nodes) chosen from the drafter's outputs and measured times only, never from the target's logits of this step, and greedy acceptance / the one-hot sampling rule is exact for any
 such tree. Stochastic trees (TreeConfig.sample_drafts at temperature > 0) must keep their draws in draw order, so the
-engine does not size them (spec/tree.py's module docstring).
+engine does not size them (spec/tree.py's module docstring). Eager CUDA steps that get a floor draft with build_tree's
+torch loop (its fused eagle2 builder takes no min_frontier_prob); CUDA-graph steps are not sized.
 """
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ import math
 import threading
 from collections import Counter
 
+from gdnspec.spec.policy import _bucket
 from gdnspec.spec.tree import DraftTree, TreeConfig
 
 
@@ -87,86 +91,137 @@ def _depths(parents: list[int], valid: list[bool]) -> int:
     return best
 
 
-class TreeSizer:
-    """Chooses, per speculative step, how deep the drafter drafts and how many of its best nodes the target verifies.
+def _check_real(name: str, value, low: float, high: float, *, low_open: bool, high_open: bool) -> None:
+    """ValueError naming `name` unless value is a real number (not a bool) in the interval."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+    if not ok:
+        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+        raise ValueError(f"{name} must be a number in {lo}{low:g}, {high:g}{hi}, got {value!r}")
 
-    smoothing: weight of the newest step in the moving averages (kappa, t_expand, rest, seconds per token);
-    decay: per-step forgetting factor of the verify-cost regression; explore_every: steps between full-shape steps;
-    min_spread: the smallest weighted standard deviation of the verified node counts (nodes) for which the fitted
-    slope is used (below it the verify is taken as flat: no cut). ValueError for out-of-range settings."""
 
-    WARMUP = 4
+class _Costs:
+    """The measured costs of one batch-size bucket (a verify of n node columns for B rows runs B * n rows through the
+    products, so the costs are fitted per bucket, as spec/policy.py measures its step kinds)."""
 
-    def __init__(self, *, smoothing: float = 0.1, decay: float = 0.97, explore_every: int = 16,
-                 min_spread: float = 0.75, max_floor: float = 0.9):
-        if not (0.0 < smoothing <= 1.0 and 0.0 < decay < 1.0 and 0.0 <= max_floor < 1.0 and min_spread > 0):
-            raise ValueError(f"smoothing must be in (0, 1], decay in (0, 1), max_floor in [0, 1) and min_spread > 0, "
-                             f"got {smoothing!r}, {decay!r}, {max_floor!r}, {min_spread!r}")
-        if not (isinstance(explore_every, int) and not isinstance(explore_every, bool) and explore_every >= 2):
-            raise ValueError(f"explore_every must be an int >= 2, got {explore_every!r}")
-        self.smoothing, self.decay, self.explore_every = smoothing, decay, explore_every
-        self.min_spread, self.max_floor = min_spread, max_floor
-        self._lock = threading.Lock()
-        self.steps = 0
-        self._verify = _Line(decay, min_spread)  # verify seconds against node columns verified
-        self._draft = _Line(decay, min_spread)  # drafting seconds against levels drafted
-        self.accepted = self.predicted = None  # moving averages per step (kappa = accepted / predicted)
+    def __init__(self, decay: float, min_spread: float):
+        self.verify = _Line(decay, min_spread)  # verify seconds against node columns verified
+        self.draft = _Line(decay, min_spread)  # drafting seconds against levels drafted
         self.per_level = self.rest = None  # seconds: drafting per level drafted (average); accept + commit + catch-up
         self.sec = self.tok = None  # seconds and tokens of a whole speculative step (moving averages)
-        self.nodes: Counter = Counter()  # node columns verified -> steps
-        self.depth: Counter = Counter()  # deepest drafted level -> steps
-        self._pending: dict | None = None  # what this step chose, until record()
-        self.last: tuple[int, int] | None = None  # (node columns verified, levels drafted) of the last recorded step
-
-    # ------------------------------------------------------------------ estimates
-    @property
-    def kappa(self) -> float:
-        """Calibration of the drafter's path probabilities: accepted / predicted draft tokens (1.0 before data)."""
-        if not self.accepted or not self.predicted:
-            return 1.0
-        return self.accepted / self.predicted
-
-    def verify_line(self) -> tuple[float, float] | None:
-        """(alpha, beta) of verify seconds = alpha + beta * nodes, or None while the nodes seen do not spread enough
-        to fit a slope."""
-        return self._verify.fit()
+        self.steps = 0
 
     @property
     def t_expand(self) -> float | None:
         """Seconds one more drafted level costs: the slope of drafting seconds against levels drafted (the drafting
         step's fixed part - tree assembly, checks - is not a level's cost), or, while the levels seen do not spread
         enough for a slope, the average per level (an upper bound). None before data."""
-        line = self._draft.fit()
+        line = self.draft.fit()
         return self.per_level if line is None else line[1]
 
-    def _explore(self) -> str | None:
+    def explore(self, every: int) -> str | None:
         """'full' or 'half' for the steps that measure (warm-up, periodic), None otherwise."""
-        if self.steps < self.WARMUP:
+        if self.steps < TreeSizer.WARMUP:
             return "full" if self.steps % 2 == 0 else "half"
-        return "full" if self.steps % self.explore_every == 0 else None
+        return "full" if self.steps % every == 0 else None
+
+    def summary(self) -> dict:
+        v, d = self.verify.fit(), self.draft.fit()
+        return {"steps": self.steps,
+                "verify_ms": None if v is None else {"alpha": 1e3 * v[0], "beta_per_node": 1e3 * v[1]},
+                "expand_ms": None if self.t_expand is None else 1e3 * self.t_expand,
+                "draft_line_ms": None if d is None else {"fixed": 1e3 * d[0], "per_level": 1e3 * d[1]},
+                "rest_ms": None if self.rest is None else 1e3 * self.rest}
+
+
+class TreeSizer:
+    """Chooses, per speculative step, how deep the drafter drafts and how many of its best nodes the target verifies.
+
+    smoothing: weight of the newest step in the moving averages (kappa, rest, seconds and tokens per step), in (0, 1];
+    decay: per-step forgetting factor of the two fitted lines (verify seconds over node columns, drafting seconds over
+    levels), in (0, 1); explore_every: steps of a batch bucket between full-shape steps, an int >= 2; min_spread: the
+    smallest weighted standard deviation of a line's x (node columns, levels) for which its fitted slope is used
+    (below it the verify is taken as flat, no cut, and a level costs the average per level), finite and > 0;
+    max_floor: the largest per-step min_frontier_prob, in [0, 1). ValueError naming the argument otherwise.
+
+    The costs are kept per batch-size bucket (1, 2, 4, 8...); kappa is the drafter's and shared. The choices depend
+    on measured times, and a cut tree is accepted with fewer uniforms than the full one: seeded sampled output is
+    reproducible only with sizing off (size_trees=False), as with the plain/speculative fall-back. Thread-safe: one
+    sizer may serve several sessions (each step hands its own numbers from `cut` to `record`)."""
+
+    WARMUP = 4
+
+    def __init__(self, *, smoothing: float = 0.1, decay: float = 0.97, explore_every: int = 16,
+                 min_spread: float = 0.75, max_floor: float = 0.9):
+        _check_real("smoothing", smoothing, 0.0, 1.0, low_open=True, high_open=False)
+        _check_real("decay", decay, 0.0, 1.0, low_open=True, high_open=True)
+        _check_real("min_spread", min_spread, 0.0, math.inf, low_open=True, high_open=True)
+        _check_real("max_floor", max_floor, 0.0, 1.0, low_open=False, high_open=True)
+        if not (isinstance(explore_every, int) and not isinstance(explore_every, bool) and explore_every >= 2):
+            raise ValueError(f"explore_every must be an int >= 2, got {explore_every!r}")
+        self.smoothing, self.decay, self.explore_every = smoothing, decay, explore_every
+        self.min_spread, self.max_floor = min_spread, max_floor
+        self._lock = threading.Lock()
+        self.steps = 0
+        self._costs: dict[int, _Costs] = {}  # batch bucket -> its measured costs
+        self.accepted = self.predicted = None  # moving averages per step (kappa = accepted / predicted)
+        self.nodes: Counter = Counter()  # node columns verified -> steps
+        self.depth: Counter = Counter()  # deepest drafted level -> steps
+        self.last: tuple[int, int] | None = None  # (node columns verified, levels drafted) of the last recorded step
+
+    def costs(self, batch_size: int) -> _Costs:
+        """The measured costs of batch_size's bucket (created empty on first use)."""
+        b = _bucket(batch_size)
+        if b not in self._costs:
+            self._costs[b] = _Costs(self.decay, self.min_spread)
+        return self._costs[b]
+
+    # ------------------------------------------------------------------ estimates
+    @property
+    def kappa(self) -> float:
+        """Calibration of the drafter's path probabilities: accepted / predicted draft tokens (1.0 before data; 0.0
+        for a drafter whose predicted nodes were never accepted)."""
+        if self.accepted is None or not self.predicted:
+            return 1.0
+        return self.accepted / self.predicted
+
+    def verify_line(self, batch_size: int = 1) -> tuple[float, float] | None:
+        """(alpha, beta) of verify seconds = alpha + beta * nodes for batch_size's bucket, or None while the nodes
+        seen do not spread enough to fit a slope."""
+        with self._lock:
+            return self.costs(batch_size).verify.fit()
+
+    def t_expand(self, batch_size: int = 1) -> float | None:
+        """Seconds one more drafted level costs at batch_size (_Costs.t_expand)."""
+        with self._lock:
+            return self.costs(batch_size).t_expand
 
     # ------------------------------------------------------------------ per step
-    def step_config(self, config: TreeConfig) -> TreeConfig:
-        """The config this step drafts with: `config` with min_frontier_prob = t_expand / (kappa * seconds per token)
-        (the larger of it and the configured one), or `config` itself on exploring steps and before any data."""
+    def step_config(self, config: TreeConfig, *, batch_size: int) -> TreeConfig:
+        """The config this step of batch_size rows drafts with: `config` with min_frontier_prob = t_expand / (kappa *
+        seconds per token) (the larger of it and the configured one), or `config` itself on exploring steps and
+        before any data."""
         with self._lock:
-            if self._explore() is not None or self.t_expand is None or not self.sec or not self.tok:
+            c = self.costs(batch_size)
+            t_expand = c.t_expand
+            if c.explore(self.explore_every) is not None or t_expand is None or not c.sec or not c.tok:
                 return config
-            per_token = self.sec / self.tok
-            floor = min(self.t_expand / max(self.kappa * per_token, 1e-12), self.max_floor)
+            per_token = c.sec / c.tok
+            floor = min(t_expand / max(self.kappa * per_token, 1e-12), self.max_floor)
         if config.min_frontier_prob is not None and config.min_frontier_prob >= floor:
             return config
         return dataclasses.replace(config, min_frontier_prob=floor)
 
     def choose_nodes(self, scores: list[list[float]], valid: list[list[bool]], *, draft_seconds: float) -> int:
-        """n (node columns, root included, >= 1) that maximizes expected tokens / seconds for rows of drafted scores
-        (B lists of N cumulative log-probs, root first) and their valid flags; the full N while the costs are
-        unknown."""
+        """n (node columns, root included, >= 1) that maximizes expected tokens / seconds for B rows of drafted scores
+        (B lists of N cumulative log-probs, root first) and their valid flags; the full N while the costs of B's
+        bucket are unknown."""
         N = len(scores[0])
         with self._lock:
-            line, rest = self.verify_line(), self.rest
+            c = self.costs(len(scores))
+            line, rest = c.verify.fit(), c.rest
             kappa = self.kappa
-            explore = self._explore()
+            explore = c.explore(self.explore_every)
         if explore == "full" or N <= 2:
             return N
         if explore == "half":
@@ -190,51 +245,55 @@ class TreeSizer:
                 best_n, best_rate = n, rate
         return best_n
 
-    def cut(self, tree: DraftTree, *, draft_seconds: float) -> DraftTree:
-        """`tree` cut to the n best nodes of each row (`choose_nodes`; `tree` itself when n keeps every valid node).
-        Remembers the step's drafting seconds and depth for `record`."""
+    def cut(self, tree: DraftTree, *, draft_seconds: float) -> tuple[DraftTree, int]:
+        """(`tree` cut to the n best nodes of each row (`choose_nodes`; `tree` itself when n keeps every valid node),
+        the levels drafted: the deepest valid node of the uncut tree), for `record`."""
         scores, valid, parents = tree.scores.tolist(), tree.valid.tolist(), tree.parents.tolist()
         depth = max(_depths(p, v) for p, v in zip(parents, valid))
         n = self.choose_nodes(scores, valid, draft_seconds=draft_seconds)
-        with self._lock:
-            self._pending = {"draft_seconds": draft_seconds, "depth": depth}
         used = max(sum(v) for v in valid)
-        return tree if n >= used else tree.best_nodes(n)
+        return (tree if n >= used else tree.best_nodes(n)), depth
 
-    def record(self, *, tree: DraftTree, accepted: list[int], verify_seconds: float, rest_seconds: float) -> None:
-        """The step just made with `tree` (as verified, after `cut`): accepted draft tokens per row, the verify's
-        seconds and those of accept + commit + catch-up."""
+    def record(self, *, tree: DraftTree, accepted: list[int], draft_seconds: float, depth: int,
+               verify_seconds: float, rest_seconds: float) -> None:
+        """The step just made with `tree` (as verified, after `cut`): accepted draft tokens per row, the drafting
+        seconds and levels drafted (`cut`'s), the verify's seconds and those of accept + commit + catch-up."""
         scores, valid = tree.scores.tolist(), tree.valid.tolist()
         predicted = sum(math.exp(s) for row, ok in zip(scores, valid) for s, v in zip(row[1:], ok[1:]) if v)
         n = tree.num_nodes
+        a = self.smoothing
+
+        def avg(old, new):
+            return new if old is None else (1 - a) * old + a * new
+
         with self._lock:
-            pend, self._pending = self._pending or {}, None
-            a = self.smoothing
-
-            def avg(old, new):
-                return new if old is None else (1 - a) * old + a * new
-
+            c = self.costs(len(accepted))
             self.accepted = avg(self.accepted, float(sum(accepted)))
             self.predicted = avg(self.predicted, predicted)
-            self._verify.add(n, verify_seconds)
-            self.rest = avg(self.rest, rest_seconds)
-            draft = pend.get("draft_seconds")
-            depth = pend.get("depth", 0)
-            if draft is not None and depth > 0:
-                self.per_level = avg(self.per_level, draft / depth)
-                self._draft.add(depth, draft)
-            total = (draft or 0.0) + verify_seconds + rest_seconds
-            self.sec = avg(self.sec, total)
-            self.tok = avg(self.tok, float(sum(accepted) + len(accepted)))
+            c.verify.add(n, verify_seconds)
+            c.rest = avg(c.rest, rest_seconds)
+            if depth > 0:
+                c.per_level = avg(c.per_level, draft_seconds / depth)
+                c.draft.add(depth, draft_seconds)
+            c.sec = avg(c.sec, draft_seconds + verify_seconds + rest_seconds)
+            c.tok = avg(c.tok, float(sum(accepted) + len(accepted)))
+            c.steps += 1
             self.nodes[n] += 1
             self.depth[depth] += 1
             self.last = (n, depth)
             self.steps += 1
 
-    def summary(self) -> dict:
-        """How often each verified size and drafted depth was chosen, and the fitted model (seconds as ms)."""
+    def reset_counts(self) -> None:
+        """Forget how often each size and depth was chosen (not the measured costs): count a timed run only."""
         with self._lock:
-            line = self.verify_line()
+            self.nodes.clear()
+            self.depth.clear()
+            self.steps = 0
+
+    def summary(self) -> dict:
+        """How often each verified size and drafted depth was chosen, kappa, and per batch bucket the fitted model
+        (seconds as ms)."""
+        with self._lock:
             steps = max(self.steps, 1)
             return {
                 "steps": self.steps,
@@ -243,9 +302,5 @@ class TreeSizer:
                 "mean_nodes": sum(k * v for k, v in self.nodes.items()) / steps,
                 "mean_depth": sum(k * v for k, v in self.depth.items()) / steps,
                 "kappa": self.kappa,
-                "verify_ms": None if line is None else {"alpha": 1e3 * line[0], "beta_per_node": 1e3 * line[1]},
-                "expand_ms": None if self.t_expand is None else 1e3 * self.t_expand,
-                "draft_line_ms": None if (dl := self._draft.fit()) is None else {"fixed": 1e3 * dl[0],
-                                                                                 "per_level": 1e3 * dl[1]},
-                "rest_ms": None if self.rest is None else 1e3 * self.rest,
+                "by_batch_bucket": {b: c.summary() for b, c in sorted(self._costs.items())},
             }
