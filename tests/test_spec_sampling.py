@@ -96,14 +96,10 @@ def exact_joint_batched(target, prompt, n_tokens, **sampling):
     return {s: math.prod(float(probs[j, i, t]) for i, t in enumerate(s)) for j, s in enumerate(seqs)}
 
 
-def spec_counts(target, draft, prompt, sampling, *, static: bool, n=N6, seed=77):
-    from gdnspec import ModelDrafter, SpeculativeEngine, TreeConfig
-
-    cfg = TreeConfig(topk=2, num_steps=2, num_draft_tokens=5, sample_drafts=True)
-    eng = SpeculativeEngine(target, ModelDrafter(draft), cfg, generator=torch.Generator().manual_seed(seed),
-                            static=static, **sampling)
+def continuation_counts(eng, prompt, n: int, *, static: bool = False, new_tokens: int = 3) -> dict:
+    """{continuation: count} of n rows of `prompt`, each decoded for new_tokens tokens by one session of `eng`."""
     session = eng.session()
-    ids = session.add(list(prompt.expand(n, -1)), max_new_tokens=3)
+    ids = session.add(list(prompt.expand(n, -1)), max_new_tokens=new_tokens)
     if static:
         session.run_static(max_len=16)
     while session.active:
@@ -112,6 +108,16 @@ def spec_counts(target, draft, prompt, sampling, *, static: bool, n=N6, seed=77)
     for i in ids:
         key = tuple(session.sequence(i)[len(prompt):].tolist())
         counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def spec_counts(target, draft, prompt, sampling, *, static: bool, n=N6, seed=77):
+    from gdnspec import ModelDrafter, SpeculativeEngine, TreeConfig
+
+    cfg = TreeConfig(topk=2, num_steps=2, num_draft_tokens=5, sample_drafts=True)
+    eng = SpeculativeEngine(target, ModelDrafter(draft), cfg, generator=torch.Generator().manual_seed(seed),
+                            static=static, **sampling)
+    counts = continuation_counts(eng, prompt, n, static=static)
     stats = eng.stats.as_dict()
     assert 0 < stats["total_accepted_tokens"] < stats["total_draft_tokens"]  # both branches of the rule were used
     return counts

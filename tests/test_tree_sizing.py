@@ -21,7 +21,7 @@ from gdnspec.spec.tree import DraftTree, build_tree
 
 from conftest import random_parents
 from spec_helpers import noisy_copy, prompts_of, tiny_model
-from test_spec_sampling import chi_square_pvalue, exact_joint_batched
+from test_spec_sampling import chi_square_pvalue, continuation_counts, exact_joint_batched
 
 
 def _random_tree(B, N, seed, *, pad_rows=True) -> DraftTree:
@@ -337,13 +337,6 @@ def test_sized_sampling_matches_the_target_distribution(sampling):
     eng = SpeculativeEngine(target, ModelDrafter(draft), TreeConfig(topk=2, num_steps=2, num_draft_tokens=5),
                             generator=torch.Generator().manual_seed(9), static=False, size_trees=True, **sampling)
     _steep(eng.sizer, 5)
-    session = eng.session()
-    ids = session.add(list(prompt.expand(N_ROWS, -1)), max_new_tokens=3)
-    while session.active:
-        session.step()
-    counts = {}
-    for i in ids:
-        key = tuple(session.sequence(i)[len(prompt):].tolist())
-        counts[key] = counts.get(key, 0) + 1
+    counts = continuation_counts(eng, prompt, N_ROWS)
     assert min(eng.sizer.nodes) < 5  # trees were cut
     assert chi_square_pvalue(counts, law, N_ROWS) > 1e-4
