@@ -43,6 +43,16 @@ def _random_tree(B, N, seed, *, pad_rows=True) -> DraftTree:
     return DraftTree(tokens, parents, scores, valid)
 
 
+def _path_of(tree: DraftTree, b: int, i: int) -> tuple:
+    """The token path from below the root to node i of row b."""
+    par, tok = tree.parents[b].tolist(), tree.tokens[b].tolist()
+    path = []
+    while i > 0:
+        path.append(tok[i])
+        i = par[i]
+    return tuple(reversed(path))
+
+
 def _paths(tree: DraftTree, b: int) -> set:
     """The token paths of row b's valid nodes (what a tree offers the target, independent of node order)."""
     par, tok, val = tree.parents[b].tolist(), tree.tokens[b].tolist(), tree.valid[b].tolist()
@@ -166,10 +176,23 @@ def test_choose_nodes_is_the_argmax_of_tokens_per_second(beta, seed):
         assert n == 16  # verifying is free per node: keep everything
     if beta == 0.02:
         assert n <= 4  # 20 ms per node against a 10 ms verify: few nodes pay
-    # cut() applies that choice: the n best nodes of the row, as best_nodes keeps them
+    # cut() values each node by its depth's kappa (path minimum) and keeps the n best of that choice
+    par = tree.parents.tolist()
+    n2 = s.choose_nodes(scores, valid, draft_seconds=0.004, parents=par)
     cut, depth = s.cut(tree, draft_seconds=0.004)
-    want = tree if n >= int(tree.valid.sum()) else tree.best_nodes(n)
-    assert torch.equal(cut.tokens, want.tokens) and torch.equal(cut.scores, want.scores) and depth >= 1
+    row, ok, p0 = scores[0], valid[0], par[0]
+    dep, key = [0] * 16, [0.0] * 16
+    for i in range(1, 16):
+        dep[i] = dep[p0[i]] + 1
+        key[i] = s.kappa_at(dep[i]) * math.exp(row[i]) if ok[i] else -math.inf
+        key[i] = min(key[i], key[p0[i]]) if p0[i] > 0 else key[i]
+    order = sorted(range(1, 16), key=lambda i: (-key[i], i))[: n2 - 1]
+    if n2 >= int(tree.valid.sum()):
+        assert cut is tree
+    else:
+        cut.validate()
+        assert cut.num_nodes == n2 and _paths(cut, 0) == {_path_of(tree, 0, i) for i in order}
+    assert depth >= 1
 
 
 def test_exploring_steps_keep_the_full_shape_and_later_steps_cut():
@@ -202,6 +225,22 @@ def test_a_drafter_never_accepted_gets_small_trees_and_a_high_floor():
         s.max_floor
 
 
+def test_kappa_is_measured_per_depth_and_values_deep_nodes_by_it():
+    """A drafter under-confident at depth (its deep paths accepted more often than their probability says) gets a
+    larger kappa there, so its deep nodes are valued, and kept, by that kappa."""
+    s = TreeSizer()
+    tree = _chain(1, 5)  # depths 1..4
+    tree.scores[0, 1:] = torch.log(torch.tensor([0.8, 0.4, 0.2, 0.1]))
+    for _ in range(30):
+        s.record(tree=tree, accepted=[3], draft_seconds=0.004, depth=4, verify_seconds=0.01, rest_seconds=0.001)
+    # every step reaches depth 3 and stops there: kappa_d = 1 / p_d up to 3, 0 at 4
+    assert [round(s.kappa_at(d), 6) for d in (1, 2, 3, 4)] == [1.25, 2.5, 5.0, 0.0]
+    assert s.kappa_at(9) == 0.0 and TreeSizer().kappa_at(2) == 1.0  # the deepest measured; no data: 1
+    values = s._values(tree.scores.tolist(), tree.valid.tolist(), tree.parents.tolist())[0]
+    assert values[1:] == pytest.approx([1.0, 1.0, 1.0, 0.0])  # each accepted level worth one token, the 4th none
+    assert s.summary()["kappa_by_depth"] == pytest.approx({1: 1.25, 2: 2.5, 3: 5.0, 4: 0.0})
+
+
 def test_costs_are_kept_per_batch_bucket():
     """A verify of n columns for B rows costs about B * n row-products: one line over all batch sizes would be
     wrong for each; the sizer fits one per bucket (1, 2, 4, 8...)."""
@@ -222,7 +261,9 @@ def test_step_config_sets_the_depth_floor_from_the_costs():
     assert s.step_config(cfg, batch_size=1) is cfg  # no data yet
     s = _fed(draft=0.004)
     c = s.costs(1)
-    want = s.t_expand() / (s.kappa * c.sec / c.tok)
+    kappa = max([s.kappa] + [s.kappa_at(d) for d in s.predicted_at])  # the deepest levels' calibration, if larger
+    assert s.predicted_at and kappa >= s.kappa
+    want = s.t_expand() / (kappa * c.sec / c.tok)
     got = s.step_config(cfg, batch_size=1)
     assert got.min_frontier_prob == pytest.approx(want) and got.num_steps == 4 and cfg.min_frontier_prob is None
     assert s.step_config(cfg, batch_size=3) is cfg  # another bucket: no data

@@ -18,9 +18,11 @@ stages and so charged to none of them; costs kept per batch-size bucket):
   * Tokens. A drafted node is accepted iff every token on its path is the one the target emits, so the expected
     number of accepted draft tokens of a tree is the sum over its nodes of P(path accepted) (each accepted path has
     one node per depth). With the drafter's path probability exp(score) for P this is the EAGLE-2 "value" of a tree
-    (Li et al., 2024, arXiv:2406.16858); drafters are not calibrated, so the sum is scaled by `kappa`, the ratio of
-    the moving averages of accepted draft tokens and of that predicted sum over the verified nodes:
-        E(n) = sum over rows of (1 + kappa * sum of exp(score) over the row's n - 1 best nodes).
+    (Li et al., 2024, arXiv:2406.16858); drafters are not calibrated, and less so the deeper (the shipped ones are
+    under-confident: accepted / predicted 1.1-1.2 at depth 1, 1.7-1.9 at depth 5, benchmarks/draft_calibration.py),
+    so a node at depth d is valued kappa_d * exp(score), kappa_d the ratio of the moving averages of the rows whose
+    accepted path reached d and of the predicted sum at d over the verified nodes:
+        E(n) = sum over rows of (1 + sum of the row's n - 1 best values), a value taken as the smallest on its path.
   * Seconds. verify(n) = alpha + beta * n (n = node columns verified), a line fitted by exponentially weighted least
     squares over recent steps (on the 2-core CPU a verify of 16 nodes costs ~1.5x one of 5: the products over the
     weights grow with their rows, ops/cpu_linear.py); plus this step's drafting seconds (measured, already spent) and
@@ -28,6 +30,7 @@ stages and so charged to none of them; costs kept per batch-size bucket):
   * Size. n* = argmax over n in [1, N] of E(n) / (draft_seconds + verify(n) + rest): a node is verified when what it
     is expected to add is worth its verify cost at the step's own rate (tokens per second).
   * Depth. One more expansion adds at most what the best frontier path is worth, kappa * exp(best frontier score)
+    (kappa: the largest kappa_d measured)
     tokens, and costs t_expand seconds (the slope of a line of drafting seconds against levels drafted, fitted as
     the verify's: a drafting step's fixed part is no level's cost; the average per level until the depths spread,
     an upper bound); it pays when that
@@ -50,6 +53,8 @@ import dataclasses
 import math
 import threading
 from collections import Counter
+
+import torch
 
 from gdnspec.spec.policy import _bucket
 from gdnspec.spec.tree import DraftTree, TreeConfig
@@ -165,6 +170,9 @@ class TreeSizer:
         self.steps = 0
         self._costs: dict[int, _Costs] = {}  # batch bucket -> its measured costs
         self.accepted = self.predicted = None  # moving averages per step (kappa = accepted / predicted)
+        # per depth d: moving averages of the rows whose accepted path reached d and of the predicted sum at d
+        self.accepted_at: dict[int, float] = {}
+        self.predicted_at: dict[int, float] = {}
         self.nodes: Counter = Counter()  # node columns verified -> steps
         self.depth: Counter = Counter()  # deepest drafted level -> steps
         self.last: tuple[int, int] | None = None  # (node columns verified, levels drafted) of the last recorded step
@@ -184,6 +192,16 @@ class TreeSizer:
         if self.accepted is None or not self.predicted:
             return 1.0
         return self.accepted / self.predicted
+
+    def kappa_at(self, depth: int) -> float:
+        """Calibration at one depth: accepted / predicted over the verified nodes at that depth (drafters are more
+        under-confident the deeper: benchmarks/draft_calibration.py); the nearest shallower depth measured, else the
+        overall kappa, where that depth has no data."""
+        for d in range(depth, 0, -1):
+            p = self.predicted_at.get(d)
+            if p:
+                return self.accepted_at[d] / p
+        return self.kappa
 
     def verify_line(self, batch_size: int = 1) -> tuple[float, float] | None:
         """(alpha, beta) of verify seconds = alpha + beta * nodes for batch_size's bucket, or None while the nodes
@@ -207,59 +225,98 @@ class TreeSizer:
             if c.explore(self.explore_every) is not None or t_expand is None or not c.sec or not c.tok:
                 return config
             per_token = c.sec / c.tok
-            floor = min(t_expand / max(self.kappa * per_token, 1e-12), self.max_floor)
+            # another level's nodes are worth kappa_d x their probability: the largest kappa measured (the deepest
+            # levels', where drafting stops) so as not to stop a level early
+            kappa = max([self.kappa] + [self.kappa_at(d) for d in self.predicted_at])
+            floor = min(t_expand / max(kappa * per_token, 1e-12), self.max_floor)
         if config.min_frontier_prob is not None and config.min_frontier_prob >= floor:
             return config
         return dataclasses.replace(config, min_frontier_prob=floor)
 
-    def choose_nodes(self, scores: list[list[float]], valid: list[list[bool]], *, draft_seconds: float) -> int:
+    def choose_nodes(self, scores: list[list[float]], valid: list[list[bool]], *, draft_seconds: float,
+                     parents: list[list[int]] | None = None) -> int:
         """n (node columns, root included, >= 1) that maximizes expected tokens / seconds for B rows of drafted scores
-        (B lists of N cumulative log-probs, root first) and their valid flags; the full N while the costs of B's
-        bucket are unknown."""
+        (B lists of N cumulative log-probs, root first), their valid flags and parents (None: every node valued with
+        the overall kappa instead of its depth's); the full N while the costs of B's bucket are unknown."""
+        return self._choose(scores, valid, parents, draft_seconds)[0]
+
+    def _values(self, scores, valid, parents) -> list[list[float]]:
+        """Per row and node: kappa_depth x exp(score) (expected accepted count), the root +inf, padding -inf; then the
+        minimum along each node's path, so that ranking by it keeps parents (DraftTree.best_nodes)."""
+        out = []
+        for b, (row, ok) in enumerate(zip(scores, valid)):
+            par = parents[b] if parents is not None else None
+            depth = [0] * len(row)
+            vals = [math.inf] + [0.0] * (len(row) - 1)  # the root is always kept: it never bounds a path's minimum
+            for i in range(1, len(row)):
+                if not ok[i]:
+                    vals[i] = -math.inf
+                    continue
+                if par is not None:
+                    depth[i] = depth[par[i]] + 1
+                    k = self.kappa_at(depth[i])
+                else:
+                    k = self.kappa
+                vals[i] = k * math.exp(row[i])
+                if par is not None and par[i] > 0:
+                    vals[i] = min(vals[i], vals[par[i]])
+            out.append(vals)
+        return out
+
+    def _choose(self, scores, valid, parents, draft_seconds: float) -> tuple[int, list[list[float]] | None]:
         N = len(scores[0])
         with self._lock:
             c = self.costs(len(scores))
             line, rest = c.verify.fit(), c.rest
-            kappa = self.kappa
             explore = c.explore(self.explore_every)
+            values = None if explore is not None or N <= 2 or line is None or rest is None else \
+                self._values(scores, valid, parents)
         if explore == "full" or N <= 2:
-            return N
+            return N, None
         if explore == "half":
-            return max(2, (N + 1) // 2)
-        if line is None or rest is None:
-            return N
+            return max(2, (N + 1) // 2), None
+        if values is None:
+            return N, None
         alpha, beta = line
-        # per row: path probabilities of the valid drafted nodes, best first; E(n) sums the n - 1 best of each row
-        probs = [sorted((math.exp(s) for s, v in zip(row[1:], ok[1:]) if v), reverse=True)
-                 for row, ok in zip(scores, valid)]
-        gain = [0.0] * N  # gain[j] = sum over rows of the (j)-th best node's probability (j = 1..N-1)
-        for row in probs:
-            for j, p in enumerate(row, start=1):
-                gain[j] += p
+        # per row: the valid drafted nodes' values, best first; E(n) sums the n - 1 best of each row
+        gain = [0.0] * N  # gain[j] = sum over rows of the (j)-th best node's value (j = 1..N-1)
+        for row, ok in zip(values, valid):
+            for j, v in enumerate(sorted((v for v, o in zip(row[1:], ok[1:]) if o), reverse=True), start=1):
+                gain[j] += v
         best_n, best_rate, tokens = 1, -1.0, float(len(scores))
         for n in range(1, N + 1):
             if n > 1:
-                tokens += kappa * gain[n - 1]
+                tokens += gain[n - 1]
             rate = tokens / max(draft_seconds + alpha + beta * n + rest, 1e-12)
             if rate > best_rate:
                 best_n, best_rate = n, rate
-        return best_n
+        return best_n, values
 
     def cut(self, tree: DraftTree, *, draft_seconds: float) -> tuple[DraftTree, int]:
-        """(`tree` cut to the n best nodes of each row (`choose_nodes`; `tree` itself when n keeps every valid node),
-        the levels drafted: the deepest valid node of the uncut tree), for `record`."""
+        """(`tree` cut to the n best nodes of each row by expected accepted count (`choose_nodes`; `tree` itself when
+        n keeps every valid node), the levels drafted: the deepest valid node of the uncut tree), for `record`."""
         scores, valid, parents = tree.scores.tolist(), tree.valid.tolist(), tree.parents.tolist()
         depth = max(_depths(p, v) for p, v in zip(parents, valid))
-        n = self.choose_nodes(scores, valid, draft_seconds=draft_seconds)
+        n, values = self._choose(scores, valid, parents, draft_seconds)
         used = max(sum(v) for v in valid)
-        return (tree if n >= used else tree.best_nodes(n)), depth
+        if n >= used:
+            return tree, depth
+        key = None if values is None else torch.tensor(values, dtype=tree.scores.dtype, device=tree.scores.device)
+        return tree.best_nodes(n, key=key), depth
 
     def record(self, *, tree: DraftTree, accepted: list[int], draft_seconds: float, depth: int,
                verify_seconds: float, rest_seconds: float) -> None:
         """The step just made with `tree` (as verified, after `cut`): accepted draft tokens per row, the drafting
         seconds and levels drafted (`cut`'s), the verify's seconds and those of accept + commit + catch-up."""
-        scores, valid = tree.scores.tolist(), tree.valid.tolist()
-        predicted = sum(math.exp(s) for row, ok in zip(scores, valid) for s, v in zip(row[1:], ok[1:]) if v)
+        scores, valid, parents = tree.scores.tolist(), tree.valid.tolist(), tree.parents.tolist()
+        pred_at: Counter = Counter()  # depth -> sum of the verified nodes' path probabilities
+        for row, ok, par in zip(scores, valid, parents):
+            dep = [0] * len(row)
+            for i in range(1, len(row)):
+                dep[i] = dep[par[i]] + 1 if par[i] >= 0 else 0
+                if ok[i]:
+                    pred_at[dep[i]] += math.exp(row[i])
+        predicted = sum(pred_at.values())
         n = tree.num_nodes
         a = self.smoothing
 
@@ -270,6 +327,9 @@ class TreeSizer:
             c = self.costs(len(accepted))
             self.accepted = avg(self.accepted, float(sum(accepted)))
             self.predicted = avg(self.predicted, predicted)
+            for d, p in pred_at.items():  # the depths this tree verified nodes at
+                self.accepted_at[d] = avg(self.accepted_at.get(d), float(sum(a >= d for a in accepted)))
+                self.predicted_at[d] = avg(self.predicted_at.get(d), p)
             c.verify.add(n, verify_seconds)
             c.rest = avg(c.rest, rest_seconds)
             if depth > 0:
@@ -302,5 +362,6 @@ class TreeSizer:
                 "mean_nodes": sum(k * v for k, v in self.nodes.items()) / steps,
                 "mean_depth": sum(k * v for k, v in self.depth.items()) / steps,
                 "kappa": self.kappa,
+                "kappa_by_depth": {d: self.kappa_at(d) for d in sorted(self.predicted_at)},
                 "by_batch_bucket": {b: c.summary() for b, c in sorted(self._costs.items())},
             }

@@ -162,25 +162,28 @@ class DraftTree:
         return DraftTree(self.tokens[:, :n], self.parents[:, :n], self.scores[:, :n], self.valid[:, :n],
                          self.draft_probs, qi)
 
-    def best_nodes(self, n: int) -> "DraftTree":
+    def best_nodes(self, n: int, *, key: torch.Tensor | None = None) -> "DraftTree":
         """The tree cut to its root and the n - 1 best nodes of each row (n columns, topological order, padded with
         invalid nodes where a row has fewer). A node ranks by the smallest score on its path (its own score for every
         builder here, whose scores never increase along a path; a drafter whose scores do rise cannot orphan a node),
-        ties by index, so the kept set is closed under parents (spec/sizing.py). Deterministic trees only: a
-        stochastic tree's kept nodes must not be ranked by their own draws (ValueError)."""
+        ties by index, so the kept set is closed under parents (spec/sizing.py). key: (B, N) float values to rank by
+        instead of the scores (the same path minimum applies); padding nodes stay padding. Deterministic trees only:
+        a stochastic tree's kept nodes must not be ranked by their own draws (ValueError)."""
         if not _is_count(n):
             raise ValueError(f"n must be an int >= 1, got {n!r}")
         if self.draft_probs is not None:
             raise ValueError("best_nodes: a stochastic tree (draft_probs set) cannot be cut by its nodes' scores")
         if n == 1:
             return self.first_nodes(1)
-        key = None
-        above = self.scores[:, 1:] > self.scores.gather(1, self.parents[:, 1:].clamp(min=0))
-        if bool((above & self.valid[:, 1:]).any()):  # a score rose along a path: rank by the path's minimum
-            key = self.scores.clone()
+        if key is not None and tuple(key.shape) != tuple(self.scores.shape):
+            raise ValueError(f"key must have the scores' shape {tuple(self.scores.shape)}, got {tuple(key.shape)}")
+        base = self.scores if key is None else key.to(self.scores.dtype).masked_fill(~self.valid, float("-inf"))
+        above = base[:, 1:] > base.gather(1, self.parents[:, 1:].clamp(min=0))
+        if bool((above & self.valid[:, 1:]).any()):  # a value rose along a path: rank by the path's minimum
+            base = base.clone()
             for i in range(1, self.num_nodes):
-                key[:, i] = torch.minimum(key[:, i], key.gather(1, self.parents[:, i:i + 1].clamp(min=0))[:, 0])
-        return _select_best(self.tokens, self.parents, self.scores, n, key=key)[0]
+                base[:, i] = torch.minimum(base[:, i], base.gather(1, self.parents[:, i:i + 1].clamp(min=0))[:, 0])
+        return _select_best(self.tokens, self.parents, self.scores, n, key=None if base is self.scores else base)[0]
 
     @staticmethod
     def from_lists(roots: list[int], nodes: list[list[tuple[int, int, float]]], *, num_nodes: int | None = None,
