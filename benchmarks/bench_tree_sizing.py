@@ -19,7 +19,6 @@ Time it on an idle machine. Prints a table and JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import emit_json  # noqa: E402  (benchmarks/common.py)
 
 VARIANTS = {"fixed": dict(adaptive=False, size_trees=False), "sized": dict(adaptive=False, size_trees=True),
             "fallback": dict(adaptive=True, size_trees=False), "both": dict(adaptive=True, size_trees=True)}
@@ -97,12 +97,7 @@ def main(argv=None) -> int:
         depth = f"{statistics.median(s['mean_depth'] for s in sizing):.1f}" if sizing else "-"
         print(f"{row['drafter']:7s} {row['shape']:9s} {row['variant']:9s} {text:>8s} {rng:>11s} "
               f"{row['tokens_per_forward']:7.2f} {plain:>6s} {nodes:>5s} {depth:>5s}")
-    text = json.dumps(out, indent=1, default=str)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    else:
-        print(text)
+    emit_json(args.out, out)
     return 0
 
 

@@ -3,6 +3,7 @@ held-out generation requests that the request profiles time (profile_generate.py
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import platform
 import statistics
 import time
@@ -84,6 +85,15 @@ def _fmt(v) -> str:
 def write_json(path: str, payload: dict) -> None:
     with open(path, "w") as f:
         json.dump(payload, f, indent=2, default=str)
+
+
+def emit_json(path, payload: dict) -> None:
+    """`payload` as JSON into `path` (its folder made first), or printed when path is None."""
+    if path is None:
+        print(json.dumps(payload, indent=1, default=str))
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, payload)
 
 
 @torch.inference_mode()

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import math
 import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import emit_json  # noqa: E402  (benchmarks/common.py)
 
 
 def main(argv=None) -> int:
@@ -79,12 +81,7 @@ def main(argv=None) -> int:
             print(f"{name:7s} {d:5d} {pred:9.3f} {acc:8.3f} {rows[d]['kappa']:7.2f}")
         total_p, total_a = sum(obs.pred.values()), sum(obs.acc.values())
         out["drafters"][name] = {"steps": obs.n, "by_depth": rows, "kappa_all": total_a / max(total_p, 1e-12)}
-    text = json.dumps(out, indent=1)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    else:
-        print(text)
+    emit_json(args.out, out)
     return 0
 
 

@@ -16,7 +16,7 @@ import torch
 from gdnspec import generate_autoregressive
 from gdnspec.spec import SpeculativeEngine, TreeConfig
 from gdnspec.spec.drafters import ModelDrafter, NGramDrafter
-from gdnspec.spec.sizing import TreeSizer
+from gdnspec.spec.sizing import TreeSizer, _node_depths
 from gdnspec.spec.tree import DraftTree, build_tree
 
 from conftest import random_parents
@@ -236,7 +236,8 @@ def test_kappa_is_measured_per_depth_and_values_deep_nodes_by_it():
     # every step reaches depth 3 and stops there: kappa_d = 1 / p_d up to 3, 0 at 4
     assert [round(s.kappa_at(d), 6) for d in (1, 2, 3, 4)] == [1.25, 2.5, 5.0, 0.0]
     assert s.kappa_at(9) == 0.0 and TreeSizer().kappa_at(2) == 1.0  # the deepest measured; no data: 1
-    values = s._values(tree.scores.tolist(), tree.valid.tolist(), tree.parents.tolist())[0]
+    par = tree.parents.tolist()
+    values = s._values(tree.scores.tolist(), tree.valid.tolist(), par, [_node_depths(p) for p in par])[0]
     assert values[1:] == pytest.approx([1.0, 1.0, 1.0, 0.0])  # each accepted level worth one token, the 4th none
     assert s.summary()["kappa_by_depth"] == pytest.approx({1: 1.25, 2: 2.5, 3: 5.0, 4: 0.0})
 

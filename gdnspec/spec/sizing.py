@@ -85,15 +85,12 @@ class _Line:
         return my - b * mx, b
 
 
-def _depths(parents: list[int], valid: list[bool]) -> int:
-    """Deepest valid node of one row (parents in topological order, root -1)."""
+def _node_depths(parents: list[int]) -> list[int]:
+    """Depth of every node of one row (parents in topological order, root -1 at depth 0)."""
     depth = [0] * len(parents)
-    best = 0
     for i in range(1, len(parents)):
         depth[i] = depth[parents[i]] + 1
-        if valid[i]:
-            best = max(best, depth[i])
-    return best
+    return depth
 
 
 def _check_real(name: str, value, low: float, high: float, *, low_open: bool, high_open: bool) -> None:
@@ -238,39 +235,36 @@ class TreeSizer:
         """n (node columns, root included, >= 1) that maximizes expected tokens / seconds for B rows of drafted scores
         (B lists of N cumulative log-probs, root first), their valid flags and parents (None: every node valued with
         the overall kappa instead of its depth's); the full N while the costs of B's bucket are unknown."""
-        return self._choose(scores, valid, parents, draft_seconds)[0]
+        depths = None if parents is None else [_node_depths(p) for p in parents]
+        return self._choose(scores, valid, parents, depths, draft_seconds)[0]
 
-    def _values(self, scores, valid, parents) -> list[list[float]]:
+    def _values(self, scores, valid, parents, depths) -> list[list[float]]:
         """Per row and node: kappa_depth x exp(score) (expected accepted count), the root +inf, padding -inf; then the
-        minimum along each node's path, so that ranking by it keeps parents (DraftTree.best_nodes)."""
+        minimum along each node's path, so that ranking by it keeps parents (DraftTree.best_nodes). parents and
+        depths (`_node_depths`) per row, or both None: every node valued with the overall kappa."""
         out = []
         for b, (row, ok) in enumerate(zip(scores, valid)):
             par = parents[b] if parents is not None else None
-            depth = [0] * len(row)
             vals = [math.inf] + [0.0] * (len(row) - 1)  # the root is always kept: it never bounds a path's minimum
             for i in range(1, len(row)):
                 if not ok[i]:
                     vals[i] = -math.inf
                     continue
-                if par is not None:
-                    depth[i] = depth[par[i]] + 1
-                    k = self.kappa_at(depth[i])
-                else:
-                    k = self.kappa
+                k = self.kappa if par is None else self.kappa_at(depths[b][i])
                 vals[i] = k * math.exp(row[i])
                 if par is not None and par[i] > 0:
                     vals[i] = min(vals[i], vals[par[i]])
             out.append(vals)
         return out
 
-    def _choose(self, scores, valid, parents, draft_seconds: float) -> tuple[int, list[list[float]] | None]:
+    def _choose(self, scores, valid, parents, depths, draft_seconds: float) -> tuple[int, list[list[float]] | None]:
         N = len(scores[0])
         with self._lock:
             c = self.costs(len(scores))
             line, rest = c.verify.fit(), c.rest
             explore = c.explore(self.explore_every)
             values = None if explore is not None or N <= 2 or line is None or rest is None else \
-                self._values(scores, valid, parents)
+                self._values(scores, valid, parents, depths)
         if explore == "full" or N <= 2:
             return N, None
         if explore == "half":
@@ -296,8 +290,9 @@ class TreeSizer:
         """(`tree` cut to the n best nodes of each row by expected accepted count (`choose_nodes`; `tree` itself when
         n keeps every valid node), the levels drafted: the deepest valid node of the uncut tree), for `record`."""
         scores, valid, parents = tree.scores.tolist(), tree.valid.tolist(), tree.parents.tolist()
-        depth = max(_depths(p, v) for p, v in zip(parents, valid))
-        n, values = self._choose(scores, valid, parents, draft_seconds)
+        depths = [_node_depths(p) for p in parents]  # computed once: the levels drafted and each node's kappa
+        depth = max(d for row, ok in zip(depths, valid) for d, v in zip(row, ok) if v)
+        n, values = self._choose(scores, valid, parents, depths, draft_seconds)
         used = max(sum(v) for v in valid)
         if n >= used:
             return tree, depth
@@ -311,11 +306,9 @@ class TreeSizer:
         scores, valid, parents = tree.scores.tolist(), tree.valid.tolist(), tree.parents.tolist()
         pred_at: Counter = Counter()  # depth -> sum of the verified nodes' path probabilities
         for row, ok, par in zip(scores, valid, parents):
-            dep = [0] * len(row)
-            for i in range(1, len(row)):
-                dep[i] = dep[par[i]] + 1 if par[i] >= 0 else 0
-                if ok[i]:
-                    pred_at[dep[i]] += math.exp(row[i])
+            for d, sc, v in zip(_node_depths(par)[1:], row[1:], ok[1:]):
+                if v:
+                    pred_at[d] += math.exp(sc)
         predicted = sum(pred_at.values())
         n = tree.num_nodes
         a = self.smoothing
